@@ -1,0 +1,70 @@
+//! Conveyor's backends, each behind a cargo feature, and [`connect`], which picks one from
+//! the configured URLs.
+//!
+//! Every backend passes the shared conformance suite in `tests/conformance/`.
+
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use conveyor_core::backend::{BackendError, QueueBackend};
+
+/// Where the queue and the relational store live.
+#[derive(Clone, Debug)]
+pub struct BackendConfig {
+    /// `sqlite://conveyor.db`, `sqlite:///abs/path.db`, or `postgres://…`.
+    pub database_url: String,
+    /// `database`, `redis` or `amqp`.
+    pub queue: String,
+    /// Completed jobs kept for the dashboard.
+    pub completed_history: usize,
+}
+
+/// Opens the backend the configuration names.
+pub fn connect(config: &BackendConfig) -> Result<Arc<dyn QueueBackend>, BackendError> {
+    if config.queue != "database" {
+        return Err(BackendError::Invalid(format!(
+            "CONVEYOR_QUEUE={} is not available in this build yet; use `database`",
+            config.queue
+        )));
+    }
+    let url = config.database_url.as_str();
+    if let Some(path) = sqlite_path(url) {
+        #[cfg(feature = "sqlite")]
+        {
+            let mut options = sqlite::SqliteOptions::new(path);
+            options.completed_history = config.completed_history;
+            return Ok(Arc::new(sqlite::SqliteBackend::open(options)?));
+        }
+        #[cfg(not(feature = "sqlite"))]
+        {
+            let _ = path;
+            return Err(BackendError::Invalid("this build has no SQLite support (feature `sqlite`)".into()));
+        }
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Err(BackendError::Invalid("CONVEYOR_DATABASE_URL: PostgreSQL is not available in this build yet".into()));
+    }
+    Err(BackendError::Invalid(format!("CONVEYOR_DATABASE_URL: unsupported URL {url:?} (expected sqlite://PATH or postgres://…)")))
+}
+
+/// `sqlite://conveyor.db` → `conveyor.db`; `sqlite:///tmp/x.db` → `/tmp/x.db`.
+pub fn sqlite_path(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let rest = rest.split('?').next().unwrap_or_default();
+    Some(rest.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sqlite_path;
+
+    #[test]
+    fn sqlite_urls_name_relative_and_absolute_paths() {
+        assert_eq!(sqlite_path("sqlite://conveyor.db").as_deref(), Some("conveyor.db"));
+        assert_eq!(sqlite_path("sqlite:///tmp/c.db").as_deref(), Some("/tmp/c.db"));
+        assert_eq!(sqlite_path("sqlite:data/c.db?mode=rwc").as_deref(), Some("data/c.db"));
+        assert_eq!(sqlite_path("postgres://x"), None);
+    }
+}

@@ -1,0 +1,262 @@
+//! The embedded default backend: the queue and the relational store in one SQLite file.
+//!
+//! One writer thread owns the write connection and group-commits every write ([`writer`]);
+//! reads use their own connections ([`read`]). WAL mode with `synchronous=FULL`: an enqueue or
+//! acknowledgement is answered only once its transaction is on disk.
+
+mod read;
+mod schema;
+mod tx;
+mod writer;
+
+use std::any::Any;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::Connection;
+
+use conveyor_core::backend::{
+    BackendError, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats, ReserveRequest, Result, TxFn,
+    WorkerInfo,
+};
+use conveyor_core::clock::now_ms;
+use conveyor_core::job::{Completion, EnqueueOutcome, Job, JobId, JobInfo, NewJob};
+use conveyor_core::metrics::MetricsRow;
+use conveyor_core::wakeup::Wakeup;
+
+use read::Readers;
+use writer::Writer;
+
+/// How the SQLite backend is opened.
+#[derive(Clone, Debug)]
+pub struct SqliteOptions {
+    pub path: String,
+    /// Completed jobs kept for the dashboard (0 keeps none).
+    pub completed_history: usize,
+}
+
+impl SqliteOptions {
+    pub fn new(path: impl Into<String>) -> Self {
+        SqliteOptions { path: path.into(), completed_history: 1_000 }
+    }
+}
+
+pub struct SqliteBackend {
+    writer: Writer,
+    readers: Readers,
+    wakeup: Arc<Wakeup>,
+    path: String,
+}
+
+impl SqliteBackend {
+    /// Opens (creating if missing) and migrates the database.
+    pub fn open(options: SqliteOptions) -> Result<Self> {
+        if options.path.is_empty() || options.path == ":memory:" {
+            return Err(BackendError::Invalid("the SQLite backend needs a file path (an in-memory database cannot be shared by its connections)".into()));
+        }
+        let mut conn = open_connection(&options.path).map_err(|e| BackendError::Storage(format!("cannot open {}: {e}", options.path)))?;
+        schema::migrate(&mut conn).map_err(storage_err)?;
+        let wakeup = Arc::new(Wakeup::default());
+        Ok(SqliteBackend {
+            writer: Writer::spawn(conn, wakeup.clone(), options.completed_history),
+            readers: Readers::new(options.path.clone()),
+            wakeup,
+            path: options.path,
+        })
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    pub fn schema_version() -> u32 {
+        schema::latest_version()
+    }
+}
+
+pub(crate) fn open_connection(path: &str) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    // WAL lets readers run beside the writer; FULL makes every commit durable before it is
+    // acknowledged (the foundation's promise), which group commit keeps affordable.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "busy_timeout", 10_000)?;
+    conn.pragma_update(None, "cache_size", -8_000)?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+pub(crate) fn storage_err(e: rusqlite::Error) -> BackendError {
+    BackendError::Storage(e.to_string())
+}
+
+#[async_trait]
+impl QueueBackend for SqliteBackend {
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.writer.call(move |w| w.enqueue(jobs)).await
+    }
+
+    async fn reserve(&self, req: ReserveRequest) -> Result<Vec<Job>> {
+        if req.max == 0 || req.queues.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lease_ms = req.lease.as_millis() as i64;
+        self.writer.call(move |w| w.reserve(&req.queues, req.max, lease_ms, &req.worker)).await
+    }
+
+    async fn complete(&self, completions: Vec<Completion>) -> Result<()> {
+        if completions.is_empty() {
+            return Ok(());
+        }
+        self.writer.call(move |w| w.complete(completions)).await
+    }
+
+    async fn complete_with(&self, completion: Completion, work: TxFn) -> Result<Box<dyn Any + Send>> {
+        self.writer.call(move |w| w.complete_with(completion, work)).await
+    }
+
+    async fn extend_leases(&self, leases: Vec<(JobId, i64)>, lease: Duration) -> Result<()> {
+        let lease_ms = lease.as_millis() as i64;
+        self.writer.call(move |w| w.extend_leases(&leases, lease_ms)).await
+    }
+
+    async fn reap_expired(&self) -> Result<u64> {
+        self.writer.call(|w| w.reap_expired()).await
+    }
+
+    fn wakeup(&self) -> Arc<Wakeup> {
+        self.wakeup.clone()
+    }
+
+    async fn queues(&self) -> Result<Vec<QueueStats>> {
+        self.readers.with(read::queues).await
+    }
+
+    async fn pause(&self, queue: &str) -> Result<()> {
+        let q = queue.to_string();
+        self.writer.call(move |w| w.set_paused(&q, true)).await
+    }
+
+    async fn resume(&self, queue: &str) -> Result<()> {
+        let q = queue.to_string();
+        self.writer.call(move |w| w.set_paused(&q, false)).await
+    }
+
+    async fn clear(&self, queue: &str) -> Result<u64> {
+        // In chunks, so other writers are not held up behind one huge delete.
+        let mut total = 0;
+        loop {
+            let q = queue.to_string();
+            let n = self.writer.call(move |w| w.clear_chunk(&q, 5_000)).await?;
+            total += n;
+            if n == 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn job(&self, id: JobId) -> Result<Option<JobInfo>> {
+        self.readers.with(move |c| read::job(c, id)).await
+    }
+
+    async fn jobs(&self, filter: JobFilter, page: Page) -> Result<Paged<JobInfo>> {
+        self.readers.with(move |c| read::jobs(c, &filter, page)).await
+    }
+
+    async fn failed(&self, queue: Option<&str>, page: Page) -> Result<Paged<FailedJob>> {
+        let q = queue.map(str::to_string);
+        self.readers.with(move |c| read::failed(c, q.as_deref(), page)).await
+    }
+
+    async fn failed_job(&self, id: JobId) -> Result<Option<FailedJob>> {
+        self.readers.with(move |c| read::failed_job(c, id)).await
+    }
+
+    async fn retry_failed(&self, ids: Vec<JobId>) -> Result<Vec<JobId>> {
+        let ids: Vec<Vec<u8>> = ids.iter().map(|id| id.as_bytes().to_vec()).collect();
+        self.writer.call(move |w| w.retry_failed(&ids)).await
+    }
+
+    async fn retry_all_failed(&self, queue: Option<&str>) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let q = queue.map(str::to_string);
+            let n = self
+                .writer
+                .call(move |w| {
+                    let ids = w.failed_ids(q.as_deref(), 1_000)?;
+                    Ok(w.retry_failed(&ids)?.len() as u64)
+                })
+                .await?;
+            total += n;
+            if n == 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn forget_failed(&self, id: JobId) -> Result<bool> {
+        let ids = vec![id.as_bytes().to_vec()];
+        Ok(self.writer.call(move |w| w.forget_failed(&ids)).await? == 1)
+    }
+
+    async fn flush_failed(&self, queue: Option<&str>) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let q = queue.map(str::to_string);
+            let n = self
+                .writer
+                .call(move |w| {
+                    let ids = w.failed_ids(q.as_deref(), 5_000)?;
+                    w.forget_failed(&ids)
+                })
+                .await?;
+            total += n;
+            if n == 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn metrics(&self, query: MetricsQuery) -> Result<Vec<MetricsRow>> {
+        self.readers.with(move |c| read::metrics(c, &query)).await
+    }
+
+    async fn prune(&self, metrics_before: i64) -> Result<()> {
+        self.writer.call(move |w| w.prune(metrics_before)).await
+    }
+
+    async fn worker_heartbeat(&self, info: WorkerInfo) -> Result<()> {
+        let json = serde_json::to_string(&info).map_err(|e| BackendError::Other(e.to_string()))?;
+        self.writer.call(move |w| w.worker_heartbeat(&info.id, info.last_seen, &json)).await
+    }
+
+    async fn worker_gone(&self, id: &str) -> Result<()> {
+        let id = id.to_string();
+        self.writer
+            .call(move |w| w.conn.execute("DELETE FROM workers WHERE id = ?1", [&id]).map(|_| ()).map_err(storage_err))
+            .await
+    }
+
+    async fn workers(&self, within: Duration) -> Result<Vec<WorkerInfo>> {
+        let since = now_ms() - within.as_millis() as i64;
+        self.readers.with(move |c| read::workers(c, since)).await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.readers.with(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(storage_err)).await
+    }
+
+    async fn transaction(&self, work: TxFn) -> Result<Box<dyn Any + Send>> {
+        self.writer.call(move |w| work(&mut tx::SqliteTx { ctx: w })).await
+    }
+}

@@ -1,0 +1,315 @@
+//! The contract between the engine and a backend: the queue lifecycle, its administration,
+//! metrics and the worker registry ([`QueueBackend`]), and SQL work that must share a
+//! transaction with queue operations ([`Tx`]).
+//!
+//! Every backend — SQLite, PostgreSQL, Redis, RabbitMQ — implements [`QueueBackend`] and passes
+//! the same conformance suite (`conveyor-backends/src/conformance.rs`).
+
+use std::any::Any;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::job::{Completion, EnqueueOutcome, Job, JobId, JobInfo, JobState, NewJob};
+use crate::metrics::MetricsRow;
+use crate::wakeup::Wakeup;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackendError {
+    #[error("invalid job: {0}")]
+    Invalid(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The reservation this operation relied on is gone (the lease expired and the job was
+    /// handed to someone else, or it was already acknowledged).
+    #[error("lease lost for job {0}")]
+    LeaseLost(JobId),
+    #[error("storage error: {0}")]
+    Storage(String),
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type Result<T, E = BackendError> = std::result::Result<T, E>;
+
+/// What a worker asks for when it reserves jobs.
+#[derive(Clone, Debug)]
+pub struct ReserveRequest {
+    /// In strict priority order: jobs are taken from the first queue before the second.
+    pub queues: Vec<String>,
+    pub max: usize,
+    pub lease: Duration,
+    pub worker: String,
+}
+
+/// A queue's numbers, for `queue list` and `/api/queues`.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct QueueStats {
+    pub queue: String,
+    pub pending: u64,
+    pub delayed: u64,
+    pub reserved: u64,
+    pub failed: u64,
+    pub paused: bool,
+    /// Attempts finished during the last full minute.
+    pub per_minute: u64,
+    /// How long the next job to run has been waiting, in seconds.
+    pub oldest_wait_s: f64,
+}
+
+/// A job in the failed store.
+#[derive(Clone, Debug, Serialize)]
+pub struct FailedJob {
+    pub id: JobId,
+    pub queue: String,
+    pub kind: String,
+    pub payload: serde_json::Value,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub error: String,
+    pub tags: Vec<String>,
+    pub batch_id: Option<String>,
+    pub created_at: i64,
+    pub failed_at: i64,
+    pub runtime_ms: u64,
+}
+
+/// Filters for listing jobs; `None` means any.
+#[derive(Clone, Debug, Default)]
+pub struct JobFilter {
+    pub queue: Option<String>,
+    pub kind: Option<String>,
+    pub state: Option<JobState>,
+    pub tag: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Page {
+    /// From 1.
+    pub page: u32,
+    pub per_page: u32,
+}
+
+impl Page {
+    pub fn offset(&self) -> u64 {
+        (self.page.max(1) as u64 - 1) * self.per_page as u64
+    }
+}
+
+impl Default for Page {
+    fn default() -> Self {
+        Page { page: 1, per_page: 50 }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Paged<T> {
+    pub items: Vec<T>,
+    pub total: u64,
+}
+
+/// A worker process as registered in the backend (a heartbeat keeps it listed).
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct WorkerInfo {
+    pub id: String,
+    pub hostname: String,
+    pub pid: u32,
+    pub started_at: i64,
+    pub last_seen: i64,
+    /// `running` or `stopping`.
+    pub status: String,
+    pub supervisors: Vec<SupervisorInfo>,
+}
+
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct SupervisorInfo {
+    pub name: String,
+    pub queues: Vec<String>,
+    pub concurrency: usize,
+    pub busy: usize,
+    pub processed: u64,
+    /// Ids of the jobs running now (at most a few dozen are listed).
+    pub current_jobs: Vec<String>,
+}
+
+/// A query over the per-minute metric buckets.
+#[derive(Clone, Debug, Default)]
+pub struct MetricsQuery {
+    pub queue: Option<String>,
+    pub kind: Option<String>,
+    /// Unix ms, inclusive.
+    pub since: i64,
+}
+
+/// The job queue and everything the engine stores about jobs.
+///
+/// Implementations must keep these invariants, which the conformance suite checks:
+/// - an accepted job is pending, delayed, reserved, in the failed store, or completed —
+///   never lost, whatever crashes;
+/// - a reserved job is held by exactly one lease; completions whose `lease_token` does not
+///   match the current reservation change nothing;
+/// - `Release` never consumes an attempt; a job whose lease expired goes back to the queue
+///   (or to the failed store once its attempts are spent) with its attempt count kept.
+#[async_trait]
+pub trait QueueBackend: Send + Sync + 'static {
+    /// `sqlite`, `postgres`, `redis` or `amqp`.
+    fn name(&self) -> &'static str;
+
+    /// Enqueues jobs durably; returns only once they are committed.
+    async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>>;
+
+    /// Reserves up to `max` ready jobs under a lease, moving due delayed jobs first.
+    async fn reserve(&self, req: ReserveRequest) -> Result<Vec<Job>>;
+
+    /// Records the outcome of many attempts at once.
+    async fn complete(&self, completions: Vec<Completion>) -> Result<()>;
+
+    /// Runs `work` and records `completion` in one transaction: either both happen or neither.
+    /// Fails with [`BackendError::LeaseLost`] (and rolls `work` back) when the reservation is
+    /// gone. Backends whose queue lives outside the relational store implement this with a
+    /// completion marker written in the store's transaction.
+    async fn complete_with(&self, completion: Completion, work: TxFn) -> Result<Box<dyn Any + Send>>;
+
+    /// Extends the leases of jobs still running; jobs whose token no longer matches are skipped.
+    async fn extend_leases(&self, leases: Vec<(JobId, i64)>, lease: Duration) -> Result<()>;
+
+    /// Returns jobs whose lease expired to the queue (or to the failed store when their attempts
+    /// are spent). Returns how many were reclaimed.
+    async fn reap_expired(&self) -> Result<u64>;
+
+    /// The signal workers sleep on when the queue is empty. A backend wakes it after committing
+    /// ready work in this process (or on a LISTEN / pub-sub message from another); workers also
+    /// poll, so work enqueued elsewhere is noticed within the poll interval.
+    fn wakeup(&self) -> Arc<Wakeup>;
+
+    // --- administration -------------------------------------------------------------------
+
+    async fn queues(&self) -> Result<Vec<QueueStats>>;
+    async fn pause(&self, queue: &str) -> Result<()>;
+    async fn resume(&self, queue: &str) -> Result<()>;
+    /// Deletes pending and delayed jobs of a queue; running jobs finish. Returns how many.
+    async fn clear(&self, queue: &str) -> Result<u64>;
+
+    async fn job(&self, id: JobId) -> Result<Option<JobInfo>>;
+    async fn jobs(&self, filter: JobFilter, page: Page) -> Result<Paged<JobInfo>>;
+
+    async fn failed(&self, queue: Option<&str>, page: Page) -> Result<Paged<FailedJob>>;
+    async fn failed_job(&self, id: JobId) -> Result<Option<FailedJob>>;
+    /// Moves failed jobs back to their queue with a fresh attempt count; keeps their ids.
+    /// Returns the ids that were found and retried.
+    async fn retry_failed(&self, ids: Vec<JobId>) -> Result<Vec<JobId>>;
+    async fn retry_all_failed(&self, queue: Option<&str>) -> Result<u64>;
+    async fn forget_failed(&self, id: JobId) -> Result<bool>;
+    async fn flush_failed(&self, queue: Option<&str>) -> Result<u64>;
+
+    // --- metrics and workers ---------------------------------------------------------------
+
+    /// Per-minute buckets (queue × kind) since `query.since`, oldest first.
+    async fn metrics(&self, query: MetricsQuery) -> Result<Vec<MetricsRow>>;
+    /// Drops metric buckets and completed-job history older than the retention.
+    async fn prune(&self, metrics_before: i64) -> Result<()>;
+
+    async fn worker_heartbeat(&self, info: WorkerInfo) -> Result<()>;
+    async fn worker_gone(&self, id: &str) -> Result<()>;
+    /// Workers seen within `within`.
+    async fn workers(&self, within: Duration) -> Result<Vec<WorkerInfo>>;
+
+    /// A cheap round trip for health checks.
+    async fn ping(&self) -> Result<()>;
+
+    /// Runs `work` in one write transaction of the relational store. `tx.enqueue` inside it is
+    /// transactional: a rolled-back transaction enqueues nothing.
+    async fn transaction(&self, work: TxFn) -> Result<Box<dyn Any + Send>>;
+}
+
+/// A value passed to or read from SQL.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SqlValue {
+    Null,
+    Int(i64),
+    Real(f64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
+impl From<i64> for SqlValue {
+    fn from(v: i64) -> Self {
+        SqlValue::Int(v)
+    }
+}
+impl From<i32> for SqlValue {
+    fn from(v: i32) -> Self {
+        SqlValue::Int(v as i64)
+    }
+}
+impl From<f64> for SqlValue {
+    fn from(v: f64) -> Self {
+        SqlValue::Real(v)
+    }
+}
+impl From<&str> for SqlValue {
+    fn from(v: &str) -> Self {
+        SqlValue::Text(v.to_string())
+    }
+}
+impl From<String> for SqlValue {
+    fn from(v: String) -> Self {
+        SqlValue::Text(v)
+    }
+}
+impl<T: Into<SqlValue>> From<Option<T>> for SqlValue {
+    fn from(v: Option<T>) -> Self {
+        v.map_or(SqlValue::Null, Into::into)
+    }
+}
+
+impl SqlValue {
+    pub fn as_i64(&self) -> Option<i64> {
+        match self {
+            SqlValue::Int(v) => Some(*v),
+            SqlValue::Real(v) => Some(*v as i64),
+            _ => None,
+        }
+    }
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            SqlValue::Text(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+pub type Row = Vec<SqlValue>;
+
+/// SQL work inside a store transaction. It is synchronous on purpose: a transaction is never
+/// held open across an `.await` (on SQLite the closure runs on the writer thread, inside a
+/// group commit). Parameters are written `$1`, `$2`, … on every backend.
+pub trait Tx {
+    fn execute(&mut self, sql: &str, params: &[SqlValue]) -> Result<u64>;
+    fn query(&mut self, sql: &str, params: &[SqlValue]) -> Result<Vec<Row>>;
+    /// Enqueues in this transaction: the jobs exist if and only if it commits.
+    fn enqueue(&mut self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>>;
+}
+
+/// A unit of transactional work; an `Err` rolls back everything it did.
+pub type TxFn = Box<dyn FnOnce(&mut dyn Tx) -> Result<Box<dyn Any + Send>> + Send>;
+
+/// Typed helpers over the object-safe trait.
+#[async_trait]
+pub trait QueueBackendExt: QueueBackend {
+    /// Runs `work` in one transaction and returns its typed result.
+    async fn transact<R, F>(&self, work: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut dyn Tx) -> Result<R> + Send + 'static,
+    {
+        let out = self.transaction(Box::new(move |tx| work(tx).map(|r| Box::new(r) as Box<dyn Any + Send>))).await?;
+        Ok(*out.downcast::<R>().expect("transaction returns what its closure returned"))
+    }
+}
+
+impl<T: QueueBackend + ?Sized> QueueBackendExt for T {}

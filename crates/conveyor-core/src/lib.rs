@@ -1,0 +1,64 @@
+//! Conveyor's engine: the job model, the backend contract, and the worker runtime.
+//!
+//! - [`job`]: what is enqueued ([`NewJob`]), reserved ([`Job`]) and recorded ([`Completion`]).
+//! - [`backend`]: the [`QueueBackend`] trait every backend implements, and [`Tx`], SQL work that
+//!   shares a transaction with queue operations (transactional enqueue and completion).
+//! - [`registry`]: job kinds, handlers, [`JobContext`], and [`JobError`] that steers retries.
+//! - [`worker`]: supervisors, batched fetch and acknowledge, leases, reaper, graceful shutdown.
+//! - [`metrics`]: per-minute counts and histograms per queue and kind.
+//! - [`wakeup`]: the "work is ready" signal idle workers sleep on.
+//!
+//! The engine depends on no database driver, HTTP stack or broker client.
+
+pub mod backend;
+pub mod clock;
+pub mod job;
+pub mod metrics;
+pub mod registry;
+pub mod wakeup;
+pub mod worker;
+
+use std::sync::Arc;
+
+pub use backend::{BackendError, QueueBackend, QueueBackendExt, Tx, TxFn};
+pub use job::{Backoff, Completion, EnqueueOutcome, Job, JobId, NewJob, Outcome};
+pub use registry::{JobContext, JobError, JobResult, Registry};
+
+/// The handle applications hold: dispatch jobs, reach the backend. Cheap to clone.
+#[derive(Clone)]
+pub struct Conveyor {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    backend: Arc<dyn QueueBackend>,
+    registry: Registry,
+}
+
+impl Conveyor {
+    pub fn new(backend: Arc<dyn QueueBackend>, registry: Registry) -> Self {
+        Conveyor { inner: Arc::new(Inner { backend, registry }) }
+    }
+
+    pub fn backend(&self) -> &Arc<dyn QueueBackend> {
+        &self.inner.backend
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// Enqueues one job; a duplicate of a unique job returns the existing job's id.
+    pub async fn dispatch(&self, job: NewJob) -> Result<JobId, BackendError> {
+        let out = self.dispatch_many(vec![job]).await?;
+        Ok(out[0].id())
+    }
+
+    /// Enqueues many jobs in one backend call (one transaction / one round trip).
+    pub async fn dispatch_many(&self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>, BackendError> {
+        for job in &jobs {
+            job.validate().map_err(BackendError::Invalid)?;
+        }
+        self.inner.backend.enqueue(jobs).await
+    }
+}

@@ -1,0 +1,187 @@
+//! Job kinds and their handlers. A handler is a plain async function of a typed payload and a
+//! [`JobContext`]; it returns `Ok(())` or a [`JobError`] that tells the engine what to do next.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{BackendError, QueueBackend, Tx};
+use crate::job::{Completion, Job, JobId, NewJob, Outcome};
+use crate::Conveyor;
+
+/// Why an attempt did not succeed, and what the engine should do about it.
+#[derive(Debug)]
+pub struct JobError {
+    pub message: String,
+    pub action: ErrorAction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ErrorAction {
+    /// Retry per the job's backoff while attempts remain (the default).
+    Retry,
+    /// Retry after this delay while attempts remain.
+    RetryAfter(Duration),
+    /// Fail for good now, whatever attempts remain (bad payload, a 4xx that will never pass).
+    Abort,
+    /// Put the job back after this delay without consuming an attempt (rate limited, breaker open).
+    Release(Duration),
+}
+
+impl JobError {
+    pub fn retry(message: impl fmt::Display) -> Self {
+        JobError { message: message.to_string(), action: ErrorAction::Retry }
+    }
+    pub fn retry_after(message: impl fmt::Display, after: Duration) -> Self {
+        JobError { message: message.to_string(), action: ErrorAction::RetryAfter(after) }
+    }
+    pub fn abort(message: impl fmt::Display) -> Self {
+        JobError { message: message.to_string(), action: ErrorAction::Abort }
+    }
+    pub fn release(after: Duration) -> Self {
+        JobError { message: String::new(), action: ErrorAction::Release(after) }
+    }
+}
+
+impl fmt::Display for JobError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Any error converts into a retryable failure, so handlers can use `?`.
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for JobError {
+    fn from(e: E) -> Self {
+        JobError::retry(e)
+    }
+}
+
+pub type JobResult = Result<(), JobError>;
+
+/// What a handler sees of the job it runs and of the engine.
+#[derive(Clone)]
+pub struct JobContext {
+    pub id: JobId,
+    pub queue: String,
+    pub kind: String,
+    /// This attempt's number, from 1.
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub tags: Vec<String>,
+    pub batch_id: Option<String>,
+    /// Cancelled when the worker must stop before the job finished (shutdown grace over).
+    pub cancel: CancellationToken,
+    pub conveyor: Conveyor,
+    pub(crate) completion: Arc<Mutex<CompletionSlot>>,
+}
+
+/// Shared between a running handler and the runtime: whether the handler already recorded its
+/// own completion transactionally.
+pub(crate) struct CompletionSlot {
+    pub(crate) template: Completion,
+    pub(crate) reserved_at: i64,
+    pub(crate) done: bool,
+}
+
+impl JobContext {
+    pub fn backend(&self) -> &Arc<dyn QueueBackend> {
+        self.conveyor.backend()
+    }
+
+    /// Dispatches more work.
+    pub async fn dispatch(&self, job: NewJob) -> Result<JobId, BackendError> {
+        self.conveyor.dispatch(job).await
+    }
+
+    /// Commits `work` together with this job's acknowledgement, in one transaction: the effect
+    /// happens exactly once even though delivery is at-least-once. If this worker's lease was
+    /// lost (the job now belongs to another worker), nothing is committed and
+    /// [`BackendError::LeaseLost`] is returned; the handler should then return, and the runtime
+    /// will not acknowledge the job again.
+    pub async fn complete_with<R, F>(&self, work: F) -> Result<R, BackendError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut dyn Tx) -> Result<R, BackendError> + Send + 'static,
+    {
+        let completion = {
+            let mut slot = self.completion.lock().expect("completion slot poisoned");
+            if slot.done {
+                return Err(BackendError::Other("job already completed".into()));
+            }
+            // Marked before the await so a concurrent return cannot ack twice; a failure below
+            // is reported to the handler, and the lease expiry recovers the job if needed.
+            slot.done = true;
+            let mut c = slot.template.clone();
+            c.outcome = Outcome::Completed;
+            c.runtime_ms = (crate::clock::now_ms() - slot.reserved_at).max(0) as u64;
+            c
+        };
+        let out = self
+            .backend()
+            .complete_with(completion, Box::new(move |tx| work(tx).map(|r| Box::new(r) as Box<dyn Any + Send>)))
+            .await;
+        match out {
+            Ok(v) => Ok(*v.downcast::<R>().expect("complete_with returns what its closure returned")),
+            Err(e) => {
+                if !matches!(e, BackendError::LeaseLost(_)) {
+                    // The commit did not happen: let the runtime record the attempt's outcome.
+                    self.completion.lock().expect("completion slot poisoned").done = false;
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = JobResult> + Send>>;
+type ErasedHandler = Arc<dyn Fn(&Job, JobContext) -> BoxFuture + Send + Sync>;
+
+/// Maps job kinds to handlers.
+#[derive(Clone, Default)]
+pub struct Registry {
+    handlers: HashMap<String, ErasedHandler>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers `handler` for `kind`. The payload is deserialized into `T`; a payload that
+    /// does not fit fails the job at once (retrying cannot fix it).
+    pub fn register<T, F, Fut>(&mut self, kind: &str, handler: F) -> &mut Self
+    where
+        T: DeserializeOwned + Send + 'static,
+        F: Fn(T, JobContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = JobResult> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let kind_name = kind.to_string();
+        let erased: ErasedHandler = Arc::new(move |job: &Job, ctx: JobContext| {
+            match serde_json::from_str::<T>(&job.payload) {
+                Ok(payload) => Box::pin(handler(payload, ctx)) as BoxFuture,
+                Err(e) => {
+                    let msg = format!("payload does not fit job kind {kind_name}: {e}");
+                    Box::pin(async move { Err(JobError::abort(msg)) })
+                }
+            }
+        });
+        self.handlers.insert(kind.to_string(), erased);
+        self
+    }
+
+    pub fn kinds(&self) -> impl Iterator<Item = &str> {
+        self.handlers.keys().map(String::as_str)
+    }
+
+    pub(crate) fn get(&self, kind: &str) -> Option<&ErasedHandler> {
+        self.handlers.get(kind)
+    }
+}
