@@ -19,15 +19,20 @@ pub struct BackendConfig {
     pub queue: String,
     /// Completed jobs kept for the dashboard.
     pub completed_history: usize,
+    pub redis_url: Option<String>,
+    pub redis_prefix: String,
+    pub amqp_url: Option<String>,
 }
 
 /// Opens the backend the configuration names.
 pub fn connect(config: &BackendConfig) -> Result<Arc<dyn QueueBackend>, BackendError> {
-    if config.queue != "database" {
-        return Err(BackendError::Invalid(format!(
-            "CONVEYOR_QUEUE={} is not available in this build yet; use `database`",
-            config.queue
-        )));
+    match config.queue.as_str() {
+        "database" => {}
+        "redis" if config.redis_url.is_none() => return Err(BackendError::Invalid("CONVEYOR_QUEUE=redis needs CONVEYOR_REDIS_URL".into())),
+        "amqp" if config.amqp_url.is_none() => return Err(BackendError::Invalid("CONVEYOR_QUEUE=amqp needs CONVEYOR_AMQP_URL".into())),
+        other => {
+            return Err(BackendError::Invalid(format!("CONVEYOR_QUEUE={other}: this version supports only `database` (the relational store)")))
+        }
     }
     let url = config.database_url.as_str();
     if let Some(path) = sqlite_path(url) {

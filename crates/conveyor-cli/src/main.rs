@@ -1,1 +1,83 @@
-fn main() {}
+//! The `conveyor` binary: parses arguments and hands off to a command module.
+//!
+//! - `serve`, `work`: [`run`] — the HTTP API, workers, signal handling.
+//! - `queue …`, `failed …`, `migrate`: [`admin`].
+//! - `bench`: [`bench`].
+//!
+//! Errors print one line on stderr and exit 1; usage errors exit 2 (clap).
+
+mod admin;
+mod bench;
+mod config;
+mod kinds;
+mod run;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "conveyor", version, about = "Event-driven background processing: queues, workers, and a dashboard")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// HTTP API + workers in one process
+    Serve(run::ServeArgs),
+    /// Workers only (scale out by running more of these)
+    Work(run::WorkArgs),
+    /// Create or upgrade the schema
+    Migrate,
+    /// Inspect and steer queues
+    #[command(subcommand)]
+    Queue(admin::QueueCommand),
+    /// The failed-job store
+    #[command(subcommand)]
+    Failed(admin::FailedCommand),
+    /// Measure throughput and latency on the configured backend
+    Bench(bench::BenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let config = match config::Config::load() {
+        Ok(c) => c,
+        Err(e) => fail(&e),
+    };
+    init_logging(&config, matches!(cli.command, Command::Serve(_) | Command::Work(_)));
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("building the tokio runtime");
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => run::serve(config, args).await,
+            Command::Work(args) => run::work(config, args).await,
+            Command::Migrate => admin::migrate(&config).await,
+            Command::Queue(cmd) => admin::queue(&config, cmd).await,
+            Command::Failed(cmd) => admin::failed(&config, cmd).await,
+            Command::Bench(args) => bench::run(config, args).await,
+        }
+    });
+    if let Err(e) = result {
+        fail(&e);
+    }
+}
+
+fn fail(e: &anyhow::Error) -> ! {
+    // One line: the chain of causes joined, outermost first.
+    let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+    eprintln!("error: {}", msg.join(": "));
+    std::process::exit(1);
+}
+
+/// Long-running commands log at info; one-shot commands only warn, so stdout stays the result.
+fn init_logging(config: &config::Config, long_running: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = if long_running { "info" } else { "warn" };
+    let filter = EnvFilter::try_from_env("CONVEYOR_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if config.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,1 +1,104 @@
-//! placeholder
+//! Conveyor's HTTP API: the SPEC's envelopes and errors ([`error`]), health, queue
+//! administration ([`admin`]), and Prometheus metrics. Only this crate serves HTTP.
+//!
+//! [`router`] builds the whole app so tests can call it without a socket; [`serve`] runs it
+//! until the shared shutdown token is cancelled.
+
+pub mod error;
+
+mod admin;
+mod health;
+mod prometheus;
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{header, Method};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use conveyor_core::Conveyor;
+
+use error::ApiError;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub conveyor: Conveyor,
+    token: Option<Arc<Secret>>,
+}
+
+impl AppState {
+    pub fn new(conveyor: Conveyor, api_token: Option<String>) -> Self {
+        AppState { conveyor, token: api_token.filter(|t| !t.is_empty()).map(|t| Arc::new(Secret(t))) }
+    }
+}
+
+/// A credential that never prints.
+pub struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/health", get(health::health))
+        .route("/health", get(health::health))
+        .route("/metrics", get(prometheus::metrics))
+        .merge(admin::routes())
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .with_state(state)
+}
+
+/// With a token configured, every API call that changes something needs it.
+async fn require_token(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(token) = &s.token {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or_default();
+            if !constant_time_eq(given.as_bytes(), token.0.as_bytes()) {
+                return ApiError::Unauthorized.into_response();
+            }
+        }
+    }
+    next.run(req).await
+}
+
+/// Compares without an early exit, so response time does not reveal how much of a guess matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8 | ((a.len() ^ b.len()) >> 8) as u8;
+    for i in 0..a.len().max(b.len()) {
+        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
+    }
+    diff == 0
+}
+
+/// Serves the API on `listener` until `shutdown` is cancelled; in-flight requests finish.
+pub async fn serve(listener: TcpListener, state: AppState, shutdown: CancellationToken) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret1"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+}

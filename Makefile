@@ -1,0 +1,27 @@
+# Everyday targets; CI runs .ci/run, which runs the same commands.
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/conveyor-target
+
+.PHONY: test lint fmt bench bench-criterion run
+
+test:
+	cargo test --workspace
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+run:
+	cargo run --release -p conveyor-cli -- serve
+
+# The SPEC's benchmark on the configured backend (SQLite by default, in a scratch file).
+bench:
+	cargo build --release -p conveyor-cli
+	rm -f /tmp/conveyor-bench.db*
+	CONVEYOR_DATABASE_URL=sqlite:///tmp/conveyor-bench.db $(CARGO_TARGET_DIR)/release/conveyor bench --jobs 100000 --concurrency 64
+
+# Criterion micro-benchmarks of the hot paths.
+bench-criterion:
+	cargo bench -p conveyor-backends --bench hot_paths

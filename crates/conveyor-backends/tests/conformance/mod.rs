@@ -1,0 +1,265 @@
+//! The backend conformance suite: every backend must pass these, unchanged.
+//!
+//! Each test is a plain `async fn(Backend)` that uses only the public [`QueueBackend`] trait and
+//! the engine's public API, so the same functions run against SQLite, PostgreSQL, Redis and
+//! RabbitMQ. A backend instantiates the suite with [`conformance_suite!`]:
+//!
+//! ```ignore
+//! conformance_suite!(sqlite, async {
+//!     let dir = tempfile::tempdir().unwrap();
+//!     let backend = SqliteBackend::open(SqliteOptions::new(dir.path().join("q.db").to_str().unwrap())).unwrap();
+//!     (Arc::new(backend) as Arc<dyn QueueBackend>, dir)
+//! });
+//! ```
+//!
+//! The factory is an `async` block evaluated once per test; it yields the backend and a guard
+//! (a temp dir, a container handle, …) kept alive until the test ends.
+//!
+//! Tests never rely on being alone in the store: each uses its own queue names, unique keys,
+//! table names and worker ids, so backends that share a server across tests work too.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use conveyor_core::backend::{
+    BackendError, JobFilter, MetricsQuery, Page, QueueBackend, QueueBackendExt, QueueStats, ReserveRequest, SqlValue,
+    SupervisorInfo, Tx, WorkerInfo,
+};
+pub use conveyor_core::clock::now_ms;
+pub use conveyor_core::job::{Backoff, Completion, EnqueueOutcome, Job, JobId, JobState, NewJob, Outcome};
+pub use serde_json::{json, Value};
+
+mod admin;
+mod leases;
+mod lifecycle;
+mod runtime;
+mod transactions;
+
+pub use admin::*;
+pub use leases::*;
+pub use lifecycle::*;
+pub use runtime::*;
+pub use transactions::*;
+
+/// What every conformance test receives.
+pub type Backend = Arc<dyn QueueBackend>;
+
+/// The longest any single conformance test may take before it is reported as hung.
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Generates one `#[tokio::test]` per conformance test inside `mod $backend`, each calling
+/// `$factory` (an `async` block yielding `(Arc<dyn QueueBackend>, guard)`) for a fresh backend.
+macro_rules! conformance_suite {
+    ($backend:ident, $factory:expr $(,)?) => {
+        mod $backend {
+            #[allow(unused_imports)]
+            use super::*;
+            conformance_suite!(@tests $factory;
+                // lifecycle
+                enqueue_reserve_complete,
+                enqueue_many_returns_outcomes_in_order,
+                higher_priority_first_then_fifo,
+                queues_are_served_in_strict_order,
+                delayed_jobs_wait_until_due,
+                retry_keeps_attempts_and_failed_moves_to_failed_store,
+                release_does_not_consume_an_attempt,
+                stale_lease_tokens_change_nothing,
+                enqueue_and_resume_wake_idle_workers,
+                jobs_listing_filters_by_state,
+                // leases
+                expired_lease_returns_job_to_queue,
+                expired_lease_without_attempts_left_fails_job,
+                extended_lease_is_not_reaped,
+                // administration
+                unique_key_refuses_duplicates_until_job_ends,
+                unique_key_ttl_expires,
+                failed_store_retry_forget_flush,
+                pause_resume_and_clear,
+                metrics_count_every_processed_attempt,
+                worker_registry_heartbeat_and_gone,
+                // transactions
+                transactional_enqueue_commits_or_rolls_back_with_the_sql,
+                transactional_completion_is_atomic,
+                // worker runtime
+                runtime_runs_every_job_exactly_once,
+                runtime_retries_panics_timeouts_and_errors_then_fails,
+                runtime_release_keeps_attempts_and_abort_fails_at_once,
+                runtime_graceful_shutdown_finishes_running_jobs,
+                runtime_shutdown_grace_over_releases_running_jobs,
+                runtime_complete_with_commits_once,
+                runtime_registers_itself_and_reaps_abandoned_jobs,
+            );
+        }
+    };
+    (@tests $factory:expr; $($test:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                let (backend, _guard) = $factory.await;
+                let backend: ::std::sync::Arc<dyn ::conveyor_core::backend::QueueBackend> = backend;
+                ::tokio::time::timeout($crate::conformance::TEST_TIMEOUT, $crate::conformance::$test(backend))
+                    .await
+                    .expect(concat!(stringify!($test), " did not finish in time"));
+            }
+        )*
+    };
+}
+
+// --- helpers ----------------------------------------------------------------------------------
+
+/// A name no other test (or earlier run against a shared server) uses.
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
+}
+
+/// A fresh queue name.
+pub fn queue_name() -> String {
+    unique_name("conf")
+}
+
+/// A fresh SQL table name (an identifier on every database).
+pub fn table_name() -> String {
+    format!("conformance_{}", uuid::Uuid::now_v7().simple())
+}
+
+/// Polls `cond` until it holds, failing the test if it does not within `within`.
+pub async fn wait_until<F, Fut>(what: &str, within: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if cond().await {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {within:?} waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A job of `kind` on `queue` with a small JSON payload.
+pub fn new_job(queue: &str, kind: &str, n: u64) -> NewJob {
+    NewJob::new(kind, &json!({ "n": n })).queue(queue)
+}
+
+pub async fn enqueue_one(b: &Backend, job: NewJob) -> JobId {
+    let id = job.id;
+    let out = b.enqueue(vec![job]).await.expect("enqueue");
+    assert_eq!(out, vec![EnqueueOutcome::Enqueued { id }], "enqueue of a fresh job");
+    id
+}
+
+pub fn request(queues: &[&str], max: usize, lease: Duration) -> ReserveRequest {
+    ReserveRequest { queues: queues.iter().map(|q| q.to_string()).collect(), max, lease, worker: "conformance-worker".into() }
+}
+
+/// Reserves up to `max` jobs from one queue under a 30 s lease.
+pub async fn reserve(b: &Backend, queue: &str, max: usize) -> Vec<Job> {
+    b.reserve(request(&[queue], max, Duration::from_secs(30))).await.expect("reserve")
+}
+
+/// Reserves exactly one job from `queue`.
+pub async fn reserve_one(b: &Backend, queue: &str) -> Job {
+    let mut jobs = reserve(b, queue, 1).await;
+    assert_eq!(jobs.len(), 1, "expected one job to be reservable from {queue}");
+    jobs.remove(0)
+}
+
+/// Polls `reserve` until it returns something, failing after `within`.
+pub async fn reserve_within(b: &Backend, req: ReserveRequest, within: Duration) -> Vec<Job> {
+    let deadline = Instant::now() + within;
+    loop {
+        let jobs = b.reserve(req.clone()).await.expect("reserve");
+        if !jobs.is_empty() {
+            return jobs;
+        }
+        if Instant::now() >= deadline {
+            panic!("nothing became reservable from {:?} within {within:?}", req.queues);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+pub fn completion(job: &Job, outcome: Outcome) -> Completion {
+    Completion {
+        id: job.id,
+        lease_token: job.lease_token,
+        queue: job.queue.clone(),
+        kind: job.kind.clone(),
+        unique_key: job.unique_key.clone(),
+        outcome,
+        wait_ms: (job.reserved_at - job.available_at).max(0) as u64,
+        runtime_ms: 1,
+    }
+}
+
+pub async fn complete(b: &Backend, job: &Job, outcome: Outcome) {
+    b.complete(vec![completion(job, outcome)]).await.expect("complete");
+}
+
+pub fn retry_now(error: &str) -> Outcome {
+    Outcome::Retry { at: now_ms(), error: error.into() }
+}
+
+pub async fn state_of(b: &Backend, id: JobId) -> Option<JobState> {
+    b.job(id).await.expect("job").map(|j| j.state)
+}
+
+/// A queue's numbers; a queue the backend does not list counts as all zeros.
+pub async fn stats(b: &Backend, queue: &str) -> QueueStats {
+    b.queues().await.expect("queues").into_iter().find(|s| s.queue == queue).unwrap_or(QueueStats {
+        queue: queue.to_string(),
+        pending: 0,
+        delayed: 0,
+        reserved: 0,
+        failed: 0,
+        paused: false,
+        per_minute: 0,
+        oldest_wait_s: 0.0,
+    })
+}
+
+/// Asserts `[pending, delayed, reserved, failed]` of `queue`.
+#[track_caller]
+pub fn assert_counts_eq(s: &QueueStats, expected: [u64; 4], context: &str) {
+    assert_eq!([s.pending, s.delayed, s.reserved, s.failed], expected, "[pending, delayed, reserved, failed] of {}: {context}", s.queue);
+}
+
+pub async fn assert_counts(b: &Backend, queue: &str, expected: [u64; 4], context: &str) {
+    let s = stats(b, queue).await;
+    assert_eq!([s.pending, s.delayed, s.reserved, s.failed], expected, "[pending, delayed, reserved, failed] of {queue}: {context}");
+}
+
+pub fn payload_of(job: &Job) -> Value {
+    serde_json::from_str(&job.payload).expect("payload is the JSON that was enqueued")
+}
+
+/// Creates `table (note TEXT NOT NULL)` in its own transaction.
+pub async fn create_notes_table(b: &Backend, table: &str) {
+    let sql = format!("CREATE TABLE IF NOT EXISTS {table} (note TEXT NOT NULL)");
+    b.transact(move |tx| tx.execute(&sql, &[])).await.expect("create table");
+}
+
+/// Rows of `table` whose note is `note`.
+pub async fn count_notes(b: &Backend, table: &str, note: &str) -> i64 {
+    let sql = format!("SELECT count(*) FROM {table} WHERE note = $1");
+    let note = note.to_string();
+    let rows = b.transact(move |tx| tx.query(&sql, &[SqlValue::from(note)])).await.expect("count rows");
+    rows[0][0].as_i64().expect("count(*) is an integer")
+}
+
+pub async fn count_all_notes(b: &Backend, table: &str) -> i64 {
+    let sql = format!("SELECT count(*) FROM {table}");
+    let rows = b.transact(move |tx| tx.query(&sql, &[])).await.expect("count rows");
+    rows[0][0].as_i64().expect("count(*) is an integer")
+}
+
+pub fn insert_note_sql(table: &str) -> String {
+    format!("INSERT INTO {table} (note) VALUES ($1)")
+}

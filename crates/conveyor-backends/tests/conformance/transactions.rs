@@ -1,0 +1,164 @@
+//! Transactional enqueue ([`QueueBackend::transaction`]) and transactional completion
+//! ([`QueueBackend::complete_with`]): the SQL and the queue operation commit together or not at all.
+
+use std::any::Any;
+
+use super::*;
+
+const KIND: &str = "conformance.tx";
+
+pub async fn transactional_enqueue_commits_or_rolls_back_with_the_sql(b: Backend) {
+    let q = queue_name();
+    let table = table_name();
+
+    // Commit: the table, the row and the job all exist afterwards.
+    let job = new_job(&q, KIND, 1);
+    let id = job.id;
+    let t = table.clone();
+    let (rows, out) = b
+        .transact(move |tx| {
+            tx.execute(&format!("CREATE TABLE IF NOT EXISTS {t} (note TEXT NOT NULL)"), &[])?;
+            let rows = tx.execute(&insert_note_sql(&t), &[SqlValue::from("committed")])?;
+            let out = tx.enqueue(vec![job])?;
+            Ok((rows, out))
+        })
+        .await
+        .expect("a transaction that returns Ok commits");
+    assert_eq!(rows, 1, "execute returns the rows it changed");
+    assert_eq!(out, vec![EnqueueOutcome::Enqueued { id }]);
+    assert_eq!(count_notes(&b, &table, "committed").await, 1, "the row committed with the job");
+    assert_eq!(state_of(&b, id).await, Some(JobState::Pending), "the job committed with the row");
+    assert_counts(&b, &q, [1, 0, 0, 0], "after the committed transaction").await;
+    let read = b
+        .transact({
+            let t = table.clone();
+            move |tx| tx.query(&format!("SELECT note FROM {t} WHERE note = $1"), &[SqlValue::from("committed")])
+        })
+        .await
+        .unwrap();
+    assert_eq!(read, vec![vec![SqlValue::Text("committed".into())]], "query returns rows of SqlValues");
+    assert_eq!(reserve_one(&b, &q).await.id, id);
+
+    // Roll back: an Err from the closure undoes the row and the job.
+    let job = new_job(&q, KIND, 2).unique(unique_name("tx-key"), Duration::from_secs(600));
+    let (id2, key2) = (job.id, job.unique.clone().unwrap().key);
+    let t = table.clone();
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let seen2 = seen.clone();
+    let err = b
+        .transact(move |tx| -> Result<(), BackendError> {
+            tx.execute(&insert_note_sql(&t), &[SqlValue::from("rolled back")])?;
+            *seen2.lock().unwrap() = Some(tx.enqueue(vec![job])?);
+            Err(BackendError::Other("the application changed its mind".into()))
+        })
+        .await
+        .expect_err("the closure's error is returned");
+    assert_eq!(seen.lock().unwrap().take(), Some(vec![EnqueueOutcome::Enqueued { id: id2 }]), "tx.enqueue inside the transaction");
+    assert!(err.to_string().contains("the application changed its mind"), "the closure's error is passed through: {err}");
+    assert_eq!(count_notes(&b, &table, "rolled back").await, 0, "the row was rolled back");
+    assert!(b.job(id2).await.unwrap().is_none(), "the job enqueued in a rolled-back transaction exists");
+    assert_counts(&b, &q, [0, 0, 1, 0], "a rolled-back enqueue changes no counts").await;
+    assert!(reserve(&b, &q, 10).await.is_empty(), "a rolled-back job is reservable");
+    // Its unique key was not taken either.
+    enqueue_one(&b, new_job(&q, KIND, 3).unique(key2, Duration::from_secs(600))).await;
+
+    // A failing statement rolls back the enqueue made before it.
+    let job = new_job(&q, KIND, 4);
+    let id4 = job.id;
+    let missing = table_name();
+    let res = b
+        .transact(move |tx| {
+            tx.enqueue(vec![job])?;
+            tx.execute(&insert_note_sql(&missing), &[SqlValue::from("nowhere")])?;
+            Ok(())
+        })
+        .await;
+    assert!(res.is_err(), "an insert into a missing table fails the transaction");
+    assert!(b.job(id4).await.unwrap().is_none(), "the job enqueued before the failing statement exists");
+    assert_eq!(count_all_notes(&b, &table).await, 1, "only the committed row is in the table");
+
+    // Transactions see their own writes.
+    let t = table.clone();
+    let seen = b
+        .transact(move |tx| {
+            tx.execute(&insert_note_sql(&t), &[SqlValue::from("own write")])?;
+            let rows = tx.query(&format!("SELECT count(*) FROM {t} WHERE note = $1"), &[SqlValue::from("own write")])?;
+            Ok(rows[0][0].as_i64())
+        })
+        .await
+        .unwrap();
+    assert_eq!(seen, Some(1));
+}
+
+fn insert_returning(table: &str, note: &str, value: u32) -> TxWork {
+    let (sql, note) = (insert_note_sql(table), note.to_string());
+    Box::new(move |tx: &mut dyn Tx| {
+        tx.execute(&sql, &[SqlValue::from(note)])?;
+        Ok(Box::new(value) as Box<dyn Any + Send>)
+    })
+}
+
+type TxWork = conveyor_core::backend::TxFn;
+
+pub async fn transactional_completion_is_atomic(b: Backend) {
+    let q = queue_name();
+    let table = table_name();
+    create_notes_table(&b, &table).await;
+
+    // Success: the row is written and the job acknowledged, together.
+    let id = enqueue_one(&b, new_job(&q, KIND, 1)).await;
+    let job = reserve_one(&b, &q).await;
+    let done = completion(&job, Outcome::Completed);
+    let out = b.complete_with(done.clone(), insert_returning(&table, "done", 7)).await.expect("complete_with");
+    assert_eq!(*out.downcast::<u32>().expect("complete_with returns the closure's value"), 7);
+    assert_eq!(count_notes(&b, &table, "done").await, 1);
+    assert_eq!(state_of(&b, id).await, Some(JobState::Completed));
+    assert_counts(&b, &q, [0, 0, 0, 0], "after complete_with").await;
+
+    // Again with the now stale token: LeaseLost, and the closure's insert is rolled back.
+    let err = b.complete_with(done.clone(), insert_returning(&table, "again", 8)).await.err();
+    assert!(matches!(err, Some(BackendError::LeaseLost(x)) if x == id), "a second complete_with: {err:?}");
+    assert_eq!(count_notes(&b, &table, "again").await, 0, "the insert of a complete_with whose lease is gone committed");
+    assert_eq!(count_all_notes(&b, &table).await, 1);
+    assert_eq!(state_of(&b, id).await, Some(JobState::Completed));
+
+    // The closure fails: the completion is rolled back with it, and the job stays reserved.
+    let id2 = enqueue_one(&b, new_job(&q, KIND, 2)).await;
+    let job2 = reserve_one(&b, &q).await;
+    let sql = insert_note_sql(&table);
+    let err = b
+        .complete_with(
+            completion(&job2, Outcome::Completed),
+            Box::new(move |tx: &mut dyn Tx| {
+                tx.execute(&sql, &[SqlValue::from("partial")])?;
+                Err(BackendError::Other("the effect failed".into()))
+            }),
+        )
+        .await
+        .err();
+    assert!(matches!(&err, Some(BackendError::Other(m)) if m == "the effect failed"), "the closure's error: {err:?}");
+    assert_eq!(count_notes(&b, &table, "partial").await, 0, "the failed closure's insert committed");
+    assert_eq!(state_of(&b, id2).await, Some(JobState::Reserved), "the completion committed without its work");
+    assert_counts(&b, &q, [0, 0, 1, 0], "the job is still reserved").await;
+    let out = b.complete_with(completion(&job2, Outcome::Completed), insert_returning(&table, "second try", 9)).await.unwrap();
+    assert_eq!(*out.downcast::<u32>().unwrap(), 9);
+    assert_eq!(state_of(&b, id2).await, Some(JobState::Completed));
+    assert_eq!(count_notes(&b, &table, "second try").await, 1);
+
+    // The token of an earlier reservation cannot complete a job someone else holds now.
+    let id3 = enqueue_one(&b, new_job(&q, KIND, 3)).await;
+    let first = reserve_one(&b, &q).await;
+    complete(&b, &first, Outcome::Release { at: now_ms() }).await;
+    let second = reserve_one(&b, &q).await;
+    assert_eq!(second.id, id3);
+    let err = b.complete_with(completion(&first, Outcome::Completed), insert_returning(&table, "late", 1)).await.err();
+    assert!(matches!(err, Some(BackendError::LeaseLost(x)) if x == id3), "complete_with with an earlier reservation's token: {err:?}");
+    assert_eq!(count_notes(&b, &table, "late").await, 0);
+    assert_eq!(state_of(&b, id3).await, Some(JobState::Reserved));
+    assert_counts(&b, &q, [0, 0, 1, 0], "the current holder still has it").await;
+
+    // complete_with records metrics like complete does.
+    let rows = b.metrics(MetricsQuery { queue: Some(q.clone()), kind: None, since: now_ms() - 60_000 }).await.unwrap();
+    let total = conveyor_core::metrics::summarize(rows.iter());
+    assert_eq!(total.completed, 2, "two transactional completions committed: {rows:?}");
+}

@@ -1,0 +1,202 @@
+//! One-shot administration commands: `migrate`, `queue …`, `failed …`. Results go to stdout
+//! (a table, or JSON with `--json`); errors to stderr.
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+
+use conveyor_core::backend::{FailedJob, Page, QueueStats};
+use conveyor_core::job::{validate_queue_name, JobId};
+
+use crate::config::Config;
+use crate::run::open_backend;
+
+#[derive(Subcommand)]
+pub(crate) enum QueueCommand {
+    /// Queues with pending, delayed, reserved, failed, paused, jobs per minute, oldest wait
+    List(JsonFlag),
+    /// Delete the pending and delayed jobs of a queue (or of every queue)
+    Clear {
+        #[arg(long)]
+        queue: Option<String>,
+    },
+    /// Stop handing out jobs of a queue
+    Pause { queue: String },
+    /// Hand out jobs of a paused queue again
+    Resume { queue: String },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum FailedCommand {
+    /// Failed jobs, newest first
+    List {
+        #[arg(long)]
+        queue: Option<String>,
+        #[arg(long, default_value_t = 1)]
+        page: u32,
+        #[arg(long, default_value_t = 50)]
+        per_page: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One failed job with its payload and error
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put failed jobs back on their queue (IDs, or `all`)
+    Retry {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Delete a failed job
+    Forget { id: String },
+    /// Delete every failed job
+    Flush,
+}
+
+#[derive(Args)]
+pub(crate) struct JsonFlag {
+    /// Print one JSON document
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) async fn migrate(config: &Config) -> anyhow::Result<()> {
+    // Opening the store applies every pending migration.
+    let backend = open_backend(config)?;
+    backend.ping().await?;
+    println!("migrated: {} store at {} is up to date", backend.name(), config.database_url);
+    Ok(())
+}
+
+pub(crate) async fn queue(config: &Config, cmd: QueueCommand) -> anyhow::Result<()> {
+    if let QueueCommand::Pause { queue } | QueueCommand::Resume { queue } = &cmd {
+        validate_queue_name(queue).map_err(|e| anyhow::anyhow!("queue {queue:?}: {e}"))?;
+    }
+    let backend = open_backend(config)?;
+    match cmd {
+        QueueCommand::List(f) => {
+            let queues = backend.queues().await?;
+            if f.json {
+                println!("{}", serde_json::to_string_pretty(&queues)?);
+            } else {
+                print_queues(&queues);
+            }
+        }
+        QueueCommand::Clear { queue } => {
+            let names: Vec<String> = match queue {
+                Some(q) => {
+                    validate_queue_name(&q).map_err(|e| anyhow::anyhow!("--queue: {e}"))?;
+                    vec![q]
+                }
+                None => backend.queues().await?.into_iter().map(|q| q.queue).collect(),
+            };
+            for q in names {
+                let n = backend.clear(&q).await?;
+                println!("cleared {n} jobs from {q}");
+            }
+        }
+        QueueCommand::Pause { queue } => {
+            backend.pause(&queue).await?;
+            println!("paused {queue}");
+        }
+        QueueCommand::Resume { queue } => {
+            backend.resume(&queue).await?;
+            println!("resumed {queue}");
+        }
+    }
+    Ok(())
+}
+
+fn print_queues(queues: &[QueueStats]) {
+    println!("{:<24} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9} {:>10}", "QUEUE", "PENDING", "DELAYED", "RESERVED", "FAILED", "PAUSED", "PER_MIN", "WAIT_S");
+    for q in queues {
+        println!(
+            "{:<24} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9} {:>10.1}",
+            q.queue,
+            q.pending,
+            q.delayed,
+            q.reserved,
+            q.failed,
+            if q.paused { "yes" } else { "no" },
+            q.per_minute,
+            q.oldest_wait_s
+        );
+    }
+    if queues.is_empty() {
+        println!("(no queues yet)");
+    }
+}
+
+fn parse_id(id: &str) -> anyhow::Result<JobId> {
+    id.parse::<JobId>().map_err(|_| anyhow::anyhow!("{id:?} is not a job id (expected a UUID)"))
+}
+
+pub(crate) async fn failed(config: &Config, cmd: FailedCommand) -> anyhow::Result<()> {
+    let backend = open_backend(config)?;
+    match cmd {
+        FailedCommand::List { queue, page, per_page, json } => {
+            if page == 0 || !(1..=1000).contains(&per_page) {
+                bail!("--page starts at 1 and --per-page is 1 to 1000");
+            }
+            let list = backend.failed(queue.as_deref(), Page { page, per_page }).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list.items)?);
+            } else {
+                print_failed(&list.items, list.total);
+            }
+        }
+        FailedCommand::Show { id, json } => {
+            let id = parse_id(&id)?;
+            let job = backend.failed_job(id).await?.with_context(|| format!("no failed job {id}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&job)?);
+            } else {
+                println!("id:        {}\nqueue:     {}\nkind:      {}\nattempts:  {}/{}\nfailed at: {}\nerror:     {}\npayload:   {}",
+                    job.id, job.queue, job.kind, job.attempts, job.max_attempts, fmt_ms(job.failed_at), job.error, job.payload);
+            }
+        }
+        FailedCommand::Retry { ids } => {
+            if ids.len() == 1 && ids[0] == "all" {
+                let n = backend.retry_all_failed(None).await?;
+                println!("retried {n} failed jobs");
+            } else {
+                let parsed = ids.iter().map(|i| parse_id(i)).collect::<anyhow::Result<Vec<_>>>()?;
+                let retried = backend.retry_failed(parsed.clone()).await?;
+                for id in &retried {
+                    println!("retried {id}");
+                }
+                let missing: Vec<String> = parsed.iter().filter(|id| !retried.contains(id)).map(|id| id.to_string()).collect();
+                if !missing.is_empty() {
+                    bail!("no failed job {}", missing.join(", "));
+                }
+            }
+        }
+        FailedCommand::Forget { id } => {
+            let id = parse_id(&id)?;
+            if !backend.forget_failed(id).await? {
+                bail!("no failed job {id}");
+            }
+            println!("forgot {id}");
+        }
+        FailedCommand::Flush => {
+            let n = backend.flush_failed(None).await?;
+            println!("flushed {n} failed jobs");
+        }
+    }
+    Ok(())
+}
+
+fn print_failed(items: &[FailedJob], total: u64) {
+    println!("{:<36}  {:<16} {:<24} {:>8}  {:<20}  ERROR", "ID", "QUEUE", "KIND", "ATTEMPTS", "FAILED_AT");
+    for j in items {
+        let error: String = j.error.lines().next().unwrap_or_default().chars().take(60).collect();
+        println!("{:<36}  {:<16} {:<24} {:>8}  {:<20}  {}", j.id, j.queue, j.kind, format!("{}/{}", j.attempts, j.max_attempts), fmt_ms(j.failed_at), error);
+    }
+    println!("({} of {total} failed jobs)", items.len());
+}
+
+fn fmt_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).map(|d| d.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_default()
+}

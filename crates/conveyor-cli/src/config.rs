@@ -1,0 +1,241 @@
+//! Typed configuration: defaults, then `conveyor.toml` (or `CONVEYOR_CONFIG`), then the
+//! environment (`.env` honoured). Every variable `CONVEYOR_SECTION_KEY` is also `[section] key`
+//! in the file (`CONVEYOR_QUEUE` is the top-level `queue`); the environment wins. Invalid values
+//! stop start-up with a message naming the variable.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use conveyor_core::worker::SupervisorConfig;
+
+/// A credential that never prints.
+#[derive(Clone)]
+pub(crate) struct Secret(pub(crate) String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) database_url: String,
+    pub(crate) queue: String,
+    pub(crate) redis_url: Option<Secret>,
+    pub(crate) redis_prefix: String,
+    pub(crate) amqp_url: Option<Secret>,
+    pub(crate) http_addr: SocketAddr,
+    pub(crate) api_token: Option<Secret>,
+    pub(crate) shutdown_grace: Duration,
+    pub(crate) supervisors: Vec<SupervisorConfig>,
+    pub(crate) retention_completed: usize,
+    pub(crate) retention_metrics: Duration,
+    pub(crate) log_format: String,
+}
+
+/// Looks a key up in the environment first, then in the file.
+struct Source {
+    file: toml::Table,
+}
+
+impl Source {
+    fn env_name(section: &str, key: &str) -> String {
+        if section.is_empty() {
+            format!("CONVEYOR_{}", key.to_uppercase())
+        } else {
+            format!("CONVEYOR_{}_{}", section.to_uppercase(), key.to_uppercase())
+        }
+    }
+
+    /// The raw value and the name to blame if it is wrong.
+    fn get(&self, section: &str, key: &str) -> Option<(String, String)> {
+        let env = Self::env_name(section, key);
+        if let Ok(v) = std::env::var(&env) {
+            return Some((v, env));
+        }
+        let table = if section.is_empty() { Some(&self.file) } else { self.file.get(section)?.as_table() };
+        let text = scalar_text(table?.get(key)?);
+        let name = if section.is_empty() { key.to_string() } else { format!("[{section}] {key}") };
+        Some((text, format!("{name} in the configuration file")))
+    }
+
+    fn string(&self, section: &str, key: &str, default: &str) -> String {
+        self.get(section, key).map(|(v, _)| v).unwrap_or_else(|| default.to_string())
+    }
+
+    fn optional(&self, section: &str, key: &str) -> Option<String> {
+        self.get(section, key).map(|(v, _)| v).filter(|v| !v.is_empty())
+    }
+
+    fn parsed<T: std::str::FromStr>(&self, section: &str, key: &str, default: T, what: &str) -> anyhow::Result<T> {
+        match self.get(section, key) {
+            None => Ok(default),
+            Some((v, name)) => v.trim().parse::<T>().map_err(|_| anyhow::anyhow!("{name}: expected {what}, got {v:?}")),
+        }
+    }
+
+    fn duration(&self, section: &str, key: &str, default: Duration) -> anyhow::Result<Duration> {
+        match self.get(section, key) {
+            None => Ok(default),
+            Some((v, name)) => parse_duration(&v).with_context(|| format!("{name}: expected a duration like 30s, 15m or 1h, got {v:?}")),
+        }
+    }
+}
+
+/// A scalar's text, as an environment variable would carry it.
+fn scalar_text(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Integer(i) => i.to_string(),
+        toml::Value::Float(f) => f.to_string(),
+        toml::Value::Boolean(b) => b.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// `30` (seconds), `500ms`, `30s`, `15m`, `1h`.
+pub(crate) fn parse_duration(text: &str) -> anyhow::Result<Duration> {
+    let t = text.trim();
+    let (num, unit) = t.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((t, ""), |i| t.split_at(i));
+    let n: f64 = num.parse().with_context(|| format!("not a number: {num:?}"))?;
+    if !n.is_finite() || n < 0.0 {
+        bail!("must be a positive number");
+    }
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        other => bail!("unknown unit {other:?}"),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl Config {
+    pub(crate) fn load() -> anyhow::Result<Config> {
+        let _ = dotenvy::dotenv();
+        let path = std::env::var("CONVEYOR_CONFIG").ok();
+        let file = match &path {
+            Some(p) => read_file(Path::new(p)).with_context(|| format!("CONVEYOR_CONFIG: cannot read {p}"))?,
+            None if Path::new("conveyor.toml").exists() => read_file(Path::new("conveyor.toml"))?,
+            None => toml::Table::new(),
+        };
+        Self::from_source(&Source { file })
+    }
+
+    fn from_source(src: &Source) -> anyhow::Result<Config> {
+        let queue = src.string("", "queue", "database");
+        if !matches!(queue.as_str(), "database" | "redis" | "amqp") {
+            bail!("CONVEYOR_QUEUE: expected database, redis or amqp, got {queue:?}");
+        }
+        let redis_url = src.optional("redis", "url").map(Secret);
+        let amqp_url = src.optional("amqp", "url").map(Secret);
+        if queue == "redis" && redis_url.is_none() {
+            bail!("CONVEYOR_QUEUE=redis needs CONVEYOR_REDIS_URL");
+        }
+        if queue == "amqp" && amqp_url.is_none() {
+            bail!("CONVEYOR_QUEUE=amqp needs CONVEYOR_AMQP_URL");
+        }
+        let http_addr = src.parsed("http", "addr", SocketAddr::from(([127, 0, 0, 1], 8000)), "an address like 127.0.0.1:8000")?;
+        let shutdown_grace = src.duration("shutdown", "grace", Duration::from_secs(30))?;
+        let log_format = src.string("log", "format", "text");
+        if !matches!(log_format.as_str(), "text" | "json") {
+            bail!("CONVEYOR_LOG_FORMAT: expected text or json, got {log_format:?}");
+        }
+        Ok(Config {
+            database_url: src.string("database", "url", "sqlite://conveyor.db"),
+            queue,
+            redis_url,
+            redis_prefix: src.string("redis", "prefix", "conveyor"),
+            amqp_url,
+            http_addr,
+            api_token: src.optional("api", "token").map(Secret),
+            shutdown_grace,
+            supervisors: supervisors(&src.file)?,
+            retention_completed: src.parsed("retention", "completed", 1_000usize, "a number of jobs")?,
+            retention_metrics: src.duration("retention", "metrics", Duration::from_secs(24 * 3600))?,
+            log_format,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<toml::Table> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    text.parse::<toml::Table>().map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().lines().next().unwrap_or_default()))
+}
+
+/// `[[supervisors]]` tables: `name`, `queues`, `concurrency`, `prefetch`, `lease`.
+fn supervisors(file: &toml::Table) -> anyhow::Result<Vec<SupervisorConfig>> {
+    let Some(list) = file.get("supervisors") else {
+        return Ok(vec![SupervisorConfig::new("default", vec!["default".into()], 8)]);
+    };
+    let list = list.as_array().context("supervisors: expected [[supervisors]] tables")?;
+    let mut out = Vec::new();
+    for (i, item) in list.iter().enumerate() {
+        let t = item.as_table().with_context(|| format!("supervisors[{i}]: expected a table"))?;
+        let name = t.get("name").and_then(|v| v.as_str()).map(str::to_string).unwrap_or_else(|| format!("supervisor-{}", i + 1));
+        let queues: Vec<String> = match t.get("queues") {
+            None => vec!["default".into()],
+            Some(v) => v
+                .as_array()
+                .and_then(|a| a.iter().map(|q| q.as_str().map(str::to_string)).collect::<Option<Vec<_>>>())
+                .with_context(|| format!("supervisors[{i}].queues: expected a list of queue names"))?,
+        };
+        for q in &queues {
+            conveyor_core::job::validate_queue_name(q).map_err(|e| anyhow::anyhow!("supervisors[{i}].queues: {e}"))?;
+        }
+        let int = |key: &str, default: i64| -> anyhow::Result<i64> {
+            match t.get(key) {
+                None => Ok(default),
+                Some(v) => v.as_integer().filter(|n| *n >= 1).with_context(|| format!("supervisors[{i}].{key}: expected a positive integer")),
+            }
+        };
+        let mut s = SupervisorConfig::new(name, queues, int("concurrency", 8)? as usize);
+        s.prefetch = int("prefetch", s.concurrency as i64)? as usize;
+        if let Some(v) = t.get("lease") {
+            let text = scalar_text(v);
+            s.lease = parse_duration(&text).with_context(|| format!("supervisors[{i}].lease: expected a duration like 30s"))?;
+        }
+        out.push(s);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn src(text: &str) -> Source {
+        Source { file: text.parse().unwrap() }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn file_values_and_errors_name_their_key() {
+        let c = Config::from_source(&src("[database]\nurl = \"sqlite:///tmp/x.db\"\n[[supervisors]]\nname = \"orders\"\nqueues = [\"orders\"]\nconcurrency = 4\nlease = \"5s\"\n")).unwrap();
+        assert_eq!(c.database_url, "sqlite:///tmp/x.db");
+        assert_eq!(c.supervisors[0].concurrency, 4);
+        assert_eq!(c.supervisors[0].lease, Duration::from_secs(5));
+        let e = Config::from_source(&src("queue = \"redis\"\n")).unwrap_err().to_string();
+        assert!(e.contains("CONVEYOR_REDIS_URL"), "{e}");
+        let e = Config::from_source(&src("[http]\naddr = \"nope\"\n")).unwrap_err().to_string();
+        assert!(e.contains("[http] addr"), "{e}");
+        let e = Config::from_source(&src("[[supervisors]]\nconcurrency = 0\n")).unwrap_err().to_string();
+        assert!(e.contains("supervisors[0].concurrency"), "{e}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        assert_eq!(format!("{:?}", Secret("hunter2".into())), "Secret(***)");
+    }
+}

@@ -1,0 +1,164 @@
+//! `serve` and `work`: open the backend, start workers (and the HTTP API), and stop them all
+//! on SIGINT / SIGTERM through one shared cancellation token.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use conveyor_backends::BackendConfig;
+use conveyor_core::worker::{self, SupervisorConfig, WorkerConfig};
+use conveyor_core::{Conveyor, QueueBackend};
+
+use crate::config::Config;
+use crate::kinds;
+
+#[derive(Args)]
+pub(crate) struct ServeArgs {
+    /// Serve the API without running workers
+    #[arg(long)]
+    no_workers: bool,
+    /// Accepted for forward compatibility; this version runs no scheduler
+    #[arg(long)]
+    no_scheduler: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct WorkArgs {
+    /// Queues to work, in priority order (overrides the configured supervisors)
+    #[arg(long, value_delimiter = ',')]
+    queue: Vec<String>,
+    /// Jobs run at once
+    #[arg(long)]
+    concurrency: Option<usize>,
+}
+
+pub(crate) fn open_backend(config: &Config) -> anyhow::Result<Arc<dyn QueueBackend>> {
+    let bc = BackendConfig {
+        database_url: config.database_url.clone(),
+        queue: config.queue.clone(),
+        completed_history: config.retention_completed,
+        redis_url: config.redis_url.as_ref().map(|s| s.0.clone()),
+        redis_prefix: config.redis_prefix.clone(),
+        amqp_url: config.amqp_url.as_ref().map(|s| s.0.clone()),
+    };
+    conveyor_backends::connect(&bc).context("cannot open the backend")
+}
+
+fn worker_config(config: &Config, args: Option<&WorkArgs>) -> anyhow::Result<WorkerConfig> {
+    let mut supervisors = config.supervisors.clone();
+    if let Some(a) = args {
+        if !a.queue.is_empty() {
+            for q in &a.queue {
+                conveyor_core::job::validate_queue_name(q).map_err(|e| anyhow::anyhow!("--queue: {e}"))?;
+            }
+            let lease = supervisors.first().map(|s| s.lease);
+            let mut s = SupervisorConfig::new("cli", a.queue.clone(), a.concurrency.unwrap_or(8));
+            if let Some(l) = lease {
+                s.lease = l;
+            }
+            supervisors = vec![s];
+        } else if let Some(c) = a.concurrency {
+            if c == 0 {
+                bail!("--concurrency: must be at least 1");
+            }
+            for s in &mut supervisors {
+                s.concurrency = c;
+                s.prefetch = c;
+            }
+        }
+    }
+    Ok(WorkerConfig { supervisors, shutdown_grace: config.shutdown_grace, ..WorkerConfig::default() })
+}
+
+/// Cancels the token on the first SIGINT or SIGTERM; a second one exits at once.
+fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGTERM");
+                return;
+            }
+        };
+        for n in 0.. {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if n == 0 {
+                info!("shutdown requested; finishing in-flight jobs (send the signal again to exit now)");
+                t.cancel();
+            } else {
+                warn!("second signal: exiting now; unfinished jobs return to the queue when their lease expires");
+                std::process::exit(130);
+            }
+        }
+    });
+    token
+}
+
+/// Drops old metric buckets and history once an hour (and at start).
+fn spawn_pruner(backend: Arc<dyn QueueBackend>, keep: std::time::Duration, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {
+                    let before = conveyor_core::clock::now_ms() - keep.as_millis() as i64;
+                    if let Err(e) = backend.prune(before).await {
+                        warn!(error = %e, "pruning old metrics failed");
+                    }
+                }
+            }
+        }
+    })
+}
+
+pub(crate) async fn work(config: Config, args: WorkArgs) -> anyhow::Result<()> {
+    let wc = worker_config(&config, Some(&args))?;
+    let backend = open_backend(&config)?;
+    let shutdown = shutdown_on_signals();
+    let pruner = spawn_pruner(backend.clone(), config.retention_metrics, shutdown.clone());
+    let conveyor = Conveyor::new(backend, kinds::registry());
+    for s in &wc.supervisors {
+        info!(supervisor = %s.name, queues = ?s.queues, concurrency = s.concurrency, "supervisor ready");
+    }
+    worker::run(conveyor, wc, shutdown).await;
+    let _ = pruner.await;
+    Ok(())
+}
+
+pub(crate) async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()> {
+    let addr = config.http_addr;
+    if !addr.ip().is_loopback() && config.api_token.is_none() {
+        bail!("refusing to serve on {addr} without CONVEYOR_API_TOKEN: set a token or bind a loopback address");
+    }
+    let _ = args.no_scheduler;
+    let wc = worker_config(&config, None)?;
+    let backend = open_backend(&config)?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (CONVEYOR_HTTP_ADDR)"))?;
+    let local = listener.local_addr()?;
+    if config.api_token.is_none() {
+        info!("no CONVEYOR_API_TOKEN: serving on loopback only, writes need no token");
+    }
+    eprintln!("conveyor listening on http://{local} (API at /api, health at /api/health)");
+    let shutdown = shutdown_on_signals();
+    let conveyor = Conveyor::new(backend.clone(), kinds::registry());
+    let state = conveyor_server::AppState::new(conveyor.clone(), config.api_token.as_ref().map(|s| s.0.clone()));
+    let http = tokio::spawn(conveyor_server::serve(listener, state, shutdown.clone()));
+    let pruner = spawn_pruner(backend, config.retention_metrics, shutdown.clone());
+    if !args.no_workers {
+        worker::run(conveyor, wc, shutdown.clone()).await;
+    } else {
+        shutdown.cancelled().await;
+    }
+    http.await.context("HTTP server task")?.context("HTTP server")?;
+    let _ = pruner.await;
+    Ok(())
+}

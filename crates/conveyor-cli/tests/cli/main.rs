@@ -1,0 +1,105 @@
+//! End-to-end tests of the `conveyor` binary: real processes on a real SQLite file, each test
+//! in its own temporary directory.
+
+mod commands;
+mod http;
+mod process;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use conveyor_backends::sqlite::{SqliteBackend, SqliteOptions};
+use conveyor_core::backend::QueueStats;
+use conveyor_core::QueueBackend;
+
+/// A temporary directory with a database, a config file, and a backend opened on it.
+pub(crate) struct TestEnv {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) backend: Arc<dyn QueueBackend>,
+}
+
+impl TestEnv {
+    pub(crate) fn new(config_toml: &str) -> TestEnv {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("conveyor.toml"), config_toml).expect("writing conveyor.toml");
+        let mut opts = SqliteOptions::new(dir.path().join("conveyor.db").to_string_lossy().to_string());
+        opts.completed_history = 100_000;
+        let backend: Arc<dyn QueueBackend> = Arc::new(SqliteBackend::open(opts).expect("opening the test database"));
+        TestEnv { dir, backend }
+    }
+
+    pub(crate) fn db_url(&self) -> String {
+        format!("sqlite://{}", self.dir.path().join("conveyor.db").display())
+    }
+
+    /// `conveyor ARGS` in this environment (its own database, config and working directory).
+    pub(crate) fn conveyor(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_conveyor"));
+        c.args(args)
+            .current_dir(self.dir.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("CONVEYOR_DATABASE_URL", self.db_url())
+            .env("CONVEYOR_CONFIG", self.config_path())
+            .env("CONVEYOR_LOG", "warn");
+        c
+    }
+
+    pub(crate) fn config_path(&self) -> PathBuf {
+        self.dir.path().join("conveyor.toml")
+    }
+
+    pub(crate) fn spawn(&self, args: &[&str]) -> Child {
+        self.conveyor(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawning conveyor")
+    }
+
+    pub(crate) async fn queue(&self, name: &str) -> QueueStats {
+        let all = self.backend.queues().await.expect("listing queues");
+        all.into_iter().find(|q| q.queue == name).unwrap_or(QueueStats {
+            queue: name.into(),
+            pending: 0,
+            delayed: 0,
+            reserved: 0,
+            failed: 0,
+            paused: false,
+            per_minute: 0,
+            oldest_wait_s: 0.0,
+        })
+    }
+}
+
+/// Polls `cond` until it holds or `limit` passes.
+pub(crate) async fn wait_for<F, Fut>(what: &str, limit: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub(crate) fn sigterm(child: &Child) {
+    // SAFETY: kill(2) with a pid we spawned and still own (not yet reaped).
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0, "sending SIGTERM");
+}
+
+/// Waits for a child to exit, failing the test if it takes longer than `limit`.
+pub(crate) async fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("waiting for child") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not exit within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

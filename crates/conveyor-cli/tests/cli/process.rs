@@ -1,0 +1,82 @@
+//! Crash and shutdown behaviour of real worker processes.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use conveyor_core::backend::{JobFilter, Page};
+use conveyor_core::job::JobState;
+use conveyor_core::NewJob;
+use serde_json::json;
+
+use crate::{sigterm, wait_exit, wait_for, TestEnv};
+
+const FAST_LEASE: &str = "[[supervisors]]\nname = \"default\"\nqueues = [\"default\"]\nconcurrency = 16\nlease = \"2s\"\n\n[retention]\ncompleted = 100000\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_with_sigkill_loses_nothing_and_finishes_nothing_twice() {
+    let env = TestEnv::new(FAST_LEASE);
+    let total = 2_000u64;
+    let jobs: Vec<NewJob> = (0..total).map(|i| NewJob::new("conveyor.sleep", &json!({ "ms": 20, "n": i }))).collect();
+    let ids: Vec<_> = env.backend.enqueue(jobs).await.unwrap().iter().map(|o| o.id()).collect();
+
+    let mut first = env.spawn(&["work"]);
+    wait_for("a quarter of the jobs to finish", Duration::from_secs(60), || async {
+        let q = env.queue("default").await;
+        total - (q.pending + q.reserved + q.delayed) >= total / 4
+    })
+    .await;
+    first.kill().expect("SIGKILL the worker");
+    first.wait().unwrap();
+    let after_kill = env.queue("default").await;
+    assert!(after_kill.reserved > 0, "the worker was killed holding jobs: {after_kill:?}");
+
+    let mut second = env.spawn(&["work"]);
+    wait_for("every job to finish", Duration::from_secs(90), || async {
+        let q = env.queue("default").await;
+        q.pending + q.reserved + q.delayed == 0
+    })
+    .await;
+    sigterm(&second);
+    assert!(wait_exit(&mut second, Duration::from_secs(30)).await.success(), "work exits 0 on SIGTERM");
+
+    let q = env.queue("default").await;
+    assert_eq!(q.failed, 0, "no job failed: {q:?}");
+    let done = env
+        .backend
+        .jobs(JobFilter { state: Some(JobState::Completed), ..Default::default() }, Page { page: 1, per_page: 10_000 })
+        .await
+        .unwrap();
+    let mut times_completed: HashMap<_, u32> = HashMap::new();
+    for j in &done.items {
+        *times_completed.entry(j.id).or_default() += 1;
+    }
+    for id in &ids {
+        assert_eq!(times_completed.get(id).copied(), Some(1), "job {id} completed exactly once");
+    }
+    assert_eq!(done.items.len() as u64, total, "no other completions recorded");
+    let retried = done.items.iter().filter(|j| j.attempts == 2).count();
+    assert!(retried > 0, "the jobs the killed worker held ran again (attempt 2)");
+    assert!(done.items.iter().all(|j| j.attempts <= 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_running_jobs_finish_and_returns_the_rest_unrun() {
+    let env = TestEnv::new("[[supervisors]]\nqueues = [\"default\"]\nconcurrency = 4\nprefetch = 4\n\n[shutdown]\ngrace = \"20s\"\n");
+    let jobs: Vec<NewJob> = (0..20).map(|i| NewJob::new("conveyor.sleep", &json!({ "ms": 1500, "n": i }))).collect();
+    env.backend.enqueue(jobs).await.unwrap();
+    let mut worker = env.spawn(&["work"]);
+    // Four running and four prefetched.
+    wait_for("the worker to hold 8 jobs", Duration::from_secs(30), || async { env.queue("default").await.reserved == 8 }).await;
+    sigterm(&worker);
+    let status = wait_exit(&mut worker, Duration::from_secs(30)).await;
+    assert!(status.success(), "work exits 0 after SIGTERM: {status:?}");
+
+    let q = env.queue("default").await;
+    assert_eq!(q.reserved, 0, "nothing left reserved: {q:?}");
+    assert_eq!(q.failed, 0);
+    let done = env.backend.jobs(JobFilter { state: Some(JobState::Completed), ..Default::default() }, Page::default()).await.unwrap();
+    assert_eq!(done.total, 4, "the four running jobs finished");
+    assert_eq!(q.pending, 16, "the rest went back to the queue");
+    let pending = env.backend.jobs(JobFilter { state: Some(JobState::Pending), ..Default::default() }, Page::default()).await.unwrap();
+    assert!(pending.items.iter().all(|j| j.attempts == 0), "jobs released unrun consumed no attempt");
+}

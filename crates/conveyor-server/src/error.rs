@@ -1,0 +1,79 @@
+//! The API's one error type and the SPEC's envelopes. Handlers return `Result<_, ApiError>`
+//! and use `?`; 5xx bodies say nothing internal, and the cause is logged once, here.
+
+use std::collections::BTreeMap;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use serde_json::json;
+
+use conveyor_core::BackendError;
+
+#[derive(Debug)]
+pub enum ApiError {
+    BadRequest(String),
+    Unauthorized,
+    NotFound(String),
+    Conflict(String),
+    /// A field (JSON path) and why it is wrong.
+    Validation(BTreeMap<String, String>),
+    Unavailable(String),
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn field(path: &str, reason: impl Into<String>) -> Self {
+        ApiError::Validation(BTreeMap::from([(path.to_string(), reason.into())]))
+    }
+}
+
+impl From<BackendError> for ApiError {
+    fn from(e: BackendError) -> Self {
+        match e {
+            BackendError::Invalid(m) => ApiError::BadRequest(m),
+            BackendError::NotFound(m) => ApiError::NotFound(m),
+            BackendError::Unavailable(m) => ApiError::Unavailable(m),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, message, fields) = match self {
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m, None),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", "a valid API token is required".into(), None),
+            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, "not_found", m, None),
+            ApiError::Conflict(m) => (StatusCode::CONFLICT, "conflict", m, None),
+            ApiError::Validation(f) => {
+                let first = f.iter().next().map(|(k, v)| format!("{k}: {v}")).unwrap_or_default();
+                (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", first, Some(f))
+            }
+            ApiError::Unavailable(m) => {
+                tracing::warn!(error = %m, "request failed: dependency unavailable");
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "a dependency is unavailable; try again later".into(), None)
+            }
+            ApiError::Internal(m) => {
+                tracing::error!(error = %m, "request failed");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error".into(), None)
+            }
+        };
+        let mut error = json!({ "code": code, "message": message });
+        if let Some(fields) = fields {
+            error["details"] = json!({ "fields": fields });
+        }
+        (status, Json(json!({ "success": false, "error": error }))).into_response()
+    }
+}
+
+/// `{"success": true, "data": …}`.
+pub fn ok<T: Serialize>(data: T) -> Response {
+    Json(json!({ "success": true, "data": data })).into_response()
+}
+
+/// A page of a list: `{"success": true, "data": [...], "meta": {page, per_page, total}}`.
+pub fn page<T: Serialize>(items: Vec<T>, page: u32, per_page: u32, total: u64) -> Response {
+    Json(json!({ "success": true, "data": items, "meta": { "page": page, "per_page": per_page, "total": total } })).into_response()
+}

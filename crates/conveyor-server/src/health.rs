@@ -1,0 +1,66 @@
+//! `GET /api/health` and `GET /health`: is every configured dependency answering, are workers
+//! alive. 503 only when a configured dependency fails; no workers is "degraded", not down.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::AppState;
+
+#[derive(Serialize)]
+struct Check {
+    status: &'static str,
+    detail: String,
+}
+
+pub(crate) async fn health(State(s): State<AppState>) -> Response {
+    let backend = s.conveyor.backend();
+    let mut failed = false;
+    let database = match tokio::time::timeout(Duration::from_secs(2), backend.ping()).await {
+        Ok(Ok(())) => Check { status: "ok", detail: format!("{} answering", backend.name()) },
+        Ok(Err(e)) => {
+            failed = true;
+            tracing::warn!(error = %e, "health: database check failed");
+            Check { status: "failed", detail: "database not answering".into() }
+        }
+        Err(_) => {
+            failed = true;
+            Check { status: "failed", detail: "database did not answer within 2 s".into() }
+        }
+    };
+    let queue = match backend.queues().await {
+        Ok(q) => {
+            let pending: u64 = q.iter().map(|q| q.pending).sum();
+            Check { status: "ok", detail: format!("{} queues, {pending} pending jobs", q.len()) }
+        }
+        Err(e) => {
+            failed = true;
+            tracing::warn!(error = %e, "health: queue check failed");
+            Check { status: "failed", detail: "queue not answering".into() }
+        }
+    };
+    let workers = match backend.workers(Duration::from_secs(30)).await {
+        Ok(w) if w.is_empty() => Check { status: "degraded", detail: "no worker has reported in the last 30 s".into() },
+        Ok(w) => {
+            let executors: usize = w.iter().flat_map(|w| &w.supervisors).map(|s| s.concurrency).sum();
+            Check { status: "ok", detail: format!("{} worker processes, {executors} executors", w.len()) }
+        }
+        Err(_) => Check { status: "failed", detail: "worker registry not answering".into() },
+    };
+    let scheduler = Check { status: "disabled", detail: "no scheduler runs in this version".into() };
+    let degraded = failed || workers.status != "ok";
+    let body = json!({
+        "success": !failed,
+        "data": {
+            "status": if degraded { "degraded" } else { "ok" },
+            "checks": { "database": database, "queue": queue, "workers": workers, "scheduler": scheduler },
+        }
+    });
+    let status = if failed { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    (status, Json(body)).into_response()
+}
