@@ -41,7 +41,8 @@ fn hot_paths(c: &mut Criterion) {
             || rt.block_on(b.enqueue(jobs(BATCH))).unwrap(),
             |_| {
                 rt.block_on(async {
-                    let req = ReserveRequest { queues: vec!["bench".into()], max: BATCH, lease: Duration::from_secs(30), worker: "bench".into() };
+                    let req =
+                        ReserveRequest { queues: vec!["bench".into()], max: BATCH, lease: Duration::from_secs(30), worker: "bench".into() };
                     let got = b.reserve(req).await.unwrap();
                     let done: Vec<Completion> = got
                         .iter()

@@ -31,7 +31,9 @@ pub fn connect(config: &BackendConfig) -> Result<Arc<dyn QueueBackend>, BackendE
         "redis" if config.redis_url.is_none() => return Err(BackendError::Invalid("CONVEYOR_QUEUE=redis needs CONVEYOR_REDIS_URL".into())),
         "amqp" if config.amqp_url.is_none() => return Err(BackendError::Invalid("CONVEYOR_QUEUE=amqp needs CONVEYOR_AMQP_URL".into())),
         other => {
-            return Err(BackendError::Invalid(format!("CONVEYOR_QUEUE={other}: this version supports only `database` (the relational store)")))
+            return Err(BackendError::Invalid(format!(
+                "CONVEYOR_QUEUE={other}: this version supports only `database` (the relational store)"
+            )))
         }
     }
     let url = config.database_url.as_str();

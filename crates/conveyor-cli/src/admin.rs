@@ -110,7 +110,10 @@ pub(crate) async fn queue(config: &Config, cmd: QueueCommand) -> anyhow::Result<
 }
 
 fn print_queues(queues: &[QueueStats]) {
-    println!("{:<24} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9} {:>10}", "QUEUE", "PENDING", "DELAYED", "RESERVED", "FAILED", "PAUSED", "PER_MIN", "WAIT_S");
+    println!(
+        "{:<24} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9} {:>10}",
+        "QUEUE", "PENDING", "DELAYED", "RESERVED", "FAILED", "PAUSED", "PER_MIN", "WAIT_S"
+    );
     for q in queues {
         println!(
             "{:<24} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9} {:>10.1}",
@@ -153,8 +156,17 @@ pub(crate) async fn failed(config: &Config, cmd: FailedCommand) -> anyhow::Resul
             if json {
                 println!("{}", serde_json::to_string_pretty(&job)?);
             } else {
-                println!("id:        {}\nqueue:     {}\nkind:      {}\nattempts:  {}/{}\nfailed at: {}\nerror:     {}\npayload:   {}",
-                    job.id, job.queue, job.kind, job.attempts, job.max_attempts, fmt_ms(job.failed_at), job.error, job.payload);
+                println!(
+                    "id:        {}\nqueue:     {}\nkind:      {}\nattempts:  {}/{}\nfailed at: {}\nerror:     {}\npayload:   {}",
+                    job.id,
+                    job.queue,
+                    job.kind,
+                    job.attempts,
+                    job.max_attempts,
+                    fmt_ms(job.failed_at),
+                    job.error,
+                    job.payload
+                );
             }
         }
         FailedCommand::Retry { ids } => {
@@ -192,7 +204,15 @@ fn print_failed(items: &[FailedJob], total: u64) {
     println!("{:<36}  {:<16} {:<24} {:>8}  {:<20}  ERROR", "ID", "QUEUE", "KIND", "ATTEMPTS", "FAILED_AT");
     for j in items {
         let error: String = j.error.lines().next().unwrap_or_default().chars().take(60).collect();
-        println!("{:<36}  {:<16} {:<24} {:>8}  {:<20}  {}", j.id, j.queue, j.kind, format!("{}/{}", j.attempts, j.max_attempts), fmt_ms(j.failed_at), error);
+        println!(
+            "{:<36}  {:<16} {:<24} {:>8}  {:<20}  {}",
+            j.id,
+            j.queue,
+            j.kind,
+            format!("{}/{}", j.attempts, j.max_attempts),
+            fmt_ms(j.failed_at),
+            error
+        );
     }
     println!("({} of {total} failed jobs)", items.len());
 }

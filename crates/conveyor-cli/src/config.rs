@@ -190,7 +190,9 @@ fn supervisors(file: &toml::Table) -> anyhow::Result<Vec<SupervisorConfig>> {
         let int = |key: &str, default: i64| -> anyhow::Result<i64> {
             match t.get(key) {
                 None => Ok(default),
-                Some(v) => v.as_integer().filter(|n| *n >= 1).with_context(|| format!("supervisors[{i}].{key}: expected a positive integer")),
+                Some(v) => {
+                    v.as_integer().filter(|n| *n >= 1).with_context(|| format!("supervisors[{i}].{key}: expected a positive integer"))
+                }
             }
         };
         let mut s = SupervisorConfig::new(name, queues, int("concurrency", 8)? as usize);

@@ -229,9 +229,13 @@ impl NewJob {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum EnqueueOutcome {
-    Enqueued { id: JobId },
+    Enqueued {
+        id: JobId,
+    },
     /// A job holding the same unique key exists; nothing was enqueued.
-    Duplicate { existing: JobId },
+    Duplicate {
+        existing: JobId,
+    },
 }
 
 impl EnqueueOutcome {
@@ -286,11 +290,18 @@ pub struct Completion {
 pub enum Outcome {
     Completed,
     /// The attempt failed; run again at `at` (unix ms).
-    Retry { at: i64, error: String },
+    Retry {
+        at: i64,
+        error: String,
+    },
     /// The job failed for good and moves to the failed store.
-    Failed { error: String },
+    Failed {
+        error: String,
+    },
     /// Back to the queue at `at` without consuming an attempt (rate limit, breaker, shutdown).
-    Release { at: i64 },
+    Release {
+        at: i64,
+    },
 }
 
 /// Where a job is in its lifecycle, as shown by the admin API.

@@ -123,10 +123,7 @@ impl JobContext {
             c.runtime_ms = (crate::clock::now_ms() - slot.reserved_at).max(0) as u64;
             c
         };
-        let out = self
-            .backend()
-            .complete_with(completion, Box::new(move |tx| work(tx).map(|r| Box::new(r) as Box<dyn Any + Send>)))
-            .await;
+        let out = self.backend().complete_with(completion, Box::new(move |tx| work(tx).map(|r| Box::new(r) as Box<dyn Any + Send>))).await;
         match out {
             Ok(v) => Ok(*v.downcast::<R>().expect("complete_with returns what its closure returned")),
             Err(e) => {
@@ -164,13 +161,11 @@ impl Registry {
     {
         let handler = Arc::new(handler);
         let kind_name = kind.to_string();
-        let erased: ErasedHandler = Arc::new(move |job: &Job, ctx: JobContext| {
-            match serde_json::from_str::<T>(&job.payload) {
-                Ok(payload) => Box::pin(handler(payload, ctx)) as BoxFuture,
-                Err(e) => {
-                    let msg = format!("payload does not fit job kind {kind_name}: {e}");
-                    Box::pin(async move { Err(JobError::abort(msg)) })
-                }
+        let erased: ErasedHandler = Arc::new(move |job: &Job, ctx: JobContext| match serde_json::from_str::<T>(&job.payload) {
+            Ok(payload) => Box::pin(handler(payload, ctx)) as BoxFuture,
+            Err(e) => {
+                let msg = format!("payload does not fit job kind {kind_name}: {e}");
+                Box::pin(async move { Err(JobError::abort(msg)) })
             }
         });
         self.handlers.insert(kind.to_string(), erased);

@@ -205,14 +205,19 @@ struct FetchCtx {
 
 async fn fetch_loop(ctx: FetchCtx) {
     let cfg = &ctx.sup.config;
-    let slots = Arc::new(Semaphore::new(cfg.concurrency + cfg.prefetch));
+    let total = cfg.concurrency + cfg.prefetch;
+    let slots = Arc::new(Semaphore::new(total));
+    // Refill at a low-water mark rather than per freed slot: reserve calls stay large under
+    // load, and executors never starve because at least `concurrency` jobs are still held
+    // whenever fewer than `refill` slots are free.
+    let refill = (cfg.prefetch / 2).clamp(1, total) as u32;
     let wakeup = ctx.conveyor.backend().wakeup();
     let mut error_delay = Duration::from_millis(50);
     loop {
         let first = tokio::select! {
             biased;
             _ = ctx.shutdown.cancelled() => return,
-            p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+            p = slots.clone().acquire_many_owned(refill) => p.expect("semaphore never closed"),
         };
         let mut permits = first;
         let extra = slots.available_permits();
@@ -531,4 +536,3 @@ pub fn hostname() -> String {
         })
         .clone()
 }
-

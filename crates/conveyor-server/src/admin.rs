@@ -103,9 +103,16 @@ async fn list_jobs(State(s): State<AppState>, Query(q): Query<JobsQuery>) -> Res
     let p = q.paging.parse()?;
     let state = match q.status.as_deref() {
         None | Some("") => None,
-        Some(st) => Some(st.parse::<JobState>().map_err(|_| ApiError::field("status", "must be pending, delayed, reserved, completed or failed"))?),
+        Some(st) => {
+            Some(st.parse::<JobState>().map_err(|_| ApiError::field("status", "must be pending, delayed, reserved, completed or failed"))?)
+        }
     };
-    let filter = JobFilter { queue: q.queue.filter(|v| !v.is_empty()), kind: q.kind.filter(|v| !v.is_empty()), state, tag: q.tag.filter(|v| !v.is_empty()) };
+    let filter = JobFilter {
+        queue: q.queue.filter(|v| !v.is_empty()),
+        kind: q.kind.filter(|v| !v.is_empty()),
+        state,
+        tag: q.tag.filter(|v| !v.is_empty()),
+    };
     let jobs = s.conveyor.backend().jobs(filter, p).await?;
     Ok(page(jobs.items, p.page, p.per_page, jobs.total))
 }

@@ -30,7 +30,9 @@ pub(crate) async fn metrics(State(s): State<AppState>) -> Result<Response, ApiEr
     for q in &queues {
         let _ = writeln!(out, "conveyor_queue_paused{{queue=\"{}\"}} {}", esc(&q.queue), q.paused as u8);
     }
-    out.push_str("# HELP conveyor_queue_oldest_wait_seconds Wait of the next job to run.\n# TYPE conveyor_queue_oldest_wait_seconds gauge\n");
+    out.push_str(
+        "# HELP conveyor_queue_oldest_wait_seconds Wait of the next job to run.\n# TYPE conveyor_queue_oldest_wait_seconds gauge\n",
+    );
     for q in &queues {
         let _ = writeln!(out, "conveyor_queue_oldest_wait_seconds{{queue=\"{}\"}} {}", esc(&q.queue), q.oldest_wait_s);
     }

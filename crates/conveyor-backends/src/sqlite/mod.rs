@@ -17,8 +17,7 @@ use async_trait::async_trait;
 use rusqlite::Connection;
 
 use conveyor_core::backend::{
-    BackendError, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats, ReserveRequest, Result, TxFn,
-    WorkerInfo,
+    BackendError, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats, ReserveRequest, Result, TxFn, WorkerInfo,
 };
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::{Completion, EnqueueOutcome, Job, JobId, JobInfo, NewJob};
@@ -53,7 +52,9 @@ impl SqliteBackend {
     /// Opens (creating if missing) and migrates the database.
     pub fn open(options: SqliteOptions) -> Result<Self> {
         if options.path.is_empty() || options.path == ":memory:" {
-            return Err(BackendError::Invalid("the SQLite backend needs a file path (an in-memory database cannot be shared by its connections)".into()));
+            return Err(BackendError::Invalid(
+                "the SQLite backend needs a file path (an in-memory database cannot be shared by its connections)".into(),
+            ));
         }
         let mut conn = open_connection(&options.path).map_err(|e| BackendError::Storage(format!("cannot open {}: {e}", options.path)))?;
         schema::migrate(&mut conn).map_err(storage_err)?;
@@ -242,9 +243,7 @@ impl QueueBackend for SqliteBackend {
 
     async fn worker_gone(&self, id: &str) -> Result<()> {
         let id = id.to_string();
-        self.writer
-            .call(move |w| w.conn.execute("DELETE FROM workers WHERE id = ?1", [&id]).map(|_| ()).map_err(storage_err))
-            .await
+        self.writer.call(move |w| w.conn.execute("DELETE FROM workers WHERE id = ?1", [&id]).map(|_| ()).map_err(storage_err)).await
     }
 
     async fn workers(&self, within: Duration) -> Result<Vec<WorkerInfo>> {

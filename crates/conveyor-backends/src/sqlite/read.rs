@@ -57,9 +57,8 @@ pub(crate) fn queues(conn: &Connection) -> Result<Vec<QueueStats>> {
             "SELECT queue, minute, sum(completed + retried + failed) FROM job_metrics WHERE minute >= ?1 GROUP BY queue, minute",
         )
         .map_err(storage_err)?;
-    let rows = st
-        .query_map([minute - 60_000], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
-        .map_err(storage_err)?;
+    let rows =
+        st.query_map([minute - 60_000], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))).map_err(storage_err)?;
     for row in rows {
         let (q, m, n) = row.map_err(storage_err)?;
         // Jobs in the last 60 s: this minute so far plus the matching share of the previous one.
@@ -67,10 +66,18 @@ pub(crate) fn queues(conn: &Connection) -> Result<Vec<QueueStats>> {
         *rates.entry(q).or_default() += share;
     }
     let mut out = Vec::new();
-    let mut st = conn.prepare_cached("SELECT name, paused, pending, delayed, reserved, failed FROM queues ORDER BY name").map_err(storage_err)?;
+    let mut st =
+        conn.prepare_cached("SELECT name, paused, pending, delayed, reserved, failed FROM queues ORDER BY name").map_err(storage_err)?;
     let rows = st
         .query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?, r.get::<_, i64>(4)?, r.get::<_, i64>(5)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
+            ))
         })
         .map_err(storage_err)?;
     let mut head = conn
@@ -211,7 +218,9 @@ pub(crate) fn failed(conn: &Connection, queue: Option<&str>, page: Page) -> Resu
         .prepare_cached("SELECT count(*) FROM failed_jobs WHERE (?1 IS NULL OR queue = ?1)")
         .and_then(|mut s| s.query_row([queue], |r| r.get(0)))
         .map_err(storage_err)?;
-    let sql = format!("SELECT {FAILED_JOB_COLS} FROM failed_jobs WHERE (?1 IS NULL OR queue = ?1) ORDER BY failed_at DESC, id DESC LIMIT ?2 OFFSET ?3");
+    let sql = format!(
+        "SELECT {FAILED_JOB_COLS} FROM failed_jobs WHERE (?1 IS NULL OR queue = ?1) ORDER BY failed_at DESC, id DESC LIMIT ?2 OFFSET ?3"
+    );
     let mut st = conn.prepare_cached(&sql).map_err(storage_err)?;
     let items = st
         .query_map(params![queue, page.per_page as i64, page.offset() as i64], failed_from_row)

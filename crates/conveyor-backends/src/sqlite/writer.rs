@@ -317,7 +317,8 @@ impl WriteCtx {
                  RETURNING queue",
             )
             .map_err(storage_err)?;
-        let queues: Vec<String> = st.query_map([now], |r| r.get(0)).map_err(storage_err)?.collect::<rusqlite::Result<_>>().map_err(storage_err)?;
+        let queues: Vec<String> =
+            st.query_map([now], |r| r.get(0)).map_err(storage_err)?.collect::<rusqlite::Result<_>>().map_err(storage_err)?;
         drop(st);
         for q in queues {
             self.count(&q, DELAYED, -1);
@@ -382,28 +383,12 @@ impl WriteCtx {
         let id = &c.id.as_bytes()[..];
         let applied = match &c.outcome {
             Outcome::Completed => {
-                let row = self.take_reserved(id, c.lease_token)?;
-                if let Some(row) = &row {
-                    if self.history > 0 {
-                        self.conn
-                            .prepare_cached(
-                                "INSERT INTO completed_jobs (id, queue, kind, payload, priority, attempts, max_attempts, tags, batch_id,
-                                                             created_at, reserved_at, finished_at, runtime_ms, wait_ms, worker)
-                                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-                            )
-                            .and_then(|mut s| {
-                                s.execute(params![
-                                    id, row.queue, row.kind, row.payload, row.priority, row.attempts, row.max_attempts, row.tags,
-                                    row.batch_id, row.created_at, row.reserved_at, now, c.runtime_ms as i64, c.wait_ms as i64, row.worker
-                                ])
-                            })
-                            .map_err(storage_err)?;
-                        self.history_inserts += 1;
-                    }
-                    self.release_unique(row.unique_key.as_deref(), id)?;
-                    self.count(&row.queue, RESERVED, -1);
+                let done = self.delete_completed(id, c.lease_token, now, &c)?;
+                if done {
+                    self.release_unique(c.unique_key.as_deref(), id)?;
+                    self.count(&c.queue, RESERVED, -1);
                 }
-                row.is_some()
+                done
             }
             Outcome::Failed { error } => {
                 let row = self.take_reserved(id, c.lease_token)?;
@@ -424,13 +409,43 @@ impl WriteCtx {
         Ok(applied)
     }
 
+    /// Deletes a completed job if `token` still holds it, copying it into the bounded history
+    /// inside SQLite (no row travels through Rust on this hot path).
+    fn delete_completed(&mut self, id: &[u8], token: i64, now: i64, c: &Completion) -> Result<bool> {
+        if self.history == 0 {
+            let n = self
+                .conn
+                .prepare_cached("DELETE FROM jobs WHERE id = ?1 AND state = 1 AND lease_token = ?2")
+                .and_then(|mut s| s.execute(params![id, token]))
+                .map_err(storage_err)?;
+            return Ok(n == 1);
+        }
+        let copied = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO completed_jobs (id, queue, kind, payload, priority, attempts, max_attempts, tags, batch_id,
+                                             created_at, reserved_at, finished_at, runtime_ms, wait_ms, worker)
+                 SELECT id, queue, kind, payload, priority, attempts, max_attempts, tags, batch_id,
+                        created_at, reserved_at, ?3, ?4, ?5, worker
+                 FROM jobs WHERE id = ?1 AND state = 1 AND lease_token = ?2",
+            )
+            .and_then(|mut s| s.execute(params![id, token, now, c.runtime_ms as i64, c.wait_ms as i64]))
+            .map_err(storage_err)?;
+        if copied == 0 {
+            return Ok(false);
+        }
+        self.history_inserts += 1;
+        self.conn.prepare_cached("DELETE FROM jobs WHERE id = ?1").and_then(|mut s| s.execute([id])).map_err(storage_err)?;
+        Ok(true)
+    }
+
     /// Deletes a reserved job if `token` still holds it, returning the row.
     fn take_reserved(&mut self, id: &[u8], token: i64) -> Result<Option<JobRow>> {
         self.conn
             .prepare_cached(
                 "DELETE FROM jobs WHERE id = ?1 AND state = 1 AND lease_token = ?2
                  RETURNING queue, kind, payload, priority, attempts, max_attempts, backoff, timeout_ms, unique_key, tags,
-                           batch_id, created_at, reserved_at, worker",
+                           batch_id, created_at",
             )
             .and_then(|mut s| s.query_row(params![id, token], JobRow::from_row).optional())
             .map_err(storage_err)
@@ -467,8 +482,22 @@ impl WriteCtx {
             )
             .and_then(|mut s| {
                 s.execute(params![
-                    id, row.queue, row.kind, row.payload, row.priority, row.attempts, row.max_attempts, row.backoff, row.timeout_ms,
-                    row.unique_key, row.tags, row.batch_id, row.created_at, now, runtime_ms as i64, error
+                    id,
+                    row.queue,
+                    row.kind,
+                    row.payload,
+                    row.priority,
+                    row.attempts,
+                    row.max_attempts,
+                    row.backoff,
+                    row.timeout_ms,
+                    row.unique_key,
+                    row.tags,
+                    row.batch_id,
+                    row.created_at,
+                    now,
+                    runtime_ms as i64,
+                    error
                 ])
             })
             .map_err(storage_err)?;
@@ -586,7 +615,7 @@ impl WriteCtx {
                 .prepare_cached(
                     "DELETE FROM failed_jobs WHERE id = ?1
                      RETURNING queue, kind, payload, priority, attempts, max_attempts, backoff, timeout_ms, unique_key, tags,
-                               batch_id, created_at, NULL, NULL",
+                               batch_id, created_at",
                 )
                 .and_then(|mut s| s.query_row([id], JobRow::from_row).optional())
                 .map_err(storage_err)?;
@@ -599,8 +628,19 @@ impl WriteCtx {
                 )
                 .and_then(|mut s| {
                     s.execute(params![
-                        id, row.queue, row.kind, row.payload, row.priority, row.max_attempts, row.backoff, row.timeout_ms, now,
-                        row.created_at, row.unique_key, row.tags, row.batch_id
+                        id,
+                        row.queue,
+                        row.kind,
+                        row.payload,
+                        row.priority,
+                        row.max_attempts,
+                        row.backoff,
+                        row.timeout_ms,
+                        now,
+                        row.created_at,
+                        row.unique_key,
+                        row.tags,
+                        row.batch_id
                     ])
                 })
                 .map_err(storage_err)?;
@@ -671,8 +711,6 @@ struct JobRow {
     tags: Option<String>,
     batch_id: Option<String>,
     created_at: i64,
-    reserved_at: Option<i64>,
-    worker: Option<String>,
 }
 
 impl JobRow {
@@ -690,8 +728,6 @@ impl JobRow {
             tags: r.get(9)?,
             batch_id: r.get(10)?,
             created_at: r.get(11)?,
-            reserved_at: r.get(12)?,
-            worker: r.get(13)?,
         })
     }
 }

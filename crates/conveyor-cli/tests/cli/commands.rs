@@ -15,7 +15,10 @@ async fn queue_commands_show_and_steer_queues() {
     let env = TestEnv::new("");
     let jobs: Vec<NewJob> = (0..5).map(|i| NewJob::new("conveyor.noop", &json!({ "i": i })).queue("mail")).collect();
     env.backend.enqueue(jobs).await.unwrap();
-    env.backend.enqueue(vec![NewJob::new("conveyor.noop", &json!({})).queue("mail").delay(std::time::Duration::from_secs(600))]).await.unwrap();
+    env.backend
+        .enqueue(vec![NewJob::new("conveyor.noop", &json!({})).queue("mail").delay(std::time::Duration::from_secs(600))])
+        .await
+        .unwrap();
 
     let (code, out, _) = run(&env, &["queue", "list", "--json"]);
     assert_eq!(code, 0);

@@ -10,7 +10,8 @@ use serde_json::json;
 
 use crate::{sigterm, wait_exit, wait_for, TestEnv};
 
-const FAST_LEASE: &str = "[[supervisors]]\nname = \"default\"\nqueues = [\"default\"]\nconcurrency = 16\nlease = \"2s\"\n\n[retention]\ncompleted = 100000\n";
+const FAST_LEASE: &str =
+    "[[supervisors]]\nname = \"default\"\nqueues = [\"default\"]\nconcurrency = 16\nlease = \"2s\"\n\n[retention]\ncompleted = 100000\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_with_sigkill_loses_nothing_and_finishes_nothing_twice() {
