@@ -186,7 +186,7 @@ pub(crate) fn jobs(conn: &Connection, filter: &JobFilter, page: Page) -> Result<
         }
     }
     // Newest first across sources; ids are time-ordered.
-    items.sort_by(|a, b| b.id.cmp(&a.id));
+    items.sort_by_key(|j| std::cmp::Reverse(j.id));
     let items = items.into_iter().skip(page.offset() as usize).take(page.per_page as usize).collect();
     Ok(Paged { items, total })
 }

@@ -249,9 +249,7 @@ pub async fn metrics_count_every_processed_attempt(b: Backend) {
         assert_eq!(r.runtime_hist.iter().sum::<u64>(), r.processed(), "runtime histogram of {r:?}");
         assert_eq!(r.wait_hist.iter().sum::<u64>(), r.processed(), "wait histogram of {r:?}");
     }
-    let total = |kind: &str| -> MetricsRow {
-        conveyor_core::metrics::summarize(rows.iter().filter(|r| r.kind == kind))
-    };
+    let total = |kind: &str| -> MetricsRow { conveyor_core::metrics::summarize(rows.iter().filter(|r| r.kind == kind)) };
     let ta = total(kind_a);
     assert_eq!((ta.completed, ta.retried, ta.failed), (4, 2, 1), "kind a: completed, retried, failed");
     let tb = total(kind_b);

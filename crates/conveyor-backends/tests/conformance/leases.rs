@@ -64,10 +64,7 @@ pub async fn expired_lease_without_attempts_left_fails_job(b: Backend) {
     let job = b.reserve(request(&[&q], 1, Duration::from_millis(200))).await.unwrap().remove(0);
     assert_eq!(job.attempt, 1);
 
-    reap_until(&b, "moved the job with no attempts left to the failed store", || async {
-        b.failed_job(id).await.unwrap().is_some()
-    })
-    .await;
+    reap_until(&b, "moved the job with no attempts left to the failed store", || async { b.failed_job(id).await.unwrap().is_some() }).await;
     let failed = b.failed_job(id).await.unwrap().unwrap();
     assert!(failed.error.contains("lease"), "the error should mention the lease: {:?}", failed.error);
     assert_eq!((failed.attempts, failed.max_attempts), (1, 1));

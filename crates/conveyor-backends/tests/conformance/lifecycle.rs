@@ -103,7 +103,8 @@ pub async fn higher_priority_first_then_fifo(b: Backend) {
 
     // In batches: a batch holds the best jobs, and the next batch the next best.
     let q = queue_name();
-    let batch: Vec<NewJob> = spec.iter().map(|(name, prio)| NewJob::new(KIND, &json!({ "name": name })).queue(&q).priority(*prio)).collect();
+    let batch: Vec<NewJob> =
+        spec.iter().map(|(name, prio)| NewJob::new(KIND, &json!({ "name": name })).queue(&q).priority(*prio)).collect();
     b.enqueue(batch).await.unwrap();
     let mut first = names_of(&reserve(&b, &q, 3).await);
     first.sort();
@@ -182,6 +183,12 @@ pub async fn delayed_jobs_wait_until_due(b: Backend) {
     // A run_at in the past means ready now.
     let past = enqueue_one(&b, new_job(&q, KIND, 3).run_at(now_ms() - 10_000)).await;
     assert_eq!(state_of(&b, past).await, Some(JobState::Pending));
+    let s = stats(&b, &q).await;
+    assert!(
+        (9.5..60.0).contains(&s.oldest_wait_s),
+        "the next job has waited since its run_at 10 s ago: oldest_wait_s = {}",
+        s.oldest_wait_s
+    );
     assert_eq!(reserve_one(&b, &q).await.id, past);
 }
 

@@ -25,8 +25,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use conveyor_core::backend::{
-    BackendError, JobFilter, MetricsQuery, Page, QueueBackend, QueueBackendExt, QueueStats, ReserveRequest, SqlValue,
-    SupervisorInfo, Tx, WorkerInfo,
+    BackendError, JobFilter, MetricsQuery, Page, QueueBackend, QueueBackendExt, QueueStats, ReserveRequest, SqlValue, SupervisorInfo, Tx,
+    WorkerInfo,
 };
 pub use conveyor_core::clock::now_ms;
 pub use conveyor_core::job::{Backoff, Completion, EnqueueOutcome, Job, JobId, JobState, NewJob, Outcome};
@@ -83,6 +83,7 @@ macro_rules! conformance_suite {
                 // transactions
                 transactional_enqueue_commits_or_rolls_back_with_the_sql,
                 transactional_completion_is_atomic,
+                panicking_transaction_closure_leaves_backend_usable,
                 // worker runtime
                 runtime_runs_every_job_exactly_once,
                 runtime_retries_panics_timeouts_and_errors_then_fails,
@@ -91,6 +92,8 @@ macro_rules! conformance_suite {
                 runtime_shutdown_grace_over_releases_running_jobs,
                 runtime_complete_with_commits_once,
                 runtime_registers_itself_and_reaps_abandoned_jobs,
+                runtime_heartbeat_keeps_long_jobs_leased,
+                runtime_retry_after_waits_before_the_next_attempt,
             );
         }
     };

@@ -126,8 +126,7 @@ pub async fn runtime_runs_every_job_exactly_once(b: Backend) {
     let elapsed = started.elapsed();
     let report = w.stop().await;
 
-    let wrong: Vec<(usize, u32)> =
-        runs.iter().enumerate().map(|(n, c)| (n, c.load(SeqCst))).filter(|(_, c)| *c != 1).take(20).collect();
+    let wrong: Vec<(usize, u32)> = runs.iter().enumerate().map(|(n, c)| (n, c.load(SeqCst))).filter(|(_, c)| *c != 1).take(20).collect();
     assert!(wrong.is_empty(), "jobs not run exactly once (payload n, runs): {wrong:?}");
     assert_eq!(total.load(SeqCst), N);
     assert_eq!(report, WorkerReport { completed: N as u64, retried: 0, failed: 0, released: 0 });
@@ -399,7 +398,9 @@ pub async fn runtime_registers_itself_and_reaps_abandoned_jobs(b: Backend) {
     assert_eq!(abandoned.len(), 1);
 
     let w = start(&b, registry, config(&q, 2, Duration::from_secs(5)));
-    let mine = |workers: Vec<WorkerInfo>| workers.into_iter().filter(|w| w.supervisors.iter().any(|s| s.queues == vec![q.clone()])).collect::<Vec<_>>();
+    let mine = |workers: Vec<WorkerInfo>| {
+        workers.into_iter().filter(|w| w.supervisors.iter().any(|s| s.queues == vec![q.clone()])).collect::<Vec<_>>()
+    };
     wait_until("the worker registers itself", Duration::from_secs(5), || async {
         mine(b.workers(Duration::from_secs(10)).await.unwrap()).iter().any(|w| w.status == "running")
     })
@@ -416,4 +417,53 @@ pub async fn runtime_registers_itself_and_reaps_abandoned_jobs(b: Backend) {
     let report = w.stop().await;
     assert_eq!(report.completed, 1);
     assert!(mine(b.workers(Duration::from_secs(600)).await.unwrap()).is_empty(), "a stopped worker unregisters itself");
+}
+
+pub async fn runtime_heartbeat_keeps_long_jobs_leased(b: Backend) {
+    let q = queue_name();
+    let seen = Seen::default();
+    let mut registry = Registry::new();
+    register(&mut registry, "conformance.runtime.long", &seen, |_, _| async {
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        Ok(())
+    });
+    let id = enqueue_one(&b, new_job(&q, "conformance.runtime.long", 0).max_attempts(3)).await;
+    // A 300 ms lease, four times shorter than the job: only lease heartbeats keep the reaper
+    // (running every 100 ms in this very worker) from handing it out again.
+    let mut cfg = config(&q, 2, Duration::from_secs(5));
+    cfg.supervisors[0].lease = Duration::from_millis(300);
+    let w = start(&b, registry, cfg);
+    wait_until("the long job completed", Duration::from_secs(10), || async { state_of(&b, id).await == Some(JobState::Completed) }).await;
+    let report = w.stop().await;
+    assert_eq!(seen.of(id), vec![1], "a running job whose lease is extended is not reaped and run again");
+    assert_eq!(report, WorkerReport { completed: 1, retried: 0, failed: 0, released: 0 });
+}
+
+pub async fn runtime_retry_after_waits_before_the_next_attempt(b: Backend) {
+    let q = queue_name();
+    let calls: Arc<Mutex<Vec<(u32, Instant)>>> = Arc::default();
+    let mut registry = Registry::new();
+    {
+        let calls = calls.clone();
+        registry.register("conformance.runtime.retry_after", move |_: Value, ctx: JobContext| {
+            calls.lock().unwrap().push((ctx.attempt, Instant::now()));
+            async move {
+                if ctx.attempt == 1 {
+                    Err(JobError::retry_after("rate limited", Duration::from_millis(300)))
+                } else {
+                    Ok(())
+                }
+            }
+        });
+    }
+    // The job's own backoff would retry at once; retry_after overrides it.
+    let id = enqueue_one(&b, new_job(&q, "conformance.runtime.retry_after", 0).backoff(Backoff::fixed(Duration::ZERO))).await;
+    let w = start(&b, registry, config(&q, 2, Duration::from_secs(5)));
+    wait_until("the job completed", Duration::from_secs(10), || async { state_of(&b, id).await == Some(JobState::Completed) }).await;
+    let report = w.stop().await;
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.iter().map(|c| c.0).collect::<Vec<_>>(), vec![1, 2]);
+    let gap = calls[1].1 - calls[0].1;
+    assert!(gap >= Duration::from_millis(280), "retry_after(300 ms) ran the next attempt after {gap:?}");
+    assert_eq!(report, WorkerReport { completed: 1, retried: 1, failed: 0, released: 0 });
 }

@@ -162,3 +162,48 @@ pub async fn transactional_completion_is_atomic(b: Backend) {
     let total = conveyor_core::metrics::summarize(rows.iter());
     assert_eq!(total.completed, 2, "two transactional completions committed: {rows:?}");
 }
+
+pub async fn panicking_transaction_closure_leaves_backend_usable(b: Backend) {
+    let q = queue_name();
+    let table = table_name();
+    create_notes_table(&b, &table).await;
+    let job = new_job(&q, KIND, 1);
+    let id = job.id;
+    let sql = insert_note_sql(&table);
+
+    // Application code panics inside the transaction (an unwrap on a missing row, say). The caller
+    // may see an error or the panic itself, but nothing may commit and the backend must go on.
+    let bb = b.clone();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::spawn(async move {
+            bb.transact(move |tx| -> Result<(), BackendError> {
+                tx.execute(&sql, &[SqlValue::from("before the panic")])?;
+                tx.enqueue(vec![job])?;
+                let rows = tx.query("SELECT 1 WHERE 1 = 0", &[])?;
+                let _first = &rows[0]; // panics: index out of bounds
+                Ok(())
+            })
+            .await
+        }),
+    )
+    .await
+    .expect("a transaction whose closure panicked never returned");
+    match outcome {
+        Ok(Ok(())) => panic!("a transaction whose closure panicked reported success"),
+        Ok(Err(_)) | Err(_) => {}
+    }
+
+    // The backend still works, and the panicking transaction committed nothing.
+    let after = tokio::time::timeout(Duration::from_secs(5), b.enqueue(vec![new_job(&q, KIND, 2)])).await.expect("enqueue hung");
+    let after_id = match after {
+        Ok(out) => out[0].id(),
+        Err(e) => panic!("the backend is unusable after a transaction closure panicked: {e}"),
+    };
+    assert!(b.job(id).await.unwrap().is_none(), "the panicking transaction's job was committed");
+    assert_eq!(count_notes(&b, &table, "before the panic").await, 0, "the panicking transaction's row was committed");
+    let job = reserve_one(&b, &q).await;
+    assert_eq!(job.id, after_id);
+    complete(&b, &job, Outcome::Completed).await;
+    assert_eq!(state_of(&b, after_id).await, Some(JobState::Completed));
+}
