@@ -87,7 +87,10 @@ pub struct JobContext {
 pub(crate) struct CompletionSlot {
     pub(crate) template: Completion,
     pub(crate) reserved_at: i64,
+    /// The handler took over the acknowledgement (`complete_with` was called).
     pub(crate) done: bool,
+    /// ... and it did not commit because the lease was lost.
+    pub(crate) lost: bool,
 }
 
 impl JobContext {
@@ -127,9 +130,12 @@ impl JobContext {
         match out {
             Ok(v) => Ok(*v.downcast::<R>().expect("complete_with returns what its closure returned")),
             Err(e) => {
-                if !matches!(e, BackendError::LeaseLost(_)) {
+                let mut slot = self.completion.lock().expect("completion slot poisoned");
+                if matches!(e, BackendError::LeaseLost(_)) {
+                    slot.lost = true;
+                } else {
                     // The commit did not happen: let the runtime record the attempt's outcome.
-                    self.completion.lock().expect("completion slot poisoned").done = false;
+                    slot.done = false;
                 }
                 Err(e)
             }

@@ -312,14 +312,21 @@ impl JobTask {
                 entry.1 = true;
             }
             let started = Instant::now();
-            let slot = Arc::new(Mutex::new(CompletionSlot { template: template.clone(), reserved_at: now_ms(), done: false }));
+            let slot = Arc::new(Mutex::new(CompletionSlot { template: template.clone(), reserved_at: now_ms(), done: false, lost: false }));
             let outcome = self.execute(&job, slot.clone()).await;
             let runtime_ms = started.elapsed().as_millis() as u64;
             self.sup.processed.fetch_add(1, Ordering::Relaxed);
-            if slot.lock().expect("completion slot poisoned").done {
-                // The handler committed its completion itself (complete_with).
+            let (done, lost) = {
+                let slot = slot.lock().expect("completion slot poisoned");
+                (slot.done, slot.lost)
+            };
+            if done {
+                // The handler recorded its completion itself (complete_with); if its lease was
+                // lost, the job belongs to another worker now and nothing was committed here.
                 self.sup.leases.lock().expect("leases poisoned").remove(&job.id);
-                self.count(&Outcome::Completed);
+                if !lost {
+                    self.count(&Outcome::Completed);
+                }
                 return;
             }
             self.finish(Completion { outcome, runtime_ms, ..template });

@@ -53,7 +53,15 @@ impl Writer {
         let work: Work = Box::new(move |ctx| match ctx {
             Err(e) => (false, Box::new(move |_| drop(tx.send(Err(e))))),
             Ok(ctx) => {
-                let r = f(ctx);
+                // A panic in a request (an application's transaction closure) must not take the
+                // writer, and with it every other request, down: it fails that request alone
+                // and the savepoint rolls back what it did.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(ctx))).unwrap_or_else(|panic| {
+                    let msg = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+                    let msg = msg.unwrap_or_else(|| "unknown panic payload".into());
+                    tracing::error!(error = %msg, "a write request panicked; its work is rolled back");
+                    Err(BackendError::Other(format!("the transaction panicked: {msg}")))
+                });
                 let ok = r.is_ok();
                 (ok, Box::new(move |commit: Result<()>| drop(tx.send(commit.and(r)))))
             }

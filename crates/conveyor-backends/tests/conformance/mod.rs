@@ -36,12 +36,14 @@ mod admin;
 mod leases;
 mod lifecycle;
 mod runtime;
+mod runtime_shutdown;
 mod transactions;
 
 pub use admin::*;
 pub use leases::*;
 pub use lifecycle::*;
 pub use runtime::*;
+pub use runtime_shutdown::*;
 pub use transactions::*;
 
 /// What every conformance test receives.
