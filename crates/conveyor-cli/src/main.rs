@@ -74,7 +74,8 @@ fn init_logging(config: &config::Config, long_running: bool) {
     use tracing_subscriber::EnvFilter;
     let default = if long_running { "info" } else { "warn" };
     let filter = EnvFilter::try_from_env("CONVEYOR_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
     if config.log_format == "json" {
         builder.json().init();
     } else {

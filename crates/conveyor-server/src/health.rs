@@ -48,7 +48,8 @@ pub(crate) async fn health(State(s): State<AppState>) -> Response {
         Ok(w) if w.is_empty() => Check { status: "degraded", detail: "no worker has reported in the last 30 s".into() },
         Ok(w) => {
             let executors: usize = w.iter().flat_map(|w| &w.supervisors).map(|s| s.concurrency).sum();
-            Check { status: "ok", detail: format!("{} worker processes, {executors} executors", w.len()) }
+            let plural = if w.len() == 1 { "" } else { "es" };
+            Check { status: "ok", detail: format!("{} worker process{plural}, {executors} executors", w.len()) }
         }
         Err(_) => Check { status: "failed", detail: "worker registry not answering".into() },
     };
