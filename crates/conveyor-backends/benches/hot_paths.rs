@@ -44,19 +44,7 @@ fn hot_paths(c: &mut Criterion) {
                     let req =
                         ReserveRequest { queues: vec!["bench".into()], max: BATCH, lease: Duration::from_secs(30), worker: "bench".into() };
                     let got = b.reserve(req).await.unwrap();
-                    let done: Vec<Completion> = got
-                        .iter()
-                        .map(|j| Completion {
-                            id: j.id,
-                            lease_token: j.lease_token,
-                            queue: j.queue.clone(),
-                            kind: j.kind.clone(),
-                            unique_key: None,
-                            outcome: Outcome::Completed,
-                            wait_ms: 0,
-                            runtime_ms: 0,
-                        })
-                        .collect();
+                    let done: Vec<Completion> = got.iter().map(|j| Completion::of(j, Outcome::Completed)).collect();
                     b.complete(done).await.unwrap();
                 })
             },

@@ -221,6 +221,10 @@ pub trait QueueBackend: Send + Sync + 'static {
     /// A cheap round trip for health checks.
     async fn ping(&self) -> Result<()>;
 
+    /// A read-only query on the relational store, outside any write transaction (it sees what
+    /// is committed). Parameters are `$1`, `$2`, ….
+    async fn query(&self, sql: &str, params: Vec<SqlValue>) -> Result<Vec<Row>>;
+
     /// Runs `work` in one write transaction of the relational store. `tx.enqueue` inside it is
     /// transactional: a rolled-back transaction enqueues nothing.
     async fn transaction(&self, work: TxFn) -> Result<Box<dyn Any + Send>>;
@@ -284,6 +288,33 @@ impl SqlValue {
 }
 
 pub type Row = Vec<SqlValue>;
+
+/// Typed access to a row's columns; a NULL or missing column reads as 0 / `None`.
+pub trait RowExt {
+    fn int(&self, i: usize) -> i64;
+    fn opt_int(&self, i: usize) -> Option<i64>;
+    fn text(&self, i: usize) -> Option<&str>;
+    fn real(&self, i: usize) -> f64;
+}
+
+impl RowExt for Row {
+    fn int(&self, i: usize) -> i64 {
+        self.opt_int(i).unwrap_or(0)
+    }
+    fn opt_int(&self, i: usize) -> Option<i64> {
+        self.get(i).and_then(SqlValue::as_i64)
+    }
+    fn text(&self, i: usize) -> Option<&str> {
+        self.get(i).and_then(SqlValue::as_str)
+    }
+    fn real(&self, i: usize) -> f64 {
+        match self.get(i) {
+            Some(SqlValue::Real(v)) => *v,
+            Some(SqlValue::Int(v)) => *v as f64,
+            _ => 0.0,
+        }
+    }
+}
 
 /// SQL work inside a store transaction. It is synchronous on purpose: a transaction is never
 /// held open across an `.await` (on SQLite the closure runs on the writer thread, inside a

@@ -138,6 +138,8 @@ pub struct NewJob {
     pub unique: Option<UniqueKey>,
     pub tags: Vec<String>,
     pub batch_id: Option<String>,
+    /// Set by the workflow engine on step and compensation jobs.
+    pub workflow: Option<String>,
 }
 
 /// While a job holding this key is pending, delayed or running (and at most `ttl`), another
@@ -168,6 +170,7 @@ impl NewJob {
             unique: None,
             tags: Vec::new(),
             batch_id: None,
+            workflow: None,
         }
     }
 
@@ -263,6 +266,7 @@ pub struct Job {
     pub tags: Vec<String>,
     pub unique_key: Option<String>,
     pub batch_id: Option<String>,
+    pub workflow: Option<String>,
     pub created_at: i64,
     pub available_at: i64,
     pub reserved_at: i64,
@@ -279,11 +283,31 @@ pub struct Completion {
     pub queue: String,
     pub kind: String,
     pub unique_key: Option<String>,
+    pub batch_id: Option<String>,
+    pub workflow: Option<String>,
     pub outcome: Outcome,
     /// Available → reserved, for metrics.
     pub wait_ms: u64,
     /// Reserved → finished (0 for jobs released unrun).
     pub runtime_ms: u64,
+}
+
+impl Completion {
+    /// The completion of an attempt at `job` with `outcome`; runtime is left at 0.
+    pub fn of(job: &Job, outcome: Outcome) -> Completion {
+        Completion {
+            id: job.id,
+            lease_token: job.lease_token,
+            queue: job.queue.clone(),
+            kind: job.kind.clone(),
+            unique_key: job.unique_key.clone(),
+            batch_id: job.batch_id.clone(),
+            workflow: job.workflow.clone(),
+            outcome,
+            wait_ms: (job.reserved_at - job.available_at).max(0) as u64,
+            runtime_ms: 0,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

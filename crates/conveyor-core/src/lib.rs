@@ -11,12 +11,22 @@
 //! The engine depends on no database driver, HTTP stack or broker client.
 
 pub mod backend;
+pub mod batch;
+pub mod breaker;
+pub mod cache;
 pub mod clock;
+pub mod cron;
+pub mod event;
+pub mod hooks;
 pub mod job;
+pub mod lock;
 pub mod metrics;
+pub mod middleware;
+pub mod ratelimit;
 pub mod registry;
 pub mod wakeup;
 pub mod worker;
+pub mod workflow;
 
 use std::sync::Arc;
 

@@ -146,10 +146,12 @@ impl JobContext {
 type BoxFuture = Pin<Box<dyn Future<Output = JobResult> + Send>>;
 type ErasedHandler = Arc<dyn Fn(&Job, JobContext) -> BoxFuture + Send + Sync>;
 
-/// Maps job kinds to handlers.
+/// Maps job kinds to handlers, and event names to listeners.
 #[derive(Clone, Default)]
 pub struct Registry {
     handlers: HashMap<String, ErasedHandler>,
+    pub(crate) listeners: HashMap<String, Vec<crate::event::Listener>>,
+    middleware: HashMap<String, Vec<crate::middleware::Middleware>>,
 }
 
 impl Registry {
@@ -184,5 +186,19 @@ impl Registry {
 
     pub(crate) fn get(&self, kind: &str) -> Option<&ErasedHandler> {
         self.handlers.get(kind)
+    }
+
+    /// Adds middleware to a job kind; they apply in the order added.
+    pub fn middleware(&mut self, kind: &str, mw: crate::middleware::Middleware) -> &mut Self {
+        self.middleware.entry(kind.to_string()).or_default().push(mw);
+        self
+    }
+
+    pub(crate) fn middleware_of(&self, kind: &str) -> &[crate::middleware::Middleware] {
+        self.middleware.get(kind).map_or(&[], Vec::as_slice)
+    }
+
+    pub(crate) fn listeners_of(&self, event: &str) -> &[crate::event::Listener] {
+        self.listeners.get(event).map_or(&[], Vec::as_slice)
     }
 }

@@ -26,7 +26,7 @@ use tracing::{debug, error, info, warn, Instrument};
 use crate::backend::{ReserveRequest, SupervisorInfo, WorkerInfo};
 use crate::clock::now_ms;
 use crate::job::{Completion, Job, JobId, Outcome};
-use crate::registry::{CompletionSlot, ErrorAction, JobContext};
+use crate::registry::{CompletionSlot, ErrorAction, JobContext, JobError};
 use crate::Conveyor;
 
 /// One supervisor: a set of queues served by a pool of executors.
@@ -100,11 +100,36 @@ struct Counters {
 /// Jobs this process holds a lease on, and whether each has started.
 type Leases = Arc<Mutex<HashMap<JobId, (i64, bool)>>>;
 
+/// Which batches were cancelled, as last seen (cached briefly: cancelling is rare, and a job
+/// that slips through in that second runs as it would have a second earlier).
+#[derive(Default)]
+struct CancelledBatches {
+    seen: Mutex<HashMap<String, (bool, Instant)>>,
+}
+
+impl CancelledBatches {
+    async fn contains(&self, conveyor: &Conveyor, batch_id: &str) -> bool {
+        if let Some((cancelled, at)) = self.seen.lock().expect("batch cache poisoned").get(batch_id) {
+            if at.elapsed() < Duration::from_secs(1) {
+                return *cancelled;
+            }
+        }
+        let cancelled = crate::batch::is_cancelled(conveyor.backend().as_ref(), batch_id).await.unwrap_or(false);
+        let mut seen = self.seen.lock().expect("batch cache poisoned");
+        if seen.len() > 10_000 {
+            seen.clear();
+        }
+        seen.insert(batch_id.to_string(), (cancelled, Instant::now()));
+        cancelled
+    }
+}
+
 struct Supervisor {
     config: SupervisorConfig,
     exec: Arc<Semaphore>,
     leases: Leases,
     processed: AtomicU64,
+    cancelled: Arc<CancelledBatches>,
 }
 
 /// Runs workers until `shutdown` is cancelled, then drains them gracefully.
@@ -117,6 +142,7 @@ pub async fn run(conveyor: Conveyor, config: WorkerConfig, shutdown: Cancellatio
     let tracker = TaskTracker::new();
     let started_at = now_ms();
 
+    let cancelled = Arc::new(CancelledBatches::default());
     let supervisors: Vec<Arc<Supervisor>> = config
         .supervisors
         .iter()
@@ -126,6 +152,7 @@ pub async fn run(conveyor: Conveyor, config: WorkerConfig, shutdown: Cancellatio
                 exec: Arc::new(Semaphore::new(s.concurrency)),
                 leases: Arc::default(),
                 processed: AtomicU64::new(0),
+                cancelled: cancelled.clone(),
             })
         })
         .collect();
@@ -287,16 +314,7 @@ impl JobTask {
     async fn run(self, job: Job, _slot: OwnedSemaphorePermit) {
         let span = tracing::info_span!("job", job_id = %job.id, queue = %job.queue, kind = %job.kind, attempt = job.attempt);
         async move {
-            let template = Completion {
-                id: job.id,
-                lease_token: job.lease_token,
-                queue: job.queue.clone(),
-                kind: job.kind.clone(),
-                unique_key: job.unique_key.clone(),
-                outcome: Outcome::Completed,
-                wait_ms: (job.reserved_at - job.available_at).max(0) as u64,
-                runtime_ms: 0,
-            };
+            let template = Completion::of(&job, Outcome::Completed);
             // A job reserved ahead waits for an executor; if shutdown comes first it goes back
             // to the queue unrun, without consuming an attempt.
             let exec = tokio::select! {
@@ -336,6 +354,12 @@ impl JobTask {
     }
 
     async fn execute(&self, job: &Job, slot: Arc<Mutex<CompletionSlot>>) -> Outcome {
+        if let Some(batch) = &job.batch_id {
+            if self.sup.cancelled.contains(&self.conveyor, batch).await {
+                info!(batch = %batch, "skipped: its batch was cancelled");
+                return Outcome::Completed;
+            }
+        }
         let Some(handler) = self.conveyor.registry().get(&job.kind) else {
             let error = format!("no handler registered for job kind {:?}", job.kind);
             error!(%error, "job failed");
@@ -353,25 +377,38 @@ impl JobTask {
             conveyor: self.conveyor.clone(),
             completion: slot,
         };
+        let chain = self.conveyor.registry().middleware_of(&job.kind);
+        let guard = match crate::middleware::before(&self.conveyor, job, chain).await {
+            Ok(g) => g,
+            Err(outcome) => return outcome,
+        };
+        let timeout = guard.timeout;
         let fut = std::panic::AssertUnwindSafe(handler(job, ctx)).catch_unwind();
         let timed = async {
-            match job.timeout {
+            match timeout {
                 Some(t) => tokio::time::timeout(t, fut).await.map_err(|_| t),
                 None => Ok(fut.await),
             }
         };
-        let result = tokio::select! {
-            r = timed => r,
+        let result: crate::registry::JobResult = tokio::select! {
+            r = timed => match r {
+                Ok(Ok(r)) => r,
+                Ok(Err(panic)) => Err(JobError::retry(format!("panicked: {}", panic_message(&panic)))),
+                Err(t) => Err(JobError::retry(format!("timed out after {:.1}s", t.as_secs_f64()))),
+            },
             _ = self.hard_stop.cancelled() => {
                 debug!("cancelled at shutdown; released");
+                crate::middleware::after(&self.conveyor, guard, &Err(JobError::release(Duration::ZERO))).await;
                 return Outcome::Release { at: now_ms() };
             }
         };
+        crate::middleware::after(&self.conveyor, guard, &result).await;
         let (message, action) = match result {
-            Ok(Ok(Ok(()))) => return Outcome::Completed,
-            Ok(Ok(Err(e))) => (e.message, e.action),
-            Ok(Err(panic)) => (format!("panicked: {}", panic_message(&panic)), ErrorAction::Retry),
-            Err(t) => (format!("timed out after {:.1}s", t.as_secs_f64()), ErrorAction::Retry),
+            Ok(()) => return Outcome::Completed,
+            Err(e) => {
+                let e = crate::middleware::filter_error(chain, e);
+                (e.message, e.action)
+            }
         };
         let now = now_ms();
         let out_of_attempts = job.attempt >= job.max_attempts;

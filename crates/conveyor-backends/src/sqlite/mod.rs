@@ -17,7 +17,8 @@ use async_trait::async_trait;
 use rusqlite::Connection;
 
 use conveyor_core::backend::{
-    BackendError, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats, ReserveRequest, Result, TxFn, WorkerInfo,
+    BackendError, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats, ReserveRequest, Result, Row, SqlValue, TxFn,
+    WorkerInfo,
 };
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::{Completion, EnqueueOutcome, Job, JobId, JobInfo, NewJob};
@@ -253,6 +254,11 @@ impl QueueBackend for SqliteBackend {
 
     async fn ping(&self) -> Result<()> {
         self.readers.with(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(storage_err)).await
+    }
+
+    async fn query(&self, sql: &str, params: Vec<SqlValue>) -> Result<Vec<Row>> {
+        let sql = sql.to_string();
+        self.readers.with(move |c| tx::query(c, &sql, &params)).await
     }
 
     async fn transaction(&self, work: TxFn) -> Result<Box<dyn Any + Send>> {

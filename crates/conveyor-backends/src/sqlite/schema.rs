@@ -34,6 +34,7 @@ CREATE TABLE jobs (
     unique_key    TEXT,
     tags          TEXT,
     batch_id      TEXT,
+    workflow      TEXT,
     last_error    TEXT
 ) WITHOUT ROWID;
 CREATE INDEX jobs_ready   ON jobs(queue, priority DESC, id) WHERE state = 0;
@@ -69,6 +70,7 @@ CREATE TABLE failed_jobs (
     unique_key    TEXT,
     tags          TEXT,
     batch_id      TEXT,
+    workflow      TEXT,
     created_at    INTEGER NOT NULL,
     failed_at     INTEGER NOT NULL,
     runtime_ms    INTEGER NOT NULL,
@@ -114,6 +116,116 @@ CREATE TABLE workers (
     id         TEXT PRIMARY KEY,
     last_seen  INTEGER NOT NULL,
     info       TEXT NOT NULL
+);
+
+CREATE INDEX failed_jobs_by_batch ON failed_jobs(batch_id) WHERE batch_id IS NOT NULL;
+
+-- The engine's own tables (conveyor-core reads and writes them through `Tx` in SQL that
+-- PostgreSQL accepts too).
+CREATE TABLE events (
+    id          TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    payload     TEXT NOT NULL,
+    listeners   TEXT NOT NULL,
+    created_at  BIGINT NOT NULL
+);
+CREATE INDEX events_by_time ON events(created_at);
+CREATE INDEX events_by_name ON events(name, created_at);
+
+CREATE TABLE batches (
+    id              TEXT PRIMARY KEY,
+    name            TEXT NOT NULL,
+    total           BIGINT NOT NULL,
+    pending         BIGINT NOT NULL,
+    processed       BIGINT NOT NULL DEFAULT 0,
+    failed          BIGINT NOT NULL DEFAULT 0,
+    allow_failures  BIGINT NOT NULL DEFAULT 0,
+    then_job        TEXT,
+    catch_job       TEXT,
+    finally_job     TEXT,
+    created_at      BIGINT NOT NULL,
+    cancelled_at    BIGINT,
+    finished_at     BIGINT
+);
+CREATE INDEX batches_by_time ON batches(created_at);
+
+CREATE TABLE workflows (
+    id           TEXT PRIMARY KEY,
+    name         TEXT NOT NULL,
+    status       TEXT NOT NULL,
+    steps        BIGINT NOT NULL,
+    error        TEXT,
+    created_at   BIGINT NOT NULL,
+    finished_at  BIGINT
+);
+CREATE INDEX workflows_by_time ON workflows(created_at);
+
+CREATE TABLE workflow_steps (
+    workflow_id   TEXT NOT NULL,
+    seq           BIGINT NOT NULL,
+    name          TEXT NOT NULL,
+    role          TEXT NOT NULL,
+    step          BIGINT NOT NULL,
+    job           TEXT NOT NULL,
+    compensation  TEXT,
+    status        TEXT NOT NULL,
+    job_id        TEXT,
+    attempts      BIGINT NOT NULL DEFAULT 0,
+    started_at    BIGINT,
+    finished_at   BIGINT,
+    error         TEXT,
+    PRIMARY KEY (workflow_id, seq)
+);
+
+CREATE TABLE cache (
+    key         TEXT PRIMARY KEY,
+    value       TEXT NOT NULL,
+    expires_at  BIGINT
+);
+
+CREATE TABLE zsets (
+    zset    TEXT NOT NULL,
+    member  TEXT NOT NULL,
+    score   DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (zset, member)
+);
+CREATE INDEX zsets_by_score ON zsets(zset, score DESC, member);
+
+CREATE TABLE rate_limits (
+    key  TEXT PRIMARY KEY,
+    tat      BIGINT NOT NULL,
+    allowed  BIGINT NOT NULL DEFAULT 1
+);
+
+CREATE TABLE breakers (
+    name             TEXT PRIMARY KEY,
+    state            TEXT NOT NULL,
+    opened_at        BIGINT,
+    probes           BIGINT NOT NULL DEFAULT 0,
+    probe_successes  BIGINT NOT NULL DEFAULT 0,
+    changed_at       BIGINT NOT NULL
+);
+
+CREATE TABLE breaker_calls (
+    name       TEXT NOT NULL,
+    bucket     BIGINT NOT NULL,
+    successes  BIGINT NOT NULL DEFAULT 0,
+    failures   BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (name, bucket)
+);
+
+CREATE TABLE locks (
+    key         TEXT PRIMARY KEY,
+    owner       TEXT NOT NULL,
+    expires_at  BIGINT NOT NULL
+);
+
+CREATE TABLE schedule_ticks (
+    name      TEXT NOT NULL,
+    tick      BIGINT NOT NULL,
+    fired_at  BIGINT NOT NULL,
+    job_id    TEXT,
+    PRIMARY KEY (name, tick)
 );
 "#
     )]

@@ -155,7 +155,7 @@ pub(crate) struct WriteCtx {
 
 /// The columns of `jobs` that make a reserved [`Job`], in the order `job_from_row` reads them.
 const JOB_COLS: &str = "id, queue, kind, payload, attempts, max_attempts, backoff, timeout_ms, priority, tags, \
-                        unique_key, batch_id, created_at, available_at, reserved_at, lease_token";
+                        unique_key, batch_id, created_at, available_at, reserved_at, lease_token, workflow";
 
 impl WriteCtx {
     fn new(conn: Connection, history: usize) -> Self {
@@ -255,8 +255,8 @@ impl WriteCtx {
             .conn
             .prepare_cached(
                 "INSERT INTO jobs (id, queue, kind, payload, state, priority, max_attempts, backoff, timeout_ms,
-                                   available_at, created_at, unique_key, tags, batch_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                                   available_at, created_at, unique_key, tags, batch_id, workflow)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             )
             .map_err(storage_err)?;
         let mut counts: Vec<(String, usize)> = Vec::with_capacity(jobs.len());
@@ -299,6 +299,7 @@ impl WriteCtx {
                     job.unique.as_ref().map(|u| u.key.as_str()),
                     tags,
                     job.batch_id,
+                    job.workflow,
                 ])
                 .map_err(storage_err)?;
             counts.push((job.queue, state));
@@ -412,6 +413,9 @@ impl WriteCtx {
             Outcome::Release { at } => self.requeue(id, c.lease_token, &c.queue, *at, None, 1, now)?,
         };
         if applied {
+            if conveyor_core::hooks::wants(&c) {
+                conveyor_core::hooks::after_outcome(&mut super::tx::SqliteTx { ctx: self }, &c)?;
+            }
             self.op_metrics.push((minute_of(now), c));
         }
         Ok(applied)
@@ -453,7 +457,7 @@ impl WriteCtx {
             .prepare_cached(
                 "DELETE FROM jobs WHERE id = ?1 AND state = 1 AND lease_token = ?2
                  RETURNING queue, kind, payload, priority, attempts, max_attempts, backoff, timeout_ms, unique_key, tags,
-                           batch_id, created_at",
+                           batch_id, created_at, workflow",
             )
             .and_then(|mut s| s.query_row(params![id, token], JobRow::from_row).optional())
             .map_err(storage_err)
@@ -485,8 +489,8 @@ impl WriteCtx {
         self.conn
             .prepare_cached(
                 "INSERT OR REPLACE INTO failed_jobs (id, queue, kind, payload, priority, attempts, max_attempts, backoff, timeout_ms,
-                                                     unique_key, tags, batch_id, created_at, failed_at, runtime_ms, error)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                                                     unique_key, tags, batch_id, created_at, failed_at, runtime_ms, error, workflow)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
             )
             .and_then(|mut s| {
                 s.execute(params![
@@ -505,7 +509,8 @@ impl WriteCtx {
                     row.created_at,
                     now,
                     runtime_ms as i64,
-                    error
+                    error,
+                    row.workflow
                 ])
             })
             .map_err(storage_err)?;
@@ -556,31 +561,45 @@ impl WriteCtx {
         Ok(())
     }
 
-    /// Returns expired reservations to the queue, or to the failed store when no attempt is left.
+    /// Returns expired reservations to the queue, or to the failed store when no attempt is left,
+    /// through the same path as a worker's outcome (so batches and workflows see it too).
     pub(crate) fn reap_expired(&mut self) -> Result<u64> {
         let now = now_ms();
-        let expired: Vec<(Vec<u8>, i64, i64, String, i64)> = self
+        let expired: Vec<Completion> = self
             .conn
             .prepare_cached(
-                "SELECT id, attempts, max_attempts, queue, lease_token FROM jobs
-                 WHERE state = 1 AND lease_until < ?1 ORDER BY lease_until LIMIT 1000",
+                "SELECT id, attempts, max_attempts, queue, lease_token, kind, unique_key, batch_id, workflow,
+                        available_at, reserved_at
+                 FROM jobs WHERE state = 1 AND lease_until < ?1 ORDER BY lease_until LIMIT 1000",
             )
-            .and_then(|mut s| s.query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?.collect())
+            .and_then(|mut s| {
+                s.query_map([now], |r| {
+                    let id: Vec<u8> = r.get(0)?;
+                    let (attempts, max_attempts): (i64, i64) = (r.get(1)?, r.get(2)?);
+                    let error = format!("lease expired: the worker running attempt {attempts} stopped responding");
+                    let outcome = if attempts >= max_attempts { Outcome::Failed { error } } else { Outcome::Retry { at: now, error } };
+                    let (available_at, reserved_at): (i64, Option<i64>) = (r.get(9)?, r.get(10)?);
+                    Ok(Completion {
+                        id: JobId::from_slice(&id).unwrap_or_default(),
+                        lease_token: r.get(4)?,
+                        queue: r.get(3)?,
+                        kind: r.get(5)?,
+                        unique_key: r.get(6)?,
+                        batch_id: r.get(7)?,
+                        workflow: r.get(8)?,
+                        outcome,
+                        wait_ms: reserved_at.map_or(0, |t| (t - available_at).max(0) as u64),
+                        runtime_ms: reserved_at.map_or(0, |t| (now - t).max(0) as u64),
+                    })
+                })?
+                .collect()
+            })
             .map_err(storage_err)?;
-        for (id, attempts, max_attempts, queue, token) in &expired {
-            let error = format!("lease expired: the worker running attempt {attempts} stopped responding");
-            if attempts >= max_attempts {
-                if let Some(row) = self.take_reserved(id, *token)? {
-                    self.insert_failed(id, &row, &error, now, 0)?;
-                    self.release_unique(row.unique_key.as_deref(), id)?;
-                    self.count(queue, RESERVED, -1);
-                    self.count(queue, FAILED, 1);
-                }
-            } else {
-                self.requeue(id, *token, queue, now, Some(&error), 0, now)?;
-            }
+        let n = expired.len() as u64;
+        for c in expired {
+            self.complete_one(c, now)?;
         }
-        Ok(expired.len() as u64)
+        Ok(n)
     }
 
     pub(crate) fn set_paused(&mut self, queue: &str, paused: bool) -> Result<()> {
@@ -623,7 +642,7 @@ impl WriteCtx {
                 .prepare_cached(
                     "DELETE FROM failed_jobs WHERE id = ?1
                      RETURNING queue, kind, payload, priority, attempts, max_attempts, backoff, timeout_ms, unique_key, tags,
-                               batch_id, created_at",
+                               batch_id, created_at, workflow",
                 )
                 .and_then(|mut s| s.query_row([id], JobRow::from_row).optional())
                 .map_err(storage_err)?;
@@ -631,8 +650,8 @@ impl WriteCtx {
             self.conn
                 .prepare_cached(
                     "INSERT INTO jobs (id, queue, kind, payload, state, priority, attempts, max_attempts, backoff, timeout_ms,
-                                       available_at, created_at, unique_key, tags, batch_id)
-                     VALUES (?1, ?2, ?3, ?4, 0, ?5, 0, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                                       available_at, created_at, unique_key, tags, batch_id, workflow)
+                     VALUES (?1, ?2, ?3, ?4, 0, ?5, 0, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
                 )
                 .and_then(|mut s| {
                     s.execute(params![
@@ -648,7 +667,8 @@ impl WriteCtx {
                         row.created_at,
                         row.unique_key,
                         row.tags,
-                        row.batch_id
+                        row.batch_id,
+                        row.workflow
                     ])
                 })
                 .map_err(storage_err)?;
@@ -719,6 +739,7 @@ struct JobRow {
     tags: Option<String>,
     batch_id: Option<String>,
     created_at: i64,
+    workflow: Option<String>,
 }
 
 impl JobRow {
@@ -736,6 +757,7 @@ impl JobRow {
             tags: r.get(9)?,
             batch_id: r.get(10)?,
             created_at: r.get(11)?,
+            workflow: r.get(12)?,
         })
     }
 }
@@ -762,5 +784,6 @@ fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
         available_at: r.get(13)?,
         reserved_at: r.get(14)?,
         lease_token: r.get(15)?,
+        workflow: r.get(16)?,
     })
 }

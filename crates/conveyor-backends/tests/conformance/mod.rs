@@ -192,16 +192,7 @@ pub async fn reserve_within(b: &Backend, req: ReserveRequest, within: Duration) 
 }
 
 pub fn completion(job: &Job, outcome: Outcome) -> Completion {
-    Completion {
-        id: job.id,
-        lease_token: job.lease_token,
-        queue: job.queue.clone(),
-        kind: job.kind.clone(),
-        unique_key: job.unique_key.clone(),
-        outcome,
-        wait_ms: (job.reserved_at - job.available_at).max(0) as u64,
-        runtime_ms: 1,
-    }
+    Completion { runtime_ms: 1, ..Completion::of(job, outcome) }
 }
 
 pub async fn complete(b: &Backend, job: &Job, outcome: Outcome) {

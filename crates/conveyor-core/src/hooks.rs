@@ -1,0 +1,17 @@
+//! What a relational backend runs inside the transaction that records a job's outcome, so that
+//! engine state derived from outcomes (batch counters, workflow transitions) commits with it.
+
+use crate::backend::{Result, Tx};
+use crate::job::Completion;
+
+/// Whether [`after_outcome`] has anything to do for this completion (backends skip the call
+/// on the hot path otherwise).
+pub fn wants(c: &Completion) -> bool {
+    c.batch_id.is_some() || c.workflow.is_some()
+}
+
+/// Called once per applied completion, inside the transaction that applied it.
+pub fn after_outcome(tx: &mut dyn Tx, c: &Completion) -> Result<()> {
+    crate::batch::record_outcome(tx, c)?;
+    crate::workflow::record_outcome(tx, c)
+}

@@ -1,0 +1,33 @@
+//! Named locks with an owner and an expiry (without-overlapping jobs, scheduler leadership):
+//! taking one is a single conditional upsert, so exactly one owner holds it at a time, and a
+//! crashed owner's lock frees itself when it expires.
+
+use std::time::Duration;
+
+use crate::backend::{QueueBackend, QueueBackendExt, Result};
+use crate::clock::now_ms;
+
+/// Takes `key` for `owner` until `ttl` passes, unless someone else holds it. Taking a lock one
+/// already holds extends it.
+pub async fn acquire(backend: &dyn QueueBackend, key: &str, owner: &str, ttl: Duration) -> Result<bool> {
+    let (key, owner) = (key.to_string(), owner.to_string());
+    let now = now_ms();
+    let n = backend
+        .transact(move |tx| {
+            tx.execute(
+                "INSERT INTO locks (key, owner, expires_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at
+                 WHERE locks.expires_at <= $4 OR locks.owner = excluded.owner",
+                &[key.into(), owner.into(), (now + ttl.as_millis() as i64).into(), now.into()],
+            )
+        })
+        .await?;
+    Ok(n == 1)
+}
+
+/// Releases `key` if `owner` holds it.
+pub async fn release(backend: &dyn QueueBackend, key: &str, owner: &str) -> Result<bool> {
+    let (key, owner) = (key.to_string(), owner.to_string());
+    let n = backend.transact(move |tx| tx.execute("DELETE FROM locks WHERE key = $1 AND owner = $2", &[key.into(), owner.into()])).await?;
+    Ok(n == 1)
+}

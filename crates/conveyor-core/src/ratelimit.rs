@@ -1,0 +1,100 @@
+//! Rate limiting by key with GCRA (the generic cell rate algorithm): `limit` per `period`,
+//! allowing bursts of up to `burst`. State is one timestamp per key (the theoretical arrival
+//! time), updated by one conditional upsert, so concurrent checks from any process are exact.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::backend::{BackendError, QueueBackend, QueueBackendExt, Result, RowExt};
+use crate::clock::now_ms;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RateLimit {
+    pub limit: u32,
+    pub period: Duration,
+    /// Requests allowed at once after a quiet spell (default: `limit`).
+    pub burst: u32,
+}
+
+impl RateLimit {
+    pub fn per(limit: u32, period: Duration) -> Self {
+        RateLimit { limit: limit.max(1), period, burst: limit.max(1) }
+    }
+
+    /// `"5/60"`: 5 per 60 seconds.
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        let (n, secs) = text.split_once('/').ok_or_else(|| format!("expected LIMIT/SECONDS like 5/60, got {text:?}"))?;
+        let n: u32 = n.trim().parse().map_err(|_| format!("limit must be a whole number, got {n:?}"))?;
+        let secs: f64 = secs.trim().parse().map_err(|_| format!("window must be a number of seconds, got {secs:?}"))?;
+        if n == 0 || !secs.is_finite() || secs <= 0.0 {
+            return Err("limit and window must be positive".into());
+        }
+        Ok(RateLimit::per(n, Duration::from_secs_f64(secs)))
+    }
+
+    fn interval_ms(&self) -> i64 {
+        (self.period.as_millis() as i64 / self.limit as i64).max(1)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub enum Decision {
+    Allowed { remaining: u32 },
+    Limited { retry_after: Duration },
+}
+
+impl Decision {
+    pub fn is_allowed(&self) -> bool {
+        matches!(self, Decision::Allowed { .. })
+    }
+}
+
+#[derive(Clone)]
+pub struct RateLimiter {
+    backend: Arc<dyn QueueBackend>,
+    name: String,
+    limit: RateLimit,
+}
+
+impl RateLimiter {
+    pub fn new(backend: Arc<dyn QueueBackend>, name: impl Into<String>, limit: RateLimit) -> Self {
+        RateLimiter { backend, name: name.into(), limit }
+    }
+
+    pub fn limit(&self) -> RateLimit {
+        self.limit
+    }
+
+    /// Takes one unit for `key` if the limit allows it.
+    pub async fn check(&self, key: &str) -> Result<Decision> {
+        let k = format!("{}:{key}", self.name);
+        let t = self.limit.interval_ms();
+        let tolerance = t * self.limit.burst.max(1) as i64;
+        let now = now_ms();
+        let rows = self
+            .backend
+            .transact(move |tx| {
+                // Allowed when max(tat, now) + T - now <= burst * T; then tat moves on by T.
+                tx.query(
+                    "INSERT INTO rate_limits (key, tat, allowed) VALUES ($1, $2 + $3, 1)
+                     ON CONFLICT (key) DO UPDATE SET
+                       allowed = CASE WHEN (CASE WHEN rate_limits.tat > $2 THEN rate_limits.tat ELSE $2 END) + $3 - $2 <= $4 THEN 1 ELSE 0 END,
+                       tat = CASE WHEN (CASE WHEN rate_limits.tat > $2 THEN rate_limits.tat ELSE $2 END) + $3 - $2 <= $4
+                                  THEN (CASE WHEN rate_limits.tat > $2 THEN rate_limits.tat ELSE $2 END) + $3
+                                  ELSE rate_limits.tat END
+                     RETURNING allowed, tat",
+                    &[k.into(), now.into(), t.into(), tolerance.into()],
+                )
+            })
+            .await?;
+        let r = rows.first().ok_or_else(|| BackendError::Other("rate limit upsert returned no row".into()))?;
+        let tat = r.int(1);
+        Ok(if r.int(0) == 1 {
+            Decision::Allowed { remaining: ((tolerance - (tat - now)) / t).max(0) as u32 }
+        } else {
+            Decision::Limited { retry_after: Duration::from_millis((tat - now - (tolerance - t)).max(1) as u64) }
+        })
+    }
+}
