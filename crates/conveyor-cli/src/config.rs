@@ -8,7 +8,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use conveyor_core::cron::CronSchedule;
+use conveyor_core::scheduler::{Missed, Schedule};
 use conveyor_core::worker::SupervisorConfig;
+use conveyor_core::NewJob;
 
 /// A credential that never prints.
 #[derive(Clone)]
@@ -31,6 +34,7 @@ pub(crate) struct Config {
     pub(crate) api_token: Option<Secret>,
     pub(crate) shutdown_grace: Duration,
     pub(crate) supervisors: Vec<SupervisorConfig>,
+    pub(crate) schedules: Vec<Schedule>,
     pub(crate) retention_completed: usize,
     pub(crate) retention_metrics: Duration,
     pub(crate) log_format: String,
@@ -155,6 +159,7 @@ impl Config {
             api_token: src.optional("api", "token").map(Secret),
             shutdown_grace,
             supervisors: supervisors(&src.file)?,
+            schedules: schedules(&src.file)?,
             retention_completed: src.parsed("retention", "completed", 1_000usize, "a number of jobs")?,
             retention_metrics: src.duration("retention", "metrics", Duration::from_secs(24 * 3600))?,
             log_format,
@@ -206,6 +211,39 @@ fn supervisors(file: &toml::Table) -> anyhow::Result<Vec<SupervisorConfig>> {
     Ok(out)
 }
 
+/// `[[schedule]]` tables: `name`, `cron`, `timezone` (default UTC), `job` (a job kind),
+/// `payload` (a table), `queue`, `missed` (`skip` or `run_once`).
+fn schedules(file: &toml::Table) -> anyhow::Result<Vec<Schedule>> {
+    let Some(list) = file.get("schedule") else { return Ok(Vec::new()) };
+    let list = list.as_array().context("schedule: expected [[schedule]] tables")?;
+    let mut out = Vec::new();
+    for (i, item) in list.iter().enumerate() {
+        let t = item.as_table().with_context(|| format!("schedule[{i}]: expected a table"))?;
+        let text = |key: &str| t.get(key).and_then(|v| v.as_str()).map(str::to_string);
+        let name = text("name").with_context(|| format!("schedule[{i}].name: required"))?;
+        let cron = text("cron").with_context(|| format!("schedule[{i}].cron: required (e.g. \"0 */5 * * * *\")"))?;
+        let tz = text("timezone").unwrap_or_else(|| "UTC".into());
+        let cron = CronSchedule::parse(&cron, &tz).map_err(|e| anyhow::anyhow!("schedule[{i}].cron: {e}"))?;
+        let kind = text("job").with_context(|| format!("schedule[{i}].job: required (a job kind)"))?;
+        let payload = match t.get("payload") {
+            None => serde_json::json!({}),
+            Some(v) => serde_json::to_value(v).with_context(|| format!("schedule[{i}].payload: not representable as JSON"))?,
+        };
+        let mut job = NewJob::new(kind, &payload);
+        if let Some(q) = text("queue") {
+            conveyor_core::job::validate_queue_name(&q).map_err(|e| anyhow::anyhow!("schedule[{i}].queue: {e}"))?;
+            job = job.queue(q);
+        }
+        let missed = match text("missed").as_deref() {
+            None | Some("skip") => Missed::Skip,
+            Some("run_once") => Missed::RunOnce,
+            Some(other) => bail!("schedule[{i}].missed: expected skip or run_once, got {other:?}"),
+        };
+        out.push(Schedule::new(name, cron, job).missed(missed));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,6 +272,21 @@ mod tests {
         assert!(e.contains("[http] addr"), "{e}");
         let e = Config::from_source(&src("[[supervisors]]\nconcurrency = 0\n")).unwrap_err().to_string();
         assert!(e.contains("supervisors[0].concurrency"), "{e}");
+    }
+
+    #[test]
+    fn schedules_parse_and_errors_name_the_entry() {
+        let c = Config::from_source(&src(
+            "[[schedule]]\nname = \"tick\"\ncron = \"*/5 * * * * *\"\njob = \"conveyor.noop\"\npayload = { a = 1 }\nmissed = \"run_once\"\n",
+        ))
+        .unwrap();
+        assert_eq!(c.schedules[0].name, "tick");
+        assert_eq!(c.schedules[0].missed, Missed::RunOnce);
+        assert_eq!(c.schedules[0].job.payload, "{\"a\":1}");
+        let e = Config::from_source(&src("[[schedule]]\nname = \"x\"\ncron = \"61 * * * *\"\njob = \"k\"\n")).unwrap_err().to_string();
+        assert!(e.contains("schedule[0].cron") && e.contains("minute"), "{e}");
+        let e = Config::from_source(&src("[[schedule]]\nname = \"x\"\ncron = \"* * * * *\"\n")).unwrap_err().to_string();
+        assert!(e.contains("schedule[0].job"), "{e}");
     }
 
     #[test]

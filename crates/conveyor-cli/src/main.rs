@@ -27,6 +27,8 @@ enum Command {
     Serve(run::ServeArgs),
     /// Workers only (scale out by running more of these)
     Work(run::WorkArgs),
+    /// The scheduler only (each tick fires once across all processes)
+    Schedule,
     /// Create or upgrade the schema
     Migrate,
     /// Inspect and steer queues
@@ -45,12 +47,13 @@ fn main() {
         Ok(c) => c,
         Err(e) => fail(&e),
     };
-    init_logging(&config, matches!(cli.command, Command::Serve(_) | Command::Work(_)));
+    init_logging(&config, matches!(cli.command, Command::Serve(_) | Command::Work(_) | Command::Schedule));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("building the tokio runtime");
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => run::serve(config, args).await,
             Command::Work(args) => run::work(config, args).await,
+            Command::Schedule => run::schedule(config).await,
             Command::Migrate => admin::migrate(&config).await,
             Command::Queue(cmd) => admin::queue(&config, cmd).await,
             Command::Failed(cmd) => admin::failed(&config, cmd).await,

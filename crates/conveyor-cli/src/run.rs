@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use conveyor_backends::BackendConfig;
+use conveyor_core::scheduler::Scheduler;
 use conveyor_core::worker::{self, SupervisorConfig, WorkerConfig};
 use conveyor_core::{Conveyor, QueueBackend};
 
@@ -20,7 +21,7 @@ pub(crate) struct ServeArgs {
     /// Serve the API without running workers
     #[arg(long)]
     no_workers: bool,
-    /// Accepted for forward compatibility; this version runs no scheduler
+    /// Do not run the scheduler in this process
     #[arg(long)]
     no_scheduler: bool,
 }
@@ -139,7 +140,6 @@ pub(crate) async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()>
     if !addr.ip().is_loopback() && config.api_token.is_none() {
         bail!("refusing to serve on {addr} without CONVEYOR_API_TOKEN: set a token or bind a loopback address");
     }
-    let _ = args.no_scheduler;
     let wc = worker_config(&config, None)?;
     let backend = open_backend(&config)?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (CONVEYOR_HTTP_ADDR)"))?;
@@ -150,8 +150,11 @@ pub(crate) async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()>
     eprintln!("conveyor listening on http://{local} (API at /api, health at /api/health)");
     let shutdown = shutdown_on_signals();
     let conveyor = Conveyor::new(backend.clone(), kinds::registry());
-    let state = conveyor_server::AppState::new(conveyor.clone(), config.api_token.as_ref().map(|s| s.0.clone()));
+    let scheduler = (!args.no_scheduler).then(|| Scheduler::new(conveyor.clone(), config.schedules.clone()));
+    let state = conveyor_server::AppState::new(conveyor.clone(), config.api_token.as_ref().map(|s| s.0.clone()))
+        .with_schedules(scheduler.as_ref().map(Scheduler::info));
     let http = tokio::spawn(conveyor_server::serve(listener, state, shutdown.clone()));
+    let scheduler = scheduler.map(|s| tokio::spawn(s.run(shutdown.clone())));
     let pruner = spawn_pruner(backend, config.retention_metrics, shutdown.clone());
     if !args.no_workers {
         worker::run(conveyor, wc, shutdown.clone()).await;
@@ -159,6 +162,20 @@ pub(crate) async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()>
         shutdown.cancelled().await;
     }
     http.await.context("HTTP server task")?.context("HTTP server")?;
+    if let Some(s) = scheduler {
+        let _ = s.await;
+    }
     let _ = pruner.await;
+    Ok(())
+}
+
+pub(crate) async fn schedule(config: Config) -> anyhow::Result<()> {
+    let backend = open_backend(&config)?;
+    let shutdown = shutdown_on_signals();
+    let conveyor = Conveyor::new(backend, kinds::registry());
+    for s in &config.schedules {
+        info!(schedule = %s.name, cron = %s.cron, job = %s.job.kind, "scheduled");
+    }
+    Scheduler::new(conveyor, config.schedules.clone()).run(shutdown).await;
     Ok(())
 }

@@ -85,6 +85,7 @@ pub struct JobFilter {
     pub kind: Option<String>,
     pub state: Option<JobState>,
     pub tag: Option<String>,
+    pub batch_id: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug)]

@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod middleware;
 pub mod ratelimit;
 pub mod registry;
+pub mod scheduler;
 pub mod wakeup;
 pub mod worker;
 pub mod workflow;

@@ -95,6 +95,7 @@ struct JobsQuery {
     kind: Option<String>,
     status: Option<String>,
     tag: Option<String>,
+    batch_id: Option<String>,
     #[serde(flatten)]
     paging: Paging,
 }
@@ -112,6 +113,7 @@ async fn list_jobs(State(s): State<AppState>, Query(q): Query<JobsQuery>) -> Res
         kind: q.kind.filter(|v| !v.is_empty()),
         state,
         tag: q.tag.filter(|v| !v.is_empty()),
+        batch_id: q.batch_id.filter(|v| !v.is_empty()),
     };
     let jobs = s.conveyor.backend().jobs(filter, p).await?;
     Ok(page(jobs.items, p.page, p.per_page, jobs.total))

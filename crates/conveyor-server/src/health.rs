@@ -53,8 +53,11 @@ pub(crate) async fn health(State(s): State<AppState>) -> Response {
         }
         Err(_) => Check { status: "failed", detail: "worker registry not answering".into() },
     };
-    let scheduler = Check { status: "disabled", detail: "no scheduler runs in this version".into() };
-    let degraded = failed || workers.status != "ok";
+    let scheduler = match &s.schedules {
+        Some(list) => Check { status: "ok", detail: format!("running here with {} schedules", list.len()) },
+        None => Check { status: "disabled", detail: "not running in this process (`conveyor schedule` runs it alone)".into() },
+    };
+    let degraded = failed || workers.status == "degraded";
     let body = json!({
         "success": !failed,
         "data": {

@@ -8,6 +8,7 @@ pub mod error;
 
 mod admin;
 mod health;
+mod orchestration;
 mod prometheus;
 
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use conveyor_core::scheduler::ScheduleInfo;
 use conveyor_core::Conveyor;
 
 use error::ApiError;
@@ -30,11 +32,18 @@ use error::ApiError;
 pub struct AppState {
     pub conveyor: Conveyor,
     token: Option<Arc<Secret>>,
+    /// The schedules this process fires, if it runs a scheduler.
+    pub(crate) schedules: Option<Arc<Vec<ScheduleInfo>>>,
 }
 
 impl AppState {
     pub fn new(conveyor: Conveyor, api_token: Option<String>) -> Self {
-        AppState { conveyor, token: api_token.filter(|t| !t.is_empty()).map(|t| Arc::new(Secret(t))) }
+        AppState { conveyor, token: api_token.filter(|t| !t.is_empty()).map(|t| Arc::new(Secret(t))), schedules: None }
+    }
+
+    pub fn with_schedules(mut self, schedules: Option<Vec<ScheduleInfo>>) -> Self {
+        self.schedules = schedules.map(Arc::new);
+        self
     }
 }
 
@@ -53,6 +62,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health::health))
         .route("/metrics", get(prometheus::metrics))
         .merge(admin::routes())
+        .merge(orchestration::routes())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state)

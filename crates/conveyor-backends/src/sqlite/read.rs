@@ -158,7 +158,8 @@ pub(crate) fn job(conn: &Connection, id: JobId) -> Result<Option<JobInfo>> {
 
 pub(crate) fn jobs(conn: &Connection, filter: &JobFilter, page: Page) -> Result<Paged<JobInfo>> {
     let tag = filter.tag.as_ref().map(|t| format!("%{}%", serde_json::to_string(t).expect("a string serializes")));
-    let cond = "(?1 IS NULL OR queue = ?1) AND (?2 IS NULL OR kind = ?2) AND (?3 IS NULL OR tags LIKE ?3)";
+    let cond =
+        "(?1 IS NULL OR queue = ?1) AND (?2 IS NULL OR kind = ?2) AND (?3 IS NULL OR tags LIKE ?3) AND (?6 IS NULL OR batch_id = ?6)";
     let (sources, state_cond): (Vec<(&str, &str, &str)>, Option<i64>) = match filter.state {
         Some(JobState::Pending) => (vec![(LIVE_COLS, "jobs", "id")], Some(0)),
         Some(JobState::Reserved) => (vec![(LIVE_COLS, "jobs", "id")], Some(1)),
@@ -175,12 +176,14 @@ pub(crate) fn jobs(conn: &Connection, filter: &JobFilter, page: Page) -> Result<
         let count_sql = format!("SELECT count(*) FROM {table} WHERE {cond}{state_sql}");
         let n: i64 = conn
             .prepare_cached(&count_sql)
-            .and_then(|mut s| s.query_row(params![filter.queue, filter.kind, tag, state_cond], |r| r.get(0)))
+            .and_then(|mut s| s.query_row(params![filter.queue, filter.kind, tag, state_cond, None::<i64>, filter.batch_id], |r| r.get(0)))
             .map_err(storage_err)?;
         total += n as u64;
         let sql = format!("SELECT {cols} FROM {table} WHERE {cond}{state_sql} ORDER BY {order} DESC LIMIT ?5");
         let mut st = conn.prepare_cached(&sql).map_err(storage_err)?;
-        let rows = st.query_map(params![filter.queue, filter.kind, tag, state_cond, want as i64], info_from_row).map_err(storage_err)?;
+        let rows = st
+            .query_map(params![filter.queue, filter.kind, tag, state_cond, want as i64, filter.batch_id], info_from_row)
+            .map_err(storage_err)?;
         for r in rows {
             items.push(r.map_err(storage_err)?);
         }

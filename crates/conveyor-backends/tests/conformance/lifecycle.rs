@@ -357,7 +357,7 @@ pub async fn jobs_listing_filters_by_state(b: Backend) {
     ids.insert(job.id, "reserved");
 
     let list = |state: Option<JobState>, tag: Option<&str>| {
-        let filter = JobFilter { queue: Some(q.clone()), kind: None, state, tag: tag.map(str::to_string) };
+        let filter = JobFilter { queue: Some(q.clone()), kind: None, state, tag: tag.map(str::to_string), batch_id: None };
         let b = b.clone();
         async move { b.jobs(filter, Page { page: 1, per_page: 50 }).await.expect("jobs") }
     };

@@ -4,6 +4,7 @@
 mod commands;
 mod http;
 mod process;
+mod scheduler;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
