@@ -1,6 +1,8 @@
 //! One-shot administration commands: `migrate`, `queue …`, `failed …`. Results go to stdout
 //! (a table, or JSON with `--json`); errors to stderr.
 
+use std::collections::HashMap;
+
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 
@@ -78,10 +80,19 @@ pub(crate) async fn queue(config: &Config, cmd: QueueCommand) -> anyhow::Result<
     match cmd {
         QueueCommand::List(f) => {
             let queues = backend.queues().await?;
+            let workers = workers_per_queue(&backend.workers(std::time::Duration::from_secs(30)).await?);
             if f.json {
-                println!("{}", serde_json::to_string_pretty(&queues)?);
+                let rows: Vec<serde_json::Value> = queues
+                    .iter()
+                    .map(|q| {
+                        let mut v = serde_json::to_value(q).expect("queue stats serialize");
+                        v["workers"] = workers.get(&q.queue).copied().unwrap_or(0).into();
+                        v
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                print_queues(&queues);
+                print_queues(&queues, &workers);
             }
         }
         QueueCommand::Clear { queue } => {
@@ -109,14 +120,25 @@ pub(crate) async fn queue(config: &Config, cmd: QueueCommand) -> anyhow::Result<
     Ok(())
 }
 
-fn print_queues(queues: &[QueueStats]) {
+/// Executors serving each queue across live workers (a pool over several queues counts for each).
+fn workers_per_queue(workers: &[conveyor_core::backend::WorkerInfo]) -> HashMap<String, usize> {
+    let mut out = HashMap::new();
+    for pool in workers.iter().flat_map(|w| &w.supervisors).flat_map(|s| &s.pools) {
+        for q in &pool.queues {
+            *out.entry(q.clone()).or_default() += pool.workers;
+        }
+    }
+    out
+}
+
+fn print_queues(queues: &[QueueStats], workers: &HashMap<String, usize>) {
     println!(
-        "{:<24} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9} {:>10}",
-        "QUEUE", "PENDING", "DELAYED", "RESERVED", "FAILED", "PAUSED", "PER_MIN", "WAIT_S"
+        "{:<24} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9} {:>10} {:>8}",
+        "QUEUE", "PENDING", "DELAYED", "RESERVED", "FAILED", "PAUSED", "PER_MIN", "WAIT_S", "WORKERS"
     );
     for q in queues {
         println!(
-            "{:<24} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9} {:>10.1}",
+            "{:<24} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9} {:>10.1} {:>8}",
             q.queue,
             q.pending,
             q.delayed,
@@ -124,7 +146,8 @@ fn print_queues(queues: &[QueueStats]) {
             q.failed,
             if q.paused { "yes" } else { "no" },
             q.per_minute,
-            q.oldest_wait_s
+            q.oldest_wait_s,
+            workers.get(&q.queue).copied().unwrap_or(0)
         );
     }
     if queues.is_empty() {

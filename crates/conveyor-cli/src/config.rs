@@ -172,7 +172,8 @@ fn read_file(path: &Path) -> anyhow::Result<toml::Table> {
     text.parse::<toml::Table>().map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().lines().next().unwrap_or_default()))
 }
 
-/// `[[supervisors]]` tables: `name`, `queues`, `concurrency`, `prefetch`, `lease`.
+/// `[[supervisors]]` tables: `name`, `queues`, `concurrency` (or `max_workers`), `prefetch`,
+/// `lease`, `balance` (`off`, `simple`, `auto`), `min_workers`.
 fn supervisors(file: &toml::Table) -> anyhow::Result<Vec<SupervisorConfig>> {
     let Some(list) = file.get("supervisors") else {
         return Ok(vec![SupervisorConfig::new("default", vec!["default".into()], 8)]);
@@ -200,8 +201,13 @@ fn supervisors(file: &toml::Table) -> anyhow::Result<Vec<SupervisorConfig>> {
                 }
             }
         };
-        let mut s = SupervisorConfig::new(name, queues, int("concurrency", 8)? as usize);
+        let max = int("max_workers", 8)?;
+        let mut s = SupervisorConfig::new(name, queues, int("concurrency", max)? as usize);
         s.prefetch = int("prefetch", s.concurrency as i64)? as usize;
+        s.min_workers = int("min_workers", 1)? as usize;
+        if let Some(b) = t.get("balance") {
+            s.balance = scalar_text(b).parse().map_err(|e| anyhow::anyhow!("supervisors[{i}].balance: {e}"))?;
+        }
         if let Some(v) = t.get("lease") {
             let text = scalar_text(v);
             s.lease = parse_duration(&text).with_context(|| format!("supervisors[{i}].lease: expected a duration like 30s"))?;

@@ -133,8 +133,17 @@ pub struct SupervisorInfo {
     pub concurrency: usize,
     pub busy: usize,
     pub processed: u64,
+    pub balance: crate::balance::Balance,
+    /// How the executors are divided among the queues now.
+    pub pools: Vec<PoolInfo>,
     /// Ids of the jobs running now (at most a few dozen are listed).
     pub current_jobs: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct PoolInfo {
+    pub queues: Vec<String>,
+    pub workers: usize,
 }
 
 /// A query over the per-minute metric buckets.

@@ -11,6 +11,7 @@
 //! The engine depends on no database driver, HTTP stack or broker client.
 
 pub mod backend;
+pub mod balance;
 pub mod batch;
 pub mod breaker;
 pub mod cache;

@@ -18,12 +18,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn, Instrument};
 
-use crate::backend::{ReserveRequest, SupervisorInfo, WorkerInfo};
+use crate::backend::{PoolInfo, ReserveRequest, SupervisorInfo, WorkerInfo};
+use crate::balance::{allocate, Balance, Pool};
 use crate::clock::now_ms;
 use crate::job::{Completion, Job, JobId, Outcome};
 use crate::registry::{CompletionSlot, ErrorAction, JobContext, JobError};
@@ -41,12 +42,24 @@ pub struct SupervisorConfig {
     pub prefetch: usize,
     /// How long a reservation lasts without a heartbeat.
     pub lease: Duration,
+    /// How executors are shared among the queues (see [`Balance`]).
+    pub balance: Balance,
+    /// With balancing, the fewest executors a queue gets.
+    pub min_workers: usize,
 }
 
 impl SupervisorConfig {
     pub fn new(name: impl Into<String>, queues: Vec<String>, concurrency: usize) -> Self {
         let concurrency = concurrency.max(1);
-        SupervisorConfig { name: name.into(), queues, concurrency, prefetch: concurrency, lease: Duration::from_secs(30) }
+        SupervisorConfig {
+            name: name.into(),
+            queues,
+            concurrency,
+            prefetch: concurrency,
+            lease: Duration::from_secs(30),
+            balance: Balance::Off,
+            min_workers: 1,
+        }
     }
 }
 
@@ -126,7 +139,7 @@ impl CancelledBatches {
 
 struct Supervisor {
     config: SupervisorConfig,
-    exec: Arc<Semaphore>,
+    pools: Vec<Arc<Pool>>,
     leases: Leases,
     processed: AtomicU64,
     cancelled: Arc<CancelledBatches>,
@@ -149,7 +162,7 @@ pub async fn run(conveyor: Conveyor, config: WorkerConfig, shutdown: Cancellatio
         .map(|s| {
             Arc::new(Supervisor {
                 config: s.clone(),
-                exec: Arc::new(Semaphore::new(s.concurrency)),
+                pools: pools_of(s),
                 leases: Arc::default(),
                 processed: AtomicU64::new(0),
                 cancelled: cancelled.clone(),
@@ -171,19 +184,26 @@ pub async fn run(conveyor: Conveyor, config: WorkerConfig, shutdown: Cancellatio
     let reaper = tokio::spawn(reap_loop(conveyor.clone(), config.reap_interval, background.clone()));
 
     let mut fetchers = Vec::new();
+    let mut balancers = Vec::new();
     for sup in &supervisors {
-        let ctx = FetchCtx {
-            conveyor: conveyor.clone(),
-            sup: sup.clone(),
-            worker_id: worker_id.clone(),
-            done: done_tx.clone(),
-            shutdown: shutdown.clone(),
-            hard_stop: hard_stop.clone(),
-            tracker: tracker.clone(),
-            poll: config.poll_interval,
-            counters: counters.clone(),
-        };
-        fetchers.push(tokio::spawn(fetch_loop(ctx)));
+        if sup.config.balance == Balance::Auto && sup.pools.len() > 1 {
+            balancers.push(tokio::spawn(balance_loop(conveyor.clone(), sup.clone(), background.clone())));
+        }
+        for pool in &sup.pools {
+            let ctx = FetchCtx {
+                conveyor: conveyor.clone(),
+                sup: sup.clone(),
+                pool: pool.clone(),
+                worker_id: worker_id.clone(),
+                done: done_tx.clone(),
+                shutdown: shutdown.clone(),
+                hard_stop: hard_stop.clone(),
+                tracker: tracker.clone(),
+                poll: config.poll_interval,
+                counters: counters.clone(),
+            };
+            fetchers.push(tokio::spawn(fetch_loop(ctx)));
+        }
     }
     drop(done_tx);
 
@@ -205,6 +225,9 @@ pub async fn run(conveyor: Conveyor, config: WorkerConfig, shutdown: Cancellatio
     background.cancel();
     let _ = heartbeat.await;
     let _ = reaper.await;
+    for b in balancers {
+        let _ = b.await;
+    }
     if let Err(e) = backend.worker_gone(&worker_id).await {
         warn!(error = %e, "could not unregister the worker");
     }
@@ -221,6 +244,7 @@ pub async fn run(conveyor: Conveyor, config: WorkerConfig, shutdown: Cancellatio
 struct FetchCtx {
     conveyor: Conveyor,
     sup: Arc<Supervisor>,
+    pool: Arc<Pool>,
     worker_id: String,
     done: mpsc::UnboundedSender<Completion>,
     shutdown: CancellationToken,
@@ -232,12 +256,11 @@ struct FetchCtx {
 
 async fn fetch_loop(ctx: FetchCtx) {
     let cfg = &ctx.sup.config;
-    let total = cfg.concurrency + cfg.prefetch;
-    let slots = Arc::new(Semaphore::new(total));
+    let slots = ctx.pool.slots.clone();
     // Refill at a low-water mark rather than per freed slot: reserve calls stay large under
     // load, and executors never starve because at least `concurrency` jobs are still held
     // whenever fewer than `refill` slots are free.
-    let refill = (cfg.prefetch / 2).clamp(1, total) as u32;
+    let refill = (ctx.pool.prefetch / 2).max(1) as u32;
     let wakeup = ctx.conveyor.backend().wakeup();
     let mut error_delay = Duration::from_millis(50);
     loop {
@@ -255,7 +278,7 @@ async fn fetch_loop(ctx: FetchCtx) {
         }
         let want = permits.num_permits();
         let mark = wakeup.mark();
-        let req = ReserveRequest { queues: cfg.queues.clone(), max: want, lease: cfg.lease, worker: ctx.worker_id.clone() };
+        let req = ReserveRequest { queues: ctx.pool.queues.clone(), max: want, lease: cfg.lease, worker: ctx.worker_id.clone() };
         let jobs = match ctx.conveyor.backend().reserve(req).await {
             Ok(jobs) => {
                 error_delay = Duration::from_millis(50);
@@ -284,6 +307,7 @@ async fn fetch_loop(ctx: FetchCtx) {
             let task = JobTask {
                 conveyor: ctx.conveyor.clone(),
                 sup: ctx.sup.clone(),
+                pool: ctx.pool.clone(),
                 done: ctx.done.clone(),
                 shutdown: ctx.shutdown.clone(),
                 hard_stop: ctx.hard_stop.clone(),
@@ -304,6 +328,7 @@ async fn fetch_loop(ctx: FetchCtx) {
 struct JobTask {
     conveyor: Conveyor,
     sup: Arc<Supervisor>,
+    pool: Arc<Pool>,
     done: mpsc::UnboundedSender<Completion>,
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
@@ -320,7 +345,7 @@ impl JobTask {
             let exec = tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => None,
-                p = self.sup.exec.clone().acquire_owned() => p.ok(),
+                p = self.pool.exec.clone().acquire_owned() => p.ok(),
             };
             let Some(_exec) = exec else {
                 self.finish(Completion { outcome: Outcome::Release { at: now_ms() }, ..template });
@@ -542,7 +567,9 @@ fn snapshot(worker_id: &str, started_at: i64, supervisors: &[Arc<Supervisor>], s
                     name: s.config.name.clone(),
                     queues: s.config.queues.clone(),
                     concurrency: s.config.concurrency,
-                    busy: s.config.concurrency - s.exec.available_permits(),
+                    busy: s.pools.iter().map(|p| p.capacity().saturating_sub(p.exec.available_permits())).sum(),
+                    balance: s.config.balance,
+                    pools: s.pools.iter().map(|p| PoolInfo { queues: p.queues.clone(), workers: p.capacity() }).collect(),
                     processed: s.processed.load(Ordering::Relaxed),
                     current_jobs,
                 }
@@ -561,6 +588,49 @@ async fn reap_loop(conveyor: Conveyor, every: Duration, stop: CancellationToken)
                 Ok(0) => {}
                 Ok(n) => info!(jobs = n, "reclaimed jobs whose lease expired"),
                 Err(e) => warn!(error = %e, "reaper failed"),
+            }
+        }
+    }
+}
+
+/// The pools of a supervisor: one over all its queues (strict order), or one per queue.
+fn pools_of(s: &SupervisorConfig) -> Vec<Arc<Pool>> {
+    if s.balance == Balance::Off || s.queues.len() < 2 {
+        return vec![Arc::new(Pool::new(s.queues.clone(), s.concurrency, s.prefetch))];
+    }
+    let shares = allocate(s.concurrency, s.min_workers, &vec![0.0; s.queues.len()]);
+    let prefetch = (s.prefetch / s.queues.len()).max(1);
+    s.queues.iter().zip(shares).map(|(q, n)| Arc::new(Pool::new(vec![q.clone()], n, prefetch))).collect()
+}
+
+/// Re-divides an `auto` supervisor's executors every few seconds by how long each queue's
+/// next job has waited (an idle queue keeps its minimum).
+async fn balance_loop(conveyor: Conveyor, sup: Arc<Supervisor>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(3));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Ok(stats) = conveyor.backend().queues().await else { continue };
+        let weights: Vec<f64> = sup
+            .pools
+            .iter()
+            .map(|p| {
+                stats.iter().find(|q| q.queue == p.queues[0]).map_or(0.0, |q| {
+                    if q.pending > 0 && !q.paused {
+                        q.oldest_wait_s + 0.001
+                    } else {
+                        0.0
+                    }
+                })
+            })
+            .collect();
+        let shares = allocate(sup.config.concurrency, sup.config.min_workers, &weights);
+        for (pool, n) in sup.pools.iter().zip(shares) {
+            if pool.capacity() != n {
+                debug!(supervisor = %sup.config.name, queue = %pool.queues[0], workers = n, "rebalanced");
+                pool.resize(n);
             }
         }
     }

@@ -292,6 +292,11 @@ pub async fn worker_registry_heartbeat_and_gone(b: Backend) {
             busy: 2,
             processed: 17,
             current_jobs: vec![JobId::new().to_string()],
+            balance: conveyor_core::balance::Balance::Auto,
+            pools: vec![
+                conveyor_core::backend::PoolInfo { queues: vec!["a".into()], workers: 5 },
+                conveyor_core::backend::PoolInfo { queues: vec!["b".into()], workers: 3 },
+            ],
         }],
     };
     let stale = WorkerInfo { id: unique_name("worker"), last_seen: now - 120_000, ..info.clone() };

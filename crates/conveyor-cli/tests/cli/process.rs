@@ -81,3 +81,27 @@ async fn sigterm_lets_running_jobs_finish_and_returns_the_rest_unrun() {
     let pending = env.backend.jobs(JobFilter { state: Some(JobState::Pending), ..Default::default() }, Page::default()).await.unwrap();
     assert!(pending.items.iter().all(|j| j.attempts == 0), "jobs released unrun consumed no attempt");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auto_balanced_supervisor_moves_workers_to_the_waiting_queue() {
+    let env = TestEnv::new(
+        "[[supervisors]]\nname = \"balanced\"\nqueues = [\"busy\", \"idle\"]\nmax_workers = 10\nmin_workers = 1\nbalance = \"auto\"\n",
+    );
+    let jobs: Vec<NewJob> = (0..400).map(|i| NewJob::new("conveyor.sleep", &json!({ "ms": 100, "n": i })).queue("busy")).collect();
+    env.backend.enqueue(jobs).await.unwrap();
+    let mut worker = env.spawn(&["work"]);
+    let pools = || async {
+        let workers = env.backend.workers(Duration::from_secs(30)).await.unwrap();
+        workers.first().map(|w| w.supervisors[0].pools.iter().map(|p| (p.queues[0].clone(), p.workers)).collect::<Vec<_>>())
+    };
+    wait_for("the busy queue to get 9 of 10 workers", Duration::from_secs(30), || async {
+        pools().await == Some(vec![("busy".to_string(), 9), ("idle".to_string(), 1)])
+    })
+    .await;
+    let out = env.conveyor(&["queue", "list", "--json"]).output().unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let busy = list.as_array().unwrap().iter().find(|q| q["queue"] == "busy").unwrap();
+    assert_eq!(busy["workers"], 9, "queue list shows the allocation");
+    sigterm(&worker);
+    assert!(wait_exit(&mut worker, Duration::from_secs(30)).await.success());
+}
