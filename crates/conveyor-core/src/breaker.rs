@@ -2,8 +2,8 @@
 //! a threshold (with a minimum number of calls); open → half-open after the open duration,
 //! letting a few probe calls through; half-open → closed when the probes succeed, or open again
 //! on a failure. State lives in the store, so every worker of every process sees the same
-//! breaker; each transition is logged as an event (`breaker.opened`, `breaker.half_opened`,
-//! `breaker.closed`).
+//! breaker; each transition is logged as an event (`breaker.open`, `breaker.half_open`,
+//! `breaker.closed`) in the transaction that makes it.
 
 use std::time::Duration;
 
