@@ -7,9 +7,11 @@
 pub mod error;
 
 mod admin;
+mod dashboard;
 mod health;
 mod orchestration;
 mod prometheus;
+mod stats;
 
 use std::sync::Arc;
 
@@ -31,7 +33,7 @@ use error::ApiError;
 #[derive(Clone)]
 pub struct AppState {
     pub conveyor: Conveyor,
-    token: Option<Arc<Secret>>,
+    pub(crate) token: Option<Arc<Secret>>,
     /// The schedules this process fires, if it runs a scheduler.
     pub(crate) schedules: Option<Arc<Vec<ScheduleInfo>>>,
 }
@@ -48,7 +50,7 @@ impl AppState {
 }
 
 /// A credential that never prints.
-pub struct Secret(String);
+pub struct Secret(pub(crate) String);
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -61,26 +63,39 @@ pub fn router(state: AppState) -> Router {
         .route("/api/health", get(health::health))
         .route("/health", get(health::health))
         .route("/metrics", get(prometheus::metrics))
+        .route("/api/stats", get(stats::stats))
         .merge(admin::routes())
         .merge(orchestration::routes())
+        .merge(dashboard::routes())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state)
 }
 
-/// With a token configured, every API call that changes something needs it.
+/// With a token configured: every API call that changes something needs it (as a bearer
+/// token, or the dashboard's cookie plus its `X-Conveyor-Dashboard` header — a header no other
+/// site can make a browser send, so the cookie cannot be used across sites), and every
+/// dashboard page needs the cookie.
 async fn require_token(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    if let Some(token) = &s.token {
-        if req.method() != Method::GET && req.method() != Method::HEAD {
-            let given = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or_default();
-            if !constant_time_eq(given.as_bytes(), token.0.as_bytes()) {
-                return ApiError::Unauthorized.into_response();
-            }
+    let Some(token) = &s.token else { return next.run(req).await };
+    let path = req.uri().path();
+    let headers = req.headers();
+    if path.starts_with("/dashboard") {
+        let open = matches!(path, "/dashboard/login" | "/dashboard/logout" | "/dashboard/app.css");
+        if !open && !dashboard::has_cookie(headers, &token.0) {
+            return axum::response::Redirect::to("/dashboard/login").into_response();
+        }
+        return next.run(req).await;
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|given| constant_time_eq(given.as_bytes(), token.0.as_bytes()));
+        let dashboard = headers.contains_key("x-conveyor-dashboard") && dashboard::has_cookie(headers, &token.0);
+        if !bearer && !dashboard {
+            return ApiError::Unauthorized.into_response();
         }
     }
     next.run(req).await

@@ -33,18 +33,31 @@ pub use conveyor_core::job::{Backoff, Completion, EnqueueOutcome, Job, JobId, Jo
 pub use serde_json::{json, Value};
 
 mod admin;
+mod batches;
+mod cache;
+mod events;
 mod leases;
 mod lifecycle;
+mod limits;
+mod middleware;
 mod runtime;
 mod runtime_shutdown;
+mod support;
 mod transactions;
+mod workflows;
 
 pub use admin::*;
+pub use batches::*;
+pub use cache::*;
+pub use events::*;
 pub use leases::*;
 pub use lifecycle::*;
+pub use limits::*;
+pub use middleware::*;
 pub use runtime::*;
 pub use runtime_shutdown::*;
 pub use transactions::*;
+pub use workflows::*;
 
 /// What every conformance test receives.
 pub type Backend = Arc<dyn QueueBackend>;
@@ -96,6 +109,38 @@ macro_rules! conformance_suite {
                 runtime_registers_itself_and_reaps_abandoned_jobs,
                 runtime_heartbeat_keeps_long_jobs_leased,
                 runtime_retry_after_waits_before_the_next_attempt,
+                // batches
+                batch_of_ten_thousand_counts_exactly_and_calls_back_once,
+                batch_failure_cancels_it_and_skips_the_rest,
+                batch_cancelled_by_a_failure_runs_no_job_started_after_it,
+                batch_allowing_failures_runs_every_job_and_counts_failures,
+                batch_cancelled_before_it_runs_skips_its_jobs,
+                batch_add_jobs_grows_an_open_batch_only,
+                batch_list_pages_newest_first,
+                // workflows
+                workflow_failure_compensates_completed_steps_in_reverse,
+                workflow_runs_steps_in_order_and_completes,
+                workflow_compensation_survives_a_dead_worker,
+                // events
+                event_listeners_get_each_emit_once_inline_after_commit,
+                event_emitted_in_a_rolled_back_transaction_is_neither_logged_nor_delivered,
+                // cache and sorted sets
+                cache_put_get_expire_forget_and_remember,
+                cache_forget_prefix_forgets_keys_with_any_suffix,
+                sorted_set_scores_ranks_and_ties,
+                sorted_set_rebuild_is_atomic_and_incr_in_follows_the_transaction,
+                // rate limits and breakers
+                rate_limiter_admits_exactly_the_limit_under_concurrency,
+                rate_limit_middleware_releases_jobs_over_the_limit,
+                breaker_opens_probes_and_closes,
+                breaker_with_a_lost_probe_lets_another_probe_through,
+                breaker_middleware_releases_jobs_while_open,
+                // locks and middleware
+                locks_have_one_owner_extend_and_expire,
+                without_overlapping_runs_one_job_per_key_at_a_time,
+                retry_on_retries_only_matching_errors,
+                timeout_middleware_applies_to_jobs_without_their_own,
+                jobs_released_after_the_breaker_are_not_breaker_calls,
             );
         }
     };
