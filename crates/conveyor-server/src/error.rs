@@ -19,6 +19,8 @@ pub enum ApiError {
     Conflict(String),
     /// A field (JSON path) and why it is wrong.
     Validation(BTreeMap<String, String>),
+    MethodNotAllowed,
+    PayloadTooLarge,
     Unavailable(String),
     Internal(String),
 }
@@ -47,6 +49,12 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", "a valid API token is required".into(), None),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, "not_found", m, None),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, "conflict", m, None),
+            ApiError::MethodNotAllowed => {
+                (StatusCode::METHOD_NOT_ALLOWED, "bad_request", "method not allowed on this endpoint".into(), None)
+            }
+            ApiError::PayloadTooLarge => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("the request body is over {} bytes", crate::MAX_BODY), None)
+            }
             ApiError::Validation(f) => {
                 let first = f.iter().next().map(|(k, v)| format!("{k}: {v}")).unwrap_or_default();
                 (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", first, Some(f))

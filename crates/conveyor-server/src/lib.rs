@@ -68,6 +68,9 @@ pub fn router(state: AppState) -> Router {
         .merge(orchestration::routes())
         .merge(dashboard::routes())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn(envelope_errors))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state)
 }
@@ -99,6 +102,33 @@ async fn require_token(State(s): State<AppState>, req: Request, next: Next) -> R
         }
     }
     next.run(req).await
+}
+
+/// The largest request body accepted (CSV imports stream through their own limit).
+pub const MAX_BODY: usize = 2 * 1024 * 1024;
+/// How long a request may take before it is answered with 503.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Gives every request a deadline, and turns axum's own plain-text rejections (a body over the
+/// limit, a malformed path) into the SPEC's error envelope.
+async fn envelope_errors(req: Request, next: Next) -> Response {
+    let res = match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(res) => res,
+        Err(_) => return ApiError::Unavailable("request timed out".into()).into_response(),
+    };
+    let is_json = res.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/json"));
+    if is_json || res.status().is_success() || res.status().is_redirection() {
+        return res;
+    }
+    match res.status() {
+        axum::http::StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge.into_response(),
+        axum::http::StatusCode::BAD_REQUEST => ApiError::BadRequest("malformed request".into()).into_response(),
+        axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::BadRequest("unsupported content type".into()).into_response(),
+        axum::http::StatusCode::UNPROCESSABLE_ENTITY => {
+            ApiError::BadRequest("the request body does not match the expected shape".into()).into_response()
+        }
+        _ => res,
+    }
 }
 
 /// Compares without an early exit, so response time does not reveal how much of a guess matched.

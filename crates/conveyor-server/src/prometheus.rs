@@ -46,6 +46,25 @@ pub(crate) async fn metrics(State(s): State<AppState>) -> Result<Response, ApiEr
         workers.len()
     );
 
+    let breakers = conveyor_core::breaker::list(backend.as_ref(), Duration::from_secs(60)).await?;
+    out.push_str(
+        "# HELP conveyor_breaker_state Circuit breaker state: 0 closed, 1 half-open, 2 open.\n# TYPE conveyor_breaker_state gauge\n",
+    );
+    for b in &breakers {
+        let v = match b.state.as_str() {
+            "open" => 2,
+            "half_open" => 1,
+            _ => 0,
+        };
+        let _ = writeln!(out, "conveyor_breaker_state{{breaker=\"{}\"}} {v}", esc(&b.name));
+    }
+    out.push_str(
+        "# HELP conveyor_breaker_failure_rate Failure rate over the breaker's window.\n# TYPE conveyor_breaker_failure_rate gauge\n",
+    );
+    for b in &breakers {
+        let _ = writeln!(out, "conveyor_breaker_failure_rate{{breaker=\"{}\"}} {}", esc(&b.name), b.failure_rate);
+    }
+
     // Per queue and kind over the last hour: attempts by outcome and runtime / wait histograms.
     let mut by_key: std::collections::BTreeMap<(String, String), MetricsRow> = Default::default();
     for r in &rows {

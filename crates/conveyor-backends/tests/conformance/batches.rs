@@ -108,13 +108,11 @@ pub async fn batch_of_ten_thousand_counts_exactly_and_calls_back_once(b: Backend
     assert_eq!((info.status.as_str(), info.progress, info.finished_at), ("pending", 0.0, None), "{info:?}");
     assert_counts(&b, &q, [N as u64, 0, 0, 0], "the batch's jobs are enqueued with it").await;
 
-    let started = Instant::now();
     let w = start(&b, registry, config(&q, 32, Duration::from_secs(5)));
     wait_until("the batch finished and its then and finally callbacks ran", Duration::from_secs(50), || async {
         cb.count(THEN) >= 1 && cb.count(FINALLY) >= 1 && drained(&b, &q).await
     })
     .await;
-    let elapsed = started.elapsed();
     let report = w.stop().await;
 
     let wrong: Vec<(usize, u32)> = runs.iter().enumerate().map(|(n, c)| (n, c.load(SeqCst))).filter(|(_, c)| *c != 1).take(20).collect();
@@ -130,7 +128,6 @@ pub async fn batch_of_ten_thousand_counts_exactly_and_calls_back_once(b: Backend
     }
     assert_eq!(report, WorkerReport { completed: N as u64 + 2, retried: 0, failed: 0, released: 0 });
     assert_counts(&b, &q, [0, 0, 0, 0], "after the batch").await;
-    eprintln!("a batch of {N} jobs ran in {elapsed:?}");
 }
 
 /// Registers the kinds of the failure tests: [`FAILS`] fails for good at once, [`GATE`] waits

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use crate::{sigterm, wait_exit, TestEnv};
 
 /// Starts `conveyor serve` on a free port and returns it with its base URL.
-fn serve(env: &TestEnv, extra_env: &[(&str, &str)]) -> (Child, String) {
+pub(crate) fn serve(env: &TestEnv, extra_env: &[(&str, &str)]) -> (Child, String) {
     let mut cmd = env.conveyor(&["serve"]);
     cmd.env("CONVEYOR_HTTP_ADDR", "127.0.0.1:0");
     for (k, v) in extra_env {

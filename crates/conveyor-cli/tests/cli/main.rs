@@ -1,6 +1,7 @@
 //! End-to-end tests of the `conveyor` binary: real processes on a real SQLite file, each test
 //! in its own temporary directory.
 
+mod browser;
 mod commands;
 mod http;
 mod process;
