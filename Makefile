@@ -1,7 +1,7 @@
 # Everyday targets; CI runs .ci/run, which runs the same commands.
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/conveyor-target
 
-.PHONY: test lint fmt bench bench-criterion run
+.PHONY: test lint fmt bench bench-criterion run fuzz-api
 
 test:
 	cargo test --workspace
@@ -25,3 +25,7 @@ bench:
 # Criterion micro-benchmarks of the hot paths.
 bench-criterion:
 	cargo bench -p conveyor-backends --bench hot_paths
+
+# Schema-based fuzzing of the HTTP API (schemathesis); more cases with EXAMPLES=200.
+fuzz-api:
+	bash scripts/fuzz-api.sh

@@ -48,6 +48,7 @@ pub struct ReserveRequest {
 
 /// A queue's numbers, for `queue list` and `/api/queues`.
 #[derive(Clone, Debug, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct QueueStats {
     pub queue: String,
     pub pending: u64,
@@ -63,10 +64,13 @@ pub struct QueueStats {
 
 /// A job in the failed store.
 #[derive(Clone, Debug, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FailedJob {
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = "uuid"))]
     pub id: JobId,
     pub queue: String,
     pub kind: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub payload: serde_json::Value,
     pub attempts: u32,
     pub max_attempts: u32,
@@ -115,6 +119,7 @@ pub struct Paged<T> {
 
 /// A worker process as registered in the backend (a heartbeat keeps it listed).
 #[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkerInfo {
     pub id: String,
     pub hostname: String,
@@ -127,6 +132,7 @@ pub struct WorkerInfo {
 }
 
 #[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SupervisorInfo {
     pub name: String,
     pub queues: Vec<String>,
@@ -141,6 +147,7 @@ pub struct SupervisorInfo {
 }
 
 #[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PoolInfo {
     pub queues: Vec<String>,
     pub workers: usize,

@@ -27,6 +27,7 @@ pub struct Batch {
 
 /// A batch as stored, for the API and the dashboard.
 #[derive(Clone, Debug, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BatchInfo {
     pub id: String,
     pub name: String,

@@ -43,6 +43,7 @@ pub enum Permit {
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BreakerInfo {
     pub name: String,
     /// `closed`, `open` or `half_open`.

@@ -51,9 +51,11 @@ pub struct EventEnvelope<T> {
 
 /// An event as logged.
 #[derive(Clone, Debug, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EventRecord {
     pub id: String,
     pub name: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub payload: serde_json::Value,
     pub listeners: Vec<ListenerRun>,
     pub created_at: i64,
@@ -61,6 +63,7 @@ pub struct EventRecord {
 
 /// A listener the event went to; `job_id` for queued ones (its status is the job's).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ListenerRun {
     pub listener: String,
     pub mode: String,

@@ -331,6 +331,7 @@ pub enum Outcome {
 /// Where a job is in its lifecycle, as shown by the admin API.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum JobState {
     Pending,
     Delayed,
@@ -367,11 +368,14 @@ impl FromStr for JobState {
 
 /// A job as the admin API and the dashboard see it, whatever its state.
 #[derive(Clone, Debug, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobInfo {
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = "uuid"))]
     pub id: JobId,
     pub queue: String,
     pub kind: String,
     pub state: JobState,
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub payload: serde_json::Value,
     pub attempts: u32,
     pub max_attempts: u32,

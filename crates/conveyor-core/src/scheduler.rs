@@ -29,6 +29,7 @@ const CATCH_UP_CHUNK: usize = 1_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Missed {
     Skip,
     RunOnce,
@@ -56,6 +57,7 @@ impl Schedule {
 
 /// A schedule as reported to operators.
 #[derive(Clone, Debug, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScheduleInfo {
     pub name: String,
     pub cron: String,

@@ -23,6 +23,7 @@ pub struct Workflow {
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkflowInfo {
     pub id: String,
     pub name: String,
@@ -36,6 +37,7 @@ pub struct WorkflowInfo {
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepInfo {
     pub name: String,
     /// `step` or `compensation`.

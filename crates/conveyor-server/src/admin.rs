@@ -9,12 +9,14 @@ use axum::routing::{delete, get, post};
 use axum::Router;
 use serde::{Deserialize, Serialize};
 
-use conveyor_core::backend::{JobFilter, MetricsQuery, Page};
+use conveyor_core::backend::{FailedJob, JobFilter, MetricsQuery, Page, QueueStats, WorkerInfo};
 use conveyor_core::clock::now_ms;
+use conveyor_core::job::JobInfo;
 use conveyor_core::job::{validate_queue_name, JobId, JobState};
 use conveyor_core::metrics::{summarize, MetricsRow};
 
 use crate::error::{ok, page, ApiError};
+use crate::openapi::{Cleared, Envelope, ErrorEnvelope, Forgotten, PagedEnvelope, QueueState, Retried, RetriedCount};
 use crate::AppState;
 
 pub(crate) fn routes() -> Router<AppState> {
@@ -67,30 +69,34 @@ fn job_id(id: &str) -> Result<JobId, ApiError> {
     id.parse::<JobId>().map_err(|_| ApiError::NotFound(format!("no job {id}")))
 }
 
-async fn list_queues(State(s): State<AppState>) -> Result<Response, ApiError> {
+#[utoipa::path(get, path = "/api/queues", tag = "queues", responses((status = 200, description = "every queue with its numbers", body = Envelope<Vec<QueueStats>>)))]
+pub(crate) async fn list_queues(State(s): State<AppState>) -> Result<Response, ApiError> {
     Ok(ok(s.conveyor.backend().queues().await?))
 }
 
-async fn pause(State(s): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+#[utoipa::path(post, path = "/api/queues/{name}/pause", tag = "queues", params(("name" = String, Path, description = "queue name")), responses((status = 200, description = "paused", body = Envelope<QueueState>), (status = 401, description = "a token is required", body = ErrorEnvelope), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
+pub(crate) async fn pause(State(s): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
     queue_name(&name)?;
     s.conveyor.backend().pause(&name).await?;
     Ok(ok(serde_json::json!({ "queue": name, "paused": true })))
 }
 
-async fn resume(State(s): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+#[utoipa::path(post, path = "/api/queues/{name}/resume", tag = "queues", params(("name" = String, Path, description = "queue name")), responses((status = 200, description = "resumed", body = Envelope<QueueState>), (status = 401, description = "a token is required", body = ErrorEnvelope), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
+pub(crate) async fn resume(State(s): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
     queue_name(&name)?;
     s.conveyor.backend().resume(&name).await?;
     Ok(ok(serde_json::json!({ "queue": name, "paused": false })))
 }
 
-async fn clear(State(s): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+#[utoipa::path(post, path = "/api/queues/{name}/clear", tag = "queues", params(("name" = String, Path, description = "queue name")), responses((status = 200, description = "pending and delayed jobs deleted", body = Envelope<Cleared>), (status = 401, description = "a token is required", body = ErrorEnvelope), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
+pub(crate) async fn clear(State(s): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
     queue_name(&name)?;
     let cleared = s.conveyor.backend().clear(&name).await?;
     Ok(ok(serde_json::json!({ "queue": name, "cleared": cleared })))
 }
 
 #[derive(Deserialize)]
-struct JobsQuery {
+pub(crate) struct JobsQuery {
     queue: Option<String>,
     kind: Option<String>,
     status: Option<String>,
@@ -100,7 +106,8 @@ struct JobsQuery {
     paging: Paging,
 }
 
-async fn list_jobs(State(s): State<AppState>, Query(q): Query<JobsQuery>) -> Result<Response, ApiError> {
+#[utoipa::path(get, path = "/api/jobs", tag = "jobs", params(("queue" = Option<String>, Query), ("kind" = Option<String>, Query), ("status" = Option<String>, Query, description = "pending, delayed, reserved, completed or failed"), ("tag" = Option<String>, Query), ("batch_id" = Option<String>, Query), ("page" = Option<u32>, Query, minimum = 1, description = "from 1"), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 50")), responses((status = 200, description = "jobs, newest first", body = PagedEnvelope<JobInfo>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
+pub(crate) async fn list_jobs(State(s): State<AppState>, Query(q): Query<JobsQuery>) -> Result<Response, ApiError> {
     let p = q.paging.parse()?;
     let state = match q.status.as_deref() {
         None | Some("") => None,
@@ -119,7 +126,8 @@ async fn list_jobs(State(s): State<AppState>, Query(q): Query<JobsQuery>) -> Res
     Ok(page(jobs.items, p.page, p.per_page, jobs.total))
 }
 
-async fn show_job(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+#[utoipa::path(get, path = "/api/jobs/{id}", tag = "jobs", params(("id" = String, Path, description = "job id")), responses((status = 200, description = "the job in any state", body = Envelope<JobInfo>), (status = 404, description = "not found", body = ErrorEnvelope)))]
+pub(crate) async fn show_job(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = job_id(&id)?;
     match s.conveyor.backend().job(id).await? {
         Some(job) => Ok(ok(job)),
@@ -128,19 +136,21 @@ async fn show_job(State(s): State<AppState>, Path(id): Path<String>) -> Result<R
 }
 
 #[derive(Deserialize)]
-struct FailedQuery {
+pub(crate) struct FailedQuery {
     queue: Option<String>,
     #[serde(flatten)]
     paging: Paging,
 }
 
-async fn list_failed(State(s): State<AppState>, Query(q): Query<FailedQuery>) -> Result<Response, ApiError> {
+#[utoipa::path(get, path = "/api/jobs/failed", tag = "failed", params(("queue" = Option<String>, Query), ("page" = Option<u32>, Query, minimum = 1, description = "from 1"), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 50")), responses((status = 200, description = "failed jobs, newest first", body = PagedEnvelope<FailedJob>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
+pub(crate) async fn list_failed(State(s): State<AppState>, Query(q): Query<FailedQuery>) -> Result<Response, ApiError> {
     let p = q.paging.parse()?;
     let failed = s.conveyor.backend().failed(q.queue.as_deref().filter(|v| !v.is_empty()), p).await?;
     Ok(page(failed.items, p.page, p.per_page, failed.total))
 }
 
-async fn show_failed(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+#[utoipa::path(get, path = "/api/jobs/failed/{id}", tag = "failed", params(("id" = String, Path, description = "job id")), responses((status = 200, description = "a failed job", body = Envelope<FailedJob>), (status = 404, description = "not found", body = ErrorEnvelope)))]
+pub(crate) async fn show_failed(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = job_id(&id)?;
     match s.conveyor.backend().failed_job(id).await? {
         Some(job) => Ok(ok(job)),
@@ -148,7 +158,8 @@ async fn show_failed(State(s): State<AppState>, Path(id): Path<String>) -> Resul
     }
 }
 
-async fn retry_failed(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+#[utoipa::path(post, path = "/api/jobs/failed/{id}/retry", tag = "failed", params(("id" = String, Path, description = "job id")), responses((status = 200, description = "back on its queue, same id", body = Envelope<Retried>), (status = 401, description = "a token is required", body = ErrorEnvelope), (status = 404, description = "not found", body = ErrorEnvelope)))]
+pub(crate) async fn retry_failed(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = job_id(&id)?;
     let retried = s.conveyor.backend().retry_failed(vec![id]).await?;
     if retried.is_empty() {
@@ -157,12 +168,14 @@ async fn retry_failed(State(s): State<AppState>, Path(id): Path<String>) -> Resu
     Ok(ok(serde_json::json!({ "retried": retried })))
 }
 
-async fn retry_all(State(s): State<AppState>) -> Result<Response, ApiError> {
+#[utoipa::path(post, path = "/api/jobs/failed/retry-all", tag = "failed", responses((status = 200, description = "every failed job back on its queue", body = Envelope<RetriedCount>), (status = 401, description = "a token is required", body = ErrorEnvelope)))]
+pub(crate) async fn retry_all(State(s): State<AppState>) -> Result<Response, ApiError> {
     let n = s.conveyor.backend().retry_all_failed(None).await?;
     Ok(ok(serde_json::json!({ "retried": n })))
 }
 
-async fn forget_failed(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+#[utoipa::path(delete, path = "/api/jobs/failed/{id}", tag = "failed", params(("id" = String, Path, description = "job id")), responses((status = 200, description = "deleted", body = Envelope<Forgotten>), (status = 401, description = "a token is required", body = ErrorEnvelope), (status = 404, description = "not found", body = ErrorEnvelope)))]
+pub(crate) async fn forget_failed(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = job_id(&id)?;
     if !s.conveyor.backend().forget_failed(id).await? {
         return Err(ApiError::NotFound(format!("no failed job {id}")));
@@ -170,12 +183,13 @@ async fn forget_failed(State(s): State<AppState>, Path(id): Path<String>) -> Res
     Ok(ok(serde_json::json!({ "forgotten": id })))
 }
 
-async fn workers(State(s): State<AppState>) -> Result<Response, ApiError> {
+#[utoipa::path(get, path = "/api/workers", tag = "workers", responses((status = 200, description = "worker processes seen in the last 30 s", body = Envelope<Vec<WorkerInfo>>)))]
+pub(crate) async fn workers(State(s): State<AppState>) -> Result<Response, ApiError> {
     Ok(ok(s.conveyor.backend().workers(Duration::from_secs(30)).await?))
 }
 
 #[derive(Deserialize)]
-struct SeriesQuery {
+pub(crate) struct SeriesQuery {
     queue: Option<String>,
     kind: Option<String>,
     /// `hour` (default) or `day`.
@@ -183,8 +197,8 @@ struct SeriesQuery {
 }
 
 /// One point of a throughput / runtime / wait series.
-#[derive(Serialize)]
-struct Point {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct Point {
     minute: i64,
     processed: u64,
     completed: u64,
@@ -195,8 +209,8 @@ struct Point {
     p95_wait_ms: f64,
 }
 
-#[derive(Serialize)]
-struct Series {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct Series {
     name: String,
     points: Vec<Point>,
     totals: Point,
@@ -237,10 +251,12 @@ async fn series(s: &AppState, q: SeriesQuery, by_kind: bool) -> Result<Response,
     Ok(ok(out))
 }
 
-async fn metrics_queues(State(s): State<AppState>, Query(q): Query<SeriesQuery>) -> Result<Response, ApiError> {
+#[utoipa::path(get, path = "/api/metrics/queues", tag = "metrics", params(("queue" = Option<String>, Query), ("kind" = Option<String>, Query), ("period" = Option<String>, Query, description = "hour (default) or day")), responses((status = 200, description = "per-minute series per queue", body = Envelope<Vec<Series>>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
+pub(crate) async fn metrics_queues(State(s): State<AppState>, Query(q): Query<SeriesQuery>) -> Result<Response, ApiError> {
     series(&s, q, false).await
 }
 
-async fn metrics_jobs(State(s): State<AppState>, Query(q): Query<SeriesQuery>) -> Result<Response, ApiError> {
+#[utoipa::path(get, path = "/api/metrics/jobs", tag = "metrics", params(("queue" = Option<String>, Query), ("kind" = Option<String>, Query), ("period" = Option<String>, Query, description = "hour (default) or day")), responses((status = 200, description = "per-minute series per job kind", body = Envelope<Vec<Series>>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
+pub(crate) async fn metrics_jobs(State(s): State<AppState>, Query(q): Query<SeriesQuery>) -> Result<Response, ApiError> {
     series(&s, q, true).await
 }

@@ -10,6 +10,7 @@ use axum::Json;
 use serde::Serialize;
 use serde_json::json;
 
+use crate::openapi::{Envelope, Health};
 use crate::AppState;
 
 #[derive(Serialize)]
@@ -18,6 +19,7 @@ struct Check {
     detail: String,
 }
 
+#[utoipa::path(get, path = "/api/health", tag = "system", responses((status = 200, description = "healthy or degraded", body = Envelope<Health>), (status = 503, description = "a configured dependency failed", body = Envelope<Health>)))]
 pub(crate) async fn health(State(s): State<AppState>) -> Response {
     let backend = s.conveyor.backend();
     let mut failed = false;

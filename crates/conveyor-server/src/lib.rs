@@ -9,6 +9,7 @@ pub mod error;
 mod admin;
 mod dashboard;
 mod health;
+mod openapi;
 mod orchestration;
 mod prometheus;
 mod stats;
@@ -64,6 +65,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health::health))
         .route("/metrics", get(prometheus::metrics))
         .route("/api/stats", get(stats::stats))
+        .route("/api/openapi.json", get(openapi::document))
         .merge(admin::routes())
         .merge(orchestration::routes())
         .merge(dashboard::routes())

@@ -25,6 +25,7 @@ struct Counts {
     p95_runtime_ms: f64,
 }
 
+#[utoipa::path(get, path = "/api/stats", tag = "system", responses((status = 200, description = "overview numbers", body = Envelope<Object>)))]
 pub(crate) async fn stats(State(s): State<AppState>) -> Result<Response, ApiError> {
     let backend = s.conveyor.backend();
     let now = now_ms();

@@ -155,8 +155,9 @@ fn failure_kinds(registry: &mut Registry, log: &Log, gate: &Arc<Semaphore>, fail
     log_ok(registry, WORK, log);
 }
 
-/// A batch of one job that fails for good (highest priority, so it runs first), a gate job that
-/// holds the only executor until the test opens it, and `rest` ordinary jobs. Returns the
+/// A batch of one job that fails for good (highest priority, so it runs first), a gate job that,
+/// if it starts before the failure is acknowledged, holds the only executor until the test
+/// opens it, and `rest` ordinary jobs. Returns the
 /// batch id and the worker (jobs on `q` one at a time without prefetch, callbacks on `qcb`).
 async fn failing_batch(b: &Backend, registry: Registry, q: &str, qcb: &str, rest: usize) -> (String, super::runtime::Running) {
     let cv = conveyor_of(b, &registry);
@@ -174,7 +175,7 @@ async fn failing_batch(b: &Backend, registry: Registry, q: &str, qcb: &str, rest
 async fn assert_failed_batch_outcome(b: &Backend, id: &str, q: &str, qcb: &str, log: &Log, cb: &Callbacks, rest: usize) {
     let total = rest as u64 + 2;
     assert_eq!(log.count(FAILS), 1, "the failing job runs once (it aborts): {:?}", log.all());
-    assert_eq!(log.count(GATE), 1, "the gate job started before the failure was known: {:?}", log.all());
+    assert!(log.count(GATE) <= 1, "the gate job runs at most once: {:?}", log.all());
     assert_eq!(log.count(WORK), 0, "jobs of a cancelled batch that had not started were run: {:?}", log.all());
     let info = batch_info(b, id).await;
     assert_eq!(counters(&info), (total, 0, total - 1, 1), "skipped jobs count as processed: {info:?}");
@@ -212,7 +213,8 @@ pub async fn batch_failure_cancels_it_and_skips_the_rest(b: Backend) {
         batch_info(&b, &id).await.cancelled_at.is_some() && cb.count(CATCH) == 1
     })
     .await;
-    assert_eq!(log.all(), [FAILS, GATE], "only the failing job and the gate have started");
+    // The gate started unless the cancellation committed before it was due (then it is skipped).
+    assert_eq!((log.count(FAILS), log.count(WORK)), (1, 0), "only the failing job and the gate may have started: {:?}", log.all());
     // Not synchronization: the worker may use a cancelled-batch answer up to a second old.
     let failed_at = failed_at.lock().unwrap().expect("the failing job ran");
     tokio::time::sleep_until((failed_at + Duration::from_millis(1_300)).into()).await;
@@ -243,7 +245,8 @@ pub async fn batch_cancelled_by_a_failure_runs_no_job_started_after_it(b: Backen
         batch_info(&b, &id).await.cancelled_at.is_some() && cb.count(CATCH) == 1
     })
     .await;
-    assert_eq!(log.all(), [FAILS, GATE], "only the failing job and the gate have started");
+    // The gate started unless the cancellation committed before it was due (then it is skipped).
+    assert_eq!((log.count(FAILS), log.count(WORK)), (1, 0), "only the failing job and the gate may have started: {:?}", log.all());
     // The cancellation is committed (and visible to any reader): open the gate at once.
     gate.add_permits(1);
     wait_until("every job is accounted for and finally ran", Duration::from_secs(10), || async {

@@ -1,0 +1,163 @@
+//! The OpenAPI 3.1 document at `/api/openapi.json`, generated from the handlers' `#[utoipa::path]`
+//! attributes and the types they return, so it cannot drift from the code.
+
+use axum::response::IntoResponse;
+use axum::Json;
+use utoipa::{OpenApi, ToSchema};
+
+use conveyor_core::backend::{FailedJob, PoolInfo, QueueStats, SupervisorInfo, WorkerInfo};
+use conveyor_core::balance::Balance;
+use conveyor_core::batch::BatchInfo;
+use conveyor_core::breaker::BreakerInfo;
+use conveyor_core::event::{EventRecord, ListenerRun};
+use conveyor_core::job::{JobInfo, JobState};
+use conveyor_core::scheduler::{Missed, ScheduleInfo};
+use conveyor_core::workflow::{StepInfo, WorkflowInfo};
+
+// The types below only describe responses; handlers build the same shapes with `ok`/`page`.
+
+/// `{"success": true, "data": …}`
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub(crate) struct Envelope<T> {
+    success: bool,
+    data: T,
+}
+
+/// A page of a list.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub(crate) struct PagedEnvelope<T> {
+    success: bool,
+    data: Vec<T>,
+    meta: PageMeta,
+}
+
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub(crate) struct PageMeta {
+    /// From 1.
+    page: u32,
+    per_page: u32,
+    total: u64,
+}
+
+/// `{"success": false, "error": {code, message, details?}}`
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub(crate) struct ErrorEnvelope {
+    success: bool,
+    error: ErrorBody,
+}
+
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub(crate) struct ErrorBody {
+    /// bad_request, unauthorized, forbidden, not_found, conflict, payload_too_large,
+    /// validation_failed, rate_limited, unavailable or internal.
+    code: String,
+    message: String,
+    /// `{"fields": {"<json path>": "<reason>"}}` for validation errors.
+    #[schema(value_type = Object)]
+    details: Option<serde_json::Value>,
+}
+
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub(crate) struct QueueState {
+    queue: String,
+    paused: bool,
+}
+
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub(crate) struct Cleared {
+    queue: String,
+    cleared: u64,
+}
+
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub(crate) struct Retried {
+    retried: Vec<String>,
+}
+
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub(crate) struct RetriedCount {
+    retried: u64,
+}
+
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub(crate) struct Forgotten {
+    forgotten: String,
+}
+
+/// `{status: ok|degraded, checks: {database, queue, workers, scheduler}}`, each `{status, detail}`.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub(crate) struct Health {
+    status: String,
+    #[schema(value_type = Object)]
+    checks: serde_json::Value,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Conveyor API", description = "Queues, jobs, batches, workflows and system health. Envelopes and errors follow SPEC.md."),
+    paths(
+        crate::health::health,
+        crate::stats::stats,
+        crate::admin::list_queues,
+        crate::admin::pause,
+        crate::admin::resume,
+        crate::admin::clear,
+        crate::admin::list_jobs,
+        crate::admin::show_job,
+        crate::admin::list_failed,
+        crate::admin::show_failed,
+        crate::admin::retry_failed,
+        crate::admin::retry_all,
+        crate::admin::forget_failed,
+        crate::admin::workers,
+        crate::admin::metrics_queues,
+        crate::admin::metrics_jobs,
+        crate::orchestration::list_batches,
+        crate::orchestration::show_batch,
+        crate::orchestration::cancel_batch,
+        crate::orchestration::show_workflow,
+        crate::orchestration::breakers,
+        crate::orchestration::event_log,
+        crate::orchestration::schedules,
+    ),
+    components(schemas(
+        QueueStats,
+        FailedJob,
+        WorkerInfo,
+        SupervisorInfo,
+        PoolInfo,
+        Balance,
+        JobInfo,
+        JobState,
+        BatchInfo,
+        BreakerInfo,
+        EventRecord,
+        ListenerRun,
+        ScheduleInfo,
+        Missed,
+        WorkflowInfo,
+        StepInfo,
+        ErrorEnvelope,
+        ErrorBody,
+        PageMeta,
+        crate::admin::Series,
+        crate::admin::Point,
+        crate::orchestration::BatchDetail
+    ))
+)]
+pub(crate) struct ApiDoc;
+
+pub(crate) async fn document() -> axum::response::Response {
+    Json(ApiDoc::openapi()).into_response()
+}
