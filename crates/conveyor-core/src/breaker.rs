@@ -80,9 +80,9 @@ impl Breaker {
     }
 
     fn allow_in(&self, tx: &mut dyn Tx, now: i64) -> Result<Permit> {
-        let rows = tx.query("SELECT state, opened_at, probes FROM breakers WHERE name = $1", &[self.name.as_str().into()])?;
+        let rows = tx.query("SELECT state, opened_at, probes, changed_at FROM breakers WHERE name = $1", &[self.name.as_str().into()])?;
         let Some(r) = rows.first() else { return Ok(Permit::Allowed) };
-        let (state, opened_at, probes) = (r.text(0).unwrap_or("closed").to_string(), r.int(1), r.int(2));
+        let (state, opened_at, probes, changed_at) = (r.text(0).unwrap_or("closed").to_string(), r.int(1), r.int(2), r.int(3));
         let open_ms = self.config.open_for.as_millis() as i64;
         match state.as_str() {
             "open" if now < opened_at + open_ms => {
@@ -95,6 +95,15 @@ impl Breaker {
             }
             "half_open" if probes < self.config.probes as i64 => {
                 tx.execute("UPDATE breakers SET probes = probes + 1 WHERE name = $1", &[self.name.as_str().into()])?;
+                Ok(Permit::Allowed)
+            }
+            // The probes never reported (their worker died, or they were released): after another
+            // open period, let a fresh round of probes through rather than stay stuck.
+            "half_open" if now >= changed_at + open_ms => {
+                tx.execute(
+                    "UPDATE breakers SET probes = 1, probe_successes = 0, changed_at = $2 WHERE name = $1",
+                    &[self.name.as_str().into(), now.into()],
+                )?;
                 Ok(Permit::Allowed)
             }
             // Probes are out: wait a fraction of the open time for their verdict.

@@ -53,8 +53,9 @@ impl Cache {
 
     /// Forgets every key starting with `prefix` (invalidating a family of cached values).
     pub async fn forget_prefix(&self, prefix: &str) -> Result<u64> {
-        let (lo, hi) = (prefix.to_string(), format!("{prefix}\u{10FFFF}"));
-        self.backend.transact(move |tx| tx.execute("DELETE FROM cache WHERE key >= $1 AND key < $2", &[lo.into(), hi.into()])).await
+        // A character-wise comparison: unlike a range scan it does not depend on the collation.
+        let (p, n) = (prefix.to_string(), prefix.chars().count() as i64);
+        self.backend.transact(move |tx| tx.execute("DELETE FROM cache WHERE substr(key, 1, $2) = $1", &[p.into(), n.into()])).await
     }
 
     /// The cached value, or `compute()`'s, stored for `ttl`. Concurrent misses may each compute;

@@ -76,12 +76,12 @@ pub(crate) async fn before(conveyor: &Conveyor, job: &Job, chain: &[Middleware])
                 Ok(Decision::Allowed { .. }) => {}
                 Ok(Decision::Limited { retry_after }) => {
                     tracing::debug!(retry_after_ms = retry_after.as_millis() as u64, "rate limited; released");
-                    after(conveyor, guard, &Ok(())).await;
+                    after(conveyor, guard, &not_run()).await;
                     return Err(release(retry_after));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "rate limiter unavailable; released");
-                    after(conveyor, guard, &Ok(())).await;
+                    after(conveyor, guard, &not_run()).await;
                     return Err(release(Duration::from_secs(1)));
                 }
             },
@@ -89,12 +89,12 @@ pub(crate) async fn before(conveyor: &Conveyor, job: &Job, chain: &[Middleware])
                 Ok(Permit::Allowed) => guard.breakers.push(b.clone()),
                 Ok(Permit::Rejected { retry_after }) => {
                     tracing::debug!(breaker = b.name(), "breaker open; released");
-                    after(conveyor, guard, &Ok(())).await;
+                    after(conveyor, guard, &not_run()).await;
                     return Err(release(retry_after));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "breaker unavailable; released");
-                    after(conveyor, guard, &Ok(())).await;
+                    after(conveyor, guard, &not_run()).await;
                     return Err(release(Duration::from_secs(1)));
                 }
             },
@@ -104,7 +104,7 @@ pub(crate) async fn before(conveyor: &Conveyor, job: &Job, chain: &[Middleware])
                 match crate::lock::acquire(conveyor.backend().as_ref(), &k, &owner, *expires).await {
                     Ok(true) => guard.lock = Some((k, owner)),
                     Ok(false) | Err(_) => {
-                        after(conveyor, guard, &Ok(())).await;
+                        after(conveyor, guard, &not_run()).await;
                         return Err(release(*release_after));
                     }
                 }
@@ -114,6 +114,12 @@ pub(crate) async fn before(conveyor: &Conveyor, job: &Job, chain: &[Middleware])
         }
     }
     Ok(guard)
+}
+
+/// The result `after` gets for a job a middleware stopped: a release, which is no verdict on
+/// any breaker's dependency (the call never happened).
+fn not_run() -> JobResult {
+    Err(JobError::release(Duration::ZERO))
 }
 
 /// Gives back what `before` took and reports the call's outcome to breakers. Breakers that let

@@ -113,26 +113,27 @@ struct Counters {
 /// Jobs this process holds a lease on, and whether each has started.
 type Leases = Arc<Mutex<HashMap<JobId, (i64, bool)>>>;
 
-/// Which batches were cancelled, as last seen (cached briefly: cancelling is rare, and a job
-/// that slips through in that second runs as it would have a second earlier).
+/// Batches known to be cancelled. Only "cancelled" is remembered — cancelling is one-way, so
+/// that answer never goes stale — while "not cancelled" is asked again for every job, so no
+/// job starts after its batch's cancellation committed.
 #[derive(Default)]
 struct CancelledBatches {
-    seen: Mutex<HashMap<String, (bool, Instant)>>,
+    seen: Mutex<std::collections::HashSet<String>>,
 }
 
 impl CancelledBatches {
     async fn contains(&self, conveyor: &Conveyor, batch_id: &str) -> bool {
-        if let Some((cancelled, at)) = self.seen.lock().expect("batch cache poisoned").get(batch_id) {
-            if at.elapsed() < Duration::from_secs(1) {
-                return *cancelled;
-            }
+        if self.seen.lock().expect("batch cache poisoned").contains(batch_id) {
+            return true;
         }
         let cancelled = crate::batch::is_cancelled(conveyor.backend().as_ref(), batch_id).await.unwrap_or(false);
-        let mut seen = self.seen.lock().expect("batch cache poisoned");
-        if seen.len() > 10_000 {
-            seen.clear();
+        if cancelled {
+            let mut seen = self.seen.lock().expect("batch cache poisoned");
+            if seen.len() > 10_000 {
+                seen.clear();
+            }
+            seen.insert(batch_id.to_string());
         }
-        seen.insert(batch_id.to_string(), (cancelled, Instant::now()));
         cancelled
     }
 }

@@ -38,8 +38,11 @@ fn counters(i: &BatchInfo) -> (u64, u64, u64, u64) {
 #[derive(Clone, Default)]
 struct Callbacks {
     log: Log,
-    seen: Arc<Mutex<Vec<(String, Option<BatchInfo>)>>>,
+    seen: Arc<Mutex<Vec<SeenBatch>>>,
 }
+
+/// A callback's kind and the batch as it saw it.
+type SeenBatch = (String, Option<BatchInfo>);
 
 impl Callbacks {
     fn register(&self, registry: &mut Registry) {

@@ -46,8 +46,9 @@ pub async fn locks_have_one_owner_extend_and_expire(b: Backend) {
 pub async fn without_overlapping_runs_one_job_per_key_at_a_time(b: Backend) {
     const KIND: &str = "conformance.mw.exclusive";
     let q = queue_name();
-    // key → (running now, most running at once); plus the most running of any key at once.
-    let running: Arc<Mutex<(HashMap<String, (usize, usize)>, usize, usize)>> = Arc::default();
+    // key → (running now, most running at once); then running now and most at once of any key.
+    type Running = (HashMap<String, (usize, usize)>, usize, usize);
+    let running: Arc<Mutex<Running>> = Arc::default();
     let seen = Seen::default();
     let mut registry = Registry::new();
     {
