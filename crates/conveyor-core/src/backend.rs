@@ -216,6 +216,8 @@ pub trait QueueBackend: Send + Sync + 'static {
 
     async fn failed(&self, queue: Option<&str>, page: Page) -> Result<Paged<FailedJob>>;
     async fn failed_job(&self, id: JobId) -> Result<Option<FailedJob>>;
+    /// Jobs that entered the failed store at or after `since` (unix ms) and are still there.
+    async fn failed_since(&self, since: i64) -> Result<u64>;
     /// Moves failed jobs back to their queue with a fresh attempt count; keeps their ids.
     /// Returns the ids that were found and retried.
     async fn retry_failed(&self, ids: Vec<JobId>) -> Result<Vec<JobId>>;

@@ -114,6 +114,12 @@ pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// Gives every request a deadline, and turns axum's own plain-text rejections (a body over the
 /// limit, a malformed path) into the SPEC's error envelope.
 async fn envelope_errors(req: Request, next: Next) -> Response {
+    // A declared length over the limit is refused before anything reads the body (handlers
+    // that take no body would otherwise accept it); undeclared lengths meet DefaultBodyLimit.
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return ApiError::PayloadTooLarge.into_response();
+    }
     let res = match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
         Ok(res) => res,
         Err(_) => return ApiError::Unavailable("request timed out".into()).into_response(),

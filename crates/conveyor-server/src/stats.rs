@@ -31,6 +31,7 @@ pub(crate) async fn stats(State(s): State<AppState>) -> Result<Response, ApiErro
     let now = now_ms();
     let queues = backend.queues().await?;
     let workers = backend.workers(Duration::from_secs(30)).await?;
+    let failed_7d = backend.failed_since(now - 7 * 86_400_000).await?;
     let today_start = now - now.rem_euclid(86_400_000);
     let rows = backend.metrics(MetricsQuery { since: today_start.min(now - 3_600_000), ..Default::default() }).await?;
     let counts = |since: i64| {
@@ -53,6 +54,7 @@ pub(crate) async fn stats(State(s): State<AppState>) -> Result<Response, ApiErro
             "delayed": queues.iter().map(|q| q.delayed).sum::<u64>(),
             "reserved": queues.iter().map(|q| q.reserved).sum::<u64>(),
             "failed": queues.iter().map(|q| q.failed).sum::<u64>(),
+            "failed_7d": failed_7d,
             "per_minute": queues.iter().map(|q| q.per_minute).sum::<u64>(),
             "max_wait": busiest.map(|q| serde_json::json!({ "queue": q.queue, "seconds": q.oldest_wait_s })),
         },

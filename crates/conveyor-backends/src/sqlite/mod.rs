@@ -183,6 +183,16 @@ impl QueueBackend for SqliteBackend {
         self.readers.with(move |c| read::failed_job(c, id)).await
     }
 
+    async fn failed_since(&self, since: i64) -> Result<u64> {
+        self.readers
+            .with(move |c| {
+                c.query_row("SELECT count(*) FROM failed_jobs WHERE failed_at >= ?1", [since], |r| r.get::<_, i64>(0))
+                    .map(|n| n as u64)
+                    .map_err(storage_err)
+            })
+            .await
+    }
+
     async fn retry_failed(&self, ids: Vec<JobId>) -> Result<Vec<JobId>> {
         let ids: Vec<Vec<u8>> = ids.iter().map(|id| id.as_bytes().to_vec()).collect();
         self.writer.call(move |w| w.retry_failed(&ids)).await

@@ -33,11 +33,19 @@ impl Readers {
             let conn = this.idle.lock().expect("reader pool poisoned").pop();
             let conn = match conn {
                 Some(c) => c,
-                None => open_connection(&this.path).map_err(storage_err)?,
+                None => {
+                    let c = open_connection(&this.path).map_err(storage_err)?;
+                    // Readers share the OS page cache; a small private cache each keeps a full
+                    // pool's memory bounded (16 × 2 MB).
+                    c.pragma_update(None, "cache_size", -2_000).map_err(storage_err)?;
+                    c
+                }
             };
             let out = f(&conn);
             let mut idle = this.idle.lock().expect("reader pool poisoned");
-            if idle.len() < 4 {
+            // Enough for the blocking pool's usual concurrency: opening a connection (and its
+            // pragmas) costs far more than a query.
+            if idle.len() < 16 {
                 idle.push(conn);
             }
             out

@@ -106,3 +106,74 @@ fn serving_a_public_address_without_a_token_is_refused() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("CONVEYOR_API_TOKEN"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_asks_for_the_token_once_and_keeps_it_in_a_cookie() {
+    let env = TestEnv::new("");
+    let (mut child, url) = serve(&env, &[("CONVEYOR_API_TOKEN", "t0ken")]);
+    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+
+    let r = http.get(format!("{url}/dashboard")).send().await.unwrap();
+    assert_eq!(r.status(), 303, "unauthenticated dashboard redirects");
+    assert_eq!(r.headers()["location"], "/dashboard/login");
+    let r = http.post(format!("{url}/dashboard/login")).form(&[("token", "nope")]).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.text().await.unwrap().contains("not right"));
+
+    let r = http.post(format!("{url}/dashboard/login")).form(&[("token", "t0ken")]).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    let pair = cookie.split(';').next().unwrap().to_string();
+    let r = http.get(format!("{url}/dashboard")).header("cookie", &pair).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("/dashboard/app.js"));
+
+    // The dashboard's writes: the cookie plus its header. The cookie alone (a cross-site form)
+    // is refused.
+    let r = http.post(format!("{url}/api/queues/default/pause")).header("cookie", &pair).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http
+        .post(format!("{url}/api/queues/default/pause"))
+        .header("cookie", &pair)
+        .header("x-conveyor-dashboard", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let stats: Value = http.get(format!("{url}/api/stats")).send().await.unwrap().json().await.unwrap();
+    assert!(stats["data"]["queues"]["failed_7d"].is_u64());
+    sigterm(&child);
+    assert!(wait_exit(&mut child, Duration::from_secs(30)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_keep_the_envelope_for_oversized_bodies_and_wrong_methods() {
+    let env = TestEnv::new("");
+    let (mut child, url) = serve(&env, &[]);
+    let http = reqwest::Client::new();
+    // A declared body over the limit is refused before it is sent (so speak HTTP by hand: a
+    // client that insists on sending it would see the connection close under it).
+    let addr = url.trim_start_matches("http://").to_string();
+    let raw = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"POST /api/queues/default/pause HTTP/1.1\r\nHost: x\r\nContent-Length: 3145728\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    })
+    .await
+    .unwrap();
+    assert!(raw.starts_with("HTTP/1.1 413"), "{raw}");
+    assert!(raw.contains("\"payload_too_large\""), "{raw}");
+    let r = http.delete(format!("{url}/api/queues")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["success"], false);
+    let doc: Value = http.get(format!("{url}/api/openapi.json")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert!(doc["paths"]["/api/jobs/failed/{id}/retry"]["post"].is_object(), "the document lists the real routes");
+    sigterm(&child);
+    assert!(wait_exit(&mut child, Duration::from_secs(30)).await.success());
+}

@@ -157,7 +157,7 @@ function overview() {
       let html = `<div class="grid">
         ${stat('Jobs per minute', num(s.queues.per_minute))}
         ${stat('Jobs past hour', num(s.past_hour.processed), `${num(s.past_hour.failed)} failed · p95 ${ms(s.past_hour.p95_runtime_ms)}`)}
-        ${stat('Failed today', num(s.today.failed), `${num(s.queues.failed)} in the failed store`)}
+        ${stat('Failed past 7 days', num(s.queues.failed_7d), `${num(s.today.failed)} today · ${num(s.queues.failed)} in the failed store`)}
         ${stat('Pending', num(s.queues.pending), `${num(s.queues.delayed)} delayed · ${num(s.queues.reserved)} running`)}
         ${stat('Max wait', wait, s.queues.max_wait ? `on ${esc(s.queues.max_wait.queue)}` : 'no backlog')}
         ${stat('Workers', num(s.workers.processes), `${num(s.workers.busy)} of ${num(s.workers.executors)} executors busy`)}
