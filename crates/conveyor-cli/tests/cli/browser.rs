@@ -1,6 +1,7 @@
 //! The dashboard in a real browser: Debian's headless Chromium driven over WebDriver by
 //! chromedriver. Screenshots of the main pages land in `target/screenshots/`.
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -31,7 +32,15 @@ impl Browser {
             return None;
         };
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let driver = Command::new(chromedriver).arg(format!("--port={port}")).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        // Its own process group, so dropping the browser ends chromedriver *and* the Chromium it
+        // started, even when a test panics.
+        let driver = Command::new(chromedriver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap();
         let base = format!("http://127.0.0.1:{port}");
         let http = reqwest::Client::new();
         let profile = tempfile::tempdir().unwrap().keep();
@@ -55,7 +64,7 @@ impl Browser {
     async fn cmd(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
         let url = format!("{}/session/{}{path}", self.base, self.session);
         let req = self.http.request(method.clone(), url);
-        let req = if method == reqwest::Method::GET { req } else { req.json(&body) };
+        let req = if method == reqwest::Method::GET || method == reqwest::Method::DELETE { req } else { req.json(&body) };
         let r = req.send().await.unwrap_or_else(|e| panic!("WebDriver {path}: {e:?}"));
         let text = r.text().await.unwrap_or_else(|e| panic!("WebDriver {path} body: {e:?}"));
         let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("WebDriver {path} answered {text:?}"));
@@ -106,9 +115,17 @@ impl Browser {
     }
 }
 
+impl Browser {
+    /// Ends the session cleanly (Chromium exits), then the driver.
+    async fn quit(self) {
+        self.cmd(reqwest::Method::DELETE, "", Value::Null).await;
+    }
+}
+
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self.driver.kill();
+        // SAFETY: kill(2) on the process group we created for chromedriver and its browser.
+        unsafe { libc::kill(-(self.driver.id() as libc::pid_t), libc::SIGKILL) };
         let _ = self.driver.wait();
     }
 }
@@ -162,6 +179,7 @@ async fn the_dashboard_shows_live_numbers_retries_a_failed_job_and_pauses_a_queu
     browser.wait_text("the metrics charts", "#data", |t| t.contains("Jobs processed")).await;
     browser.screenshot("metrics").await;
 
+    browser.quit().await;
     sigterm(&server);
     assert!(wait_exit(&mut server, Duration::from_secs(30)).await.success());
 }

@@ -1,7 +1,6 @@
 //! `conveyor serve`: the HTTP API on a real socket.
 
 use std::io::{BufRead, BufReader};
-use std::process::Child;
 use std::time::Duration;
 
 use conveyor_core::NewJob;
@@ -10,7 +9,7 @@ use serde_json::{json, Value};
 use crate::{sigterm, wait_exit, TestEnv};
 
 /// Starts `conveyor serve` on a free port and returns it with its base URL.
-pub(crate) fn serve(env: &TestEnv, extra_env: &[(&str, &str)]) -> (Child, String) {
+pub(crate) fn serve(env: &TestEnv, extra_env: &[(&str, &str)]) -> (crate::Proc, String) {
     let mut cmd = env.conveyor(&["serve"]);
     cmd.env("CONVEYOR_HTTP_ADDR", "127.0.0.1:0");
     for (k, v) in extra_env {
@@ -27,7 +26,7 @@ pub(crate) fn serve(env: &TestEnv, extra_env: &[(&str, &str)]) -> (Child, String
     };
     // Keep draining stderr so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    (child, url)
+    (crate::Proc(child), url)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

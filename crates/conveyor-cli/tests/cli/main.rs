@@ -53,8 +53,8 @@ impl TestEnv {
         self.dir.path().join("conveyor.toml")
     }
 
-    pub(crate) fn spawn(&self, args: &[&str]) -> Child {
-        self.conveyor(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawning conveyor")
+    pub(crate) fn spawn(&self, args: &[&str]) -> Proc {
+        Proc(self.conveyor(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawning conveyor"))
     }
 
     pub(crate) async fn queue(&self, name: &str) -> QueueStats {
@@ -69,6 +69,32 @@ impl TestEnv {
             per_minute: 0,
             oldest_wait_s: 0.0,
         })
+    }
+}
+
+/// A child process that is killed if the test ends (or panics) while it still runs, so a
+/// failing test never leaves a worker behind.
+pub(crate) struct Proc(pub(crate) Child);
+
+impl std::ops::Deref for Proc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 }
 
