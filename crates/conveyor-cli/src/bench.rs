@@ -37,7 +37,7 @@ pub(crate) struct BenchArgs {
     /// Simulated work per job (sleep), in milliseconds
     #[arg(long, default_value_t = 0)]
     work_ms: u64,
-    /// Jobs reserved ahead of free executors (default: 4 x concurrency, at least 256)
+    /// Jobs reserved ahead of free executors (default: 16 x concurrency, at least 1024)
     #[arg(long)]
     prefetch: Option<usize>,
     /// Jobs per enqueue call in the throughput phase
@@ -127,7 +127,7 @@ pub(crate) async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
     // Phase 1b: process.
     let shutdown = CancellationToken::new();
     let mut sup = SupervisorConfig::new("bench", vec![QUEUE.into()], args.concurrency);
-    sup.prefetch = args.prefetch.unwrap_or((args.concurrency * 4).max(256));
+    sup.prefetch = args.prefetch.unwrap_or((args.concurrency * 16).max(1024));
     let wc = WorkerConfig { supervisors: vec![sup], shutdown_grace: Duration::from_secs(30), ..WorkerConfig::default() };
     let t1 = Instant::now();
     let workers = tokio::spawn(worker::run(conveyor.clone(), wc, shutdown.clone()));
