@@ -341,6 +341,8 @@ impl RowExt for Row {
 pub trait Tx {
     fn execute(&mut self, sql: &str, params: &[SqlValue]) -> Result<u64>;
     fn query(&mut self, sql: &str, params: &[SqlValue]) -> Result<Vec<Row>>;
+    /// Runs several statements separated by `;`, without parameters (schema migrations).
+    fn execute_script(&mut self, sql: &str) -> Result<()>;
     /// Enqueues in this transaction: the jobs exist if and only if it commits.
     fn enqueue(&mut self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>>;
 }

@@ -194,6 +194,12 @@ impl SortedSet {
     }
 }
 
+/// `Cache::forget_prefix` inside the caller's transaction (invalidate with the write that
+/// made the cached values stale).
+pub fn forget_prefix_in(tx: &mut dyn crate::backend::Tx, prefix: &str) -> Result<u64> {
+    tx.execute("DELETE FROM cache WHERE substr(key, 1, $2) = $1", &[prefix.into(), (prefix.chars().count() as i64).into()])
+}
+
 /// `incr` inside the caller's transaction (e.g. with the order that earned the points).
 pub fn incr_in(tx: &mut dyn crate::backend::Tx, set: &str, member: &str, delta: f64) -> Result<f64> {
     let rows = tx.query(

@@ -23,6 +23,7 @@ pub mod job;
 pub mod lock;
 pub mod metrics;
 pub mod middleware;
+pub mod migrate;
 pub mod ratelimit;
 pub mod registry;
 pub mod scheduler;

@@ -20,6 +20,7 @@ use crate::Conveyor;
 pub struct Workflow {
     name: String,
     steps: Vec<(String, NewJob, Option<NewJob>)>,
+    on_failure: Option<(String, NewJob)>,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -53,7 +54,7 @@ pub struct StepInfo {
 
 impl Workflow {
     pub fn new(name: impl Into<String>) -> Self {
-        Workflow { name: name.into(), steps: Vec::new() }
+        Workflow { name: name.into(), steps: Vec::new(), on_failure: None }
     }
 
     /// Appends a step; `job` runs after the previous step succeeded.
@@ -70,6 +71,14 @@ impl Workflow {
         self
     }
 
+    /// A job that runs once when the workflow has failed, after the compensations (a single
+    /// rollback step, for workflows that undo everything in one place). It shows on the
+    /// timeline under `name`, with role `rollback`.
+    pub fn on_failure(mut self, name: impl Into<String>, job: NewJob) -> Self {
+        self.on_failure = Some((name.into(), job));
+        self
+    }
+
     /// Stores the workflow and enqueues its first step in one transaction; returns its id.
     pub async fn start(self, conveyor: &Conveyor) -> Result<String> {
         conveyor.backend().transact(move |tx| self.start_in(tx)).await
@@ -80,6 +89,9 @@ impl Workflow {
         if self.steps.is_empty() {
             return Err(BackendError::Invalid("a workflow needs at least one step".into()));
         }
+        if let Some((_, job)) = &self.on_failure {
+            job.validate().map_err(BackendError::Invalid)?;
+        }
         for (_, job, comp) in &self.steps {
             job.validate().map_err(BackendError::Invalid)?;
             if let Some(c) = comp {
@@ -88,9 +100,10 @@ impl Workflow {
         }
         let id = JobId::new().to_string();
         let now = now_ms();
+        let on_failure = self.on_failure.map(|(name, job)| serde_json::json!({ "name": name, "job": job }).to_string());
         tx.execute(
-            "INSERT INTO workflows (id, name, status, steps, created_at) VALUES ($1, $2, 'running', $3, $4)",
-            &[id.clone().into(), self.name.into(), (self.steps.len() as i64).into(), now.into()],
+            "INSERT INTO workflows (id, name, status, steps, on_failure, created_at) VALUES ($1, $2, 'running', $3, $4, $5)",
+            &[id.clone().into(), self.name.into(), (self.steps.len() as i64).into(), on_failure.into(), now.into()],
         )?;
         for (i, (name, job, comp)) in self.steps.into_iter().enumerate() {
             let comp = comp.map(|c| serde_json::to_string(&c).expect("a job serializes"));
@@ -172,6 +185,12 @@ pub fn record_outcome(tx: &mut dyn Tx, c: &Completion) -> Result<()> {
             tx.execute("UPDATE workflow_steps SET status = 'compensated' WHERE workflow_id = $1 AND seq = $2", &[wf.into(), step.into()])?;
             compensate_next(tx, wf, step, now)?;
         }
+        ("rollback", "completed") | ("rollback", "failed") => {
+            tx.execute(
+                "UPDATE workflows SET status = 'failed', finished_at = $2 WHERE id = $1 AND status = 'compensating'",
+                &[wf.into(), now.into()],
+            )?;
+        }
         ("compensation", "failed") => {
             // A compensation that cannot succeed is recorded; the earlier ones still run.
             tx.execute(
@@ -194,10 +213,7 @@ fn compensate_next(tx: &mut dyn Tx, wf: &str, before: i64, now: i64) -> Result<(
          ORDER BY step DESC LIMIT 1",
         &[wf.into(), before.into()],
     )?;
-    let Some(r) = rows.first() else {
-        tx.execute("UPDATE workflows SET status = 'failed', finished_at = $2 WHERE id = $1", &[wf.into(), now.into()])?;
-        return Ok(());
-    };
+    let Some(r) = rows.first() else { return rollback_or_fail(tx, wf, now) };
     let (step, name, comp) = (r.int(0), r.text(1).unwrap_or_default().to_string(), r.text(2).unwrap_or_default().to_string());
     let seq = tx.query("SELECT count(*) FROM workflow_steps WHERE workflow_id = $1", &[wf.into()])?.first().map_or(0, |r| r.int(0));
     tx.execute(
@@ -209,6 +225,22 @@ fn compensate_next(tx: &mut dyn Tx, wf: &str, before: i64, now: i64) -> Result<(
     tx.execute(
         "UPDATE workflow_steps SET status = 'compensating' WHERE workflow_id = $1 AND role = 'step' AND step = $2",
         &[wf.into(), step.into()],
+    )?;
+    enqueue_row(tx, wf, seq)
+}
+
+/// After the last compensation: the workflow's on-failure job if it has one, else the end.
+fn rollback_or_fail(tx: &mut dyn Tx, wf: &str, now: i64) -> Result<()> {
+    let rows = tx.query("SELECT on_failure FROM workflows WHERE id = $1", &[wf.into()])?;
+    let spec: Option<serde_json::Value> = rows.first().and_then(|r| r.text(0)).and_then(|t| serde_json::from_str(t).ok());
+    let Some(spec) = spec else {
+        tx.execute("UPDATE workflows SET status = 'failed', finished_at = $2 WHERE id = $1", &[wf.into(), now.into()])?;
+        return Ok(());
+    };
+    let seq = tx.query("SELECT count(*) FROM workflow_steps WHERE workflow_id = $1", &[wf.into()])?.first().map_or(0, |r| r.int(0));
+    tx.execute(
+        "INSERT INTO workflow_steps (workflow_id, seq, name, role, step, job, status) VALUES ($1, $2, $3, 'rollback', $2, $4, 'pending')",
+        &[wf.into(), seq.into(), spec["name"].as_str().unwrap_or("rollback").into(), spec["job"].to_string().into()],
     )?;
     enqueue_row(tx, wf, seq)
 }

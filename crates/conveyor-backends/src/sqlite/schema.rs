@@ -154,6 +154,7 @@ CREATE TABLE workflows (
     name         TEXT NOT NULL,
     status       TEXT NOT NULL,
     steps        BIGINT NOT NULL,
+    on_failure   TEXT,
     error        TEXT,
     created_at   BIGINT NOT NULL,
     finished_at  BIGINT
@@ -218,6 +219,13 @@ CREATE TABLE locks (
     key         TEXT PRIMARY KEY,
     owner       TEXT NOT NULL,
     expires_at  BIGINT NOT NULL
+);
+
+CREATE TABLE app_migrations (
+    app         TEXT NOT NULL,
+    version     BIGINT NOT NULL,
+    applied_at  BIGINT NOT NULL,
+    PRIMARY KEY (app, version)
 );
 
 CREATE TABLE schedule_ticks (

@@ -38,6 +38,10 @@ impl Tx for SqliteTx<'_> {
         query(&self.ctx.conn, sql, params)
     }
 
+    fn execute_script(&mut self, sql: &str) -> Result<()> {
+        self.ctx.conn.execute_batch(sql).map_err(storage_err)
+    }
+
     fn enqueue(&mut self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>> {
         for job in &jobs {
             job.validate().map_err(conveyor_core::BackendError::Invalid)?;

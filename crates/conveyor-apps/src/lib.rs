@@ -1,0 +1,28 @@
+//! Conveyor's applications, built only on the engine's public API: [`orders`] (import, the
+//! order workflow with rollback, KPIs and leaderboards). Notifications and product sync follow.
+//!
+//! Applications are HTTP-free: the server crate maps its routes onto the functions here.
+
+pub mod orders;
+
+use std::sync::Arc;
+
+use conveyor_core::backend::{QueueBackend, Result};
+use conveyor_core::Registry;
+
+/// What the applications need to be configured with.
+#[derive(Clone, Debug, Default)]
+pub struct AppsConfig {
+    pub payment: orders::payment::SimulatorConfig,
+}
+
+/// Runs every application's migrations.
+pub async fn migrate(backend: &dyn QueueBackend) -> Result<()> {
+    orders::migrate(backend).await?;
+    Ok(())
+}
+
+/// Registers every application's job kinds and listeners.
+pub fn register(registry: &mut Registry, backend: Arc<dyn QueueBackend>, config: &AppsConfig) {
+    orders::register(registry, backend, config.payment.clone());
+}

@@ -1,0 +1,508 @@
+//! Streaming CSV import of orders (and products). The file is parsed and validated on a blocking
+//! thread and handed over in batches of orders; each batch is one transaction that stores its
+//! orders and starts their workflows, so memory stays constant whatever the file's size and an
+//! order is never stored without its workflow.
+//!
+//! Lines of one order are contiguous. A bad line is reported with its number (the header is
+//! line 1) and rejects its whole order; an order id already in the store (or earlier in the file)
+//! counts as a duplicate and is skipped, so re-importing a file creates nothing twice.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use conveyor_core::backend::{BackendError, QueueBackendExt, RowExt, Tx};
+use conveyor_core::clock::now_ms;
+use conveyor_core::Conveyor;
+
+use super::money::parse_cents;
+use super::workflow;
+
+const ORDER_COLUMNS: [&str; 8] =
+    ["order_id", "customer_id", "customer_name", "customer_email", "sku", "quantity", "unit_price", "order_date"];
+const PRODUCT_COLUMNS: [&str; 4] = ["sku", "name", "price", "stock"];
+const BATCH_ORDERS: usize = 500;
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Rejected {
+    pub line: u64,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ImportReport {
+    /// Data lines read (the header excluded).
+    pub rows: u64,
+    /// Orders stored (or products created / updated).
+    pub orders: u64,
+    pub duplicates: u64,
+    pub rejected: Vec<Rejected>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("the header lacks required columns: {}", .0.join(", "))]
+    MissingColumns(Vec<String>),
+    #[error("cannot read the CSV: {0}")]
+    Read(String),
+    #[error(transparent)]
+    Store(#[from] BackendError),
+}
+
+/// Progress, for a progress line: data lines read and bytes consumed so far.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+struct Line {
+    sku: String,
+    quantity: i64,
+    unit_price: i64,
+}
+
+struct ParsedOrder {
+    id: String,
+    customer_id: i64,
+    customer_name: String,
+    customer_email: String,
+    order_date: String,
+    order_day: String,
+    lines: Vec<Line>,
+}
+
+/// The order being read: its lines' numbers, and its first bad line with the reason.
+type Pending = (ParsedOrder, Vec<u64>, Option<(u64, String)>);
+/// sku, name, price in cents, stock.
+type NewProduct = (String, String, i64, i64);
+
+/// What the parser hands to the writer.
+enum Batch {
+    Orders(Vec<ParsedOrder>),
+    Done { rows: u64, rejected: Vec<Rejected>, duplicates_in_file: u64 },
+    Failed(ImportError),
+}
+
+/// Counts bytes as the CSV reader pulls them, for progress and ETA.
+struct Counting<R> {
+    inner: R,
+    seen: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.seen.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+fn reader<R: Read>(input: R) -> csv::Reader<Lf<R>> {
+    // `flexible`: a line with a wrong number of fields is reported, not fatal.
+    csv::ReaderBuilder::new().flexible(true).trim(csv::Trim::All).from_reader(Lf::new(input))
+}
+
+/// Streams CRLF as LF, so the CSV reader numbers lines the way an editor shows them (with CRLF
+/// it dates a record from the previous line's end).
+struct Lf<R> {
+    inner: R,
+    chunk: Vec<u8>,
+    out: Vec<u8>,
+    pos: usize,
+    /// A CR at the end of the last chunk: dropped if the next byte is an LF.
+    held_cr: bool,
+    eof: bool,
+}
+
+impl<R> Lf<R> {
+    fn new(inner: R) -> Self {
+        Lf { inner, chunk: vec![0; 64 * 1024], out: Vec::with_capacity(64 * 1024), pos: 0, held_cr: false, eof: false }
+    }
+}
+
+impl<R: Read> Read for Lf<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos >= self.out.len() {
+            if self.eof {
+                return Ok(0);
+            }
+            self.out.clear();
+            self.pos = 0;
+            let n = self.inner.read(&mut self.chunk)?;
+            if n == 0 {
+                self.eof = true;
+                if std::mem::take(&mut self.held_cr) {
+                    self.out.push(b'\r');
+                }
+                continue;
+            }
+            for &b in &self.chunk[..n] {
+                if std::mem::take(&mut self.held_cr) && b != b'\n' {
+                    self.out.push(b'\r');
+                }
+                if b == b'\r' {
+                    self.held_cr = true;
+                } else {
+                    self.out.push(b);
+                }
+            }
+        }
+        let k = buf.len().min(self.out.len() - self.pos);
+        buf[..k].copy_from_slice(&self.out[self.pos..self.pos + k]);
+        self.pos += k;
+        Ok(k)
+    }
+}
+
+/// Column positions by name; a UTF-8 BOM on the first header is ignored.
+fn columns(headers: &csv::StringRecord, required: &[&str]) -> Result<HashMap<String, usize>, ImportError> {
+    let map: HashMap<String, usize> =
+        headers.iter().enumerate().map(|(i, h)| (h.trim_start_matches('\u{feff}').trim().to_ascii_lowercase(), i)).collect();
+    let missing: Vec<String> = required.iter().filter(|c| !map.contains_key(**c)).map(|c| c.to_string()).collect();
+    if missing.is_empty() {
+        Ok(map)
+    } else {
+        Err(ImportError::MissingColumns(missing))
+    }
+}
+
+/// Imports orders from CSV `input`, calling `progress` about once a second.
+pub async fn import_orders<R>(
+    conveyor: &Conveyor,
+    input: R,
+    progress: impl Fn(Progress) + Send + 'static,
+) -> Result<ImportReport, ImportError>
+where
+    R: Read + Send + 'static,
+{
+    let backend = conveyor.backend().clone();
+    let known: HashSet<String> =
+        backend.query("SELECT sku FROM products", vec![]).await?.iter().filter_map(|r| r.text(0).map(str::to_string)).collect();
+    let (tx, mut rx) = mpsc::channel::<Batch>(4);
+    let bytes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counting = Counting { inner: input, seen: bytes.clone() };
+    let parser = tokio::task::spawn_blocking(move || parse_orders(counting, &known, &tx, bytes, progress));
+
+    let mut report = ImportReport::default();
+    while let Some(batch) = rx.recv().await {
+        match batch {
+            Batch::Orders(orders) => {
+                let (stored, duplicates) = backend.transact(move |tx| store_orders(tx, orders)).await?;
+                report.orders += stored;
+                report.duplicates += duplicates;
+            }
+            Batch::Done { rows, rejected, duplicates_in_file } => {
+                report.rows = rows;
+                report.rejected = rejected;
+                report.duplicates += duplicates_in_file;
+            }
+            Batch::Failed(e) => return Err(e),
+        }
+    }
+    parser.await.map_err(|e| ImportError::Read(e.to_string()))?;
+    Ok(report)
+}
+
+fn parse_orders<R: Read>(
+    input: R,
+    known: &HashSet<String>,
+    out: &mpsc::Sender<Batch>,
+    bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    progress: impl Fn(Progress),
+) {
+    let mut rdr = reader(input);
+    let cols = match rdr.headers().map_err(|e| ImportError::Read(e.to_string())).and_then(|h| columns(h, &ORDER_COLUMNS)) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = out.blocking_send(Batch::Failed(e));
+            return;
+        }
+    };
+    let col = |name: &str| cols[name];
+    let mut rows = 0u64;
+    let mut rejected = Vec::new();
+    let mut seen_ids: HashSet<String> = HashSet::new();
+    let mut duplicates_in_file = 0u64;
+    let mut current: Option<Pending> = None;
+    let mut batch = Vec::with_capacity(BATCH_ORDERS);
+    let mut last_report = Instant::now();
+    let mut record = csv::StringRecord::new();
+
+    // Ends the order being read: stored if all its lines were good, reported whole otherwise.
+    let mut close = |cur: Option<Pending>, batch: &mut Vec<ParsedOrder>, rejected: &mut Vec<Rejected>, duplicates_in_file: &mut u64| {
+        let Some((order, lines, bad)) = cur else { return };
+        match bad {
+            None if !seen_ids.insert(order.id.clone()) => *duplicates_in_file += 1,
+            None => batch.push(order),
+            Some((bad_line, _)) => {
+                for l in lines.into_iter().filter(|l| *l != bad_line) {
+                    rejected.push(Rejected { line: l, reason: format!("order_id: order {} rejected (see line {bad_line})", order.id) });
+                }
+            }
+        }
+    };
+
+    loop {
+        match rdr.read_record(&mut record) {
+            Ok(false) => break,
+            Ok(true) => {}
+            Err(e) => {
+                let line = e.position().map_or(0, |p| p.line());
+                // A malformed line (bad quoting, invalid UTF-8) is reported; reading goes on.
+                rejected.push(Rejected { line, reason: format!("line: {}", e.to_string().split(": ").last().unwrap_or("malformed")) });
+                rows += 1;
+                continue;
+            }
+        }
+        rows += 1;
+        let line = record.position().map_or(rows + 1, |p| p.line());
+        let field = |name: &str| record.get(col(name)).unwrap_or("");
+        let order_id = field("order_id").to_string();
+        if current.as_ref().is_none_or(|(o, _, _)| o.id != order_id) {
+            close(current.take(), &mut batch, &mut rejected, &mut duplicates_in_file);
+        }
+        let parsed = parse_line(&record, &col, known);
+        match (&mut current, parsed) {
+            (_, Err((field_name, reason))) => {
+                rejected.push(Rejected { line, reason: format!("{field_name}: {reason}") });
+                match &mut current {
+                    Some((_, lines, bad)) => {
+                        lines.push(line);
+                        bad.get_or_insert((line, reason));
+                    }
+                    None => {
+                        let stub = ParsedOrder {
+                            id: order_id,
+                            customer_id: 0,
+                            customer_name: String::new(),
+                            customer_email: String::new(),
+                            order_date: String::new(),
+                            order_day: String::new(),
+                            lines: vec![],
+                        };
+                        current = Some((stub, vec![line], Some((line, reason))));
+                    }
+                }
+            }
+            (Some((order, lines, bad)), Ok((head, item))) => {
+                lines.push(line);
+                if bad.is_none() && head.customer_id != order.customer_id && order.customer_id != 0 {
+                    let reason = format!("differs from the order's first line ({})", order.customer_id);
+                    rejected.push(Rejected { line, reason: format!("customer_id: {reason}") });
+                    *bad = Some((line, reason));
+                } else if order.customer_id == 0 {
+                    // The order's first good line after a bad first line: nothing to store anyway.
+                } else {
+                    order.lines.push(item);
+                }
+            }
+            (None, Ok((head, item))) => {
+                let mut order = head;
+                order.lines.push(item);
+                current = Some((order, vec![line], None));
+            }
+        }
+        if batch.len() >= BATCH_ORDERS && out.blocking_send(Batch::Orders(std::mem::take(&mut batch))).is_err() {
+            return;
+        }
+        if last_report.elapsed() >= Duration::from_secs(1) {
+            progress(Progress { rows, bytes: bytes.load(std::sync::atomic::Ordering::Relaxed) });
+            last_report = Instant::now();
+        }
+    }
+    close(current.take(), &mut batch, &mut rejected, &mut duplicates_in_file);
+    if !batch.is_empty() && out.blocking_send(Batch::Orders(batch)).is_err() {
+        return;
+    }
+    progress(Progress { rows, bytes: bytes.load(std::sync::atomic::Ordering::Relaxed) });
+    rejected.sort_by_key(|r| r.line);
+    let _ = out.blocking_send(Batch::Done { rows, rejected, duplicates_in_file });
+}
+
+/// One line: the order's head (customer, date) and the item, or the first bad field and why.
+fn parse_line(
+    r: &csv::StringRecord,
+    col: &impl Fn(&str) -> usize,
+    known: &HashSet<String>,
+) -> Result<(ParsedOrder, Line), (&'static str, String)> {
+    let f = |name: &str| r.get(col(name)).unwrap_or("").trim();
+    let order_id = f("order_id");
+    if order_id.is_empty() || order_id.len() > 100 {
+        return Err(("order_id", "must be 1 to 100 characters".into()));
+    }
+    let customer_id: i64 = f("customer_id")
+        .parse()
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or(("customer_id", format!("{:?} is not a positive whole number", f("customer_id"))))?;
+    let name = f("customer_name");
+    if name.is_empty() {
+        return Err(("customer_name", "is empty".into()));
+    }
+    let email = f("customer_email");
+    if !valid_email(email) {
+        return Err(("customer_email", format!("{email:?} is not an email address")));
+    }
+    let sku = f("sku");
+    if !known.contains(sku) {
+        return Err(("sku", format!("unknown SKU {sku:?}")));
+    }
+    let quantity: i64 = match f("quantity").parse::<i64>() {
+        Ok(q) if q > 0 && q <= 1_000_000 => q,
+        Ok(_) => return Err(("quantity", format!("must be a whole number from 1, got {}", f("quantity")))),
+        Err(_) => return Err(("quantity", format!("{:?} is not a whole number", f("quantity")))),
+    };
+    let unit_price = parse_cents(f("unit_price")).map_err(|e| ("unit_price", e))?;
+    let (order_date, order_day) =
+        parse_date(f("order_date")).ok_or(("order_date", format!("{:?} is not an ISO 8601 date or date-time", f("order_date"))))?;
+    let head = ParsedOrder {
+        id: order_id.to_string(),
+        customer_id,
+        customer_name: name.to_string(),
+        customer_email: email.to_string(),
+        order_date,
+        order_day,
+        lines: Vec::new(),
+    };
+    Ok((head, Line { sku: sku.to_string(), quantity, unit_price }))
+}
+
+pub(crate) fn valid_email(e: &str) -> bool {
+    let Some((user, domain)) = e.split_once('@') else { return false };
+    !user.is_empty()
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !e.contains(char::is_whitespace)
+        && e.len() <= 254
+}
+
+/// An ISO 8601 date (`2026-11-23`) or date-time (with `Z`, an offset, or none = UTC) → the
+/// normalized RFC 3339 UTC text and the UTC day.
+pub(crate) fn parse_date(text: &str) -> Option<(String, String)> {
+    use chrono::{DateTime, NaiveDate, NaiveDateTime, SecondsFormat, Utc};
+    let t = text.trim();
+    let utc: DateTime<Utc> = if let Ok(d) = NaiveDate::parse_from_str(t, "%Y-%m-%d") {
+        d.and_hms_opt(0, 0, 0)?.and_utc()
+    } else if let Ok(dt) = DateTime::parse_from_rfc3339(t) {
+        dt.with_timezone(&Utc)
+    } else if let Ok(dt) =
+        NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S%.f").or_else(|_| NaiveDateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S%.f"))
+    {
+        dt.and_utc()
+    } else {
+        return None;
+    };
+    Some((utc.to_rfc3339_opts(SecondsFormat::Secs, true), utc.format("%Y-%m-%d").to_string()))
+}
+
+/// Stores a batch of orders and starts their workflows; returns (stored, duplicates).
+fn store_orders(tx: &mut dyn Tx, orders: Vec<ParsedOrder>) -> Result<(u64, u64), BackendError> {
+    let now = now_ms();
+    let (mut stored, mut duplicates) = (0, 0);
+    for o in orders {
+        let total: i64 = o.lines.iter().map(|l| l.quantity * l.unit_price).sum();
+        let n = tx.execute(
+            "INSERT INTO orders (id, customer_id, status, total_cents, order_date, order_day, created_at)
+             VALUES ($1, $2, 'pending', $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+            &[o.id.clone().into(), o.customer_id.into(), total.into(), o.order_date.into(), o.order_day.into(), now.into()],
+        )?;
+        if n == 0 {
+            duplicates += 1;
+            continue;
+        }
+        super::upsert_customer(tx, o.customer_id, &o.customer_name, &o.customer_email)?;
+        for (i, l) in o.lines.iter().enumerate() {
+            tx.execute(
+                "INSERT INTO order_items (order_id, line, sku, quantity, unit_price_cents) VALUES ($1, $2, $3, $4, $5)",
+                &[o.id.clone().into(), (i as i64 + 1).into(), l.sku.clone().into(), l.quantity.into(), l.unit_price.into()],
+            )?;
+        }
+        workflow::start_in(tx, &o.id)?;
+        stored += 1;
+    }
+    Ok((stored, duplicates))
+}
+
+/// Creates or updates products from CSV `sku,name,price,stock` (stock sets what can be sold).
+pub async fn import_products<R: Read + Send + 'static>(conveyor: &Conveyor, input: R) -> Result<ImportReport, ImportError> {
+    let parsed = tokio::task::spawn_blocking(move || -> Result<(Vec<NewProduct>, ImportReport), ImportError> {
+        let mut rdr = reader(input);
+        let headers = rdr.headers().map_err(|e| ImportError::Read(e.to_string()))?.clone();
+        let cols = columns(&headers, &PRODUCT_COLUMNS)?;
+        let mut report = ImportReport::default();
+        let mut products = Vec::new();
+        for rec in rdr.records() {
+            report.rows += 1;
+            let rec = match rec {
+                Ok(r) => r,
+                Err(e) => {
+                    report.rejected.push(Rejected { line: e.position().map_or(0, |p| p.line()), reason: format!("line: {e}") });
+                    continue;
+                }
+            };
+            let line = rec.position().map_or(report.rows + 1, |p| p.line());
+            let f = |n: &str| rec.get(cols[n]).unwrap_or("").trim().to_string();
+            let sku = f("sku");
+            let name = f("name");
+            let check = || -> Result<(i64, i64), String> {
+                if sku.is_empty() || sku.len() > 100 {
+                    return Err("sku: must be 1 to 100 characters".into());
+                }
+                if name.is_empty() {
+                    return Err("name: is empty".into());
+                }
+                let price = parse_cents(&f("price")).map_err(|e| format!("price: {e}"))?;
+                let stock = f("stock")
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|s| *s >= 0)
+                    .ok_or(format!("stock: {:?} is not a whole number from 0", f("stock")))?;
+                Ok((price, stock))
+            };
+            match check() {
+                Ok((price, stock)) => products.push((sku, name, price, stock)),
+                Err(reason) => report.rejected.push(Rejected { line, reason }),
+            }
+        }
+        Ok((products, report))
+    })
+    .await
+    .map_err(|e| ImportError::Read(e.to_string()))??;
+    let (products, mut report) = parsed;
+    for chunk in products.chunks(1_000) {
+        let chunk = chunk.to_vec();
+        report.orders += conveyor
+            .backend()
+            .transact(move |tx| {
+                let now = now_ms();
+                for (sku, name, price, stock) in chunk.iter() {
+                    tx.execute(
+                        "INSERT INTO products (sku, name, price_cents, stock, reserved, updated_at) VALUES ($1, $2, $3, $4, 0, $5)
+                         ON CONFLICT (sku) DO UPDATE SET name = excluded.name, price_cents = excluded.price_cents,
+                                                         stock = excluded.stock, updated_at = excluded.updated_at",
+                        &[sku.as_str().into(), name.as_str().into(), (*price).into(), (*stock).into(), now.into()],
+                    )?;
+                }
+                Ok(chunk.len() as u64)
+            })
+            .await?;
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    #[test]
+    fn crlf_becomes_lf_and_lone_crs_stay() {
+        let mut s = String::new();
+        super::Lf::new(std::io::Cursor::new(b"a\r\nb\rc\r\n\r".to_vec())).read_to_string(&mut s).unwrap();
+        assert_eq!(s, "a\nb\rc\n\r");
+    }
+}

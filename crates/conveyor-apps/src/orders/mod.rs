@@ -1,0 +1,246 @@
+//! Order processing: products and customers, CSV import, the order workflow with rollback
+//! (see [`workflow`]), and the read side the API and CLI use.
+
+pub mod import;
+pub mod money;
+pub mod payment;
+mod schema;
+pub mod workflow;
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use conveyor_core::backend::{BackendError, Page, Paged, QueueBackend, Result, Row, RowExt, SqlValue, Tx};
+use conveyor_core::Registry;
+
+use money::to_major;
+use payment::{PaymentGateway, Simulator, SimulatorConfig};
+
+/// The queue the order workflow's jobs run on (it gets its own supervisor).
+pub const QUEUE: &str = "orders";
+/// Every cached KPI key starts with this; settling an order forgets them all.
+pub const KPI_CACHE_PREFIX: &str = "kpis:";
+
+/// Sorted-set names of the leaderboards.
+pub mod leaderboard {
+    pub const CUSTOMERS_SPENT: &str = "leaderboard:customers:spent";
+    pub const CUSTOMERS_ORDERS: &str = "leaderboard:customers:orders";
+    pub const PRODUCTS_UNITS: &str = "leaderboard:products:units";
+    pub const PRODUCTS_REVENUE: &str = "leaderboard:products:revenue";
+}
+
+/// Creates or upgrades the orders tables.
+pub async fn migrate(backend: &dyn QueueBackend) -> Result<Vec<u32>> {
+    conveyor_core::migrate::apply(backend, "orders", schema::MIGRATIONS).await
+}
+
+/// Registers the workflow's job kinds, paying through the built-in simulator.
+pub fn register(registry: &mut Registry, backend: Arc<dyn QueueBackend>, payment: SimulatorConfig) {
+    register_with_gateway(registry, Arc::new(Simulator::new(backend, payment)));
+}
+
+/// The same with any gateway (a real one implements [`PaymentGateway`]).
+pub fn register_with_gateway(registry: &mut Registry, gateway: Arc<dyn PaymentGateway>) {
+    workflow::register(registry, gateway);
+}
+
+pub(crate) fn upsert_customer(tx: &mut dyn Tx, id: i64, name: &str, email: &str) -> Result<()> {
+    tx.execute(
+        "INSERT INTO customers (id, name, email) VALUES ($1, $2, $3) ON CONFLICT (id) DO UPDATE SET name = excluded.name, email = excluded.email",
+        &[id.into(), name.into(), email.into()],
+    )?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Product {
+    pub sku: String,
+    pub name: String,
+    /// Major units, two decimals.
+    pub price: f64,
+    /// What can still be sold.
+    pub stock: i64,
+    /// Held by orders in flight.
+    pub reserved: i64,
+}
+
+pub async fn products(backend: &dyn QueueBackend) -> Result<Vec<Product>> {
+    let rows = backend.query("SELECT sku, name, price_cents, stock, reserved FROM products ORDER BY sku", vec![]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| Product {
+            sku: r.text(0).unwrap_or_default().into(),
+            name: r.text(1).unwrap_or_default().into(),
+            price: to_major(r.int(2)),
+            stock: r.int(3),
+            reserved: r.int(4),
+        })
+        .collect())
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Item {
+    pub sku: String,
+    pub quantity: i64,
+    pub unit_price: f64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Payment {
+    /// `charged`, `declined` or `refunded`.
+    pub status: String,
+    pub amount: f64,
+    pub reference: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Step {
+    pub name: String,
+    pub status: String,
+    pub attempts: u32,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Order {
+    pub order_id: String,
+    pub customer_id: i64,
+    pub customer_name: String,
+    pub customer_email: String,
+    /// `pending`, `processing`, `completed` or `failed`.
+    pub status: String,
+    pub total: f64,
+    pub order_date: String,
+    pub items: Vec<Item>,
+    pub payments: Vec<Payment>,
+    /// Only on a single order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<Vec<Step>>,
+    #[serde(skip)]
+    pub workflow_id: Option<String>,
+}
+
+const ORDER_COLS: &str = "o.id, o.customer_id, c.name, c.email, o.status, o.total_cents, o.order_date, o.workflow_id";
+
+async fn hydrate(backend: &dyn QueueBackend, rows: &[Row]) -> Result<Vec<Order>> {
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let id = r.text(0).unwrap_or_default().to_string();
+        let items = backend
+            .query("SELECT sku, quantity, unit_price_cents FROM order_items WHERE order_id = $1 ORDER BY line", vec![id.clone().into()])
+            .await?
+            .iter()
+            .map(|i| Item { sku: i.text(0).unwrap_or_default().into(), quantity: i.int(1), unit_price: to_major(i.int(2)) })
+            .collect();
+        let payments = backend
+            .query(
+                "SELECT status, amount_cents, reference FROM payments WHERE order_id = $1 ORDER BY created_at, status",
+                vec![id.clone().into()],
+            )
+            .await?
+            .iter()
+            .map(|p| Payment {
+                status: p.text(0).unwrap_or_default().into(),
+                amount: to_major(p.int(1)),
+                reference: p.text(2).map(str::to_string),
+            })
+            .collect();
+        out.push(Order {
+            order_id: id,
+            customer_id: r.int(1),
+            customer_name: r.text(2).unwrap_or_default().into(),
+            customer_email: r.text(3).unwrap_or_default().into(),
+            status: r.text(4).unwrap_or_default().into(),
+            total: to_major(r.int(5)),
+            order_date: r.text(6).unwrap_or_default().into(),
+            items,
+            payments,
+            steps: None,
+            workflow_id: r.text(7).map(str::to_string),
+        });
+    }
+    Ok(out)
+}
+
+/// One order with its payments and workflow steps.
+pub async fn order(backend: &dyn QueueBackend, id: &str) -> Result<Option<Order>> {
+    let rows = backend
+        .query(&format!("SELECT {ORDER_COLS} FROM orders o JOIN customers c ON c.id = o.customer_id WHERE o.id = $1"), vec![id.into()])
+        .await?;
+    let Some(mut order) = hydrate(backend, &rows).await?.pop() else { return Ok(None) };
+    let mut steps = Vec::new();
+    if let Some(wf) = &order.workflow_id {
+        if let Some(info) = conveyor_core::workflow::find(backend, wf).await? {
+            let ts = |ms: Option<i64>| {
+                ms.and_then(chrono::DateTime::from_timestamp_millis).map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            };
+            steps = info
+                .steps
+                .into_iter()
+                .map(|s| Step {
+                    name: s.name,
+                    status: s.status,
+                    attempts: s.attempts,
+                    started_at: ts(s.started_at),
+                    finished_at: ts(s.finished_at),
+                    error: s.error,
+                })
+                .collect();
+        }
+    }
+    order.steps = Some(steps);
+    Ok(Some(order))
+}
+
+/// Orders, newest first, optionally by status and customer.
+pub async fn orders(backend: &dyn QueueBackend, status: Option<&str>, customer_id: Option<i64>, page: Page) -> Result<Paged<Order>> {
+    let filter = "($1 IS NULL OR o.status = $1) AND ($2 IS NULL OR o.customer_id = $2)";
+    let params = |extra: Vec<SqlValue>| {
+        let mut p: Vec<SqlValue> = vec![status.map(str::to_string).into(), customer_id.into()];
+        p.extend(extra);
+        p
+    };
+    let total =
+        backend.query(&format!("SELECT count(*) FROM orders o WHERE {filter}"), params(vec![])).await?.first().map_or(0, |r| r.int(0));
+    let rows = backend
+        .query(
+            &format!(
+                "SELECT {ORDER_COLS} FROM orders o JOIN customers c ON c.id = o.customer_id WHERE {filter}
+                 ORDER BY o.created_at DESC, o.id DESC LIMIT $3 OFFSET $4"
+            ),
+            params(vec![(page.per_page as i64).into(), (page.offset() as i64).into()]),
+        )
+        .await?;
+    Ok(Paged { items: hydrate(backend, &rows).await?, total: total as u64 })
+}
+
+/// How the orders created since `since` (unix ms) stand: (unsettled, completed, failed,
+/// revenue of the completed in cents).
+pub async fn settlement(backend: &dyn QueueBackend, since: i64) -> Result<(u64, u64, u64, i64)> {
+    let rows = backend
+        .query(
+            "SELECT status, count(*), coalesce(sum(total_cents), 0) FROM orders WHERE created_at >= $1 GROUP BY status",
+            vec![since.into()],
+        )
+        .await?;
+    let (mut open, mut completed, mut failed, mut revenue) = (0, 0, 0, 0);
+    for r in &rows {
+        match r.text(0) {
+            Some("completed") => {
+                completed = r.int(1) as u64;
+                revenue = r.int(2);
+            }
+            Some("failed") => failed = r.int(1) as u64,
+            _ => open += r.int(1) as u64,
+        }
+    }
+    Ok((open, completed, failed, revenue))
+}
+
+/// Errors of the order API that are the caller's.
+pub fn is_duplicate(e: &BackendError) -> bool {
+    matches!(e, BackendError::Invalid(m) if m.starts_with("order exists"))
+}

@@ -1,0 +1,201 @@
+//! The order workflow: ReserveStock → ProcessPayment → FinalizeOrder, and RollbackOrder on any
+//! failure. Each step commits its rows together with its job's acknowledgement
+//! (`JobContext::complete_with`), so its effect happens once even when delivery repeats.
+//!
+//! - ReserveStock takes every item's quantity with one conditional update per SKU
+//!   (`stock >= quantity`): stock never goes below zero, whatever the concurrency.
+//! - ProcessPayment charges through the gateway with the order id as idempotency key.
+//! - FinalizeOrder commits the reservations, completes the order, moves the leaderboards and
+//!   invalidates the KPI cache, in one transaction.
+//! - RollbackOrder releases what is still reserved, refunds a charge, and fails the order; it
+//!   reads what to undo from the store, so it is right whichever step failed.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use conveyor_core::backend::{BackendError, QueueBackendExt, RowExt, Tx};
+use conveyor_core::cache::{forget_prefix_in, incr_in};
+use conveyor_core::clock::now_ms;
+use conveyor_core::workflow::Workflow;
+use conveyor_core::{JobContext, JobError, JobResult, NewJob, Registry};
+
+use super::payment::PaymentGateway;
+use super::{leaderboard, KPI_CACHE_PREFIX, QUEUE};
+
+pub const RESERVE: &str = "orders.reserve_stock";
+pub const PAY: &str = "orders.process_payment";
+pub const FINALIZE: &str = "orders.finalize";
+pub const ROLLBACK: &str = "orders.rollback";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OrderRef {
+    pub order_id: String,
+}
+
+/// Starts an order's workflow inside the transaction that stores the order.
+pub(crate) fn start_in(tx: &mut dyn Tx, order_id: &str) -> Result<String, BackendError> {
+    let job = |kind: &str| NewJob::new(kind, &OrderRef { order_id: order_id.to_string() }).queue(QUEUE).max_attempts(5);
+    let id = Workflow::new("order")
+        .step("ReserveStock", job(RESERVE))
+        .step("ProcessPayment", job(PAY))
+        .step("FinalizeOrder", job(FINALIZE))
+        .on_failure("RollbackOrder", job(ROLLBACK).max_attempts(10))
+        .start_in(tx)?;
+    tx.execute("UPDATE orders SET workflow_id = $2 WHERE id = $1", &[order_id.into(), id.clone().into()])?;
+    Ok(id)
+}
+
+pub(crate) fn register(registry: &mut Registry, gateway: Arc<dyn PaymentGateway>) {
+    registry.register(RESERVE, |o: OrderRef, ctx: JobContext| async move {
+        settle(ctx.complete_with(move |tx| reserve(tx, &o.order_id)).await)
+    });
+    let g = gateway.clone();
+    registry.register(PAY, move |o: OrderRef, ctx: JobContext| {
+        let g = g.clone();
+        async move { pay(g, o, ctx).await }
+    });
+    registry.register(FINALIZE, |o: OrderRef, ctx: JobContext| async move {
+        settle(ctx.complete_with(move |tx| finalize(tx, &o.order_id)).await)
+    });
+    registry.register(ROLLBACK, move |o: OrderRef, ctx: JobContext| {
+        let g = gateway.clone();
+        async move { rollback(g, o, ctx).await }
+    });
+}
+
+/// Maps a transactional step's result to the job's: a rule the data breaks (no stock) fails the
+/// order without retrying; a lost lease means another worker owns the job now.
+fn settle(r: Result<(), BackendError>) -> JobResult {
+    match r {
+        Ok(()) | Err(BackendError::LeaseLost(_)) => Ok(()),
+        Err(BackendError::Invalid(m)) => Err(JobError::abort(m)),
+        Err(e) => Err(JobError::retry(e)),
+    }
+}
+
+fn reserve(tx: &mut dyn Tx, order_id: &str) -> Result<(), BackendError> {
+    let now = now_ms();
+    let items = tx.query("SELECT sku, sum(quantity) FROM order_items WHERE order_id = $1 GROUP BY sku ORDER BY sku", &[order_id.into()])?;
+    for it in &items {
+        let (sku, qty) = (it.text(0).unwrap_or_default().to_string(), it.int(1));
+        let taken = tx.execute(
+            "UPDATE products SET stock = stock - $2, reserved = reserved + $2, updated_at = $3 WHERE sku = $1 AND stock >= $2",
+            &[sku.clone().into(), qty.into(), now.into()],
+        )?;
+        if taken == 0 {
+            // The whole step rolls back: nothing stays reserved for this order.
+            return Err(BackendError::Invalid(format!("insufficient stock for {sku} (wanted {qty})")));
+        }
+        tx.execute(
+            "INSERT INTO stock_reservations (order_id, sku, quantity, status, updated_at) VALUES ($1, $2, $3, 'reserved', $4)",
+            &[order_id.into(), sku.into(), qty.into(), now.into()],
+        )?;
+    }
+    tx.execute("UPDATE orders SET status = 'processing' WHERE id = $1 AND status = 'pending'", &[order_id.into()])?;
+    Ok(())
+}
+
+async fn pay(gateway: Arc<dyn PaymentGateway>, o: OrderRef, ctx: JobContext) -> JobResult {
+    let rows = ctx.backend().query("SELECT total_cents FROM orders WHERE id = $1", vec![o.order_id.clone().into()]).await?;
+    let total = rows.first().map(|r| r.int(0)).ok_or_else(|| JobError::abort(format!("no order {}", o.order_id)))?;
+    let charge = gateway.charge(&o.order_id, total).await.map_err(JobError::retry)?;
+    let (id, reference) = (o.order_id.clone(), charge.reference.clone());
+    if charge.approved {
+        return settle(
+            ctx.complete_with(move |tx| {
+                tx.execute(
+                    "INSERT INTO payments (order_id, status, amount_cents, reference, idempotency_key, created_at)
+                     VALUES ($1, 'charged', $2, $3, $1, $4) ON CONFLICT (order_id, status) DO NOTHING",
+                    &[id.into(), total.into(), reference.into(), now_ms().into()],
+                )?;
+                Ok(())
+            })
+            .await,
+        );
+    }
+    ctx.backend()
+        .transact(move |tx| {
+            tx.execute(
+                "INSERT INTO payments (order_id, status, amount_cents, reference, idempotency_key, created_at)
+                 VALUES ($1, 'declined', $2, $3, $1, $4) ON CONFLICT (order_id, status) DO NOTHING",
+                &[id.into(), total.into(), reference.into(), now_ms().into()],
+            )
+        })
+        .await?;
+    Err(JobError::abort("payment declined"))
+}
+
+fn finalize(tx: &mut dyn Tx, order_id: &str) -> Result<(), BackendError> {
+    let now = now_ms();
+    let order = tx.query("SELECT customer_id, total_cents FROM orders WHERE id = $1 AND status = 'processing'", &[order_id.into()])?;
+    let Some(order) = order.first() else { return Ok(()) };
+    let (customer, total) = (order.int(0).to_string(), order.int(1));
+    let held = tx.query("SELECT sku, quantity FROM stock_reservations WHERE order_id = $1 AND status = 'reserved'", &[order_id.into()])?;
+    for r in &held {
+        let (sku, qty) = (r.text(0).unwrap_or_default().to_string(), r.int(1));
+        tx.execute(
+            "UPDATE products SET reserved = reserved - $2, updated_at = $3 WHERE sku = $1",
+            &[sku.clone().into(), qty.into(), now.into()],
+        )?;
+        tx.execute(
+            "UPDATE stock_reservations SET status = 'committed', updated_at = $3 WHERE order_id = $1 AND sku = $2",
+            &[order_id.into(), sku.into(), now.into()],
+        )?;
+    }
+    tx.execute("UPDATE orders SET status = 'completed', settled_at = $2 WHERE id = $1", &[order_id.into(), now.into()])?;
+    incr_in(tx, leaderboard::CUSTOMERS_SPENT, &customer, total as f64)?;
+    incr_in(tx, leaderboard::CUSTOMERS_ORDERS, &customer, 1.0)?;
+    let items = tx.query("SELECT sku, quantity, unit_price_cents FROM order_items WHERE order_id = $1", &[order_id.into()])?;
+    for it in &items {
+        let sku = it.text(0).unwrap_or_default().to_string();
+        incr_in(tx, leaderboard::PRODUCTS_UNITS, &sku, it.int(1) as f64)?;
+        incr_in(tx, leaderboard::PRODUCTS_REVENUE, &sku, (it.int(1) * it.int(2)) as f64)?;
+    }
+    forget_prefix_in(tx, KPI_CACHE_PREFIX)?;
+    Ok(())
+}
+
+async fn rollback(gateway: Arc<dyn PaymentGateway>, o: OrderRef, ctx: JobContext) -> JobResult {
+    let charged = ctx
+        .backend()
+        .query("SELECT amount_cents, reference FROM payments WHERE order_id = $1 AND status = 'charged'", vec![o.order_id.clone().into()])
+        .await?;
+    let charge = charged.first().map(|r| (r.int(0), r.text(1).unwrap_or_default().to_string()));
+    if charge.is_some() {
+        gateway.refund(&o.order_id).await.map_err(JobError::retry)?;
+    }
+    let id = o.order_id.clone();
+    settle(
+        ctx.complete_with(move |tx| {
+            let now = now_ms();
+            let held = tx
+                .query("SELECT sku, quantity FROM stock_reservations WHERE order_id = $1 AND status = 'reserved'", &[id.as_str().into()])?;
+            for r in &held {
+                let (sku, qty) = (r.text(0).unwrap_or_default().to_string(), r.int(1));
+                tx.execute(
+                    "UPDATE products SET stock = stock + $2, reserved = reserved - $2, updated_at = $3 WHERE sku = $1",
+                    &[sku.clone().into(), qty.into(), now.into()],
+                )?;
+                tx.execute(
+                    "UPDATE stock_reservations SET status = 'released', updated_at = $3 WHERE order_id = $1 AND sku = $2",
+                    &[id.as_str().into(), sku.into(), now.into()],
+                )?;
+            }
+            if let Some((amount, reference)) = charge {
+                tx.execute(
+                    "INSERT INTO payments (order_id, status, amount_cents, reference, idempotency_key, created_at)
+                     VALUES ($1, 'refunded', $2, $3, $1, $4) ON CONFLICT (order_id, status) DO NOTHING",
+                    &[id.as_str().into(), amount.into(), reference.into(), now.into()],
+                )?;
+            }
+            tx.execute(
+                "UPDATE orders SET status = 'failed', settled_at = $2 WHERE id = $1 AND status IN ('pending', 'processing')",
+                &[id.as_str().into(), now.into()],
+            )?;
+            forget_prefix_in(tx, KPI_CACHE_PREFIX)?;
+            Ok(())
+        })
+        .await,
+    )
+}

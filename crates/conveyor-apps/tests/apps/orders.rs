@@ -1,0 +1,185 @@
+//! Orders: import, the workflow's invariants under concurrency, and bad CSVs.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::time::Duration;
+
+use conveyor_apps::orders::{self, import, leaderboard, payment::SimulatorConfig};
+use conveyor_core::backend::RowExt;
+use conveyor_core::cache::SortedSet;
+use conveyor_core::clock::now_ms;
+use conveyor_core::worker::{self, SupervisorConfig, WorkerConfig};
+use conveyor_core::{Conveyor, Registry};
+use tokio_util::sync::CancellationToken;
+
+use crate::{store, wait_for, Store};
+
+fn conveyor(s: &Store, success_rate: f64) -> Conveyor {
+    let mut registry = Registry::new();
+    orders::register(&mut registry, s.backend.clone(), SimulatorConfig { success_rate, seed: 42, latency: Duration::ZERO });
+    Conveyor::new(s.backend.clone(), registry)
+}
+
+async fn import_products(c: &Conveyor, csv: String) {
+    let report = import::import_products(c, std::io::Cursor::new(csv.into_bytes())).await.unwrap();
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+}
+
+/// `n` orders of 1–3 lines over `products` SKUs, deterministic.
+fn orders_csv(n: usize, products: usize) -> (String, HashMap<String, i64>) {
+    let mut csv = String::from("order_id,customer_id,customer_name,customer_email,sku,quantity,unit_price,order_date\n");
+    let mut demand: HashMap<String, i64> = HashMap::new();
+    for i in 0..n {
+        let customer = 1 + (i * 7) % 200;
+        for l in 0..(1 + i % 3) {
+            let sku = format!("SKU-{:03}", (i * 13 + l * 5) % products);
+            let qty = 1 + ((i + l) % 3) as i64;
+            *demand.entry(sku.clone()).or_default() += qty;
+            let _ = writeln!(
+                csv,
+                "ORD-{i:06},{customer},Customer {customer},c{customer}@example.com,{sku},{qty},{}.99,2026-11-{:02}",
+                5 + l,
+                1 + i % 20
+            );
+        }
+    }
+    (csv, demand)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_order_settles_and_stock_money_and_leaderboards_add_up() {
+    let s = store().await;
+    let c = conveyor(&s, 0.9);
+    let products = 50;
+    let (csv, demand) = orders_csv(3_000, products);
+    // Stock covers about 60 % of demand.
+    let mut pcsv = String::from("sku,name,price,stock\n");
+    let mut initial = HashMap::new();
+    for p in 0..products {
+        let sku = format!("SKU-{p:03}");
+        let stock = demand.get(&sku).copied().unwrap_or(0) * 6 / 10;
+        initial.insert(sku.clone(), stock);
+        let _ = writeln!(pcsv, "{sku},Product {p},9.99,{stock}");
+    }
+    import_products(&c, pcsv).await;
+
+    let since = now_ms();
+    let report = import::import_orders(&c, std::io::Cursor::new(csv.clone().into_bytes()), |_| {}).await.unwrap();
+    assert_eq!(report.orders, 3_000);
+    assert!(report.rejected.is_empty(), "{:?}", &report.rejected[..report.rejected.len().min(5)]);
+
+    let shutdown = CancellationToken::new();
+    let mut sup = SupervisorConfig::new("orders", vec![orders::QUEUE.into()], 32);
+    sup.lease = Duration::from_secs(10);
+    let cfg = WorkerConfig { supervisors: vec![sup], poll_interval: Duration::from_millis(20), ..WorkerConfig::default() };
+    let w = tokio::spawn(worker::run(c.clone(), cfg, shutdown.clone()));
+    wait_for("every order to settle", Duration::from_secs(240), || async {
+        orders::settlement(s.backend.as_ref(), since).await.unwrap().0 == 0
+    })
+    .await;
+    shutdown.cancel();
+    w.await.unwrap();
+
+    let (open, completed, failed, revenue) = orders::settlement(s.backend.as_ref(), since).await.unwrap();
+    assert_eq!(open, 0);
+    assert_eq!(completed + failed, 3_000);
+    assert!(completed > 500 && failed > 500, "both outcomes happen: {completed} completed, {failed} failed");
+
+    // Stock: never negative, nothing left reserved, committed + remaining = initial.
+    let b = s.backend.as_ref();
+    for r in b.query("SELECT sku, stock, reserved FROM products", vec![]).await.unwrap() {
+        let sku = r.text(0).unwrap().to_string();
+        assert!(r.int(1) >= 0, "{sku} went negative");
+        assert_eq!(r.int(2), 0, "{sku} still has stock reserved");
+        let committed = b
+            .query(
+                "SELECT coalesce(sum(quantity), 0) FROM stock_reservations WHERE sku = $1 AND status = 'committed'",
+                vec![sku.clone().into()],
+            )
+            .await
+            .unwrap()[0]
+            .int(0);
+        assert_eq!(committed + r.int(1), initial[&sku], "{sku}: committed + remaining = initial");
+    }
+    // Money: each completed order charged exactly once and never refunded; a failed one
+    // never keeps a charge.
+    let bad = b
+        .query(
+            "SELECT o.id, o.status,
+                    (SELECT count(*) FROM payments p WHERE p.order_id = o.id AND p.status = 'charged'),
+                    (SELECT count(*) FROM payments p WHERE p.order_id = o.id AND p.status = 'refunded')
+             FROM orders o",
+            vec![],
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| {
+            let (status, charged, refunded) = (r.text(1).unwrap().to_string(), r.int(2), r.int(3));
+            !((status == "completed" && charged == 1 && refunded == 0) || (status == "failed" && charged == refunded))
+        })
+        .count();
+    assert_eq!(bad, 0, "payments match every order's outcome");
+    let gateway_charges =
+        b.query("SELECT count(*) FROM payment_gateway_charges WHERE status = 'charged'", vec![]).await.unwrap()[0].int(0) as u64;
+    assert_eq!(gateway_charges, completed, "the gateway kept exactly the completed orders' charges");
+
+    // Leaderboards: their totals are the completed orders'.
+    let spent = SortedSet::new(s.backend.clone(), leaderboard::CUSTOMERS_SPENT).top(10_000).await.unwrap();
+    assert_eq!(spent.iter().map(|r| r.score).sum::<f64>() as i64, revenue);
+    let counts = SortedSet::new(s.backend.clone(), leaderboard::CUSTOMERS_ORDERS).top(10_000).await.unwrap();
+    assert_eq!(counts.iter().map(|r| r.score).sum::<f64>() as u64, completed);
+
+    // The timeline: a failed order shows where it stopped and the rollback.
+    let failed_id = b.query("SELECT id FROM orders WHERE status = 'failed' LIMIT 1", vec![]).await.unwrap()[0].text(0).unwrap().to_string();
+    let o = orders::order(b, &failed_id).await.unwrap().unwrap();
+    let steps = o.steps.unwrap();
+    assert!(steps.iter().any(|st| st.name == "RollbackOrder" && st.status == "completed"), "{steps:?}");
+    assert!(steps.iter().any(|st| st.status == "failed"), "{steps:?}");
+
+    // Importing the same file again creates nothing.
+    let again = import::import_orders(&c, std::io::Cursor::new(csv.into_bytes()), |_| {}).await.unwrap();
+    assert_eq!((again.orders, again.duplicates), (0, 3_000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_csv_lines_are_reported_by_line_and_good_orders_imported() {
+    let s = store().await;
+    let c = conveyor(&s, 1.0);
+    import_products(&c, "sku,name,price,stock\nA,Alpha,1.00,100\nB,Béta,2.50,100\n".into()).await;
+    // BOM, CRLF, columns in another order, quoting, non-ASCII names.
+    let csv = "\u{feff}customer_id,order_id,customer_name,customer_email,sku,quantity,unit_price,order_date\r\n\
+        1,O1,\"Zoë, Ltd\",zoe@example.com,A,2,1.00,2026-11-01\r\n\
+        1,O1,\"Zoë, Ltd\",zoe@example.com,B,1,2.50,2026-11-01\r\n\
+        2,O2,Bob,bob@example.com,A,-1,1.00,2026-11-01\r\n\
+        2,O2,Bob,bob@example.com,B,1,2.50,2026-11-01\r\n\
+        3,O3,Ann,ann@example.com,Z,1,1.00,2026-11-01\r\n\
+        4,O4,Eve,eve@example.com,A,1,abc,2026-11-01\r\n\
+        5,O5,Max,not-an-email,A,1,1.00,2026-11-01\r\n\
+        6,O6,Kim,kim@example.com,A,1,1.00,yesterday\r\n\
+        7,O7,Lee,lee@example.com,A,1,1.00,2026-11-02T10:30:00+02:00\r\n\
+        7,O7,Lee,lee@example.com,A,1,1.00,2026-11-02T10:30:00+02:00\r\n";
+    let report = import::import_orders(&c, std::io::Cursor::new(csv.as_bytes().to_vec()), |_| {}).await.unwrap();
+    assert_eq!(report.rows, 10);
+    assert_eq!(report.orders, 2, "O1 and O7 imported: {report:?}");
+    let reasons: HashMap<u64, &str> = report.rejected.iter().map(|r| (r.line, r.reason.as_str())).collect();
+    assert!(reasons[&4].starts_with("quantity:"), "{reasons:?}");
+    assert!(
+        reasons[&5].starts_with("order_id: order O2 rejected (see line 4)"),
+        "the rest of a bad order is rejected with it: {reasons:?}"
+    );
+    assert!(reasons[&6].contains("unknown SKU"), "{reasons:?}");
+    assert!(reasons[&7].starts_with("unit_price:"), "{reasons:?}");
+    assert!(reasons[&8].starts_with("customer_email:"), "{reasons:?}");
+    assert!(reasons[&9].starts_with("order_date:"), "{reasons:?}");
+    assert_eq!(report.rejected.len(), 6);
+    let o1 = orders::order(s.backend.as_ref(), "O1").await.unwrap().unwrap();
+    assert_eq!(o1.customer_name, "Zoë, Ltd");
+    assert_eq!(o1.total, 4.5);
+    let o7 = orders::order(s.backend.as_ref(), "O7").await.unwrap().unwrap();
+    assert_eq!(o7.items.len(), 2, "two lines of one order with the same SKU are both kept");
+    assert_eq!(o7.order_date, "2026-11-02T08:30:00Z", "dates are normalized to UTC");
+
+    let missing = import::import_orders(&c, std::io::Cursor::new(b"order_id,sku\nX,A\n".to_vec()), |_| {}).await.unwrap_err();
+    assert!(missing.to_string().contains("customer_id"), "{missing}");
+}
