@@ -65,8 +65,8 @@ pub(crate) struct JsonFlag {
 }
 
 pub(crate) async fn migrate(config: &Config) -> anyhow::Result<()> {
-    // Opening the store applies every pending migration.
-    let backend = open_backend(config)?;
+    // Opening the store applies the engine's migrations; then the applications' own.
+    let backend = crate::run::open_store(config).await?;
     backend.ping().await?;
     println!("migrated: {} store at {} is up to date", backend.name(), config.database_url);
     Ok(())

@@ -38,6 +38,7 @@ pub(crate) struct Config {
     pub(crate) retention_completed: usize,
     pub(crate) retention_metrics: Duration,
     pub(crate) log_format: String,
+    pub(crate) apps: conveyor_apps::AppsConfig,
 }
 
 /// Looks a key up in the environment first, then in the file.
@@ -163,6 +164,7 @@ impl Config {
             retention_completed: src.parsed("retention", "completed", 1_000usize, "a number of jobs")?,
             retention_metrics: src.duration("retention", "metrics", Duration::from_secs(24 * 3600))?,
             log_format,
+            apps: apps(src)?,
         })
     }
 }
@@ -172,11 +174,35 @@ fn read_file(path: &Path) -> anyhow::Result<toml::Table> {
     text.parse::<toml::Table>().map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().lines().next().unwrap_or_default()))
 }
 
+/// The applications' settings: `[payment] success_rate, seed, latency_ms`.
+fn apps(src: &Source) -> anyhow::Result<conveyor_apps::AppsConfig> {
+    let rate: f64 = src.parsed("payment", "success_rate", 0.9, "a number from 0 to 1")?;
+    if !(0.0..=1.0).contains(&rate) {
+        bail!("CONVEYOR_PAYMENT_SUCCESS_RATE: expected a number from 0 to 1, got {rate}");
+    }
+    let seed: u64 = match src.get("payment", "seed") {
+        None => rand_seed(),
+        Some((v, name)) => v.trim().parse().map_err(|_| anyhow::anyhow!("{name}: expected a whole number, got {v:?}"))?,
+    };
+    let latency: u64 = src.parsed("payment", "latency_ms", 0, "a number of milliseconds")?;
+    Ok(conveyor_apps::AppsConfig {
+        payment: conveyor_apps::orders::payment::SimulatorConfig { success_rate: rate, seed, latency: Duration::from_millis(latency) },
+    })
+}
+
+fn rand_seed() -> u64 {
+    conveyor_apps::orders::payment::SimulatorConfig::default().seed
+}
+
 /// `[[supervisors]]` tables: `name`, `queues`, `concurrency` (or `max_workers`), `prefetch`,
 /// `lease`, `balance` (`off`, `simple`, `auto`), `min_workers`.
 fn supervisors(file: &toml::Table) -> anyhow::Result<Vec<SupervisorConfig>> {
     let Some(list) = file.get("supervisors") else {
-        return Ok(vec![SupervisorConfig::new("default", vec!["default".into()], 8)]);
+        // The order workflow gets its own supervisor, so a backlog elsewhere never starves it.
+        return Ok(vec![
+            SupervisorConfig::new("default", vec!["default".into()], 8),
+            SupervisorConfig::new("orders", vec![conveyor_apps::orders::QUEUE.into()], 16),
+        ]);
     };
     let list = list.as_array().context("supervisors: expected [[supervisors]] tables")?;
     let mut out = Vec::new();

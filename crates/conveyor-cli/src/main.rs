@@ -10,6 +10,7 @@ mod admin;
 mod bench;
 mod config;
 mod kinds;
+mod orders;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -39,6 +40,12 @@ enum Command {
     Failed(admin::FailedCommand),
     /// Measure throughput and latency on the configured backend
     Bench(bench::BenchArgs),
+    /// Orders: import a CSV and run the order workflow
+    #[command(subcommand)]
+    Orders(orders::OrdersCommand),
+    /// Products: import a CSV
+    #[command(subcommand)]
+    Products(orders::ProductsCommand),
 }
 
 fn main() {
@@ -58,6 +65,8 @@ fn main() {
             Command::Queue(cmd) => admin::queue(&config, cmd).await,
             Command::Failed(cmd) => admin::failed(&config, cmd).await,
             Command::Bench(args) => bench::run(config, args).await,
+            Command::Orders(cmd) => orders::orders(&config, cmd).await,
+            Command::Products(cmd) => orders::products(&config, cmd).await,
         }
     });
     if let Err(e) = result {

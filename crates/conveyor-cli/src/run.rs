@@ -36,6 +36,20 @@ pub(crate) struct WorkArgs {
     concurrency: Option<usize>,
 }
 
+/// The backend with every application's tables migrated.
+pub(crate) async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn QueueBackend>> {
+    let backend = open_backend(config)?;
+    conveyor_apps::migrate(backend.as_ref()).await.context("migrating the applications' tables")?;
+    Ok(backend)
+}
+
+/// Every job kind this binary runs: the built-in ones and the applications'.
+pub(crate) fn registry(config: &Config, backend: &Arc<dyn QueueBackend>) -> conveyor_core::Registry {
+    let mut r = kinds::registry();
+    conveyor_apps::register(&mut r, backend.clone(), &config.apps);
+    r
+}
+
 pub(crate) fn open_backend(config: &Config) -> anyhow::Result<Arc<dyn QueueBackend>> {
     let bc = BackendConfig {
         database_url: config.database_url.clone(),
@@ -123,10 +137,10 @@ fn spawn_pruner(backend: Arc<dyn QueueBackend>, keep: std::time::Duration, stop:
 
 pub(crate) async fn work(config: Config, args: WorkArgs) -> anyhow::Result<()> {
     let wc = worker_config(&config, Some(&args))?;
-    let backend = open_backend(&config)?;
+    let backend = open_store(&config).await?;
     let shutdown = shutdown_on_signals();
     let pruner = spawn_pruner(backend.clone(), config.retention_metrics, shutdown.clone());
-    let conveyor = Conveyor::new(backend, kinds::registry());
+    let conveyor = Conveyor::new(backend.clone(), registry(&config, &backend));
     for s in &wc.supervisors {
         info!(supervisor = %s.name, queues = ?s.queues, concurrency = s.concurrency, "supervisor ready");
     }
@@ -141,7 +155,7 @@ pub(crate) async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()>
         bail!("refusing to serve on {addr} without CONVEYOR_API_TOKEN: set a token or bind a loopback address");
     }
     let wc = worker_config(&config, None)?;
-    let backend = open_backend(&config)?;
+    let backend = open_store(&config).await?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (CONVEYOR_HTTP_ADDR)"))?;
     let local = listener.local_addr()?;
     if config.api_token.is_none() {
@@ -149,7 +163,7 @@ pub(crate) async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()>
     }
     eprintln!("conveyor listening on http://{local} (API at /api, health at /api/health)");
     let shutdown = shutdown_on_signals();
-    let conveyor = Conveyor::new(backend.clone(), kinds::registry());
+    let conveyor = Conveyor::new(backend.clone(), registry(&config, &backend));
     let scheduler = (!args.no_scheduler).then(|| Scheduler::new(conveyor.clone(), config.schedules.clone()));
     let state = conveyor_server::AppState::new(conveyor.clone(), config.api_token.as_ref().map(|s| s.0.clone()))
         .with_schedules(scheduler.as_ref().map(Scheduler::info));
@@ -170,9 +184,9 @@ pub(crate) async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()>
 }
 
 pub(crate) async fn schedule(config: Config) -> anyhow::Result<()> {
-    let backend = open_backend(&config)?;
+    let backend = open_store(&config).await?;
     let shutdown = shutdown_on_signals();
-    let conveyor = Conveyor::new(backend, kinds::registry());
+    let conveyor = Conveyor::new(backend.clone(), registry(&config, &backend));
     for s in &config.schedules {
         info!(schedule = %s.name, cron = %s.cron, job = %s.job.kind, "scheduled");
     }

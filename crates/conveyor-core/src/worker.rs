@@ -449,6 +449,9 @@ impl JobTask {
             }
         };
         match &outcome {
+            // An abort is the handler's decision (a declined payment, a bad payload), not an
+            // operational problem: it is recorded, but not shouted about.
+            Outcome::Failed { error } if action == ErrorAction::Abort => info!(%error, "job failed: aborted by its handler"),
             Outcome::Failed { error } => warn!(%error, "job failed for good"),
             Outcome::Retry { error, .. } => info!(%error, "job attempt failed; will retry"),
             _ => {}

@@ -11,6 +11,7 @@ mod dashboard;
 mod health;
 mod openapi;
 mod orchestration;
+mod orders;
 mod prometheus;
 mod stats;
 
@@ -68,6 +69,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/openapi.json", get(openapi::document))
         .merge(admin::routes())
         .merge(orchestration::routes())
+        .merge(orders::routes())
         .merge(dashboard::routes())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -117,7 +119,8 @@ async fn envelope_errors(req: Request, next: Next) -> Response {
     // A declared length over the limit is refused before anything reads the body (handlers
     // that take no body would otherwise accept it); undeclared lengths meet DefaultBodyLimit.
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+    let limit = if req.uri().path() == "/api/orders/import" { orders::MAX_IMPORT } else { MAX_BODY };
+    if declared.is_some_and(|n| n > limit as u64) {
         return ApiError::PayloadTooLarge.into_response();
     }
     let res = match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {

@@ -130,6 +130,11 @@ pub(crate) struct Health {
         crate::orchestration::breakers,
         crate::orchestration::event_log,
         crate::orchestration::schedules,
+        crate::orders::products,
+        crate::orders::list_orders,
+        crate::orders::show_order,
+        crate::orders::create_order,
+        crate::orders::import_orders,
     ),
     components(schemas(
         QueueStats,

@@ -240,7 +240,109 @@ pub async fn settlement(backend: &dyn QueueBackend, since: i64) -> Result<(u64, 
     Ok((open, completed, failed, revenue))
 }
 
-/// Errors of the order API that are the caller's.
-pub fn is_duplicate(e: &BackendError) -> bool {
-    matches!(e, BackendError::Invalid(m) if m.starts_with("order exists"))
+/// Why a posted order was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error("order {0} already exists")]
+    Exists(String),
+    #[error(transparent)]
+    Store(#[from] BackendError),
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> CreateError {
+    CreateError::Invalid { field: field.into(), reason: reason.into() }
+}
+
+/// Stores one order posted as JSON (`{order_id, customer_id, customer_name, customer_email,
+/// order_date, items: [{sku, quantity, unit_price}]}`) and starts its workflow, in one
+/// transaction.
+pub async fn create_order(conveyor: &conveyor_core::Conveyor, body: &serde_json::Value) -> std::result::Result<Order, CreateError> {
+    use conveyor_core::backend::QueueBackendExt;
+    let text = |field: &str, max: usize| -> std::result::Result<String, CreateError> {
+        match body.get(field).and_then(|v| v.as_str()).map(str::trim) {
+            Some(s) if !s.is_empty() && s.len() <= max => Ok(s.to_string()),
+            Some(_) => Err(invalid(field, format!("must be 1 to {max} characters"))),
+            None => Err(invalid(field, "is required and must be a string")),
+        }
+    };
+    let order_id = text("order_id", 100)?;
+    let customer_id = body
+        .get("customer_id")
+        .and_then(|v| v.as_i64())
+        .filter(|v| *v > 0)
+        .ok_or_else(|| invalid("customer_id", "must be a positive integer"))?;
+    let name = text("customer_name", 200)?;
+    let email = text("customer_email", 254)?;
+    if !import::valid_email(&email) {
+        return Err(invalid("customer_email", "is not an email address"));
+    }
+    let (order_date, order_day) =
+        import::parse_date(&text("order_date", 40)?).ok_or_else(|| invalid("order_date", "must be an ISO 8601 date or date-time"))?;
+    let items = body
+        .get("items")
+        .and_then(|v| v.as_array())
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| invalid("items", "must be a non-empty array"))?;
+    if items.len() > 1_000 {
+        return Err(invalid("items", "at most 1000 items"));
+    }
+    let known: std::collections::HashSet<String> =
+        conveyor.backend().query("SELECT sku FROM products", vec![]).await?.iter().filter_map(|r| r.text(0).map(str::to_string)).collect();
+    let mut lines = Vec::new();
+    for (i, it) in items.iter().enumerate() {
+        let sku = it.get("sku").and_then(|v| v.as_str()).ok_or_else(|| invalid(format!("items[{i}].sku"), "is required"))?;
+        if !known.contains(sku) {
+            return Err(invalid(format!("items[{i}].sku"), format!("unknown SKU {sku:?}")));
+        }
+        let quantity = it
+            .get("quantity")
+            .and_then(|v| v.as_i64())
+            .filter(|q| (1..=1_000_000).contains(q))
+            .ok_or_else(|| invalid(format!("items[{i}].quantity"), "must be an integer from 1"))?;
+        let price = match it.get("unit_price") {
+            Some(serde_json::Value::Number(n)) => {
+                money::parse_cents(&n.to_string()).map_err(|e| invalid(format!("items[{i}].unit_price"), e))?
+            }
+            Some(serde_json::Value::String(s)) => money::parse_cents(s).map_err(|e| invalid(format!("items[{i}].unit_price"), e))?,
+            _ => return Err(invalid(format!("items[{i}].unit_price"), "must be a decimal number like 19.99")),
+        };
+        lines.push((sku.to_string(), quantity, price));
+    }
+    let total: i64 = lines.iter().map(|(_, q, p)| q * p).sum();
+    let id = order_id.clone();
+    let created = conveyor
+        .backend()
+        .transact(move |tx| {
+            let n = tx.execute(
+                "INSERT INTO orders (id, customer_id, status, total_cents, order_date, order_day, created_at)
+                 VALUES ($1, $2, 'pending', $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+                &[
+                    id.clone().into(),
+                    customer_id.into(),
+                    total.into(),
+                    order_date.into(),
+                    order_day.into(),
+                    conveyor_core::clock::now_ms().into(),
+                ],
+            )?;
+            if n == 0 {
+                return Ok(false);
+            }
+            upsert_customer(tx, customer_id, &name, &email)?;
+            for (i, (sku, q, p)) in lines.iter().enumerate() {
+                tx.execute(
+                    "INSERT INTO order_items (order_id, line, sku, quantity, unit_price_cents) VALUES ($1, $2, $3, $4, $5)",
+                    &[id.clone().into(), (i as i64 + 1).into(), sku.as_str().into(), (*q).into(), (*p).into()],
+                )?;
+            }
+            workflow::start_in(tx, &id)?;
+            Ok(true)
+        })
+        .await?;
+    if !created {
+        return Err(CreateError::Exists(order_id));
+    }
+    order(conveyor.backend().as_ref(), &order_id).await?.ok_or_else(|| CreateError::Store(BackendError::NotFound(order_id)))
 }

@@ -76,6 +76,11 @@ fn settle(r: Result<(), BackendError>) -> JobResult {
 
 fn reserve(tx: &mut dyn Tx, order_id: &str) -> Result<(), BackendError> {
     let now = now_ms();
+    // Only a pending order reserves: a step re-run later (say, retried from the failed store
+    // after the order was rolled back) must not take stock that nothing would release.
+    if !in_status(tx, order_id, "pending")? {
+        return Ok(());
+    }
     let items = tx.query("SELECT sku, sum(quantity) FROM order_items WHERE order_id = $1 GROUP BY sku ORDER BY sku", &[order_id.into()])?;
     for it in &items {
         let (sku, qty) = (it.text(0).unwrap_or_default().to_string(), it.int(1));
@@ -97,8 +102,13 @@ fn reserve(tx: &mut dyn Tx, order_id: &str) -> Result<(), BackendError> {
 }
 
 async fn pay(gateway: Arc<dyn PaymentGateway>, o: OrderRef, ctx: JobContext) -> JobResult {
-    let rows = ctx.backend().query("SELECT total_cents FROM orders WHERE id = $1", vec![o.order_id.clone().into()]).await?;
-    let total = rows.first().map(|r| r.int(0)).ok_or_else(|| JobError::abort(format!("no order {}", o.order_id)))?;
+    let rows = ctx.backend().query("SELECT total_cents, status FROM orders WHERE id = $1", vec![o.order_id.clone().into()]).await?;
+    let row = rows.first().ok_or_else(|| JobError::abort(format!("no order {}", o.order_id)))?;
+    let total = row.int(0);
+    if row.text(1) != Some("processing") {
+        // Settled already (a re-run): charging now would take money for nothing.
+        return settle(ctx.complete_with(|_| Ok(())).await);
+    }
     let charge = gateway.charge(&o.order_id, total).await.map_err(JobError::retry)?;
     let (id, reference) = (o.order_id.clone(), charge.reference.clone());
     if charge.approved {
@@ -124,6 +134,10 @@ async fn pay(gateway: Arc<dyn PaymentGateway>, o: OrderRef, ctx: JobContext) -> 
         })
         .await?;
     Err(JobError::abort("payment declined"))
+}
+
+fn in_status(tx: &mut dyn Tx, order_id: &str, status: &str) -> Result<bool, BackendError> {
+    Ok(!tx.query("SELECT 1 FROM orders WHERE id = $1 AND status = $2", &[order_id.into(), status.into()])?.is_empty())
 }
 
 fn finalize(tx: &mut dyn Tx, order_id: &str) -> Result<(), BackendError> {

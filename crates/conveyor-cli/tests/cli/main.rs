@@ -4,6 +4,7 @@
 mod browser;
 mod commands;
 mod http;
+mod orders;
 mod process;
 mod scheduler;
 

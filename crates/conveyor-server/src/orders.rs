@@ -1,0 +1,96 @@
+//! The orders application's endpoints: products, orders (list, one, create, CSV import).
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Deserialize;
+
+use conveyor_apps::orders::{self, import, CreateError};
+
+use crate::admin::Paging;
+use crate::error::{ok, page, ApiError};
+use crate::openapi::ErrorEnvelope;
+use crate::AppState;
+
+/// CSV imports through the API may be larger than other bodies (the CLI streams any size).
+pub(crate) const MAX_IMPORT: usize = 64 * 1024 * 1024;
+
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/products", get(products))
+        .route("/api/orders", get(list_orders).post(create_order))
+        .route("/api/orders/import", post(import_orders).layer(axum::extract::DefaultBodyLimit::max(MAX_IMPORT)))
+        .route("/api/orders/{id}", get(show_order))
+}
+
+#[utoipa::path(get, path = "/api/products", tag = "orders", responses((status = 200, description = "products with stock and reserved", body = Envelope<Object>)))]
+pub(crate) async fn products(State(s): State<AppState>) -> Result<Response, ApiError> {
+    Ok(ok(orders::products(s.conveyor.backend().as_ref()).await?))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct OrdersQuery {
+    status: Option<String>,
+    customer_id: Option<String>,
+    #[serde(flatten)]
+    paging: Paging,
+}
+
+#[utoipa::path(get, path = "/api/orders", tag = "orders",
+    params(("status" = Option<String>, Query, description = "pending, processing, completed or failed"), ("customer_id" = Option<i64>, Query),
+           ("page" = Option<u32>, Query, minimum = 1), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000)),
+    responses((status = 200, description = "orders, newest first", body = PagedEnvelope<Object>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
+pub(crate) async fn list_orders(State(s): State<AppState>, Query(q): Query<OrdersQuery>) -> Result<Response, ApiError> {
+    let p = q.paging.parse()?;
+    let status = match q.status.as_deref() {
+        None | Some("") => None,
+        Some(st @ ("pending" | "processing" | "completed" | "failed")) => Some(st),
+        Some(_) => return Err(ApiError::field("status", "must be pending, processing, completed or failed")),
+    };
+    let customer = match q.customer_id.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(c.parse::<i64>().map_err(|_| ApiError::field("customer_id", "must be an integer"))?),
+    };
+    let list = orders::orders(s.conveyor.backend().as_ref(), status, customer, p).await?;
+    Ok(page(list.items, p.page, p.per_page, list.total))
+}
+
+#[utoipa::path(get, path = "/api/orders/{id}", tag = "orders", params(("id" = String, Path, description = "order id")),
+    responses((status = 200, description = "the order with payments and workflow steps", body = Envelope<Object>), (status = 404, description = "not found", body = ErrorEnvelope)))]
+pub(crate) async fn show_order(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    match orders::order(s.conveyor.backend().as_ref(), &id).await? {
+        Some(o) => Ok(ok(o)),
+        None => Err(ApiError::NotFound(format!("no order {id}"))),
+    }
+}
+
+#[utoipa::path(post, path = "/api/orders", tag = "orders", request_body(content = Object, description = "{order_id, customer_id, customer_name, customer_email, order_date, items: [{sku, quantity, unit_price}]}"),
+    responses((status = 201, description = "created; its workflow started", body = Envelope<Object>), (status = 409, description = "the order id exists", body = ErrorEnvelope),
+              (status = 422, description = "a field is invalid", body = ErrorEnvelope), (status = 400, description = "not JSON", body = ErrorEnvelope)))]
+pub(crate) async fn create_order(State(s): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let json: serde_json::Value = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("the body is not JSON: {e}")))?;
+    if !json.is_object() {
+        return Err(ApiError::BadRequest("the body must be a JSON object".into()));
+    }
+    match orders::create_order(&s.conveyor, &json).await {
+        Ok(o) => Ok((StatusCode::CREATED, ok(o)).into_response()),
+        Err(CreateError::Invalid { field, reason }) => Err(ApiError::field(&field, reason)),
+        Err(CreateError::Exists(id)) => Err(ApiError::Conflict(format!("order {id} already exists"))),
+        Err(CreateError::Store(e)) => Err(e.into()),
+    }
+}
+
+#[utoipa::path(post, path = "/api/orders/import", tag = "orders", request_body(content = String, content_type = "text/csv"),
+    responses((status = 200, description = "{rows, orders, duplicates, rejected: [{line, reason}]}", body = Envelope<Object>),
+              (status = 422, description = "the header lacks required columns", body = ErrorEnvelope)))]
+pub(crate) async fn import_orders(State(s): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    match import::import_orders(&s.conveyor, std::io::Cursor::new(body), |_| {}).await {
+        Ok(report) => Ok(ok(report)),
+        Err(import::ImportError::MissingColumns(cols)) => Err(ApiError::field("header", format!("missing columns: {}", cols.join(", ")))),
+        Err(import::ImportError::Read(e)) => Err(ApiError::BadRequest(format!("cannot read the CSV: {e}"))),
+        Err(import::ImportError::Store(e)) => Err(e.into()),
+    }
+}
