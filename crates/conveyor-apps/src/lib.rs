@@ -22,6 +22,11 @@ pub async fn migrate(backend: &dyn QueueBackend) -> Result<()> {
     Ok(())
 }
 
+/// Every application's built-in schedules.
+pub fn schedules() -> Vec<conveyor_core::scheduler::Schedule> {
+    orders::schedules()
+}
+
 /// Registers every application's job kinds and listeners.
 pub fn register(registry: &mut Registry, backend: Arc<dyn QueueBackend>, config: &AppsConfig) {
     orders::register(registry, backend, config.payment.clone());

@@ -160,7 +160,7 @@ impl Config {
             api_token: src.optional("api", "token").map(Secret),
             shutdown_grace,
             supervisors: supervisors(&src.file)?,
-            schedules: schedules(&src.file)?,
+            schedules: with_builtin(schedules(&src.file)?),
             retention_completed: src.parsed("retention", "completed", 1_000usize, "a number of jobs")?,
             retention_metrics: src.duration("retention", "metrics", Duration::from_secs(24 * 3600))?,
             log_format,
@@ -241,6 +241,16 @@ fn supervisors(file: &toml::Table) -> anyhow::Result<Vec<SupervisorConfig>> {
         out.push(s);
     }
     Ok(out)
+}
+
+/// The applications' schedules, unless the file names one the same (then the file's wins).
+fn with_builtin(mut configured: Vec<Schedule>) -> Vec<Schedule> {
+    for s in conveyor_apps::schedules() {
+        if !configured.iter().any(|c| c.name == s.name) {
+            configured.push(s);
+        }
+    }
+    configured
 }
 
 /// `[[schedule]]` tables: `name`, `cron`, `timezone` (default UTC), `job` (a job kind),

@@ -46,6 +46,14 @@ enum Command {
     /// Products: import a CSV
     #[command(subcommand)]
     Products(orders::ProductsCommand),
+    /// KPIs: compute them now
+    #[command(subcommand)]
+    Kpis(orders::KpisCommand),
+    /// Leaderboards: rebuild them from the store
+    #[command(subcommand)]
+    Leaderboard(orders::LeaderboardCommand),
+    /// Load sample products and orders, and print what to try next
+    Demo,
 }
 
 fn main() {
@@ -67,6 +75,9 @@ fn main() {
             Command::Bench(args) => bench::run(config, args).await,
             Command::Orders(cmd) => orders::orders(&config, cmd).await,
             Command::Products(cmd) => orders::products(&config, cmd).await,
+            Command::Kpis(cmd) => orders::kpis(&config, cmd).await,
+            Command::Leaderboard(cmd) => orders::leaderboard(&config, cmd).await,
+            Command::Demo => orders::demo(&config).await,
         }
     });
     if let Err(e) = result {

@@ -135,6 +135,13 @@ pub(crate) struct Health {
         crate::orders::show_order,
         crate::orders::create_order,
         crate::orders::import_orders,
+        crate::orders::kpis_daily,
+        crate::orders::kpis_range,
+        crate::orders::kpis_realtime,
+        crate::orders::top_customers,
+        crate::orders::customer_rank,
+        crate::orders::top_products,
+        crate::orders::rebuild_leaderboards,
     ),
     components(schemas(
         QueueStats,

@@ -8,7 +8,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde::Deserialize;
 
-use conveyor_apps::orders::{self, import, CreateError};
+use conveyor_apps::orders::{self, import, reports, CreateError};
 
 use crate::admin::Paging;
 use crate::error::{ok, page, ApiError};
@@ -24,6 +24,13 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/api/orders", get(list_orders).post(create_order))
         .route("/api/orders/import", post(import_orders).layer(axum::extract::DefaultBodyLimit::max(MAX_IMPORT)))
         .route("/api/orders/{id}", get(show_order))
+        .route("/api/kpis/daily", get(kpis_daily))
+        .route("/api/kpis/range", get(kpis_range))
+        .route("/api/kpis/realtime", get(kpis_realtime))
+        .route("/api/leaderboard/customers", get(top_customers))
+        .route("/api/leaderboard/customers/{id}/rank", get(customer_rank))
+        .route("/api/leaderboard/products", get(top_products))
+        .route("/api/leaderboard/rebuild", post(rebuild_leaderboards))
 }
 
 #[utoipa::path(get, path = "/api/products", tag = "orders", responses((status = 200, description = "products with stock and reserved", body = Envelope<Object>)))]
@@ -93,4 +100,97 @@ pub(crate) async fn import_orders(State(s): State<AppState>, body: Bytes) -> Res
         Err(import::ImportError::Read(e)) => Err(ApiError::BadRequest(format!("cannot read the CSV: {e}"))),
         Err(import::ImportError::Store(e)) => Err(e.into()),
     }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct DailyQuery {
+    date: Option<String>,
+}
+
+#[utoipa::path(get, path = "/api/kpis/daily", tag = "kpis", params(("date" = Option<String>, Query, description = "YYYY-MM-DD, default today (UTC)")),
+    responses((status = 200, description = "{date, total_revenue, order_count, average_order_value, unique_customers, generated_at}", body = Envelope<Object>),
+              (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
+pub(crate) async fn kpis_daily(State(s): State<AppState>, Query(q): Query<DailyQuery>) -> Result<Response, ApiError> {
+    let day = match q.date.as_deref() {
+        None | Some("") => chrono::Utc::now().date_naive(),
+        Some(d) => reports::parse_day("date", d).map_err(|e| ApiError::field("date", e))?,
+    };
+    Ok(ok(reports::daily(s.conveyor.backend().clone(), day).await?))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct RangeQuery {
+    start_date: Option<String>,
+    end_date: Option<String>,
+}
+
+#[utoipa::path(get, path = "/api/kpis/range", tag = "kpis",
+    params(("start_date" = String, Query, description = "YYYY-MM-DD"), ("end_date" = String, Query, description = "YYYY-MM-DD, at most 366 days after start_date")),
+    responses((status = 200, description = "{start_date, end_date, days, totals}", body = Envelope<Object>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
+pub(crate) async fn kpis_range(State(s): State<AppState>, Query(q): Query<RangeQuery>) -> Result<Response, ApiError> {
+    let day = |name: &str, v: &Option<String>| -> Result<chrono::NaiveDate, ApiError> {
+        let v = v.as_deref().filter(|v| !v.is_empty()).ok_or_else(|| ApiError::field(name, "is required (YYYY-MM-DD)"))?;
+        reports::parse_day(name, v).map_err(|e| ApiError::field(name, e))
+    };
+    let (start, end) = (day("start_date", &q.start_date)?, day("end_date", &q.end_date)?);
+    if end < start {
+        return Err(ApiError::field("end_date", "must not be before start_date"));
+    }
+    if (end - start).num_days() > 366 {
+        return Err(ApiError::field("end_date", "the range is at most 366 days"));
+    }
+    Ok(ok(reports::range(s.conveyor.backend().clone(), start, end).await?))
+}
+
+#[utoipa::path(get, path = "/api/kpis/realtime", tag = "kpis",
+    responses((status = 200, description = "{pending_orders, processing_orders, completed_today, failed_today, revenue_today}", body = Envelope<Object>)))]
+pub(crate) async fn kpis_realtime(State(s): State<AppState>) -> Result<Response, ApiError> {
+    Ok(ok(reports::realtime(s.conveyor.backend().clone()).await?))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct LimitQuery {
+    limit: Option<String>,
+}
+
+fn limit(q: &LimitQuery) -> Result<usize, ApiError> {
+    match q.limit.as_deref() {
+        None | Some("") => Ok(10),
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| ApiError::field("limit", "must be a whole number from 1 to 1000")),
+    }
+}
+
+#[utoipa::path(get, path = "/api/leaderboard/customers", tag = "leaderboards", params(("limit" = Option<u32>, Query, minimum = 1, maximum = 1000)),
+    responses((status = 200, description = "[{rank, customer_id, customer_name, order_count, total_spent}]", body = Envelope<Object>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
+pub(crate) async fn top_customers(State(s): State<AppState>, Query(q): Query<LimitQuery>) -> Result<Response, ApiError> {
+    Ok(ok(reports::top_customers(s.conveyor.backend().clone(), limit(&q)?).await?))
+}
+
+#[utoipa::path(get, path = "/api/leaderboard/customers/{id}/rank", tag = "leaderboards", params(("id" = i64, Path, description = "customer id")),
+    responses((status = 200, description = "{customer_id, rank, total_spent, order_count}", body = Envelope<Object>), (status = 404, description = "unranked", body = ErrorEnvelope)))]
+pub(crate) async fn customer_rank(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id: i64 = id.parse().map_err(|_| ApiError::NotFound(format!("no ranked customer {id}")))?;
+    match reports::customer_rank(s.conveyor.backend().clone(), id).await? {
+        Some(r) => Ok(ok(
+            serde_json::json!({ "customer_id": r.customer_id, "rank": r.rank, "total_spent": r.total_spent, "order_count": r.order_count }),
+        )),
+        None => Err(ApiError::NotFound(format!("customer {id} has no completed order"))),
+    }
+}
+
+#[utoipa::path(get, path = "/api/leaderboard/products", tag = "leaderboards", params(("limit" = Option<u32>, Query, minimum = 1, maximum = 1000)),
+    responses((status = 200, description = "[{rank, sku, name, units_sold, revenue}]", body = Envelope<Object>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
+pub(crate) async fn top_products(State(s): State<AppState>, Query(q): Query<LimitQuery>) -> Result<Response, ApiError> {
+    Ok(ok(reports::top_products(s.conveyor.backend().clone(), limit(&q)?).await?))
+}
+
+#[utoipa::path(post, path = "/api/leaderboard/rebuild", tag = "leaderboards",
+    responses((status = 200, description = "rebuilt from the store", body = Envelope<Object>), (status = 401, description = "a token is required", body = ErrorEnvelope)))]
+pub(crate) async fn rebuild_leaderboards(State(s): State<AppState>) -> Result<Response, ApiError> {
+    reports::rebuild(s.conveyor.backend().clone()).await?;
+    Ok(ok(serde_json::json!({ "rebuilt": true })))
 }

@@ -4,6 +4,7 @@
 pub mod import;
 pub mod money;
 pub mod payment;
+pub mod reports;
 mod schema;
 pub mod workflow;
 
@@ -43,6 +44,19 @@ pub fn register(registry: &mut Registry, backend: Arc<dyn QueueBackend>, payment
 /// The same with any gateway (a real one implements [`PaymentGateway`]).
 pub fn register_with_gateway(registry: &mut Registry, gateway: Arc<dyn PaymentGateway>) {
     workflow::register(registry, gateway);
+    registry.register(KPIS_JOB, |_: serde_json::Value, ctx: conveyor_core::JobContext| async move {
+        reports::generate(ctx.backend().clone(), chrono::Utc::now().date_naive()).await?;
+        Ok(())
+    });
+}
+
+/// The job that recomputes the KPIs; scheduled every 5 minutes by default.
+pub const KPIS_JOB: &str = "kpis.generate";
+
+/// The application's built-in schedules.
+pub fn schedules() -> Vec<conveyor_core::scheduler::Schedule> {
+    let every_5_min = conveyor_core::cron::CronSchedule::parse("0 */5 * * * *", "UTC").expect("a valid built-in cron expression");
+    vec![conveyor_core::scheduler::Schedule::new("kpis", every_5_min, conveyor_core::NewJob::new(KPIS_JOB, &serde_json::json!({})))]
 }
 
 pub(crate) fn upsert_customer(tx: &mut dyn Tx, id: i64, name: &str, email: &str) -> Result<()> {
@@ -344,5 +358,6 @@ pub async fn create_order(conveyor: &conveyor_core::Conveyor, body: &serde_json:
     if !created {
         return Err(CreateError::Exists(order_id));
     }
-    order(conveyor.backend().as_ref(), &order_id).await?.ok_or_else(|| CreateError::Store(BackendError::NotFound(order_id)))
+    let found = order(conveyor.backend().as_ref(), &order_id).await?;
+    found.ok_or(CreateError::Store(BackendError::NotFound(order_id)))
 }

@@ -130,6 +130,31 @@ async fn every_order_settles_and_stock_money_and_leaderboards_add_up() {
     let counts = SortedSet::new(s.backend.clone(), leaderboard::CUSTOMERS_ORDERS).top(10_000).await.unwrap();
     assert_eq!(counts.iter().map(|r| r.score).sum::<f64>() as u64, completed);
 
+    // KPIs: daily revenue over the file's days, and the range, add up to the completed orders'.
+    let day = |d: u32| chrono::NaiveDate::from_ymd_opt(2026, 11, d).unwrap();
+    let mut daily_cents = 0i64;
+    for d in 1..=20 {
+        daily_cents += (orders::reports::daily(s.backend.clone(), day(d)).await.unwrap().total_revenue * 100.0).round() as i64;
+    }
+    assert_eq!(daily_cents, revenue);
+    let range = orders::reports::range(s.backend.clone(), day(1), day(20)).await.unwrap();
+    assert_eq!(range.days.len(), 20);
+    assert_eq!((range.totals.total_revenue * 100.0).round() as i64, revenue);
+    assert_eq!(range.totals.order_count, completed);
+
+    // A rebuild from the store gives the same leaderboards as the incremental updates.
+    let before = (
+        orders::reports::top_customers(s.backend.clone(), 1000).await.unwrap(),
+        orders::reports::top_products(s.backend.clone(), 1000).await.unwrap(),
+    );
+    orders::reports::rebuild(s.backend.clone()).await.unwrap();
+    let after = (
+        orders::reports::top_customers(s.backend.clone(), 1000).await.unwrap(),
+        orders::reports::top_products(s.backend.clone(), 1000).await.unwrap(),
+    );
+    assert_eq!(before, after);
+    assert!(!after.0.is_empty() && after.0[0].customer_name.starts_with("Customer"));
+
     // The timeline: a failed order shows where it stopped and the rollback.
     let failed_id = b.query("SELECT id FROM orders WHERE status = 'failed' LIMIT 1", vec![]).await.unwrap()[0].text(0).unwrap().to_string();
     let o = orders::order(b, &failed_id).await.unwrap().unwrap();

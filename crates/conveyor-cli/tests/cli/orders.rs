@@ -45,3 +45,58 @@ async fn orders_import_reports_bad_lines_and_waits_for_the_workflows() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1, "one-line reason");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_order_api_creates_validates_and_reports() {
+    let env = TestEnv::new("");
+    std::fs::write(env.dir.path().join("products.csv"), "sku,name,price,stock\nA,Alpha,1.00,1000\n").unwrap();
+    assert!(env.conveyor(&["products", "import", "products.csv"]).output().unwrap().status.success());
+    let (mut server, url) = crate::http::serve(&env, &[("CONVEYOR_PAYMENT_SUCCESS_RATE", "1")]);
+    let http = reqwest::Client::new();
+
+    let order = serde_json::json!({ "order_id": "W-1", "customer_id": 7, "customer_name": "Ada", "customer_email": "ada@example.com",
+        "order_date": "2026-11-20", "items": [{ "sku": "A", "quantity": 3, "unit_price": 19.99 }] });
+    let r = http.post(format!("{url}/api/orders")).json(&order).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["data"]["total"], 59.97);
+    let r = http.post(format!("{url}/api/orders")).json(&order).send().await.unwrap();
+    assert_eq!(r.status(), 409);
+    let mut bad = order.clone();
+    bad["order_id"] = "W-2".into();
+    bad["items"][0]["quantity"] = (-1).into();
+    let r = http.post(format!("{url}/api/orders")).json(&bad).send().await.unwrap();
+    assert_eq!(r.status(), 422);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["error"]["details"]["fields"]["items[0].quantity"].is_string(), "{body}");
+
+    crate::wait_for("the order to complete", std::time::Duration::from_secs(30), || async {
+        let o: Value = http.get(format!("{url}/api/orders/W-1")).send().await.unwrap().json().await.unwrap();
+        o["data"]["status"] == "completed"
+    })
+    .await;
+    let o: Value = http.get(format!("{url}/api/orders/W-1")).send().await.unwrap().json().await.unwrap();
+    let names: Vec<&str> = o["data"]["steps"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["ReserveStock", "ProcessPayment", "FinalizeOrder"]);
+    assert_eq!(o["data"]["payments"][0]["status"], "charged");
+    let products: Value = http.get(format!("{url}/api/products")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(products["data"][0]["stock"], 997);
+    let k: Value = http.get(format!("{url}/api/kpis/daily?date=2026-11-20")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(k["data"]["total_revenue"], 59.97);
+    assert_eq!(http.get(format!("{url}/api/kpis/daily?date=soon")).send().await.unwrap().status(), 422);
+    let rank: Value = http.get(format!("{url}/api/leaderboard/customers/7/rank")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(rank["data"]["rank"], 1);
+    assert_eq!(http.get(format!("{url}/api/leaderboard/customers/8/rank")).send().await.unwrap().status(), 404);
+    assert_eq!(http.get(format!("{url}/api/leaderboard/customers?limit=5000")).send().await.unwrap().status(), 422);
+    let r = http
+        .post(format!("{url}/api/orders/import"))
+        .header("content-type", "text/csv")
+        .body("order_id,customer_id,customer_name,customer_email,sku,quantity,unit_price,order_date\nW-3,8,Bo,bo@example.com,A,1,1.00,2026-11-21\nW-1,7,Ada,ada@example.com,A,1,1.00,2026-11-21\n")
+        .send()
+        .await
+        .unwrap();
+    let report: Value = r.json().await.unwrap();
+    assert_eq!((report["data"]["orders"].clone(), report["data"]["duplicates"].clone()), (1.into(), 1.into()), "{report}");
+    crate::sigterm(&server);
+    assert!(crate::wait_exit(&mut server, std::time::Duration::from_secs(30)).await.success());
+}
