@@ -100,3 +100,76 @@ async fn the_order_api_creates_validates_and_reports() {
     crate::sigterm(&server);
     assert!(crate::wait_exit(&mut server, std::time::Duration::from_secs(30)).await.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_keep_their_invariants_when_the_worker_is_killed_twice() {
+    use conveyor_core::backend::RowExt;
+    let env = TestEnv::new("[[supervisors]]\nname = \"orders\"\nqueues = [\"orders\"]\nconcurrency = 32\nlease = \"2s\"\n\n[payment]\nsuccess_rate = 0.9\nseed = 7\nlatency_ms = 2\n");
+    let dir = env.dir.path();
+    let mut products = String::from("sku,name,price,stock\n");
+    for p in 0..20 {
+        products.push_str(&format!("P{p},Product {p},3.00,{}\n", 60 + p * 3));
+    }
+    std::fs::write(dir.join("products.csv"), products).unwrap();
+    assert!(env.conveyor(&["products", "import", "products.csv"]).output().unwrap().status.success());
+    let initial: std::collections::HashMap<String, i64> = (0..20).map(|p| (format!("P{p}"), 60 + p * 3)).collect();
+    let mut csv = String::from("order_id,customer_id,customer_name,customer_email,sku,quantity,unit_price,order_date\n");
+    for i in 0..1500 {
+        for l in 0..(1 + i % 2) {
+            csv.push_str(&format!("K{i},{},C,c@example.com,P{},{},3.00,2026-11-20\n", 1 + i % 40, (i * 7 + l * 3) % 20, 1 + (i + l) % 2));
+        }
+    }
+    std::fs::write(dir.join("orders.csv"), csv).unwrap();
+    assert!(env.conveyor(&["orders", "import", "orders.csv"]).output().unwrap().status.success());
+
+    let b = env.backend.clone();
+    let settled =
+        || async { b.query("SELECT count(*) FROM orders WHERE status IN ('completed', 'failed')", vec![]).await.unwrap()[0].int(0) };
+    for kill_after in [300, 800] {
+        let mut worker = env.spawn(&["work"]);
+        crate::wait_for("orders to settle before the kill", std::time::Duration::from_secs(120), || async {
+            settled().await >= kill_after
+        })
+        .await;
+        worker.kill().unwrap();
+        worker.wait().unwrap();
+        assert!(env.queue("orders").await.reserved > 0, "the worker was killed holding order jobs");
+    }
+    let mut worker = env.spawn(&["work"]);
+    crate::wait_for("every order to settle", std::time::Duration::from_secs(180), || async { settled().await == 1500 }).await;
+    crate::sigterm(&worker);
+    assert!(crate::wait_exit(&mut worker, std::time::Duration::from_secs(30)).await.success());
+
+    for r in b.query("SELECT sku, stock, reserved FROM products", vec![]).await.unwrap() {
+        let sku = r.text(0).unwrap().to_string();
+        assert!(r.int(1) >= 0 && r.int(2) == 0, "{sku}: stock {} reserved {}", r.int(1), r.int(2));
+        let committed = b
+            .query(
+                "SELECT coalesce(sum(quantity), 0) FROM stock_reservations WHERE sku = $1 AND status = 'committed'",
+                vec![sku.clone().into()],
+            )
+            .await
+            .unwrap()[0]
+            .int(0);
+        assert_eq!(committed + r.int(1), initial[&sku], "{sku}: committed + remaining = initial");
+    }
+    let wrong = b
+        .query(
+            "SELECT count(*) FROM orders o WHERE NOT (
+               (o.status = 'completed' AND (SELECT count(*) FROM payments p WHERE p.order_id = o.id AND p.status = 'charged') = 1
+                                       AND (SELECT count(*) FROM payments p WHERE p.order_id = o.id AND p.status = 'refunded') = 0)
+            OR (o.status = 'failed' AND (SELECT count(*) FROM payments p WHERE p.order_id = o.id AND p.status = 'charged')
+                                      = (SELECT count(*) FROM payments p WHERE p.order_id = o.id AND p.status = 'refunded')))",
+            vec![],
+        )
+        .await
+        .unwrap()[0]
+        .int(0);
+    assert_eq!(wrong, 0, "every completed order has one charge, every failed one none or a refund");
+    let charges = b.query("SELECT count(*) FROM payment_gateway_charges WHERE status = 'charged'", vec![]).await.unwrap()[0].int(0);
+    let completed = b.query("SELECT count(*), coalesce(sum(total_cents), 0) FROM orders WHERE status = 'completed'", vec![]).await.unwrap();
+    assert_eq!(charges, completed[0].int(0), "no order was charged twice or left charged");
+    let spent: f64 =
+        b.query("SELECT coalesce(sum(score), 0) FROM zsets WHERE zset = 'leaderboard:customers:spent'", vec![]).await.unwrap()[0].real(0);
+    assert_eq!(spent as i64, completed[0].int(1), "the leaderboard counted each completed order once");
+}
