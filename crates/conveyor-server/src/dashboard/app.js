@@ -106,7 +106,7 @@ window.go = (changes) => {
 };
 
 const views = {
-  '': overview, metrics, jobs, failed, batches, queues, events, workflows: workflow,
+  '': overview, metrics, jobs, failed, batches, queues, events, workflows: workflow, orders,
 };
 
 let current = null;
@@ -390,6 +390,66 @@ function events(parts, params) {
         { title: 'Listeners', cell: (e) => e.listeners.map((l) => (l.job_id ? `<a href="#/jobs/${l.job_id}">${esc(l.listener)}</a>` : esc(l.listener))).join(', ') || '—' },
         { title: 'At', cell: (e) => ago(e.created_at) },
       ], res.data, 'No events yet.') + pager(res.meta);
+    },
+  };
+}
+
+const money = (v) => (v ?? 0).toLocaleString(undefined, { minimumFractionDigits: 2, maximumFractionDigits: 2 });
+
+function orders(parts, params) {
+  if (parts[1]) return orderDetail(decodeURIComponent(parts[1]));
+  const status = params.get('status') || '';
+  return {
+    frame: `<h1>Orders</h1>`,
+    async data() {
+      const q = new URLSearchParams({ per_page: '25', page: params.get('page') || '1' });
+      if (status) q.set('status', status);
+      const [rt, daily, customers, products, list] = await Promise.all([
+        api('/api/kpis/realtime'), api('/api/kpis/daily'), api('/api/leaderboard/customers?limit=5'),
+        api('/api/leaderboard/products?limit=5'), api(`/api/orders?${q}`)]);
+      const k = rt.data, d = daily.data;
+      return `<div class="grid">
+          ${stat('Pending', num(k.pending_orders), `${num(k.processing_orders)} processing`)}
+          ${stat('Completed today', num(k.completed_today), `${num(k.failed_today)} failed today`)}
+          ${stat('Revenue today', money(k.revenue_today))}
+          ${stat(`Orders ${esc(d.date)}`, num(d.order_count), `avg ${money(d.average_order_value)} · ${num(d.unique_customers)} customers`)}
+        </div>
+        <div class="split"><div><h2>Top customers</h2>${table([
+          { title: '#', num: 1, cell: (c) => c.rank }, { title: 'Customer', cell: (c) => esc(c.customer_name) },
+          { title: 'Orders', num: 1, cell: (c) => num(c.order_count) }, { title: 'Spent', num: 1, cell: (c) => money(c.total_spent) }],
+          customers.data, 'No completed orders yet.')}</div>
+        <div><h2>Top products</h2>${table([
+          { title: '#', num: 1, cell: (p) => p.rank }, { title: 'Product', cell: (p) => `${esc(p.name)} <span class="muted">${esc(p.sku)}</span>` },
+          { title: 'Units', num: 1, cell: (p) => num(p.units_sold) }, { title: 'Revenue', num: 1, cell: (p) => money(p.revenue) }],
+          products.data, 'No completed orders yet.')}</div></div>
+        <h2>Recent orders</h2><div class="filters">${['', 'pending', 'processing', 'completed', 'failed'].map((s) =>
+          `<button ${s === status ? 'class="primary"' : ''} onclick="go({status:'${s}', page:''})">${s || 'all'}</button>`).join('')}</div>
+        ${table([
+          { title: 'Order', cell: (o) => `<a href="#/orders/${encodeURIComponent(o.order_id)}">${esc(o.order_id)}</a>` },
+          { title: 'Customer', cell: (o) => esc(o.customer_name) }, { title: 'Status', cell: (o) => pill(o.status) },
+          { title: 'Items', num: 1, cell: (o) => o.items.length }, { title: 'Total', num: 1, cell: (o) => money(o.total) },
+          { title: 'Date', cell: (o) => esc(o.order_date.slice(0, 10)) }], list.data, 'No orders yet: try `conveyor demo`.')}${pager(list.meta)}`;
+    },
+  };
+}
+
+function orderDetail(id) {
+  return {
+    frame: `<h1>Order <span class="mono">${esc(id)}</span></h1>`,
+    async data() {
+      const o = (await api(`/api/orders/${encodeURIComponent(id)}`)).data;
+      const steps = (o.steps || []).map((s) => `<div class="step"><div class="dot ${esc(s.status)}"></div>
+        <div><strong>${esc(s.name)}</strong> ${pill(s.status)}${s.error ? `<div class="muted">${esc(s.error)}</div>` : ''}</div>
+        <div class="muted">${s.attempts} attempt${s.attempts === 1 ? '' : 's'}${s.started_at ? ' · ' + ago(Date.parse(s.started_at)) : ''}
+        ${s.started_at && s.finished_at ? ' · ' + ms(Date.parse(s.finished_at) - Date.parse(s.started_at)) : ''}</div></div>`).join('');
+      return `<div class="split"><div class="card"><dl class="kv"><dt>Status</dt><dd>${pill(o.status)}</dd>
+          <dt>Customer</dt><dd>${esc(o.customer_name)} &lt;${esc(o.customer_email)}&gt; (#${o.customer_id})</dd>
+          <dt>Total</dt><dd>${money(o.total)}</dd><dt>Date</dt><dd>${esc(o.order_date)}</dd></dl>
+          <h2>Items</h2>${table([{ title: 'SKU', cell: (i) => esc(i.sku) }, { title: 'Qty', num: 1, cell: (i) => i.quantity },
+            { title: 'Unit price', num: 1, cell: (i) => money(i.unit_price) }], o.items)}
+          <h2>Payments</h2>${table([{ title: 'Status', cell: (p) => pill(p.status) }, { title: 'Amount', num: 1, cell: (p) => money(p.amount) },
+            { title: 'Reference', cell: (p) => `<span class="mono">${esc(p.reference || '')}</span>` }], o.payments, 'No payment yet.')}</div>
+        <div class="card"><h2>Workflow</h2><div class="timeline">${steps || '<p class="muted">Not started.</p>'}</div></div></div>`;
     },
   };
 }
