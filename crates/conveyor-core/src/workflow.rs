@@ -19,6 +19,7 @@ use crate::Conveyor;
 #[derive(Clone, Debug)]
 pub struct Workflow {
     name: String,
+    id: Option<String>,
     steps: Vec<(String, NewJob, Option<NewJob>)>,
     on_failure: Option<(String, NewJob)>,
 }
@@ -54,7 +55,15 @@ pub struct StepInfo {
 
 impl Workflow {
     pub fn new(name: impl Into<String>) -> Self {
-        Workflow { name: name.into(), steps: Vec::new(), on_failure: None }
+        Workflow { name: name.into(), id: None, steps: Vec::new(), on_failure: None }
+    }
+
+    /// Uses `id` instead of a generated one (e.g. derived from the entity the workflow works
+    /// on, so the caller can store it with that entity in the same statement). It must be
+    /// unique among workflows.
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
     }
 
     /// Appends a step; `job` runs after the previous step succeeded.
@@ -98,28 +107,35 @@ impl Workflow {
                 c.validate().map_err(BackendError::Invalid)?;
             }
         }
-        let id = JobId::new().to_string();
+        let id = self.id.unwrap_or_else(|| JobId::new().to_string());
         let now = now_ms();
         let on_failure = self.on_failure.map(|(name, job)| serde_json::json!({ "name": name, "job": job }).to_string());
         tx.execute(
             "INSERT INTO workflows (id, name, status, steps, on_failure, created_at) VALUES ($1, $2, 'running', $3, $4, $5)",
             &[id.clone().into(), self.name.into(), (self.steps.len() as i64).into(), on_failure.into(), now.into()],
         )?;
+        let mut first = None;
         for (i, (name, job, comp)) in self.steps.into_iter().enumerate() {
             let comp = comp.map(|c| serde_json::to_string(&c).expect("a job serializes"));
+            let template = serde_json::to_string(&job).expect("a job serializes");
+            // The first step is enqueued right here from memory, its row born `queued`.
+            let (status, job_id) = if i == 0 {
+                let mut job = job;
+                job.id = JobId::new();
+                job.workflow = Some(format!("{id}:0"));
+                let job_id = job.id.to_string();
+                first = Some(job.tag(format!("workflow:{id}")));
+                ("queued", Some(job_id))
+            } else {
+                ("pending", None)
+            };
             tx.execute(
-                "INSERT INTO workflow_steps (workflow_id, seq, name, role, step, job, compensation, status)
-                 VALUES ($1, $2, $3, 'step', $2, $4, $5, 'pending')",
-                &[
-                    id.clone().into(),
-                    (i as i64).into(),
-                    name.into(),
-                    serde_json::to_string(&job).expect("a job serializes").into(),
-                    comp.into(),
-                ],
+                "INSERT INTO workflow_steps (workflow_id, seq, name, role, step, job, compensation, status, job_id)
+                 VALUES ($1, $2, $3, 'step', $2, $4, $5, $6, $7)",
+                &[id.clone().into(), (i as i64).into(), name.into(), template.into(), comp.into(), status.into(), job_id.into()],
             )?;
         }
-        enqueue_row(tx, &id, 0)?;
+        tx.enqueue(first.into_iter().collect())?;
         Ok(id)
     }
 }

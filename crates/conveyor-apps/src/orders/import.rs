@@ -407,9 +407,17 @@ fn store_orders(tx: &mut dyn Tx, orders: Vec<ParsedOrder>) -> Result<(u64, u64),
     for o in orders {
         let total: i64 = o.lines.iter().map(|l| l.quantity * l.unit_price).sum();
         let n = tx.execute(
-            "INSERT INTO orders (id, customer_id, status, total_cents, order_date, order_day, created_at)
-             VALUES ($1, $2, 'pending', $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
-            &[o.id.clone().into(), o.customer_id.into(), total.into(), o.order_date.into(), o.order_day.into(), now.into()],
+            "INSERT INTO orders (id, customer_id, status, total_cents, order_date, order_day, workflow_id, created_at)
+             VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
+            &[
+                o.id.clone().into(),
+                o.customer_id.into(),
+                total.into(),
+                o.order_date.into(),
+                o.order_day.into(),
+                workflow::workflow_id(&o.id).into(),
+                now.into(),
+            ],
         )?;
         if n == 0 {
             duplicates += 1;

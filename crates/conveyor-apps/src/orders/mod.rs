@@ -330,14 +330,15 @@ pub async fn create_order(conveyor: &conveyor_core::Conveyor, body: &serde_json:
         .backend()
         .transact(move |tx| {
             let n = tx.execute(
-                "INSERT INTO orders (id, customer_id, status, total_cents, order_date, order_day, created_at)
-                 VALUES ($1, $2, 'pending', $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+                "INSERT INTO orders (id, customer_id, status, total_cents, order_date, order_day, workflow_id, created_at)
+                 VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
                 &[
                     id.clone().into(),
                     customer_id.into(),
                     total.into(),
                     order_date.into(),
                     order_day.into(),
+                    workflow::workflow_id(&id).into(),
                     conveyor_core::clock::now_ms().into(),
                 ],
             )?;

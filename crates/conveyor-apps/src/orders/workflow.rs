@@ -33,17 +33,21 @@ pub struct OrderRef {
     pub order_id: String,
 }
 
+/// The workflow id of an order, stored with the order in the statement that creates it.
+pub(crate) fn workflow_id(order_id: &str) -> String {
+    format!("order-{order_id}")
+}
+
 /// Starts an order's workflow inside the transaction that stores the order.
 pub(crate) fn start_in(tx: &mut dyn Tx, order_id: &str) -> Result<String, BackendError> {
     let job = |kind: &str| NewJob::new(kind, &OrderRef { order_id: order_id.to_string() }).queue(QUEUE).max_attempts(5);
-    let id = Workflow::new("order")
+    Workflow::new("order")
+        .id(workflow_id(order_id))
         .step("ReserveStock", job(RESERVE))
         .step("ProcessPayment", job(PAY))
         .step("FinalizeOrder", job(FINALIZE))
         .on_failure("RollbackOrder", job(ROLLBACK).max_attempts(10))
-        .start_in(tx)?;
-    tx.execute("UPDATE orders SET workflow_id = $2 WHERE id = $1", &[order_id.into(), id.clone().into()])?;
-    Ok(id)
+        .start_in(tx)
 }
 
 pub(crate) fn register(registry: &mut Registry, gateway: Arc<dyn PaymentGateway>) {

@@ -28,14 +28,15 @@ impl rusqlite::ToSql for Param<'_> {
 
 impl Tx for SqliteTx<'_> {
     fn execute(&mut self, sql: &str, params: &[SqlValue]) -> Result<u64> {
-        let sql = translate_placeholders(sql);
-        let mut st = self.ctx.conn.prepare_cached(&sql).map_err(storage_err)?;
+        let sql = translated(&mut self.ctx.translated, sql);
+        let mut st = self.ctx.conn.prepare_cached(sql).map_err(storage_err)?;
         let p: Vec<Param<'_>> = params.iter().map(Param).collect();
         st.execute(rusqlite::params_from_iter(p.iter())).map(|n| n as u64).map_err(storage_err)
     }
 
     fn query(&mut self, sql: &str, params: &[SqlValue]) -> Result<Vec<Row>> {
-        query(&self.ctx.conn, sql, params)
+        let sql = translated(&mut self.ctx.translated, sql).to_string();
+        query_translated(&self.ctx.conn, &sql, params)
     }
 
     fn execute_script(&mut self, sql: &str) -> Result<()> {
@@ -50,9 +51,24 @@ impl Tx for SqliteTx<'_> {
     }
 }
 
+/// The translation of `sql`, from the cache (bounded: cleared when it grows past 1,024 texts,
+/// which only generated SQL would do).
+fn translated<'a>(cache: &'a mut std::collections::HashMap<String, String>, sql: &str) -> &'a str {
+    if !cache.contains_key(sql) {
+        if cache.len() >= 1_024 {
+            cache.clear();
+        }
+        cache.insert(sql.to_string(), translate_placeholders(sql));
+    }
+    &cache[sql]
+}
+
 pub(crate) fn query(conn: &rusqlite::Connection, sql: &str, params: &[SqlValue]) -> Result<Vec<Row>> {
-    let sql = translate_placeholders(sql);
-    let mut st = conn.prepare_cached(&sql).map_err(storage_err)?;
+    query_translated(conn, &translate_placeholders(sql), params)
+}
+
+fn query_translated(conn: &rusqlite::Connection, sql: &str, params: &[SqlValue]) -> Result<Vec<Row>> {
+    let mut st = conn.prepare_cached(sql).map_err(storage_err)?;
     let cols = st.column_count();
     let p: Vec<Param<'_>> = params.iter().map(Param).collect();
     let rows = st

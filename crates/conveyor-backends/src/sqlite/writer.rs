@@ -144,6 +144,9 @@ const FAILED: usize = 3;
 /// The writer's connection and the deltas of the transaction being built.
 pub(crate) struct WriteCtx {
     pub(crate) conn: Connection,
+    /// `$N` → `?N` translations of application SQL, so a statement run per row is rewritten
+    /// once, not every time.
+    pub(crate) translated: HashMap<String, String>,
     history: usize,
     history_inserts: usize,
     wake: bool,
@@ -161,6 +164,7 @@ impl WriteCtx {
     fn new(conn: Connection, history: usize) -> Self {
         WriteCtx {
             conn,
+            translated: HashMap::new(),
             history,
             history_inserts: 0,
             wake: false,
