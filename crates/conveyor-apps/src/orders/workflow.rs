@@ -116,28 +116,20 @@ async fn pay(gateway: Arc<dyn PaymentGateway>, o: OrderRef, ctx: JobContext) -> 
     let charge = gateway.charge(&o.order_id, total).await.map_err(JobError::retry)?;
     let (id, reference) = (o.order_id.clone(), charge.reference.clone());
     if charge.approved {
-        return settle(
-            ctx.complete_with(move |tx| {
-                tx.execute(
-                    "INSERT INTO payments (order_id, status, amount_cents, reference, idempotency_key, created_at)
-                     VALUES ($1, 'charged', $2, $3, $1, $4) ON CONFLICT (order_id, status) DO NOTHING",
-                    &[id.into(), total.into(), reference.into(), now_ms().into()],
-                )?;
-                Ok(())
-            })
-            .await,
-        );
+        return settle(ctx.complete_with(move |tx| record_payment(tx, &id, "charged", total, &reference)).await);
     }
-    ctx.backend()
-        .transact(move |tx| {
-            tx.execute(
-                "INSERT INTO payments (order_id, status, amount_cents, reference, idempotency_key, created_at)
-                 VALUES ($1, 'declined', $2, $3, $1, $4) ON CONFLICT (order_id, status) DO NOTHING",
-                &[id.into(), total.into(), reference.into(), now_ms().into()],
-            )
-        })
-        .await?;
+    ctx.backend().transact(move |tx| record_payment(tx, &id, "declined", total, &reference)).await?;
     Err(JobError::abort("payment declined"))
+}
+
+/// Records a payment event once per (order, status); the order id is its idempotency key.
+fn record_payment(tx: &mut dyn Tx, order_id: &str, status: &str, amount_cents: i64, reference: &str) -> Result<(), BackendError> {
+    tx.execute(
+        "INSERT INTO payments (order_id, status, amount_cents, reference, idempotency_key, created_at)
+         VALUES ($1, $2, $3, $4, $1, $5) ON CONFLICT (order_id, status) DO NOTHING",
+        &[order_id.into(), status.into(), amount_cents.into(), reference.into(), now_ms().into()],
+    )?;
+    Ok(())
 }
 
 fn in_status(tx: &mut dyn Tx, order_id: &str, status: &str) -> Result<bool, BackendError> {
@@ -200,12 +192,8 @@ async fn rollback(gateway: Arc<dyn PaymentGateway>, o: OrderRef, ctx: JobContext
                     &[id.as_str().into(), sku.into(), now.into()],
                 )?;
             }
-            if let Some((amount, reference)) = charge {
-                tx.execute(
-                    "INSERT INTO payments (order_id, status, amount_cents, reference, idempotency_key, created_at)
-                     VALUES ($1, 'refunded', $2, $3, $1, $4) ON CONFLICT (order_id, status) DO NOTHING",
-                    &[id.as_str().into(), amount.into(), reference.into(), now.into()],
-                )?;
+            if let Some((amount, reference)) = &charge {
+                record_payment(tx, &id, "refunded", *amount, reference)?;
             }
             tx.execute(
                 "UPDATE orders SET status = 'failed', settled_at = $2 WHERE id = $1 AND status IN ('pending', 'processing')",
