@@ -234,6 +234,14 @@ fn supervisors(file: &toml::Table) -> anyhow::Result<Vec<SupervisorConfig>> {
         if let Some(b) = t.get("balance") {
             s.balance = scalar_text(b).parse().map_err(|e| anyhow::anyhow!("supervisors[{i}].balance: {e}"))?;
         }
+        if s.balance != conveyor_core::balance::Balance::Off && s.concurrency < s.queues.len() * s.min_workers.max(1) {
+            bail!(
+                "supervisors[{i}]: balancing {} queues with min_workers {} needs concurrency (max_workers) of at least {}",
+                s.queues.len(),
+                s.min_workers.max(1),
+                s.queues.len() * s.min_workers.max(1)
+            );
+        }
         if let Some(v) = t.get("lease") {
             let text = scalar_text(v);
             s.lease = parse_duration(&text).with_context(|| format!("supervisors[{i}].lease: expected a duration like 30s"))?;

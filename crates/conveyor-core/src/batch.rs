@@ -205,6 +205,16 @@ pub async fn is_cancelled(backend: &dyn QueueBackend, id: &str) -> Result<bool> 
     Ok(rows.first().and_then(|r| r.opt_int(0)).is_some())
 }
 
+/// A failed job of the batch went back to its queue: pending again, no longer failed. A batch
+/// that has already finished keeps its final counts (the job still runs, uncounted).
+pub fn record_retry(tx: &mut dyn Tx, batch_id: &str) -> Result<()> {
+    tx.execute(
+        "UPDATE batches SET pending = pending + 1, failed = failed - 1 WHERE id = $1 AND finished_at IS NULL AND failed > 0",
+        &[batch_id.into()],
+    )?;
+    Ok(())
+}
+
 /// Accounts for a batch job's final outcome. Backends call this inside the transaction that
 /// records the outcome; retries and releases are not final and change nothing.
 pub fn record_outcome(tx: &mut dyn Tx, c: &Completion) -> Result<()> {

@@ -10,6 +10,12 @@ pub fn wants(c: &Completion) -> bool {
     c.batch_id.is_some() || c.workflow.is_some()
 }
 
+/// Called when a failed job of a batch is put back on its queue (in that transaction): the
+/// batch counts it as pending again instead of failed, so its next outcome is counted once.
+pub fn after_failed_retry(tx: &mut dyn Tx, batch_id: &str) -> Result<()> {
+    crate::batch::record_retry(tx, batch_id)
+}
+
 /// Called once per applied completion, inside the transaction that applied it.
 pub fn after_outcome(tx: &mut dyn Tx, c: &Completion) -> Result<()> {
     crate::batch::record_outcome(tx, c)?;

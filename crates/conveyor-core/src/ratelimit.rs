@@ -78,14 +78,14 @@ impl RateLimiter {
             .transact(move |tx| {
                 // Allowed when max(tat, now) + T - now <= burst * T; then tat moves on by T.
                 tx.query(
-                    "INSERT INTO rate_limits (key, tat, allowed) VALUES ($1, $2 + $3, 1)
+                    "INSERT INTO rate_limits (key, tat, allowed) VALUES ($1, $5, 1)
                      ON CONFLICT (key) DO UPDATE SET
                        allowed = CASE WHEN (CASE WHEN rate_limits.tat > $2 THEN rate_limits.tat ELSE $2 END) + $3 - $2 <= $4 THEN 1 ELSE 0 END,
                        tat = CASE WHEN (CASE WHEN rate_limits.tat > $2 THEN rate_limits.tat ELSE $2 END) + $3 - $2 <= $4
                                   THEN (CASE WHEN rate_limits.tat > $2 THEN rate_limits.tat ELSE $2 END) + $3
                                   ELSE rate_limits.tat END
                      RETURNING allowed, tat",
-                    &[k.into(), now.into(), t.into(), tolerance.into()],
+                    &[k.into(), now.into(), t.into(), tolerance.into(), (now + t).into()],
                 )
             })
             .await?;

@@ -126,17 +126,23 @@ impl Scheduler {
                     Missed::Skip => due.into_iter().filter(|t| now - t <= ON_TIME.as_millis() as i64).collect(),
                     Missed::RunOnce => vec![latest],
                 };
+                let mut fired_all = true;
                 for t in fire {
                     match self.fire(s, t).await {
                         Ok(Some(id)) => tracing::info!(schedule = %s.name, tick = t, job_id = %id, "scheduled job enqueued"),
                         Ok(None) => {}
                         Err(e) => {
+                            // Not marked seen: the next check tries the same ticks again (the
+                            // tick's primary key keeps a retry from firing one twice).
                             tracing::warn!(schedule = %s.name, error = %e, "firing a schedule failed; will retry");
-                            continue;
+                            fired_all = false;
+                            break;
                         }
                     }
                 }
-                seen[i] = latest;
+                if fired_all {
+                    seen[i] = latest;
+                }
             }
             since_prune += 1;
             if since_prune >= 4 * 3600 {

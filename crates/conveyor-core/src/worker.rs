@@ -277,6 +277,16 @@ async fn fetch_loop(ctx: FetchCtx) {
                 permits.merge(more);
             }
         }
+        if ctx.pool.capacity() == 0 {
+            // A balanced pool shrunk to nothing reserves nothing: jobs it held would wait for
+            // an executor that never comes while their leases kept being extended.
+            drop(permits);
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(ctx.poll) => {}
+            }
+            continue;
+        }
         let want = permits.num_permits();
         let mark = wakeup.mark();
         let req = ReserveRequest { queues: ctx.pool.queues.clone(), max: want, lease: cfg.lease, worker: ctx.worker_id.clone() };

@@ -20,7 +20,8 @@ pub enum ApiError {
     /// A field (JSON path) and why it is wrong.
     Validation(BTreeMap<String, String>),
     MethodNotAllowed,
-    PayloadTooLarge,
+    /// With the limit that applied, in bytes.
+    PayloadTooLarge(usize),
     Unavailable(String),
     Internal(String),
 }
@@ -52,8 +53,8 @@ impl IntoResponse for ApiError {
             ApiError::MethodNotAllowed => {
                 (StatusCode::METHOD_NOT_ALLOWED, "bad_request", "method not allowed on this endpoint".into(), None)
             }
-            ApiError::PayloadTooLarge => {
-                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("the request body is over {} bytes", crate::MAX_BODY), None)
+            ApiError::PayloadTooLarge(limit) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("the request body is over {limit} bytes"), None)
             }
             ApiError::Validation(f) => {
                 let first = f.iter().next().map(|(k, v)| format!("{k}: {v}")).unwrap_or_default();

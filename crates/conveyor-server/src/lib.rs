@@ -119,11 +119,15 @@ async fn envelope_errors(req: Request, next: Next) -> Response {
     // A declared length over the limit is refused before anything reads the body (handlers
     // that take no body would otherwise accept it); undeclared lengths meet DefaultBodyLimit.
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    let limit = if req.uri().path() == "/api/orders/import" { orders::MAX_IMPORT } else { MAX_BODY };
+    let import = req.uri().path() == "/api/orders/import";
+    let limit = if import { orders::MAX_IMPORT } else { MAX_BODY };
     if declared.is_some_and(|n| n > limit as u64) {
-        return ApiError::PayloadTooLarge.into_response();
+        return ApiError::PayloadTooLarge(limit).into_response();
     }
-    let res = match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+    // An import commits batch by batch: cutting it off halfway would leave it partial, so it
+    // gets a deadline sized for its largest body rather than the usual one.
+    let deadline = if import { std::time::Duration::from_secs(600) } else { REQUEST_TIMEOUT };
+    let res = match tokio::time::timeout(deadline, next.run(req)).await {
         Ok(res) => res,
         Err(_) => return ApiError::Unavailable("request timed out".into()).into_response(),
     };
@@ -132,7 +136,7 @@ async fn envelope_errors(req: Request, next: Next) -> Response {
         return res;
     }
     match res.status() {
-        axum::http::StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge.into_response(),
+        axum::http::StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(MAX_BODY).into_response(),
         axum::http::StatusCode::BAD_REQUEST => ApiError::BadRequest("malformed request".into()).into_response(),
         axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::BadRequest("unsupported content type".into()).into_response(),
         axum::http::StatusCode::UNPROCESSABLE_ENTITY => {

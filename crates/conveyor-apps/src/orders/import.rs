@@ -73,6 +73,8 @@ struct ParsedOrder {
     order_date: String,
     order_day: String,
     lines: Vec<Line>,
+    /// Where its lines are in the file, for reports found only when storing.
+    line_numbers: Vec<u64>,
 }
 
 /// The order being read: its lines' numbers, and its first bad line with the reason.
@@ -83,7 +85,7 @@ type NewProduct = (String, String, i64, i64);
 /// What the parser hands to the writer.
 enum Batch {
     Orders(Vec<ParsedOrder>),
-    Done { rows: u64, rejected: Vec<Rejected>, duplicates_in_file: u64 },
+    Done { rows: u64, rejected: Vec<Rejected> },
     Failed(ImportError),
 }
 
@@ -187,23 +189,29 @@ where
     let counting = Counting { inner: input, seen: bytes.clone() };
     let parser = tokio::task::spawn_blocking(move || parse_orders(counting, &known, &tx, bytes, progress));
 
+    // Every order of this run gets the run's start as `created_at`: an id that conflicts with
+    // an order of the same stamp was split within this file; an older one is a duplicate.
+    let run = now_ms();
     let mut report = ImportReport::default();
+    let mut late = Vec::new();
     while let Some(batch) = rx.recv().await {
         match batch {
             Batch::Orders(orders) => {
-                let (stored, duplicates) = backend.transact(move |tx| store_orders(tx, orders)).await?;
+                let (stored, duplicates, split) = backend.transact(move |tx| store_orders(tx, orders, run)).await?;
                 report.orders += stored;
                 report.duplicates += duplicates;
+                late.extend(split);
             }
-            Batch::Done { rows, rejected, duplicates_in_file } => {
+            Batch::Done { rows, rejected } => {
                 report.rows = rows;
                 report.rejected = rejected;
-                report.duplicates += duplicates_in_file;
             }
             Batch::Failed(e) => return Err(e),
         }
     }
     parser.await.map_err(|e| ImportError::Read(e.to_string()))?;
+    report.rejected.extend(late);
+    report.rejected.sort_by_key(|r| r.line);
     Ok(report)
 }
 
@@ -225,26 +233,37 @@ fn parse_orders<R: Read>(
     let col = |name: &str| cols[name];
     let mut rows = 0u64;
     let mut rejected = Vec::new();
-    let mut seen_ids: HashSet<String> = HashSet::new();
-    let mut duplicates_in_file = 0u64;
+    // Orders rejected so far (usually few): lines of one showing up again later are rejected
+    // too, so no part of a rejected order is stored.
+    let mut rejected_ids: HashMap<String, u64> = HashMap::new();
     let mut current: Option<Pending> = None;
     let mut batch = Vec::with_capacity(BATCH_ORDERS);
     let mut last_report = Instant::now();
     let mut record = csv::StringRecord::new();
 
     // Ends the order being read: stored if all its lines were good, reported whole otherwise.
-    let mut close = |cur: Option<Pending>, batch: &mut Vec<ParsedOrder>, rejected: &mut Vec<Rejected>, duplicates_in_file: &mut u64| {
-        let Some((order, lines, bad)) = cur else { return };
-        match bad {
-            None if !seen_ids.insert(order.id.clone()) => *duplicates_in_file += 1,
-            None => batch.push(order),
-            Some((bad_line, _)) => {
-                for l in lines.into_iter().filter(|l| *l != bad_line) {
-                    rejected.push(Rejected { line: l, reason: format!("order_id: order {} rejected (see line {bad_line})", order.id) });
+    let close =
+        |cur: Option<Pending>, batch: &mut Vec<ParsedOrder>, rejected: &mut Vec<Rejected>, rejected_ids: &mut HashMap<String, u64>| {
+            let Some((mut order, lines, bad)) = cur else { return };
+            let earlier = rejected_ids.get(&order.id).copied();
+            match (bad, earlier) {
+                (None, None) => {
+                    order.line_numbers = lines;
+                    batch.push(order);
+                }
+                (None, Some(first)) => {
+                    for l in lines {
+                        rejected.push(Rejected { line: l, reason: format!("order_id: order {} was rejected at line {first}", order.id) });
+                    }
+                }
+                (Some((bad_line, _)), _) => {
+                    for l in lines.iter().copied().filter(|l| *l != bad_line) {
+                        rejected.push(Rejected { line: l, reason: format!("order_id: order {} rejected (see line {bad_line})", order.id) });
+                    }
+                    rejected_ids.entry(order.id).or_insert(bad_line);
                 }
             }
-        }
-    };
+        };
 
     loop {
         match rdr.read_record(&mut record) {
@@ -252,8 +271,13 @@ fn parse_orders<R: Read>(
             Ok(true) => {}
             Err(e) => {
                 let line = e.position().map_or(0, |p| p.line());
-                // A malformed line (bad quoting, invalid UTF-8) is reported; reading goes on.
+                // A malformed line (bad quoting, invalid UTF-8) is reported and rejects the order
+                // being read (it most likely belonged to it); reading goes on.
                 rejected.push(Rejected { line, reason: format!("line: {}", e.to_string().split(": ").last().unwrap_or("malformed")) });
+                if let Some((_, lines, bad)) = &mut current {
+                    lines.push(line);
+                    bad.get_or_insert((line, "unreadable line".into()));
+                }
                 rows += 1;
                 continue;
             }
@@ -263,7 +287,7 @@ fn parse_orders<R: Read>(
         let field = |name: &str| record.get(col(name)).unwrap_or("");
         let order_id = field("order_id").to_string();
         if current.as_ref().is_none_or(|(o, _, _)| o.id != order_id) {
-            close(current.take(), &mut batch, &mut rejected, &mut duplicates_in_file);
+            close(current.take(), &mut batch, &mut rejected, &mut rejected_ids);
         }
         let parsed = parse_line(&record, &col, known);
         match (&mut current, parsed) {
@@ -283,6 +307,7 @@ fn parse_orders<R: Read>(
                             order_date: String::new(),
                             order_day: String::new(),
                             lines: vec![],
+                            line_numbers: vec![],
                         };
                         current = Some((stub, vec![line], Some((line, reason))));
                     }
@@ -296,14 +321,24 @@ fn parse_orders<R: Read>(
                     *bad = Some((line, reason));
                 } else if order.customer_id == 0 {
                     // The order's first good line after a bad first line: nothing to store anyway.
+                } else if bad.is_none() && super::money::add_line(order_total(order), item.quantity, item.unit_price).is_none() {
+                    let reason = format!("the order's total would exceed {}", super::money::to_major(super::money::MAX_ORDER_CENTS));
+                    rejected.push(Rejected { line, reason: format!("quantity: {reason}") });
+                    *bad = Some((line, reason));
                 } else {
                     order.lines.push(item);
                 }
             }
             (None, Ok((head, item))) => {
                 let mut order = head;
-                order.lines.push(item);
-                current = Some((order, vec![line], None));
+                if super::money::add_line(0, item.quantity, item.unit_price).is_none() {
+                    let reason = format!("the order's total would exceed {}", super::money::to_major(super::money::MAX_ORDER_CENTS));
+                    rejected.push(Rejected { line, reason: format!("quantity: {reason}") });
+                    current = Some((order, vec![line], Some((line, reason))));
+                } else {
+                    order.lines.push(item);
+                    current = Some((order, vec![line], None));
+                }
             }
         }
         if batch.len() >= BATCH_ORDERS && out.blocking_send(Batch::Orders(std::mem::take(&mut batch))).is_err() {
@@ -314,13 +349,13 @@ fn parse_orders<R: Read>(
             last_report = Instant::now();
         }
     }
-    close(current.take(), &mut batch, &mut rejected, &mut duplicates_in_file);
+    close(current.take(), &mut batch, &mut rejected, &mut rejected_ids);
     if !batch.is_empty() && out.blocking_send(Batch::Orders(batch)).is_err() {
         return;
     }
     progress(Progress { rows, bytes: bytes.load(std::sync::atomic::Ordering::Relaxed) });
     rejected.sort_by_key(|r| r.line);
-    let _ = out.blocking_send(Batch::Done { rows, rejected, duplicates_in_file });
+    let _ = out.blocking_send(Batch::Done { rows, rejected });
 }
 
 /// One line: the order's head (customer, date) and the item, or the first bad field and why.
@@ -367,6 +402,7 @@ fn parse_line(
         order_date,
         order_day,
         lines: Vec::new(),
+        line_numbers: Vec::new(),
     };
     Ok((head, Line { sku: sku.to_string(), quantity, unit_price }))
 }
@@ -400,12 +436,18 @@ pub(crate) fn parse_date(text: &str) -> Option<(String, String)> {
     Some((utc.to_rfc3339_opts(SecondsFormat::Secs, true), utc.format("%Y-%m-%d").to_string()))
 }
 
-/// Stores a batch of orders and starts their workflows; returns (stored, duplicates).
-fn store_orders(tx: &mut dyn Tx, orders: Vec<ParsedOrder>) -> Result<(u64, u64), BackendError> {
-    let now = now_ms();
-    let (mut stored, mut duplicates) = (0, 0);
+fn order_total(o: &ParsedOrder) -> i64 {
+    // Bounded by construction: every line was admitted through `money::add_line`.
+    o.lines.iter().map(|l| l.quantity * l.unit_price).sum()
+}
+
+/// Stores a batch of orders and starts their workflows; returns (stored, duplicates, and the
+/// lines of orders whose id this same run stored before — lines that were not contiguous).
+fn store_orders(tx: &mut dyn Tx, orders: Vec<ParsedOrder>, run: i64) -> Result<(u64, u64, Vec<Rejected>), BackendError> {
+    let now = run;
+    let (mut stored, mut duplicates, mut split) = (0, 0, Vec::new());
     for o in orders {
-        let total: i64 = o.lines.iter().map(|l| l.quantity * l.unit_price).sum();
+        let total = order_total(&o);
         let n = tx.execute(
             "INSERT INTO orders (id, customer_id, status, total_cents, order_date, order_day, workflow_id, created_at)
              VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
@@ -420,7 +462,17 @@ fn store_orders(tx: &mut dyn Tx, orders: Vec<ParsedOrder>) -> Result<(u64, u64),
             ],
         )?;
         if n == 0 {
-            duplicates += 1;
+            let same_run = tx.query("SELECT 1 FROM orders WHERE id = $1 AND created_at = $2", &[o.id.clone().into(), run.into()])?;
+            if same_run.is_empty() {
+                duplicates += 1;
+            } else {
+                for l in &o.line_numbers {
+                    split.push(Rejected {
+                        line: *l,
+                        reason: format!("order_id: lines of order {} are not contiguous (it was stored from earlier lines)", o.id),
+                    });
+                }
+            }
             continue;
         }
         super::upsert_customer(tx, o.customer_id, &o.customer_name, &o.customer_email)?;
@@ -433,7 +485,7 @@ fn store_orders(tx: &mut dyn Tx, orders: Vec<ParsedOrder>) -> Result<(u64, u64),
         workflow::start_in(tx, &o.id)?;
         stored += 1;
     }
-    Ok((stored, duplicates))
+    Ok((stored, duplicates, split))
 }
 
 /// Creates or updates products from CSV `sku,name,price,stock` (stock sets what can be sold).

@@ -324,7 +324,12 @@ pub async fn create_order(conveyor: &conveyor_core::Conveyor, body: &serde_json:
         };
         lines.push((sku.to_string(), quantity, price));
     }
-    let total: i64 = lines.iter().map(|(_, q, p)| q * p).sum();
+    let mut total = 0i64;
+    for (i, (_, q, p)) in lines.iter().enumerate() {
+        total = money::add_line(total, *q, *p).ok_or_else(|| {
+            invalid(format!("items[{i}]"), format!("the order's total would exceed {}", to_major(money::MAX_ORDER_CENTS)))
+        })?;
+    }
     let id = order_id.clone();
     let created = conveyor
         .backend()

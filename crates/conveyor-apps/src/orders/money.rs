@@ -19,6 +19,15 @@ pub fn parse_cents(text: &str) -> Result<i64, String> {
         .ok_or_else(|| format!("{t:?} is too large"))
 }
 
+/// The largest order total accepted, in cents (10 billion in major units): far beyond any real
+/// order, and small enough that sums over millions of orders stay exact in 64-bit integers.
+pub const MAX_ORDER_CENTS: i64 = 1_000_000_000_000;
+
+/// `quantity × unit_price` added to `total`, or `None` past [`MAX_ORDER_CENTS`].
+pub fn add_line(total: i64, quantity: i64, unit_price: i64) -> Option<i64> {
+    quantity.checked_mul(unit_price).and_then(|l| total.checked_add(l)).filter(|t| *t <= MAX_ORDER_CENTS)
+}
+
 /// 5997 → 59.97 (a JSON number, exact to the cent for any amount below 2^53 cents).
 pub fn to_major(cents: i64) -> f64 {
     (cents as f64) / 100.0

@@ -30,8 +30,9 @@ pub enum GatewayError {
 pub trait PaymentGateway: Send + Sync + 'static {
     /// Charges `amount_cents` once per `idempotency_key`.
     async fn charge(&self, idempotency_key: &str, amount_cents: i64) -> Result<Charge, GatewayError>;
-    /// Refunds the charge made with `idempotency_key` (again: a no-op).
-    async fn refund(&self, idempotency_key: &str) -> Result<(), GatewayError>;
+    /// Refunds the charge made with `idempotency_key`, if one was approved; returns it (also
+    /// when it was refunded before), or `None` when nothing was charged. Idempotent.
+    async fn refund(&self, idempotency_key: &str) -> Result<Option<Charge>, GatewayError>;
 }
 
 #[derive(Clone, Debug)]
@@ -96,7 +97,7 @@ impl PaymentGateway for Simulator {
             .map_err(|e| GatewayError::Unavailable(e.to_string()))
     }
 
-    async fn refund(&self, key: &str) -> Result<(), GatewayError> {
+    async fn refund(&self, key: &str) -> Result<Option<Charge>, GatewayError> {
         if !self.config.latency.is_zero() {
             tokio::time::sleep(self.config.latency).await;
         }
@@ -105,11 +106,15 @@ impl PaymentGateway for Simulator {
             .transact(move |tx| {
                 tx.execute(
                     "UPDATE payment_gateway_charges SET status = 'refunded' WHERE idempotency_key = $1 AND status = 'charged'",
-                    &[key.into()],
-                )
+                    &[key.clone().into()],
+                )?;
+                let rows = tx.query("SELECT reference, status FROM payment_gateway_charges WHERE idempotency_key = $1", &[key.into()])?;
+                Ok(rows
+                    .first()
+                    .filter(|r| r.text(1) == Some("refunded"))
+                    .map(|r| Charge { reference: r.text(0).unwrap_or_default().to_string(), approved: true }))
             })
             .await
-            .map(|_| ())
             .map_err(|e| GatewayError::Unavailable(e.to_string()))
     }
 }

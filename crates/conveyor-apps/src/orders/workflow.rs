@@ -167,14 +167,12 @@ fn finalize(tx: &mut dyn Tx, order_id: &str) -> Result<(), BackendError> {
 }
 
 async fn rollback(gateway: Arc<dyn PaymentGateway>, o: OrderRef, ctx: JobContext) -> JobResult {
-    let charged = ctx
-        .backend()
-        .query("SELECT amount_cents, reference FROM payments WHERE order_id = $1 AND status = 'charged'", vec![o.order_id.clone().into()])
-        .await?;
-    let charge = charged.first().map(|r| (r.int(0), r.text(1).unwrap_or_default().to_string()));
-    if charge.is_some() {
-        gateway.refund(&o.order_id).await.map_err(JobError::retry)?;
-    }
+    // Always ask the gateway: a worker may have died after a charge was approved and before
+    // its payment row was written, so the store alone cannot say whether money was taken.
+    let refunded = gateway.refund(&o.order_id).await.map_err(JobError::retry)?;
+    let total = ctx.backend().query("SELECT total_cents FROM orders WHERE id = $1", vec![o.order_id.clone().into()]).await?;
+    // What was charged is the order's total (ProcessPayment charges exactly that).
+    let charge = refunded.map(|c| (total.first().map_or(0, |r| r.int(0)), c.reference));
     let id = o.order_id.clone();
     settle(
         ctx.complete_with(move |tx| {
@@ -193,6 +191,8 @@ async fn rollback(gateway: Arc<dyn PaymentGateway>, o: OrderRef, ctx: JobContext
                 )?;
             }
             if let Some((amount, reference)) = &charge {
+                // Both events: the charge (its row may be missing, see above) and the refund.
+                record_payment(tx, &id, "charged", *amount, reference)?;
                 record_payment(tx, &id, "refunded", *amount, reference)?;
             }
             tx.execute(

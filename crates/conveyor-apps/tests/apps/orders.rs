@@ -208,3 +208,44 @@ async fn bad_csv_lines_are_reported_by_line_and_good_orders_imported() {
     let missing = import::import_orders(&c, std::io::Cursor::new(b"order_id,sku\nX,A\n".to_vec()), |_| {}).await.unwrap_err();
     assert!(missing.to_string().contains("customer_id"), "{missing}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_rejected_and_oversized_orders_never_store_a_part() {
+    let s = store().await;
+    let c = conveyor(&s, 1.0);
+    import_products(&c, "sku,name,price,stock\nA,Alpha,1.00,100\n".into()).await;
+    let h = "order_id,customer_id,customer_name,customer_email,sku,quantity,unit_price,order_date\n";
+    let csv = format!(
+        "{h}\
+         S1,1,A,a@example.com,A,1,1.00,2026-11-01\n\
+         R1,2,B,b@example.com,A,x,1.00,2026-11-01\n\
+         S2,3,C,c@example.com,A,1,1.00,2026-11-01\n\
+         S1,1,A,a@example.com,A,2,1.00,2026-11-01\n\
+         R1,2,B,b@example.com,A,1,1.00,2026-11-01\n\
+         BIG,4,D,d@example.com,A,1000000,1000000000.00,2026-11-01\n"
+    );
+    let report = import::import_orders(&c, std::io::Cursor::new(csv.into_bytes()), |_| {}).await.unwrap();
+    let reasons: HashMap<u64, &str> = report.rejected.iter().map(|r| (r.line, r.reason.as_str())).collect();
+    assert_eq!(report.orders, 2, "S1 (its first part) and S2: {report:?}");
+    assert_eq!(report.duplicates, 0, "a split order is not a duplicate: {report:?}");
+    assert!(reasons[&5].contains("not contiguous"), "{reasons:?}");
+    assert!(reasons[&6].contains("was rejected at line 3"), "a rejected order's later lines are rejected too: {reasons:?}");
+    assert!(reasons[&7].contains("total would exceed"), "{reasons:?}");
+    assert!(orders::order(s.backend.as_ref(), "R1").await.unwrap().is_none());
+    assert!(orders::order(s.backend.as_ref(), "BIG").await.unwrap().is_none());
+    assert_eq!(orders::order(s.backend.as_ref(), "S1").await.unwrap().unwrap().items.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulated_gateway_charges_and_refunds_once_per_key() {
+    use conveyor_apps::orders::payment::{PaymentGateway, Simulator};
+    let s = store().await;
+    let g = Simulator::new(s.backend.clone(), SimulatorConfig { success_rate: 1.0, seed: 1, latency: Duration::ZERO });
+    assert_eq!(g.refund("never-charged").await.unwrap(), None, "nothing to refund");
+    let first = g.charge("K1", 500).await.unwrap();
+    assert!(first.approved);
+    assert_eq!(g.charge("K1", 500).await.unwrap(), first, "a repeated charge returns the first");
+    let refunded = g.refund("K1").await.unwrap().expect("the charge is refunded");
+    assert_eq!(refunded.reference, first.reference);
+    assert_eq!(g.refund("K1").await.unwrap().map(|c| c.reference), Some(first.reference), "refunding again reports the same refund");
+}

@@ -91,7 +91,15 @@ fn run(mut ctx: WriteCtx, rx: mpsc::Receiver<Work>, wakeup: Arc<Wakeup>) {
             continue;
         }
         ctx.wake = false;
+        // Set when SQLite has rolled the whole transaction back under us (I/O error, disk
+        // full, a script that ended it): from then on nothing in this group can commit.
+        let mut lost: Option<BackendError> = None;
         for work in group.drain(..) {
+            if let Some(e) = &lost {
+                let (_, reply) = work(Err(e.clone()));
+                replies.push(reply);
+                continue;
+            }
             let sp = ctx.conn.execute_batch("SAVEPOINT op");
             if let Err(e) = sp {
                 let (_, reply) = work(Err(storage_err(e)));
@@ -110,6 +118,19 @@ fn run(mut ctx: WriteCtx, rx: mpsc::Receiver<Work>, wakeup: Arc<Wakeup>) {
                 tracing::error!(error = %e, "ending a savepoint failed");
             }
             replies.push(reply);
+            if ctx.conn.is_autocommit() {
+                lost = Some(BackendError::Storage("the transaction was rolled back by SQLite; nothing in it was committed".into()));
+            }
+        }
+        if let Some(e) = lost {
+            tracing::error!(error = %e, requests = replies.len(), "group commit lost; every request in it is answered with the error");
+            ctx.discard_op();
+            ctx.group_counts.clear();
+            ctx.group_metrics = MetricsAccumulator::default();
+            for reply in replies.drain(..) {
+                reply(Err(e.clone()));
+            }
+            continue;
         }
         let commit = ctx.flush_deltas().and_then(|_| ctx.conn.execute_batch("COMMIT").map_err(storage_err));
         match commit {
@@ -550,6 +571,7 @@ impl WriteCtx {
         if !self.complete_one(c, now_ms())? {
             return Err(BackendError::LeaseLost(id));
         }
+        self.trim_history()?;
         work(&mut super::tx::SqliteTx { ctx: self })
     }
 
@@ -603,6 +625,7 @@ impl WriteCtx {
         for c in expired {
             self.complete_one(c, now)?;
         }
+        self.trim_history()?;
         Ok(n)
     }
 
@@ -679,6 +702,9 @@ impl WriteCtx {
             self.count(&row.queue, FAILED, -1);
             self.count(&row.queue, PENDING, 1);
             self.wake = true;
+            if let Some(batch) = &row.batch_id {
+                conveyor_core::hooks::after_failed_retry(&mut super::tx::SqliteTx { ctx: self }, batch)?;
+            }
             if let Some(job_id) = JobId::from_slice(id) {
                 retried.push(job_id);
             }
