@@ -26,5 +26,6 @@ for _ in $(seq 1 150); do
 done
 curl -sf "http://127.0.0.1:$port/api/health" >/dev/null || { echo "fuzz-api: conveyor serve did not start" >&2; cat "$work/serve.log" >&2; exit 1; }
 
-st run "http://127.0.0.1:$port/api/openapi.json" --checks not_a_server_error \
-  --max-examples "${EXAMPLES:-25}" --workers 2 --no-color
+# From the scratch directory, so schemathesis' own cache stays out of the checkout.
+(cd "$work" && st run "http://127.0.0.1:$port/api/openapi.json" --checks not_a_server_error \
+  --max-examples "${EXAMPLES:-25}" --workers 2 --no-color)
