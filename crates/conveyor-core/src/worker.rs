@@ -180,6 +180,7 @@ pub async fn run(conveyor: Conveyor, config: WorkerConfig, shutdown: Cancellatio
         worker_id.clone(),
         started_at,
         config.heartbeat_interval,
+        shutdown.clone(),
         background.clone(),
     ));
     let reaper = tokio::spawn(reap_loop(conveyor.clone(), config.reap_interval, background.clone()));
@@ -527,12 +528,14 @@ async fn flush_loop(conveyor: Conveyor, mut rx: mpsc::UnboundedReceiver<Completi
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn heartbeat_loop(
     conveyor: Conveyor,
     supervisors: Vec<Arc<Supervisor>>,
     worker_id: String,
     started_at: i64,
     every: Duration,
+    shutdown: CancellationToken,
     stop: CancellationToken,
 ) {
     let backend = conveyor.backend().clone();
@@ -555,7 +558,9 @@ async fn heartbeat_loop(
                 }
             }
             _ = registry_tick.tick() => {
-                if let Err(e) = backend.worker_heartbeat(snapshot(&worker_id, started_at, &supervisors, "running")).await {
+                // Once shutdown began the worker reports "stopping" until it is gone, not "running".
+                let status = if shutdown.is_cancelled() { "stopping" } else { "running" };
+                if let Err(e) = backend.worker_heartbeat(snapshot(&worker_id, started_at, &supervisors, status)).await {
                     warn!(error = %e, "worker heartbeat failed");
                 }
             }
