@@ -1,7 +1,7 @@
 # Everyday targets; CI runs .ci/run, which runs the same commands.
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/conveyor-target
 
-.PHONY: test lint fmt bench bench-criterion run fuzz-api
+.PHONY: test lint fmt bench bench-criterion bench-orders run fuzz-api
 
 test:
 	cargo test --workspace
@@ -29,3 +29,8 @@ bench-criterion:
 # Schema-based fuzzing of the HTTP API (schemathesis); more cases with EXAMPLES=200.
 fuzz-api:
 	bash scripts/fuzz-api.sh
+
+# Orders import and settle throughput (ORDERS=50000 WORKERS=64 by default).
+bench-orders:
+	cargo build --release -p conveyor-cli
+	BIN=$(CARGO_TARGET_DIR)/release/conveyor bash scripts/bench-orders.sh

@@ -201,7 +201,7 @@ fn supervisors(file: &toml::Table) -> anyhow::Result<Vec<SupervisorConfig>> {
         // The order workflow gets its own supervisor, so a backlog elsewhere never starves it.
         return Ok(vec![
             SupervisorConfig::new("default", vec!["default".into()], 8),
-            SupervisorConfig::new("orders", vec![conveyor_apps::orders::QUEUE.into()], 16),
+            SupervisorConfig::new("orders", vec![conveyor_apps::orders::QUEUE.into()], 64),
         ]);
     };
     let list = list.as_array().context("supervisors: expected [[supervisors]] tables")?;

@@ -119,8 +119,8 @@ async fn settle(conveyor: &Conveyor, since: i64) -> anyhow::Result<(u64, u64, i6
         .any(|p| p.queues.iter().any(|q| q == orders::QUEUE));
     let shutdown = CancellationToken::new();
     let local = (!serving).then(|| {
-        eprintln!("no worker serves the {} queue: running 32 here until the import settles", orders::QUEUE);
-        let mut sup = SupervisorConfig::new("orders", vec![orders::QUEUE.into()], 32);
+        eprintln!("no worker serves the {} queue: running 64 here until the import settles", orders::QUEUE);
+        let mut sup = SupervisorConfig::new("orders", vec![orders::QUEUE.into()], 64);
         sup.prefetch = 64;
         tokio::spawn(worker::run(conveyor.clone(), WorkerConfig { supervisors: vec![sup], ..WorkerConfig::default() }, shutdown.clone()))
     });

@@ -17,6 +17,11 @@ impl JobId {
         JobId(Uuid::now_v7())
     }
 
+    /// The all-zero id, for templates that get a real id when they are enqueued.
+    pub(crate) fn nil() -> Self {
+        JobId(Uuid::nil())
+    }
+
     pub fn as_bytes(&self) -> &[u8; 16] {
         self.0.as_bytes()
     }

@@ -5,23 +5,60 @@
 //! Every transition happens in the acknowledgement transaction of the job that caused it
 //! ([`record_outcome`], called by the relational backends): the next step or compensation is
 //! enqueued in the same commit as the outcome, so a crash between steps neither loses nor
-//! repeats a transition. Step rows record status, attempts and timings for the timeline.
+//! repeats a transition.
+//!
+//! Storage is lean because a workflow is started per entity (an order, a signup) on hot paths:
+//! - the *plan* (step names, job templates, compensations, on-failure job) is stored once in
+//!   `workflow_plans`, keyed by a hash of its content, and shared by every workflow built from
+//!   the same definition; a workflow given an [`Workflow::input`] hands that payload to every
+//!   one of its jobs, so its plan holds no per-instance data;
+//! - a workflow is one `workflows` row (plan id, input, status);
+//! - a `workflow_steps` row is written when a step, compensation or rollback job is enqueued,
+//!   and carries its status, attempts and timings for the timeline. Steps not reached yet are
+//!   shown as `pending` from the plan.
 //!
 //! A step job carries `workflow = "<workflow id>:<row seq>"`.
 
-use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::backend::{BackendError, QueueBackend, QueueBackendExt, Result, Row, RowExt, Tx};
 use crate::clock::now_ms;
 use crate::job::{Completion, JobId, NewJob, Outcome};
 use crate::Conveyor;
 
+/// What every workflow built from one definition shares.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Plan {
+    steps: Vec<PlanStep>,
+    on_failure: Option<PlanStep>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct PlanStep {
+    name: String,
+    job: NewJob,
+    compensation: Option<NewJob>,
+}
+
+/// A plan, serialized and hashed once.
+#[derive(Debug)]
+struct Stored {
+    id: String,
+    json: String,
+}
+
 #[derive(Clone, Debug)]
 pub struct Workflow {
     name: String,
     id: Option<String>,
-    steps: Vec<(String, NewJob, Option<NewJob>)>,
-    on_failure: Option<(String, NewJob)>,
+    input: Option<String>,
+    plan: Plan,
+    /// Filled by the first start; any change to the plan makes a new one.
+    stored: Arc<OnceLock<std::result::Result<Arc<Stored>, String>>>,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -42,7 +79,7 @@ pub struct WorkflowInfo {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepInfo {
     pub name: String,
-    /// `step` or `compensation`.
+    /// `step`, `compensation` or `rollback`.
     pub role: String,
     /// `pending`, `queued`, `completed`, `failed`, or `compensated` (a completed step undone).
     pub status: String,
@@ -53,9 +90,21 @@ pub struct StepInfo {
     pub error: Option<String>,
 }
 
+/// A job as a plan keeps it: no id, no workflow link (both are set when it is enqueued).
+fn template(mut job: NewJob) -> NewJob {
+    job.id = JobId::nil();
+    job.workflow = None;
+    job
+}
+
 impl Workflow {
     pub fn new(name: impl Into<String>) -> Self {
-        Workflow { name: name.into(), id: None, steps: Vec::new(), on_failure: None }
+        Workflow { name: name.into(), id: None, input: None, plan: Plan { steps: Vec::new(), on_failure: None }, stored: Arc::default() }
+    }
+
+    fn changed(mut self) -> Self {
+        self.stored = Arc::default();
+        self
     }
 
     /// Uses `id` instead of a generated one (e.g. derived from the entity the workflow works
@@ -66,26 +115,55 @@ impl Workflow {
         self
     }
 
+    /// The payload every job of this workflow gets (steps, compensations, on-failure job),
+    /// in place of their own. Define the workflow once with placeholder payloads, then clone it
+    /// and set the input per instance: all instances share one stored plan.
+    pub fn input(mut self, payload: &impl Serialize) -> Self {
+        self.input = Some(serde_json::to_string(payload).expect("a Serialize value that is not JSON-representable"));
+        self
+    }
+
     /// Appends a step; `job` runs after the previous step succeeded.
     pub fn step(mut self, name: impl Into<String>, job: NewJob) -> Self {
-        self.steps.push((name.into(), job, None));
-        self
+        self.plan.steps.push(PlanStep { name: name.into(), job: template(job), compensation: None });
+        self.changed()
     }
 
     /// The compensation of the last step added: it undoes that step if a later one fails.
     pub fn compensate(mut self, job: NewJob) -> Self {
-        if let Some(last) = self.steps.last_mut() {
-            last.2 = Some(job);
+        if let Some(last) = self.plan.steps.last_mut() {
+            last.compensation = Some(template(job));
         }
-        self
+        self.changed()
     }
 
     /// A job that runs once when the workflow has failed, after the compensations (a single
     /// rollback step, for workflows that undo everything in one place). It shows on the
     /// timeline under `name`, with role `rollback`.
     pub fn on_failure(mut self, name: impl Into<String>, job: NewJob) -> Self {
-        self.on_failure = Some((name.into(), job));
-        self
+        self.plan.on_failure = Some(PlanStep { name: name.into(), job: template(job), compensation: None });
+        self.changed()
+    }
+
+    /// Validates, serializes and hashes the plan, once per definition.
+    fn stored(&self) -> Result<Arc<Stored>> {
+        let r = self.stored.get_or_init(|| {
+            if self.plan.steps.is_empty() {
+                return Err("a workflow needs at least one step".into());
+            }
+            for s in self.plan.steps.iter().chain(&self.plan.on_failure) {
+                s.job.validate()?;
+                if let Some(c) = &s.compensation {
+                    c.validate()?;
+                }
+            }
+            let json = serde_json::to_string(&(&self.name, &self.plan)).expect("a plan serializes");
+            let digest = Sha256::digest(json.as_bytes());
+            let id: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+            remember(&id, Arc::new(self.plan.clone()));
+            Ok(Arc::new(Stored { id, json }))
+        });
+        r.clone().map_err(BackendError::Invalid)
     }
 
     /// Stores the workflow and enqueues its first step in one transaction; returns its id.
@@ -95,66 +173,96 @@ impl Workflow {
 
     /// The same inside the caller's transaction (e.g. with the rows the workflow works on).
     pub fn start_in(self, tx: &mut dyn Tx) -> Result<String> {
-        if self.steps.is_empty() {
-            return Err(BackendError::Invalid("a workflow needs at least one step".into()));
-        }
-        if let Some((_, job)) = &self.on_failure {
-            job.validate().map_err(BackendError::Invalid)?;
-        }
-        for (_, job, comp) in &self.steps {
-            job.validate().map_err(BackendError::Invalid)?;
-            if let Some(c) = comp {
-                c.validate().map_err(BackendError::Invalid)?;
-            }
-        }
+        let stored = self.stored()?;
         let id = self.id.unwrap_or_else(|| JobId::new().to_string());
         let now = now_ms();
-        let on_failure = self.on_failure.map(|(name, job)| serde_json::json!({ "name": name, "job": job }).to_string());
         tx.execute(
-            "INSERT INTO workflows (id, name, status, steps, on_failure, created_at) VALUES ($1, $2, 'running', $3, $4, $5)",
-            &[id.clone().into(), self.name.into(), (self.steps.len() as i64).into(), on_failure.into(), now.into()],
+            "INSERT INTO workflow_plans (id, plan, created_at) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
+            &[stored.id.clone().into(), stored.json.clone().into(), now.into()],
         )?;
-        let mut first = None;
-        for (i, (name, job, comp)) in self.steps.into_iter().enumerate() {
-            let comp = comp.map(|c| serde_json::to_string(&c).expect("a job serializes"));
-            let template = serde_json::to_string(&job).expect("a job serializes");
-            // The first step is enqueued right here from memory, its row born `queued`.
-            let (status, job_id) = if i == 0 {
-                let mut job = job;
-                job.id = JobId::new();
-                job.workflow = Some(format!("{id}:0"));
-                let job_id = job.id.to_string();
-                first = Some(job.tag(format!("workflow:{id}")));
-                ("queued", Some(job_id))
-            } else {
-                ("pending", None)
-            };
-            tx.execute(
-                "INSERT INTO workflow_steps (workflow_id, seq, name, role, step, job, compensation, status, job_id)
-                 VALUES ($1, $2, $3, 'step', $2, $4, $5, $6, $7)",
-                &[id.clone().into(), (i as i64).into(), name.into(), template.into(), comp.into(), status.into(), job_id.into()],
-            )?;
-        }
-        tx.enqueue(first.into_iter().collect())?;
+        tx.execute(
+            "INSERT INTO workflows (id, name, status, steps, plan_id, input, created_at) VALUES ($1, $2, 'running', $3, $4, $5, $6)",
+            &[
+                id.clone().into(),
+                self.name.into(),
+                (self.plan.steps.len() as i64).into(),
+                stored.id.clone().into(),
+                self.input.clone().into(),
+                now.into(),
+            ],
+        )?;
+        let first = &self.plan.steps[0];
+        enqueue_row(tx, &id, self.input.as_deref(), 0, &first.name, "step", 0, &first.job)?;
         Ok(id)
     }
 }
 
-/// Enqueues the job of step row `seq` and marks it queued.
-fn enqueue_row(tx: &mut dyn Tx, workflow_id: &str, seq: i64) -> Result<()> {
-    let rows = tx.query("SELECT job FROM workflow_steps WHERE workflow_id = $1 AND seq = $2", &[workflow_id.into(), seq.into()])?;
-    let template =
-        rows.first().and_then(|r| r.text(0)).ok_or_else(|| BackendError::NotFound(format!("workflow {workflow_id} step {seq}")))?;
-    let mut job: NewJob = serde_json::from_str(template).map_err(|e| BackendError::Other(format!("stored workflow step: {e}")))?;
+/// Plans by id, parsed once per process (a plan never changes under its id).
+fn plans() -> &'static Mutex<HashMap<String, Arc<Plan>>> {
+    static PLANS: OnceLock<Mutex<HashMap<String, Arc<Plan>>>> = OnceLock::new();
+    PLANS.get_or_init(Mutex::default)
+}
+
+fn remember(id: &str, plan: Arc<Plan>) {
+    let mut map = plans().lock().unwrap_or_else(|e| e.into_inner());
+    if map.len() >= 4096 {
+        // One-off plans (per-instance payloads) must not grow this without bound.
+        map.clear();
+    }
+    map.insert(id.to_string(), plan);
+}
+
+/// A workflow's state as transitions need it.
+struct Instance {
+    status: String,
+    steps: i64,
+    input: Option<String>,
+    plan: Arc<Plan>,
+}
+
+fn load(tx: &mut dyn Tx, wf: &str) -> Result<Option<Instance>> {
+    let rows = tx.query("SELECT status, steps, plan_id, input FROM workflows WHERE id = $1", &[wf.into()])?;
+    let Some(r) = rows.first() else { return Ok(None) };
+    let plan_id = r.text(2).unwrap_or_default().to_string();
+    let cached = plans().lock().unwrap_or_else(|e| e.into_inner()).get(&plan_id).cloned();
+    let plan = match cached {
+        Some(p) => p,
+        None => {
+            let rows = tx.query("SELECT plan FROM workflow_plans WHERE id = $1", &[plan_id.clone().into()])?;
+            let json = rows.first().and_then(|r| r.text(0)).ok_or_else(|| BackendError::NotFound(format!("workflow plan {plan_id}")))?;
+            let (_, plan): (String, Plan) =
+                serde_json::from_str(json).map_err(|e| BackendError::Other(format!("stored workflow plan {plan_id}: {e}")))?;
+            let plan = Arc::new(plan);
+            remember(&plan_id, plan.clone());
+            plan
+        }
+    };
+    Ok(Some(Instance { status: r.text(0).unwrap_or_default().to_string(), steps: r.int(1), input: r.text(3).map(str::to_string), plan }))
+}
+
+/// Enqueues `job` as timeline row `seq` of workflow `wf` and records the row as queued.
+#[allow(clippy::too_many_arguments)]
+fn enqueue_row(tx: &mut dyn Tx, wf: &str, input: Option<&str>, seq: i64, name: &str, role: &str, step: i64, job: &NewJob) -> Result<()> {
+    let mut job = job.clone();
     job.id = JobId::new();
-    job.workflow = Some(format!("{workflow_id}:{seq}"));
+    job.workflow = Some(format!("{wf}:{seq}"));
+    if let Some(input) = input {
+        job.payload = input.to_string();
+    }
     let job_id = job.id.to_string();
-    tx.enqueue(vec![job.tag(format!("workflow:{workflow_id}"))])?;
+    tx.enqueue(vec![job.tag(format!("workflow:{wf}"))])?;
     tx.execute(
-        "UPDATE workflow_steps SET status = 'queued', job_id = $3 WHERE workflow_id = $1 AND seq = $2",
-        &[workflow_id.into(), seq.into(), job_id.into()],
+        "INSERT INTO workflow_steps (workflow_id, seq, name, role, step, status, job_id) VALUES ($1, $2, $3, $4, $5, 'queued', $6)",
+        &[wf.into(), seq.into(), name.into(), role.into(), step.into(), job_id.into()],
     )?;
     Ok(())
+}
+
+fn next_seq(tx: &mut dyn Tx, wf: &str) -> Result<i64> {
+    Ok(tx
+        .query("SELECT coalesce(max(seq), -1) + 1 FROM workflow_steps WHERE workflow_id = $1", &[wf.into()])?
+        .first()
+        .map_or(0, |r| r.int(0)))
 }
 
 /// Moves a workflow along after one of its jobs' outcomes. Backends call this inside the
@@ -180,12 +288,18 @@ pub fn record_outcome(tx: &mut dyn Tx, c: &Completion) -> Result<()> {
     )?;
     let Some(r) = rows.first() else { return Ok(()) };
     let (role, step) = (r.text(0).unwrap_or_default().to_string(), r.int(1));
+    if status == "queued" {
+        return Ok(());
+    }
+    let Some(w) = load(tx, wf)? else { return Ok(()) };
     match (role.as_str(), status) {
         ("step", "completed") => {
-            let total = tx.query("SELECT steps FROM workflows WHERE id = $1 AND status = 'running'", &[wf.into()])?;
-            let Some(total) = total.first().map(|r| r.int(0)) else { return Ok(()) };
-            if step + 1 < total {
-                enqueue_row(tx, wf, step + 1)?;
+            if w.status != "running" {
+                return Ok(());
+            }
+            if step + 1 < w.steps {
+                let next = &w.plan.steps[(step + 1) as usize];
+                enqueue_row(tx, wf, w.input.as_deref(), seq + 1, &next.name, "step", step + 1, &next.job)?;
             } else {
                 tx.execute("UPDATE workflows SET status = 'completed', finished_at = $2 WHERE id = $1", &[wf.into(), now.into()])?;
             }
@@ -195,13 +309,16 @@ pub fn record_outcome(tx: &mut dyn Tx, c: &Completion) -> Result<()> {
                 "UPDATE workflows SET status = 'compensating', error = $2 WHERE id = $1 AND status = 'running'",
                 &[wf.into(), error.unwrap_or_default().into()],
             )?;
-            compensate_next(tx, wf, step, now)?;
+            compensate_next(tx, wf, &w, step, now)?;
         }
         ("compensation", "completed") => {
-            tx.execute("UPDATE workflow_steps SET status = 'compensated' WHERE workflow_id = $1 AND seq = $2", &[wf.into(), step.into()])?;
-            compensate_next(tx, wf, step, now)?;
+            tx.execute(
+                "UPDATE workflow_steps SET status = 'compensated' WHERE workflow_id = $1 AND role = 'step' AND step = $2",
+                &[wf.into(), step.into()],
+            )?;
+            compensate_next(tx, wf, &w, step, now)?;
         }
-        ("rollback", "completed") | ("rollback", "failed") => {
+        ("rollback", _) => {
             tx.execute(
                 "UPDATE workflows SET status = 'failed', finished_at = $2 WHERE id = $1 AND status = 'compensating'",
                 &[wf.into(), now.into()],
@@ -213,7 +330,7 @@ pub fn record_outcome(tx: &mut dyn Tx, c: &Completion) -> Result<()> {
                 "UPDATE workflows SET error = coalesce(error, '') || $2 WHERE id = $1",
                 &[wf.into(), format!("; compensation of step {step} failed: {}", error.unwrap_or_default()).into()],
             )?;
-            compensate_next(tx, wf, step, now)?;
+            compensate_next(tx, wf, &w, step, now)?;
         }
         _ => {}
     }
@@ -221,44 +338,31 @@ pub fn record_outcome(tx: &mut dyn Tx, c: &Completion) -> Result<()> {
 }
 
 /// Enqueues the compensation of the latest completed step before `before`, or ends the
-/// workflow as failed when there is none left.
-fn compensate_next(tx: &mut dyn Tx, wf: &str, before: i64, now: i64) -> Result<()> {
-    let rows = tx.query(
-        "SELECT step, name, compensation FROM workflow_steps
-         WHERE workflow_id = $1 AND role = 'step' AND step < $2 AND status = 'completed' AND compensation IS NOT NULL
-         ORDER BY step DESC LIMIT 1",
+/// workflow (through its on-failure job, if it has one) when there is none left.
+fn compensate_next(tx: &mut dyn Tx, wf: &str, w: &Instance, before: i64, now: i64) -> Result<()> {
+    let done = tx.query(
+        "SELECT step FROM workflow_steps WHERE workflow_id = $1 AND role = 'step' AND step < $2 AND status = 'completed' ORDER BY step DESC",
         &[wf.into(), before.into()],
     )?;
-    let Some(r) = rows.first() else { return rollback_or_fail(tx, wf, now) };
-    let (step, name, comp) = (r.int(0), r.text(1).unwrap_or_default().to_string(), r.text(2).unwrap_or_default().to_string());
-    let seq = tx.query("SELECT count(*) FROM workflow_steps WHERE workflow_id = $1", &[wf.into()])?.first().map_or(0, |r| r.int(0));
-    tx.execute(
-        "INSERT INTO workflow_steps (workflow_id, seq, name, role, step, job, status)
-         VALUES ($1, $2, $3, 'compensation', $4, $5, 'pending')",
-        &[wf.into(), seq.into(), format!("compensate {name}").into(), step.into(), comp.into()],
-    )?;
-    // The step itself is marked so a second failure path cannot compensate it twice.
-    tx.execute(
-        "UPDATE workflow_steps SET status = 'compensating' WHERE workflow_id = $1 AND role = 'step' AND step = $2",
-        &[wf.into(), step.into()],
-    )?;
-    enqueue_row(tx, wf, seq)
-}
-
-/// After the last compensation: the workflow's on-failure job if it has one, else the end.
-fn rollback_or_fail(tx: &mut dyn Tx, wf: &str, now: i64) -> Result<()> {
-    let rows = tx.query("SELECT on_failure FROM workflows WHERE id = $1", &[wf.into()])?;
-    let spec: Option<serde_json::Value> = rows.first().and_then(|r| r.text(0)).and_then(|t| serde_json::from_str(t).ok());
-    let Some(spec) = spec else {
-        tx.execute("UPDATE workflows SET status = 'failed', finished_at = $2 WHERE id = $1", &[wf.into(), now.into()])?;
-        return Ok(());
-    };
-    let seq = tx.query("SELECT count(*) FROM workflow_steps WHERE workflow_id = $1", &[wf.into()])?.first().map_or(0, |r| r.int(0));
-    tx.execute(
-        "INSERT INTO workflow_steps (workflow_id, seq, name, role, step, job, status) VALUES ($1, $2, $3, 'rollback', $2, $4, 'pending')",
-        &[wf.into(), seq.into(), spec["name"].as_str().unwrap_or("rollback").into(), spec["job"].to_string().into()],
-    )?;
-    enqueue_row(tx, wf, seq)
+    let next = done.iter().map(|r| r.int(0)).find(|s| w.plan.steps.get(*s as usize).is_some_and(|p| p.compensation.is_some()));
+    let seq = next_seq(tx, wf)?;
+    if let Some(step) = next {
+        let s = &w.plan.steps[step as usize];
+        // The step itself is marked so a second failure path cannot compensate it twice.
+        tx.execute(
+            "UPDATE workflow_steps SET status = 'compensating' WHERE workflow_id = $1 AND role = 'step' AND step = $2",
+            &[wf.into(), step.into()],
+        )?;
+        let comp = s.compensation.as_ref().expect("filtered on compensation");
+        return enqueue_row(tx, wf, w.input.as_deref(), seq, &format!("compensate {}", s.name), "compensation", step, comp);
+    }
+    match &w.plan.on_failure {
+        Some(r) => enqueue_row(tx, wf, w.input.as_deref(), seq, &r.name, "rollback", seq, &r.job),
+        None => {
+            tx.execute("UPDATE workflows SET status = 'failed', finished_at = $2 WHERE id = $1", &[wf.into(), now.into()])?;
+            Ok(())
+        }
+    }
 }
 
 fn step_info(r: &Row) -> StepInfo {
@@ -275,16 +379,42 @@ fn step_info(r: &Row) -> StepInfo {
 }
 
 pub async fn find(backend: &dyn QueueBackend, id: &str) -> Result<Option<WorkflowInfo>> {
-    let rows =
-        backend.query("SELECT id, name, status, error, created_at, finished_at FROM workflows WHERE id = $1", vec![id.into()]).await?;
-    let Some(w) = rows.first() else { return Ok(None) };
-    let steps = backend
+    let rows = backend
         .query(
-            "SELECT name, role, status, attempts, job_id, started_at, finished_at, error FROM workflow_steps
+            "SELECT w.id, w.name, w.status, w.error, w.created_at, w.finished_at, p.plan
+             FROM workflows w LEFT JOIN workflow_plans p ON p.id = w.plan_id WHERE w.id = $1",
+            vec![id.into()],
+        )
+        .await?;
+    let Some(w) = rows.first() else { return Ok(None) };
+    let plan: Option<Plan> = w.text(6).and_then(|j| serde_json::from_str::<(String, Plan)>(j).ok()).map(|(_, p)| p);
+    let rows = backend
+        .query(
+            "SELECT name, role, status, attempts, job_id, started_at, finished_at, error, step FROM workflow_steps
              WHERE workflow_id = $1 ORDER BY seq",
             vec![id.into()],
         )
         .await?;
+    // The plan's steps in order (those not reached yet as pending), then the compensations and
+    // the rollback in the order they ran.
+    let mut steps: Vec<StepInfo> = Vec::new();
+    let total = plan.as_ref().map_or(0, |p| p.steps.len());
+    for i in 0..total.max(rows.iter().filter(|r| r.text(1) == Some("step")).count()) {
+        match rows.iter().find(|r| r.text(1) == Some("step") && r.int(8) == i as i64) {
+            Some(r) => steps.push(step_info(r)),
+            None => steps.push(StepInfo {
+                name: plan.as_ref().and_then(|p| p.steps.get(i)).map(|s| s.name.clone()).unwrap_or_default(),
+                role: "step".into(),
+                status: "pending".into(),
+                attempts: 0,
+                job_id: None,
+                started_at: None,
+                finished_at: None,
+                error: None,
+            }),
+        }
+    }
+    steps.extend(rows.iter().filter(|r| r.text(1) != Some("step")).map(step_info));
     Ok(Some(WorkflowInfo {
         id: w.text(0).unwrap_or_default().to_string(),
         name: w.text(1).unwrap_or_default().to_string(),
@@ -292,6 +422,6 @@ pub async fn find(backend: &dyn QueueBackend, id: &str) -> Result<Option<Workflo
         error: w.text(3).map(str::to_string),
         created_at: w.int(4),
         finished_at: w.opt_int(5),
-        steps: steps.iter().map(step_info).collect(),
+        steps,
     }))
 }

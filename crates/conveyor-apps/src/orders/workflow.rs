@@ -38,16 +38,23 @@ pub(crate) fn workflow_id(order_id: &str) -> String {
     format!("order-{order_id}")
 }
 
+/// The order workflow's definition, built once: every order's workflow shares its stored plan
+/// and gets the order as input.
+fn definition() -> &'static Workflow {
+    static DEF: std::sync::OnceLock<Workflow> = std::sync::OnceLock::new();
+    DEF.get_or_init(|| {
+        let job = |kind: &str| NewJob::new(kind, &()).queue(QUEUE).max_attempts(5);
+        Workflow::new("order")
+            .step("ReserveStock", job(RESERVE))
+            .step("ProcessPayment", job(PAY))
+            .step("FinalizeOrder", job(FINALIZE))
+            .on_failure("RollbackOrder", job(ROLLBACK).max_attempts(10))
+    })
+}
+
 /// Starts an order's workflow inside the transaction that stores the order.
 pub(crate) fn start_in(tx: &mut dyn Tx, order_id: &str) -> Result<String, BackendError> {
-    let job = |kind: &str| NewJob::new(kind, &OrderRef { order_id: order_id.to_string() }).queue(QUEUE).max_attempts(5);
-    Workflow::new("order")
-        .id(workflow_id(order_id))
-        .step("ReserveStock", job(RESERVE))
-        .step("ProcessPayment", job(PAY))
-        .step("FinalizeOrder", job(FINALIZE))
-        .on_failure("RollbackOrder", job(ROLLBACK).max_attempts(10))
-        .start_in(tx)
+    definition().clone().id(workflow_id(order_id)).input(&OrderRef { order_id: order_id.to_string() }).start_in(tx)
 }
 
 pub(crate) fn register(registry: &mut Registry, gateway: Arc<dyn PaymentGateway>) {

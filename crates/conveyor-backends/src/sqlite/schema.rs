@@ -154,21 +154,28 @@ CREATE TABLE workflows (
     name         TEXT NOT NULL,
     status       TEXT NOT NULL,
     steps        BIGINT NOT NULL,
-    on_failure   TEXT,
+    plan_id      TEXT NOT NULL,
+    input        TEXT,
     error        TEXT,
     created_at   BIGINT NOT NULL,
     finished_at  BIGINT
 );
 CREATE INDEX workflows_by_time ON workflows(created_at);
 
+-- One row per workflow definition (content-addressed), shared by its workflows.
+CREATE TABLE workflow_plans (
+    id          TEXT PRIMARY KEY,
+    plan        TEXT NOT NULL,
+    created_at  BIGINT NOT NULL
+);
+
+-- Written as each step, compensation or rollback job is enqueued.
 CREATE TABLE workflow_steps (
     workflow_id   TEXT NOT NULL,
     seq           BIGINT NOT NULL,
     name          TEXT NOT NULL,
     role          TEXT NOT NULL,
     step          BIGINT NOT NULL,
-    job           TEXT NOT NULL,
-    compensation  TEXT,
     status        TEXT NOT NULL,
     job_id        TEXT,
     attempts      BIGINT NOT NULL DEFAULT 0,

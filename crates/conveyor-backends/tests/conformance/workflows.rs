@@ -3,6 +3,7 @@
 //! transition is made by the acknowledgement transaction — so it survives a worker that dies
 //! holding a compensation.
 
+use conveyor_core::backend::RowExt;
 use conveyor_core::registry::{JobContext, JobError, Registry};
 use conveyor_core::worker::WorkerReport;
 use conveyor_core::workflow::{self, StepInfo, Workflow, WorkflowInfo};
@@ -255,4 +256,68 @@ pub async fn workflow_compensation_survives_a_dead_worker(b: Backend) {
     );
     assert_eq!((report.completed, report.failed), (2, 0), "{report:?}");
     assert_counts(&b, &qc, [0, 0, 0, 0], "after the compensations").await;
+}
+
+/// Workflows cloned from one definition share one stored plan; each hands its own input to
+/// every one of its jobs, compensations and on-failure job included.
+pub async fn workflow_definition_is_shared_and_input_reaches_every_job(b: Backend) {
+    let q = queue_name();
+    let seen: Arc<std::sync::Mutex<Vec<(String, Value)>>> = Arc::default();
+    let mut registry = Registry::new();
+    for kind in [RESERVE, CHARGE, UNDO_RESERVE, NOTIFY] {
+        let seen = seen.clone();
+        registry.register(kind, move |v: Value, ctx: JobContext| {
+            seen.lock().unwrap().push((ctx.kind.clone(), v.clone()));
+            let fail = ctx.kind == CHARGE && v["n"] == 2;
+            async move {
+                if fail {
+                    Err(JobError::abort("declined"))
+                } else {
+                    Ok(())
+                }
+            }
+        });
+    }
+    let cv = conveyor_of(&b, &registry);
+    let def = Workflow::new(unique_name("shared"))
+        .step("reserve", job_of(&q, RESERVE))
+        .compensate(job_of(&q, UNDO_RESERVE))
+        .step("charge", job_of(&q, CHARGE))
+        .on_failure("notify", job_of(&q, NOTIFY));
+    let one = def.clone().input(&serde_json::json!({ "n": 1 })).start(&cv).await.unwrap();
+    let two = def.clone().input(&serde_json::json!({ "n": 2 })).start(&cv).await.unwrap();
+    let plans = b
+        .query("SELECT count(DISTINCT plan_id) FROM workflows WHERE id = $1 OR id = $2", vec![one.clone().into(), two.clone().into()])
+        .await
+        .unwrap();
+    assert_eq!(plans[0].int(0), 1, "both workflows use one stored plan");
+
+    let w = start(&b, registry, config(&q, 2, Duration::from_secs(5)));
+    wait_until("both workflows settled", Duration::from_secs(10), || async {
+        workflow_info(&b, &one).await.status == "completed" && workflow_info(&b, &two).await.status == "failed" && drained(&b, &q).await
+    })
+    .await;
+    w.stop().await;
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort_by(|a, b| (a.1["n"].as_i64(), &a.0).cmp(&(b.1["n"].as_i64(), &b.0)));
+    let n = |v: i64| serde_json::json!({ "n": v });
+    let mut want = vec![
+        (RESERVE.to_string(), n(1)),
+        (CHARGE.to_string(), n(1)),
+        (RESERVE.to_string(), n(2)),
+        (CHARGE.to_string(), n(2)),
+        (UNDO_RESERVE.to_string(), n(2)),
+        (NOTIFY.to_string(), n(2)),
+    ];
+    want.sort_by(|a, b| (a.1["n"].as_i64(), &a.0).cmp(&(b.1["n"].as_i64(), &b.0)));
+    assert_eq!(seen, want, "each job ran once with its workflow's input");
+    assert_eq!(
+        rows(&workflow_info(&b, &two).await),
+        [
+            ("reserve", "step", "compensated", 1),
+            ("charge", "step", "failed", 1),
+            ("compensate reserve", "compensation", "completed", 1),
+            ("notify", "rollback", "completed", 1)
+        ]
+    );
 }
