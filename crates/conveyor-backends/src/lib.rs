@@ -3,6 +3,10 @@
 //!
 //! Every backend passes the shared conformance suite in `tests/conformance/`.
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod engine_schema;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
@@ -51,7 +55,14 @@ pub fn connect(config: &BackendConfig) -> Result<Arc<dyn QueueBackend>, BackendE
         }
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return Err(BackendError::Invalid("CONVEYOR_DATABASE_URL: PostgreSQL is not available in this build yet".into()));
+        #[cfg(feature = "postgres")]
+        {
+            let mut options = postgres::PgOptions::new(url);
+            options.completed_history = config.completed_history;
+            return Ok(Arc::new(postgres::PgBackend::open(options)?));
+        }
+        #[cfg(not(feature = "postgres"))]
+        return Err(BackendError::Invalid("this build has no PostgreSQL support (feature `postgres`)".into()));
     }
     Err(BackendError::Invalid(format!("CONVEYOR_DATABASE_URL: unsupported URL {url:?} (expected sqlite://PATH or postgres://…)")))
 }

@@ -345,6 +345,11 @@ pub trait Tx {
     fn execute_script(&mut self, sql: &str) -> Result<()>;
     /// Enqueues in this transaction: the jobs exist if and only if it commits.
     fn enqueue(&mut self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>>;
+    /// Makes concurrent schema migrations wait for one another until this transaction ends (a
+    /// no-op where transactions are already serial, as on SQLite's single writer).
+    fn serialize_migrations(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A unit of transactional work; an `Err` rolls back everything it did.

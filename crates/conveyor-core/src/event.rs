@@ -187,10 +187,11 @@ fn record(r: &crate::backend::Row) -> EventRecord {
 /// The event log, newest first, optionally of one event name.
 pub async fn recent(backend: &dyn QueueBackend, name: Option<&str>, page: Page) -> Result<Paged<EventRecord>> {
     let name = name.map(str::to_string);
-    let total = backend.query("SELECT count(*) FROM events WHERE ($1 IS NULL OR name = $1)", vec![name.clone().into()]).await?;
+    let total =
+        backend.query("SELECT count(*) FROM events WHERE (CAST($1 AS TEXT) IS NULL OR name = $1)", vec![name.clone().into()]).await?;
     let rows = backend
         .query(
-            "SELECT id, name, payload, listeners, created_at FROM events WHERE ($1 IS NULL OR name = $1)
+            "SELECT id, name, payload, listeners, created_at FROM events WHERE (CAST($1 AS TEXT) IS NULL OR name = $1)
              ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3",
             vec![name.into(), (page.per_page as i64).into(), (page.offset() as i64).into()],
         )

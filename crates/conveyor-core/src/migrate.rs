@@ -14,6 +14,7 @@ pub async fn apply(backend: &dyn QueueBackend, app: &str, migrations: &[&'static
         let (app_name, sql) = (app.to_string(), *sql);
         let ran = backend
             .transact(move |tx| {
+                tx.serialize_migrations()?;
                 let done =
                     tx.query("SELECT 1 FROM app_migrations WHERE app = $1 AND version = $2", &[app_name.clone().into(), version.into()])?;
                 if !done.is_empty() {

@@ -211,7 +211,7 @@ pub async fn order(backend: &dyn QueueBackend, id: &str) -> Result<Option<Order>
 
 /// Orders, newest first, optionally by status and customer.
 pub async fn orders(backend: &dyn QueueBackend, status: Option<&str>, customer_id: Option<i64>, page: Page) -> Result<Paged<Order>> {
-    let filter = "($1 IS NULL OR o.status = $1) AND ($2 IS NULL OR o.customer_id = $2)";
+    let filter = "(CAST($1 AS TEXT) IS NULL OR o.status = $1) AND (CAST($2 AS BIGINT) IS NULL OR o.customer_id = $2)";
     let params = |extra: Vec<SqlValue>| {
         let mut p: Vec<SqlValue> = vec![status.map(str::to_string).into(), customer_id.into()];
         p.extend(extra);

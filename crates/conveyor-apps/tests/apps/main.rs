@@ -1,25 +1,71 @@
-//! The applications end to end on a real store with the real worker runtime.
+//! The applications end to end on a real store with the real worker runtime, on SQLite and on
+//! PostgreSQL (each test on a database of its own; without a PostgreSQL server the PostgreSQL
+//! runs skip outside CI and fail under it).
 
 mod orders;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use conveyor_backends::postgres::testing::TestDatabase;
+use conveyor_backends::postgres::{PgBackend, PgOptions};
 use conveyor_backends::sqlite::{SqliteBackend, SqliteOptions};
 use conveyor_core::QueueBackend;
 
 pub(crate) struct Store {
     pub(crate) backend: Arc<dyn QueueBackend>,
-    _dir: tempfile::TempDir,
+    _guard: Box<dyn std::any::Any + Send>,
 }
 
-pub(crate) async fn store() -> Store {
-    let dir = tempfile::tempdir().unwrap();
-    let backend: Arc<dyn QueueBackend> =
-        Arc::new(SqliteBackend::open(SqliteOptions::new(dir.path().join("apps.db").to_string_lossy().to_string())).unwrap());
+async fn migrated(backend: Arc<dyn QueueBackend>, guard: Box<dyn std::any::Any + Send>) -> Store {
     conveyor_apps::migrate(backend.as_ref()).await.unwrap();
-    Store { backend, _dir: dir }
+    Store { backend, _guard: guard }
 }
+
+pub(crate) async fn sqlite() -> Option<Store> {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = SqliteBackend::open(SqliteOptions::new(dir.path().join("apps.db").to_string_lossy().to_string())).unwrap();
+    Some(migrated(Arc::new(backend), Box::new(dir)).await)
+}
+
+pub(crate) async fn postgres() -> Option<Store> {
+    let db = TestDatabase::create()?;
+    let backend = PgBackend::open(PgOptions::new(db.url.clone())).unwrap();
+    Some(migrated(Arc::new(backend), Box::new(db)).await)
+}
+
+/// One `#[tokio::test]` per application test and store.
+macro_rules! on_every_store {
+    ($($module:ident :: $test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    if let Some(s) = crate::sqlite().await {
+                        crate::$module::$test(s).await;
+                    }
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    if let Some(s) = crate::postgres().await {
+                        crate::$module::$test(s).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+on_every_store!(
+    orders::every_order_settles_and_stock_money_and_leaderboards_add_up,
+    orders::bad_csv_lines_are_reported_by_line_and_good_orders_imported,
+    orders::split_rejected_and_oversized_orders_never_store_a_part,
+    orders::the_simulated_gateway_charges_and_refunds_once_per_key,
+);
 
 pub(crate) async fn wait_for<F, Fut>(what: &str, limit: Duration, mut cond: F)
 where

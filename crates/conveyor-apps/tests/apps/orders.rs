@@ -12,7 +12,7 @@ use conveyor_core::worker::{self, SupervisorConfig, WorkerConfig};
 use conveyor_core::{Conveyor, Registry};
 use tokio_util::sync::CancellationToken;
 
-use crate::{store, wait_for, Store};
+use crate::{wait_for, Store};
 
 fn conveyor(s: &Store, success_rate: f64) -> Conveyor {
     let mut registry = Registry::new();
@@ -46,9 +46,7 @@ fn orders_csv(n: usize, products: usize) -> (String, HashMap<String, i64>) {
     (csv, demand)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_order_settles_and_stock_money_and_leaderboards_add_up() {
-    let s = store().await;
+pub(crate) async fn every_order_settles_and_stock_money_and_leaderboards_add_up(s: Store) {
     let c = conveyor(&s, 0.9);
     let products = 50;
     let (csv, demand) = orders_csv(3_000, products);
@@ -167,9 +165,7 @@ async fn every_order_settles_and_stock_money_and_leaderboards_add_up() {
     assert_eq!((again.orders, again.duplicates), (0, 3_000));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_csv_lines_are_reported_by_line_and_good_orders_imported() {
-    let s = store().await;
+pub(crate) async fn bad_csv_lines_are_reported_by_line_and_good_orders_imported(s: Store) {
     let c = conveyor(&s, 1.0);
     import_products(&c, "sku,name,price,stock\nA,Alpha,1.00,100\nB,Béta,2.50,100\n".into()).await;
     // BOM, CRLF, columns in another order, quoting, non-ASCII names.
@@ -209,9 +205,7 @@ async fn bad_csv_lines_are_reported_by_line_and_good_orders_imported() {
     assert!(missing.to_string().contains("customer_id"), "{missing}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn split_rejected_and_oversized_orders_never_store_a_part() {
-    let s = store().await;
+pub(crate) async fn split_rejected_and_oversized_orders_never_store_a_part(s: Store) {
     let c = conveyor(&s, 1.0);
     import_products(&c, "sku,name,price,stock\nA,Alpha,1.00,100\n".into()).await;
     let h = "order_id,customer_id,customer_name,customer_email,sku,quantity,unit_price,order_date\n";
@@ -236,10 +230,8 @@ async fn split_rejected_and_oversized_orders_never_store_a_part() {
     assert_eq!(orders::order(s.backend.as_ref(), "S1").await.unwrap().unwrap().items.len(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_simulated_gateway_charges_and_refunds_once_per_key() {
+pub(crate) async fn the_simulated_gateway_charges_and_refunds_once_per_key(s: Store) {
     use conveyor_apps::orders::payment::{PaymentGateway, Simulator};
-    let s = store().await;
     let g = Simulator::new(s.backend.clone(), SimulatorConfig { success_rate: 1.0, seed: 1, latency: Duration::ZERO });
     assert_eq!(g.refund("never-charged").await.unwrap(), None, "nothing to refund");
     let first = g.charge("K1", 500).await.unwrap();

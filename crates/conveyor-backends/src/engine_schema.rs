@@ -1,0 +1,127 @@
+//! The engine's own tables (events, batches, workflows, cache, sorted sets, rate limits,
+//! breakers, locks, application migrations, schedule ticks): one SQL text that SQLite and
+//! PostgreSQL both accept, so the relational backends cannot drift apart. `conveyor-core`
+//! reads and writes them through `Tx` in SQL both accept too.
+
+pub(crate) const ENGINE_TABLES: &str = r#"
+CREATE TABLE events (
+    id          TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    payload     TEXT NOT NULL,
+    listeners   TEXT NOT NULL,
+    created_at  BIGINT NOT NULL
+);
+CREATE INDEX events_by_time ON events(created_at);
+CREATE INDEX events_by_name ON events(name, created_at);
+
+CREATE TABLE batches (
+    id              TEXT PRIMARY KEY,
+    name            TEXT NOT NULL,
+    total           BIGINT NOT NULL,
+    pending         BIGINT NOT NULL,
+    processed       BIGINT NOT NULL DEFAULT 0,
+    failed          BIGINT NOT NULL DEFAULT 0,
+    allow_failures  BIGINT NOT NULL DEFAULT 0,
+    then_job        TEXT,
+    catch_job       TEXT,
+    finally_job     TEXT,
+    created_at      BIGINT NOT NULL,
+    cancelled_at    BIGINT,
+    finished_at     BIGINT
+);
+CREATE INDEX batches_by_time ON batches(created_at);
+
+CREATE TABLE workflows (
+    id           TEXT PRIMARY KEY,
+    name         TEXT NOT NULL,
+    status       TEXT NOT NULL,
+    steps        BIGINT NOT NULL,
+    plan_id      TEXT NOT NULL,
+    input        TEXT,
+    error        TEXT,
+    created_at   BIGINT NOT NULL,
+    finished_at  BIGINT
+);
+CREATE INDEX workflows_by_time ON workflows(created_at);
+
+-- One row per workflow definition (content-addressed), shared by its workflows.
+CREATE TABLE workflow_plans (
+    id          TEXT PRIMARY KEY,
+    plan        TEXT NOT NULL,
+    created_at  BIGINT NOT NULL
+);
+
+-- Written as each step, compensation or rollback job is enqueued.
+CREATE TABLE workflow_steps (
+    workflow_id   TEXT NOT NULL,
+    seq           BIGINT NOT NULL,
+    name          TEXT NOT NULL,
+    role          TEXT NOT NULL,
+    step          BIGINT NOT NULL,
+    status        TEXT NOT NULL,
+    job_id        TEXT,
+    attempts      BIGINT NOT NULL DEFAULT 0,
+    started_at    BIGINT,
+    finished_at   BIGINT,
+    error         TEXT,
+    PRIMARY KEY (workflow_id, seq)
+);
+
+CREATE TABLE cache (
+    key         TEXT PRIMARY KEY,
+    value       TEXT NOT NULL,
+    expires_at  BIGINT
+);
+
+CREATE TABLE zsets (
+    zset    TEXT NOT NULL,
+    member  TEXT NOT NULL,
+    score   DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (zset, member)
+);
+CREATE INDEX zsets_by_score ON zsets(zset, score DESC, member);
+
+CREATE TABLE rate_limits (
+    key  TEXT PRIMARY KEY,
+    tat      BIGINT NOT NULL,
+    allowed  BIGINT NOT NULL DEFAULT 1
+);
+
+CREATE TABLE breakers (
+    name             TEXT PRIMARY KEY,
+    state            TEXT NOT NULL,
+    opened_at        BIGINT,
+    probes           BIGINT NOT NULL DEFAULT 0,
+    probe_successes  BIGINT NOT NULL DEFAULT 0,
+    changed_at       BIGINT NOT NULL
+);
+
+CREATE TABLE breaker_calls (
+    name       TEXT NOT NULL,
+    bucket     BIGINT NOT NULL,
+    successes  BIGINT NOT NULL DEFAULT 0,
+    failures   BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (name, bucket)
+);
+
+CREATE TABLE locks (
+    key         TEXT PRIMARY KEY,
+    owner       TEXT NOT NULL,
+    expires_at  BIGINT NOT NULL
+);
+
+CREATE TABLE app_migrations (
+    app         TEXT NOT NULL,
+    version     BIGINT NOT NULL,
+    applied_at  BIGINT NOT NULL,
+    PRIMARY KEY (app, version)
+);
+
+CREATE TABLE schedule_ticks (
+    name      TEXT NOT NULL,
+    tick      BIGINT NOT NULL,
+    fired_at  BIGINT NOT NULL,
+    job_id    TEXT,
+    PRIMARY KEY (name, tick)
+);
+"#;

@@ -1,0 +1,364 @@
+//! The PostgreSQL backend: the relational store and the queue for deployments of several
+//! machines. Every operation is a transaction on a pooled connection; reservations take jobs
+//! with `FOR UPDATE SKIP LOCKED`, so any number of workers on any number of machines share a
+//! queue without blocking one another; `NOTIFY conveyor_jobs` in a transaction that made work
+//! ready wakes the workers of every process (a `LISTEN` connection each), with polling as the
+//! fallback. Acknowledgements apply batch and workflow transitions in their own transaction, as
+//! on SQLite.
+
+mod pool;
+mod read;
+mod schema;
+pub mod testing;
+mod tx;
+mod value;
+
+use std::any::Any;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use postgres::fallible_iterator::FallibleIterator;
+
+use conveyor_core::backend::{
+    BackendError, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats, ReserveRequest, Result, Row, SqlValue, TxFn,
+    WorkerInfo,
+};
+use conveyor_core::clock::now_ms;
+use conveyor_core::job::{Completion, EnqueueOutcome, Job, JobId, JobInfo, NewJob};
+use conveyor_core::metrics::MetricsRow;
+use conveyor_core::wakeup::Wakeup;
+
+use pool::Pool;
+use tx::PgTx;
+use value::{params, pg_err, refs, row};
+
+/// Completed-job history rows inserted between two trims of the history.
+const TRIM_EVERY: usize = 256;
+
+#[derive(Clone, Debug)]
+pub struct PgOptions {
+    /// `postgres://user@host:port/database`.
+    pub url: String,
+    /// Completed jobs kept for the dashboard (0 keeps none).
+    pub completed_history: usize,
+    /// Connections this process opens at most.
+    pub pool_size: usize,
+}
+
+impl PgOptions {
+    pub fn new(url: impl Into<String>) -> Self {
+        PgOptions { url: url.into(), completed_history: 10_000, pool_size: 16 }
+    }
+}
+
+pub struct PgBackend {
+    pool: Arc<Pool>,
+    wakeup: Arc<Wakeup>,
+    history: usize,
+    history_inserts: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for PgBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl PgBackend {
+    /// Connects, brings the schema up to date and starts listening for wake-ups. Blocking work
+    /// runs on a thread of its own, so this may be called from async code.
+    pub fn open(options: PgOptions) -> Result<Self> {
+        let config = pool::config(&options.url)?;
+        let pool = Pool::new(config, options.pool_size);
+        let p = pool.clone();
+        std::thread::scope(|s| {
+            s.spawn(move || -> Result<()> {
+                let mut client = p.connect()?;
+                schema::migrate(&mut client).map_err(pg_err)?;
+                Ok(())
+            })
+            .join()
+            .map_err(|_| BackendError::Other("migrating PostgreSQL panicked".into()))?
+        })?;
+        let wakeup = Arc::new(Wakeup::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        listen(pool.clone(), wakeup.clone(), stop.clone());
+        Ok(PgBackend { pool, wakeup, history: options.completed_history, history_inserts: Arc::default(), stop })
+    }
+
+    pub fn schema_version() -> u32 {
+        schema::latest_version()
+    }
+
+    /// Runs `f` in one transaction and commits it with its counter deltas.
+    async fn tx<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut PgTx<'_, '_>) -> Result<R> + Send + 'static,
+    {
+        let (history, inserts, wakeup) = (self.history, self.history_inserts.clone(), self.wakeup.clone());
+        self.pool
+            .with(move |c| {
+                let shard = c.shard;
+                let tx = c.client.transaction().map_err(pg_err)?;
+                let mut t = PgTx::new(tx, &mut c.stmts, shard, history);
+                let out = f(&mut t)?;
+                if t.history_inserts > 0 && inserts.fetch_add(t.history_inserts, Ordering::Relaxed) + t.history_inserts >= TRIM_EVERY {
+                    inserts.store(0, Ordering::Relaxed);
+                    t.trim_history()?;
+                }
+                if t.commit()? {
+                    wakeup.wake();
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    async fn read<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut pool::Conn) -> Result<R> + Send + 'static,
+    {
+        self.pool.with(f).await
+    }
+}
+
+/// Keeps a `LISTEN conveyor_jobs` connection and wakes local workers on each notification;
+/// reconnects with backoff when the server goes away (and wakes them then too, since
+/// notifications sent meanwhile are lost).
+fn listen(pool: Arc<Pool>, wakeup: Arc<Wakeup>, stop: Arc<AtomicBool>) {
+    let spawned = std::thread::Builder::new().name("conveyor-pg-listen".into()).spawn(move || {
+        let mut backoff = Duration::from_millis(100);
+        while !stop.load(Ordering::Relaxed) {
+            let mut client = match pool.connect().and_then(|mut c| c.batch_execute("LISTEN conveyor_jobs").map(|_| c).map_err(pg_err)) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "LISTEN connection failed; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            wakeup.wake();
+            while !stop.load(Ordering::Relaxed) && !client.is_closed() {
+                let mut notes = client.notifications();
+                let mut it = notes.timeout_iter(Duration::from_millis(250));
+                loop {
+                    match it.next() {
+                        Ok(Some(_)) => wakeup.wake(),
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
+                            break;
+                        }
+                    }
+                }
+                // A round trip notices a dead connection that sends nothing.
+                drop(it);
+                drop(notes);
+                if client.batch_execute("").is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the LISTEN thread; workers rely on polling");
+    }
+}
+
+#[async_trait]
+impl QueueBackend for PgBackend {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        for job in &jobs {
+            job.validate().map_err(BackendError::Invalid)?;
+        }
+        self.tx(move |t| t.enqueue(jobs)).await
+    }
+
+    async fn reserve(&self, req: ReserveRequest) -> Result<Vec<Job>> {
+        if req.max == 0 || req.queues.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lease_ms = req.lease.as_millis() as i64;
+        self.tx(move |t| t.reserve(&req.queues, req.max, lease_ms, &req.worker)).await
+    }
+
+    async fn complete(&self, completions: Vec<Completion>) -> Result<()> {
+        if completions.is_empty() {
+            return Ok(());
+        }
+        self.tx(move |t| t.complete(completions)).await
+    }
+
+    async fn complete_with(&self, completion: Completion, work: TxFn) -> Result<Box<dyn Any + Send>> {
+        self.tx(move |t| {
+            let id = completion.id;
+            if !t.complete_one(completion, now_ms())? {
+                return Err(BackendError::LeaseLost(id));
+            }
+            work(t)
+        })
+        .await
+    }
+
+    async fn extend_leases(&self, leases: Vec<(JobId, i64)>, lease: Duration) -> Result<()> {
+        if leases.is_empty() {
+            return Ok(());
+        }
+        let lease_ms = lease.as_millis() as i64;
+        self.tx(move |t| t.extend_leases(&leases, lease_ms)).await
+    }
+
+    async fn reap_expired(&self) -> Result<u64> {
+        self.tx(|t| t.reap_expired()).await
+    }
+
+    fn wakeup(&self) -> Arc<Wakeup> {
+        self.wakeup.clone()
+    }
+
+    async fn queues(&self) -> Result<Vec<QueueStats>> {
+        self.read(read::queues).await
+    }
+
+    async fn pause(&self, queue: &str) -> Result<()> {
+        let q = queue.to_string();
+        self.tx(move |t| t.set_paused(&q, true)).await
+    }
+
+    async fn resume(&self, queue: &str) -> Result<()> {
+        let q = queue.to_string();
+        self.tx(move |t| t.set_paused(&q, false)).await
+    }
+
+    async fn clear(&self, queue: &str) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let q = queue.to_string();
+            let n = self.tx(move |t| t.clear_chunk(&q, 5_000)).await?;
+            total += n;
+            if n == 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn job(&self, id: JobId) -> Result<Option<JobInfo>> {
+        self.read(move |c| read::job(c, id)).await
+    }
+
+    async fn jobs(&self, filter: JobFilter, page: Page) -> Result<Paged<JobInfo>> {
+        self.read(move |c| read::jobs(c, &filter, page)).await
+    }
+
+    async fn failed(&self, queue: Option<&str>, page: Page) -> Result<Paged<FailedJob>> {
+        let q = queue.map(str::to_string);
+        self.read(move |c| read::failed(c, q.as_deref(), page)).await
+    }
+
+    async fn failed_job(&self, id: JobId) -> Result<Option<FailedJob>> {
+        self.read(move |c| read::failed_job(c, id)).await
+    }
+
+    async fn failed_since(&self, since: i64) -> Result<u64> {
+        self.read(move |c| Ok(c.rows("SELECT count(*) FROM failed_jobs WHERE failed_at >= $1", &[&since])?[0].get::<_, i64>(0) as u64))
+            .await
+    }
+
+    async fn retry_failed(&self, ids: Vec<JobId>) -> Result<Vec<JobId>> {
+        let ids: Vec<Vec<u8>> = ids.iter().map(|id| id.as_bytes().to_vec()).collect();
+        self.tx(move |t| t.retry_failed(&ids)).await
+    }
+
+    async fn retry_all_failed(&self, queue: Option<&str>) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let q = queue.map(str::to_string);
+            let n = self
+                .tx(move |t| {
+                    let ids = t.failed_ids(q.as_deref(), 1_000)?;
+                    Ok(t.retry_failed(&ids)?.len() as u64)
+                })
+                .await?;
+            total += n;
+            if n == 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn forget_failed(&self, id: JobId) -> Result<bool> {
+        let ids = vec![id.as_bytes().to_vec()];
+        Ok(self.tx(move |t| t.forget_failed(&ids)).await? == 1)
+    }
+
+    async fn flush_failed(&self, queue: Option<&str>) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let q = queue.map(str::to_string);
+            let n = self
+                .tx(move |t| {
+                    let ids = t.failed_ids(q.as_deref(), 5_000)?;
+                    t.forget_failed(&ids)
+                })
+                .await?;
+            total += n;
+            if n == 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn metrics(&self, query: MetricsQuery) -> Result<Vec<MetricsRow>> {
+        self.read(move |c| read::metrics(c, &query)).await
+    }
+
+    async fn prune(&self, metrics_before: i64) -> Result<()> {
+        self.tx(move |t| t.prune(metrics_before)).await
+    }
+
+    async fn worker_heartbeat(&self, info: WorkerInfo) -> Result<()> {
+        let json = serde_json::to_string(&info).map_err(|e| BackendError::Other(e.to_string()))?;
+        self.tx(move |t| t.worker_heartbeat(&info.id, info.last_seen, &json)).await
+    }
+
+    async fn worker_gone(&self, id: &str) -> Result<()> {
+        let id = id.to_string();
+        self.read(move |c| c.client.execute("DELETE FROM workers WHERE id = $1", &[&id]).map(|_| ()).map_err(pg_err)).await
+    }
+
+    async fn workers(&self, within: Duration) -> Result<Vec<WorkerInfo>> {
+        let since = now_ms() - within.as_millis() as i64;
+        self.read(move |c| read::workers(c, since)).await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.read(|c| c.client.simple_query("SELECT 1").map(|_| ()).map_err(pg_err)).await
+    }
+
+    async fn query(&self, sql: &str, values: Vec<SqlValue>) -> Result<Vec<Row>> {
+        let sql = sql.to_string();
+        self.read(move |c| {
+            let p = params(&values);
+            c.rows(&sql, &refs(&p))?.iter().map(row).collect()
+        })
+        .await
+    }
+
+    async fn transaction(&self, work: TxFn) -> Result<Box<dyn Any + Send>> {
+        self.tx(move |t| work(t)).await
+    }
+}

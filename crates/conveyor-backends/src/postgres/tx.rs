@@ -1,0 +1,623 @@
+//! One PostgreSQL transaction: the queue's operations (the same state machine as SQLite's
+//! writer, in PostgreSQL's SQL) and [`Tx`] for the engine's and the applications' SQL. The
+//! queue-counter and metric deltas an operation produces are added up in memory and written once,
+//! into this connection's shard, just before the commit.
+
+use std::collections::{BTreeMap, HashMap};
+
+use postgres::types::ToSql;
+use postgres::{Statement, Transaction};
+
+use conveyor_core::backend::{BackendError, Result, Row, SqlValue, Tx};
+use conveyor_core::clock::now_ms;
+use conveyor_core::job::{Backoff, Completion, EnqueueOutcome, Job, JobId, NewJob, Outcome};
+use conveyor_core::metrics::{minute_of, MetricsAccumulator, BUCKETS};
+
+use super::value::{params, pg_err, refs, row};
+
+pub(crate) const PENDING: usize = 0;
+pub(crate) const RESERVED: usize = 1;
+pub(crate) const DELAYED: usize = 2;
+pub(crate) const FAILED: usize = 3;
+
+/// Prepared statements of one connection, by SQL text.
+pub(crate) type Statements = HashMap<String, Statement>;
+
+/// The columns of `jobs` that make a reserved [`Job`], in the order `job_from_row` reads them.
+const JOB_COLS: &str = "id, queue, kind, payload, attempts, max_attempts, backoff, timeout_ms, priority, tags, \
+                        unique_key, batch_id, created_at, available_at, reserved_at, lease_token, workflow";
+
+pub(crate) struct PgTx<'c, 't> {
+    pub(crate) tx: Transaction<'t>,
+    stmts: &'c mut Statements,
+    shard: i64,
+    /// Pending / reserved / delayed / failed deltas per queue.
+    counts: BTreeMap<String, [i64; 4]>,
+    metrics: MetricsAccumulator,
+    /// Ready work was committed: wake the workers (here and, by NOTIFY, elsewhere).
+    pub(crate) wake: bool,
+    /// Completed-job history rows kept (0 = none).
+    history: usize,
+    pub(crate) history_inserts: usize,
+}
+
+impl<'c, 't> PgTx<'c, 't> {
+    pub(crate) fn new(tx: Transaction<'t>, stmts: &'c mut Statements, shard: i64, history: usize) -> Self {
+        PgTx { tx, stmts, shard, counts: BTreeMap::new(), metrics: MetricsAccumulator::default(), wake: false, history, history_inserts: 0 }
+    }
+
+    fn prepare(&mut self, sql: &str) -> Result<Statement> {
+        if let Some(st) = self.stmts.get(sql) {
+            return Ok(st.clone());
+        }
+        let st = self.tx.prepare(sql).map_err(pg_err)?;
+        if self.stmts.len() >= 512 {
+            self.stmts.clear();
+        }
+        self.stmts.insert(sql.to_string(), st.clone());
+        Ok(st)
+    }
+
+    fn run(&mut self, sql: &str, p: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        let st = self.prepare(sql)?;
+        self.tx.execute(&st, p).map_err(pg_err)
+    }
+
+    fn rows(&mut self, sql: &str, p: &[&(dyn ToSql + Sync)]) -> Result<Vec<postgres::Row>> {
+        let st = self.prepare(sql)?;
+        self.tx.query(&st, p).map_err(pg_err)
+    }
+
+    pub(crate) fn count(&mut self, queue: &str, state: usize, delta: i64) {
+        match self.counts.get_mut(queue) {
+            Some(c) => c[state] += delta,
+            None => {
+                let mut c = [0i64; 4];
+                c[state] = delta;
+                self.counts.insert(queue.to_string(), c);
+            }
+        }
+    }
+
+    /// Writes the deltas, notifies listeners if ready work was added, and commits.
+    pub(crate) fn commit(mut self) -> Result<bool> {
+        let counts = std::mem::take(&mut self.counts);
+        for (q, d) in counts {
+            if d.iter().all(|v| *v == 0) {
+                continue;
+            }
+            let shard = self.shard;
+            self.run(
+                "INSERT INTO queue_counts (queue, shard, pending, reserved, delayed, failed) VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (queue, shard) DO UPDATE SET pending = queue_counts.pending + excluded.pending,
+                    reserved = queue_counts.reserved + excluded.reserved, delayed = queue_counts.delayed + excluded.delayed,
+                    failed = queue_counts.failed + excluded.failed",
+                &[&q, &shard, &d[PENDING], &d[RESERVED], &d[DELAYED], &d[FAILED]],
+            )?;
+        }
+        if !self.metrics.is_empty() {
+            let hist_names: String = (0..BUCKETS).map(|i| format!(", r{i}, w{i}")).collect();
+            let hist_params: String = (0..BUCKETS).map(|i| format!(", ${}, ${}", 11 + 2 * i, 12 + 2 * i)).collect();
+            let hist_update: String = (0..BUCKETS)
+                .map(|i| format!(", r{i} = job_metrics.r{i} + excluded.r{i}, w{i} = job_metrics.w{i} + excluded.w{i}"))
+                .collect();
+            let sql = format!(
+                "INSERT INTO job_metrics (minute, queue, kind, shard, completed, retried, failed, runtime_sum, runtime_max, wait_sum{hist_names})
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10{hist_params})
+                 ON CONFLICT (minute, queue, kind, shard) DO UPDATE SET completed = job_metrics.completed + excluded.completed,
+                    retried = job_metrics.retried + excluded.retried, failed = job_metrics.failed + excluded.failed,
+                    runtime_sum = job_metrics.runtime_sum + excluded.runtime_sum,
+                    runtime_max = greatest(job_metrics.runtime_max, excluded.runtime_max),
+                    wait_sum = job_metrics.wait_sum + excluded.wait_sum{hist_update}"
+            );
+            let rows: Vec<_> = self.metrics.drain().collect();
+            for r in rows {
+                let mut values: Vec<i64> = vec![
+                    r.minute,
+                    self.shard,
+                    r.completed as i64,
+                    r.retried as i64,
+                    r.failed as i64,
+                    r.runtime_sum_ms as i64,
+                    r.runtime_max_ms as i64,
+                    r.wait_sum_ms as i64,
+                ];
+                for i in 0..BUCKETS {
+                    values.push(r.runtime_hist[i] as i64);
+                    values.push(r.wait_hist[i] as i64);
+                }
+                let mut p: Vec<&(dyn ToSql + Sync)> = vec![&values[0], &r.queue, &r.kind];
+                p.extend(values[1..].iter().map(|v| v as &(dyn ToSql + Sync)));
+                self.run(&sql, &p)?;
+            }
+        }
+        if self.wake {
+            self.run("NOTIFY conveyor_jobs", &[])?;
+        }
+        let wake = self.wake;
+        self.tx.commit().map_err(pg_err)?;
+        Ok(wake)
+    }
+
+    // --- queue operations ---------------------------------------------------------------------
+
+    pub(crate) fn enqueue(&mut self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>> {
+        let now = now_ms();
+        let mut out = Vec::with_capacity(jobs.len());
+        // Jobs without a unique key go in with one statement.
+        let mut bulk: Vec<NewJob> = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            if let Some(u) = &job.unique {
+                let held = self.rows("SELECT job_id, expires_at FROM unique_locks WHERE key = $1 FOR UPDATE", &[&u.key])?;
+                if let Some(r) = held.first() {
+                    let (holder, expires_at): (Vec<u8>, i64) = (r.get(0), r.get(1));
+                    if expires_at > now {
+                        out.push(EnqueueOutcome::Duplicate { existing: JobId::from_slice(&holder).unwrap_or(job.id) });
+                        continue;
+                    }
+                }
+                let (key, id, until) = (u.key.clone(), job.id.as_bytes().to_vec(), now + u.ttl.as_millis() as i64);
+                self.run(
+                    "INSERT INTO unique_locks (key, job_id, expires_at) VALUES ($1, $2, $3)
+                     ON CONFLICT (key) DO UPDATE SET job_id = excluded.job_id, expires_at = excluded.expires_at",
+                    &[&key, &id, &until],
+                )?;
+            }
+            out.push(EnqueueOutcome::Enqueued { id: job.id });
+            bulk.push(job);
+        }
+        if bulk.is_empty() {
+            return Ok(out);
+        }
+        let n = bulk.len();
+        let mut ids = Vec::with_capacity(n);
+        let (mut queues, mut kinds, mut payloads) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut states, mut priorities, mut max_attempts) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut backoffs, mut timeouts, mut available) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut uniques, mut tags, mut batches, mut workflows) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for job in bulk {
+            let at = job.run_at.unwrap_or(now);
+            let state = if at > now { DELAYED } else { PENDING };
+            self.count(&job.queue, state, 1);
+            if state == PENDING {
+                self.wake = true;
+            }
+            ids.push(job.id.as_bytes().to_vec());
+            queues.push(job.queue);
+            kinds.push(job.kind);
+            payloads.push(job.payload);
+            states.push(state as i64);
+            priorities.push(job.priority as i64);
+            max_attempts.push(job.max_attempts as i64);
+            backoffs.push(job.backoff.as_ref().map(|b| serde_json::to_string(b).expect("backoff serializes")));
+            timeouts.push(job.timeout.map(|t| t.as_millis() as i64));
+            available.push(at);
+            uniques.push(job.unique.map(|u| u.key));
+            tags.push((!job.tags.is_empty()).then(|| serde_json::to_string(&job.tags).expect("tags serialize")));
+            batches.push(job.batch_id);
+            workflows.push(job.workflow);
+        }
+        self.run(
+            "INSERT INTO jobs (id, queue, kind, payload, state, priority, max_attempts, backoff, timeout_ms,
+                               available_at, created_at, unique_key, tags, batch_id, workflow)
+             SELECT id, queue, kind, payload, state, priority, max_attempts, backoff, timeout_ms, available_at, $15,
+                    unique_key, tags, batch_id, workflow
+             FROM unnest($1::bytea[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[],
+                         $8::text[], $9::bigint[], $10::bigint[], $11::text[], $12::text[], $13::text[], $14::text[])
+                  AS t(id, queue, kind, payload, state, priority, max_attempts, backoff, timeout_ms, available_at,
+                       unique_key, tags, batch_id, workflow)",
+            &[
+                &ids,
+                &queues,
+                &kinds,
+                &payloads,
+                &states,
+                &priorities,
+                &max_attempts,
+                &backoffs,
+                &timeouts,
+                &available,
+                &uniques,
+                &tags,
+                &batches,
+                &workflows,
+                &now,
+            ],
+        )?;
+        Ok(out)
+    }
+
+    /// Moves due delayed jobs to pending, a bounded number per call.
+    fn promote_due(&mut self, now: i64) -> Result<()> {
+        let rows = self.rows(
+            "UPDATE jobs SET state = 0 WHERE id IN
+               (SELECT id FROM jobs WHERE state = 2 AND available_at <= $1 ORDER BY available_at LIMIT 1000 FOR UPDATE SKIP LOCKED)
+             RETURNING queue",
+            &[&now],
+        )?;
+        for r in rows {
+            let q: String = r.get(0);
+            self.count(&q, DELAYED, -1);
+            self.count(&q, PENDING, 1);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn reserve(&mut self, queues: &[String], max: usize, lease_ms: i64, worker: &str) -> Result<Vec<Job>> {
+        let now = now_ms();
+        self.promote_due(now)?;
+        let paused: Vec<String> = self.rows("SELECT name FROM queues WHERE paused = 1", &[])?.iter().map(|r| r.get(0)).collect();
+        let token: i64 = rand::random::<i64>() & i64::MAX;
+        let sql = format!(
+            "UPDATE jobs SET state = 1, attempts = attempts + 1, reserved_at = $1, lease_until = $2, lease_token = $3, worker = $4
+             WHERE id IN (SELECT id FROM jobs WHERE queue = $5 AND state = 0 ORDER BY priority DESC, id LIMIT $6 FOR UPDATE SKIP LOCKED)
+             RETURNING {JOB_COLS}"
+        );
+        let mut jobs = Vec::new();
+        for queue in queues {
+            if jobs.len() >= max {
+                break;
+            }
+            if paused.iter().any(|p| p == queue) {
+                continue;
+            }
+            let want = (max - jobs.len()) as i64;
+            let until = now + lease_ms;
+            let got: Vec<Job> = self.rows(&sql, &[&now, &until, &token, &worker, queue, &want])?.iter().map(job_from_row).collect();
+            let n = got.len() as i64;
+            if n > 0 {
+                self.count(queue, PENDING, -n);
+                self.count(queue, RESERVED, n);
+            }
+            let start = jobs.len();
+            jobs.extend(got);
+            jobs[start..].sort_by(|a, b| b.priority.cmp(&a.priority).then(a.id.cmp(&b.id)));
+        }
+        Ok(jobs)
+    }
+
+    /// Applies many completions: plain successes (no batch, no workflow) in one statement, the
+    /// rest one by one.
+    pub(crate) fn complete(&mut self, completions: Vec<Completion>) -> Result<()> {
+        let now = now_ms();
+        let (plain, other): (Vec<Completion>, Vec<Completion>) =
+            completions.into_iter().partition(|c| matches!(c.outcome, Outcome::Completed) && !conveyor_core::hooks::wants(c));
+        if !plain.is_empty() {
+            self.complete_plain(plain, now)?;
+        }
+        for c in other {
+            self.complete_one(c, now)?;
+        }
+        Ok(())
+    }
+
+    fn complete_plain(&mut self, plain: Vec<Completion>, now: i64) -> Result<()> {
+        let ids: Vec<Vec<u8>> = plain.iter().map(|c| c.id.as_bytes().to_vec()).collect();
+        let tokens: Vec<i64> = plain.iter().map(|c| c.lease_token).collect();
+        let runtimes: Vec<i64> = plain.iter().map(|c| c.runtime_ms as i64).collect();
+        let waits: Vec<i64> = plain.iter().map(|c| c.wait_ms as i64).collect();
+        let done = if self.history == 0 {
+            self.rows(
+                "DELETE FROM jobs j USING unnest($1::bytea[], $2::bigint[]) AS t(id, token)
+                 WHERE j.id = t.id AND j.state = 1 AND j.lease_token = t.token RETURNING j.id",
+                &[&ids, &tokens],
+            )?
+        } else {
+            let rows = self.rows(
+                "WITH t AS (SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[]) AS t(id, token, runtime_ms, wait_ms)),
+                 d AS (DELETE FROM jobs j USING t WHERE j.id = t.id AND j.state = 1 AND j.lease_token = t.token
+                       RETURNING j.id, j.queue, j.kind, j.payload, j.priority, j.attempts, j.max_attempts, j.tags, j.batch_id,
+                                 j.created_at, j.reserved_at, j.worker, t.runtime_ms, t.wait_ms)
+                 INSERT INTO completed_jobs (id, queue, kind, payload, priority, attempts, max_attempts, tags, batch_id,
+                                             created_at, reserved_at, finished_at, runtime_ms, wait_ms, worker)
+                 SELECT id, queue, kind, payload, priority, attempts, max_attempts, tags, batch_id,
+                        created_at, coalesce(reserved_at, $5), $5, runtime_ms, wait_ms, worker FROM d
+                 RETURNING id",
+                &[&ids, &tokens, &runtimes, &waits, &now],
+            )?;
+            self.history_inserts += rows.len();
+            rows
+        };
+        let applied: std::collections::HashSet<Vec<u8>> = done.iter().map(|r| r.get::<_, Vec<u8>>(0)).collect();
+        for c in plain {
+            if !applied.contains(&c.id.as_bytes()[..]) {
+                continue;
+            }
+            self.release_unique(c.unique_key.as_deref(), &c.id.as_bytes()[..])?;
+            self.count(&c.queue, RESERVED, -1);
+            self.metrics.record(minute_of(now), &c);
+        }
+        Ok(())
+    }
+
+    /// Applies one completion; returns false when the reservation it names is gone.
+    pub(crate) fn complete_one(&mut self, c: Completion, now: i64) -> Result<bool> {
+        let id = c.id.as_bytes().to_vec();
+        let applied = match &c.outcome {
+            Outcome::Completed => {
+                let done = self.delete_completed(&id, c.lease_token, now, &c)?;
+                if done {
+                    self.release_unique(c.unique_key.as_deref(), &id)?;
+                    self.count(&c.queue, RESERVED, -1);
+                }
+                done
+            }
+            Outcome::Failed { error } => {
+                let runtime = c.runtime_ms as i64;
+                let rows = self.rows(
+                    "WITH d AS (DELETE FROM jobs WHERE id = $1 AND state = 1 AND lease_token = $2 RETURNING *)
+                     INSERT INTO failed_jobs (id, queue, kind, payload, priority, attempts, max_attempts, backoff, timeout_ms,
+                                              unique_key, tags, batch_id, created_at, failed_at, runtime_ms, error, workflow)
+                     SELECT id, queue, kind, payload, priority, attempts, max_attempts, backoff, timeout_ms,
+                            unique_key, tags, batch_id, created_at, $3, $4, $5, workflow FROM d
+                     ON CONFLICT (id) DO UPDATE SET queue = excluded.queue, kind = excluded.kind, payload = excluded.payload,
+                        priority = excluded.priority, attempts = excluded.attempts, max_attempts = excluded.max_attempts,
+                        backoff = excluded.backoff, timeout_ms = excluded.timeout_ms, unique_key = excluded.unique_key,
+                        tags = excluded.tags, batch_id = excluded.batch_id, created_at = excluded.created_at,
+                        failed_at = excluded.failed_at, runtime_ms = excluded.runtime_ms, error = excluded.error,
+                        workflow = excluded.workflow
+                     RETURNING queue, unique_key",
+                    &[&id, &c.lease_token, &now, &runtime, error],
+                )?;
+                if let Some(r) = rows.first() {
+                    let (queue, key): (String, Option<String>) = (r.get(0), r.get(1));
+                    self.release_unique(key.as_deref(), &id)?;
+                    self.count(&queue, RESERVED, -1);
+                    self.count(&queue, FAILED, 1);
+                }
+                !rows.is_empty()
+            }
+            Outcome::Retry { at, error } => self.requeue(&id, c.lease_token, &c.queue, *at, Some(error), 0, now)?,
+            Outcome::Release { at } => self.requeue(&id, c.lease_token, &c.queue, *at, None, 1, now)?,
+        };
+        if applied {
+            if conveyor_core::hooks::wants(&c) {
+                conveyor_core::hooks::after_outcome(self, &c)?;
+            }
+            self.metrics.record(minute_of(now), &c);
+        }
+        Ok(applied)
+    }
+
+    fn delete_completed(&mut self, id: &Vec<u8>, token: i64, now: i64, c: &Completion) -> Result<bool> {
+        if self.history == 0 {
+            return Ok(self.run("DELETE FROM jobs WHERE id = $1 AND state = 1 AND lease_token = $2", &[id, &token])? == 1);
+        }
+        let (runtime, wait) = (c.runtime_ms as i64, c.wait_ms as i64);
+        let n = self.run(
+            "WITH d AS (DELETE FROM jobs WHERE id = $1 AND state = 1 AND lease_token = $2 RETURNING *)
+             INSERT INTO completed_jobs (id, queue, kind, payload, priority, attempts, max_attempts, tags, batch_id,
+                                         created_at, reserved_at, finished_at, runtime_ms, wait_ms, worker)
+             SELECT id, queue, kind, payload, priority, attempts, max_attempts, tags, batch_id,
+                    created_at, coalesce(reserved_at, $3), $3, $4, $5, worker FROM d",
+            &[id, &token, &now, &runtime, &wait],
+        )?;
+        self.history_inserts += n as usize;
+        Ok(n == 1)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn requeue(&mut self, id: &Vec<u8>, token: i64, queue: &str, at: i64, error: Option<&str>, give_back: i64, now: i64) -> Result<bool> {
+        let state = if at > now { DELAYED } else { PENDING };
+        let n = self.run(
+            "UPDATE jobs SET state = $1, available_at = $2, attempts = attempts - $3, last_error = coalesce($4, last_error),
+                             lease_until = NULL, lease_token = NULL, worker = NULL
+             WHERE id = $5 AND state = 1 AND lease_token = $6",
+            &[&(state as i64), &at, &give_back, &error, id, &token],
+        )?;
+        if n == 1 {
+            self.count(queue, RESERVED, -1);
+            self.count(queue, state, 1);
+            if state == PENDING {
+                self.wake = true;
+            }
+        }
+        Ok(n == 1)
+    }
+
+    fn release_unique(&mut self, key: Option<&str>, id: &[u8]) -> Result<()> {
+        if let Some(key) = key {
+            let id = id.to_vec();
+            self.run("DELETE FROM unique_locks WHERE key = $1 AND job_id = $2", &[&key, &id])?;
+        }
+        Ok(())
+    }
+
+    /// Trims the completed-job history to its bound (called after enough inserts).
+    pub(crate) fn trim_history(&mut self) -> Result<()> {
+        let keep = self.history as i64;
+        self.run("DELETE FROM completed_jobs WHERE seq <= (SELECT max(seq) FROM completed_jobs) - $1", &[&keep])?;
+        Ok(())
+    }
+
+    pub(crate) fn extend_leases(&mut self, leases: &[(JobId, i64)], lease_ms: i64) -> Result<()> {
+        let until = now_ms() + lease_ms;
+        let ids: Vec<Vec<u8>> = leases.iter().map(|(id, _)| id.as_bytes().to_vec()).collect();
+        let tokens: Vec<i64> = leases.iter().map(|(_, t)| *t).collect();
+        self.run(
+            "UPDATE jobs j SET lease_until = $1 FROM unnest($2::bytea[], $3::bigint[]) AS t(id, token)
+             WHERE j.id = t.id AND j.state = 1 AND j.lease_token = t.token",
+            &[&until, &ids, &tokens],
+        )?;
+        Ok(())
+    }
+
+    /// Returns expired reservations to the queue (or the failed store) through the outcome path.
+    pub(crate) fn reap_expired(&mut self) -> Result<u64> {
+        let now = now_ms();
+        let rows = self.rows(
+            "SELECT id, attempts, max_attempts, queue, lease_token, kind, unique_key, batch_id, workflow, available_at, reserved_at
+             FROM jobs WHERE state = 1 AND lease_until < $1 ORDER BY lease_until LIMIT 1000 FOR UPDATE SKIP LOCKED",
+            &[&now],
+        )?;
+        let expired: Vec<Completion> = rows
+            .iter()
+            .map(|r| {
+                let (attempts, max_attempts): (i64, i64) = (r.get(1), r.get(2));
+                let error = format!("lease expired: the worker running attempt {attempts} stopped responding");
+                let outcome = if attempts >= max_attempts { Outcome::Failed { error } } else { Outcome::Retry { at: now, error } };
+                let (available_at, reserved_at): (i64, Option<i64>) = (r.get(9), r.get(10));
+                Completion {
+                    id: JobId::from_slice(&r.get::<_, Vec<u8>>(0)).unwrap_or_default(),
+                    lease_token: r.get(4),
+                    queue: r.get(3),
+                    kind: r.get(5),
+                    unique_key: r.get(6),
+                    batch_id: r.get(7),
+                    workflow: r.get(8),
+                    outcome,
+                    wait_ms: reserved_at.map_or(0, |t| (t - available_at).max(0) as u64),
+                    runtime_ms: reserved_at.map_or(0, |t| (now - t).max(0) as u64),
+                }
+            })
+            .collect();
+        let n = expired.len() as u64;
+        for c in expired {
+            self.complete_one(c, now)?;
+        }
+        Ok(n)
+    }
+
+    pub(crate) fn set_paused(&mut self, queue: &str, paused: bool) -> Result<()> {
+        let p = paused as i64;
+        self.run(
+            "INSERT INTO queues (name, paused) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET paused = excluded.paused",
+            &[&queue, &p],
+        )?;
+        if !paused {
+            self.wake = true;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn clear_chunk(&mut self, queue: &str, limit: i64) -> Result<u64> {
+        let rows = self.rows(
+            "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE queue = $1 AND state IN (0, 2) LIMIT $2 FOR UPDATE SKIP LOCKED)
+             RETURNING state, unique_key, id",
+            &[&queue, &limit],
+        )?;
+        for r in &rows {
+            let (state, key, id): (i64, Option<String>, Vec<u8>) = (r.get(0), r.get(1), r.get(2));
+            self.count(queue, state as usize, -1);
+            self.release_unique(key.as_deref(), &id)?;
+        }
+        Ok(rows.len() as u64)
+    }
+
+    pub(crate) fn retry_failed(&mut self, ids: &[Vec<u8>]) -> Result<Vec<JobId>> {
+        let now = now_ms();
+        let mut retried = Vec::new();
+        for id in ids {
+            let rows = self.rows(
+                "WITH f AS (DELETE FROM failed_jobs WHERE id = $1 RETURNING *)
+                 INSERT INTO jobs (id, queue, kind, payload, state, priority, attempts, max_attempts, backoff, timeout_ms,
+                                   available_at, created_at, unique_key, tags, batch_id, workflow)
+                 SELECT id, queue, kind, payload, 0, priority, 0, max_attempts, backoff, timeout_ms, $2, created_at,
+                        unique_key, tags, batch_id, workflow FROM f
+                 RETURNING queue, batch_id",
+                &[id, &now],
+            )?;
+            let Some(r) = rows.first() else { continue };
+            let (queue, batch): (String, Option<String>) = (r.get(0), r.get(1));
+            self.count(&queue, FAILED, -1);
+            self.count(&queue, PENDING, 1);
+            self.wake = true;
+            if let Some(batch) = &batch {
+                conveyor_core::hooks::after_failed_retry(self, batch)?;
+            }
+            if let Some(job_id) = JobId::from_slice(id) {
+                retried.push(job_id);
+            }
+        }
+        Ok(retried)
+    }
+
+    pub(crate) fn failed_ids(&mut self, queue: Option<&str>, limit: i64) -> Result<Vec<Vec<u8>>> {
+        Ok(self
+            .rows("SELECT id FROM failed_jobs WHERE ($1::text IS NULL OR queue = $1) ORDER BY failed_at LIMIT $2", &[&queue, &limit])?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    pub(crate) fn forget_failed(&mut self, ids: &[Vec<u8>]) -> Result<u64> {
+        let ids = ids.to_vec();
+        let rows = self.rows("DELETE FROM failed_jobs WHERE id = ANY($1) RETURNING queue", &[&ids])?;
+        for r in &rows {
+            let q: String = r.get(0);
+            self.count(&q, FAILED, -1);
+        }
+        Ok(rows.len() as u64)
+    }
+
+    pub(crate) fn worker_heartbeat(&mut self, id: &str, last_seen: i64, info: &str) -> Result<()> {
+        self.run(
+            "INSERT INTO workers (id, last_seen, info) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET last_seen = excluded.last_seen, info = excluded.info",
+            &[&id, &last_seen, &info],
+        )?;
+        Ok(())
+    }
+
+    pub(crate) fn prune(&mut self, before: i64) -> Result<()> {
+        let now = now_ms();
+        let gone = now - 86_400_000;
+        self.run("DELETE FROM job_metrics WHERE minute < $1", &[&before])?;
+        self.run("DELETE FROM workers WHERE last_seen < $1", &[&gone])?;
+        self.run("DELETE FROM unique_locks WHERE expires_at < $1", &[&now])?;
+        Ok(())
+    }
+}
+
+impl Tx for PgTx<'_, '_> {
+    fn execute(&mut self, sql: &str, values: &[SqlValue]) -> Result<u64> {
+        let p = params(values);
+        self.run(sql, &refs(&p))
+    }
+
+    fn query(&mut self, sql: &str, values: &[SqlValue]) -> Result<Vec<Row>> {
+        let p = params(values);
+        self.rows(sql, &refs(&p))?.iter().map(row).collect()
+    }
+
+    fn execute_script(&mut self, sql: &str) -> Result<()> {
+        self.tx.batch_execute(sql).map_err(pg_err)
+    }
+
+    fn enqueue(&mut self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>> {
+        for job in &jobs {
+            job.validate().map_err(BackendError::Invalid)?;
+        }
+        PgTx::enqueue(self, jobs)
+    }
+
+    fn serialize_migrations(&mut self) -> Result<()> {
+        self.tx.batch_execute(super::schema::LOCK_SQL).map_err(pg_err)
+    }
+}
+
+fn job_from_row(r: &postgres::Row) -> Job {
+    let backoff: Option<String> = r.get(6);
+    let tags: Option<String> = r.get(9);
+    let timeout_ms: Option<i64> = r.get(7);
+    Job {
+        id: JobId::from_slice(&r.get::<_, Vec<u8>>(0)).unwrap_or_default(),
+        queue: r.get(1),
+        kind: r.get(2),
+        payload: r.get(3),
+        attempt: r.get::<_, i64>(4) as u32,
+        max_attempts: r.get::<_, i64>(5) as u32,
+        backoff: backoff.and_then(|b| serde_json::from_str::<Backoff>(&b).ok()),
+        timeout: timeout_ms.map(|ms| std::time::Duration::from_millis(ms.max(0) as u64)),
+        priority: r.get::<_, i64>(8) as i32,
+        tags: tags.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default(),
+        unique_key: r.get(10),
+        batch_id: r.get(11),
+        created_at: r.get(12),
+        available_at: r.get(13),
+        reserved_at: r.get(14),
+        lease_token: r.get(15),
+        workflow: r.get(16),
+    }
+}
