@@ -31,3 +31,47 @@ conformance_suite!(postgres, async {
     let backend = PgBackend::open(PgOptions::new(db.url.clone())).expect("open PostgreSQL");
     Some((Arc::new(backend) as Arc<dyn QueueBackend>, db))
 });
+
+/// The two relational schemas are kept in step: the same tables with the same columns, apart
+/// from what PostgreSQL adds for concurrency (sharded counters and metric rows, its version
+/// table). The engine's tables come from one SQL text; this catches the queue's tables drifting.
+#[cfg(all(feature = "sqlite", feature = "postgres"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_and_postgres_schemas_have_the_same_tables_and_columns() {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use conveyor_backends::postgres::testing::TestDatabase;
+    use conveyor_backends::postgres::{PgBackend, PgOptions};
+    use conveyor_backends::sqlite::{SqliteBackend, SqliteOptions};
+    use conveyor_core::backend::{QueueBackend, RowExt};
+
+    let Some(db) = TestDatabase::create() else { return };
+    let pg = PgBackend::open(PgOptions::new(db.url.clone())).expect("open PostgreSQL");
+    let dir = tempfile::TempDir::new().unwrap();
+    let lite = SqliteBackend::open(SqliteOptions::new(dir.path().join("s.db").to_str().unwrap())).unwrap();
+
+    type Schema = BTreeMap<String, BTreeSet<String>>;
+    let collect = |rows: Vec<Vec<conveyor_core::backend::SqlValue>>| -> Schema {
+        let mut s = Schema::new();
+        for r in rows {
+            s.entry(r.text(0).unwrap().to_string()).or_default().insert(r.text(1).unwrap().to_string());
+        }
+        s
+    };
+    let mut on_pg = collect(
+        pg.query("SELECT table_name::text, column_name::text FROM information_schema.columns WHERE table_schema = 'public'", vec![])
+            .await
+            .unwrap(),
+    );
+    let on_sqlite = collect(
+        lite.query("SELECT m.name, p.name FROM sqlite_master m, pragma_table_info(m.name) p WHERE m.type = 'table'", vec![]).await.unwrap(),
+    );
+    // PostgreSQL's additions, each for concurrency or versioning.
+    on_pg.remove("conveyor_schema");
+    let counts = on_pg.remove("queue_counts").expect("queue_counts on PostgreSQL");
+    assert!(on_pg.get_mut("job_metrics").unwrap().remove("shard"));
+    let mut queues = on_pg.remove("queues").unwrap();
+    queues.extend(counts.into_iter().filter(|c| c != "queue" && c != "shard"));
+    on_pg.insert("queues".into(), queues);
+    assert_eq!(on_pg, on_sqlite, "PostgreSQL's schema (left) and SQLite's (right) differ");
+}

@@ -41,18 +41,22 @@ impl TestDatabase {
     /// Creates `conveyor_test_<random>`; `None` when no server answers outside CI.
     pub fn create() -> Option<TestDatabase> {
         let admin = server_url();
-        let name = format!("conveyor_test_{:016x}", rand::random::<u64>());
-        match with_admin(&admin, |c| c.batch_execute(&format!("CREATE DATABASE {name}"))) {
-            Ok(()) => {
-                let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b).to_string();
-                Some(TestDatabase { url: format!("{base}/{name}"), name, admin })
-            }
+        match TestDatabase::create_on(&admin) {
+            Ok(db) => Some(db),
             Err(e) if std::env::var_os("CI").is_some() => panic!("PostgreSQL at {admin} is required under CI: {e}"),
             Err(e) => {
                 eprintln!("skipping: PostgreSQL at {admin} is not reachable ({e})");
                 None
             }
         }
+    }
+
+    /// Creates a database on the server `admin` names (an existing database to connect to).
+    pub fn create_on(admin: &str) -> Result<TestDatabase, String> {
+        let name = format!("conveyor_test_{:016x}", rand::random::<u64>());
+        with_admin(admin, |c| c.batch_execute(&format!("CREATE DATABASE {name}")))?;
+        let base = admin.rsplit_once('/').map_or(admin, |(b, _)| b).to_string();
+        Ok(TestDatabase { url: format!("{base}/{name}"), name, admin: admin.to_string() })
     }
 }
 
@@ -62,5 +66,127 @@ impl Drop for TestDatabase {
         if let Err(e) = with_admin(&self.admin, move |c| c.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))) {
             eprintln!("could not drop test database {}: {e}", self.name);
         }
+    }
+}
+
+/// A PostgreSQL server of a test's own (for fault tests that stop it): a fresh cluster in a
+/// temporary directory on a free port, run as the `postgres` user (PostgreSQL refuses root).
+pub struct TestServer {
+    pub port: u16,
+    dir: std::path::PathBuf,
+    bin: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl TestServer {
+    /// `None` (with the reason printed) when PostgreSQL's binaries or the `postgres` user are
+    /// missing, outside CI; a failure under CI.
+    pub fn start() -> Option<TestServer> {
+        match TestServer::try_start() {
+            Ok(s) => Some(s),
+            Err(e) if std::env::var_os("CI").is_some() => panic!("cannot start a PostgreSQL server of the test's own: {e}"),
+            Err(e) => {
+                eprintln!("skipping: cannot start a PostgreSQL server of the test's own ({e})");
+                None
+            }
+        }
+    }
+
+    fn try_start() -> Result<TestServer, String> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .map_err(|e| format!("/usr/lib/postgresql: {e}"))?
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .find(|b| b.join("initdb").exists())
+            .ok_or("no initdb under /usr/lib/postgresql/*/bin")?;
+        let dir = std::env::temp_dir().join(format!("conveyor-pg-{:016x}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let status = std::process::Command::new("chown")
+            .args(["postgres:postgres", &dir.to_string_lossy()])
+            .status()
+            .map_err(|e| format!("chown: {e}"))?;
+        if !status.success() {
+            return Err("chown of the data directory to postgres failed".into());
+        }
+        let out = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(bin.join("initdb"))
+            .args(["-A", "trust", "-U", "postgres", "-D"])
+            .arg(dir.join("data"))
+            .output()
+            .map_err(|e| format!("initdb: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
+        let mut server = TestServer { port, dir, bin, child: None };
+        server.run()?;
+        Ok(server)
+    }
+
+    /// `postgres://postgres@127.0.0.1:PORT/postgres`.
+    pub fn admin_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn run(&mut self) -> Result<(), String> {
+        let child = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("postgres"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-p", &self.port.to_string(), "-h", "127.0.0.1", "-k"])
+            .arg(&self.dir)
+            .args(["-c", "fsync=on", "-c", "max_connections=200"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("postgres: {e}"))?;
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while with_admin(&self.admin_url(), |c| c.batch_execute("SELECT 1")).is_err() {
+            if std::time::Instant::now() > deadline {
+                return Err("the server did not accept connections within 30 s".into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// Stops the server (a fast shutdown: clients are disconnected, committed work is kept).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // runuser passes SIGINT on to postgres: a fast shutdown.
+            // SAFETY: kill(2) on a child we spawned and have not reaped.
+            let pids = std::process::Command::new("pgrep").args(["-P", &child.id().to_string()]).output().ok();
+            let mut targets = vec![child.id()];
+            if let Some(out) = pids {
+                targets.extend(String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            }
+            for pid in targets {
+                let _ = std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status();
+            }
+            let _ = child.wait();
+            // Wait for the postmaster to be gone (its pid file removed).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while self.dir.join("data/postmaster.pid").exists() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// Starts it again on the same port and data.
+    pub fn restart(&mut self) -> Result<(), String> {
+        self.stop();
+        if with_admin(&self.admin_url(), |c| c.batch_execute("SELECT 1")).is_ok() {
+            return Err("the server still answers after being stopped".into());
+        }
+        self.run()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

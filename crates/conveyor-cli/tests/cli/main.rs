@@ -1,10 +1,11 @@
-//! End-to-end tests of the `conveyor` binary: real processes on a real SQLite file, each test
-//! in its own temporary directory.
+//! End-to-end tests of the `conveyor` binary: real processes on a real SQLite file (or a
+//! PostgreSQL database of the test's own), each test in its own temporary directory.
 
 mod browser;
 mod commands;
 mod http;
 mod orders;
+mod postgres;
 mod process;
 mod scheduler;
 
@@ -13,6 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use conveyor_backends::postgres::testing::TestDatabase;
+use conveyor_backends::postgres::{PgBackend, PgOptions};
 use conveyor_backends::sqlite::{SqliteBackend, SqliteOptions};
 use conveyor_core::backend::QueueStats;
 use conveyor_core::QueueBackend;
@@ -21,6 +24,8 @@ use conveyor_core::QueueBackend;
 pub(crate) struct TestEnv {
     pub(crate) dir: tempfile::TempDir,
     pub(crate) backend: Arc<dyn QueueBackend>,
+    url: String,
+    _db: Option<TestDatabase>,
 }
 
 impl TestEnv {
@@ -30,11 +35,26 @@ impl TestEnv {
         let mut opts = SqliteOptions::new(dir.path().join("conveyor.db").to_string_lossy().to_string());
         opts.completed_history = 100_000;
         let backend: Arc<dyn QueueBackend> = Arc::new(SqliteBackend::open(opts).expect("opening the test database"));
-        TestEnv { dir, backend }
+        let url = format!("sqlite://{}", dir.path().join("conveyor.db").display());
+        TestEnv { dir, backend, url, _db: None }
+    }
+
+    /// The same on a fresh PostgreSQL database at `url` (`None`: no server, outside CI).
+    pub(crate) fn postgres(config_toml: &str, db: Option<TestDatabase>) -> Option<TestEnv> {
+        let db = match db {
+            Some(db) => db,
+            None => TestDatabase::create()?,
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("conveyor.toml"), config_toml).expect("writing conveyor.toml");
+        let mut opts = PgOptions::new(db.url.clone());
+        opts.completed_history = 100_000;
+        let backend: Arc<dyn QueueBackend> = Arc::new(PgBackend::open(opts).expect("opening the test database"));
+        Some(TestEnv { dir, backend, url: db.url.clone(), _db: Some(db) })
     }
 
     pub(crate) fn db_url(&self) -> String {
-        format!("sqlite://{}", self.dir.path().join("conveyor.db").display())
+        self.url.clone()
     }
 
     /// `conveyor ARGS` in this environment (its own database, config and working directory).
