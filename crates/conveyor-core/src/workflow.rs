@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::backend::{BackendError, QueueBackend, QueueBackendExt, Result, Row, RowExt, Tx};
+use crate::backend::{insert_many, BackendError, QueueBackend, QueueBackendExt, Result, Row, RowExt, Tx};
 use crate::clock::now_ms;
 use crate::job::{Completion, JobId, NewJob, Outcome};
 use crate::Conveyor;
@@ -173,28 +173,66 @@ impl Workflow {
 
     /// The same inside the caller's transaction (e.g. with the rows the workflow works on).
     pub fn start_in(self, tx: &mut dyn Tx) -> Result<String> {
-        let stored = self.stored()?;
-        let id = self.id.unwrap_or_else(|| JobId::new().to_string());
-        let now = now_ms();
-        tx.execute(
-            "INSERT INTO workflow_plans (id, plan, created_at) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
-            &[stored.id.clone().into(), stored.json.clone().into(), now.into()],
-        )?;
-        tx.execute(
-            "INSERT INTO workflows (id, name, status, steps, plan_id, input, created_at) VALUES ($1, $2, 'running', $3, $4, $5, $6)",
-            &[
-                id.clone().into(),
-                self.name.into(),
-                (self.plan.steps.len() as i64).into(),
-                stored.id.clone().into(),
-                self.input.clone().into(),
-                now.into(),
-            ],
-        )?;
-        let first = &self.plan.steps[0];
-        enqueue_row(tx, &id, self.input.as_deref(), 0, &first.name, "step", 0, &first.job)?;
-        Ok(id)
+        Ok(Workflow::start_many_in(tx, vec![self])?.remove(0))
     }
+
+    /// Starts many workflows inside the caller's transaction with one statement per table (an
+    /// import starting one per order); returns their ids in order.
+    pub fn start_many_in(tx: &mut dyn Tx, workflows: Vec<Workflow>) -> Result<Vec<String>> {
+        let now = now_ms();
+        let mut plans: Vec<Arc<Stored>> = Vec::new();
+        let (mut rows, mut steps, mut jobs, mut ids) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for w in workflows {
+            let stored = w.stored()?;
+            if !plans.iter().any(|p| p.id == stored.id) {
+                plans.push(stored.clone());
+            }
+            let id = w.id.unwrap_or_else(|| JobId::new().to_string());
+            let first = &w.plan.steps[0];
+            let job = step_job(&id, w.input.as_deref(), 0, &first.job);
+            steps.push(vec![
+                id.clone().into(),
+                0.into(),
+                first.name.clone().into(),
+                "step".into(),
+                0.into(),
+                "queued".into(),
+                job.id.to_string().into(),
+            ]);
+            jobs.push(job);
+            rows.push(vec![
+                id.clone().into(),
+                w.name.into(),
+                "running".into(),
+                (w.plan.steps.len() as i64).into(),
+                stored.id.clone().into(),
+                w.input.into(),
+                now.into(),
+            ]);
+            ids.push(id);
+        }
+        for p in plans {
+            tx.execute(
+                "INSERT INTO workflow_plans (id, plan, created_at) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
+                &[p.id.clone().into(), p.json.clone().into(), now.into()],
+            )?;
+        }
+        insert_many(tx, "INSERT INTO workflows (id, name, status, steps, plan_id, input, created_at)", rows, "")?;
+        insert_many(tx, "INSERT INTO workflow_steps (workflow_id, seq, name, role, step, status, job_id)", steps, "")?;
+        tx.enqueue(jobs)?;
+        Ok(ids)
+    }
+}
+
+/// The job of timeline row `seq` of workflow `wf`, from its template.
+fn step_job(wf: &str, input: Option<&str>, seq: i64, template: &NewJob) -> NewJob {
+    let mut job = template.clone();
+    job.id = JobId::new();
+    job.workflow = Some(format!("{wf}:{seq}"));
+    if let Some(input) = input {
+        job.payload = input.to_string();
+    }
+    job.tag(format!("workflow:{wf}"))
 }
 
 /// Plans by id, parsed once per process (a plan never changes under its id).
@@ -243,14 +281,9 @@ fn load(tx: &mut dyn Tx, wf: &str) -> Result<Option<Instance>> {
 /// Enqueues `job` as timeline row `seq` of workflow `wf` and records the row as queued.
 #[allow(clippy::too_many_arguments)]
 fn enqueue_row(tx: &mut dyn Tx, wf: &str, input: Option<&str>, seq: i64, name: &str, role: &str, step: i64, job: &NewJob) -> Result<()> {
-    let mut job = job.clone();
-    job.id = JobId::new();
-    job.workflow = Some(format!("{wf}:{seq}"));
-    if let Some(input) = input {
-        job.payload = input.to_string();
-    }
+    let job = step_job(wf, input, seq, job);
     let job_id = job.id.to_string();
-    tx.enqueue(vec![job.tag(format!("workflow:{wf}"))])?;
+    tx.enqueue(vec![job])?;
     tx.execute(
         "INSERT INTO workflow_steps (workflow_id, seq, name, role, step, status, job_id) VALUES ($1, $2, $3, $4, $5, 'queued', $6)",
         &[wf.into(), seq.into(), name.into(), role.into(), step.into(), job_id.into()],

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use conveyor_core::backend::{BackendError, QueueBackendExt, RowExt, Tx};
+use conveyor_core::backend::{insert_many, BackendError, QueueBackendExt, RowExt, SqlValue, Tx};
 use conveyor_core::clock::now_ms;
 use conveyor_core::Conveyor;
 
@@ -445,47 +445,73 @@ fn order_total(o: &ParsedOrder) -> i64 {
 /// lines of orders whose id this same run stored before — lines that were not contiguous).
 fn store_orders(tx: &mut dyn Tx, orders: Vec<ParsedOrder>, run: i64) -> Result<(u64, u64, Vec<Rejected>), BackendError> {
     let now = run;
-    let (mut stored, mut duplicates, mut split) = (0, 0, Vec::new());
-    for o in orders {
-        let total = order_total(&o);
-        let n = tx.execute(
-            "INSERT INTO orders (id, customer_id, status, total_cents, order_date, order_day, workflow_id, created_at)
-             VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
-            &[
+    let (mut duplicates, mut split) = (0, Vec::new());
+    // One multi-row statement per table: an import batch is a handful of round trips.
+    let rows: Vec<Vec<SqlValue>> = orders
+        .iter()
+        .map(|o| {
+            vec![
                 o.id.clone().into(),
                 o.customer_id.into(),
-                total.into(),
-                o.order_date.into(),
-                o.order_day.into(),
+                "pending".into(),
+                order_total(o).into(),
+                o.order_date.clone().into(),
+                o.order_day.clone().into(),
                 workflow::workflow_id(&o.id).into(),
                 now.into(),
-            ],
-        )?;
-        if n == 0 {
-            let same_run = tx.query("SELECT 1 FROM orders WHERE id = $1 AND created_at = $2", &[o.id.clone().into(), run.into()])?;
-            if same_run.is_empty() {
-                duplicates += 1;
-            } else {
-                for l in &o.line_numbers {
-                    split.push(Rejected {
-                        line: *l,
-                        reason: format!("order_id: lines of order {} are not contiguous (it was stored from earlier lines)", o.id),
-                    });
-                }
+            ]
+        })
+        .collect();
+    let mut inserted: HashSet<String> = insert_many(
+        tx,
+        "INSERT INTO orders (id, customer_id, status, total_cents, order_date, order_day, workflow_id, created_at)",
+        rows,
+        "ON CONFLICT (id) DO NOTHING RETURNING id",
+    )?
+    .iter()
+    .filter_map(|r| r.text(0).map(str::to_string))
+    .collect();
+    // An id twice in one batch (a split order) was inserted for its first lines only.
+    let (stored, refused): (Vec<ParsedOrder>, Vec<ParsedOrder>) = orders.into_iter().partition(|o| inserted.remove(&o.id));
+    for o in refused {
+        // Already stored: by an earlier import (a duplicate) or earlier in this file (split).
+        let same_run = tx.query("SELECT 1 FROM orders WHERE id = $1 AND created_at = $2", &[o.id.clone().into(), run.into()])?;
+        if same_run.is_empty() {
+            duplicates += 1;
+        } else {
+            for l in &o.line_numbers {
+                split.push(Rejected {
+                    line: *l,
+                    reason: format!("order_id: lines of order {} are not contiguous (it was stored from earlier lines)", o.id),
+                });
             }
-            continue;
         }
-        super::upsert_customer(tx, o.customer_id, &o.customer_name, &o.customer_email)?;
-        for (i, l) in o.lines.iter().enumerate() {
-            tx.execute(
-                "INSERT INTO order_items (order_id, line, sku, quantity, unit_price_cents) VALUES ($1, $2, $3, $4, $5)",
-                &[o.id.clone().into(), (i as i64 + 1).into(), l.sku.clone().into(), l.quantity.into(), l.unit_price.into()],
-            )?;
-        }
-        workflow::start_in(tx, &o.id)?;
-        stored += 1;
     }
-    Ok((stored, duplicates, split))
+    // A customer once per statement (the last line's name and email win).
+    let mut customers: HashMap<i64, (String, String)> = HashMap::new();
+    for o in &stored {
+        customers.insert(o.customer_id, (o.customer_name.clone(), o.customer_email.clone()));
+    }
+    let mut customers: Vec<(i64, (String, String))> = customers.into_iter().collect();
+    customers.sort_by_key(|c| c.0);
+    insert_many(
+        tx,
+        "INSERT INTO customers (id, name, email)",
+        customers.into_iter().map(|(id, (name, email))| vec![id.into(), name.into(), email.into()]).collect(),
+        "ON CONFLICT (id) DO UPDATE SET name = excluded.name, email = excluded.email",
+    )?;
+    let items: Vec<Vec<SqlValue>> = stored
+        .iter()
+        .flat_map(|o| {
+            o.lines.iter().enumerate().map(|(i, l)| {
+                vec![o.id.clone().into(), (i as i64 + 1).into(), l.sku.clone().into(), l.quantity.into(), l.unit_price.into()]
+            })
+        })
+        .collect();
+    insert_many(tx, "INSERT INTO order_items (order_id, line, sku, quantity, unit_price_cents)", items, "")?;
+    let ids: Vec<&str> = stored.iter().map(|o| o.id.as_str()).collect();
+    workflow::start_many_in(tx, &ids)?;
+    Ok((stored.len() as u64, duplicates, split))
 }
 
 /// Creates or updates products from CSV `sku,name,price,stock` (stock sets what can be sold).

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use conveyor_core::backend::{BackendError, QueueBackendExt, RowExt, Tx};
+use conveyor_core::backend::{insert_many, BackendError, QueueBackendExt, RowExt, Tx};
 use conveyor_core::cache::{forget_prefix_in, incr_in};
 use conveyor_core::clock::now_ms;
 use conveyor_core::workflow::Workflow;
@@ -52,9 +52,18 @@ fn definition() -> &'static Workflow {
     })
 }
 
+fn instance(order_id: &str) -> Workflow {
+    definition().clone().id(workflow_id(order_id)).input(&OrderRef { order_id: order_id.to_string() })
+}
+
 /// Starts an order's workflow inside the transaction that stores the order.
 pub(crate) fn start_in(tx: &mut dyn Tx, order_id: &str) -> Result<String, BackendError> {
-    definition().clone().id(workflow_id(order_id)).input(&OrderRef { order_id: order_id.to_string() }).start_in(tx)
+    instance(order_id).start_in(tx)
+}
+
+/// The same for many orders at once (an import batch).
+pub(crate) fn start_many_in(tx: &mut dyn Tx, order_ids: &[&str]) -> Result<Vec<String>, BackendError> {
+    Workflow::start_many_in(tx, order_ids.iter().map(|id| instance(id)).collect())
 }
 
 pub(crate) fn register(registry: &mut Registry, gateway: Arc<dyn PaymentGateway>) {
@@ -93,6 +102,11 @@ fn reserve(tx: &mut dyn Tx, order_id: &str) -> Result<(), BackendError> {
         return Ok(());
     }
     let items = tx.query("SELECT sku, sum(quantity) FROM order_items WHERE order_id = $1 GROUP BY sku ORDER BY sku", &[order_id.into()])?;
+    tx.execute("UPDATE orders SET status = 'processing' WHERE id = $1 AND status = 'pending'", &[order_id.into()])?;
+    let rows = items.iter().map(|it| vec![order_id.into(), it[0].clone(), it.int(1).into(), "reserved".into(), now.into()]).collect();
+    insert_many(tx, "INSERT INTO stock_reservations (order_id, sku, quantity, status, updated_at)", rows, "")?;
+    // The products last, by SKU: concurrent orders hold these shared rows briefly and in one
+    // order (no deadlocks).
     for it in &items {
         let (sku, qty) = (it.text(0).unwrap_or_default().to_string(), it.int(1));
         let taken = tx.execute(
@@ -103,12 +117,7 @@ fn reserve(tx: &mut dyn Tx, order_id: &str) -> Result<(), BackendError> {
             // The whole step rolls back: nothing stays reserved for this order.
             return Err(BackendError::Invalid(format!("insufficient stock for {sku} (wanted {qty})")));
         }
-        tx.execute(
-            "INSERT INTO stock_reservations (order_id, sku, quantity, status, updated_at) VALUES ($1, $2, $3, 'reserved', $4)",
-            &[order_id.into(), sku.into(), qty.into(), now.into()],
-        )?;
     }
-    tx.execute("UPDATE orders SET status = 'processing' WHERE id = $1 AND status = 'pending'", &[order_id.into()])?;
     Ok(())
 }
 
@@ -148,26 +157,31 @@ fn finalize(tx: &mut dyn Tx, order_id: &str) -> Result<(), BackendError> {
     let order = tx.query("SELECT customer_id, total_cents FROM orders WHERE id = $1 AND status = 'processing'", &[order_id.into()])?;
     let Some(order) = order.first() else { return Ok(()) };
     let (customer, total) = (order.int(0).to_string(), order.int(1));
-    let held = tx.query("SELECT sku, quantity FROM stock_reservations WHERE order_id = $1 AND status = 'reserved'", &[order_id.into()])?;
+    let held = tx.query(
+        "SELECT sku, quantity FROM stock_reservations WHERE order_id = $1 AND status = 'reserved' ORDER BY sku",
+        &[order_id.into()],
+    )?;
+    tx.execute(
+        "UPDATE stock_reservations SET status = 'committed', updated_at = $2 WHERE order_id = $1 AND status = 'reserved'",
+        &[order_id.into(), now.into()],
+    )?;
+    tx.execute("UPDATE orders SET status = 'completed', settled_at = $2 WHERE id = $1", &[order_id.into(), now.into()])?;
+    let items = tx.query(
+        "SELECT sku, sum(quantity), sum(quantity * unit_price_cents) FROM order_items WHERE order_id = $1 GROUP BY sku ORDER BY sku",
+        &[order_id.into()],
+    )?;
+    // Rows many orders share (a product's stock, its leaderboard entries) come last and in one
+    // order (by SKU), so concurrent orders hold them briefly and never deadlock.
     for r in &held {
         let (sku, qty) = (r.text(0).unwrap_or_default().to_string(), r.int(1));
-        tx.execute(
-            "UPDATE products SET reserved = reserved - $2, updated_at = $3 WHERE sku = $1",
-            &[sku.clone().into(), qty.into(), now.into()],
-        )?;
-        tx.execute(
-            "UPDATE stock_reservations SET status = 'committed', updated_at = $3 WHERE order_id = $1 AND sku = $2",
-            &[order_id.into(), sku.into(), now.into()],
-        )?;
+        tx.execute("UPDATE products SET reserved = reserved - $2, updated_at = $3 WHERE sku = $1", &[sku.into(), qty.into(), now.into()])?;
     }
-    tx.execute("UPDATE orders SET status = 'completed', settled_at = $2 WHERE id = $1", &[order_id.into(), now.into()])?;
     incr_in(tx, leaderboard::CUSTOMERS_SPENT, &customer, total as f64)?;
     incr_in(tx, leaderboard::CUSTOMERS_ORDERS, &customer, 1.0)?;
-    let items = tx.query("SELECT sku, quantity, unit_price_cents FROM order_items WHERE order_id = $1", &[order_id.into()])?;
     for it in &items {
         let sku = it.text(0).unwrap_or_default().to_string();
         incr_in(tx, leaderboard::PRODUCTS_UNITS, &sku, it.int(1) as f64)?;
-        incr_in(tx, leaderboard::PRODUCTS_REVENUE, &sku, (it.int(1) * it.int(2)) as f64)?;
+        incr_in(tx, leaderboard::PRODUCTS_REVENUE, &sku, it.int(2) as f64)?;
     }
     forget_prefix_in(tx, KPI_CACHE_PREFIX)?;
     Ok(())
@@ -184,19 +198,14 @@ async fn rollback(gateway: Arc<dyn PaymentGateway>, o: OrderRef, ctx: JobContext
     settle(
         ctx.complete_with(move |tx| {
             let now = now_ms();
-            let held = tx
-                .query("SELECT sku, quantity FROM stock_reservations WHERE order_id = $1 AND status = 'reserved'", &[id.as_str().into()])?;
-            for r in &held {
-                let (sku, qty) = (r.text(0).unwrap_or_default().to_string(), r.int(1));
-                tx.execute(
-                    "UPDATE products SET stock = stock + $2, reserved = reserved - $2, updated_at = $3 WHERE sku = $1",
-                    &[sku.clone().into(), qty.into(), now.into()],
-                )?;
-                tx.execute(
-                    "UPDATE stock_reservations SET status = 'released', updated_at = $3 WHERE order_id = $1 AND sku = $2",
-                    &[id.as_str().into(), sku.into(), now.into()],
-                )?;
-            }
+            let held = tx.query(
+                "SELECT sku, quantity FROM stock_reservations WHERE order_id = $1 AND status = 'reserved' ORDER BY sku",
+                &[id.as_str().into()],
+            )?;
+            tx.execute(
+                "UPDATE stock_reservations SET status = 'released', updated_at = $2 WHERE order_id = $1 AND status = 'reserved'",
+                &[id.as_str().into(), now.into()],
+            )?;
             if let Some((amount, reference)) = &charge {
                 // Both events: the charge (its row may be missing, see above) and the refund.
                 record_payment(tx, &id, "charged", *amount, reference)?;
@@ -206,6 +215,14 @@ async fn rollback(gateway: Arc<dyn PaymentGateway>, o: OrderRef, ctx: JobContext
                 "UPDATE orders SET status = 'failed', settled_at = $2 WHERE id = $1 AND status IN ('pending', 'processing')",
                 &[id.as_str().into(), now.into()],
             )?;
+            // The shared rows last, by SKU (see `reserve`).
+            for r in &held {
+                let (sku, qty) = (r.text(0).unwrap_or_default().to_string(), r.int(1));
+                tx.execute(
+                    "UPDATE products SET stock = stock + $2, reserved = reserved - $2, updated_at = $3 WHERE sku = $1",
+                    &[sku.into(), qty.into(), now.into()],
+                )?;
+            }
             forget_prefix_in(tx, KPI_CACHE_PREFIX)?;
             Ok(())
         })

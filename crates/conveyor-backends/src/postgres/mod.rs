@@ -14,7 +14,7 @@ mod tx;
 mod value;
 
 use std::any::Any;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,6 +58,7 @@ pub struct PgBackend {
     wakeup: Arc<Wakeup>,
     history: usize,
     history_inserts: Arc<AtomicUsize>,
+    last_notify: Arc<AtomicI64>,
     stop: Arc<AtomicBool>,
 }
 
@@ -86,7 +87,14 @@ impl PgBackend {
         let wakeup = Arc::new(Wakeup::default());
         let stop = Arc::new(AtomicBool::new(false));
         listen(pool.clone(), wakeup.clone(), stop.clone());
-        Ok(PgBackend { pool, wakeup, history: options.completed_history, history_inserts: Arc::default(), stop })
+        Ok(PgBackend {
+            pool,
+            wakeup,
+            history: options.completed_history,
+            history_inserts: Arc::default(),
+            last_notify: Arc::default(),
+            stop,
+        })
     }
 
     pub fn schema_version() -> u32 {
@@ -99,7 +107,8 @@ impl PgBackend {
         R: Send + 'static,
         F: FnOnce(&mut PgTx<'_, '_>) -> Result<R> + Send + 'static,
     {
-        let (history, inserts, wakeup) = (self.history, self.history_inserts.clone(), self.wakeup.clone());
+        let (history, inserts, wakeup, last_notify) =
+            (self.history, self.history_inserts.clone(), self.wakeup.clone(), self.last_notify.clone());
         self.pool
             .with(move |c| {
                 let shard = c.shard;
@@ -110,7 +119,7 @@ impl PgBackend {
                     inserts.store(0, Ordering::Relaxed);
                     t.trim_history()?;
                 }
-                if t.commit()? {
+                if t.commit(&last_notify)? {
                     wakeup.wake();
                 }
                 Ok(out)
@@ -209,6 +218,7 @@ impl QueueBackend for PgBackend {
             if !t.complete_one(completion, now_ms())? {
                 return Err(BackendError::LeaseLost(id));
             }
+            t.flush()?;
             work(t)
         })
         .await

@@ -29,6 +29,9 @@ impl Conn {
             Some(st) => st.clone(),
             None => {
                 let st = self.client.prepare(sql).map_err(pg_err)?;
+                if sql.len() > super::tx::ONE_OFF {
+                    return self.client.query(&st, p).map_err(pg_err);
+                }
                 if self.stmts.len() >= 512 {
                     self.stmts.clear();
                 }

@@ -4,6 +4,7 @@
 //! into this connection's shard, just before the commit.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use postgres::types::ToSql;
 use postgres::{Statement, Transaction};
@@ -19,6 +20,12 @@ pub(crate) const PENDING: usize = 0;
 pub(crate) const RESERVED: usize = 1;
 pub(crate) const DELAYED: usize = 2;
 pub(crate) const FAILED: usize = 3;
+
+/// The shortest interval between two `NOTIFY`s of one process.
+const NOTIFY_EVERY_MS: i64 = 20;
+
+/// SQL longer than this is not kept in the statement cache.
+pub(crate) const ONE_OFF: usize = 4096;
 
 /// Prepared statements of one connection, by SQL text.
 pub(crate) type Statements = HashMap<String, Statement>;
@@ -51,6 +58,10 @@ impl<'c, 't> PgTx<'c, 't> {
             return Ok(st.clone());
         }
         let st = self.tx.prepare(sql).map_err(pg_err)?;
+        if sql.len() > ONE_OFF {
+            // Generated multi-row statements rarely repeat: prepared for this use only.
+            return Ok(st);
+        }
         if self.stmts.len() >= 512 {
             self.stmts.clear();
         }
@@ -79,8 +90,27 @@ impl<'c, 't> PgTx<'c, 't> {
         }
     }
 
-    /// Writes the deltas, notifies listeners if ready work was added, and commits.
-    pub(crate) fn commit(mut self) -> Result<bool> {
+    /// Writes the deltas, notifies other processes if ready work was added (at most once per
+    /// `NOTIFY_EVERY_MS` per process: PostgreSQL serializes the commits of notifying
+    /// transactions, and the workers of other processes poll anyway), and commits.
+    pub(crate) fn commit(mut self, last_notify: &AtomicI64) -> Result<bool> {
+        self.flush()?;
+        if self.wake {
+            let now = now_ms();
+            let last = last_notify.load(Ordering::Relaxed);
+            if now - last >= NOTIFY_EVERY_MS && last_notify.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+                self.run("NOTIFY conveyor_jobs", &[])?;
+            }
+        }
+        let wake = self.wake;
+        self.tx.commit().map_err(pg_err)?;
+        Ok(wake)
+    }
+
+    /// Writes the counter and metric deltas gathered so far. Called before an application's
+    /// work in `complete_with` too, so its row locks (often hot rows, like a product's stock)
+    /// are held for as short a time as possible.
+    pub(crate) fn flush(&mut self) -> Result<()> {
         let counts = std::mem::take(&mut self.counts);
         for (q, d) in counts {
             if d.iter().all(|v| *v == 0) {
@@ -131,12 +161,7 @@ impl<'c, 't> PgTx<'c, 't> {
                 self.run(&sql, &p)?;
             }
         }
-        if self.wake {
-            self.run("NOTIFY conveyor_jobs", &[])?;
-        }
-        let wake = self.wake;
-        self.tx.commit().map_err(pg_err)?;
-        Ok(wake)
+        Ok(())
     }
 
     // --- queue operations ---------------------------------------------------------------------

@@ -28,13 +28,21 @@ impl rusqlite::ToSql for Param<'_> {
 
 impl Tx for SqliteTx<'_> {
     fn execute(&mut self, sql: &str, params: &[SqlValue]) -> Result<u64> {
+        let p: Vec<Param<'_>> = params.iter().map(Param).collect();
+        if sql.len() > ONE_OFF {
+            let mut st = self.ctx.conn.prepare(&translate_placeholders(sql)).map_err(storage_err)?;
+            return st.execute(rusqlite::params_from_iter(p.iter())).map(|n| n as u64).map_err(storage_err);
+        }
         let sql = translated(&mut self.ctx.translated, sql);
         let mut st = self.ctx.conn.prepare_cached(sql).map_err(storage_err)?;
-        let p: Vec<Param<'_>> = params.iter().map(Param).collect();
         st.execute(rusqlite::params_from_iter(p.iter())).map(|n| n as u64).map_err(storage_err)
     }
 
     fn query(&mut self, sql: &str, params: &[SqlValue]) -> Result<Vec<Row>> {
+        if sql.len() > ONE_OFF {
+            let mut st = self.ctx.conn.prepare(&translate_placeholders(sql)).map_err(storage_err)?;
+            return rows_of(&mut st, params);
+        }
         let sql = translated(&mut self.ctx.translated, sql).to_string();
         query_translated(&self.ctx.conn, &sql, params)
     }
@@ -69,6 +77,14 @@ pub(crate) fn query(conn: &rusqlite::Connection, sql: &str, params: &[SqlValue])
 
 fn query_translated(conn: &rusqlite::Connection, sql: &str, params: &[SqlValue]) -> Result<Vec<Row>> {
     let mut st = conn.prepare_cached(sql).map_err(storage_err)?;
+    rows_of(&mut st, params)
+}
+
+/// SQL longer than this (generated multi-row statements) is prepared for one use, not cached:
+/// such texts rarely repeat and would push the hot statements out of the cache.
+const ONE_OFF: usize = 4096;
+
+fn rows_of(st: &mut rusqlite::Statement<'_>, params: &[SqlValue]) -> Result<Vec<Row>> {
     let cols = st.column_count();
     let p: Vec<Param<'_>> = params.iter().map(Param).collect();
     let rows = st

@@ -100,6 +100,7 @@ macro_rules! conformance_suite {
                 transactional_enqueue_commits_or_rolls_back_with_the_sql,
                 transactional_completion_is_atomic,
                 panicking_transaction_closure_leaves_backend_usable,
+                insert_many_inserts_every_row_in_chunks_and_returns_them,
                 // worker runtime
                 runtime_runs_every_job_exactly_once,
                 runtime_retries_panics_timeouts_and_errors_then_fails,
