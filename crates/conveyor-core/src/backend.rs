@@ -338,6 +338,11 @@ impl RowExt for Row {
 /// SQL work inside a store transaction. It is synchronous on purpose: a transaction is never
 /// held open across an `.await` (on SQLite the closure runs on the writer thread, inside a
 /// group commit). Parameters are written `$1`, `$2`, … on every backend.
+///
+/// A statement that fails must fail the closure (return its error): PostgreSQL aborts the whole
+/// transaction on an error, so a closure that swallows one and returns `Ok` gets the error from
+/// the commit instead, with nothing committed. Use `ON CONFLICT …` rather than "try, then
+/// recover".
 pub trait Tx {
     fn execute(&mut self, sql: &str, params: &[SqlValue]) -> Result<u64>;
     fn query(&mut self, sql: &str, params: &[SqlValue]) -> Result<Vec<Row>>;

@@ -80,6 +80,7 @@ impl Breaker {
     }
 
     fn allow_in(&self, tx: &mut dyn Tx, now: i64) -> Result<Permit> {
+        self.lock(tx, now)?;
         let rows = tx.query("SELECT state, opened_at, probes, changed_at FROM breakers WHERE name = $1", &[self.name.as_str().into()])?;
         let Some(r) = rows.first() else { return Ok(Permit::Allowed) };
         let (state, opened_at, probes, changed_at) = (r.text(0).unwrap_or("closed").to_string(), r.int(1), r.int(2), r.int(3));
@@ -129,6 +130,7 @@ impl Breaker {
             &[name.into(), bucket.into(), (success as i64).into(), (!success as i64).into()],
         )?;
         tx.execute("DELETE FROM breaker_calls WHERE name = $1 AND bucket < $2", &[name.into(), (bucket - 2 * BUCKETS).into()])?;
+        self.lock(tx, now)?;
         let state = tx.query("SELECT state, probe_successes FROM breakers WHERE name = $1", &[name.into()])?;
         let (state, probe_successes) =
             state.first().map_or(("closed".to_string(), 0), |r| (r.text(0).unwrap_or("closed").to_string(), r.int(1)));
@@ -151,6 +153,19 @@ impl Breaker {
             }
             _ => {}
         }
+        Ok(())
+    }
+
+    /// Takes the breaker's row lock (creating the row, closed, if needed) before its state is
+    /// read: concurrent callers then decide one after another on the latest state — one probe,
+    /// one transition — on PostgreSQL as on SQLite. A portable `SELECT … FOR UPDATE`.
+    fn lock(&self, tx: &mut dyn Tx, now: i64) -> Result<()> {
+        tx.execute(
+            "INSERT INTO breakers (name, state, opened_at, probes, probe_successes, changed_at) VALUES ($1, 'closed', NULL, 0, 0, $2)
+             ON CONFLICT (name) DO NOTHING",
+            &[self.name.as_str().into(), now.into()],
+        )?;
+        tx.execute("UPDATE breakers SET name = name WHERE name = $1", &[self.name.as_str().into()])?;
         Ok(())
     }
 

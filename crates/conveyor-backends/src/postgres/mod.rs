@@ -157,7 +157,7 @@ fn listen(pool: Arc<Pool>, wakeup: Arc<Wakeup>, stop: Arc<AtomicBool>) {
             while !stop.load(Ordering::Relaxed) && !client.is_closed() {
                 let mut notes = client.notifications();
                 let mut it = notes.timeout_iter(Duration::from_millis(250));
-                loop {
+                while !stop.load(Ordering::Relaxed) {
                     match it.next() {
                         Ok(Some(_)) => wakeup.wake(),
                         Ok(None) => break,
@@ -218,7 +218,6 @@ impl QueueBackend for PgBackend {
             if !t.complete_one(completion, now_ms())? {
                 return Err(BackendError::LeaseLost(id));
             }
-            t.flush()?;
             work(t)
         })
         .await

@@ -39,7 +39,11 @@ impl Conn {
                 st
             }
         };
-        self.client.query(&st, p).map_err(pg_err)
+        let r = self.client.query(&st, p).map_err(pg_err);
+        if r.is_err() {
+            self.stmts.remove(sql);
+        }
+        r
     }
 }
 
@@ -52,7 +56,9 @@ pub(crate) struct Pool {
 
 impl Pool {
     pub(crate) fn new(config: postgres::Config, size: usize) -> Arc<Pool> {
-        Arc::new(Pool { config, idle: Mutex::default(), permits: Semaphore::new(size.max(1)), next_shard: AtomicI64::new(0) })
+        // Processes start at different shards, so their first connections do not share one.
+        let first = rand::random::<u16>() as i64 % SHARDS;
+        Arc::new(Pool { config, idle: Mutex::default(), permits: Semaphore::new(size.max(1)), next_shard: AtomicI64::new(first) })
     }
 
     /// Opens a connection (blocking).

@@ -138,7 +138,10 @@ CREATE TABLE workers (
 
 /// Brings the schema up to date; returns the versions applied.
 pub(crate) fn migrate(client: &mut Client) -> Result<Vec<u32>, postgres::Error> {
-    client.batch_execute("CREATE TABLE IF NOT EXISTS conveyor_schema (version BIGINT NOT NULL)")?;
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS conveyor_schema (version BIGINT NOT NULL)")?;
+    tx.commit()?;
     let mut applied = Vec::new();
     for (i, sql) in migrations().iter().enumerate() {
         let mut tx = client.transaction()?;

@@ -43,6 +43,8 @@ pub(crate) struct PgTx<'c, 't> {
     metrics: MetricsAccumulator,
     /// Ready work was committed: wake the workers (here and, by NOTIFY, elsewhere).
     pub(crate) wake: bool,
+    /// The first statement that failed: the transaction cannot commit.
+    failed: Option<BackendError>,
     /// Completed-job history rows kept (0 = none).
     history: usize,
     pub(crate) history_inserts: usize,
@@ -50,14 +52,25 @@ pub(crate) struct PgTx<'c, 't> {
 
 impl<'c, 't> PgTx<'c, 't> {
     pub(crate) fn new(tx: Transaction<'t>, stmts: &'c mut Statements, shard: i64, history: usize) -> Self {
-        PgTx { tx, stmts, shard, counts: BTreeMap::new(), metrics: MetricsAccumulator::default(), wake: false, history, history_inserts: 0 }
+        PgTx {
+            tx,
+            stmts,
+            shard,
+            counts: BTreeMap::new(),
+            metrics: MetricsAccumulator::default(),
+            wake: false,
+            failed: None,
+            history,
+            history_inserts: 0,
+        }
     }
 
     fn prepare(&mut self, sql: &str) -> Result<Statement> {
         if let Some(st) = self.stmts.get(sql) {
             return Ok(st.clone());
         }
-        let st = self.tx.prepare(sql).map_err(pg_err)?;
+        let st = self.tx.prepare(sql).map_err(pg_err);
+        let st = self.note(sql, st)?;
         if sql.len() > ONE_OFF {
             // Generated multi-row statements rarely repeat: prepared for this use only.
             return Ok(st);
@@ -71,12 +84,27 @@ impl<'c, 't> PgTx<'c, 't> {
 
     fn run(&mut self, sql: &str, p: &[&(dyn ToSql + Sync)]) -> Result<u64> {
         let st = self.prepare(sql)?;
-        self.tx.execute(&st, p).map_err(pg_err)
+        let r = self.tx.execute(&st, p).map_err(pg_err);
+        self.note(sql, r)
     }
 
     fn rows(&mut self, sql: &str, p: &[&(dyn ToSql + Sync)]) -> Result<Vec<postgres::Row>> {
         let st = self.prepare(sql)?;
-        self.tx.query(&st, p).map_err(pg_err)
+        let r = self.tx.query(&st, p).map_err(pg_err);
+        self.note(sql, r)
+    }
+
+    /// Remembers the first failure: PostgreSQL has aborted the transaction then, so it must not
+    /// be reported as committed even if the caller went on. A failed statement also leaves the
+    /// statement cache (its plan may be stale after a schema change).
+    fn note<T>(&mut self, sql: &str, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            self.stmts.remove(sql);
+            if self.failed.is_none() {
+                self.failed = Some(e.clone());
+            }
+        }
+        r
     }
 
     pub(crate) fn count(&mut self, queue: &str, state: usize, delta: i64) {
@@ -94,6 +122,10 @@ impl<'c, 't> PgTx<'c, 't> {
     /// `NOTIFY_EVERY_MS` per process: PostgreSQL serializes the commits of notifying
     /// transactions, and the workers of other processes poll anyway), and commits.
     pub(crate) fn commit(mut self, last_notify: &AtomicI64) -> Result<bool> {
+        if let Some(e) = self.failed.take() {
+            // Dropping the transaction rolls it back.
+            return Err(e);
+        }
         self.flush()?;
         if self.wake {
             let now = now_ms();
@@ -107,10 +139,9 @@ impl<'c, 't> PgTx<'c, 't> {
         Ok(wake)
     }
 
-    /// Writes the counter and metric deltas gathered so far. Called before an application's
-    /// work in `complete_with` too, so its row locks (often hot rows, like a product's stock)
-    /// are held for as short a time as possible.
-    pub(crate) fn flush(&mut self) -> Result<()> {
+    /// Writes the counter and metric deltas gathered so far, last in the transaction and in one
+    /// order (queues and metric rows sorted), so transactions never lock them crosswise.
+    fn flush(&mut self) -> Result<()> {
         let counts = std::mem::take(&mut self.counts);
         for (q, d) in counts {
             if d.iter().all(|v| *v == 0) {
@@ -140,7 +171,8 @@ impl<'c, 't> PgTx<'c, 't> {
                     runtime_max = greatest(job_metrics.runtime_max, excluded.runtime_max),
                     wait_sum = job_metrics.wait_sum + excluded.wait_sum{hist_update}"
             );
-            let rows: Vec<_> = self.metrics.drain().collect();
+            let mut rows: Vec<_> = self.metrics.drain().collect();
+            rows.sort_by(|a, b| (a.minute, &a.queue, &a.kind).cmp(&(b.minute, &b.queue, &b.kind)));
             for r in rows {
                 let mut values: Vec<i64> = vec![
                     r.minute,
@@ -173,20 +205,22 @@ impl<'c, 't> PgTx<'c, 't> {
         let mut bulk: Vec<NewJob> = Vec::with_capacity(jobs.len());
         for job in jobs {
             if let Some(u) = &job.unique {
-                let held = self.rows("SELECT job_id, expires_at FROM unique_locks WHERE key = $1 FOR UPDATE", &[&u.key])?;
-                if let Some(r) = held.first() {
-                    let (holder, expires_at): (Vec<u8>, i64) = (r.get(0), r.get(1));
-                    if expires_at > now {
-                        out.push(EnqueueOutcome::Duplicate { existing: JobId::from_slice(&holder).unwrap_or(job.id) });
-                        continue;
-                    }
-                }
+                // The insert is the check: it takes a free or expired key, or returns nothing
+                // while another job holds it (concurrent enqueues wait on the row, then see it).
                 let (key, id, until) = (u.key.clone(), job.id.as_bytes().to_vec(), now + u.ttl.as_millis() as i64);
-                self.run(
+                let taken = self.rows(
                     "INSERT INTO unique_locks (key, job_id, expires_at) VALUES ($1, $2, $3)
-                     ON CONFLICT (key) DO UPDATE SET job_id = excluded.job_id, expires_at = excluded.expires_at",
-                    &[&key, &id, &until],
+                     ON CONFLICT (key) DO UPDATE SET job_id = excluded.job_id, expires_at = excluded.expires_at
+                     WHERE unique_locks.expires_at <= $4
+                     RETURNING job_id",
+                    &[&key, &id, &until, &now],
                 )?;
+                if taken.is_empty() {
+                    let holder = self.rows("SELECT job_id FROM unique_locks WHERE key = $1", &[&key])?;
+                    let existing = holder.first().and_then(|r| JobId::from_slice(&r.get::<_, Vec<u8>>(0))).unwrap_or(job.id);
+                    out.push(EnqueueOutcome::Duplicate { existing });
+                    continue;
+                }
             }
             out.push(EnqueueOutcome::Enqueued { id: job.id });
             bulk.push(job);
@@ -311,6 +345,9 @@ impl<'c, 't> PgTx<'c, 't> {
         if !plain.is_empty() {
             self.complete_plain(plain, now)?;
         }
+        // Hook rows (batches, workflows) are locked in one order by every transaction.
+        let mut other = other;
+        other.sort_by(|a, b| (&a.batch_id, &a.workflow, a.id).cmp(&(&b.batch_id, &b.workflow, b.id)));
         for c in other {
             self.complete_one(c, now)?;
         }
@@ -324,14 +361,16 @@ impl<'c, 't> PgTx<'c, 't> {
         let waits: Vec<i64> = plain.iter().map(|c| c.wait_ms as i64).collect();
         let done = if self.history == 0 {
             self.rows(
-                "DELETE FROM jobs j USING unnest($1::bytea[], $2::bigint[]) AS t(id, token)
-                 WHERE j.id = t.id AND j.state = 1 AND j.lease_token = t.token RETURNING j.id",
+                "WITH t AS (SELECT * FROM unnest($1::bytea[], $2::bigint[]) AS t(id, token)),
+                 l AS (SELECT j.id FROM jobs j JOIN t ON j.id = t.id AND j.state = 1 AND j.lease_token = t.token ORDER BY j.id FOR UPDATE OF j)
+                 DELETE FROM jobs j USING l WHERE j.id = l.id RETURNING j.id",
                 &[&ids, &tokens],
             )?
         } else {
             let rows = self.rows(
                 "WITH t AS (SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[]) AS t(id, token, runtime_ms, wait_ms)),
-                 d AS (DELETE FROM jobs j USING t WHERE j.id = t.id AND j.state = 1 AND j.lease_token = t.token
+                 l AS (SELECT j.id FROM jobs j JOIN t ON j.id = t.id AND j.state = 1 AND j.lease_token = t.token ORDER BY j.id FOR UPDATE OF j),
+                 d AS (DELETE FROM jobs j USING l, t WHERE j.id = l.id AND t.id = j.id
                        RETURNING j.id, j.queue, j.kind, j.payload, j.priority, j.attempts, j.max_attempts, j.tags, j.batch_id,
                                  j.created_at, j.reserved_at, j.worker, t.runtime_ms, t.wait_ms)
                  INSERT INTO completed_jobs (id, queue, kind, payload, priority, attempts, max_attempts, tags, batch_id,
@@ -344,9 +383,9 @@ impl<'c, 't> PgTx<'c, 't> {
             self.history_inserts += rows.len();
             rows
         };
-        let applied: std::collections::HashSet<Vec<u8>> = done.iter().map(|r| r.get::<_, Vec<u8>>(0)).collect();
+        let mut applied: std::collections::HashSet<Vec<u8>> = done.iter().map(|r| r.get::<_, Vec<u8>>(0)).collect();
         for c in plain {
-            if !applied.contains(&c.id.as_bytes()[..]) {
+            if !applied.remove(&c.id.as_bytes()[..]) {
                 continue;
             }
             self.release_unique(c.unique_key.as_deref(), &c.id.as_bytes()[..])?;
@@ -460,9 +499,12 @@ impl<'c, 't> PgTx<'c, 't> {
         let until = now_ms() + lease_ms;
         let ids: Vec<Vec<u8>> = leases.iter().map(|(id, _)| id.as_bytes().to_vec()).collect();
         let tokens: Vec<i64> = leases.iter().map(|(_, t)| *t).collect();
+        // Rows locked by someone else are being acknowledged or reaped right now: skipped, so a
+        // heartbeat never waits behind an acknowledgement (nor deadlocks with one).
         self.run(
             "UPDATE jobs j SET lease_until = $1 FROM unnest($2::bytea[], $3::bigint[]) AS t(id, token)
-             WHERE j.id = t.id AND j.state = 1 AND j.lease_token = t.token",
+             WHERE j.id = t.id AND j.state = 1 AND j.lease_token = t.token
+               AND j.id IN (SELECT id FROM jobs WHERE id = ANY($2) ORDER BY id FOR UPDATE SKIP LOCKED)",
             &[&until, &ids, &tokens],
         )?;
         Ok(())
@@ -498,6 +540,8 @@ impl<'c, 't> PgTx<'c, 't> {
             })
             .collect();
         let n = expired.len() as u64;
+        let mut expired = expired;
+        expired.sort_by(|a, b| (&a.batch_id, &a.workflow, a.id).cmp(&(&b.batch_id, &b.workflow, b.id)));
         for c in expired {
             self.complete_one(c, now)?;
         }
@@ -607,7 +651,10 @@ impl Tx for PgTx<'_, '_> {
     }
 
     fn execute_script(&mut self, sql: &str) -> Result<()> {
-        self.tx.batch_execute(sql).map_err(pg_err)
+        let r = self.tx.batch_execute(sql).map_err(pg_err);
+        // A schema change may invalidate cached plans.
+        self.stmts.clear();
+        self.note(sql, r)
     }
 
     fn enqueue(&mut self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>> {

@@ -37,6 +37,7 @@ impl ToSql for Param<'_> {
                 _ => Err(bad()),
             },
             Type::NUMERIC => Err(format!("pass {v:?} to a NUMERIC parameter through a cast, e.g. $1::bigint").into()),
+            _ if !text_like(ty) => Err(format!("cannot pass {v:?} as {ty}: cast the parameter, e.g. $1::text").into()),
             _ => {
                 // Text-like (TEXT, VARCHAR, NAME, JSON, unknown): the value's text.
                 let text = match v {
@@ -102,8 +103,11 @@ impl<'a> FromSql<'a> for Numeric {
         }
         let word = |i: usize| i16::from_be_bytes([raw[i], raw[i + 1]]);
         let (ndigits, weight, sign, dscale) = (word(0) as usize, word(2) as i32, u16::from_be_bytes([raw[4], raw[5]]), word(6));
-        if sign == 0xC000 {
-            return Ok(Numeric(SqlValue::Real(f64::NAN)));
+        match sign {
+            0xC000 => return Ok(Numeric(SqlValue::Real(f64::NAN))),
+            0xD000 => return Ok(Numeric(SqlValue::Real(f64::INFINITY))),
+            0xF000 => return Ok(Numeric(SqlValue::Real(f64::NEG_INFINITY))),
+            _ => {}
         }
         if raw.len() < 8 + 2 * ndigits {
             return Err("a truncated NUMERIC".into());
@@ -111,7 +115,7 @@ impl<'a> FromSql<'a> for Numeric {
         let digits: Vec<i64> = (0..ndigits).map(|i| word(8 + 2 * i) as i64).collect();
         let negative = sign == 0x4000;
         // Base-10000 digits; digit i is worth 10000^(weight - i).
-        let exact = dscale == 0 && weight < 4 && digits.len() as i32 <= weight + 1;
+        let exact = dscale == 0 && weight < 8 && digits.len() as i32 <= weight + 1;
         if exact {
             let mut v: i128 = 0;
             for i in 0..=weight {
@@ -150,15 +154,22 @@ fn cell(row: &PgRow, i: usize) -> std::result::Result<SqlValue, postgres::Error>
     })
 }
 
-/// Any type with a text-like binary form (TEXT, VARCHAR, NAME, JSON, enums…).
+/// Types whose binary form is their text (TEXT, VARCHAR, NAME, JSON, enums…).
+fn text_like(ty: &Type) -> bool {
+    matches!(*ty, Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::JSON | Type::UNKNOWN | Type::XML)
+        || matches!(ty.kind(), postgres::types::Kind::Enum(_))
+}
+
 struct Text(String);
 
 impl<'a> FromSql<'a> for Text {
     fn from_sql(_: &Type, raw: &'a [u8]) -> std::result::Result<Self, BoxError> {
         Ok(Text(String::from_utf8_lossy(raw).into_owned()))
     }
-    fn accepts(_: &Type) -> bool {
-        true
+    /// Other types (timestamps, uuids, arrays) would read as garbage: the query must cast them
+    /// (`::text`), and says so.
+    fn accepts(ty: &Type) -> bool {
+        text_like(ty)
     }
 }
 
@@ -189,10 +200,10 @@ pub(crate) fn pg_err(e: postgres::Error) -> BackendError {
             if let Some(d) = db.detail() {
                 msg.push_str(&format!(" ({d})"));
             }
-            if db.code() == &postgres::error::SqlState::ADMIN_SHUTDOWN
-                || db.code() == &postgres::error::SqlState::CANNOT_CONNECT_NOW
-                || db.code() == &postgres::error::SqlState::CRASH_SHUTDOWN
-            {
+            // Errors a new connection cures: the server shutting down or restarting, a lost
+            // link, a database gone, a read-only (demoted) server after a failover.
+            let code = db.code().code();
+            if code.starts_with("08") || code.starts_with("57P") || code == "25006" || code == "53300" {
                 return BackendError::Unavailable(msg);
             }
             BackendError::Storage(msg)

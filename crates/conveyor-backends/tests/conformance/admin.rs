@@ -324,3 +324,31 @@ pub async fn worker_registry_heartbeat_and_gone(b: Backend) {
     assert!(!listed(Duration::from_secs(600)).await.iter().any(|w| w.id == stale.id));
     b.worker_gone("never-registered").await.expect("forgetting an unknown worker is not an error");
 }
+
+/// Many enqueues of one unique key at once: exactly one gets in, the others name it.
+pub async fn unique_key_holds_under_concurrent_enqueues(b: Backend) {
+    let q = queue_name();
+    let key = unique_name("unique-race");
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let (b, q, key) = (b.clone(), q.clone(), key.clone());
+            tokio::spawn(async move {
+                let job = new_job(&q, "conformance.unique", i).unique(key, Duration::from_secs(60));
+                b.enqueue(vec![job]).await.unwrap().remove(0)
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.unwrap());
+    }
+    let winners: Vec<JobId> =
+        outcomes.iter().filter_map(|o| if let EnqueueOutcome::Enqueued { id } = o { Some(*id) } else { None }).collect();
+    assert_eq!(winners.len(), 1, "one enqueue wins: {outcomes:?}");
+    for o in &outcomes {
+        if let EnqueueOutcome::Duplicate { existing } = o {
+            assert_eq!(*existing, winners[0], "duplicates name the job that holds the key");
+        }
+    }
+    assert_counts(&b, &q, [1, 0, 0, 0], "one job queued").await;
+}

@@ -92,6 +92,7 @@ macro_rules! conformance_suite {
                 // administration
                 unique_key_refuses_duplicates_until_job_ends,
                 unique_key_ttl_expires,
+                unique_key_holds_under_concurrent_enqueues,
                 failed_store_retry_forget_flush,
                 pause_resume_and_clear,
                 metrics_count_every_processed_attempt,
