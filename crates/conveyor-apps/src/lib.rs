@@ -1,8 +1,10 @@
 //! Conveyor's applications, built only on the engine's public API: [`orders`] (import, the
-//! order workflow with rollback, KPIs and leaderboards). Notifications and product sync follow.
+//! order workflow with rollback, KPIs and leaderboards) and [`notify`] (rules, templates,
+//! channels, preferences, rate limits, delivery logs). Product sync follows.
 //!
 //! Applications are HTTP-free: the server crate maps its routes onto the functions here.
 
+pub mod notify;
 pub mod orders;
 
 use std::sync::Arc;
@@ -14,11 +16,13 @@ use conveyor_core::Registry;
 #[derive(Clone, Debug, Default)]
 pub struct AppsConfig {
     pub payment: orders::payment::SimulatorConfig,
+    pub notify: notify::NotifyConfig,
 }
 
 /// Runs every application's migrations.
 pub async fn migrate(backend: &dyn QueueBackend) -> Result<()> {
     orders::migrate(backend).await?;
+    notify::migrate(backend).await?;
     Ok(())
 }
 
@@ -28,6 +32,7 @@ pub fn schedules() -> Vec<conveyor_core::scheduler::Schedule> {
 }
 
 /// Registers every application's job kinds and listeners.
-pub fn register(registry: &mut Registry, backend: Arc<dyn QueueBackend>, config: &AppsConfig) {
-    orders::register(registry, backend, config.payment.clone());
+pub fn register(registry: &mut Registry, backend: Arc<dyn QueueBackend>, config: &AppsConfig) -> Result<(), String> {
+    orders::register(registry, backend.clone(), config.payment.clone());
+    notify::register(registry, backend, config.notify.clone())
 }

@@ -187,7 +187,42 @@ fn apps(src: &Source) -> anyhow::Result<conveyor_apps::AppsConfig> {
     let latency: u64 = src.parsed("payment", "latency_ms", 0, "a number of milliseconds")?;
     Ok(conveyor_apps::AppsConfig {
         payment: conveyor_apps::orders::payment::SimulatorConfig { success_rate: rate, seed, latency: Duration::from_millis(latency) },
+        notify: notify(src)?,
     })
+}
+
+/// `CONVEYOR_MAILER`, `CONVEYOR_SMTP_URL`, `CONVEYOR_MAIL_FROM`, `CONVEYOR_SMS_*`,
+/// `CONVEYOR_SLACK_WEBHOOK`, `CONVEYOR_WEBHOOK_SECRET`, `CONVEYOR_NOTIFY_*`.
+fn notify(src: &Source) -> anyhow::Result<conveyor_apps::notify::NotifyConfig> {
+    use conveyor_apps::notify::channels::Mailer;
+    let mut c = conveyor_apps::notify::NotifyConfig::default();
+    c.mailer = match src.string("", "mailer", "log").as_str() {
+        "log" => Mailer::Log,
+        "smtp" => Mailer::Smtp(src.optional("smtp", "url").ok_or_else(|| anyhow::anyhow!("CONVEYOR_MAILER=smtp needs CONVEYOR_SMTP_URL"))?),
+        other => bail!("CONVEYOR_MAILER: expected log or smtp, got {other:?}"),
+    };
+    c.mail_from = src.string("mail", "from", &c.mail_from);
+    conveyor_apps::notify::channels::Email::new(&c.mailer, &c.mail_from).map_err(|e| anyhow::anyhow!(e))?;
+    c.sms_url = src.optional("sms", "url");
+    c.sms_token = src.optional("sms", "token");
+    c.sms_from = src.string("sms", "from", &c.sms_from);
+    c.slack_webhook = src.optional("slack", "webhook");
+    c.webhook_secret = src.optional("webhook", "secret");
+    c.max_attempts = src.parsed("notify", "max_attempts", 3u32, "a whole number of tries from 1")?;
+    if c.max_attempts == 0 {
+        bail!("CONVEYOR_NOTIFY_MAX_ATTEMPTS: expected a whole number of tries from 1, got 0");
+    }
+    if let Some((v, name)) = src.get("notify", "backoff") {
+        c.backoff = v
+            .split(',')
+            .map(|s| s.trim().parse::<u64>().map(Duration::from_secs))
+            .collect::<Result<_, _>>()
+            .map_err(|_| anyhow::anyhow!("{name}: expected seconds separated by commas like 60,300,900, got {v:?}"))?;
+    }
+    if let Some((v, name)) = src.get("notify", "rate_limit") {
+        c.rate_limit = conveyor_core::ratelimit::RateLimit::parse(&v).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    }
+    Ok(c)
 }
 
 fn rand_seed() -> u64 {
@@ -198,10 +233,12 @@ fn rand_seed() -> u64 {
 /// `lease`, `balance` (`off`, `simple`, `auto`), `min_workers`.
 fn supervisors(file: &toml::Table) -> anyhow::Result<Vec<SupervisorConfig>> {
     let Some(list) = file.get("supervisors") else {
-        // The order workflow gets its own supervisor, so a backlog elsewhere never starves it.
+        // The order workflow and the notifications get supervisors of their own, so a backlog
+        // elsewhere never starves them; deliveries wait on providers, not on the CPU.
         return Ok(vec![
             SupervisorConfig::new("default", vec!["default".into()], 8),
             SupervisorConfig::new("orders", vec![conveyor_apps::orders::QUEUE.into()], 64),
+            SupervisorConfig::new("notify", conveyor_apps::notify::queues(), 64),
         ]);
     };
     let list = list.as_array().context("supervisors: expected [[supervisors]] tables")?;

@@ -62,7 +62,7 @@ pub(crate) async fn orders(config: &Config, cmd: OrdersCommand) -> anyhow::Resul
     let OrdersCommand::Import { file, wait, json } = cmd;
     let (f, size) = open(&file)?;
     let backend = open_store(config).await?;
-    let conveyor = Conveyor::new(backend.clone(), registry(config, &backend));
+    let conveyor = Conveyor::new(backend.clone(), registry(config, &backend)?);
     let since = now_ms();
     let started = Instant::now();
     let report = import::import_orders(&conveyor, BufReader::with_capacity(256 * 1024, f), progress(size)).await?;
@@ -152,7 +152,7 @@ pub(crate) async fn products(config: &Config, cmd: ProductsCommand) -> anyhow::R
     let ProductsCommand::Import { file } = cmd;
     let (f, _) = open(&file)?;
     let backend = open_store(config).await?;
-    let conveyor = Conveyor::new(backend.clone(), registry(config, &backend));
+    let conveyor = Conveyor::new(backend.clone(), registry(config, &backend)?);
     let report = import::import_products(&conveyor, BufReader::new(f)).await?;
     for r in &report.rejected {
         eprintln!("line {}: {}", r.line, r.reason);
@@ -201,7 +201,7 @@ pub(crate) async fn leaderboard(config: &Config, cmd: LeaderboardCommand) -> any
 /// Loads sample products and orders and starts their workflows.
 pub(crate) async fn demo(config: &Config) -> anyhow::Result<()> {
     let backend = open_store(config).await?;
-    let conveyor = Conveyor::new(backend.clone(), registry(config, &backend));
+    let conveyor = Conveyor::new(backend.clone(), registry(config, &backend)?);
     let mut products = String::from("sku,name,price,stock\n");
     let names = [
         "Espresso beans",

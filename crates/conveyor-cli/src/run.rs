@@ -44,10 +44,10 @@ pub(crate) async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn QueueB
 }
 
 /// Every job kind this binary runs: the built-in ones and the applications'.
-pub(crate) fn registry(config: &Config, backend: &Arc<dyn QueueBackend>) -> conveyor_core::Registry {
+pub(crate) fn registry(config: &Config, backend: &Arc<dyn QueueBackend>) -> anyhow::Result<conveyor_core::Registry> {
     let mut r = kinds::registry();
-    conveyor_apps::register(&mut r, backend.clone(), &config.apps);
-    r
+    conveyor_apps::register(&mut r, backend.clone(), &config.apps).map_err(|e| anyhow::anyhow!(e))?;
+    Ok(r)
 }
 
 pub(crate) fn open_backend(config: &Config) -> anyhow::Result<Arc<dyn QueueBackend>> {
@@ -140,7 +140,7 @@ pub(crate) async fn work(config: Config, args: WorkArgs) -> anyhow::Result<()> {
     let backend = open_store(&config).await?;
     let shutdown = shutdown_on_signals();
     let pruner = spawn_pruner(backend.clone(), config.retention_metrics, shutdown.clone());
-    let conveyor = Conveyor::new(backend.clone(), registry(&config, &backend));
+    let conveyor = Conveyor::new(backend.clone(), registry(&config, &backend)?);
     for s in &wc.supervisors {
         info!(supervisor = %s.name, queues = ?s.queues, concurrency = s.concurrency, "supervisor ready");
     }
@@ -163,7 +163,7 @@ pub(crate) async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()>
     }
     eprintln!("conveyor listening on http://{local} (API at /api, health at /api/health)");
     let shutdown = shutdown_on_signals();
-    let conveyor = Conveyor::new(backend.clone(), registry(&config, &backend));
+    let conveyor = Conveyor::new(backend.clone(), registry(&config, &backend)?);
     let scheduler = (!args.no_scheduler).then(|| Scheduler::new(conveyor.clone(), config.schedules.clone()));
     let state = conveyor_server::AppState::new(conveyor.clone(), config.api_token.as_ref().map(|s| s.0.clone()))
         .with_schedules(scheduler.as_ref().map(Scheduler::info));
@@ -186,7 +186,7 @@ pub(crate) async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()>
 pub(crate) async fn schedule(config: Config) -> anyhow::Result<()> {
     let backend = open_store(&config).await?;
     let shutdown = shutdown_on_signals();
-    let conveyor = Conveyor::new(backend.clone(), registry(&config, &backend));
+    let conveyor = Conveyor::new(backend.clone(), registry(&config, &backend)?);
     for s in &config.schedules {
         info!(schedule = %s.name, cron = %s.cron, job = %s.job.kind, "scheduled");
     }

@@ -79,14 +79,15 @@ pub(crate) enum Listener {
 }
 
 impl Registry {
-    /// A listener that runs as a job on `queue` for every `event`.
+    /// A listener that runs as a job on `queue` for every `event` (`"*"`: every event of any
+    /// name, e.g. a notification service matching rules against whatever arrives).
     pub fn listen_queued<T, F, Fut>(&mut self, event: &str, name: &str, queue: &str, handler: F) -> &mut Self
     where
         T: DeserializeOwned + Send + 'static,
         F: Fn(EventEnvelope<T>, JobContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = JobResult> + Send + 'static,
     {
-        let kind = format!("listener:{event}:{name}");
+        let kind = format!("listener:{}:{name}", if event == "*" { "any" } else { event });
         self.register(&kind, handler);
         self.listeners.entry(event.to_string()).or_default().push(Listener::Queued {
             name: name.to_string(),

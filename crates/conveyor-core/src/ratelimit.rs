@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::backend::{BackendError, QueueBackend, QueueBackendExt, Result, RowExt};
+use crate::backend::{BackendError, QueueBackend, QueueBackendExt, Result, RowExt, Tx};
 use crate::clock::now_ms;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -69,26 +69,29 @@ impl RateLimiter {
 
     /// Takes one unit for `key` if the limit allows it.
     pub async fn check(&self, key: &str) -> Result<Decision> {
+        let this = self.clone();
+        let key = key.to_string();
+        self.backend.transact(move |tx| this.check_in(tx, &key)).await
+    }
+
+    /// The same inside the caller's transaction: the unit is taken only if it commits (a
+    /// notification counts against its user's limit together with its log row).
+    pub fn check_in(&self, tx: &mut dyn Tx, key: &str) -> Result<Decision> {
         let k = format!("{}:{key}", self.name);
         let t = self.limit.interval_ms();
         let tolerance = t * self.limit.burst.max(1) as i64;
         let now = now_ms();
-        let rows = self
-            .backend
-            .transact(move |tx| {
-                // Allowed when max(tat, now) + T - now <= burst * T; then tat moves on by T.
-                tx.query(
-                    "INSERT INTO rate_limits (key, tat, allowed) VALUES ($1, $5, 1)
-                     ON CONFLICT (key) DO UPDATE SET
-                       allowed = CASE WHEN (CASE WHEN rate_limits.tat > $2 THEN rate_limits.tat ELSE $2 END) + $3 - $2 <= $4 THEN 1 ELSE 0 END,
-                       tat = CASE WHEN (CASE WHEN rate_limits.tat > $2 THEN rate_limits.tat ELSE $2 END) + $3 - $2 <= $4
-                                  THEN (CASE WHEN rate_limits.tat > $2 THEN rate_limits.tat ELSE $2 END) + $3
-                                  ELSE rate_limits.tat END
-                     RETURNING allowed, tat",
-                    &[k.into(), now.into(), t.into(), tolerance.into(), (now + t).into()],
-                )
-            })
-            .await?;
+        // Allowed when max(tat, now) + T - now <= burst * T; then tat moves on by T.
+        let rows = tx.query(
+            "INSERT INTO rate_limits (key, tat, allowed) VALUES ($1, $5, 1)
+             ON CONFLICT (key) DO UPDATE SET
+               allowed = CASE WHEN (CASE WHEN rate_limits.tat > $2 THEN rate_limits.tat ELSE $2 END) + $3 - $2 <= $4 THEN 1 ELSE 0 END,
+               tat = CASE WHEN (CASE WHEN rate_limits.tat > $2 THEN rate_limits.tat ELSE $2 END) + $3 - $2 <= $4
+                          THEN (CASE WHEN rate_limits.tat > $2 THEN rate_limits.tat ELSE $2 END) + $3
+                          ELSE rate_limits.tat END
+             RETURNING allowed, tat",
+            &[k.into(), now.into(), t.into(), tolerance.into(), (now + t).into()],
+        )?;
         let r = rows.first().ok_or_else(|| BackendError::Other("rate limit upsert returned no row".into()))?;
         let tat = r.int(1);
         Ok(if r.int(0) == 1 {

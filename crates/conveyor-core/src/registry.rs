@@ -198,7 +198,10 @@ impl Registry {
         self.middleware.get(kind).map_or(&[], Vec::as_slice)
     }
 
-    pub(crate) fn listeners_of(&self, event: &str) -> &[crate::event::Listener] {
-        self.listeners.get(event).map_or(&[], Vec::as_slice)
+    /// The listeners of `event`, then those of every event (`"*"`).
+    pub(crate) fn listeners_of(&self, event: &str) -> impl Iterator<Item = &crate::event::Listener> {
+        let named = self.listeners.get(event).map_or(&[][..], Vec::as_slice);
+        let any = if event == "*" { &[][..] } else { self.listeners.get("*").map_or(&[][..], Vec::as_slice) };
+        named.iter().chain(any)
     }
 }

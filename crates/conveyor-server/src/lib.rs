@@ -9,6 +9,7 @@ pub mod error;
 mod admin;
 mod dashboard;
 mod health;
+mod notify;
 mod openapi;
 mod orchestration;
 mod orders;
@@ -70,6 +71,7 @@ pub fn router(state: AppState) -> Router {
         .merge(admin::routes())
         .merge(orchestration::routes())
         .merge(orders::routes())
+        .merge(notify::routes())
         .merge(dashboard::routes())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

@@ -2,7 +2,9 @@
 //! PostgreSQL (each test on a database of its own; without a PostgreSQL server the PostgreSQL
 //! runs skip outside CI and fail under it).
 
+mod notify;
 mod orders;
+mod receivers;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -65,6 +67,12 @@ on_every_store!(
     orders::bad_csv_lines_are_reported_by_line_and_good_orders_imported,
     orders::split_rejected_and_oversized_orders_never_store_a_part,
     orders::the_simulated_gateway_charges_and_refunds_once_per_key,
+    notify::registration_sends_the_welcome_email_and_an_inbox_message,
+    notify::slack_webhook_and_sms_reach_their_receivers_with_conditions_and_signature,
+    notify::preferences_and_the_rate_limit_hold_back_notifications,
+    notify::fifty_concurrent_duplicates_notify_once,
+    notify::a_failing_provider_is_retried_then_failed_with_its_error,
+    notify::rules_and_templates_are_validated_and_previewed,
 );
 
 pub(crate) async fn wait_for<F, Fut>(what: &str, limit: Duration, mut cond: F)

@@ -176,3 +176,70 @@ async fn errors_keep_the_envelope_for_oversized_bodies_and_wrong_methods() {
     sigterm(&child);
     assert!(wait_exit(&mut child, Duration::from_secs(30)).await.success());
 }
+
+/// The notification endpoints through `conveyor serve` (its own workers deliver): events with
+/// idempotency, registration (201, then 409), the inbox, rule validation and preview.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_notification_endpoints_take_events_and_deliver_the_welcome_messages() {
+    let env = TestEnv::new("");
+    let (mut child, url) = serve(&env, &[]);
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: Value| http.post(format!("{url}{path}")).json(&body).send();
+
+    let r = post("/api/v1/users/register", json!({ "name": "Ada", "email": "ada@example.com" })).await.unwrap();
+    assert_eq!(r.status(), 201);
+    let user: Value = r.json().await.unwrap();
+    let id = user["data"]["user_id"].as_i64().unwrap();
+    assert!(user["data"]["event_id"].is_string());
+    assert_eq!(post("/api/v1/users/register", json!({ "name": "Ada", "email": "ada@example.com" })).await.unwrap().status(), 409);
+    let bad = post("/api/v1/users/register", json!({ "name": "Ada", "email": "nope" })).await.unwrap();
+    assert_eq!(bad.status(), 422);
+    assert!(bad.json::<Value>().await.unwrap()["error"]["details"]["fields"]["email"].is_string());
+
+    crate::wait_for("the welcome messages", Duration::from_secs(30), || async {
+        let logs: Value =
+            http.get(format!("{url}/api/v1/notifications?user_id={id}&status=sent")).send().await.unwrap().json().await.unwrap();
+        logs["meta"]["total"] == 2
+    })
+    .await;
+    let inbox: Value = http.get(format!("{url}/api/v1/users/{id}/inbox")).send().await.unwrap().json().await.unwrap();
+    assert_eq!((inbox["meta"]["unread"].as_i64(), inbox["data"][0]["title"].as_str()), (Some(1), Some("Welcome, Ada!")));
+    let msg = inbox["data"][0]["id"].as_str().unwrap();
+    assert_eq!(post(&format!("/api/v1/users/{id}/inbox/{msg}/read"), json!({})).await.unwrap().status(), 200);
+
+    let first =
+        post("/api/events", json!({ "event": "signup_nudge", "payload": { "user_id": id }, "idempotency_key": "k1" })).await.unwrap();
+    assert_eq!(first.status(), 202);
+    let first: Value = first.json().await.unwrap();
+    let again =
+        post("/api/events", json!({ "event": "signup_nudge", "payload": { "user_id": id }, "idempotency_key": "k1" })).await.unwrap();
+    assert_eq!(again.status(), 200);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!((again["data"]["event_id"].clone(), again["data"]["duplicate"].clone()), (first["data"]["event_id"].clone(), json!(true)));
+    assert_eq!(post("/api/events", json!({ "payload": {} })).await.unwrap().status(), 422);
+
+    let r = post("/api/rules", json!({ "event": "x", "template_id": 424242, "channel": "email" })).await.unwrap();
+    assert_eq!(r.status(), 422, "a rule pointing at a missing template");
+    let t: Value = post("/api/templates", json!({ "name": "t", "channel": "slack", "body": "Hi {{ user.name }}" }))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let tid = t["data"]["id"].as_i64().unwrap();
+    let p: Value = post(&format!("/api/templates/{tid}/preview"), json!({ "payload": { "user": { "name": "Bo" } } }))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(p["data"]["body"], "Hi Bo");
+    let missing = post(&format!("/api/templates/{tid}/preview"), json!({ "payload": {} })).await.unwrap();
+    assert_eq!(missing.status(), 422);
+    assert!(missing.json::<Value>().await.unwrap()["error"]["message"].as_str().unwrap().contains("user.name"));
+    let prefs =
+        http.put(format!("{url}/api/v1/users/{id}/preferences")).json(&json!({ "channels": { "sms": false } })).send().await.unwrap();
+    assert_eq!(prefs.json::<Value>().await.unwrap()["data"]["channels"]["sms"], false);
+    sigterm(&child);
+    assert!(wait_exit(&mut child, Duration::from_secs(30)).await.success());
+}

@@ -1,0 +1,346 @@
+//! Delivery channels. The matching listener knows nothing channel-specific: it looks a channel
+//! up by name in the [`Dispatcher`], which knows its job kind and queue (`notify.<channel>`).
+//! A channel sends one rendered message; it may also write rows in the transaction that records
+//! the delivery (the in-app inbox does all its work there).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hmac::{Hmac, KeyInit, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+
+use conveyor_core::backend::{BackendError, Tx};
+use conveyor_core::clock::now_ms;
+
+/// One notification to deliver.
+#[derive(Clone, Debug)]
+pub struct Message {
+    /// The notification log id: the idempotency key of the delivery.
+    pub id: String,
+    pub event: String,
+    pub event_id: String,
+    pub user_id: Option<i64>,
+    pub recipient: String,
+    pub subject: Option<String>,
+    pub body: String,
+    /// The body rendered with HTML escaping (email's HTML part).
+    pub html: Option<String>,
+    pub payload: Value,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SendError {
+    /// Worth another try (network, 5xx, 429 — after `retry_after` when the provider said).
+    Retry { error: String, retry_after: Option<Duration> },
+    /// Will never succeed (4xx, a malformed address): fails at once.
+    Permanent(String),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Retry { error, .. } | SendError::Permanent(error) => f.write_str(error),
+        }
+    }
+}
+
+#[async_trait]
+pub trait Channel: Send + Sync {
+    /// `email`, `sms`, `slack`, `webhook`, `database`.
+    fn name(&self) -> &'static str;
+    /// Sends; returns the provider's message id when it gives one.
+    async fn send(&self, msg: &Message) -> Result<Option<String>, SendError>;
+    /// Rows written with the delivery's acknowledgement (default: none).
+    fn record(&self, _tx: &mut dyn Tx, _msg: &Message) -> Result<(), BackendError> {
+        Ok(())
+    }
+}
+
+/// The channels by name.
+#[derive(Clone, Default)]
+pub struct Dispatcher {
+    channels: HashMap<&'static str, Arc<dyn Channel>>,
+}
+
+impl Dispatcher {
+    pub fn with(mut self, channel: Arc<dyn Channel>) -> Self {
+        self.channels.insert(channel.name(), channel);
+        self
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Channel>> {
+        self.channels.get(name)
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut n: Vec<_> = self.channels.keys().copied().collect();
+        n.sort_unstable();
+        n
+    }
+
+    /// The job kind (and queue) of a channel's deliveries.
+    pub fn kind(channel: &str) -> String {
+        format!("notify.{channel}")
+    }
+}
+
+/// Maps an HTTP answer: 2xx is delivered; 408, 429 and 5xx are worth retrying (429 after its
+/// `Retry-After`); any other 4xx never will succeed.
+async fn http_outcome(resp: Result<reqwest::Response, reqwest::Error>) -> Result<reqwest::Response, SendError> {
+    let resp = resp.map_err(|e| SendError::Retry { error: format!("request failed: {e}"), retry_after: None })?;
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let body: String = resp.text().await.unwrap_or_default().chars().take(300).collect();
+    let error = format!("HTTP {}: {}", status.as_u16(), body.trim());
+    if status.as_u16() == 408 || status.as_u16() == 429 || status.is_server_error() {
+        Err(SendError::Retry { error, retry_after })
+    } else {
+        Err(SendError::Permanent(error))
+    }
+}
+
+pub(crate) fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(256)
+        .build()
+        .expect("an HTTP client with default settings")
+}
+
+/// Generic webhooks: `POST` the event and the rendered message as JSON, signed.
+pub struct Webhook {
+    pub client: reqwest::Client,
+    pub secret: Arc<dyn Fn() -> String + Send + Sync>,
+}
+
+/// `t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
+pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("t={timestamp},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Checks a signature header as a receiver would (constant time), within `tolerance_s` seconds.
+pub fn verify(secret: &str, header: &str, body: &[u8], now_s: i64, tolerance_s: i64) -> bool {
+    let mut t = None;
+    let mut v1 = None;
+    for part in header.split(',') {
+        match part.split_once('=') {
+            Some(("t", v)) => t = v.parse::<i64>().ok(),
+            Some(("v1", v)) => v1 = hex::decode(v).ok(),
+            _ => {}
+        }
+    }
+    let (Some(t), Some(v1)) = (t, v1) else { return false };
+    if (now_s - t).abs() > tolerance_s {
+        return false;
+    }
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+    mac.update(t.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    mac.verify_slice(&v1).is_ok()
+}
+
+#[async_trait]
+impl Channel for Webhook {
+    fn name(&self) -> &'static str {
+        "webhook"
+    }
+
+    async fn send(&self, msg: &Message) -> Result<Option<String>, SendError> {
+        let body = serde_json::to_vec(&json!({
+            "event": msg.event,
+            "event_id": msg.event_id,
+            "notification_id": msg.id,
+            "message": msg.body,
+            "payload": msg.payload,
+        }))
+        .expect("JSON serializes");
+        let sig = signature(&(self.secret)(), now_ms() / 1000, &body);
+        let resp = self
+            .client
+            .post(&msg.recipient)
+            .header("content-type", "application/json")
+            .header("x-conveyor-signature", sig)
+            .header("idempotency-key", &msg.id)
+            .body(body)
+            .send()
+            .await;
+        http_outcome(resp).await?;
+        Ok(None)
+    }
+}
+
+/// Slack incoming webhooks: `{"text": message}`.
+pub struct Slack {
+    pub client: reqwest::Client,
+}
+
+#[async_trait]
+impl Channel for Slack {
+    fn name(&self) -> &'static str {
+        "slack"
+    }
+
+    async fn send(&self, msg: &Message) -> Result<Option<String>, SendError> {
+        let resp = self.client.post(&msg.recipient).json(&json!({ "text": msg.body })).send().await;
+        http_outcome(resp).await?;
+        Ok(None)
+    }
+}
+
+/// SMS through a Twilio-shaped gateway: `POST {base}/Messages` as a form `To, From, Body`.
+pub struct Sms {
+    pub client: reqwest::Client,
+    pub base_url: Option<String>,
+    pub token: Option<String>,
+    pub from: String,
+}
+
+#[async_trait]
+impl Channel for Sms {
+    fn name(&self) -> &'static str {
+        "sms"
+    }
+
+    async fn send(&self, msg: &Message) -> Result<Option<String>, SendError> {
+        let base = self.base_url.as_deref().ok_or_else(|| SendError::Permanent("CONVEYOR_SMS_URL is not set".into()))?;
+        let mut req = self.client.post(format!("{}/Messages", base.trim_end_matches('/'))).header("idempotency-key", &msg.id).form(&[
+            ("To", msg.recipient.as_str()),
+            ("From", self.from.as_str()),
+            ("Body", msg.body.as_str()),
+        ]);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = http_outcome(req.send().await).await?;
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        Ok(body.get("sid").and_then(Value::as_str).map(str::to_string))
+    }
+}
+
+/// The in-app inbox: the message becomes an inbox row in the delivery's own transaction.
+pub struct Database;
+
+#[async_trait]
+impl Channel for Database {
+    fn name(&self) -> &'static str {
+        "database"
+    }
+
+    async fn send(&self, msg: &Message) -> Result<Option<String>, SendError> {
+        Ok(Some(format!("inbox:{}", msg.id)))
+    }
+
+    fn record(&self, tx: &mut dyn Tx, msg: &Message) -> Result<(), BackendError> {
+        let user = msg.user_id.ok_or_else(|| BackendError::Invalid("an in-app message needs a user".into()))?;
+        tx.execute(
+            "INSERT INTO notify_inbox (id, user_id, log_id, title, body, created_at) VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (log_id) DO NOTHING",
+            &[
+                uuid::Uuid::now_v7().to_string().into(),
+                user.into(),
+                msg.id.clone().into(),
+                msg.subject.clone().unwrap_or_else(|| msg.event.clone()).into(),
+                msg.body.clone().into(),
+                now_ms().into(),
+            ],
+        )?;
+        Ok(())
+    }
+}
+
+/// How email leaves: SMTP, or the log (for local use: the message is logged and counted sent).
+#[derive(Clone, PartialEq)]
+pub enum Mailer {
+    Log,
+    /// `smtp://user:pass@host:port` (plain; `?tls=required` for STARTTLS) or `smtps://…` (TLS).
+    Smtp(String),
+}
+
+pub struct Email {
+    pub from: String,
+    transport: Option<lettre::AsyncSmtpTransport<lettre::Tokio1Executor>>,
+}
+
+impl Email {
+    pub fn new(mailer: &Mailer, from: &str) -> Result<Email, String> {
+        from.parse::<lettre::message::Mailbox>().map_err(|e| format!("CONVEYOR_MAIL_FROM: {e}"))?;
+        let transport = match mailer {
+            Mailer::Log => None,
+            Mailer::Smtp(url) => Some(
+                lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::from_url(url)
+                    .map_err(|e| format!("CONVEYOR_SMTP_URL: {e}"))?
+                    .timeout(Some(Duration::from_secs(10)))
+                    .build(),
+            ),
+        };
+        Ok(Email { from: from.to_string(), transport })
+    }
+}
+
+#[async_trait]
+impl Channel for Email {
+    fn name(&self) -> &'static str {
+        "email"
+    }
+
+    async fn send(&self, msg: &Message) -> Result<Option<String>, SendError> {
+        use lettre::message::{header::ContentType, MultiPart, SinglePart};
+        use lettre::AsyncTransport;
+        let to: lettre::message::Mailbox =
+            msg.recipient.parse().map_err(|e| SendError::Permanent(format!("bad address {:?}: {e}", msg.recipient)))?;
+        let message_id = format!("<{}@conveyor>", msg.id);
+        let html = msg.html.clone().unwrap_or_else(|| msg.body.clone()).replace('\n', "<br>\n");
+        let email = lettre::Message::builder()
+            .from(self.from.parse().map_err(|e| SendError::Permanent(format!("bad sender: {e}")))?)
+            .to(to)
+            .subject(msg.subject.clone().unwrap_or_default())
+            .message_id(Some(message_id.clone()))
+            .multipart(
+                MultiPart::alternative()
+                    .singlepart(SinglePart::builder().header(ContentType::TEXT_PLAIN).body(msg.body.clone()))
+                    .singlepart(SinglePart::builder().header(ContentType::TEXT_HTML).body(html)),
+            )
+            .map_err(|e| SendError::Permanent(format!("cannot build the message: {e}")))?;
+        let Some(transport) = &self.transport else {
+            tracing::info!(to = %msg.recipient, subject = ?msg.subject, notification = %msg.id, "mail (log mailer)");
+            return Ok(Some(message_id));
+        };
+        match transport.send(email).await {
+            Ok(_) => Ok(Some(message_id)),
+            Err(e) if e.is_permanent() => Err(SendError::Permanent(format!("SMTP: {e}"))),
+            Err(e) => Err(SendError::Retry { error: format!("SMTP: {e}"), retry_after: None }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_verify_and_reject_tampering() {
+        let sig = signature("s3cret", 1_700_000_000, b"{\"a\":1}");
+        assert!(sig.starts_with("t=1700000000,v1="));
+        assert!(verify("s3cret", &sig, b"{\"a\":1}", 1_700_000_010, 300));
+        assert!(!verify("s3cret", &sig, b"{\"a\":2}", 1_700_000_010, 300), "another body");
+        assert!(!verify("other", &sig, b"{\"a\":1}", 1_700_000_010, 300), "another secret");
+        assert!(!verify("s3cret", &sig, b"{\"a\":1}", 1_700_001_000, 300), "too old");
+        assert!(!verify("s3cret", "garbage", b"", 0, 300));
+    }
+}

@@ -1,0 +1,318 @@
+//! Notifications end to end: real receivers on loopback (SMTP, Slack-like, webhook, SMS
+//! gateway), the real worker runtime, on every store.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use conveyor_apps::notify::channels::{verify, Mailer};
+use conveyor_apps::notify::model::{self, Kind, LogEntry, LogFilter};
+use conveyor_apps::notify::{self, NotifyConfig};
+use conveyor_core::backend::Page;
+use conveyor_core::ratelimit::RateLimit;
+use conveyor_core::worker::{self, SupervisorConfig, WorkerConfig};
+use conveyor_core::{Conveyor, Registry};
+
+use crate::receivers;
+use crate::{wait_for, Store};
+
+const QUEUES: [&str; 6] = ["notify", "notify.email", "notify.sms", "notify.slack", "notify.webhook", "notify.database"];
+
+struct Env {
+    cv: Conveyor,
+    http: String,
+    inbox: receivers::Shared,
+    mails: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: CancellationToken,
+    worker: tokio::task::JoinHandle<conveyor_core::worker::WorkerReport>,
+    _store: Store,
+}
+
+const SECRET: &str = "test-secret";
+
+async fn env(s: Store, rate_limit: RateLimit) -> Env {
+    let (http, inbox) = receivers::http().await;
+    let (smtp_port, mails) = receivers::smtp().await;
+    let config = NotifyConfig {
+        mailer: Mailer::Smtp(format!("smtp://127.0.0.1:{smtp_port}")),
+        mail_from: "Conveyor <noreply@example.com>".into(),
+        sms_url: Some(format!("{http}/sms")),
+        sms_token: Some("sms-token".into()),
+        sms_from: "+15550000".into(),
+        slack_webhook: None,
+        webhook_secret: Some(SECRET.into()),
+        max_attempts: 3,
+        backoff: vec![Duration::ZERO],
+        rate_limit,
+    };
+    let mut registry = Registry::new();
+    notify::register(&mut registry, s.backend.clone(), config).unwrap();
+    let cv = Conveyor::new(s.backend.clone(), registry);
+    let stop = CancellationToken::new();
+    let sup = SupervisorConfig::new("notify", QUEUES.iter().map(|q| q.to_string()).collect(), 8);
+    let config = WorkerConfig { supervisors: vec![sup], poll_interval: Duration::from_millis(20), ..WorkerConfig::default() };
+    let worker = tokio::spawn(worker::run(cv.clone(), config, stop.clone()));
+    Env { cv, http, inbox, mails, stop, worker, _store: s }
+}
+
+impl Env {
+    async fn logs(&self, f: LogFilter) -> Vec<LogEntry> {
+        model::logs(self.cv.backend().as_ref(), f, Page { page: 1, per_page: 1000 }).await.unwrap().items
+    }
+
+    async fn settled(&self) -> bool {
+        let qs = self.cv.backend().queues().await.unwrap();
+        qs.iter().filter(|q| q.queue.starts_with("notify")).all(|q| q.pending + q.reserved + q.delayed == 0)
+            && self.logs(LogFilter { status: Some("pending".into()), ..Default::default() }).await.is_empty()
+    }
+
+    async fn wait_settled(&self) {
+        wait_for("every notification settled", Duration::from_secs(30), || self.settled()).await;
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.worker.await.unwrap();
+    }
+
+    async fn template(&self, name: &str, channel: &str, subject: Option<&str>, body: &str) -> i64 {
+        let t = model::save(
+            self.cv.backend().as_ref(),
+            Kind::Templates,
+            None,
+            &json!({ "name": name, "channel": channel, "subject": subject, "body": body }),
+        )
+        .await
+        .unwrap();
+        t["id"].as_i64().unwrap()
+    }
+
+    async fn rule(&self, body: Value) -> Value {
+        model::save(self.cv.backend().as_ref(), Kind::Rules, None, &body).await.unwrap()
+    }
+
+    async fn user(&self, name: &str, extra: Value) -> i64 {
+        let mut body = json!({ "name": name, "email": format!("{}@example.com", name.to_lowercase()) });
+        body.as_object_mut().unwrap().extend(extra.as_object().cloned().unwrap_or_default());
+        notify::register_user(&self.cv, &body).await.unwrap().0
+    }
+}
+
+pub(crate) async fn registration_sends_the_welcome_email_and_an_inbox_message(s: Store) {
+    let e = env(s, RateLimit::per(5, Duration::from_secs(60))).await;
+    let (user, event) = notify::register_user(&e.cv, &json!({ "name": "Ada", "email": "ada@example.com" })).await.unwrap();
+    e.wait_settled().await;
+    let mails = e.mails.lock().unwrap().clone();
+    assert_eq!(mails.len(), 1, "one welcome email: {mails:?}");
+    assert!(mails[0].contains("Subject: Welcome, Ada!"), "{}", mails[0]);
+    assert!(mails[0].contains("To: ada@example.com"), "{}", mails[0]);
+    assert!(mails[0].contains("Hi Ada,"), "the text part: {}", mails[0]);
+    let (inbox, unread) = model::inbox(e.cv.backend().as_ref(), user, Page::default()).await.unwrap();
+    assert_eq!((inbox.items.len(), unread), (1, 1));
+    assert_eq!(inbox.items[0].title, "Welcome, Ada!");
+    model::mark_read(e.cv.backend().as_ref(), user, &inbox.items[0].id).await.unwrap();
+    assert_eq!(model::inbox(e.cv.backend().as_ref(), user, Page::default()).await.unwrap().1, 0, "read");
+    let logs = e.logs(LogFilter { user_id: Some(user), ..Default::default() }).await;
+    let mut channels: Vec<&str> = logs.iter().map(|l| l.channel.as_str()).collect();
+    channels.sort_unstable();
+    assert_eq!(channels, ["database", "email"]);
+    assert!(logs.iter().all(|l| l.status == "sent" && l.event_id == event && l.attempts == 1), "{logs:?}");
+    // The same registration event again (its default key): nothing new.
+    let again = notify::ingest(&e.cv, "user_registered", json!({ "user_id": user, "name": "Ada", "email": "ada@example.com" }), None)
+        .await
+        .unwrap();
+    assert_eq!((again.event_id.as_str(), again.duplicate), (event.as_str(), true));
+    // A taken email is refused.
+    assert!(matches!(
+        notify::register_user(&e.cv, &json!({ "name": "Ada 2", "email": "ADA@example.com" })).await,
+        Err(model::ModelError::Conflict(_))
+    ));
+    e.stop().await;
+}
+
+pub(crate) async fn slack_webhook_and_sms_reach_their_receivers_with_conditions_and_signature(s: Store) {
+    let e = env(s, RateLimit::per(100, Duration::from_secs(60))).await;
+    let user = e.user("Bob", json!({ "phone": "+15551234" })).await;
+    let slack = e.template("shipped-slack", "slack", None, "Order {{ order.id }} shipped to {{ order.city }}").await;
+    let hook = e.template("shipped-hook", "webhook", None, "order {{ order.id }}").await;
+    let sms = e.template("shipped-sms", "sms", None, "Hi {{ user.name }}, order {{ order.id }} is on its way").await;
+    let big = json!([{ "path": "order.total", "op": "gte", "value": 100 }]);
+    e.rule(json!({ "event": "order_shipped", "template_id": slack, "channel": "slack", "recipient": format!("{}/slack", e.http), "conditions": big })).await;
+    e.rule(json!({ "event": "order_shipped", "template_id": hook, "channel": "webhook", "recipient": format!("{}/hook", e.http),
+                   "conditions": [{ "path": "order.city", "op": "in", "value": ["Paris", "Lyon"] }] }))
+        .await;
+    e.rule(json!({ "event": "order_shipped", "template_id": sms, "channel": "sms" })).await;
+    let first =
+        notify::ingest(&e.cv, "order_shipped", json!({ "user_id": user, "order": { "id": "A1", "total": 150, "city": "Paris" } }), None)
+            .await
+            .unwrap();
+    // Below the Slack threshold and outside the webhook's cities: only the SMS.
+    notify::ingest(&e.cv, "order_shipped", json!({ "user_id": user, "order": { "id": "A2", "total": 20, "city": "Oslo" } }), None)
+        .await
+        .unwrap();
+    e.wait_settled().await;
+    let reqs = e.inbox.lock().unwrap().requests.clone();
+    let of = |p: &str| reqs.iter().filter(|r| r.0 == p).cloned().collect::<Vec<_>>();
+    let slack_msgs = of("slack");
+    assert_eq!(slack_msgs.len(), 1, "{reqs:?}");
+    assert_eq!(serde_json::from_str::<Value>(&slack_msgs[0].2).unwrap(), json!({ "text": "Order A1 shipped to Paris" }));
+    let hooks = of("hook");
+    assert_eq!(hooks.len(), 1);
+    let (headers, body) = (&hooks[0].1, &hooks[0].2);
+    let now = chrono::Utc::now().timestamp();
+    assert!(
+        verify(SECRET, &headers["x-conveyor-signature"], body.as_bytes(), now, 300),
+        "the receiver verifies the signature: {headers:?}"
+    );
+    assert!(!verify("wrong", &headers["x-conveyor-signature"], body.as_bytes(), now, 300));
+    let hook: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(
+        (hook["event"].as_str(), hook["event_id"].as_str(), hook["message"].as_str()),
+        (Some("order_shipped"), Some(first.event_id.as_str()), Some("order A1"))
+    );
+    assert_eq!(hook["payload"]["order"]["city"], "Paris");
+    assert!(hook["notification_id"].is_string());
+    let texts = of("sms/Messages");
+    assert_eq!(texts.len(), 2);
+    assert_eq!(texts[0].1["authorization"], "Bearer sms-token");
+    let forms: Vec<String> = texts.iter().map(|t| t.2.clone()).collect();
+    assert!(
+        forms.iter().any(|f| f.contains("To=%2B15551234") && f.contains("From=%2B15550000") && f.contains("order+A1+is+on+its+way")),
+        "{forms:?}"
+    );
+    let sms_logs = e.logs(LogFilter { channel: Some("sms".into()), ..Default::default() }).await;
+    assert!(sms_logs.iter().all(|l| l.status == "sent" && l.provider_id.as_deref().is_some_and(|p| p.starts_with("SM"))), "{sms_logs:?}");
+    e.stop().await;
+}
+
+pub(crate) async fn preferences_and_the_rate_limit_hold_back_notifications(s: Store) {
+    let e = env(s, RateLimit::per(5, Duration::from_secs(3600))).await;
+    let quiet = e.user("Cleo", json!({})).await;
+    let busy = e.user("Dan", json!({})).await;
+    e.wait_settled().await;
+    let db = e.template("ping", "database", Some("Ping"), "ping {{ n }}").await;
+    let mail = e.template("ping-mail", "email", Some("Ping {{ n }}"), "ping {{ n }}").await;
+    e.rule(json!({ "event": "ping", "template_id": db, "channel": "database" })).await;
+    e.rule(json!({ "event": "ping", "template_id": mail, "channel": "email" })).await;
+    model::set_preferences(
+        e.cv.backend().as_ref(),
+        quiet,
+        &json!({ "channels": { "email": false }, "events": { "ping": { "database": false } } }),
+    )
+    .await
+    .unwrap();
+    let prefs = model::preferences(e.cv.backend().as_ref(), quiet).await.unwrap();
+    assert_eq!((prefs["channels"]["email"].as_bool(), prefs["channels"]["sms"].as_bool()), (Some(false), Some(true)));
+    assert_eq!(prefs["events"]["ping"]["database"], false);
+    notify::ingest(&e.cv, "ping", json!({ "user_id": quiet, "n": 0 }), None).await.unwrap();
+    // Dan: 8 events × 2 channels = 16 notifications against a limit of 5 (the welcome pair
+    // already took 2): exactly 3 more get through.
+    for n in 0..8 {
+        notify::ingest(&e.cv, "ping", json!({ "user_id": busy, "n": n }), None).await.unwrap();
+    }
+    e.wait_settled().await;
+    let q = e.logs(LogFilter { user_id: Some(quiet), event: Some("ping".into()), ..Default::default() }).await;
+    assert_eq!(q.len(), 2);
+    assert!(q.iter().all(|l| l.status == "skipped"), "{q:?}");
+    let d = e.logs(LogFilter { user_id: Some(busy), ..Default::default() }).await;
+    let sent = d.iter().filter(|l| l.status == "sent").count();
+    let limited = d.iter().filter(|l| l.status == "rate_limited").count();
+    assert_eq!((sent, limited, d.len()), (5, 13, 18), "exactly the limit gets through: {d:?}");
+    e.stop().await;
+}
+
+pub(crate) async fn fifty_concurrent_duplicates_notify_once(s: Store) {
+    let e = env(s, RateLimit::per(100, Duration::from_secs(60))).await;
+    let user = e.user("Eve", json!({})).await;
+    let t = e.template("dup", "database", Some("Dup"), "once").await;
+    e.rule(json!({ "event": "dup", "template_id": t, "channel": "database" })).await;
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let cv = e.cv.clone();
+            tokio::spawn(async move { notify::ingest(&cv, "dup", json!({ "user_id": user }), Some("the-key".into())).await.unwrap() })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    let firsts: Vec<_> = results.iter().filter(|r| !r.duplicate).collect();
+    assert_eq!(firsts.len(), 1, "one original");
+    assert!(results.iter().all(|r| r.event_id == firsts[0].event_id), "every answer names the original");
+    e.wait_settled().await;
+    let logs = e.logs(LogFilter { event: Some("dup".into()), ..Default::default() }).await;
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    let (inbox, _) = model::inbox(e.cv.backend().as_ref(), user, Page::default()).await.unwrap();
+    assert_eq!(inbox.items.iter().filter(|i| i.body == "once").count(), 1);
+    e.stop().await;
+}
+
+pub(crate) async fn a_failing_provider_is_retried_then_failed_with_its_error(s: Store) {
+    let e = env(s, RateLimit::per(100, Duration::from_secs(60))).await;
+    e.inbox.lock().unwrap().fail.insert("down".into(), 100);
+    e.inbox.lock().unwrap().fail.insert("flaky".into(), 2);
+    let t = e.template("hook", "webhook", None, "hello").await;
+    e.rule(json!({ "event": "down", "template_id": t, "channel": "webhook", "recipient": format!("{}/down", e.http) })).await;
+    e.rule(json!({ "event": "flaky", "template_id": t, "channel": "webhook", "recipient": format!("{}/flaky", e.http) })).await;
+    e.rule(json!({ "event": "gone", "template_id": t, "channel": "webhook", "recipient": format!("{}/nowhere-404", e.http) })).await;
+    notify::ingest(&e.cv, "down", json!({}), None).await.unwrap();
+    notify::ingest(&e.cv, "flaky", json!({}), None).await.unwrap();
+    e.wait_settled().await;
+    let down = e.logs(LogFilter { event: Some("down".into()), ..Default::default() }).await;
+    assert_eq!(down.len(), 1);
+    assert_eq!((down[0].status.as_str(), down[0].attempts), ("failed", 3), "{down:?}");
+    assert!(down[0].error.as_deref().unwrap_or_default().contains("HTTP 500: provider down"), "{down:?}");
+    let failed = e.cv.backend().failed(Some("notify.webhook"), Page::default()).await.unwrap();
+    assert_eq!(failed.total, 1, "a retryable failed job");
+    assert!(failed.items[0].error.contains("provider down"));
+    let flaky = e.logs(LogFilter { event: Some("flaky".into()), ..Default::default() }).await;
+    assert_eq!((flaky.len(), flaky[0].status.as_str(), flaky[0].attempts), (1, "sent", 3), "{flaky:?}");
+    let hits = e.inbox.lock().unwrap().requests.iter().filter(|r| r.0 == "flaky").count();
+    assert_eq!(hits, 3, "two failures, then one delivery");
+    e.stop().await;
+}
+
+pub(crate) async fn rules_and_templates_are_validated_and_previewed(s: Store) {
+    let e = env(s, RateLimit::per(5, Duration::from_secs(60))).await;
+    let b = e.cv.backend().as_ref();
+    let t = e.template("greet", "email", Some("Hi {{ customer.name }}"), "Total {{ total }}").await;
+    let p = model::preview(b, t, &json!({ "customer": { "name": "Zoe" }, "total": 3 })).await.unwrap();
+    assert_eq!(p, json!({ "subject": "Hi Zoe", "body": "Total 3" }));
+    let err = model::preview(b, t, &json!({ "total": 3 })).await.unwrap_err().to_string();
+    assert!(err.contains("customer.name"), "names the missing variable: {err}");
+    let missing = model::save(b, Kind::Rules, None, &json!({ "event": "x", "template_id": 999, "channel": "email" })).await.unwrap_err();
+    assert!(matches!(&missing, model::ModelError::Invalid { field, .. } if field == "template_id"), "{missing:?}");
+    let wrong = model::save(b, Kind::Rules, None, &json!({ "event": "x", "template_id": t, "channel": "sms" })).await.unwrap_err();
+    assert!(matches!(&wrong, model::ModelError::Invalid { field, .. } if field == "channel"), "{wrong:?}");
+    let bad_op = model::save(
+        b,
+        Kind::Rules,
+        None,
+        &json!({ "event": "x", "template_id": t, "channel": "email", "conditions": [{ "path": "a", "op": "near", "value": 1 }] }),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(&bad_op, model::ModelError::Invalid { field, .. } if field == "conditions[0].op"), "{bad_op:?}");
+    let bad_template =
+        model::save(b, Kind::Templates, None, &json!({ "name": "x", "channel": "email", "body": "{{ oops" })).await.unwrap_err();
+    assert!(matches!(&bad_template, model::ModelError::Invalid { field, .. } if field == "body"), "{bad_template:?}");
+    assert!(matches!(model::delete(b, Kind::Templates, 1).await, Err(model::ModelError::Conflict(_))), "the welcome rule uses template 1");
+    // A source's schema validates payloads, naming the field.
+    model::save(b, Kind::Sources, None, &json!({ "name": "paid", "schema": { "type": "object", "required": ["amount"], "properties": { "amount": { "type": "number" } } } }))
+        .await
+        .unwrap();
+    let err = notify::ingest(&e.cv, "paid", json!({ "amount": "ten" }), None).await.unwrap_err().to_string();
+    assert_eq!(err, "payload.amount: must be number");
+    assert!(notify::ingest(&e.cv, "paid", json!({ "amount": 10 }), None).await.is_ok());
+    // A template whose variable the event lacks: a failed log saying which, nothing sent.
+    let u = e.user("Finn", json!({})).await;
+    let needy = e.template("needy", "database", Some("x"), "{{ missing_thing }}").await;
+    e.rule(json!({ "event": "needy", "template_id": needy, "channel": "database" })).await;
+    notify::ingest(&e.cv, "needy", json!({ "user_id": u }), None).await.unwrap();
+    e.wait_settled().await;
+    let logs = e.logs(LogFilter { event: Some("needy".into()), ..Default::default() }).await;
+    assert_eq!(logs[0].status, "failed");
+    assert!(logs[0].error.as_deref().unwrap_or_default().contains("missing_thing"), "{logs:?}");
+    e.stop().await;
+}
