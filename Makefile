@@ -1,7 +1,7 @@
 # Everyday targets; CI runs .ci/run, which runs the same commands.
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/conveyor-target
 
-.PHONY: test lint fmt bench bench-criterion bench-orders run fuzz-api
+.PHONY: test lint fmt bench bench-criterion bench-orders bench-notify run fuzz-api
 
 test:
 	cargo test --workspace
@@ -34,3 +34,9 @@ fuzz-api:
 bench-orders:
 	cargo build --release -p conveyor-cli
 	BIN=$(CARGO_TARGET_DIR)/release/conveyor bash scripts/bench-orders.sh
+
+# Notifications: 100,000 events, each delivered to a signed webhook receiver on loopback.
+bench-notify:
+	cargo build --release -p conveyor-cli
+	rm -f /tmp/conveyor-bench-notify.db*
+	CONVEYOR_LOG=warn CONVEYOR_DATABASE_URL=sqlite:///tmp/conveyor-bench-notify.db $(CARGO_TARGET_DIR)/release/conveyor bench --webhooks --jobs 100000 --concurrency 128

@@ -49,6 +49,10 @@ pub(crate) struct BenchArgs {
     /// Jobs per second in the latency phase
     #[arg(long, default_value_t = 1_000)]
     rate: u64,
+    /// Benchmark notifications instead: --jobs events, each delivered to a signed webhook
+    /// receiver on loopback
+    #[arg(long)]
+    webhooks: bool,
 }
 
 #[derive(Deserialize)]
@@ -69,6 +73,9 @@ fn now_us() -> u64 {
 }
 
 pub(crate) async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
+    if args.webhooks {
+        return crate::bench_notify::run(config, args.jobs, args.concurrency).await;
+    }
     if args.jobs == 0 || args.concurrency == 0 || args.batch == 0 {
         bail!("--jobs, --concurrency and --batch must be at least 1");
     }

@@ -193,10 +193,20 @@ pub async fn stored_secret(backend: &dyn QueueBackend) -> Result<String, Backend
         .await
 }
 
-/// A delivery job's payload.
+/// A delivery job's payload: the rendered message, so a first attempt reads nothing.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Delivery {
     log_id: String,
+    event: String,
+    event_id: String,
+    user_id: Option<i64>,
+    recipient: String,
+    subject: Option<String>,
+    body: String,
+    /// The email's HTML part (the body rendered with escaping); email only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    html: Option<String>,
+    payload: Value,
 }
 
 /// What `POST /api/events` answers.
@@ -364,9 +374,21 @@ impl Notifier {
                 if self.dispatcher.get(&channel).is_none() {
                     log.fail(format!("no channel {channel:?} is configured"));
                 } else {
+                    let html = if channel == "email" { Some(render::render(&body, &context, true).unwrap_or_default()) } else { None };
+                    let d = Delivery {
+                        log_id: log.id.clone(),
+                        event: env.event.clone(),
+                        event_id: env.event_id.clone(),
+                        user_id: log.user_id,
+                        recipient: log.recipient.clone(),
+                        subject: log.subject.clone(),
+                        body: log.body.clone().unwrap_or_default(),
+                        html,
+                        payload: env.payload.clone(),
+                    };
                     let kind = Dispatcher::kind(&channel);
                     jobs.push(
-                        NewJob::new(&kind, &Delivery { log_id: log.id.clone() })
+                        NewJob::new(&kind, &d)
                             .queue(&kind)
                             .max_attempts(self.config.max_attempts)
                             .backoff(Backoff::list(&self.config.backoff))
@@ -384,36 +406,31 @@ impl Notifier {
 
     async fn deliver(&self, d: Delivery, ctx: JobContext) -> JobResult {
         let backend = ctx.backend().clone();
-        let rows = backend
-            .query(
-                "SELECT l.status, l.channel, l.recipient, l.subject, l.body, l.event, l.event_id, l.user_id, e.payload
-                 FROM notify_logs l LEFT JOIN events e ON e.id = l.event_id WHERE l.id = $1",
-                vec![d.log_id.clone().into()],
-            )
-            .await?;
-        let Some(r) = rows.first() else { return Err(JobError::abort(format!("no notification {}", d.log_id))) };
-        if r.text(0) == Some("sent") {
-            // Sent by an earlier attempt whose acknowledgement was lost: never twice.
-            return Ok(());
+        if ctx.attempt > 1 {
+            // A retry: the last attempt may have sent and lost its acknowledgement. A log
+            // already `sent` is never sent again (and providers get the log id as idempotency
+            // key, for the case where the send happened but was not recorded).
+            let rows = backend.query("SELECT status FROM notify_logs WHERE id = $1", vec![d.log_id.clone().into()]).await?;
+            match rows.first() {
+                None => return Err(JobError::abort(format!("no notification {}", d.log_id))),
+                Some(r) if r.text(0) == Some("sent") => return Ok(()),
+                Some(_) => {}
+            }
         }
-        let channel_name = r.text(1).unwrap_or_default().to_string();
+        let channel_name = ctx.kind.strip_prefix("notify.").unwrap_or_default().to_string();
         let channel: Arc<dyn Channel> =
             self.dispatcher.get(&channel_name).cloned().ok_or_else(|| JobError::abort(format!("no channel {channel_name:?}")))?;
-        let payload: Value = r.text(8).and_then(|p| serde_json::from_str(p).ok()).unwrap_or(Value::Null);
-        let mut msg = Message {
+        let msg = Message {
             id: d.log_id.clone(),
-            event: r.text(5).unwrap_or_default().to_string(),
-            event_id: r.text(6).unwrap_or_default().to_string(),
-            user_id: r.opt_int(7),
-            recipient: r.text(2).unwrap_or_default().to_string(),
-            subject: r.text(3).map(str::to_string),
-            body: r.text(4).unwrap_or_default().to_string(),
-            html: None,
-            payload,
+            event: d.event,
+            event_id: d.event_id,
+            user_id: d.user_id,
+            recipient: d.recipient,
+            subject: d.subject,
+            body: d.body,
+            html: d.html,
+            payload: d.payload,
         };
-        if channel_name == "email" {
-            msg.html = html_body(&backend, &d.log_id, &msg).await;
-        }
         match channel.send(&msg).await {
             Ok(provider_id) => {
                 let result = ctx
@@ -455,25 +472,6 @@ impl Notifier {
             }
         }
     }
-}
-
-/// The HTML part of an email: its template's body rendered again with HTML escaping.
-async fn html_body(backend: &Arc<dyn QueueBackend>, log_id: &str, msg: &Message) -> Option<String> {
-    let rows = backend
-        .query(
-            "SELECT t.body FROM notify_logs l JOIN notify_rules r ON r.id = l.rule_id JOIN notify_templates t ON t.id = r.template_id
-             WHERE l.id = $1",
-            vec![log_id.into()],
-        )
-        .await
-        .ok()?;
-    let template = rows.first()?.text(0)?.to_string();
-    let mut context = msg.payload.clone();
-    if let Value::Object(m) = &mut context {
-        m.entry("event").or_insert_with(|| json!(msg.event));
-        m.entry("event_id").or_insert_with(|| json!(msg.event_id));
-    }
-    render::render(&template, &context, true).ok()
 }
 
 /// A notification log row being built.

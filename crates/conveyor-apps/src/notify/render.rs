@@ -1,5 +1,7 @@
 //! Rule conditions over an event's payload, and strict templates.
 
+use std::sync::{Mutex, OnceLock};
+
 use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -89,10 +91,26 @@ fn order(a: &Value, b: &Value) -> Option<std::cmp::Ordering> {
 /// Renders `template` over `context`. Strict: a variable the context lacks is an error naming
 /// it, never an empty string. `html` escapes the values (for an email's HTML part).
 pub fn render(template: &str, context: &Value, html: bool) -> Result<String, String> {
-    let mut env = Environment::new();
-    env.set_undefined_behavior(UndefinedBehavior::Strict);
-    env.set_auto_escape_callback(move |_| if html { AutoEscape::Html } else { AutoEscape::None });
-    let t = env.template_from_str(template).map_err(|e| e.to_string())?;
+    // Templates are compiled once and kept (keyed by their text) in one environment per
+    // escaping mode: a rule's template is rendered for every event it matches.
+    static ENVS: OnceLock<[Mutex<Environment<'static>>; 2]> = OnceLock::new();
+    let envs = ENVS.get_or_init(|| {
+        let make = |html: bool| {
+            let mut env = Environment::new();
+            env.set_undefined_behavior(UndefinedBehavior::Strict);
+            env.set_auto_escape_callback(move |_| if html { AutoEscape::Html } else { AutoEscape::None });
+            Mutex::new(env)
+        };
+        [make(false), make(true)]
+    });
+    let mut env = envs[html as usize].lock().unwrap_or_else(|e| e.into_inner());
+    if env.get_template(template).is_err() {
+        if env.templates().count() >= 1_000 {
+            env.clear_templates();
+        }
+        env.add_template_owned(template.to_string(), template.to_string()).map_err(|e| e.to_string())?;
+    }
+    let t = env.get_template(template).map_err(|e| e.to_string())?;
     t.render(context).map_err(|e| describe(&e, template, context))
 }
 
