@@ -237,12 +237,58 @@ pub(crate) async fn demo(config: &Config) -> anyhow::Result<()> {
     }
     let o = import::import_orders(&conveyor, std::io::Cursor::new(orders_csv.into_bytes()), |_| {}).await?;
     println!("demo: {} products, {} orders imported; their workflows are queued on `{}`.", p.orders, o.orders, orders::QUEUE);
+    let user = demo_notifications(&conveyor).await?;
     println!(
         "next:\n  conveyor serve                      # workers settle the orders; dashboard at http://{}/dashboard",
         config.http_addr
     );
     println!("  curl -s localhost:{}/api/kpis/realtime", config.http_addr.port());
     println!("  curl -s localhost:{}/api/leaderboard/customers?limit=5", config.http_addr.port());
+    let port = config.http_addr.port();
+    println!(
+        "  curl -s -XPOST localhost:{port}/api/events -d '{{\"event\":\"order_shipped\",\"payload\":{{\"user_id\":{user},\"order\":{{\"id\":\"A1\",\"total\":42}}}}}}'"
+    );
+    println!("  curl -s localhost:{port}/api/v1/users/{user}/inbox     # the welcome message and the shipping note");
+    println!("  curl -s 'localhost:{port}/api/v1/notifications?user_id={user}'");
     println!("  conveyor bench --jobs 20000          # in another terminal, and watch the dashboard move");
     Ok(())
+}
+
+/// A demo user (welcomed by the default rules), and an `order_shipped` source with a schema, an
+/// in-app template and its rule. Running the demo again reuses what exists.
+async fn demo_notifications(conveyor: &Conveyor) -> anyhow::Result<i64> {
+    use conveyor_apps::notify::{self, model};
+    use serde_json::json;
+    let backend = conveyor.backend().as_ref();
+    let user = match notify::register_user(conveyor, &json!({ "name": "Demo User", "email": "demo@example.com" })).await {
+        Ok((id, _)) => id,
+        Err(model::ModelError::Conflict(_)) => {
+            let rows = backend.query("SELECT id FROM users WHERE email = 'demo@example.com'", vec![]).await?;
+            conveyor_core::backend::RowExt::int(&rows[0], 0)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let exists = !backend.query("SELECT 1 FROM notify_sources WHERE name = 'order_shipped'", vec![]).await?.is_empty();
+    if !exists {
+        let schema = json!({ "type": "object", "required": ["user_id", "order"],
+                             "properties": { "order": { "type": "object", "required": ["id"] } } });
+        model::save(
+            backend,
+            model::Kind::Sources,
+            None,
+            &json!({ "name": "order_shipped", "description": "An order left the warehouse", "schema": schema }),
+        )
+        .await?;
+        let t = model::save(
+            backend,
+            model::Kind::Templates,
+            None,
+            &json!({ "name": "order-shipped-inbox", "channel": "database", "subject": "Order {{ order.id }} shipped", "body": "Hi {{ user.name }}, your order {{ order.id }} is on its way." }),
+        )
+        .await?;
+        model::save(backend, model::Kind::Rules, None, &json!({ "event": "order_shipped", "template_id": t["id"], "channel": "database" }))
+            .await?;
+    }
+    println!("demo: user {user} (demo@example.com) registered; rule `order_shipped` → in-app message.");
+    Ok(user)
 }
