@@ -198,12 +198,23 @@ fn notify(src: &Source) -> anyhow::Result<conveyor_apps::notify::NotifyConfig> {
     let mut c = conveyor_apps::notify::NotifyConfig::default();
     c.mailer = match src.string("", "mailer", "log").as_str() {
         "log" => Mailer::Log,
-        "smtp" => Mailer::Smtp(src.optional("smtp", "url").ok_or_else(|| anyhow::anyhow!("CONVEYOR_MAILER=smtp needs CONVEYOR_SMTP_URL"))?),
+        "smtp" => Mailer::Smtp(
+            src.optional("smtp", "url")
+                .ok_or_else(|| anyhow::anyhow!("CONVEYOR_MAILER=smtp needs CONVEYOR_SMTP_URL"))?
+                .split(',')
+                .map(|u| u.trim().to_string())
+                .filter(|u| !u.is_empty())
+                .collect(),
+        ),
         other => bail!("CONVEYOR_MAILER: expected log or smtp, got {other:?}"),
     };
     c.mail_from = src.string("mail", "from", &c.mail_from);
-    conveyor_apps::notify::channels::Email::new(&c.mailer, &c.mail_from).map_err(|e| anyhow::anyhow!(e))?;
-    c.sms_url = src.optional("sms", "url");
+    conveyor_apps::notify::channels::Email::providers(&c.mailer, &c.mail_from).map_err(|e| anyhow::anyhow!(e))?;
+    // Several gateways, comma-separated, are tried in order (each behind its own breaker).
+    c.sms_urls = src
+        .optional("sms", "url")
+        .map(|u| u.split(',').map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect())
+        .unwrap_or_default();
     c.sms_token = src.optional("sms", "token");
     c.sms_from = src.string("sms", "from", &c.sms_from);
     c.slack_webhook = src.optional("slack", "webhook");

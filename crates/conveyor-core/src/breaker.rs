@@ -119,7 +119,8 @@ impl Breaker {
         self.conveyor.backend().transact(move |tx| this.record_in(tx, success, now)).await
     }
 
-    fn record_in(&self, tx: &mut dyn Tx, success: bool, now: i64) -> Result<()> {
+    /// The same inside the caller's transaction (e.g. the one that records the call's result).
+    pub fn record_in(&self, tx: &mut dyn Tx, success: bool, now: i64) -> Result<()> {
         let name = self.name.as_str();
         let bucket_ms = (self.config.window.as_millis() as i64 / BUCKETS).max(1);
         let bucket = now / bucket_ms;

@@ -59,20 +59,52 @@ pub trait Channel: Send + Sync {
     }
 }
 
-/// The channels by name.
+/// One way out for a channel (an SMTP server, an SMS gateway). A channel with several tries
+/// them in order; each has a circuit breaker of its own.
+#[derive(Clone)]
+pub struct Provider {
+    /// `email#1`, `sms#2`, …: also its breaker's name (`notify:<name>`).
+    pub name: String,
+    pub channel: Arc<dyn Channel>,
+    /// Whether a breaker guards it (remote providers; not the in-app inbox, nor webhook and
+    /// Slack URLs, which are per rule).
+    pub guarded: bool,
+}
+
+/// The channels by name, each with its providers in failover order.
 #[derive(Clone, Default)]
 pub struct Dispatcher {
-    channels: HashMap<&'static str, Arc<dyn Channel>>,
+    channels: HashMap<&'static str, Vec<Provider>>,
 }
 
 impl Dispatcher {
+    /// A channel with one unguarded provider.
     pub fn with(mut self, channel: Arc<dyn Channel>) -> Self {
-        self.channels.insert(channel.name(), channel);
+        let name = channel.name();
+        self.channels.insert(name, vec![Provider { name: format!("{name}#1"), channel, guarded: false }]);
+        self
+    }
+
+    /// A channel with providers tried in order, each behind its own breaker.
+    pub fn with_providers(mut self, providers: Vec<Arc<dyn Channel>>) -> Self {
+        if let Some(first) = providers.first() {
+            let name = first.name();
+            let list = providers
+                .into_iter()
+                .enumerate()
+                .map(|(i, channel)| Provider { name: format!("{name}#{}", i + 1), channel, guarded: true })
+                .collect();
+            self.channels.insert(name, list);
+        }
         self
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<dyn Channel>> {
-        self.channels.get(name)
+        self.channels.get(name).and_then(|p| p.first()).map(|p| &p.channel)
+    }
+
+    pub fn providers(&self, name: &str) -> &[Provider] {
+        self.channels.get(name).map_or(&[], Vec::as_slice)
     }
 
     pub fn names(&self) -> Vec<&'static str> {
@@ -268,8 +300,9 @@ impl Channel for Database {
 #[derive(Clone, PartialEq)]
 pub enum Mailer {
     Log,
-    /// `smtp://user:pass@host:port` (plain; `?tls=required` for STARTTLS) or `smtps://…` (TLS).
-    Smtp(String),
+    /// Servers in failover order: `smtp://user:pass@host:port` (plain; `?tls=required` for
+    /// STARTTLS) or `smtps://…` (TLS).
+    Smtp(Vec<String>),
 }
 
 pub struct Email {
@@ -278,18 +311,22 @@ pub struct Email {
 }
 
 impl Email {
-    pub fn new(mailer: &Mailer, from: &str) -> Result<Email, String> {
+    /// One email provider per SMTP server (the log mailer: one).
+    pub fn providers(mailer: &Mailer, from: &str) -> Result<Vec<Email>, String> {
         from.parse::<lettre::message::Mailbox>().map_err(|e| format!("CONVEYOR_MAIL_FROM: {e}"))?;
-        let transport = match mailer {
-            Mailer::Log => None,
-            Mailer::Smtp(url) => Some(
-                lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::from_url(url)
-                    .map_err(|e| format!("CONVEYOR_SMTP_URL: {e}"))?
-                    .timeout(Some(Duration::from_secs(10)))
-                    .build(),
-            ),
-        };
-        Ok(Email { from: from.to_string(), transport })
+        match mailer {
+            Mailer::Log => Ok(vec![Email { from: from.to_string(), transport: None }]),
+            Mailer::Smtp(urls) => urls
+                .iter()
+                .map(|url| {
+                    let t = lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::from_url(url)
+                        .map_err(|e| format!("CONVEYOR_SMTP_URL: {e}"))?
+                        .timeout(Some(Duration::from_secs(10)))
+                        .build();
+                    Ok(Email { from: from.to_string(), transport: Some(t) })
+                })
+                .collect(),
+        }
     }
 }
 

@@ -19,13 +19,15 @@ pub mod model;
 pub mod render;
 mod schema;
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use conveyor_core::backend::{BackendError, QueueBackend, QueueBackendExt, RowExt, Tx};
+use conveyor_core::breaker::{Breaker, BreakerConfig, Permit};
 use conveyor_core::clock::now_ms;
 use conveyor_core::event::{Event, EventEnvelope};
 use conveyor_core::job::Backoff;
@@ -49,7 +51,8 @@ pub fn queues() -> Vec<String> {
 pub struct NotifyConfig {
     pub mailer: Mailer,
     pub mail_from: String,
-    pub sms_url: Option<String>,
+    /// Gateways in failover order.
+    pub sms_urls: Vec<String>,
     pub sms_token: Option<String>,
     pub sms_from: String,
     pub slack_webhook: Option<String>,
@@ -61,6 +64,8 @@ pub struct NotifyConfig {
     pub backoff: Vec<Duration>,
     /// Notifications per user.
     pub rate_limit: RateLimit,
+    /// The breaker each email and SMS provider has.
+    pub breaker: BreakerConfig,
 }
 
 impl std::fmt::Debug for NotifyConfig {
@@ -69,13 +74,14 @@ impl std::fmt::Debug for NotifyConfig {
         f.debug_struct("NotifyConfig")
             .field("mailer", &matches!(self.mailer, Mailer::Smtp(_)).then_some("smtp (***)").unwrap_or("log"))
             .field("mail_from", &self.mail_from)
-            .field("sms_url", &self.sms_url)
+            .field("sms_urls", &self.sms_urls)
             .field("sms_token", &hidden(&self.sms_token))
             .field("slack_webhook", &hidden(&self.slack_webhook))
             .field("webhook_secret", &hidden(&self.webhook_secret))
             .field("max_attempts", &self.max_attempts)
             .field("backoff", &self.backoff)
             .field("rate_limit", &self.rate_limit)
+            .field("breaker", &self.breaker)
             .finish()
     }
 }
@@ -85,7 +91,7 @@ impl Default for NotifyConfig {
         NotifyConfig {
             mailer: Mailer::Log,
             mail_from: "Conveyor <notifications@localhost>".into(),
-            sms_url: None,
+            sms_urls: Vec::new(),
             sms_token: None,
             sms_from: "Conveyor".into(),
             slack_webhook: None,
@@ -93,6 +99,13 @@ impl Default for NotifyConfig {
             max_attempts: 3,
             backoff: vec![Duration::from_secs(60), Duration::from_secs(300), Duration::from_secs(900)],
             rate_limit: RateLimit::per(5, Duration::from_secs(60)),
+            breaker: BreakerConfig {
+                failure_rate: 0.5,
+                min_calls: 5,
+                window: Duration::from_secs(60),
+                open_for: Duration::from_secs(30),
+                probes: 1,
+            },
         }
     }
 }
@@ -106,21 +119,33 @@ struct Notifier {
     config: NotifyConfig,
     dispatcher: Dispatcher,
     limiter: RateLimiter,
+    /// Breakers seen closed lately (name → when): most deliveries skip the breaker's store.
+    breaker_states: Mutex<HashMap<String, Instant>>,
 }
 
 /// Registers the listener and one delivery job kind per channel, with the built-in channels.
 pub fn register(registry: &mut Registry, backend: Arc<dyn QueueBackend>, config: NotifyConfig) -> Result<(), String> {
     let client = channels::http_client();
     let secret = webhook_secret(backend.clone(), config.webhook_secret.clone());
-    let dispatcher = Dispatcher::default()
-        .with(Arc::new(channels::Email::new(&config.mailer, &config.mail_from)?))
+    let emails: Vec<Arc<dyn Channel>> =
+        channels::Email::providers(&config.mailer, &config.mail_from)?.into_iter().map(|e| Arc::new(e) as Arc<dyn Channel>).collect();
+    let sms_urls: Vec<Option<String>> =
+        if config.sms_urls.is_empty() { vec![None] } else { config.sms_urls.iter().cloned().map(Some).collect() };
+    let sms: Vec<Arc<dyn Channel>> = sms_urls
+        .into_iter()
+        .map(|base_url| {
+            Arc::new(channels::Sms { client: client.clone(), base_url, token: config.sms_token.clone(), from: config.sms_from.clone() })
+                as Arc<dyn Channel>
+        })
+        .collect();
+    let mail_dispatch = if matches!(config.mailer, Mailer::Log) {
+        Dispatcher::default().with(emails[0].clone())
+    } else {
+        Dispatcher::default().with_providers(emails)
+    };
+    let dispatcher = mail_dispatch
         .with(Arc::new(channels::Database))
-        .with(Arc::new(channels::Sms {
-            client: client.clone(),
-            base_url: config.sms_url.clone(),
-            token: config.sms_token.clone(),
-            from: config.sms_from.clone(),
-        }))
+        .with_providers(sms)
         .with(Arc::new(channels::Slack { client: client.clone() }))
         .with(Arc::new(channels::Webhook { client, secret }));
     register_with(registry, backend, config, dispatcher);
@@ -130,12 +155,22 @@ pub fn register(registry: &mut Registry, backend: Arc<dyn QueueBackend>, config:
 /// The same with any set of channels.
 pub fn register_with(registry: &mut Registry, backend: Arc<dyn QueueBackend>, config: NotifyConfig, dispatcher: Dispatcher) {
     let limiter = RateLimiter::new(backend, "notify:user", config.rate_limit);
-    let n = Arc::new(Notifier { config, dispatcher, limiter });
+    let n = Arc::new(Notifier { config, dispatcher, limiter, breaker_states: Mutex::default() });
     let listener = n.clone();
     registry.listen_queued("*", "notifications", QUEUE, move |env: EventEnvelope<Value>, ctx: JobContext| {
         let n = listener.clone();
         async move {
             match ctx.complete_with(move |tx| n.fan_out(tx, &env)).await {
+                Ok(()) | Err(BackendError::LeaseLost(_)) => Ok(()),
+                Err(e) => Err(JobError::retry(e)),
+            }
+        }
+    });
+    let digests = n.clone();
+    registry.register(DIGEST_KIND, move |d: DigestRef, ctx: JobContext| {
+        let n = digests.clone();
+        async move {
+            match ctx.complete_with(move |tx| n.close_digest(tx, &d.digest_id)).await {
                 Ok(()) | Err(BackendError::LeaseLost(_)) => Ok(()),
                 Err(e) => Err(JobError::retry(e)),
             }
@@ -293,115 +328,248 @@ impl Notifier {
     /// delivery job) per notification. Runs in the listener's acknowledgement transaction.
     fn fan_out(&self, tx: &mut dyn Tx, env: &EventEnvelope<Value>) -> Result<(), BackendError> {
         let rules = tx.query(
-            "SELECT r.id, r.channel, r.recipient, r.conditions, t.subject, t.body FROM notify_rules r
-             JOIN notify_templates t ON t.id = r.template_id WHERE r.event = $1 AND r.active = 1 ORDER BY r.id",
+            "SELECT r.id, r.channel, r.recipient, r.conditions, t.subject, t.body, r.delay_s, r.digest_window_s, r.digest_key
+             FROM notify_rules r JOIN notify_templates t ON t.id = r.template_id WHERE r.event = $1 AND r.active = 1 ORDER BY r.id",
             &[env.event.as_str().into()],
         )?;
         let now = now_ms();
         let mut jobs = Vec::new();
         for r in &rules {
-            let (rule_id, channel) = (r.int(0), r.text(1).unwrap_or_default().to_string());
             let conditions: Vec<Condition> = r.text(3).and_then(|c| serde_json::from_str(c).ok()).unwrap_or_default();
             if !conditions.iter().all(|c| c.holds(&env.payload)) {
                 continue;
             }
-            let (subject, body) = (r.text(4).map(str::to_string), r.text(5).unwrap_or_default().to_string());
-            let mut log = LogRow {
-                id: uuid::Uuid::now_v7().to_string(),
-                event: env.event.clone(),
-                event_id: env.event_id.clone(),
-                rule_id,
-                user_id: None,
-                channel: channel.clone(),
-                recipient: String::new(),
-                status: "pending",
-                error: None,
-                subject: None,
-                body: None,
-                created_at: now,
+            let rule = RuleRow {
+                id: r.int(0),
+                channel: r.text(1).unwrap_or_default().to_string(),
+                recipient: r.text(2).filter(|s| !s.trim().is_empty()).map(str::to_string),
+                subject: r.text(4).map(str::to_string),
+                body: r.text(5).unwrap_or_default().to_string(),
+                delay_ms: r.opt_int(6).unwrap_or(0).max(0) * 1000,
+                digest_window_ms: r.opt_int(7).map(|w| w * 1000),
+                digest_key: r.text(8).map(str::to_string),
             };
             let mut context = env.payload.clone();
             if let Value::Object(m) = &mut context {
                 m.entry("event").or_insert_with(|| json!(env.event));
                 m.entry("event_id").or_insert_with(|| json!(env.event_id));
             }
-            // Who: an expression or URL, or the payload's user (then their address,
-            // preferences and rate limit apply).
-            match r.text(2).filter(|s| !s.trim().is_empty()) {
-                Some(expr) => match render::render(expr, &context, false) {
-                    Ok(to) => log.recipient = to.trim().to_string(),
-                    Err(e) => log.fail(format!("recipient: {e}")),
-                },
-                None => match user_of(tx, &env.payload)? {
-                    None => log.skip("the payload names no known user (user_id)"),
-                    Some(user) => {
-                        log.user_id = Some(user.id);
-                        if let Value::Object(m) = &mut context {
-                            m.entry("user").or_insert_with(|| json!({ "id": user.id, "name": user.name, "email": user.email }));
-                        }
-                        match user.address(&channel, self.config.slack_webhook.as_deref()) {
-                            None => log.skip(format!("the user has no {channel} address")),
-                            Some(a) => log.recipient = a,
-                        }
-                        if log.status == "pending" && !allowed(tx, user.id, &env.event, &channel)? {
-                            log.skip(format!("the user turned {channel} off for {}", env.event));
-                        }
-                        if log.status == "pending" && !self.limiter.check_in(tx, &user.id.to_string())?.is_allowed() {
-                            log.status = "rate_limited";
-                            log.error = Some(format!(
-                                "over {} notifications per {:?}",
-                                self.config.rate_limit.limit, self.config.rate_limit.period
-                            ));
-                        }
-                    }
-                },
-            }
+            let mut log = LogRow::new(&env.event, &env.event_id, rule.id, &rule.channel, now);
+            let user = self.resolve(tx, &rule, &env.event, &env.payload, &mut context, &mut log)?;
             if log.status == "pending" {
-                let rendered = subject
-                    .as_deref()
-                    .map(|s| render::render(s, &context, false))
-                    .transpose()
-                    .and_then(|s| Ok((s, render::render(&body, &context, false)?)));
-                match rendered {
-                    Ok((s, b)) => {
-                        log.subject = s;
-                        log.body = Some(b);
+                if let Some(window) = rule.digest_window_ms {
+                    // Collected: one message per (rule, recipient, key) when the window closes.
+                    match render::render(rule.digest_key.as_deref().unwrap_or(""), &context, false) {
+                        Ok(key) => {
+                            self.collect(tx, &rule, &log, key.trim(), window, env, now, &mut jobs)?;
+                            continue;
+                        }
+                        Err(e) => log.fail(format!("digest key: {e}")),
                     }
-                    Err(e) => log.fail(format!("template: {e}")),
                 }
             }
-            if log.status == "pending" {
-                if self.dispatcher.get(&channel).is_none() {
-                    log.fail(format!("no channel {channel:?} is configured"));
-                } else {
-                    let html = if channel == "email" { Some(render::render(&body, &context, true).unwrap_or_default()) } else { None };
-                    let d = Delivery {
-                        log_id: log.id.clone(),
-                        event: env.event.clone(),
-                        event_id: env.event_id.clone(),
-                        user_id: log.user_id,
-                        recipient: log.recipient.clone(),
-                        subject: log.subject.clone(),
-                        body: log.body.clone().unwrap_or_default(),
-                        html,
-                        payload: env.payload.clone(),
-                    };
-                    let kind = Dispatcher::kind(&channel);
-                    jobs.push(
-                        NewJob::new(&kind, &d)
-                            .queue(&kind)
-                            .max_attempts(self.config.max_attempts)
-                            .backoff(Backoff::list(&self.config.backoff))
-                            .tag(format!("event:{}", env.event_id)),
-                    );
-                }
-            }
-            log.insert(tx)?;
+            self.finish(tx, &rule, user.as_ref(), &context, &env.payload, log, now, &mut jobs)?;
         }
         if !jobs.is_empty() {
             tx.enqueue(jobs)?;
         }
         Ok(())
+    }
+
+    /// Who a rule's notification goes to: an expression or URL, or the payload's user (then
+    /// their address and preferences apply). Sets the log's recipient or why it is held back.
+    fn resolve(
+        &self,
+        tx: &mut dyn Tx,
+        rule: &RuleRow,
+        event: &str,
+        payload: &Value,
+        context: &mut Value,
+        log: &mut LogRow,
+    ) -> Result<Option<UserRow>, BackendError> {
+        if let Some(expr) = &rule.recipient {
+            match render::render(expr, context, false) {
+                Ok(to) => log.recipient = to.trim().to_string(),
+                Err(e) => log.fail(format!("recipient: {e}")),
+            }
+            return Ok(None);
+        }
+        let Some(user) = user_of(tx, payload)? else {
+            log.skip("the payload names no known user (user_id)");
+            return Ok(None);
+        };
+        log.user_id = Some(user.id);
+        if let Value::Object(m) = context {
+            m.entry("user").or_insert_with(|| json!({ "id": user.id, "name": user.name, "email": user.email }));
+        }
+        match user.address(&rule.channel, self.config.slack_webhook.as_deref()) {
+            None => log.skip(format!("the user has no {} address", rule.channel)),
+            Some(a) => log.recipient = a,
+        }
+        if log.status == "pending" && !allowed(tx, user.id, event, &rule.channel)? {
+            log.skip(format!("the user turned {} off for {event}", rule.channel));
+        }
+        Ok(Some(user))
+    }
+
+    /// Adds the event to the open digest of its (rule, recipient, key), or opens one whose
+    /// message is sent when its window closes.
+    #[allow(clippy::too_many_arguments)]
+    fn collect(
+        &self,
+        tx: &mut dyn Tx,
+        rule: &RuleRow,
+        log: &LogRow,
+        key: &str,
+        window: i64,
+        env: &EventEnvelope<Value>,
+        now: i64,
+        jobs: &mut Vec<NewJob>,
+    ) -> Result<(), BackendError> {
+        let line = format!("{}\n", json!({ "event_id": env.event_id, "payload": env.payload }));
+        let added = tx.execute(
+            "UPDATE notify_digests SET events = events || $4, count = count + 1
+             WHERE rule_id = $1 AND recipient = $2 AND digest_key = $3 AND status = 'open'",
+            &[rule.id.into(), log.recipient.clone().into(), key.into(), line.clone().into()],
+        )?;
+        if added > 0 {
+            return Ok(());
+        }
+        let id = uuid::Uuid::now_v7().to_string();
+        tx.execute(
+            "INSERT INTO notify_digests (id, rule_id, recipient, user_id, digest_key, status, events, count, first_event, opened_at, closes_at)
+             VALUES ($1, $2, $3, $4, $5, 'open', $6, 1, $7, $8, $9)",
+            &[
+                id.clone().into(),
+                rule.id.into(),
+                log.recipient.clone().into(),
+                log.user_id.into(),
+                key.into(),
+                line.into(),
+                env.event_id.clone().into(),
+                now.into(),
+                (now + window).into(),
+            ],
+        )?;
+        jobs.push(NewJob::new(DIGEST_KIND, &DigestRef { digest_id: id }).queue(QUEUE).run_at(now + window).max_attempts(10));
+        Ok(())
+    }
+
+    /// Sends a closed digest: one message over its events (`events`, `count`, `digest_key` in
+    /// the template), through the same path as any notification.
+    fn close_digest(&self, tx: &mut dyn Tx, digest_id: &str) -> Result<(), BackendError> {
+        let rows = tx.query(
+            "UPDATE notify_digests SET status = 'sent' WHERE id = $1 AND status = 'open'
+             RETURNING rule_id, user_id, digest_key, events, count, first_event",
+            &[digest_id.into()],
+        )?;
+        let Some(d) = rows.first() else { return Ok(()) };
+        let rule_id = d.int(0);
+        let events: Vec<Value> = d.text(3).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let payloads: Vec<Value> = events.iter().map(|e| e["payload"].clone()).collect();
+        let r = tx.query(
+            "SELECT r.channel, r.recipient, t.subject, t.body, r.event FROM notify_rules r JOIN notify_templates t ON t.id = r.template_id
+             WHERE r.id = $1",
+            &[rule_id.into()],
+        )?;
+        let Some(r) = r.first() else { return Ok(()) };
+        let rule = RuleRow {
+            id: rule_id,
+            channel: r.text(0).unwrap_or_default().to_string(),
+            recipient: r.text(1).filter(|s| !s.trim().is_empty()).map(str::to_string),
+            subject: r.text(2).map(str::to_string),
+            body: r.text(3).unwrap_or_default().to_string(),
+            delay_ms: 0,
+            digest_window_ms: None,
+            digest_key: None,
+        };
+        let event = r.text(4).unwrap_or_default().to_string();
+        let first_event = d.text(5).unwrap_or_default().to_string();
+        let last = payloads.last().cloned().unwrap_or_else(|| json!({}));
+        let mut context =
+            json!({ "events": payloads, "count": d.int(4), "digest_key": d.text(2), "event": event, "event_id": first_event });
+        let now = now_ms();
+        let mut log = LogRow::new(&event, &first_event, rule_id, &rule.channel, now);
+        let user = self.resolve(tx, &rule, &event, &last, &mut context, &mut log)?;
+        let mut jobs = Vec::new();
+        self.finish(tx, &rule, user.as_ref(), &context, &json!({ "events": context["events"].clone() }), log, now, &mut jobs)?;
+        if !jobs.is_empty() {
+            tx.enqueue(jobs)?;
+        }
+        Ok(())
+    }
+
+    /// Applies the rate limit, renders, writes the log row and (when it is to be sent) its
+    /// delivery job — deferred by the rule's delay and the user's quiet hours.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        tx: &mut dyn Tx,
+        rule: &RuleRow,
+        user: Option<&UserRow>,
+        context: &Value,
+        payload: &Value,
+        mut log: LogRow,
+        now: i64,
+        jobs: &mut Vec<NewJob>,
+    ) -> Result<(), BackendError> {
+        if log.status == "pending" {
+            if let Some(u) = user {
+                if !self.limiter.check_in(tx, &u.id.to_string())?.is_allowed() {
+                    log.status = "rate_limited";
+                    log.error =
+                        Some(format!("over {} notifications per {:?}", self.config.rate_limit.limit, self.config.rate_limit.period));
+                }
+            }
+        }
+        if log.status == "pending" {
+            let rendered = rule
+                .subject
+                .as_deref()
+                .map(|s| render::render(s, context, false))
+                .transpose()
+                .and_then(|s| Ok((s, render::render(&rule.body, context, false)?)));
+            match rendered {
+                Ok((s, b)) => {
+                    log.subject = s;
+                    log.body = Some(b);
+                }
+                Err(e) => log.fail(format!("template: {e}")),
+            }
+        }
+        if log.status == "pending" && self.dispatcher.providers(&rule.channel).is_empty() {
+            log.fail(format!("no channel {:?} is configured", rule.channel));
+        }
+        if log.status == "pending" {
+            let html = (rule.channel == "email").then(|| render::render(&rule.body, context, true).unwrap_or_default());
+            let d = Delivery {
+                log_id: log.id.clone(),
+                event: log.event.clone(),
+                event_id: log.event_id.clone(),
+                user_id: log.user_id,
+                recipient: log.recipient.clone(),
+                subject: log.subject.clone(),
+                body: log.body.clone().unwrap_or_default(),
+                html,
+                payload: payload.clone(),
+            };
+            // Deferred, never dropped: after the rule's delay, and out of the user's quiet hours.
+            let mut at = now + rule.delay_ms;
+            if let Some(quiet_end) = user.and_then(|u| u.quiet_until(at)) {
+                at = quiet_end;
+            }
+            let kind = Dispatcher::kind(&rule.channel);
+            let mut job = NewJob::new(&kind, &d)
+                .queue(&kind)
+                .max_attempts(self.config.max_attempts)
+                .backoff(Backoff::list(&self.config.backoff))
+                .tag(format!("event:{}", log.event_id));
+            if at > now {
+                job = job.run_at(at);
+            }
+            jobs.push(job);
+        }
+        log.insert(tx)
     }
 
     async fn deliver(&self, d: Delivery, ctx: JobContext) -> JobResult {
@@ -418,8 +586,10 @@ impl Notifier {
             }
         }
         let channel_name = ctx.kind.strip_prefix("notify.").unwrap_or_default().to_string();
-        let channel: Arc<dyn Channel> =
-            self.dispatcher.get(&channel_name).cloned().ok_or_else(|| JobError::abort(format!("no channel {channel_name:?}")))?;
+        let providers = self.dispatcher.providers(&channel_name).to_vec();
+        if providers.is_empty() {
+            return Err(JobError::abort(format!("no channel {channel_name:?}")));
+        }
         let msg = Message {
             id: d.log_id.clone(),
             event: d.event,
@@ -431,46 +601,106 @@ impl Notifier {
             html: d.html,
             payload: d.payload,
         };
-        match channel.send(&msg).await {
-            Ok(provider_id) => {
-                let result = ctx
-                    .complete_with(move |tx| {
-                        let n = tx.execute(
-                            "UPDATE notify_logs SET status = 'sent', attempts = attempts + 1, provider_id = $2, sent_at = $3, error = NULL
-                             WHERE id = $1 AND status <> 'sent'",
-                            &[msg.id.clone().into(), provider_id.into(), now_ms().into()],
-                        )?;
-                        if n == 1 {
-                            channel.record(tx, &msg)?;
-                        }
-                        Ok(())
-                    })
-                    .await;
-                match result {
-                    Ok(()) | Err(BackendError::LeaseLost(_)) => Ok(()),
-                    Err(e) => Err(JobError::retry(e)),
+        // Providers in order; one whose breaker is open is skipped, one that fails is recorded
+        // against its breaker and the next is tried.
+        let (mut last_error, mut wait): (Option<SendError>, Option<Duration>) = (None, None);
+        for p in providers {
+            let breaker = Breaker::new(ctx.conveyor.clone(), format!("notify:{}", p.name), self.config.breaker.clone());
+            if p.guarded && !self.recently_closed(&p.name) {
+                match breaker.allow().await? {
+                    Permit::Allowed => {}
+                    Permit::Rejected { retry_after } => {
+                        wait = Some(wait.map_or(retry_after, |w| w.min(retry_after)));
+                        continue;
+                    }
                 }
             }
-            Err(e) => {
-                let last = matches!(e, SendError::Permanent(_)) || ctx.attempt >= ctx.max_attempts;
-                let (id, error) = (d.log_id.clone(), e.to_string());
-                backend
-                    .transact(move |tx| {
-                        tx.execute(
-                            "UPDATE notify_logs SET attempts = attempts + 1, error = $2,
-                                    status = CASE WHEN $3 = 1 THEN 'failed' ELSE status END
-                             WHERE id = $1 AND status <> 'sent'",
-                            &[id.into(), error.into(), (last as i64).into()],
-                        )
-                    })
-                    .await?;
-                Err(match e {
-                    SendError::Permanent(m) => JobError::abort(m),
-                    SendError::Retry { error, retry_after: Some(after) } => JobError::retry_after(error, after),
-                    SendError::Retry { error, retry_after: None } => JobError::retry(error),
-                })
+            match p.channel.send(&msg).await {
+                Ok(provider_id) => {
+                    let (channel, msg, guarded) = (p.channel.clone(), msg.clone(), p.guarded);
+                    let result = ctx
+                        .complete_with(move |tx| {
+                            let n = tx.execute(
+                                "UPDATE notify_logs SET status = 'sent', attempts = attempts + 1, provider_id = $2, sent_at = $3, error = NULL
+                                 WHERE id = $1 AND status <> 'sent'",
+                                &[msg.id.clone().into(), provider_id.into(), now_ms().into()],
+                            )?;
+                            if n == 1 {
+                                channel.record(tx, &msg)?;
+                            }
+                            if guarded {
+                                breaker.record_in(tx, true, now_ms())?;
+                            }
+                            Ok(())
+                        })
+                        .await;
+                    if p.guarded {
+                        self.mark_closed(&p.name);
+                    }
+                    return match result {
+                        Ok(()) | Err(BackendError::LeaseLost(_)) => Ok(()),
+                        Err(e) => Err(JobError::retry(e)),
+                    };
+                }
+                Err(e @ SendError::Permanent(_)) => {
+                    // The message's fault (a bad address), not the provider's: no failover.
+                    last_error = Some(e);
+                    break;
+                }
+                Err(e) => {
+                    if p.guarded {
+                        breaker.record(false).await?;
+                        self.forget_closed(&p.name);
+                    }
+                    tracing::warn!(provider = %p.name, error = %e, "provider failed; trying the next");
+                    last_error = Some(e);
+                }
             }
         }
+        let Some(e) = last_error else {
+            // Every provider's breaker is open: wait for one without spending an attempt.
+            let wait = wait.unwrap_or(Duration::from_secs(1));
+            let id = d.log_id.clone();
+            backend
+                .transact(move |tx| {
+                    tx.execute(
+                        "UPDATE notify_logs SET error = $2 WHERE id = $1 AND status = 'pending'",
+                        &[id.into(), "every provider's circuit breaker is open; waiting".into()],
+                    )
+                })
+                .await?;
+            return Err(JobError::release(wait));
+        };
+        let last = matches!(e, SendError::Permanent(_)) || ctx.attempt >= ctx.max_attempts;
+        let (id, error) = (d.log_id.clone(), e.to_string());
+        backend
+            .transact(move |tx| {
+                tx.execute(
+                    "UPDATE notify_logs SET attempts = attempts + 1, error = $2,
+                            status = CASE WHEN $3 = 1 THEN 'failed' ELSE status END
+                     WHERE id = $1 AND status <> 'sent'",
+                    &[id.into(), error.into(), (last as i64).into()],
+                )
+            })
+            .await?;
+        Err(match e {
+            SendError::Permanent(m) => JobError::abort(m),
+            SendError::Retry { error, retry_after: Some(after) } => JobError::retry_after(error, after),
+            SendError::Retry { error, retry_after: None } => JobError::retry(error),
+        })
+    }
+
+    /// Whether this process saw the provider's breaker closed in the last 250 ms.
+    fn recently_closed(&self, name: &str) -> bool {
+        self.breaker_states.lock().unwrap_or_else(|e| e.into_inner()).get(name).is_some_and(|t| t.elapsed() < Duration::from_millis(250))
+    }
+
+    fn mark_closed(&self, name: &str) {
+        self.breaker_states.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), Instant::now());
+    }
+
+    fn forget_closed(&self, name: &str) {
+        self.breaker_states.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
     }
 }
 
@@ -490,7 +720,44 @@ struct LogRow {
     created_at: i64,
 }
 
+/// A rule as matching needs it.
+struct RuleRow {
+    id: i64,
+    channel: String,
+    recipient: Option<String>,
+    subject: Option<String>,
+    body: String,
+    delay_ms: i64,
+    digest_window_ms: Option<i64>,
+    digest_key: Option<String>,
+}
+
+/// The job that sends a digest when its window closes.
+const DIGEST_KIND: &str = "notify.digest";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct DigestRef {
+    digest_id: String,
+}
+
 impl LogRow {
+    fn new(event: &str, event_id: &str, rule_id: i64, channel: &str, now: i64) -> Self {
+        LogRow {
+            id: uuid::Uuid::now_v7().to_string(),
+            event: event.to_string(),
+            event_id: event_id.to_string(),
+            rule_id,
+            user_id: None,
+            channel: channel.to_string(),
+            recipient: String::new(),
+            status: "pending",
+            error: None,
+            subject: None,
+            body: None,
+            created_at: now,
+        }
+    }
+
     fn fail(&mut self, e: String) {
         self.status = "failed";
         self.error = Some(e);
@@ -531,9 +798,18 @@ struct UserRow {
     phone: Option<String>,
     slack: Option<String>,
     webhook: Option<String>,
+    timezone: Option<String>,
+    quiet: Option<(String, String)>,
 }
 
 impl UserRow {
+    /// When `at` (unix ms) falls in the user's quiet hours (in their time zone), the end of
+    /// those hours.
+    fn quiet_until(&self, at: i64) -> Option<i64> {
+        let (start, end) = self.quiet.as_ref()?;
+        quiet_until(at, self.timezone.as_deref().unwrap_or("UTC"), start, end)
+    }
+
     fn address(&self, channel: &str, default_slack: Option<&str>) -> Option<String> {
         match channel {
             "email" => Some(self.email.clone()),
@@ -552,7 +828,10 @@ fn user_of(tx: &mut dyn Tx, payload: &Value) -> Result<Option<UserRow>, BackendE
         _ => None,
     };
     let Some(id) = id else { return Ok(None) };
-    let rows = tx.query("SELECT id, name, email, phone, slack_webhook, webhook_url FROM users WHERE id = $1", &[id.into()])?;
+    let rows = tx.query(
+        "SELECT id, name, email, phone, slack_webhook, webhook_url, timezone, quiet_start, quiet_end FROM users WHERE id = $1",
+        &[id.into()],
+    )?;
     Ok(rows.first().map(|r| UserRow {
         id: r.int(0),
         name: r.text(1).unwrap_or_default().to_string(),
@@ -560,7 +839,33 @@ fn user_of(tx: &mut dyn Tx, payload: &Value) -> Result<Option<UserRow>, BackendE
         phone: r.text(3).map(str::to_string),
         slack: r.text(4).map(str::to_string),
         webhook: r.text(5).map(str::to_string),
+        timezone: r.text(6).map(str::to_string),
+        quiet: r.text(7).zip(r.text(8)).map(|(a, b)| (a.to_string(), b.to_string())),
     }))
+}
+
+/// The end of the quiet window `start`–`end` (`HH:MM`, local to `tz`; it may span midnight)
+/// if `at` falls inside it.
+pub fn quiet_until(at: i64, tz: &str, start: &str, end: &str) -> Option<i64> {
+    let tz = jiff::tz::TimeZone::get(tz).ok()?;
+    let hm = |t: &str| -> Option<(i8, i8)> {
+        let (h, m) = t.split_once(':')?;
+        Some((h.parse().ok().filter(|h| (0..24).contains(h))?, m.parse().ok().filter(|m| (0..60).contains(m))?))
+    };
+    let ((sh, sm), (eh, em)) = (hm(start)?, hm(end)?);
+    let local = jiff::Timestamp::from_millisecond(at).ok()?.to_zoned(tz.clone());
+    let minute = |h: i8, m: i8| h as i32 * 60 + m as i32;
+    let now = minute(local.hour(), local.minute());
+    let (s, e) = (minute(sh, sm), minute(eh, em));
+    let quiet = if s <= e { now >= s && now < e } else { now >= s || now < e };
+    if !quiet || s == e {
+        return None;
+    }
+    let mut end_at = local.date().at(eh, em, 0, 0).to_zoned(tz).ok()?;
+    if end_at.timestamp().as_millisecond() <= at {
+        end_at = end_at.checked_add(jiff::Span::new().days(1)).ok()?;
+    }
+    Some(end_at.timestamp().as_millisecond())
 }
 
 /// A user's preference for `channel` on `event`: the event's own setting, else the channel's,
@@ -577,4 +882,27 @@ fn allowed(tx: &mut dyn Tx, user: i64, event: &str, channel: &str) -> Result<boo
 /// Registers a user and emits `user_registered` in the same transaction.
 pub async fn register_user(conveyor: &Conveyor, body: &Value) -> Result<(i64, String), model::ModelError> {
     model::register_user(conveyor, body).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quiet_until;
+
+    fn ms(s: &str) -> i64 {
+        s.parse::<jiff::Timestamp>().unwrap().as_millisecond()
+    }
+
+    #[test]
+    fn quiet_hours_defer_to_their_end_in_the_users_time_zone() {
+        // 23:30 in Paris (UTC+1 in November) is inside 22:00–07:00: deferred to 07:00 next day.
+        assert_eq!(quiet_until(ms("2026-11-23T22:30:00Z"), "Europe/Paris", "22:00", "07:00"), Some(ms("2026-11-24T06:00:00Z")));
+        // 06:59 Paris: still quiet, ends the same morning.
+        assert_eq!(quiet_until(ms("2026-11-24T05:59:00Z"), "Europe/Paris", "22:00", "07:00"), Some(ms("2026-11-24T06:00:00Z")));
+        assert_eq!(quiet_until(ms("2026-11-24T11:00:00Z"), "Europe/Paris", "22:00", "07:00"), None, "noon is not quiet");
+        // A daytime window.
+        assert_eq!(quiet_until(ms("2026-11-24T10:00:00Z"), "UTC", "09:00", "17:00"), Some(ms("2026-11-24T17:00:00Z")));
+        assert_eq!(quiet_until(ms("2026-11-24T17:00:00Z"), "UTC", "09:00", "17:00"), None, "the end is not quiet");
+        assert_eq!(quiet_until(ms("2026-11-24T10:00:00Z"), "Not/AZone", "09:00", "17:00"), None);
+        assert_eq!(quiet_until(ms("2026-11-24T10:00:00Z"), "UTC", "25:00", "17:00"), None);
+    }
 }

@@ -150,6 +150,10 @@ pub async fn preferences(backend: &dyn QueueBackend, user_id: i64) -> Result<Val
         return Err(ModelError::NotFound(format!("no user {user_id}")));
     }
     let rows = backend.query("SELECT event, channel, enabled FROM notify_preferences WHERE user_id = $1", vec![user_id.into()]).await?;
+    let user = backend.query("SELECT timezone, quiet_start, quiet_end FROM users WHERE id = $1", vec![user_id.into()]).await?;
+    let (tz, quiet) = user.first().map_or((None, Value::Null), |u| {
+        (u.text(0).map(str::to_string), u.text(1).zip(u.text(2)).map_or(Value::Null, |(s, e)| json!({ "start": s, "end": e })))
+    });
     let mut channels = serde_json::Map::new();
     for c in CHANNELS {
         channels.insert(c.into(), json!(true));
@@ -163,7 +167,7 @@ pub async fn preferences(backend: &dyn QueueBackend, user_id: i64) -> Result<Val
             events.entry(event.to_string()).or_insert_with(|| json!({}))[channel] = json!(on);
         }
     }
-    Ok(json!({ "channels": channels, "events": events }))
+    Ok(json!({ "channels": channels, "events": events, "timezone": tz.unwrap_or_else(|| "UTC".into()), "quiet_hours": quiet }))
 }
 
 /// Replaces the settings the body names; others stay.
@@ -186,7 +190,7 @@ pub async fn set_preferences(backend: &dyn QueueBackend, user_id: i64, body: &Va
     if !body.is_object() {
         return Err(invalid("body", "must be a JSON object"));
     }
-    if let Some(c) = body.get("channels") {
+    if let Some(c) = body.get("channels").filter(|c| !c.is_null()) {
         channel_map(c, "channels", "", &mut settings)?;
     }
     if let Some(e) = body.get("events") {
@@ -198,8 +202,38 @@ pub async fn set_preferences(backend: &dyn QueueBackend, user_id: i64, body: &Va
             channel_map(v, &format!("events.{event}"), event, &mut settings)?;
         }
     }
+    // Quiet hours (`{start: "22:00", end: "07:00"}` or null) in the user's time zone.
+    let hhmm = |v: &Value, field: &str| -> Result<String, ModelError> {
+        let t = v.as_str().ok_or_else(|| invalid(field, "must be HH:MM"))?;
+        let ok = t.split_once(':').is_some_and(|(h, m)| {
+            h.len() == 2 && m.len() == 2 && h.parse::<u8>().is_ok_and(|h| h < 24) && m.parse::<u8>().is_ok_and(|m| m < 60)
+        });
+        if ok {
+            Ok(t.to_string())
+        } else {
+            Err(invalid(field, "must be HH:MM (00:00 to 23:59)"))
+        }
+    };
+    let quiet: Option<Option<(String, String)>> = match body.get("quiet_hours") {
+        None => None,
+        Some(Value::Null) => Some(None),
+        Some(q @ Value::Object(_)) => Some(Some((hhmm(&q["start"], "quiet_hours.start")?, hhmm(&q["end"], "quiet_hours.end")?))),
+        Some(_) => return Err(invalid("quiet_hours", "must be {start, end} or null")),
+    };
+    let tz = match body.get("timezone") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) if jiff::tz::TimeZone::get(t).is_ok() => Some(t.clone()),
+        Some(_) => return Err(invalid("timezone", "must be an IANA time zone like Europe/Paris")),
+    };
     backend
         .transact(move |tx| {
+            if let Some(t) = tz {
+                tx.execute("UPDATE users SET timezone = $2 WHERE id = $1", &[user_id.into(), t.into()])?;
+            }
+            if let Some(q) = quiet {
+                let (s, e) = q.map_or((None, None), |(s, e)| (Some(s), Some(e)));
+                tx.execute("UPDATE users SET quiet_start = $2, quiet_end = $3 WHERE id = $1", &[user_id.into(), s.into(), e.into()])?;
+            }
             for (event, channel, on) in settings {
                 tx.execute(
                     "INSERT INTO notify_preferences (user_id, event, channel, enabled) VALUES ($1, $2, $3, $4)
@@ -355,7 +389,9 @@ impl Kind {
         match self {
             Kind::Sources => "id, name, description, schema, created_at",
             Kind::Templates => "id, name, channel, subject, body, created_at",
-            Kind::Rules => "id, event, template_id, channel, recipient, conditions, active, created_at",
+            Kind::Rules => {
+                "id, event, template_id, channel, recipient, conditions, active, delay_s, digest_window_s, digest_key, created_at"
+            }
         }
     }
 
@@ -379,7 +415,9 @@ impl Kind {
             Kind::Rules => json!({
                 "id": r.int(0), "event": r.text(1), "template_id": r.int(2), "channel": r.text(3), "recipient": r.text(4),
                 "conditions": r.text(5).and_then(|s| serde_json::from_str::<Value>(s).ok()).unwrap_or(json!([])),
-                "active": r.int(6) != 0, "created_at": r.int(7),
+                "active": r.int(6) != 0, "delay": r.opt_int(7),
+                "digest": r.opt_int(8).map(|w| json!({ "window": w, "key": r.text(9) })),
+                "created_at": r.int(10),
             }),
         }
     }
@@ -466,6 +504,35 @@ pub async fn save(backend: &dyn QueueBackend, kind: Kind, id: Option<i64>, body:
                 Some(Value::Bool(b)) => *b,
                 Some(_) => return Err(invalid("active", "must be true or false")),
             };
+            let seconds = |v: Option<&Value>, field: &str, max: i64| -> Result<Option<i64>, ModelError> {
+                match v {
+                    None | Some(Value::Null) => Ok(None),
+                    Some(v) => v
+                        .as_i64()
+                        .filter(|s| (0..=max).contains(s))
+                        .map(Some)
+                        .ok_or_else(|| invalid(field, format!("must be a whole number of seconds from 0 to {max}"))),
+                }
+            };
+            let delay = seconds(body.get("delay"), "delay", 30 * 86_400)?;
+            let (window, key) = match body.get("digest") {
+                None | Some(Value::Null) => (None, None),
+                Some(Value::Object(d)) => {
+                    let w = seconds(d.get("window"), "digest.window", 7 * 86_400)?
+                        .filter(|w| *w > 0)
+                        .ok_or_else(|| invalid("digest.window", "is required: seconds from 1"))?;
+                    let key = match d.get("key") {
+                        None | Some(Value::Null) => None,
+                        Some(Value::String(k)) => {
+                            render::check(k).map_err(|e| invalid("digest.key", e))?;
+                            Some(k.clone())
+                        }
+                        Some(_) => return Err(invalid("digest.key", "must be a template string")),
+                    };
+                    (Some(w), key)
+                }
+                Some(_) => return Err(invalid("digest", "must be {window, key?}")),
+            };
             vec![
                 event.into(),
                 template_id.into(),
@@ -473,6 +540,9 @@ pub async fn save(backend: &dyn QueueBackend, kind: Kind, id: Option<i64>, body:
                 recipient.into(),
                 serde_json::to_string(&conditions).expect("conditions serialize").into(),
                 (active as i64).into(),
+                delay.into(),
+                window.into(),
+                key.into(),
             ]
         }
     };

@@ -107,4 +107,27 @@ INSERT INTO notify_sources (id, name, description, schema, created_at) VALUES
   (1, 'user_registered', 'A user signed up (POST /api/v1/users/register)', NULL, 0);
 INSERT INTO notify_ids (name, value) VALUES ('templates', 2), ('rules', 2), ('sources', 1);
 "#,
+    r#"
+ALTER TABLE notify_rules ADD COLUMN delay_s BIGINT;
+ALTER TABLE notify_rules ADD COLUMN digest_window_s BIGINT;
+ALTER TABLE notify_rules ADD COLUMN digest_key TEXT;
+ALTER TABLE users ADD COLUMN timezone TEXT;
+ALTER TABLE users ADD COLUMN quiet_start TEXT;
+ALTER TABLE users ADD COLUMN quiet_end TEXT;
+-- One open digest per (rule, recipient, key); events are JSON lines.
+CREATE TABLE notify_digests (
+    id          TEXT PRIMARY KEY,
+    rule_id     BIGINT NOT NULL,
+    recipient   TEXT NOT NULL,
+    user_id     BIGINT,
+    digest_key  TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    events      TEXT NOT NULL,
+    count       BIGINT NOT NULL,
+    first_event TEXT NOT NULL,
+    opened_at   BIGINT NOT NULL,
+    closes_at   BIGINT NOT NULL
+);
+CREATE UNIQUE INDEX notify_digests_open ON notify_digests(rule_id, recipient, digest_key) WHERE status = 'open';
+"#,
 ];

@@ -73,6 +73,9 @@ on_every_store!(
     notify::fifty_concurrent_duplicates_notify_once,
     notify::a_failing_provider_is_retried_then_failed_with_its_error,
     notify::rules_and_templates_are_validated_and_previewed,
+    notify::digests_delays_and_quiet_hours_defer_without_dropping,
+    notify::sms_fails_over_and_a_dead_gateways_breaker_opens,
+    notify::with_every_provider_down_deliveries_wait_without_spending_attempts,
 );
 
 pub(crate) async fn wait_for<F, Fut>(what: &str, limit: Duration, mut cond: F)

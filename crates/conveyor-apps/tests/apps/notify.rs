@@ -35,9 +35,9 @@ async fn env(s: Store, rate_limit: RateLimit) -> Env {
     let (http, inbox) = receivers::http().await;
     let (smtp_port, mails) = receivers::smtp().await;
     let config = NotifyConfig {
-        mailer: Mailer::Smtp(format!("smtp://127.0.0.1:{smtp_port}")),
+        mailer: Mailer::Smtp(vec![format!("smtp://127.0.0.1:{smtp_port}")]),
         mail_from: "Conveyor <noreply@example.com>".into(),
-        sms_url: Some(format!("{http}/sms")),
+        sms_urls: vec![format!("{http}/sms")],
         sms_token: Some("sms-token".into()),
         sms_from: "+15550000".into(),
         slack_webhook: None,
@@ -45,6 +45,7 @@ async fn env(s: Store, rate_limit: RateLimit) -> Env {
         max_attempts: 3,
         backoff: vec![Duration::ZERO],
         rate_limit,
+        ..NotifyConfig::default()
     };
     let mut registry = Registry::new();
     notify::register(&mut registry, s.backend.clone(), config).unwrap();
@@ -315,4 +316,200 @@ pub(crate) async fn rules_and_templates_are_validated_and_previewed(s: Store) {
     assert_eq!(logs[0].status, "failed");
     assert!(logs[0].error.as_deref().unwrap_or_default().contains("missing_thing"), "{logs:?}");
     e.stop().await;
+}
+
+pub(crate) async fn digests_delays_and_quiet_hours_defer_without_dropping(s: Store) {
+    let e = env(s, RateLimit::per(100, Duration::from_secs(60))).await;
+    let b = e.cv.backend().clone();
+    let user = e.user("Gus", json!({})).await;
+    e.wait_settled().await;
+    // A digest per thread over a 1-second window.
+    let t = e
+        .template(
+            "thread-digest",
+            "database",
+            Some("{{ count }} new in {{ digest_key }}"),
+            "{% for e in events %}{{ e.text }};{% endfor %}",
+        )
+        .await;
+    e.rule(json!({ "event": "comment", "template_id": t, "channel": "database", "digest": { "window": 1, "key": "{{ thread }}" } })).await;
+    for (thread, text) in [("A", "a1"), ("B", "b1"), ("A", "a2"), ("A", "a3"), ("B", "b2")] {
+        notify::ingest(&e.cv, "comment", json!({ "user_id": user, "thread": thread, "text": text }), None).await.unwrap();
+    }
+    wait_for("two digests", Duration::from_secs(15), || async {
+        model::inbox(b.as_ref(), user, Page::default()).await.unwrap().0.items.iter().filter(|i| i.title.contains(" new in ")).count() == 2
+    })
+    .await;
+    let (inbox, _) = model::inbox(b.as_ref(), user, Page::default()).await.unwrap();
+    let mut digests: Vec<(String, String)> =
+        inbox.items.iter().filter(|i| i.title.contains(" new in ")).map(|i| (i.title.clone(), i.body.clone())).collect();
+    digests.sort();
+    assert_eq!(
+        digests,
+        [("2 new in B".to_string(), "b1;b2;".to_string()), ("3 new in A".to_string(), "a1;a2;a3;".to_string())],
+        "one message per key, nothing mixed or repeated"
+    );
+
+    // A delayed rule: the delivery waits.
+    let late = e.template("late", "database", Some("Later"), "later").await;
+    e.rule(json!({ "event": "later", "template_id": late, "channel": "database", "delay": 3600 })).await;
+    notify::ingest(&e.cv, "later", json!({ "user_id": user }), None).await.unwrap();
+    // Quiet hours around now (UTC): deferred to their end.
+    let now = chrono::Utc::now();
+    let (start, end) =
+        ((now - chrono::Duration::hours(1)).format("%H:%M").to_string(), (now + chrono::Duration::hours(2)).format("%H:%M").to_string());
+    model::set_preferences(b.as_ref(), user, &json!({ "timezone": "UTC", "quiet_hours": { "start": start, "end": end } })).await.unwrap();
+    let hush = e.template("hush", "database", Some("Hush"), "hush").await;
+    e.rule(json!({ "event": "hush", "template_id": hush, "channel": "database" })).await;
+    notify::ingest(&e.cv, "hush", json!({ "user_id": user }), None).await.unwrap();
+    wait_for("both deliveries scheduled", Duration::from_secs(15), || async {
+        let q = b.queues().await.unwrap();
+        q.iter().find(|q| q.queue == "notify.database").is_some_and(|q| q.delayed == 2)
+            && q.iter().find(|q| q.queue == "notify").is_some_and(|q| q.pending + q.reserved == 0)
+    })
+    .await;
+    let delayed = b
+        .jobs(
+            conveyor_core::backend::JobFilter {
+                queue: Some("notify.database".into()),
+                state: Some(conveyor_core::job::JobState::Delayed),
+                ..Default::default()
+            },
+            Page::default(),
+        )
+        .await
+        .unwrap();
+    let mut waits: Vec<i64> = delayed.items.iter().map(|j| j.available_at.unwrap() - conveyor_core::clock::now_ms()).collect();
+    waits.sort_unstable();
+    let minutes: Vec<i64> = waits.iter().map(|w| w / 60_000).collect();
+    assert!((58..=60).contains(&minutes[0]), "the rule's delay is an hour: {minutes:?}");
+    assert!((117..=120).contains(&minutes[1]), "quiet hours end in two hours (to the minute): {minutes:?}");
+    let pending = e.logs(LogFilter { status: Some("pending".into()), user_id: Some(user), ..Default::default() }).await;
+    assert_eq!(pending.len(), 2, "deferred, not dropped: {pending:?}");
+    e.stop.cancel();
+    e.worker.await.unwrap();
+}
+
+pub(crate) async fn sms_fails_over_and_a_dead_gateways_breaker_opens(s: Store) {
+    let (http, inbox) = receivers::http().await;
+    inbox.lock().unwrap().fail.insert("gw1/Messages".into(), 1_000_000);
+    let config = NotifyConfig {
+        sms_urls: vec![format!("{http}/gw1"), format!("{http}/gw2")],
+        max_attempts: 3,
+        backoff: vec![Duration::ZERO],
+        rate_limit: RateLimit::per(1_000, Duration::from_secs(60)),
+        breaker: conveyor_core::breaker::BreakerConfig {
+            failure_rate: 0.5,
+            min_calls: 3,
+            window: Duration::from_secs(60),
+            open_for: Duration::from_secs(60),
+            probes: 1,
+        },
+        ..NotifyConfig::default()
+    };
+    let mut registry = Registry::new();
+    notify::register(&mut registry, s.backend.clone(), config).unwrap();
+    let cv = Conveyor::new(s.backend.clone(), registry);
+    let stop = CancellationToken::new();
+    let sup = SupervisorConfig::new("notify", QUEUES.iter().map(|q| q.to_string()).collect(), 2);
+    let worker = tokio::spawn(worker::run(
+        cv.clone(),
+        WorkerConfig { supervisors: vec![sup], poll_interval: Duration::from_millis(20), ..WorkerConfig::default() },
+        stop.clone(),
+    ));
+    let user = notify::register_user(&cv, &json!({ "name": "Hal", "email": "hal@example.com", "phone": "+15550101" })).await.unwrap().0;
+    let t = model::save(cv.backend().as_ref(), Kind::Templates, None, &json!({ "name": "s", "channel": "sms", "body": "n={{ n }}" }))
+        .await
+        .unwrap();
+    model::save(cv.backend().as_ref(), Kind::Rules, None, &json!({ "event": "text", "template_id": t["id"], "channel": "sms" }))
+        .await
+        .unwrap();
+    for n in 0..12 {
+        notify::ingest(&cv, "text", json!({ "user_id": user, "n": n }), None).await.unwrap();
+    }
+    let logs = || async {
+        model::logs(cv.backend().as_ref(), LogFilter { channel: Some("sms".into()), ..Default::default() }, Page::default())
+            .await
+            .unwrap()
+            .items
+    };
+    wait_for("every SMS sent", Duration::from_secs(30), || async { logs().await.iter().filter(|l| l.status == "sent").count() == 12 })
+        .await;
+    stop.cancel();
+    worker.await.unwrap();
+    let reqs = inbox.lock().unwrap().requests.clone();
+    let (gw1, gw2) = (reqs.iter().filter(|r| r.0 == "gw1/Messages").count(), reqs.iter().filter(|r| r.0 == "gw2/Messages").count());
+    assert_eq!(gw2, 12, "the second gateway delivered everything");
+    assert!((3..=5).contains(&gw1), "the dead gateway was tried until its breaker opened ({gw1} times), then skipped");
+    assert!(
+        logs().await.iter().all(|l| l.attempts == 1 && l.provider_id.as_deref().is_some_and(|p| p.starts_with("SM"))),
+        "failover spent no attempt"
+    );
+    let breakers = conveyor_core::breaker::list(cv.backend().as_ref(), Duration::from_secs(60)).await.unwrap();
+    let gw1_breaker = breakers.iter().find(|b| b.name == "notify:sms#1").expect("the first gateway's breaker");
+    assert_eq!(gw1_breaker.state, "open");
+    assert_eq!(breakers.iter().find(|b| b.name == "notify:sms#2").map(|b| b.state.as_str()), Some("closed"));
+    drop(s);
+}
+
+pub(crate) async fn with_every_provider_down_deliveries_wait_without_spending_attempts(s: Store) {
+    let (http, inbox) = receivers::http().await;
+    inbox.lock().unwrap().fail.insert("gw/Messages".into(), 1_000_000);
+    let config = NotifyConfig {
+        sms_urls: vec![format!("{http}/gw")],
+        max_attempts: 3,
+        backoff: vec![Duration::ZERO],
+        rate_limit: RateLimit::per(1_000, Duration::from_secs(60)),
+        breaker: conveyor_core::breaker::BreakerConfig {
+            failure_rate: 0.5,
+            min_calls: 2,
+            window: Duration::from_secs(60),
+            open_for: Duration::from_secs(2),
+            probes: 1,
+        },
+        ..NotifyConfig::default()
+    };
+    let mut registry = Registry::new();
+    notify::register(&mut registry, s.backend.clone(), config).unwrap();
+    let cv = Conveyor::new(s.backend.clone(), registry);
+    let stop = CancellationToken::new();
+    let sup = SupervisorConfig::new("notify", QUEUES.iter().map(|q| q.to_string()).collect(), 1);
+    let worker = tokio::spawn(worker::run(
+        cv.clone(),
+        WorkerConfig { supervisors: vec![sup], poll_interval: Duration::from_millis(20), ..WorkerConfig::default() },
+        stop.clone(),
+    ));
+    let user = notify::register_user(&cv, &json!({ "name": "Ida", "email": "ida@example.com", "phone": "+15550102" })).await.unwrap().0;
+    let t = model::save(cv.backend().as_ref(), Kind::Templates, None, &json!({ "name": "s", "channel": "sms", "body": "n={{ n }}" }))
+        .await
+        .unwrap();
+    model::save(cv.backend().as_ref(), Kind::Rules, None, &json!({ "event": "text", "template_id": t["id"], "channel": "sms" }))
+        .await
+        .unwrap();
+    for n in 0..6 {
+        notify::ingest(&cv, "text", json!({ "user_id": user, "n": n }), None).await.unwrap();
+    }
+    let logs = || async {
+        model::logs(cv.backend().as_ref(), LogFilter { channel: Some("sms".into()), ..Default::default() }, Page::default())
+            .await
+            .unwrap()
+            .items
+    };
+    wait_for("the breaker to hold deliveries back", Duration::from_secs(20), || async {
+        logs().await.iter().any(|l| l.error.as_deref().is_some_and(|e| e.contains("circuit breaker is open")))
+    })
+    .await;
+    // The gateway comes back: everything is delivered once the breaker lets a probe through,
+    // and the waiting did not spend the deliveries' attempts.
+    inbox.lock().unwrap().fail.clear();
+    wait_for("every SMS sent after the outage", Duration::from_secs(30), || async { logs().await.iter().all(|l| l.status == "sent") })
+        .await;
+    stop.cancel();
+    worker.await.unwrap();
+    let all = logs().await;
+    assert_eq!(all.len(), 6);
+    assert!(all.iter().all(|l| l.attempts <= 3), "{all:?}");
+    assert!(all.iter().filter(|l| l.attempts == 1).count() >= 3, "most were held back rather than retried: {all:?}");
+    assert_eq!(cv.backend().failed(None, Page::default()).await.unwrap().total, 0, "nothing failed for good");
+    drop(s);
 }
