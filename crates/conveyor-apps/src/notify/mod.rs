@@ -427,30 +427,34 @@ impl Notifier {
         jobs: &mut Vec<NewJob>,
     ) -> Result<(), BackendError> {
         let line = format!("{}\n", json!({ "event_id": env.event_id, "payload": env.payload }));
-        let added = tx.execute(
-            "UPDATE notify_digests SET events = events || $4, count = count + 1
-             WHERE rule_id = $1 AND recipient = $2 AND digest_key = $3 AND status = 'open'",
-            &[rule.id.into(), log.recipient.clone().into(), key.into(), line.clone().into()],
-        )?;
-        if added > 0 {
-            return Ok(());
-        }
+        // Open a digest, or (when one is open: the unique index says so, and concurrent openers
+        // wait for each other) add to it.
         let id = uuid::Uuid::now_v7().to_string();
-        tx.execute(
+        let opened = tx.query(
             "INSERT INTO notify_digests (id, rule_id, recipient, user_id, digest_key, status, events, count, first_event, opened_at, closes_at)
-             VALUES ($1, $2, $3, $4, $5, 'open', $6, 1, $7, $8, $9)",
+             VALUES ($1, $2, $3, $4, $5, 'open', $6, 1, $7, $8, $9)
+             ON CONFLICT (rule_id, recipient, digest_key) WHERE status = 'open' DO NOTHING
+             RETURNING id",
             &[
                 id.clone().into(),
                 rule.id.into(),
                 log.recipient.clone().into(),
                 log.user_id.into(),
                 key.into(),
-                line.into(),
+                line.clone().into(),
                 env.event_id.clone().into(),
                 now.into(),
                 (now + window).into(),
             ],
         )?;
+        if opened.is_empty() {
+            tx.execute(
+                "UPDATE notify_digests SET events = events || $4, count = count + 1
+                 WHERE rule_id = $1 AND recipient = $2 AND digest_key = $3 AND status = 'open'",
+                &[rule.id.into(), log.recipient.clone().into(), key.into(), line.into()],
+            )?;
+            return Ok(());
+        }
         jobs.push(NewJob::new(DIGEST_KIND, &DigestRef { digest_id: id }).queue(QUEUE).run_at(now + window).max_attempts(10));
         Ok(())
     }
@@ -465,7 +469,10 @@ impl Notifier {
         )?;
         let Some(d) = rows.first() else { return Ok(()) };
         let rule_id = d.int(0);
-        let events: Vec<Value> = d.text(3).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let mut events: Vec<Value> = d.text(3).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        // In the order the events happened (their ids are time-ordered), whatever order the
+        // listener handled them in.
+        events.sort_by(|a, b| a["event_id"].as_str().cmp(&b["event_id"].as_str()));
         let payloads: Vec<Value> = events.iter().map(|e| e["payload"].clone()).collect();
         let r = tx.query(
             "SELECT r.channel, r.recipient, t.subject, t.body, r.event FROM notify_rules r JOIN notify_templates t ON t.id = r.template_id

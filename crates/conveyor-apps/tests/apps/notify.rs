@@ -323,7 +323,7 @@ pub(crate) async fn digests_delays_and_quiet_hours_defer_without_dropping(s: Sto
     let b = e.cv.backend().clone();
     let user = e.user("Gus", json!({})).await;
     e.wait_settled().await;
-    // A digest per thread over a 1-second window.
+    // A digest per thread over a 3-second window.
     let t = e
         .template(
             "thread-digest",
@@ -332,7 +332,7 @@ pub(crate) async fn digests_delays_and_quiet_hours_defer_without_dropping(s: Sto
             "{% for e in events %}{{ e.text }};{% endfor %}",
         )
         .await;
-    e.rule(json!({ "event": "comment", "template_id": t, "channel": "database", "digest": { "window": 1, "key": "{{ thread }}" } })).await;
+    e.rule(json!({ "event": "comment", "template_id": t, "channel": "database", "digest": { "window": 3, "key": "{{ thread }}" } })).await;
     for (thread, text) in [("A", "a1"), ("B", "b1"), ("A", "a2"), ("A", "a3"), ("B", "b2")] {
         notify::ingest(&e.cv, "comment", json!({ "user_id": user, "thread": thread, "text": text }), None).await.unwrap();
     }
@@ -354,14 +354,19 @@ pub(crate) async fn digests_delays_and_quiet_hours_defer_without_dropping(s: Sto
     let late = e.template("late", "database", Some("Later"), "later").await;
     e.rule(json!({ "event": "later", "template_id": late, "channel": "database", "delay": 3600 })).await;
     notify::ingest(&e.cv, "later", json!({ "user_id": user }), None).await.unwrap();
-    // Quiet hours around now (UTC): deferred to their end.
+    // Quiet hours around now (UTC), for another user: deferred to their end.
+    let quinn = e.user("Quinn", json!({})).await;
+    wait_for("Quinn's welcome messages", Duration::from_secs(15), || async {
+        e.logs(LogFilter { user_id: Some(quinn), status: Some("sent".into()), ..Default::default() }).await.len() == 2
+    })
+    .await;
     let now = chrono::Utc::now();
     let (start, end) =
         ((now - chrono::Duration::hours(1)).format("%H:%M").to_string(), (now + chrono::Duration::hours(2)).format("%H:%M").to_string());
-    model::set_preferences(b.as_ref(), user, &json!({ "timezone": "UTC", "quiet_hours": { "start": start, "end": end } })).await.unwrap();
+    model::set_preferences(b.as_ref(), quinn, &json!({ "timezone": "UTC", "quiet_hours": { "start": start, "end": end } })).await.unwrap();
     let hush = e.template("hush", "database", Some("Hush"), "hush").await;
     e.rule(json!({ "event": "hush", "template_id": hush, "channel": "database" })).await;
-    notify::ingest(&e.cv, "hush", json!({ "user_id": user }), None).await.unwrap();
+    notify::ingest(&e.cv, "hush", json!({ "user_id": quinn }), None).await.unwrap();
     wait_for("both deliveries scheduled", Duration::from_secs(15), || async {
         let q = b.queues().await.unwrap();
         q.iter().find(|q| q.queue == "notify.database").is_some_and(|q| q.delayed == 2)
@@ -384,25 +389,39 @@ pub(crate) async fn digests_delays_and_quiet_hours_defer_without_dropping(s: Sto
     let minutes: Vec<i64> = waits.iter().map(|w| w / 60_000).collect();
     assert!((58..=60).contains(&minutes[0]), "the rule's delay is an hour: {minutes:?}");
     assert!((117..=120).contains(&minutes[1]), "quiet hours end in two hours (to the minute): {minutes:?}");
-    let pending = e.logs(LogFilter { status: Some("pending".into()), user_id: Some(user), ..Default::default() }).await;
-    assert_eq!(pending.len(), 2, "deferred, not dropped: {pending:?}");
+    let pending = e.logs(LogFilter { status: Some("pending".into()), ..Default::default() }).await;
+    let mut who: Vec<Option<i64>> = pending.iter().map(|l| l.user_id).collect();
+    who.sort_unstable();
+    assert_eq!(who, [Some(user), Some(quinn)], "deferred, not dropped: {pending:?}");
     e.stop.cancel();
     e.worker.await.unwrap();
 }
 
-pub(crate) async fn sms_fails_over_and_a_dead_gateways_breaker_opens(s: Store) {
+/// Notifications with SMS through `gateways` (paths on a receiver whose first `down` gateways
+/// answer 500), a breaker opening after `min_calls`, and `executors` workers; a user with a
+/// phone and a rule turning `text` events into SMS.
+async fn sms_env(
+    s: &Store,
+    gateways: &[&str],
+    down: usize,
+    min_calls: u32,
+    open_for: Duration,
+    executors: usize,
+) -> (Conveyor, receivers::Shared, CancellationToken, tokio::task::JoinHandle<conveyor_core::worker::WorkerReport>, i64) {
     let (http, inbox) = receivers::http().await;
-    inbox.lock().unwrap().fail.insert("gw1/Messages".into(), 1_000_000);
+    for g in &gateways[..down] {
+        inbox.lock().unwrap().fail.insert(format!("{g}/Messages"), 1_000_000);
+    }
     let config = NotifyConfig {
-        sms_urls: vec![format!("{http}/gw1"), format!("{http}/gw2")],
+        sms_urls: gateways.iter().map(|g| format!("{http}/{g}")).collect(),
         max_attempts: 3,
         backoff: vec![Duration::ZERO],
         rate_limit: RateLimit::per(1_000, Duration::from_secs(60)),
         breaker: conveyor_core::breaker::BreakerConfig {
             failure_rate: 0.5,
-            min_calls: 3,
+            min_calls,
             window: Duration::from_secs(60),
-            open_for: Duration::from_secs(60),
+            open_for,
             probes: 1,
         },
         ..NotifyConfig::default()
@@ -411,12 +430,9 @@ pub(crate) async fn sms_fails_over_and_a_dead_gateways_breaker_opens(s: Store) {
     notify::register(&mut registry, s.backend.clone(), config).unwrap();
     let cv = Conveyor::new(s.backend.clone(), registry);
     let stop = CancellationToken::new();
-    let sup = SupervisorConfig::new("notify", QUEUES.iter().map(|q| q.to_string()).collect(), 2);
-    let worker = tokio::spawn(worker::run(
-        cv.clone(),
-        WorkerConfig { supervisors: vec![sup], poll_interval: Duration::from_millis(20), ..WorkerConfig::default() },
-        stop.clone(),
-    ));
+    let sup = SupervisorConfig::new("notify", QUEUES.iter().map(|q| q.to_string()).collect(), executors);
+    let wc = WorkerConfig { supervisors: vec![sup], poll_interval: Duration::from_millis(20), ..WorkerConfig::default() };
+    let worker = tokio::spawn(worker::run(cv.clone(), wc, stop.clone()));
     let user = notify::register_user(&cv, &json!({ "name": "Hal", "email": "hal@example.com", "phone": "+15550101" })).await.unwrap().0;
     let t = model::save(cv.backend().as_ref(), Kind::Templates, None, &json!({ "name": "s", "channel": "sms", "body": "n={{ n }}" }))
         .await
@@ -424,15 +440,22 @@ pub(crate) async fn sms_fails_over_and_a_dead_gateways_breaker_opens(s: Store) {
     model::save(cv.backend().as_ref(), Kind::Rules, None, &json!({ "event": "text", "template_id": t["id"], "channel": "sms" }))
         .await
         .unwrap();
+    (cv, inbox, stop, worker, user)
+}
+
+async fn sms_logs(cv: &Conveyor) -> Vec<LogEntry> {
+    model::logs(cv.backend().as_ref(), LogFilter { channel: Some("sms".into()), ..Default::default() }, Page::default())
+        .await
+        .unwrap()
+        .items
+}
+
+pub(crate) async fn sms_fails_over_and_a_dead_gateways_breaker_opens(s: Store) {
+    let (cv, inbox, stop, worker, user) = sms_env(&s, &["gw1", "gw2"], 1, 3, Duration::from_secs(60), 2).await;
     for n in 0..12 {
         notify::ingest(&cv, "text", json!({ "user_id": user, "n": n }), None).await.unwrap();
     }
-    let logs = || async {
-        model::logs(cv.backend().as_ref(), LogFilter { channel: Some("sms".into()), ..Default::default() }, Page::default())
-            .await
-            .unwrap()
-            .items
-    };
+    let logs = || sms_logs(&cv);
     wait_for("every SMS sent", Duration::from_secs(30), || async { logs().await.iter().filter(|l| l.status == "sent").count() == 12 })
         .await;
     stop.cancel();
@@ -453,48 +476,11 @@ pub(crate) async fn sms_fails_over_and_a_dead_gateways_breaker_opens(s: Store) {
 }
 
 pub(crate) async fn with_every_provider_down_deliveries_wait_without_spending_attempts(s: Store) {
-    let (http, inbox) = receivers::http().await;
-    inbox.lock().unwrap().fail.insert("gw/Messages".into(), 1_000_000);
-    let config = NotifyConfig {
-        sms_urls: vec![format!("{http}/gw")],
-        max_attempts: 3,
-        backoff: vec![Duration::ZERO],
-        rate_limit: RateLimit::per(1_000, Duration::from_secs(60)),
-        breaker: conveyor_core::breaker::BreakerConfig {
-            failure_rate: 0.5,
-            min_calls: 2,
-            window: Duration::from_secs(60),
-            open_for: Duration::from_secs(2),
-            probes: 1,
-        },
-        ..NotifyConfig::default()
-    };
-    let mut registry = Registry::new();
-    notify::register(&mut registry, s.backend.clone(), config).unwrap();
-    let cv = Conveyor::new(s.backend.clone(), registry);
-    let stop = CancellationToken::new();
-    let sup = SupervisorConfig::new("notify", QUEUES.iter().map(|q| q.to_string()).collect(), 1);
-    let worker = tokio::spawn(worker::run(
-        cv.clone(),
-        WorkerConfig { supervisors: vec![sup], poll_interval: Duration::from_millis(20), ..WorkerConfig::default() },
-        stop.clone(),
-    ));
-    let user = notify::register_user(&cv, &json!({ "name": "Ida", "email": "ida@example.com", "phone": "+15550102" })).await.unwrap().0;
-    let t = model::save(cv.backend().as_ref(), Kind::Templates, None, &json!({ "name": "s", "channel": "sms", "body": "n={{ n }}" }))
-        .await
-        .unwrap();
-    model::save(cv.backend().as_ref(), Kind::Rules, None, &json!({ "event": "text", "template_id": t["id"], "channel": "sms" }))
-        .await
-        .unwrap();
+    let (cv, inbox, stop, worker, user) = sms_env(&s, &["gw"], 1, 2, Duration::from_secs(2), 1).await;
     for n in 0..6 {
         notify::ingest(&cv, "text", json!({ "user_id": user, "n": n }), None).await.unwrap();
     }
-    let logs = || async {
-        model::logs(cv.backend().as_ref(), LogFilter { channel: Some("sms".into()), ..Default::default() }, Page::default())
-            .await
-            .unwrap()
-            .items
-    };
+    let logs = || sms_logs(&cv);
     wait_for("the breaker to hold deliveries back", Duration::from_secs(20), || async {
         logs().await.iter().any(|l| l.error.as_deref().is_some_and(|e| e.contains("circuit breaker is open")))
     })
@@ -506,7 +492,7 @@ pub(crate) async fn with_every_provider_down_deliveries_wait_without_spending_at
         .await;
     stop.cancel();
     worker.await.unwrap();
-    let all = logs().await;
+    let all = sms_logs(&cv).await;
     assert_eq!(all.len(), 6);
     assert!(all.iter().all(|l| l.attempts <= 3), "{all:?}");
     assert!(all.iter().filter(|l| l.attempts == 1).count() >= 3, "most were held back rather than retried: {all:?}");
