@@ -27,5 +27,19 @@ done
 curl -sf "http://127.0.0.1:$port/api/health" >/dev/null || { echo "fuzz-api: conveyor serve did not start" >&2; cat "$work/serve.log" >&2; exit 1; }
 
 # From the scratch directory, so schemathesis' own cache stays out of the checkout.
-(cd "$work" && st run "http://127.0.0.1:$port/api/openapi.json" --checks not_a_server_error \
-  --max-examples "${EXAMPLES:-25}" --workers 2 --no-color)
+# A run whose only problems are schemathesis' own runtime errors (its generator crashing, as
+# hypothesis sometimes does on this Python) is run again, up to three times; a failed check (a
+# 5xx from Conveyor) fails at once.
+for run in 1 2 3; do
+  status=0
+  (cd "$work" && st run "http://127.0.0.1:$port/api/openapi.json" --checks not_a_server_error \
+    --max-examples "${EXAMPLES:-25}" --workers 2 --no-color) | tee "$work/st.out" || status=$?
+  [ "$status" -eq 0 ] && exit 0
+  summary=$(grep -E '^=+ .* in [0-9.]+s =+$' "$work/st.out" | tail -1)
+  if echo "$summary" | grep -q 'failure' || ! echo "$summary" | grep -q 'error'; then
+    echo "fuzz-api: failed: $summary" >&2
+    exit 1
+  fi
+  echo "fuzz-api: schemathesis itself errored ($summary); run $run of 3" >&2
+done
+exit 1
