@@ -133,7 +133,10 @@ impl Drop for Browser {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_live_numbers_retries_a_failed_job_and_pauses_a_queue() {
     let Some(browser) = Browser::start().await else { return };
-    let env = TestEnv::new("[[supervisors]]\nqueues = [\"default\", \"mail\"]\nmax_workers = 8\nbalance = \"simple\"\n");
+    let env = TestEnv::new(
+        "[[supervisors]]\nqueues = [\"default\", \"mail\"]\nmax_workers = 8\nbalance = \"simple\"\n\n\
+         [[supervisors]]\nname = \"notify\"\nqueues = [\"notify\", \"notify.email\", \"notify.database\"]\nconcurrency = 2\n",
+    );
     // A failed job whose payload is fine: retrying it from the dashboard makes it succeed.
     let failed = env.backend.enqueue(vec![NewJob::new("conveyor.sleep", &json!({ "ms": 5 }))]).await.unwrap()[0].id();
     let req = ReserveRequest { queues: vec!["default".into()], max: 1, lease: Duration::from_secs(30), worker: "test".into() };
@@ -178,6 +181,18 @@ async fn the_dashboard_shows_live_numbers_retries_a_failed_job_and_pauses_a_queu
     browser.goto(&format!("{url}/dashboard#/metrics")).await;
     browser.wait_text("the metrics charts", "#data", |t| t.contains("Jobs processed")).await;
     browser.screenshot("metrics").await;
+
+    // A registration's welcome messages show in the notification log.
+    let r = reqwest::Client::new()
+        .post(format!("{url}/api/v1/users/register"))
+        .json(&json!({ "name": "Ada", "email": "ada@example.com" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    browser.goto(&format!("{url}/dashboard#/notifications")).await;
+    browser.wait_text("both welcome messages sent", "#data", |t| t.contains("user_registered") && t.matches("sent").count() >= 2).await;
+    browser.screenshot("notifications").await;
 
     browser.quit().await;
     sigterm(&server);

@@ -106,7 +106,7 @@ window.go = (changes) => {
 };
 
 const views = {
-  '': overview, metrics, jobs, failed, batches, queues, events, workflows: workflow, orders,
+  '': overview, metrics, jobs, failed, batches, queues, events, workflows: workflow, orders, notifications,
 };
 
 let current = null;
@@ -390,6 +390,36 @@ function events(parts, params) {
         { title: 'Listeners', cell: (e) => e.listeners.map((l) => (l.job_id ? `<a href="#/jobs/${l.job_id}">${esc(l.listener)}</a>` : esc(l.listener))).join(', ') || '—' },
         { title: 'At', cell: (e) => ago(e.created_at) },
       ], res.data, 'No events yet.') + pager(res.meta);
+    },
+  };
+}
+
+// The notification delivery log, filterable by status, channel, event and user.
+function notifications(parts, params) {
+  const sel = (name, options) => `<select name="${name}"><option value="">any ${name}</option>${options
+    .map((o) => `<option ${params.get(name) === o ? 'selected' : ''}>${o}</option>`).join('')}</select>`;
+  return {
+    frame: `<h1>Notifications</h1><form class="filters" onsubmit="event.preventDefault(); go({status:this.status.value, channel:this.channel.value, event:this.event.value, user_id:this.user_id.value, page:''})">
+      ${sel('status', ['pending', 'sent', 'failed', 'rate_limited', 'skipped'])}
+      ${sel('channel', ['email', 'sms', 'slack', 'webhook', 'database'])}
+      <input name="event" placeholder="event" value="${esc(params.get('event') || '')}">
+      <input name="user_id" placeholder="user id" value="${esc(params.get('user_id') || '')}">
+      <button class="primary">Filter</button></form>`,
+    async data() {
+      const q = new URLSearchParams({ per_page: '50', page: params.get('page') || '1' });
+      for (const k of ['status', 'channel', 'event', 'user_id']) if (params.get(k)) q.set(k, params.get(k));
+      const res = await api(`/api/v1/notifications?${q}`);
+      return table([
+        { title: 'Event', cell: (n) => esc(n.event) },
+        { title: 'Channel', cell: (n) => esc(n.channel) },
+        { title: 'Recipient', cell: (n) => esc(n.recipient) },
+        { title: 'Status', cell: (n) => pill(n.status) },
+        { title: 'Attempts', num: true, cell: (n) => num(n.attempts) },
+        { title: 'Error', cell: (n) => (n.error ? `<span class="muted">${esc(n.error.slice(0, 120))}</span>` : '—') },
+        { title: 'Provider id', cell: (n) => esc(n.provider_id || '—') },
+        { title: 'Created', cell: (n) => ago(n.created_at) },
+        { title: 'Sent', cell: (n) => (n.sent_at ? ago(n.sent_at) : '—') },
+      ], res.data, 'No notifications yet.') + pager(res.meta);
     },
   };
 }
