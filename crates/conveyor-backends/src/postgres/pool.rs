@@ -132,5 +132,8 @@ pub(crate) fn config(url: &str) -> Result<postgres::Config> {
     if config.get_application_name().is_none() {
         config.application_name("conveyor");
     }
+    // A server that vanishes without closing the connection is noticed within about a minute,
+    // not after the kernel's two hours.
+    config.keepalives(true).keepalives_idle(Duration::from_secs(30));
     Ok(config)
 }
