@@ -10,6 +10,7 @@ mod admin;
 mod bench;
 mod bench_notify;
 mod config;
+mod dev;
 mod kinds;
 mod orders;
 mod run;
@@ -55,6 +56,9 @@ enum Command {
     Leaderboard(orders::LeaderboardCommand),
     /// Load sample products and orders, and print what to try next
     Demo,
+    /// Development tools: the partner simulator
+    #[command(subcommand)]
+    Dev(dev::DevCommand),
 }
 
 fn main() {
@@ -79,6 +83,7 @@ fn main() {
             Command::Kpis(cmd) => orders::kpis(&config, cmd).await,
             Command::Leaderboard(cmd) => orders::leaderboard(&config, cmd).await,
             Command::Demo => orders::demo(&config).await,
+            Command::Dev(cmd) => dev::run(cmd).await,
         }
     });
     if let Err(e) = result {

@@ -13,6 +13,7 @@ mod notify;
 mod openapi;
 mod orchestration;
 mod orders;
+pub mod partners;
 mod prometheus;
 mod stats;
 

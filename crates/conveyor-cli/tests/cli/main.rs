@@ -5,6 +5,7 @@ mod browser;
 mod commands;
 mod http;
 mod orders;
+mod partners;
 mod postgres;
 mod process;
 mod scheduler;
