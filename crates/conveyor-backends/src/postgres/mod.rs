@@ -59,6 +59,9 @@ pub struct PgBackend {
     history: usize,
     history_inserts: Arc<AtomicUsize>,
     last_notify: Arc<AtomicI64>,
+    /// A transaction made work ready but skipped its NOTIFY (throttled): the LISTEN thread
+    /// sends one shortly, so other processes still hear of it.
+    owed_notify: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
 }
 
@@ -86,13 +89,15 @@ impl PgBackend {
         })?;
         let wakeup = Arc::new(Wakeup::default());
         let stop = Arc::new(AtomicBool::new(false));
-        listen(pool.clone(), wakeup.clone(), stop.clone());
+        let owed_notify = Arc::new(AtomicBool::new(false));
+        listen(pool.clone(), wakeup.clone(), owed_notify.clone(), stop.clone());
         Ok(PgBackend {
             pool,
             wakeup,
             history: options.completed_history,
             history_inserts: Arc::default(),
             last_notify: Arc::default(),
+            owed_notify,
             stop,
         })
     }
@@ -107,8 +112,8 @@ impl PgBackend {
         R: Send + 'static,
         F: FnOnce(&mut PgTx<'_, '_>) -> Result<R> + Send + 'static,
     {
-        let (history, inserts, wakeup, last_notify) =
-            (self.history, self.history_inserts.clone(), self.wakeup.clone(), self.last_notify.clone());
+        let (history, inserts, wakeup, last_notify, owed) =
+            (self.history, self.history_inserts.clone(), self.wakeup.clone(), self.last_notify.clone(), self.owed_notify.clone());
         self.pool
             .with(move |c| {
                 let shard = c.shard;
@@ -119,8 +124,12 @@ impl PgBackend {
                     inserts.store(0, Ordering::Relaxed);
                     t.trim_history()?;
                 }
-                if t.commit(&last_notify)? {
+                let (woke, notified) = t.commit(&last_notify)?;
+                if woke {
                     wakeup.wake();
+                    if !notified {
+                        owed.store(true, Ordering::Relaxed);
+                    }
                 }
                 Ok(out)
             })
@@ -138,8 +147,9 @@ impl PgBackend {
 
 /// Keeps a `LISTEN conveyor_jobs` connection and wakes local workers on each notification;
 /// reconnects with backoff when the server goes away (and wakes them then too, since
-/// notifications sent meanwhile are lost).
-fn listen(pool: Arc<Pool>, wakeup: Arc<Wakeup>, stop: Arc<AtomicBool>) {
+/// notifications sent meanwhile are lost). It also sends the NOTIFYs that throttled
+/// transactions owe, within a few tens of milliseconds.
+fn listen(pool: Arc<Pool>, wakeup: Arc<Wakeup>, owed: Arc<AtomicBool>, stop: Arc<AtomicBool>) {
     let spawned = std::thread::Builder::new().name("conveyor-pg-listen".into()).spawn(move || {
         let mut backoff = Duration::from_millis(100);
         while !stop.load(Ordering::Relaxed) {
@@ -154,9 +164,10 @@ fn listen(pool: Arc<Pool>, wakeup: Arc<Wakeup>, stop: Arc<AtomicBool>) {
             };
             backoff = Duration::from_millis(100);
             wakeup.wake();
+            let mut last_check = std::time::Instant::now();
             while !stop.load(Ordering::Relaxed) && !client.is_closed() {
                 let mut notes = client.notifications();
-                let mut it = notes.timeout_iter(Duration::from_millis(250));
+                let mut it = notes.timeout_iter(Duration::from_millis(tx::NOTIFY_EVERY_MS as u64));
                 while !stop.load(Ordering::Relaxed) {
                     match it.next() {
                         Ok(Some(_)) => wakeup.wake(),
@@ -167,10 +178,19 @@ fn listen(pool: Arc<Pool>, wakeup: Arc<Wakeup>, stop: Arc<AtomicBool>) {
                         }
                     }
                 }
-                // A round trip notices a dead connection that sends nothing.
+                // A round trip notices a dead connection that sends nothing; it carries an owed
+                // NOTIFY when there is one.
                 drop(it);
                 drop(notes);
-                if client.batch_execute("").is_err() {
+                let sql = if owed.swap(false, Ordering::Relaxed) {
+                    "NOTIFY conveyor_jobs"
+                } else if last_check.elapsed() >= Duration::from_millis(250) {
+                    ""
+                } else {
+                    continue;
+                };
+                last_check = std::time::Instant::now();
+                if client.batch_execute(sql).is_err() {
                     break;
                 }
             }

@@ -22,7 +22,7 @@ pub(crate) const DELAYED: usize = 2;
 pub(crate) const FAILED: usize = 3;
 
 /// The shortest interval between two `NOTIFY`s of one process.
-const NOTIFY_EVERY_MS: i64 = 20;
+pub(crate) const NOTIFY_EVERY_MS: i64 = 20;
 
 /// SQL longer than this is not kept in the statement cache.
 pub(crate) const ONE_OFF: usize = 4096;
@@ -121,22 +121,25 @@ impl<'c, 't> PgTx<'c, 't> {
     /// Writes the deltas, notifies other processes if ready work was added (at most once per
     /// `NOTIFY_EVERY_MS` per process: PostgreSQL serializes the commits of notifying
     /// transactions, and the workers of other processes poll anyway), and commits.
-    pub(crate) fn commit(mut self, last_notify: &AtomicI64) -> Result<bool> {
+    /// Returns whether ready work was committed, and whether this transaction notified.
+    pub(crate) fn commit(mut self, last_notify: &AtomicI64) -> Result<(bool, bool)> {
         if let Some(e) = self.failed.take() {
             // Dropping the transaction rolls it back.
             return Err(e);
         }
         self.flush()?;
+        let mut notified = false;
         if self.wake {
             let now = now_ms();
             let last = last_notify.load(Ordering::Relaxed);
             if now - last >= NOTIFY_EVERY_MS && last_notify.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
                 self.run("NOTIFY conveyor_jobs", &[])?;
+                notified = true;
             }
         }
         let wake = self.wake;
         self.tx.commit().map_err(pg_err)?;
-        Ok(wake)
+        Ok((wake, notified))
     }
 
     /// Writes the counter and metric deltas gathered so far, last in the transaction and in one
