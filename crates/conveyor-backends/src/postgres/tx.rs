@@ -372,10 +372,11 @@ impl<'c, 't> PgTx<'c, 't> {
         } else {
             let rows = self.rows(
                 "WITH t AS (SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[]) AS t(id, token, runtime_ms, wait_ms)),
-                 l AS (SELECT j.id FROM jobs j JOIN t ON j.id = t.id AND j.state = 1 AND j.lease_token = t.token ORDER BY j.id FOR UPDATE OF j),
-                 d AS (DELETE FROM jobs j USING l, t WHERE j.id = l.id AND t.id = j.id
+                 l AS (SELECT j.id, t.runtime_ms, t.wait_ms FROM jobs j JOIN t ON j.id = t.id AND j.state = 1 AND j.lease_token = t.token
+                       ORDER BY j.id FOR UPDATE OF j),
+                 d AS (DELETE FROM jobs j USING l WHERE j.id = l.id
                        RETURNING j.id, j.queue, j.kind, j.payload, j.priority, j.attempts, j.max_attempts, j.tags, j.batch_id,
-                                 j.created_at, j.reserved_at, j.worker, t.runtime_ms, t.wait_ms)
+                                 j.created_at, j.reserved_at, j.worker, l.runtime_ms, l.wait_ms)
                  INSERT INTO completed_jobs (id, queue, kind, payload, priority, attempts, max_attempts, tags, batch_id,
                                              created_at, reserved_at, finished_at, runtime_ms, wait_ms, worker)
                  SELECT id, queue, kind, payload, priority, attempts, max_attempts, tags, batch_id,
