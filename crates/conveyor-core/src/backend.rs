@@ -420,3 +420,21 @@ pub fn insert_many(tx: &mut dyn Tx, head: &str, rows: Vec<Vec<SqlValue>>, tail: 
     }
     Ok(out)
 }
+
+/// Repeats `chunk` (one bounded transaction that clears, retries or forgets up to some number
+/// of rows and says how many) until it finds nothing left; returns the total. Backends use it
+/// so no administrative command holds one huge transaction.
+pub async fn in_chunks<F, Fut>(mut chunk: F) -> Result<u64>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64>>,
+{
+    let mut total = 0;
+    loop {
+        let n = chunk().await?;
+        total += n;
+        if n == 0 {
+            return Ok(total);
+        }
+    }
+}

@@ -151,6 +151,19 @@ pub fn summarize<'a>(rows: impl IntoIterator<Item = &'a MetricsRow>) -> MetricsR
     total
 }
 
+/// Attempts per queue over the last 60 s, from per-minute counts `(queue, minute, n)` of the
+/// current and previous minute: this minute so far plus the matching share of the previous one.
+pub fn last_minute_rates(rows: impl IntoIterator<Item = (String, i64, i64)>, now: i64) -> std::collections::HashMap<String, f64> {
+    let minute = minute_of(now);
+    let frac = (now - minute) as f64 / 60_000.0;
+    let mut rates = std::collections::HashMap::new();
+    for (q, m, n) in rows {
+        let share = if m == minute { n as f64 } else { n as f64 * (1.0 - frac) };
+        *rates.entry(q).or_default() += share;
+    }
+    rates
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,5 +192,17 @@ mod tests {
     #[test]
     fn minutes_truncate() {
         assert_eq!(minute_of(125_000), 120_000);
+    }
+
+    #[test]
+    fn last_minute_rates_weigh_the_previous_minute_by_what_is_left_of_it() {
+        let now = 1_800_000_000_000 + 15_000; // 15 s into a minute
+        let minute = super::minute_of(now);
+        let r = super::last_minute_rates(
+            [("q".to_string(), minute, 10), ("q".to_string(), minute - 60_000, 40), ("p".to_string(), minute, 3)],
+            now,
+        );
+        assert_eq!(r["q"], 10.0 + 40.0 * 0.75);
+        assert_eq!(r["p"], 3.0);
     }
 }

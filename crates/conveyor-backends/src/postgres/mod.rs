@@ -22,8 +22,8 @@ use async_trait::async_trait;
 use postgres::fallible_iterator::FallibleIterator;
 
 use conveyor_core::backend::{
-    BackendError, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats, ReserveRequest, Result, Row, SqlValue, TxFn,
-    WorkerInfo,
+    in_chunks, BackendError, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats, ReserveRequest, Result, Row,
+    SqlValue, TxFn, WorkerInfo,
 };
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::{Completion, EnqueueOutcome, Job, JobId, JobInfo, NewJob};
@@ -274,15 +274,11 @@ impl QueueBackend for PgBackend {
     }
 
     async fn clear(&self, queue: &str) -> Result<u64> {
-        let mut total = 0;
-        loop {
+        in_chunks(|| {
             let q = queue.to_string();
-            let n = self.tx(move |t| t.clear_chunk(&q, 5_000)).await?;
-            total += n;
-            if n == 0 {
-                return Ok(total);
-            }
-        }
+            self.tx(move |t| t.clear_chunk(&q, 5_000))
+        })
+        .await
     }
 
     async fn job(&self, id: JobId) -> Result<Option<JobInfo>> {
@@ -313,20 +309,14 @@ impl QueueBackend for PgBackend {
     }
 
     async fn retry_all_failed(&self, queue: Option<&str>) -> Result<u64> {
-        let mut total = 0;
-        loop {
+        in_chunks(|| {
             let q = queue.map(str::to_string);
-            let n = self
-                .tx(move |t| {
-                    let ids = t.failed_ids(q.as_deref(), 1_000)?;
-                    Ok(t.retry_failed(&ids)?.len() as u64)
-                })
-                .await?;
-            total += n;
-            if n == 0 {
-                return Ok(total);
-            }
-        }
+            self.tx(move |t| {
+                let ids = t.failed_ids(q.as_deref(), 1_000)?;
+                Ok(t.retry_failed(&ids)?.len() as u64)
+            })
+        })
+        .await
     }
 
     async fn forget_failed(&self, id: JobId) -> Result<bool> {
@@ -335,20 +325,14 @@ impl QueueBackend for PgBackend {
     }
 
     async fn flush_failed(&self, queue: Option<&str>) -> Result<u64> {
-        let mut total = 0;
-        loop {
+        in_chunks(|| {
             let q = queue.map(str::to_string);
-            let n = self
-                .tx(move |t| {
-                    let ids = t.failed_ids(q.as_deref(), 5_000)?;
-                    t.forget_failed(&ids)
-                })
-                .await?;
-            total += n;
-            if n == 0 {
-                return Ok(total);
-            }
-        }
+            self.tx(move |t| {
+                let ids = t.failed_ids(q.as_deref(), 5_000)?;
+                t.forget_failed(&ids)
+            })
+        })
+        .await
     }
 
     async fn metrics(&self, query: MetricsQuery) -> Result<Vec<MetricsRow>> {

@@ -5,24 +5,18 @@ use postgres::types::ToSql;
 use conveyor_core::backend::{FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueStats, Result, WorkerInfo};
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::{payload_value, JobId, JobInfo, JobState};
-use conveyor_core::metrics::{minute_of, MetricsRow, BUCKETS};
+use conveyor_core::metrics::{last_minute_rates, minute_of, MetricsRow, BUCKETS};
 
 use super::pool::Conn;
 
 pub(crate) fn queues(c: &mut Conn) -> Result<Vec<QueueStats>> {
     let now = now_ms();
-    let minute = minute_of(now);
-    let frac = (now - minute) as f64 / 60_000.0;
-    let mut rates = std::collections::HashMap::<String, f64>::new();
-    let since = minute - 60_000;
-    for r in c.rows(
+    let since = minute_of(now) - 60_000;
+    let counts = c.rows(
         "SELECT queue, minute, sum(completed + retried + failed)::bigint FROM job_metrics WHERE minute >= $1 GROUP BY queue, minute",
         &[&since],
-    )? {
-        let (q, m, n): (String, i64, i64) = (r.get(0), r.get(1), r.get(2));
-        let share = if m == minute { n as f64 } else { n as f64 * (1.0 - frac) };
-        *rates.entry(q).or_default() += share;
-    }
+    )?;
+    let rates = last_minute_rates(counts.iter().map(|r| (r.get(0), r.get(1), r.get(2))), now);
     let rows = c.rows(
         "SELECT n.name, coalesce(max(p.paused), 0), coalesce(sum(k.pending), 0)::bigint, coalesce(sum(k.delayed), 0)::bigint,
                 coalesce(sum(k.reserved), 0)::bigint, coalesce(sum(k.failed), 0)::bigint

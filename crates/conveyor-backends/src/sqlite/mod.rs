@@ -17,8 +17,8 @@ use async_trait::async_trait;
 use rusqlite::Connection;
 
 use conveyor_core::backend::{
-    BackendError, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats, ReserveRequest, Result, Row, SqlValue, TxFn,
-    WorkerInfo,
+    in_chunks, BackendError, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats, ReserveRequest, Result, Row,
+    SqlValue, TxFn, WorkerInfo,
 };
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::{Completion, EnqueueOutcome, Job, JobId, JobInfo, NewJob};
@@ -155,15 +155,11 @@ impl QueueBackend for SqliteBackend {
 
     async fn clear(&self, queue: &str) -> Result<u64> {
         // In chunks, so other writers are not held up behind one huge delete.
-        let mut total = 0;
-        loop {
+        in_chunks(|| {
             let q = queue.to_string();
-            let n = self.writer.call(move |w| w.clear_chunk(&q, 5_000)).await?;
-            total += n;
-            if n == 0 {
-                return Ok(total);
-            }
-        }
+            self.writer.call(move |w| w.clear_chunk(&q, 5_000))
+        })
+        .await
     }
 
     async fn job(&self, id: JobId) -> Result<Option<JobInfo>> {
@@ -199,21 +195,14 @@ impl QueueBackend for SqliteBackend {
     }
 
     async fn retry_all_failed(&self, queue: Option<&str>) -> Result<u64> {
-        let mut total = 0;
-        loop {
+        in_chunks(|| {
             let q = queue.map(str::to_string);
-            let n = self
-                .writer
-                .call(move |w| {
-                    let ids = w.failed_ids(q.as_deref(), 1_000)?;
-                    Ok(w.retry_failed(&ids)?.len() as u64)
-                })
-                .await?;
-            total += n;
-            if n == 0 {
-                return Ok(total);
-            }
-        }
+            self.writer.call(move |w| {
+                let ids = w.failed_ids(q.as_deref(), 1_000)?;
+                Ok(w.retry_failed(&ids)?.len() as u64)
+            })
+        })
+        .await
     }
 
     async fn forget_failed(&self, id: JobId) -> Result<bool> {
@@ -222,21 +211,14 @@ impl QueueBackend for SqliteBackend {
     }
 
     async fn flush_failed(&self, queue: Option<&str>) -> Result<u64> {
-        let mut total = 0;
-        loop {
+        in_chunks(|| {
             let q = queue.map(str::to_string);
-            let n = self
-                .writer
-                .call(move |w| {
-                    let ids = w.failed_ids(q.as_deref(), 5_000)?;
-                    w.forget_failed(&ids)
-                })
-                .await?;
-            total += n;
-            if n == 0 {
-                return Ok(total);
-            }
-        }
+            self.writer.call(move |w| {
+                let ids = w.failed_ids(q.as_deref(), 5_000)?;
+                w.forget_failed(&ids)
+            })
+        })
+        .await
     }
 
     async fn metrics(&self, query: MetricsQuery) -> Result<Vec<MetricsRow>> {

@@ -7,7 +7,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use conveyor_core::backend::{FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueStats, Result, WorkerInfo};
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::{payload_value, JobId, JobInfo, JobState};
-use conveyor_core::metrics::{minute_of, MetricsRow, BUCKETS};
+use conveyor_core::metrics::{last_minute_rates, minute_of, MetricsRow, BUCKETS};
 
 use super::{open_connection, storage_err};
 
@@ -57,22 +57,17 @@ impl Readers {
 
 pub(crate) fn queues(conn: &Connection) -> Result<Vec<QueueStats>> {
     let now = now_ms();
-    let minute = minute_of(now);
-    let frac = (now - minute) as f64 / 60_000.0;
-    let mut rates = std::collections::HashMap::<String, f64>::new();
     let mut st = conn
         .prepare_cached(
             "SELECT queue, minute, sum(completed + retried + failed) FROM job_metrics WHERE minute >= ?1 GROUP BY queue, minute",
         )
         .map_err(storage_err)?;
-    let rows =
-        st.query_map([minute - 60_000], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))).map_err(storage_err)?;
-    for row in rows {
-        let (q, m, n) = row.map_err(storage_err)?;
-        // Jobs in the last 60 s: this minute so far plus the matching share of the previous one.
-        let share = if m == minute { n as f64 } else { n as f64 * (1.0 - frac) };
-        *rates.entry(q).or_default() += share;
-    }
+    let counts = st
+        .query_map([minute_of(now) - 60_000], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
+        .map_err(storage_err)?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(storage_err)?;
+    let rates = last_minute_rates(counts, now);
     let mut out = Vec::new();
     let mut st =
         conn.prepare_cached("SELECT name, paused, pending, delayed, reserved, failed FROM queues ORDER BY name").map_err(storage_err)?;
