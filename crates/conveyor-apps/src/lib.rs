@@ -1,11 +1,13 @@
 //! Conveyor's applications, built only on the engine's public API: [`orders`] (import, the
-//! order workflow with rollback, KPIs and leaderboards) and [`notify`] (rules, templates,
-//! channels, preferences, rate limits, delivery logs). Product sync follows.
+//! order workflow with rollback, KPIs and leaderboards), [`notify`] (rules, templates, channels,
+//! preferences, rate limits, delivery logs) and [`sync`] (incremental product ingestion from a
+//! partner API, resilient price/stock pushes, run tracking, audit and replay).
 //!
 //! Applications are HTTP-free: the server crate maps its routes onto the functions here.
 
 pub mod notify;
 pub mod orders;
+pub mod sync;
 
 use std::sync::Arc;
 
@@ -17,22 +19,27 @@ use conveyor_core::Registry;
 pub struct AppsConfig {
     pub payment: orders::payment::SimulatorConfig,
     pub notify: notify::NotifyConfig,
+    pub sync: sync::SyncConfig,
 }
 
 /// Runs every application's migrations.
 pub async fn migrate(backend: &dyn QueueBackend) -> Result<()> {
     orders::migrate(backend).await?;
     notify::migrate(backend).await?;
+    sync::migrate(backend).await?;
     Ok(())
 }
 
 /// Every application's built-in schedules.
-pub fn schedules() -> Vec<conveyor_core::scheduler::Schedule> {
-    orders::schedules()
+pub fn schedules(config: &AppsConfig) -> Vec<conveyor_core::scheduler::Schedule> {
+    let mut out = orders::schedules();
+    out.extend(sync::schedules(&config.sync));
+    out
 }
 
 /// Registers every application's job kinds and listeners.
 pub fn register(registry: &mut Registry, backend: Arc<dyn QueueBackend>, config: &AppsConfig) -> Result<(), String> {
     orders::register(registry, backend.clone(), config.payment.clone());
+    sync::register(registry, backend.clone(), config.sync.clone());
     notify::register(registry, backend, config.notify.clone())
 }

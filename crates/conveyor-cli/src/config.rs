@@ -160,12 +160,18 @@ impl Config {
             api_token: src.optional("api", "token").map(Secret),
             shutdown_grace,
             supervisors: supervisors(&src.file)?,
-            schedules: with_builtin(schedules(&src.file)?),
+            schedules: Vec::new(),
             retention_completed: src.parsed("retention", "completed", 1_000usize, "a number of jobs")?,
             retention_metrics: src.duration("retention", "metrics", Duration::from_secs(24 * 3600))?,
             log_format,
             apps: apps(src)?,
-        })
+        }
+        .with_schedules(schedules(&src.file)?))
+    }
+
+    fn with_schedules(mut self, configured: Vec<Schedule>) -> Config {
+        self.schedules = with_builtin(configured, &self.apps);
+        self
     }
 }
 
@@ -188,7 +194,69 @@ fn apps(src: &Source) -> anyhow::Result<conveyor_apps::AppsConfig> {
     Ok(conveyor_apps::AppsConfig {
         payment: conveyor_apps::orders::payment::SimulatorConfig { success_rate: rate, seed, latency: Duration::from_millis(latency) },
         notify: notify(src)?,
+        sync: sync(src)?,
     })
+}
+
+/// `[sync]`: the partners (`source_url`, `source_token`, `target_url`, `target_key`), the
+/// limit and interval, and what a real partner needs changed: `source_path`, `page_size`,
+/// `source_fields` (`name=path,…`), `target_key_header`, `target_variant_path`,
+/// `target_price_path`, `target_stock_path`, `timeout`, `max_attempts`, `breaker_window`,
+/// `breaker_open_for`.
+fn sync(src: &Source) -> anyhow::Result<conveyor_apps::sync::SyncConfig> {
+    use conveyor_apps::sync::connector::{SourceConfig, TargetConfig};
+    let mut c = conveyor_apps::sync::SyncConfig::default();
+    let url = |key: &str| -> anyhow::Result<Option<String>> {
+        match src.get("sync", key) {
+            None => Ok(None),
+            Some((v, name)) => {
+                let u = reqwest_like_url(&v).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+                Ok(Some(u))
+            }
+        }
+    };
+    let timeout = src.duration("sync", "timeout", Duration::from_secs(10))?;
+    if let Some(u) = url("source_url")? {
+        let mut s = SourceConfig::new(u, src.optional("sync", "source_token"));
+        s.products_path = src.string("sync", "source_path", &s.products_path);
+        s.page_size = src.parsed("sync", "page_size", s.page_size, "a whole number from 1 to 1000")?;
+        if !(1..=1000).contains(&s.page_size) {
+            bail!("CONVEYOR_SYNC_PAGE_SIZE: expected a whole number from 1 to 1000, got {}", s.page_size);
+        }
+        if let Some((v, name)) = src.get("sync", "source_fields") {
+            s.fields.parse_overrides(&v).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+        }
+        s.timeout = timeout;
+        c.source = Some(s);
+    }
+    if let Some(u) = url("target_url")? {
+        let mut t = TargetConfig::new(u, src.optional("sync", "target_key"));
+        t.key_header = src.string("sync", "target_key_header", &t.key_header);
+        t.variant_path = src.string("sync", "target_variant_path", &t.variant_path);
+        t.price_path = src.string("sync", "target_price_path", &t.price_path);
+        t.stock_path = src.string("sync", "target_stock_path", &t.stock_path);
+        t.timeout = timeout;
+        c.target = Some(t);
+    }
+    c.target_rps = src.parsed("sync", "target_rps", c.target_rps, "a whole number of requests per second from 1")?;
+    if c.target_rps == 0 {
+        bail!("CONVEYOR_SYNC_TARGET_RPS: expected a whole number of requests per second from 1, got 0");
+    }
+    c.interval = src.duration("sync", "interval", c.interval)?;
+    c.max_attempts = src.parsed("sync", "max_attempts", c.max_attempts, "a whole number of tries from 1")?.max(1);
+    c.breaker.window = src.duration("sync", "breaker_window", c.breaker.window)?;
+    c.breaker.open_for = src.duration("sync", "breaker_open_for", c.breaker.open_for)?;
+    Ok(c)
+}
+
+/// An `http(s)://` URL, or why not.
+fn reqwest_like_url(text: &str) -> Result<String, String> {
+    let t = text.trim().trim_end_matches('/');
+    let rest = t.strip_prefix("http://").or_else(|| t.strip_prefix("https://")).ok_or("expected an http:// or https:// URL")?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err("the URL has no host".into());
+    }
+    Ok(t.to_string())
 }
 
 /// `CONVEYOR_MAILER`, `CONVEYOR_SMTP_URL`, `CONVEYOR_MAIL_FROM`, `CONVEYOR_SMS_*`,
@@ -250,6 +318,7 @@ fn supervisors(file: &toml::Table) -> anyhow::Result<Vec<SupervisorConfig>> {
             SupervisorConfig::new("default", vec!["default".into()], 8),
             SupervisorConfig::new("orders", vec![conveyor_apps::orders::QUEUE.into()], 64),
             SupervisorConfig::new("notify", conveyor_apps::notify::queues(), 64),
+            crate::sync::sync_supervisor(),
         ]);
     };
     let list = list.as_array().context("supervisors: expected [[supervisors]] tables")?;
@@ -300,8 +369,8 @@ fn supervisors(file: &toml::Table) -> anyhow::Result<Vec<SupervisorConfig>> {
 }
 
 /// The applications' schedules, unless the file names one the same (then the file's wins).
-fn with_builtin(mut configured: Vec<Schedule>) -> Vec<Schedule> {
-    for s in conveyor_apps::schedules() {
+fn with_builtin(mut configured: Vec<Schedule>, apps: &conveyor_apps::AppsConfig) -> Vec<Schedule> {
+    for s in conveyor_apps::schedules(apps) {
         if !configured.iter().any(|c| c.name == s.name) {
             configured.push(s);
         }

@@ -14,6 +14,7 @@ mod dev;
 mod kinds;
 mod orders;
 mod run;
+mod sync;
 
 use clap::{Parser, Subcommand};
 
@@ -54,6 +55,9 @@ enum Command {
     /// Leaderboards: rebuild them from the store
     #[command(subcommand)]
     Leaderboard(orders::LeaderboardCommand),
+    /// Product sync: run it, replay failures, show its health
+    #[command(subcommand)]
+    Sync(sync::SyncCommand),
     /// Load sample products and orders, and print what to try next
     Demo,
     /// Development tools: the partner simulator
@@ -82,6 +86,7 @@ fn main() {
             Command::Products(cmd) => orders::products(&config, cmd).await,
             Command::Kpis(cmd) => orders::kpis(&config, cmd).await,
             Command::Leaderboard(cmd) => orders::leaderboard(&config, cmd).await,
+            Command::Sync(cmd) => sync::run(&config, cmd).await,
             Command::Demo => orders::demo(&config).await,
             Command::Dev(cmd) => dev::run(cmd).await,
         }

@@ -6,11 +6,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Subcommand;
-use tokio_util::sync::CancellationToken;
 
 use conveyor_apps::orders::{self, import, money::to_major};
 use conveyor_core::clock::now_ms;
-use conveyor_core::worker::{self, SupervisorConfig, WorkerConfig};
+use conveyor_core::worker::SupervisorConfig;
 use conveyor_core::Conveyor;
 
 use crate::config::Config;
@@ -110,42 +109,29 @@ fn revenue_cents(out: &serde_json::Value) -> i64 {
 /// when no live worker serves the orders queue. Returns (completed, failed, revenue in cents).
 async fn settle(conveyor: &Conveyor, since: i64) -> anyhow::Result<(u64, u64, i64)> {
     let backend = conveyor.backend().clone();
-    let serving = backend
-        .workers(Duration::from_secs(30))
-        .await?
-        .iter()
-        .flat_map(|w| &w.supervisors)
-        .flat_map(|s| &s.pools)
-        .any(|p| p.queues.iter().any(|q| q == orders::QUEUE));
-    let shutdown = CancellationToken::new();
-    let local = (!serving).then(|| {
-        eprintln!("no worker serves the {} queue: running 64 here until the import settles", orders::QUEUE);
-        let mut sup = SupervisorConfig::new("orders", vec![orders::QUEUE.into()], 64);
-        sup.prefetch = 64;
-        tokio::spawn(worker::run(conveyor.clone(), WorkerConfig { supervisors: vec![sup], ..WorkerConfig::default() }, shutdown.clone()))
-    });
-    let started = Instant::now();
-    let mut last = Instant::now();
-    let result = loop {
-        let (open, completed, failed, revenue) = orders::settlement(backend.as_ref(), since).await?;
-        if open == 0 {
-            break (completed, failed, revenue);
-        }
-        if last.elapsed() > Duration::from_secs(2) {
-            eprintln!(
-                "settling: {open} orders in flight, {completed} completed, {failed} failed after {:.0}s",
-                started.elapsed().as_secs_f64()
-            );
-            last = Instant::now();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    eprintln!("settled in {:.2}s", started.elapsed().as_secs_f64());
-    shutdown.cancel();
-    if let Some(w) = local {
-        w.await.context("in-process workers")?;
-    }
-    Ok(result)
+    let mut sup = SupervisorConfig::new("orders", vec![orders::QUEUE.into()], 64);
+    sup.prefetch = 64;
+    crate::run::with_local_workers(conveyor, sup, || async {
+        let started = Instant::now();
+        let mut last = Instant::now();
+        let result = loop {
+            let (open, completed, failed, revenue) = orders::settlement(backend.as_ref(), since).await?;
+            if open == 0 {
+                break (completed, failed, revenue);
+            }
+            if last.elapsed() > Duration::from_secs(2) {
+                eprintln!(
+                    "settling: {open} orders in flight, {completed} completed, {failed} failed after {:.0}s",
+                    started.elapsed().as_secs_f64()
+                );
+                last = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        eprintln!("settled in {:.2}s", started.elapsed().as_secs_f64());
+        Ok(result)
+    })
+    .await
 }
 
 pub(crate) async fn products(config: &Config, cmd: ProductsCommand) -> anyhow::Result<()> {

@@ -2,6 +2,7 @@
 //! on SIGINT / SIGTERM through one shared cancellation token.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -166,7 +167,8 @@ pub(crate) async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()>
     let conveyor = Conveyor::new(backend.clone(), registry(&config, &backend)?);
     let scheduler = (!args.no_scheduler).then(|| Scheduler::new(conveyor.clone(), config.schedules.clone()));
     let state = conveyor_server::AppState::new(conveyor.clone(), config.api_token.as_ref().map(|s| s.0.clone()))
-        .with_schedules(scheduler.as_ref().map(Scheduler::info));
+        .with_schedules(scheduler.as_ref().map(Scheduler::info))
+        .with_sync(config.apps.sync.clone());
     let http = tokio::spawn(conveyor_server::serve(listener, state, shutdown.clone()));
     let scheduler = scheduler.map(|s| tokio::spawn(s.run(shutdown.clone())));
     let pruner = spawn_pruner(backend, config.retention_metrics, shutdown.clone());
@@ -192,4 +194,47 @@ pub(crate) async fn schedule(config: Config) -> anyhow::Result<()> {
     }
     Scheduler::new(conveyor, config.schedules.clone()).run(shutdown).await;
     Ok(())
+}
+
+/// Runs `wait` while making sure someone works `supervisor`'s queues: workers of this process
+/// start as soon as no live worker (heard from in the last 15 s) serves them, re-checked every
+/// second — a worker killed a moment ago still looks alive for a while — and stop when `wait`
+/// returns.
+pub(crate) async fn with_local_workers<T, F, Fut>(conveyor: &Conveyor, supervisor: SupervisorConfig, wait: F) -> anyhow::Result<T>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let shutdown = CancellationToken::new();
+    let watcher = {
+        let (conveyor, shutdown) = (conveyor.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                let workers = conveyor.backend().workers(Duration::from_secs(15)).await.unwrap_or_default();
+                let serving = workers
+                    .iter()
+                    .flat_map(|w| &w.supervisors)
+                    .flat_map(|s| &s.pools)
+                    .any(|p| p.queues.iter().any(|q| supervisor.queues.contains(q)));
+                if !serving {
+                    eprintln!(
+                        "no worker serves the {} queue: running {} here until this is done",
+                        supervisor.queues.join(","),
+                        supervisor.concurrency
+                    );
+                    let wc = WorkerConfig { supervisors: vec![supervisor], ..WorkerConfig::default() };
+                    worker::run(conveyor, wc, shutdown).await;
+                    return;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        })
+    };
+    let out = wait().await;
+    shutdown.cancel();
+    watcher.await.context("in-process workers")?;
+    out
 }

@@ -61,6 +61,46 @@ pub struct Breaker {
     config: BreakerConfig,
 }
 
+/// What one process saw of its breakers lately, so that a caller making many calls does not
+/// ask the store before each: a breaker that let a call succeed in the last `ttl` is assumed
+/// closed for that long (an opening elsewhere is noticed within `ttl`); a failure forgets it.
+/// Keep one per application instance (not a global: one process may talk to several stores).
+pub struct ClosedCache {
+    ttl: std::time::Duration,
+    seen: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+}
+
+impl Default for ClosedCache {
+    fn default() -> Self {
+        ClosedCache { ttl: Duration::from_millis(250), seen: Default::default() }
+    }
+}
+
+impl ClosedCache {
+    /// [`Breaker::allow`], skipped while the breaker was seen closed within the last `ttl`.
+    pub async fn allow(&self, breaker: &Breaker) -> Result<Permit> {
+        if self.recently_closed(breaker.name()) {
+            return Ok(Permit::Allowed);
+        }
+        breaker.allow().await
+    }
+
+    /// Whether a call through `name` succeeded within the last `ttl`.
+    pub fn recently_closed(&self, name: &str) -> bool {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).get(name).is_some_and(|t| t.elapsed() < self.ttl)
+    }
+
+    /// A call through `name` succeeded (and was recorded).
+    pub fn succeeded(&self, name: &str) {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), std::time::Instant::now());
+    }
+
+    /// A call through `name` failed: ask the store again next time.
+    pub fn failed(&self, name: &str) {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+    }
+}
+
 /// Buckets per window: the window slides in steps of a tenth of its length.
 const BUCKETS: i64 = 10;
 

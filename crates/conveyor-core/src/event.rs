@@ -72,10 +72,13 @@ pub struct ListenerRun {
 
 type InlineFn = Arc<dyn Fn(EventRecord) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
+/// Decides, inside the emitting transaction, whether a queued listener wants an event.
+pub type ListenerGuard = Arc<dyn Fn(&mut dyn Tx, &str) -> Result<bool> + Send + Sync>;
+
 #[derive(Clone)]
 pub(crate) enum Listener {
     Inline { name: String, run: InlineFn },
-    Queued { name: String, queue: String, kind: String },
+    Queued { name: String, queue: String, kind: String, guard: Option<ListenerGuard> },
 }
 
 impl Registry {
@@ -87,12 +90,36 @@ impl Registry {
         F: Fn(EventEnvelope<T>, JobContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = JobResult> + Send + 'static,
     {
+        self.add_queued(event, name, queue, None, handler)
+    }
+
+    /// A queued listener that gets only the events `guard` accepts. The guard runs inside the
+    /// emitting transaction, so it may read the store (a notification service asks whether any
+    /// rule names the event) and its answer is consistent with what commits; events it refuses
+    /// cost no job.
+    pub fn listen_queued_when<T, G, F, Fut>(&mut self, event: &str, name: &str, queue: &str, guard: G, handler: F) -> &mut Self
+    where
+        T: DeserializeOwned + Send + 'static,
+        G: Fn(&mut dyn Tx, &str) -> Result<bool> + Send + Sync + 'static,
+        F: Fn(EventEnvelope<T>, JobContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = JobResult> + Send + 'static,
+    {
+        self.add_queued(event, name, queue, Some(Arc::new(guard)), handler)
+    }
+
+    fn add_queued<T, F, Fut>(&mut self, event: &str, name: &str, queue: &str, guard: Option<ListenerGuard>, handler: F) -> &mut Self
+    where
+        T: DeserializeOwned + Send + 'static,
+        F: Fn(EventEnvelope<T>, JobContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = JobResult> + Send + 'static,
+    {
         let kind = format!("listener:{}:{name}", if event == "*" { "any" } else { event });
         self.register(&kind, handler);
         self.listeners.entry(event.to_string()).or_default().push(Listener::Queued {
             name: name.to_string(),
             queue: queue.to_string(),
             kind,
+            guard,
         });
         self
     }
@@ -133,7 +160,12 @@ impl Conveyor {
         for l in self.registry().listeners_of(&event.name) {
             match l {
                 Listener::Inline { name, .. } => runs.push(ListenerRun { listener: name.clone(), mode: "inline".into(), job_id: None }),
-                Listener::Queued { name, queue, kind } => {
+                Listener::Queued { name, queue, kind, guard } => {
+                    if let Some(guard) = guard {
+                        if !guard(tx, &event.name)? {
+                            continue;
+                        }
+                    }
                     let env = EventEnvelope { event_id: id.clone(), event: event.name.clone(), payload: &event.payload };
                     let job = NewJob::new(kind.clone(), &env).queue(queue.clone()).tag(format!("event:{id}"));
                     runs.push(ListenerRun { listener: name.clone(), mode: "queued".into(), job_id: Some(job.id.to_string()) });

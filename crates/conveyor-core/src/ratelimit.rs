@@ -1,6 +1,7 @@
 //! Rate limiting by key with GCRA (the generic cell rate algorithm): `limit` per `period`,
 //! allowing bursts of up to `burst`. State is one timestamp per key (the theoretical arrival
-//! time), updated by one conditional upsert, so concurrent checks from any process are exact.
+//! time, in unix microseconds), updated by one conditional upsert, so concurrent checks from
+//! any process are exact.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::backend::{BackendError, QueueBackend, QueueBackendExt, Result, RowExt, Tx};
-use crate::clock::now_ms;
+use crate::clock::now_us;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RateLimit {
@@ -23,6 +24,12 @@ impl RateLimit {
         RateLimit { limit: limit.max(1), period, burst: limit.max(1) }
     }
 
+    /// At most `burst` units at once after a quiet spell (at least 1).
+    pub fn with_burst(mut self, burst: u32) -> Self {
+        self.burst = burst.max(1);
+        self
+    }
+
     /// `"5/60"`: 5 per 60 seconds.
     pub fn parse(text: &str) -> std::result::Result<Self, String> {
         let (n, secs) = text.split_once('/').ok_or_else(|| format!("expected LIMIT/SECONDS like 5/60, got {text:?}"))?;
@@ -34,8 +41,9 @@ impl RateLimit {
         Ok(RateLimit::per(n, Duration::from_secs_f64(secs)))
     }
 
-    fn interval_ms(&self) -> i64 {
-        (self.period.as_millis() as i64 / self.limit as i64).max(1)
+    /// Microseconds between units, so that limits of thousands a second stay exact.
+    fn interval_us(&self) -> i64 {
+        (self.period.as_micros() as i64 / self.limit as i64).max(1)
     }
 }
 
@@ -69,19 +77,36 @@ impl RateLimiter {
 
     /// Takes one unit for `key` if the limit allows it.
     pub async fn check(&self, key: &str) -> Result<Decision> {
+        self.check_n(key, 1).await
+    }
+
+    /// Takes `n` units at once (a job about to make `n` calls), all or none. `n` above the
+    /// burst can never pass and is an error.
+    pub async fn check_n(&self, key: &str, n: u32) -> Result<Decision> {
         let this = self.clone();
         let key = key.to_string();
-        self.backend.transact(move |tx| this.check_in(tx, &key)).await
+        self.backend.transact(move |tx| this.check_n_in(tx, &key, n)).await
     }
 
     /// The same inside the caller's transaction: the unit is taken only if it commits (a
     /// notification counts against its user's limit together with its log row).
     pub fn check_in(&self, tx: &mut dyn Tx, key: &str) -> Result<Decision> {
+        self.check_n_in(tx, key, 1)
+    }
+
+    /// `n` units inside the caller's transaction.
+    pub fn check_n_in(&self, tx: &mut dyn Tx, key: &str, n: u32) -> Result<Decision> {
+        if n == 0 || n > self.limit.burst.max(1) {
+            return Err(BackendError::Invalid(format!(
+                "rate limit {}: {n} units at once exceed the burst of {}",
+                self.name, self.limit.burst
+            )));
+        }
         let k = format!("{}:{key}", self.name);
-        let t = self.limit.interval_ms();
-        let tolerance = t * self.limit.burst.max(1) as i64;
-        let now = now_ms();
-        // Allowed when max(tat, now) + T - now <= burst * T; then tat moves on by T.
+        let t = self.limit.interval_us() * n as i64;
+        let tolerance = self.limit.interval_us() * self.limit.burst.max(1) as i64;
+        let now = now_us();
+        // Allowed when max(tat, now) + n*T - now <= burst * T; then tat moves on by n*T.
         let rows = tx.query(
             "INSERT INTO rate_limits (key, tat, allowed) VALUES ($1, $5, 1)
              ON CONFLICT (key) DO UPDATE SET
@@ -95,9 +120,9 @@ impl RateLimiter {
         let r = rows.first().ok_or_else(|| BackendError::Other("rate limit upsert returned no row".into()))?;
         let tat = r.int(1);
         Ok(if r.int(0) == 1 {
-            Decision::Allowed { remaining: ((tolerance - (tat - now)) / t).max(0) as u32 }
+            Decision::Allowed { remaining: ((tolerance - (tat - now)) / self.limit.interval_us()).max(0) as u32 }
         } else {
-            Decision::Limited { retry_after: Duration::from_millis((tat - now - (tolerance - t)).max(1) as u64) }
+            Decision::Limited { retry_after: Duration::from_micros((tat - now - (tolerance - t)).max(1) as u64) }
         })
     }
 }

@@ -23,6 +23,9 @@ pub enum ApiError {
     /// With the limit that applied, in bytes.
     PayloadTooLarge(usize),
     Unavailable(String),
+    /// A feature whose settings are missing (503, the message names the variable).
+    NotConfigured(String),
+    Forbidden(String),
     Internal(String),
 }
 
@@ -64,6 +67,8 @@ impl IntoResponse for ApiError {
                 tracing::warn!(error = %m, "request failed: dependency unavailable");
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "a dependency is unavailable; try again later".into(), None)
             }
+            ApiError::NotConfigured(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m, None),
+            ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, "forbidden", m, None),
             ApiError::Internal(m) => {
                 tracing::error!(error = %m, "request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error".into(), None)

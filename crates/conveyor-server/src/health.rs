@@ -20,7 +20,7 @@ struct Check {
 }
 
 #[utoipa::path(get, path = "/api/health", tag = "system", responses((status = 200, description = "healthy or degraded", body = Envelope<Health>), (status = 503, description = "a configured dependency failed", body = Envelope<Health>)))]
-pub(crate) async fn health(State(s): State<AppState>) -> Response {
+pub(crate) async fn health(State(s): State<AppState>, uri: axum::http::Uri) -> Response {
     let backend = s.conveyor.backend();
     let mut failed = false;
     let database = match tokio::time::timeout(Duration::from_secs(2), backend.ping()).await {
@@ -60,13 +60,26 @@ pub(crate) async fn health(State(s): State<AppState>) -> Response {
         None => Check { status: "disabled", detail: "not running in this process (`conveyor schedule` runs it alone)".into() },
     };
     let degraded = failed || workers.status == "degraded";
-    let body = json!({
+    let mut body = json!({
         "success": !failed,
         "data": {
             "status": if degraded { "degraded" } else { "ok" },
             "checks": { "database": database, "queue": queue, "workers": workers, "scheduler": scheduler },
         }
     });
+    // `GET /health` adds the product sync's state when the sync is configured.
+    if uri.path() == "/health" {
+        if let Some(config) = s.sync.as_deref().filter(|c| c.is_configured()) {
+            match conveyor_apps::sync::health(backend.as_ref(), config).await {
+                Ok(h) => {
+                    body["data"]["sync"] = json!({
+                        "last_run": h.last_run, "failures_24h": h.failures_24h, "breakers": h.breakers, "p95_ms": h.p95_ms,
+                    });
+                }
+                Err(e) => tracing::warn!(error = %e, "health: sync state unavailable"),
+            }
+        }
+    }
     let status = if failed { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
     (status, Json(body)).into_response()
 }

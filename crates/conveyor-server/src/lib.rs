@@ -16,6 +16,7 @@ mod orders;
 pub mod partners;
 mod prometheus;
 mod stats;
+mod sync;
 
 use std::sync::Arc;
 
@@ -40,11 +41,18 @@ pub struct AppState {
     pub(crate) token: Option<Arc<Secret>>,
     /// The schedules this process fires, if it runs a scheduler.
     pub(crate) schedules: Option<Arc<Vec<ScheduleInfo>>>,
+    /// The product sync's settings (its partners), when the process has them.
+    pub(crate) sync: Option<Arc<conveyor_apps::sync::SyncConfig>>,
 }
 
 impl AppState {
     pub fn new(conveyor: Conveyor, api_token: Option<String>) -> Self {
-        AppState { conveyor, token: api_token.filter(|t| !t.is_empty()).map(|t| Arc::new(Secret(t))), schedules: None }
+        AppState { conveyor, token: api_token.filter(|t| !t.is_empty()).map(|t| Arc::new(Secret(t))), schedules: None, sync: None }
+    }
+
+    pub fn with_sync(mut self, config: conveyor_apps::sync::SyncConfig) -> Self {
+        self.sync = Some(Arc::new(config));
+        self
     }
 
     pub fn with_schedules(mut self, schedules: Option<Vec<ScheduleInfo>>) -> Self {
@@ -73,6 +81,7 @@ pub fn router(state: AppState) -> Router {
         .merge(orchestration::routes())
         .merge(orders::routes())
         .merge(notify::routes())
+        .merge(sync::routes())
         .merge(dashboard::routes())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

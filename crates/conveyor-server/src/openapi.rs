@@ -165,6 +165,12 @@ pub(crate) struct Health {
         crate::notify::show_rule,
         crate::notify::update_rule,
         crate::notify::delete_rule,
+        crate::sync::start,
+        crate::sync::trigger,
+        crate::sync::runs,
+        crate::sync::run,
+        crate::sync::health,
+        crate::sync::retry_failures,
     ),
     components(schemas(
         QueueStats,

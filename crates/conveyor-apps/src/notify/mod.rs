@@ -19,15 +19,14 @@ pub mod model;
 pub mod render;
 mod schema;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use conveyor_core::backend::{BackendError, QueueBackend, QueueBackendExt, RowExt, Tx};
-use conveyor_core::breaker::{Breaker, BreakerConfig, Permit};
+use conveyor_core::breaker::{Breaker, BreakerConfig, ClosedCache, Permit};
 use conveyor_core::clock::now_ms;
 use conveyor_core::event::{Event, EventEnvelope};
 use conveyor_core::job::Backoff;
@@ -119,8 +118,8 @@ struct Notifier {
     config: NotifyConfig,
     dispatcher: Dispatcher,
     limiter: RateLimiter,
-    /// Breakers seen closed lately (name → when): most deliveries skip the breaker's store.
-    breaker_states: Mutex<HashMap<String, Instant>>,
+    /// Breakers seen closed lately: most deliveries skip the breaker's store.
+    breakers: ClosedCache,
 }
 
 /// Registers the listener and one delivery job kind per channel, with the built-in channels.
@@ -155,9 +154,14 @@ pub fn register(registry: &mut Registry, backend: Arc<dyn QueueBackend>, config:
 /// The same with any set of channels.
 pub fn register_with(registry: &mut Registry, backend: Arc<dyn QueueBackend>, config: NotifyConfig, dispatcher: Dispatcher) {
     let limiter = RateLimiter::new(backend, "notify:user", config.rate_limit);
-    let n = Arc::new(Notifier { config, dispatcher, limiter, breaker_states: Mutex::default() });
+    let n = Arc::new(Notifier { config, dispatcher, limiter, breakers: ClosedCache::default() });
     let listener = n.clone();
-    registry.listen_queued("*", "notifications", QUEUE, move |env: EventEnvelope<Value>, ctx: JobContext| {
+    // Only events some active rule names cost a fan-out job (a sync run emits one event per
+    // changed product; without rules for it, those stay in the event log only).
+    let wanted = |tx: &mut dyn Tx, event: &str| -> Result<bool, BackendError> {
+        Ok(!tx.query("SELECT 1 FROM notify_rules WHERE event = $1 AND active = 1 LIMIT 1", &[event.into()])?.is_empty())
+    };
+    registry.listen_queued_when("*", "notifications", QUEUE, wanted, move |env: EventEnvelope<Value>, ctx: JobContext| {
         let n = listener.clone();
         async move {
             match ctx.complete_with(move |tx| n.fan_out(tx, &env)).await {
@@ -613,8 +617,8 @@ impl Notifier {
         let (mut last_error, mut wait): (Option<SendError>, Option<Duration>) = (None, None);
         for p in providers {
             let breaker = Breaker::new(ctx.conveyor.clone(), format!("notify:{}", p.name), self.config.breaker.clone());
-            if p.guarded && !self.recently_closed(&p.name) {
-                match breaker.allow().await? {
+            if p.guarded {
+                match self.breakers.allow(&breaker).await? {
                     Permit::Allowed => {}
                     Permit::Rejected { retry_after } => {
                         wait = Some(wait.map_or(retry_after, |w| w.min(retry_after)));
@@ -642,7 +646,7 @@ impl Notifier {
                         })
                         .await;
                     if p.guarded {
-                        self.mark_closed(&p.name);
+                        self.breakers.succeeded(&format!("notify:{}", p.name));
                     }
                     return match result {
                         Ok(()) | Err(BackendError::LeaseLost(_)) => Ok(()),
@@ -657,7 +661,7 @@ impl Notifier {
                 Err(e) => {
                     if p.guarded {
                         breaker.record(false).await?;
-                        self.forget_closed(&p.name);
+                        self.breakers.failed(breaker.name());
                     }
                     tracing::warn!(provider = %p.name, error = %e, "provider failed; trying the next");
                     last_error = Some(e);
@@ -695,19 +699,6 @@ impl Notifier {
             SendError::Retry { error, retry_after: Some(after) } => JobError::retry_after(error, after),
             SendError::Retry { error, retry_after: None } => JobError::retry(error),
         })
-    }
-
-    /// Whether this process saw the provider's breaker closed in the last 250 ms.
-    fn recently_closed(&self, name: &str) -> bool {
-        self.breaker_states.lock().unwrap_or_else(|e| e.into_inner()).get(name).is_some_and(|t| t.elapsed() < Duration::from_millis(250))
-    }
-
-    fn mark_closed(&self, name: &str) {
-        self.breaker_states.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), Instant::now());
-    }
-
-    fn forget_closed(&self, name: &str) {
-        self.breaker_states.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
     }
 }
 

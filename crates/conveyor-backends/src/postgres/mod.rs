@@ -233,12 +233,15 @@ impl QueueBackend for PgBackend {
     }
 
     async fn complete_with(&self, completion: Completion, work: TxFn) -> Result<Box<dyn Any + Send>> {
+        // `work` first, as on SQLite: it sees the job's batch still open, and the outcome's
+        // hooks see what it wrote. A lost lease rolls both back.
         self.tx(move |t| {
             let id = completion.id;
+            let out = work(t)?;
             if !t.complete_one(completion, now_ms())? {
                 return Err(BackendError::LeaseLost(id));
             }
-            work(t)
+            Ok(out)
         })
         .await
     }

@@ -564,15 +564,18 @@ impl WriteCtx {
         Ok(())
     }
 
-    /// Records a completion and runs `work` in the same savepoint; fails with `LeaseLost`
-    /// (rolling `work` back) when the reservation is gone.
+    /// Runs `work` and records a completion in the same savepoint; fails with `LeaseLost`
+    /// (rolling `work` back) when the reservation is gone. `work` runs first, so that it sees
+    /// the job's batch still open (a job may add jobs to its own batch) and the outcome's hooks
+    /// see what `work` wrote.
     pub(crate) fn complete_with<R>(&mut self, c: Completion, work: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
         let id = c.id;
+        let out = work(&mut super::tx::SqliteTx { ctx: self })?;
         if !self.complete_one(c, now_ms())? {
             return Err(BackendError::LeaseLost(id));
         }
         self.trim_history()?;
-        work(&mut super::tx::SqliteTx { ctx: self })
+        Ok(out)
     }
 
     pub(crate) fn extend_leases(&mut self, leases: &[(JobId, i64)], lease_ms: i64) -> Result<()> {

@@ -438,3 +438,43 @@ pub async fn batch_list_pages_newest_first(b: Backend) {
     let past = batch::list(b.as_ref(), Page { page: (listed.total + 1_000) as u32, per_page: 1 }).await.unwrap();
     assert!(past.items.is_empty(), "a page past the end is empty");
 }
+
+pub async fn batch_job_extends_its_own_batch_in_its_acknowledgement(b: Backend) {
+    // A chain (a sync run's pages): each job adds the next to its own batch in the transaction
+    // that acknowledges it, so the batch stays open exactly until the last link is done.
+    const LINK: &str = "conformance.batch.link";
+    let q = queue_name();
+    let cb = Callbacks::default();
+    let mut registry = Registry::new();
+    {
+        let q = q.clone();
+        registry.register(LINK, move |p: Value, ctx: JobContext| {
+            let q = q.clone();
+            async move {
+                let n = p["n"].as_u64().unwrap_or(0);
+                let batch_id = ctx.batch_id.clone().ok_or_else(|| JobError::abort("a batch job without its batch id"))?;
+                let next = (n < 3).then(|| new_job(&q, LINK, n + 1));
+                ctx.complete_with(move |tx| match next {
+                    Some(job) => batch::add_jobs_in(tx, &batch_id, vec![job]),
+                    None => Ok(()),
+                })
+                .await?;
+                Ok(())
+            }
+        });
+    }
+    cb.register(&mut registry);
+    let cv = conveyor_of(&b, &registry);
+    let id = with_callbacks(Batch::new(unique_name("batch-chain")).push(new_job(&q, LINK, 0)), &q).dispatch(&cv).await.unwrap();
+    let w = start(&b, registry, config(&q, 2, Duration::from_secs(5)));
+    wait_until("the chain finished and finally ran", Duration::from_secs(10), || async {
+        batch_info(&b, &id).await.finished_at.is_some() && cb.count(FINALLY) >= 1 && drained(&b, &q).await
+    })
+    .await;
+    let report = w.stop().await;
+    let info = batch_info(&b, &id).await;
+    assert_eq!((counters(&info), info.status.as_str()), ((4, 0, 4, 0), "finished"), "every link counted: {info:?}");
+    assert_eq!(counters(&cb.batch_seen_by(FINALLY)), (4, 0, 4, 0), "finally ran after the last link only");
+    assert_eq!((cb.count(THEN), cb.count(FINALLY)), (1, 1));
+    assert_eq!(report.failed, 0, "{report:?}");
+}

@@ -141,3 +141,49 @@ pub async fn event_emitted_in_a_rolled_back_transaction_is_neither_logged_nor_de
     assert_eq!((got[0].1.as_str(), &got[0].3), (id.as_str(), &json!({ "invoice": 8 })));
     assert_eq!(log.items[0].listeners[0].job_id, Some(got[0].0.to_string()));
 }
+
+pub async fn event_guarded_wildcard_listener_gets_only_what_its_guard_accepts(b: Backend) {
+    let q = queue_name();
+    let table = table_name();
+    create_notes_table(&b, &table).await;
+    let (wanted, ignored) = (unique_name("conformance.wanted"), unique_name("conformance.ignored"));
+    // The guard reads the store inside the emitting transaction: an event is wanted when a note
+    // names it (as a notification service asks whether a rule names the event).
+    let (sql, name) = (insert_note_sql(&table), wanted.clone());
+    b.transact(move |tx| tx.execute(&sql, &[SqlValue::from(name.as_str())])).await.expect("insert note");
+    let deliveries: Deliveries = Arc::default();
+    let mut registry = Registry::new();
+    {
+        let (d, guard_sql) = (deliveries.clone(), format!("SELECT 1 FROM {table} WHERE note = $1"));
+        registry.listen_queued_when(
+            "*",
+            "rules",
+            &q,
+            move |tx: &mut dyn conveyor_core::backend::Tx, event: &str| Ok(!tx.query(&guard_sql, &[event.into()])?.is_empty()),
+            move |env: EventEnvelope<Value>, ctx: JobContext| {
+                d.lock().unwrap().push((ctx.id, env.event_id, env.event, env.payload));
+                async { Ok(()) }
+            },
+        );
+    }
+    let cv = conveyor_of(&b, &registry);
+    let e1 = cv.emit(Event::new(&wanted, &json!({ "n": 1 }))).await.expect("emit wanted");
+    let e2 = cv.emit(Event::new(&ignored, &json!({ "n": 2 }))).await.expect("emit ignored");
+    assert_counts(&b, &q, [1, 0, 0, 0], "a job for the wanted event only").await;
+    assert_eq!(logged(&b, &ignored).await.items[0].listeners, [], "the refused event is logged without listeners");
+    assert_eq!(logged(&b, &wanted).await.items[0].listeners.len(), 1);
+
+    // The guard's answer follows the store: once a note names the other event, it is wanted too.
+    let (sql, name) = (insert_note_sql(&table), ignored.clone());
+    b.transact(move |tx| tx.execute(&sql, &[SqlValue::from(name.as_str())])).await.expect("insert note");
+    let e3 = cv.emit(Event::new(&ignored, &json!({ "n": 3 }))).await.expect("emit");
+    let w = start(&b, registry, config(&q, 2, Duration::from_secs(5)));
+    wait_until("both deliveries ran", Duration::from_secs(10), || async { deliveries.lock().unwrap().len() >= 2 && drained(&b, &q).await })
+        .await;
+    w.stop().await;
+    let mut got: Vec<String> = deliveries.lock().unwrap().iter().map(|d| d.1.clone()).collect();
+    got.sort();
+    let mut want = vec![e1, e3];
+    want.sort();
+    assert_eq!(got, want, "never the event emitted while refused ({e2})");
+}

@@ -48,6 +48,16 @@ pub async fn rate_limiter_admits_exactly_the_limit_under_concurrency(b: Backend)
     let other = RateLimiter::new(b.clone(), unique_name("limiter"), RateLimit::per(5, MINUTE));
     assert!(other.check("k1").await.unwrap().is_allowed(), "another limiter has its own keys");
 
+    // Several units at once (a job about to make several calls): all or none.
+    let bulk = RateLimiter::new(b.clone(), unique_name("limiter"), RateLimit::per(6, MINUTE));
+    assert_eq!(bulk.check_n("k", 4).await.unwrap(), Decision::Allowed { remaining: 2 });
+    assert!(!bulk.check_n("k", 3).await.unwrap().is_allowed(), "4 + 3 units exceed 6");
+    assert_eq!(bulk.check_n("k", 2).await.unwrap(), Decision::Allowed { remaining: 0 }, "the refused 3 took nothing");
+    assert!(bulk.check_n("k", 7).await.is_err(), "more units than the burst can never pass");
+    let narrow = RateLimiter::new(b.clone(), unique_name("limiter"), RateLimit::per(6, MINUTE).with_burst(1));
+    assert!(narrow.check("k").await.unwrap().is_allowed());
+    assert!(!narrow.check("k").await.unwrap().is_allowed(), "a burst of 1 spaces units by a sixth of a minute");
+
     // The budget comes back with time: 2 per 400 ms → one unit every 200 ms.
     let fast = RateLimiter::new(b.clone(), unique_name("limiter"), RateLimit::per(2, Duration::from_millis(400)));
     assert!(fast.check("k").await.unwrap().is_allowed());

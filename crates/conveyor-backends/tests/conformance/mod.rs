@@ -119,6 +119,7 @@ macro_rules! conformance_suite {
                 batch_allowing_failures_runs_every_job_and_counts_failures,
                 batch_cancelled_before_it_runs_skips_its_jobs,
                 batch_add_jobs_grows_an_open_batch_only,
+                batch_job_extends_its_own_batch_in_its_acknowledgement,
                 batch_list_pages_newest_first,
                 // workflows
                 workflow_failure_compensates_completed_steps_in_reverse,
@@ -128,6 +129,7 @@ macro_rules! conformance_suite {
                 // events
                 event_listeners_get_each_emit_once_inline_after_commit,
                 event_emitted_in_a_rolled_back_transaction_is_neither_logged_nor_delivered,
+                event_guarded_wildcard_listener_gets_only_what_its_guard_accepts,
                 // cache and sorted sets
                 cache_put_get_expire_forget_and_remember,
                 cache_forget_prefix_forgets_keys_with_any_suffix,

@@ -9,6 +9,7 @@ mod partners;
 mod postgres;
 mod process;
 mod scheduler;
+mod sync;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

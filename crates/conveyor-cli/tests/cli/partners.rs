@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use crate::{sigterm, wait_exit, TestEnv};
 
-fn partners(env: &TestEnv, args: &[&str]) -> (crate::Proc, String) {
+pub(crate) fn partners(env: &TestEnv, args: &[&str]) -> (crate::Proc, String) {
     let mut all = vec!["dev", "partners", "--port", "0"];
     all.extend_from_slice(args);
     let mut child = env.conveyor(&all).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn().unwrap();

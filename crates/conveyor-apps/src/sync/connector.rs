@@ -1,0 +1,635 @@
+//! The partners of the product sync, over HTTP JSON: a [`Source`] (a supplier's paged product
+//! catalogue) and a [`Target`] (a storefront that takes price and stock updates). URLs, auth,
+//! paths, page size, timeouts and field names are configuration ([`SourceConfig`],
+//! [`TargetConfig`]), so a real partner is wired without code. Every request yields an
+//! [`Audit`] record (method, URL without secrets, status, duration, error), whatever happens.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::orders::money;
+
+/// Where the source's fields are, as dotted paths into its JSON.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SourceFields {
+    /// The list of products in a page.
+    pub data: String,
+    /// Whether another page follows (a boolean); when absent, a full page means "maybe more".
+    pub has_more: String,
+    pub id: String,
+    pub sku: String,
+    pub title: String,
+    /// RFC 3339 text, or unix seconds / milliseconds as a number.
+    pub updated_at: String,
+    pub variants: String,
+    pub variant_sku: String,
+    pub price: String,
+    pub stock: String,
+}
+
+impl Default for SourceFields {
+    fn default() -> Self {
+        let s = |v: &str| v.to_string();
+        SourceFields {
+            data: s("data"),
+            has_more: s("meta.has_more"),
+            id: s("id"),
+            sku: s("sku"),
+            title: s("title"),
+            updated_at: s("updated_at"),
+            variants: s("variants"),
+            variant_sku: s("sku"),
+            price: s("price"),
+            stock: s("stock"),
+        }
+    }
+}
+
+impl SourceFields {
+    /// Overrides from `name=path` pairs separated by commas (`data=items,updated_at=modified`).
+    pub fn parse_overrides(&mut self, text: &str) -> Result<(), String> {
+        for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, path) = pair.split_once('=').ok_or_else(|| format!("expected name=path, got {pair:?}"))?;
+            let (name, path) = (name.trim(), path.trim().to_string());
+            if path.is_empty() {
+                return Err(format!("{name}: empty path"));
+            }
+            let slot = match name {
+                "data" => &mut self.data,
+                "has_more" => &mut self.has_more,
+                "id" => &mut self.id,
+                "sku" => &mut self.sku,
+                "title" => &mut self.title,
+                "updated_at" => &mut self.updated_at,
+                "variants" => &mut self.variants,
+                "variant_sku" => &mut self.variant_sku,
+                "price" => &mut self.price,
+                "stock" => &mut self.stock,
+                other => {
+                    return Err(format!(
+                        "unknown field {other:?} (data, has_more, id, sku, title, updated_at, variants, variant_sku, price, stock)"
+                    ))
+                }
+            };
+            *slot = path;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, PartialEq)]
+pub struct SourceConfig {
+    /// Base URL, e.g. `https://supplier.example/api`.
+    pub url: String,
+    /// Sent as `Authorization: Bearer …`.
+    pub token: Option<String>,
+    /// Appended to the base URL: `/products`.
+    pub products_path: String,
+    pub page_size: u32,
+    pub timeout: Duration,
+    pub fields: SourceFields,
+}
+
+impl std::fmt::Debug for SourceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceConfig")
+            .field("url", &redact_url(&self.url))
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("products_path", &self.products_path)
+            .field("page_size", &self.page_size)
+            .field("timeout", &self.timeout)
+            .field("fields", &self.fields)
+            .finish()
+    }
+}
+
+impl SourceConfig {
+    pub fn new(url: impl Into<String>, token: Option<String>) -> Self {
+        SourceConfig {
+            url: url.into(),
+            token,
+            products_path: "/products".into(),
+            page_size: 100,
+            timeout: Duration::from_secs(10),
+            fields: SourceFields::default(),
+        }
+    }
+}
+
+#[derive(Clone, PartialEq)]
+pub struct TargetConfig {
+    pub url: String,
+    pub key: Option<String>,
+    /// The header the key goes in.
+    pub key_header: String,
+    /// Paths with `{sku}` (URL-encoded when filled in).
+    pub variant_path: String,
+    pub price_path: String,
+    pub stock_path: String,
+    /// The JSON fields of the update bodies (and of the lookup's answer).
+    pub price_field: String,
+    pub stock_field: String,
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for TargetConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetConfig")
+            .field("url", &redact_url(&self.url))
+            .field("key", &self.key.as_ref().map(|_| "***"))
+            .field("key_header", &self.key_header)
+            .field("variant_path", &self.variant_path)
+            .field("price_path", &self.price_path)
+            .field("stock_path", &self.stock_path)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl TargetConfig {
+    pub fn new(url: impl Into<String>, key: Option<String>) -> Self {
+        TargetConfig {
+            url: url.into(),
+            key,
+            key_header: "X-Api-Key".into(),
+            variant_path: "/variants/{sku}".into(),
+            price_path: "/variants/{sku}/price".into(),
+            stock_path: "/variants/{sku}/stock".into(),
+            price_field: "price".into(),
+            stock_field: "stock".into(),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A product as the sync handles it: validated, prices in cents.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Product {
+    pub id: String,
+    pub sku: String,
+    pub title: String,
+    /// As the source wrote it (passed back as `updated_since`).
+    pub updated_at: String,
+    /// The same in unix ms (for ordering).
+    pub updated_ms: i64,
+    pub variants: Vec<Variant>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Variant {
+    pub sku: String,
+    pub price_cents: i64,
+    pub stock: i64,
+}
+
+impl Product {
+    /// The position in the source's order `(updated_at, id)`.
+    pub fn key(&self) -> (i64, &str) {
+        (self.updated_ms, self.id.as_str())
+    }
+}
+
+/// A record the source sent that cannot be used: which one (its id when it has one, else its
+/// place in the page), why (naming the field), and the record itself.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BadRecord {
+    pub id: Option<String>,
+    pub index: usize,
+    pub reason: String,
+    pub raw: Value,
+}
+
+/// One page of the source.
+#[derive(Debug)]
+pub struct SourcePage {
+    pub products: Vec<Product>,
+    pub bad: Vec<BadRecord>,
+    pub has_more: bool,
+    /// Records in the page, good and bad.
+    pub len: usize,
+}
+
+/// One external request, for the audit log.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Audit {
+    /// `source` or `target`.
+    pub partner: &'static str,
+    pub method: &'static str,
+    /// Without credentials.
+    pub url: String,
+    /// `None` when no answer came (timeout, connection refused).
+    pub status: Option<u16>,
+    pub duration_ms: i64,
+    pub error: Option<String>,
+    /// Unix ms, when the request started.
+    pub at: i64,
+}
+
+/// Why a request did not do its job.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CallError {
+    /// 429: come back later; not the partner's failure.
+    RateLimited { retry_after: Option<Duration> },
+    /// 5xx, 408, a timeout or a lost connection: worth retrying; counts against the breaker.
+    Transient { error: String, retry_after: Option<Duration> },
+    /// Any other 4xx or an unusable answer: retrying will not help.
+    Permanent(String),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::RateLimited { retry_after } => write!(f, "rate limited (HTTP 429, retry after {retry_after:?})"),
+            CallError::Transient { error, .. } | CallError::Permanent(error) => f.write_str(error),
+        }
+    }
+}
+
+/// The URL as it may be logged: no user info, and the values of query parameters that look
+/// like credentials replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Ok(mut u) = reqwest::Url::parse(url) else { return url.split('?').next().unwrap_or_default().to_string() };
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    if u.query().is_some() {
+        let pairs: Vec<(String, String)> = u
+            .query_pairs()
+            .map(|(k, v)| {
+                let lower = k.to_ascii_lowercase();
+                let secret = ["token", "key", "secret", "password", "signature", "auth"].iter().any(|s| lower.contains(s));
+                (k.into_owned(), if secret { "***".to_string() } else { v.into_owned() })
+            })
+            .collect();
+        u.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    u.to_string()
+}
+
+fn client(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .pool_max_idle_per_host(256)
+        .tcp_nodelay(true)
+        .build()
+        .expect("an HTTP client with default settings")
+}
+
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    // An HTTP date.
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    let ms = at.timestamp_millis() - chrono::Utc::now().timestamp_millis();
+    Some(Duration::from_millis(ms.max(0) as u64))
+}
+
+/// Sends a request and classifies the answer; the audit record is filled in either way.
+async fn call(req: reqwest::RequestBuilder, audit: &mut Audit) -> Result<reqwest::Response, CallError> {
+    let started = Instant::now();
+    let result = req.send().await;
+    audit.duration_ms = started.elapsed().as_millis() as i64;
+    let resp = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let error = if e.is_timeout() { "timed out".to_string() } else { format!("request failed: {}", error_chain(&e)) };
+            audit.error = Some(error.clone());
+            return Err(CallError::Transient { error, retry_after: None });
+        }
+    };
+    let status = resp.status();
+    audit.status = Some(status.as_u16());
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let after = retry_after(resp.headers());
+    let body: String = resp.text().await.unwrap_or_default().chars().take(200).collect();
+    audit.duration_ms = started.elapsed().as_millis() as i64;
+    let error = format!("HTTP {}: {}", status.as_u16(), body.trim());
+    audit.error = Some(error.clone());
+    Err(match status.as_u16() {
+        429 => CallError::RateLimited { retry_after: after },
+        408 => CallError::Transient { error, retry_after: after },
+        s if s >= 500 => CallError::Transient { error, retry_after: after },
+        _ => CallError::Permanent(error),
+    })
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn audit(partner: &'static str, method: &'static str, url: &str) -> Audit {
+    Audit { partner, method, url: redact_url(url), status: None, duration_ms: 0, error: None, at: chrono::Utc::now().timestamp_millis() }
+}
+
+/// A value at a dotted path (`meta.has_more`).
+fn at<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.').try_fold(v, |v, k| v.get(k))
+}
+
+/// The supplier's catalogue.
+#[derive(Clone)]
+pub struct Source {
+    config: SourceConfig,
+    client: reqwest::Client,
+}
+
+impl Source {
+    pub fn new(config: SourceConfig) -> Self {
+        let client = client(config.timeout);
+        Source { config, client }
+    }
+
+    pub fn config(&self) -> &SourceConfig {
+        &self.config
+    }
+
+    /// `GET {url}{products_path}?page=&per_page=&updated_since=`.
+    pub async fn page(&self, page: u32, updated_since: Option<&str>) -> (Result<SourcePage, CallError>, Audit) {
+        let base = format!("{}{}", self.config.url.trim_end_matches('/'), self.config.products_path);
+        let mut url = match reqwest::Url::parse(&base) {
+            Ok(u) => u,
+            Err(e) => {
+                let mut a = audit("source", "GET", &base);
+                a.error = Some(format!("bad source URL: {e}"));
+                return (Err(CallError::Permanent(format!("bad source URL {}: {e}", redact_url(&base)))), a);
+            }
+        };
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("page", &page.to_string()).append_pair("per_page", &self.config.page_size.to_string());
+            if let Some(since) = updated_since {
+                q.append_pair("updated_since", since);
+            }
+        }
+        let mut a = audit("source", "GET", url.as_str());
+        let mut req = self.client.get(url);
+        if let Some(t) = &self.config.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = match call(req, &mut a).await {
+            Ok(r) => r,
+            Err(e) => return (Err(e), a),
+        };
+        let started = Instant::now();
+        let body: Result<Value, _> = resp.json().await;
+        a.duration_ms += started.elapsed().as_millis() as i64;
+        let out = match body {
+            Ok(v) => self.parse_page(&v),
+            Err(e) => Err(CallError::Transient { error: format!("the source's answer is not JSON: {e}"), retry_after: None }),
+        };
+        if let Err(e) = &out {
+            a.error = Some(e.to_string());
+        }
+        (out, a)
+    }
+
+    /// Maps a page's JSON into products; a record that does not validate is set aside.
+    pub fn parse_page(&self, v: &Value) -> Result<SourcePage, CallError> {
+        let f = &self.config.fields;
+        let Some(list) = at(v, &f.data).and_then(Value::as_array) else {
+            return Err(CallError::Permanent(format!("the source's answer has no list at {:?}", f.data)));
+        };
+        let has_more = match at(v, &f.has_more) {
+            Some(Value::Bool(b)) => *b,
+            _ => list.len() as u32 >= self.config.page_size,
+        };
+        let (mut products, mut bad) = (Vec::new(), Vec::new());
+        for (index, raw) in list.iter().enumerate() {
+            match product(f, raw) {
+                Ok(p) => products.push(p),
+                Err(reason) => bad.push(BadRecord { id: at(raw, &f.id).and_then(scalar), index, reason, raw: raw.clone() }),
+            }
+        }
+        Ok(SourcePage { products, bad, has_more, len: list.len() })
+    }
+}
+
+fn scalar(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Validates one record, naming the field that is wrong.
+pub fn product(f: &SourceFields, raw: &Value) -> Result<Product, String> {
+    if !raw.is_object() {
+        return Err("record: expected an object".into());
+    }
+    let text = |path: &str| at(raw, path).and_then(scalar);
+    let id = text(&f.id).ok_or_else(|| format!("{}: required (a non-empty string or number)", f.id))?;
+    let sku = text(&f.sku).unwrap_or_default();
+    let title = at(raw, &f.title).and_then(Value::as_str).unwrap_or_default().to_string();
+    let (updated_at, updated_ms) = match at(raw, &f.updated_at) {
+        Some(Value::String(s)) => {
+            let t = chrono::DateTime::parse_from_rfc3339(s.trim())
+                .map_err(|_| format!("{}: expected an RFC 3339 time, got {s:?}", f.updated_at))?;
+            (s.trim().to_string(), t.timestamp_millis())
+        }
+        Some(Value::Number(n)) if n.as_i64().is_some_and(|n| n >= 0) => {
+            let n = n.as_i64().unwrap_or_default();
+            // Seconds until the year 5138, milliseconds after.
+            (n.to_string(), if n < 100_000_000_000 { n * 1000 } else { n })
+        }
+        _ => return Err(format!("{}: required (an RFC 3339 time)", f.updated_at)),
+    };
+    let list = at(raw, &f.variants).and_then(Value::as_array).ok_or_else(|| format!("{}: required (a list)", f.variants))?;
+    let mut variants: Vec<Variant> = Vec::with_capacity(list.len());
+    for (i, v) in list.iter().enumerate() {
+        let name = |field: &str| format!("{}[{i}].{field}", f.variants);
+        let sku = at(v, &f.variant_sku).and_then(scalar).ok_or_else(|| format!("{}: required", name(&f.variant_sku)))?;
+        if variants.iter().any(|x| x.sku == sku) {
+            return Err(format!("{}: {sku:?} appears twice", name(&f.variant_sku)));
+        }
+        let price_cents = match at(v, &f.price) {
+            Some(Value::Number(n)) if n.as_f64().is_some_and(|x| x < 0.0) => Err("must not be negative".into()),
+            Some(Value::Number(n)) => money::parse_cents(&n.to_string()),
+            Some(Value::String(s)) => money::parse_cents(s),
+            _ => Err("required".into()),
+        }
+        .map_err(|e| format!("{}: {e}", name(&f.price)))?;
+        let stock = at(v, &f.stock)
+            .and_then(|s| s.as_i64().or_else(|| s.as_f64().filter(|x| x.fract() == 0.0).map(|x| x as i64)))
+            .ok_or_else(|| format!("{}: required (a whole number)", name(&f.stock)))?;
+        if stock < 0 {
+            return Err(format!("{}: must not be negative", name(&f.stock)));
+        }
+        variants.push(Variant { sku, price_cents, stock });
+    }
+    if variants.is_empty() {
+        return Err(format!("{}: at least one variant is required", f.variants));
+    }
+    Ok(Product { id, sku, title, updated_at, updated_ms, variants })
+}
+
+/// Which of a variant's values an update sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Field {
+    Price,
+    Stock,
+}
+
+impl Field {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Field::Price => "price",
+            Field::Stock => "stock",
+        }
+    }
+}
+
+/// The storefront.
+#[derive(Clone)]
+pub struct Target {
+    config: TargetConfig,
+    client: reqwest::Client,
+}
+
+fn fill(path: &str, sku: &str) -> String {
+    let encoded: String = sku
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    path.replace("{sku}", &encoded)
+}
+
+impl Target {
+    pub fn new(config: TargetConfig) -> Self {
+        let client = client(config.timeout);
+        Target { config, client }
+    }
+
+    pub fn config(&self) -> &TargetConfig {
+        &self.config
+    }
+
+    fn url(&self, path: &str, sku: &str) -> String {
+        format!("{}{}", self.config.url.trim_end_matches('/'), fill(path, sku))
+    }
+
+    fn authed(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.config.key {
+            Some(k) => req.header(self.config.key_header.as_str(), k),
+            None => req,
+        }
+    }
+
+    /// Looks a variant up by SKU: `Ok(None)` when the target does not have it.
+    pub async fn lookup(&self, sku: &str) -> (Result<Option<(i64, i64)>, CallError>, Audit) {
+        let url = self.url(&self.config.variant_path, sku);
+        let mut a = audit("target", "GET", &url);
+        let out = match call(self.authed(self.client.get(&url)), &mut a).await {
+            Ok(resp) => match resp.json::<Value>().await {
+                Ok(v) => {
+                    let price = at(&v, &self.config.price_field).and_then(|p| money::parse_cents(&p.to_string()).ok());
+                    let stock = at(&v, &self.config.stock_field).and_then(Value::as_i64);
+                    match (price, stock) {
+                        (Some(p), Some(s)) => Ok(Some((p, s))),
+                        _ => Err(CallError::Permanent(format!(
+                            "the target's variant lacks {} or {}",
+                            self.config.price_field, self.config.stock_field
+                        ))),
+                    }
+                }
+                Err(e) => Err(CallError::Transient { error: format!("the target's answer is not JSON: {e}"), retry_after: None }),
+            },
+            Err(CallError::Permanent(e)) if a.status == Some(404) => {
+                a.error = None;
+                let _ = e;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        };
+        (out, a)
+    }
+
+    /// `PUT` a new price (`value` in cents) or stock, with an idempotency key.
+    pub async fn update(&self, sku: &str, field: Field, value: i64, idempotency_key: &str) -> (Result<(), CallError>, Audit) {
+        let (path, name) = match field {
+            Field::Price => (&self.config.price_path, &self.config.price_field),
+            Field::Stock => (&self.config.stock_path, &self.config.stock_field),
+        };
+        let url = self.url(path, sku);
+        let mut a = audit("target", "PUT", &url);
+        let body = match field {
+            Field::Price => serde_json::json!({ name.as_str(): money::to_major(value) }),
+            Field::Stock => serde_json::json!({ name.as_str(): value }),
+        };
+        let req = self.authed(self.client.put(&url)).header("Idempotency-Key", idempotency_key).json(&body);
+        let out = call(req, &mut a).await.map(|_| ());
+        (out, a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn records_validate_naming_the_field() {
+        let f = SourceFields::default();
+        let good = json!({"id": "P1", "sku": "S", "title": "T", "updated_at": "2026-01-02T03:04:05.678Z",
+                          "variants": [{"sku": "S-1", "price": 12.5, "stock": 3}, {"sku": "S-2", "price": "0.99", "stock": 0}]});
+        let p = product(&f, &good).unwrap();
+        assert_eq!(
+            p.variants,
+            [Variant { sku: "S-1".into(), price_cents: 1250, stock: 3 }, Variant { sku: "S-2".into(), price_cents: 99, stock: 0 }]
+        );
+        assert_eq!(p.updated_ms, 1_767_323_045_678);
+        let bad = |patch: Value| {
+            let mut v = good.clone();
+            for (k, x) in patch.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            product(&f, &v).unwrap_err()
+        };
+        assert_eq!(bad(json!({"id": ""})), "id: required (a non-empty string or number)");
+        assert!(bad(json!({"updated_at": "yesterday"})).starts_with("updated_at: expected an RFC 3339 time"));
+        assert_eq!(bad(json!({"variants": [{"sku": "A", "price": -1, "stock": 1}]})), "variants[0].price: must not be negative");
+        assert_eq!(bad(json!({"variants": [{"sku": "A", "price": 1, "stock": 1.5}]})), "variants[0].stock: required (a whole number)");
+        assert_eq!(bad(json!({"variants": [{"sku": "A", "price": 1, "stock": -2}]})), "variants[0].stock: must not be negative");
+        assert_eq!(bad(json!({"variants": []})), "variants: at least one variant is required");
+        assert!(bad(json!({"variants": [{"sku": "A", "price": 1, "stock": 1}, {"sku": "A", "price": 1, "stock": 1}]}))
+            .contains("appears twice"));
+        assert!(bad(json!({"variants": [{"sku": "A", "price": "1.234", "stock": 1}]})).starts_with("variants[0].price"));
+    }
+
+    #[test]
+    fn field_mapping_follows_configuration() {
+        let mut f = SourceFields::default();
+        f.parse_overrides("data=items, updated_at=meta.modified, price=amount").unwrap();
+        assert_eq!((f.data.as_str(), f.updated_at.as_str(), f.price.as_str()), ("items", "meta.modified", "amount"));
+        assert!(f.parse_overrides("colour=x").unwrap_err().contains("unknown field"));
+        let raw = json!({"id": 7, "meta": {"modified": 1_700_000_000}, "variants": [{"sku": "A", "amount": 2, "stock": 1}]});
+        let p = product(&f, &raw).unwrap();
+        assert_eq!((p.id.as_str(), p.updated_ms, p.variants[0].price_cents), ("7", 1_700_000_000_000, 200));
+    }
+
+    #[test]
+    fn urls_are_logged_without_credentials() {
+        assert_eq!(
+            redact_url("https://u:pw@h.example/p?page=2&api_key=s3cret&token=t"),
+            "https://h.example/p?page=2&api_key=***&token=***"
+        );
+        assert_eq!(fill("/variants/{sku}/price", "A B/1"), "/variants/A%20B%2F1/price");
+    }
+}
