@@ -237,6 +237,29 @@ pub(crate) async fn demo(config: &Config) -> anyhow::Result<()> {
     println!("  curl -s localhost:{port}/api/v1/users/{user}/inbox     # the welcome message and the shipping note");
     println!("  curl -s 'localhost:{port}/api/v1/notifications?user_id={user}'");
     println!("  conveyor bench --jobs 20000          # in another terminal, and watch the dashboard move");
+    demo_sync(config)?;
+    Ok(())
+}
+
+/// Wires the product sync to the partner simulator: writes `.env` (which every command reads)
+/// when the sync is not configured and there is no `.env` yet, and says how to run it.
+fn demo_sync(config: &Config) -> anyhow::Result<()> {
+    let sim = "http://127.0.0.1:8001";
+    let lines = format!(
+        "CONVEYOR_SYNC_SOURCE_URL={sim}/source\nCONVEYOR_SYNC_SOURCE_TOKEN=src\nCONVEYOR_SYNC_TARGET_URL={sim}/target\nCONVEYOR_SYNC_TARGET_KEY=tgt\n"
+    );
+    println!("product sync, against the built-in partner simulator:");
+    if config.apps.sync.is_configured() {
+        println!("  (already configured: {})", config.apps.sync.source.as_ref().map(|s| s.url.as_str()).unwrap_or_default());
+    } else if std::path::Path::new(".env").exists() {
+        println!("  add to your environment (or .env):\n{}", lines.lines().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n"));
+    } else {
+        std::fs::write(".env", &lines).context("writing .env")?;
+        println!("  wrote .env: the sync's source and target are the simulator at {sim}");
+    }
+    println!("  conveyor dev partners --port 8001 --products 2000 &");
+    println!("  conveyor sync products               # or GET /trigger-sync on a running `conveyor serve`");
+    println!("  conveyor sync health");
     Ok(())
 }
 

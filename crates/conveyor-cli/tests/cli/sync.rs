@@ -256,4 +256,13 @@ async fn sync_without_partners_says_which_setting_is_missing() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // `conveyor demo` wires the sync to the simulator through `.env`, which every command reads.
+    let out = env.conveyor(&["demo"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("conveyor dev partners --port 8001"));
+    let dotenv = std::fs::read_to_string(env.dir.path().join(".env")).unwrap();
+    assert!(dotenv.contains("CONVEYOR_SYNC_SOURCE_URL=http://127.0.0.1:8001/source"), "{dotenv}");
+    let health = run_json(env.conveyor(&["sync", "health", "--json"]));
+    assert_eq!(health["configured"], true, "{health}");
 }
