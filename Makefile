@@ -1,7 +1,7 @@
 # Everyday targets; CI runs .ci/run, which runs the same commands.
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/conveyor-target
 
-.PHONY: test lint fmt bench bench-criterion bench-orders bench-notify run fuzz-api
+.PHONY: test lint fmt bench bench-criterion bench-orders bench-notify bench-sync run fuzz-api
 
 test:
 	cargo test --workspace
@@ -34,6 +34,11 @@ fuzz-api:
 bench-orders:
 	cargo build --release -p conveyor-cli
 	BIN=$(CARGO_TARGET_DIR)/release/conveyor bash scripts/bench-orders.sh
+
+# Product sync: a full sync of 100,000 products x 3 variants from the simulator (PRODUCTS, RPS).
+bench-sync:
+	cargo build --release -p conveyor-cli
+	BIN=$(CARGO_TARGET_DIR)/release/conveyor bash scripts/bench-sync.sh
 
 # Notifications: 100,000 events, each delivered to a signed webhook receiver on loopback.
 bench-notify:

@@ -79,8 +79,8 @@ struct TargetVariant {
 struct Sim {
     config: PartnerConfig,
     started: Instant,
-    /// By id, and the order `(updated_at, id)` is computed per request (catalogues are small).
-    products: Mutex<BTreeMap<String, Product>>,
+    /// By id, with the source's order `(updated_at, id)` kept beside it.
+    products: Mutex<Catalogue>,
     target: Mutex<HashMap<String, TargetVariant>>,
     seen_keys: Mutex<HashSet<String>>,
     requests: Mutex<BTreeMap<u16, u64>>,
@@ -90,6 +90,12 @@ struct Sim {
 }
 
 type Shared = Arc<Sim>;
+
+#[derive(Default)]
+struct Catalogue {
+    by_id: BTreeMap<String, Product>,
+    order: std::collections::BTreeSet<(i64, String)>,
+}
 
 fn iso(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
@@ -106,7 +112,7 @@ impl Sim {
             state.wrapping_mul(0x2545_f491_4f6c_dd1d)
         };
         let base = chrono::Utc::now().timestamp_millis() - 86_400_000;
-        let mut products = BTreeMap::new();
+        let mut products = Catalogue::default();
         let mut target = HashMap::new();
         for i in 0..config.products {
             let id = format!("P{i:06}");
@@ -117,10 +123,11 @@ impl Sim {
                 // Present but stale: another price, another stock.
                 target.insert(sku.clone(), TargetVariant { price: (price * 0.9 * 100.0).round() / 100.0, stock: stock + 5, updates: 0 });
             }
-            products.insert(
-                id.clone(),
-                Product { sku: format!("SKU-{i:06}"), title: format!("Product {i}"), updated_at: base + i as i64 * 10, id, variants },
-            );
+            let updated_at = base + i as i64 * 10;
+            products.order.insert((updated_at, id.clone()));
+            products
+                .by_id
+                .insert(id.clone(), Product { sku: format!("SKU-{i:06}"), title: format!("Product {i}"), updated_at, id, variants });
         }
         Sim {
             config,
@@ -208,14 +215,15 @@ async fn list_products(State(sim): State<Shared>, headers: HeaderMap, Query(q): 
         },
     };
     let (page, per_page) = (q.page.unwrap_or(1).max(1), q.per_page.unwrap_or(100).clamp(1, 1000));
-    let mut list: Vec<Product> =
-        sim.products.lock().unwrap_or_else(|e| e.into_inner()).values().filter(|p| p.updated_at >= since).cloned().collect();
-    list.sort_by(|a, b| (a.updated_at, &a.id).cmp(&(b.updated_at, &b.id)));
-    let total = list.len();
-    let data: Vec<Value> = list
-        .iter()
+    let catalogue = sim.products.lock().unwrap_or_else(|e| e.into_inner());
+    let from = (since, String::new());
+    let total = catalogue.order.range(from.clone()..).count();
+    let data: Vec<Value> = catalogue
+        .order
+        .range(from..)
         .skip((page - 1) * per_page)
         .take(per_page)
+        .filter_map(|(_, id)| catalogue.by_id.get(id))
         .map(|p| {
             json!({
                 "id": p.id, "sku": p.sku, "title": p.title, "updated_at": iso(p.updated_at),
@@ -223,6 +231,7 @@ async fn list_products(State(sim): State<Shared>, headers: HeaderMap, Query(q): 
             })
         })
         .collect();
+    drop(catalogue);
     Json(json!({ "data": data, "meta": { "page": page, "per_page": per_page, "total": total, "has_more": page * per_page < total } }))
         .into_response()
 }
@@ -235,13 +244,16 @@ struct Touch {
 
 async fn touch(State(sim): State<Shared>, Path(id): Path<String>, body: Option<Json<Touch>>) -> Response {
     let t = body.map(|b| b.0).unwrap_or_default();
-    let mut products = sim.products.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(p) = products.get_mut(&id) else { return error(StatusCode::NOT_FOUND, "no such product") };
+    let mut catalogue = sim.products.lock().unwrap_or_else(|e| e.into_inner());
+    let Catalogue { by_id, order } = &mut *catalogue;
+    let Some(p) = by_id.get_mut(&id) else { return error(StatusCode::NOT_FOUND, "no such product") };
     for v in &mut p.variants {
         v.1 = t.price.unwrap_or(((v.1 + 1.0) * 100.0).round() / 100.0);
         v.2 = t.stock.unwrap_or(v.2 + 1);
     }
+    order.remove(&(p.updated_at, p.id.clone()));
     p.updated_at = chrono::Utc::now().timestamp_millis().max(p.updated_at + 1);
+    order.insert((p.updated_at, p.id.clone()));
     Json(json!({ "id": p.id, "updated_at": iso(p.updated_at) })).into_response()
 }
 

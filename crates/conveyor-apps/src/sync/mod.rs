@@ -442,7 +442,9 @@ pub fn register(registry: &mut Registry, backend: Arc<dyn QueueBackend>, config:
             .transact(move |tx| {
                 tx.execute("DELETE FROM sync_requests WHERE at < $1", &[before.into()])?;
                 tx.execute("DELETE FROM sync_items WHERE at < $1", &[before.into()])?;
-                tx.execute("DELETE FROM sync_failures WHERE resolved_at < $1", &[before.into()])
+                tx.execute("DELETE FROM sync_failures WHERE resolved_at < $1", &[before.into()])?;
+                // A run logs an event per changed product: its events are kept as long.
+                tx.execute("DELETE FROM events WHERE name LIKE 'sync.%' AND created_at < $1", &[before.into()])
             })
             .await?;
         Ok(())
