@@ -14,10 +14,21 @@ bin="$CARGO_TARGET_DIR/debug/conveyor"
 
 work=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# The product sync's partners: the simulator, so the sync endpoints do real work.
+"$bin" dev partners --port 0 --products 200 >"$work/sim.out" 2>/dev/null &
+sim=$!
+for _ in $(seq 1 100); do grep -q listening "$work/sim.out" && break; sleep 0.1; done
+sim_url=$(sed -n 's/^listening on //p' "$work/sim.out")
 CONVEYOR_DATABASE_URL="sqlite://$work/fuzz.db" CONVEYOR_HTTP_ADDR="127.0.0.1:$port" CONVEYOR_LOG=warn \
+  CONVEYOR_SYNC_SOURCE_URL="$sim_url/source" CONVEYOR_SYNC_SOURCE_TOKEN=src \
+  CONVEYOR_SYNC_TARGET_URL="$sim_url/target" CONVEYOR_SYNC_TARGET_KEY=tgt \
   "$bin" serve >"$work/serve.log" 2>&1 &
 pid=$!
-cleanup() { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$work"; }
+cleanup() {
+  kill "$pid" "$sim" 2>/dev/null || true
+  wait "$pid" "$sim" 2>/dev/null || true
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
 for _ in $(seq 1 150); do
