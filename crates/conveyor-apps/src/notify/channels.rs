@@ -127,12 +127,7 @@ async fn http_outcome(resp: Result<reqwest::Response, reqwest::Error>) -> Result
     if status.is_success() {
         return Ok(resp);
     }
-    let retry_after = resp
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+    let retry_after = crate::sync::connector::retry_after(resp.headers());
     let body: String = resp.text().await.unwrap_or_default().chars().take(300).collect();
     let error = format!("HTTP {}: {}", status.as_u16(), body.trim());
     if status.as_u16() == 408 || status.as_u16() == 429 || status.is_server_error() {

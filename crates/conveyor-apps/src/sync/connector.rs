@@ -277,7 +277,8 @@ fn client(timeout: Duration) -> reqwest::Client {
         .expect("an HTTP client with default settings")
 }
 
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+/// `Retry-After` as seconds or an HTTP date (shared with the notification channels).
+pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
     if let Ok(secs) = v.parse::<u64>() {
         return Some(Duration::from_secs(secs));
@@ -631,5 +632,41 @@ mod tests {
             "https://h.example/p?page=2&api_key=***&token=***"
         );
         assert_eq!(fill("/variants/{sku}/price", "A B/1"), "/variants/A%20B%2F1/price");
+    }
+}
+
+#[cfg(test)]
+mod http_tests {
+    use super::*;
+    use axum::routing::get;
+
+    #[tokio::test]
+    async fn the_target_looks_variants_up_by_sku_and_audits_the_call() {
+        let app = axum::Router::new().route(
+            "/variants/{sku}",
+            get(|axum::extract::Path(sku): axum::extract::Path<String>, h: axum::http::HeaderMap| async move {
+                if h.get("x-api-key").and_then(|v| v.to_str().ok()) != Some("k") {
+                    return (axum::http::StatusCode::UNAUTHORIZED, axum::Json(serde_json::json!({}))).into_response();
+                }
+                match sku.as_str() {
+                    "A 1" => axum::Json(serde_json::json!({ "sku": sku, "price": 12.5, "stock": 3 })).into_response(),
+                    _ => (axum::http::StatusCode::NOT_FOUND, axum::Json(serde_json::json!({ "error": "no such variant" }))).into_response(),
+                }
+            }),
+        );
+        use axum::response::IntoResponse;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let target = Target::new(TargetConfig::new(url.clone(), Some("k".into())));
+        let (found, audit) = target.lookup("A 1").await;
+        assert_eq!(found, Ok(Some((1250, 3))));
+        assert_eq!((audit.method, audit.status, audit.url.as_str()), ("GET", Some(200), format!("{url}/variants/A%201").as_str()));
+        let (missing, audit) = target.lookup("B").await;
+        assert_eq!((missing, audit.status, audit.error), (Ok(None), Some(404), None), "a missing variant is an answer, not an error");
+        let wrong = Target::new(TargetConfig::new(url, Some("nope".into())));
+        let (refused, audit) = wrong.lookup("A 1").await;
+        assert!(matches!(refused, Err(CallError::Permanent(ref e)) if e.starts_with("HTTP 401")), "{refused:?}");
+        assert_eq!(audit.status, Some(401));
     }
 }
