@@ -7,6 +7,8 @@
 mod engine_schema;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "redis")]
+pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
@@ -31,15 +33,34 @@ pub struct BackendConfig {
 /// Opens the backend the configuration names.
 pub fn connect(config: &BackendConfig) -> Result<Arc<dyn QueueBackend>, BackendError> {
     match config.queue.as_str() {
-        "database" => {}
-        "redis" if config.redis_url.is_none() => return Err(BackendError::Invalid("CONVEYOR_QUEUE=redis needs CONVEYOR_REDIS_URL".into())),
-        "amqp" if config.amqp_url.is_none() => return Err(BackendError::Invalid("CONVEYOR_QUEUE=amqp needs CONVEYOR_AMQP_URL".into())),
-        other => {
-            return Err(BackendError::Invalid(format!(
-                "CONVEYOR_QUEUE={other}: this version supports only `database` (the relational store)"
-            )))
+        "database" => open_store(config),
+        "redis" => {
+            let Some(url) = &config.redis_url else {
+                return Err(BackendError::Invalid("CONVEYOR_QUEUE=redis needs CONVEYOR_REDIS_URL".into()));
+            };
+            #[cfg(feature = "redis")]
+            {
+                let store = open_store(config)?;
+                let mut options = redis::RedisOptions::new(url.clone());
+                options.prefix = config.redis_prefix.clone();
+                options.completed_history = config.completed_history;
+                Ok(Arc::new(redis::RedisBackend::open(options, store)?))
+            }
+            #[cfg(not(feature = "redis"))]
+            {
+                let _ = url;
+                Err(BackendError::Invalid("this build has no Redis support (feature `redis`)".into()))
+            }
         }
+        "amqp" if config.amqp_url.is_none() => Err(BackendError::Invalid("CONVEYOR_QUEUE=amqp needs CONVEYOR_AMQP_URL".into())),
+        other => Err(BackendError::Invalid(format!(
+            "CONVEYOR_QUEUE={other}: this version supports `database` (the relational store) and `redis`"
+        ))),
     }
+}
+
+/// Opens the relational store (which also holds the queue when `CONVEYOR_QUEUE=database`).
+fn open_store(config: &BackendConfig) -> Result<Arc<dyn QueueBackend>, BackendError> {
     let url = config.database_url.as_str();
     if let Some(path) = sqlite_path(url) {
         #[cfg(feature = "sqlite")]

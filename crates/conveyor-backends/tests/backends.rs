@@ -32,6 +32,27 @@ conformance_suite!(postgres, async {
     Some((Arc::new(backend) as Arc<dyn QueueBackend>, db))
 });
 
+// The queue on the machine's Redis under a key prefix of the test's own (deleted afterwards),
+// beside a SQLite store in a temp dir; without a server the tests skip outside CI.
+#[cfg(all(feature = "redis", feature = "sqlite"))]
+conformance_suite!(redis, async {
+    use std::sync::Arc;
+
+    use conveyor_backends::redis::testing::TestRedis;
+    use conveyor_backends::redis::{RedisBackend, RedisOptions};
+    use conveyor_backends::sqlite::{SqliteBackend, SqliteOptions};
+    use conveyor_core::backend::QueueBackend;
+
+    let redis = TestRedis::create()?;
+    let dir = tempfile::TempDir::new().expect("a temp dir");
+    let store =
+        SqliteBackend::open(SqliteOptions::new(dir.path().join("store.db").to_str().expect("a UTF-8 temp path"))).expect("open SQLite");
+    let mut options = RedisOptions::new(redis.url.clone());
+    options.prefix = redis.prefix.clone();
+    let backend = RedisBackend::open(options, Arc::new(store)).expect("open Redis");
+    Some((Arc::new(backend) as Arc<dyn QueueBackend>, (redis, dir)))
+});
+
 /// The two relational schemas are kept in step: the same tables with the same columns, apart
 /// from what PostgreSQL adds for concurrency (sharded counters and metric rows, its version
 /// table). The engine's tables come from one SQL text; this catches the queue's tables drifting.

@@ -1,0 +1,1251 @@
+//! The queue on Redis (`CONVEYOR_QUEUE=redis`), beside a relational store (SQLite or
+//! PostgreSQL) that keeps the domain rows, batches, workflows, events and the rest of the engine's
+//! tables.
+//!
+//! - Every queue state change is one Lua script ([`scripts`]): enqueue many, reserve many with
+//!   their leases (promoting due delayed jobs first), apply many outcomes, extend leases, reap
+//!   expired leases, retry / forget failed jobs, clear. No client-side read-modify-write.
+//! - **Transactional enqueue** (`Tx::enqueue` inside [`QueueBackend::transaction`]) writes an
+//!   outbox row in the store's transaction; after the commit the jobs are relayed to Redis and
+//!   the rows deleted. Rows left by a crash are relayed by the next reaper pass; Redis remembers
+//!   relayed ids for ten minutes so a row relayed twice enqueues once.
+//! - **Hooks** (batch counters, workflow transitions) belong to the store. An outcome of a job
+//!   with hooks is applied in Redis together with an *outcome record* (`T:h`); the store then
+//!   runs the hooks in one transaction that also inserts the record's mark into `queue_marks`
+//!   (so a record applied twice counts once) and the record is removed. Records left by a crash
+//!   are applied by the next reaper pass.
+//! - **Transactional completion** (`complete_with`): the work, the hooks and a mark
+//!   `c:<job id>` commit in one store transaction, then the job is acknowledged in Redis. A job
+//!   whose mark exists is acknowledged without running the work again, so its effect happens
+//!   once even if the acknowledgement was lost.
+
+mod conn;
+mod scripts;
+pub mod testing;
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::{Script, Value};
+use serde::{Deserialize, Serialize};
+use tokio::sync::OnceCell;
+
+use conveyor_core::backend::{
+    in_chunks, insert_many, BackendError, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats, ReserveRequest,
+    Result, Row, SqlValue, Tx, TxFn, WorkerInfo,
+};
+use conveyor_core::clock::now_ms;
+use conveyor_core::job::{payload_value, Backoff, Completion, EnqueueOutcome, Job, JobId, JobInfo, JobState, NewJob, Outcome};
+use conveyor_core::metrics::{last_minute_rates, minute_of, MetricsAccumulator, MetricsRow, BUCKETS};
+use conveyor_core::wakeup::Wakeup;
+
+use conn::{int, items, opt_text, pairs, text, Pool};
+
+/// How the Redis queue is opened.
+#[derive(Clone, Debug)]
+pub struct RedisOptions {
+    /// `redis://[:password@]host:port[/db]`.
+    pub url: String,
+    /// Every key starts with `{prefix}:` (the braces make it a Redis Cluster hash tag; a prefix
+    /// that already has braces is used as it is).
+    pub prefix: String,
+    /// Completed jobs kept for the dashboard (0 keeps none).
+    pub completed_history: usize,
+}
+
+impl RedisOptions {
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisOptions { url: url.into(), prefix: "conveyor".into(), completed_history: 1_000 }
+    }
+}
+
+/// Members scanned per state when the admin listing filters by kind, tag or batch.
+const SCAN_CAP: isize = 10_000;
+/// Outcome records and outbox rows older than this are taken over by the reaper pass.
+const STALE_MS: i64 = 5_000;
+/// How long Redis remembers a relayed outbox id.
+const RELAYED_KEEP_MS: i64 = 600_000;
+/// How long the store keeps marks of applied records and completions.
+const MARKS_KEEP_MS: i64 = 7 * 86_400_000;
+
+struct Scripts {
+    enqueue: Script,
+    reserve: Script,
+    complete: Script,
+    holds: Script,
+    extend: Script,
+    reap: Script,
+    retry_failed: Script,
+    forget_failed: Script,
+    clear: Script,
+    metrics: Script,
+}
+
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    enqueue: Script::new(scripts::ENQUEUE),
+    reserve: Script::new(scripts::RESERVE),
+    complete: Script::new(scripts::COMPLETE),
+    holds: Script::new(scripts::HOLDS),
+    extend: Script::new(scripts::EXTEND),
+    reap: Script::new(scripts::REAP),
+    retry_failed: Script::new(scripts::RETRY_FAILED),
+    forget_failed: Script::new(scripts::FORGET_FAILED),
+    clear: Script::new(scripts::CLEAR),
+    metrics: Script::new(scripts::METRICS),
+});
+
+/// The part of a job that never changes, stored as compact JSON in its hash's `d` field.
+#[derive(Serialize, Deserialize, Default)]
+struct Data {
+    k: String,
+    p: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    b: Option<Backoff>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    to: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    tg: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    bt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    wf: Option<String>,
+}
+
+impl Data {
+    fn parse(d: &str) -> Data {
+        serde_json::from_str(d).unwrap_or_default()
+    }
+}
+
+/// An applied outcome waiting for the store's hooks (the JSON the scripts store in `T:h`).
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct Record {
+    id: String,
+    queue: String,
+    data: String,
+    /// `completed`, `retry`, `failed` or `failed_retry` (a failed job put back on its queue).
+    outcome: String,
+    at: i64,
+    error: String,
+    wait_ms: u64,
+    runtime_ms: u64,
+}
+
+impl Record {
+    fn of(c: &Completion, data: String) -> Option<Record> {
+        let (outcome, at, error) = match &c.outcome {
+            Outcome::Completed => ("completed", 0, String::new()),
+            Outcome::Retry { at, error } => ("retry", *at, error.clone()),
+            Outcome::Failed { error } => ("failed", 0, error.clone()),
+            Outcome::Release { .. } => return None,
+        };
+        Some(Record {
+            id: c.id.to_string(),
+            queue: c.queue.clone(),
+            data,
+            outcome: outcome.into(),
+            at,
+            error,
+            wait_ms: c.wait_ms,
+            runtime_ms: c.runtime_ms,
+        })
+    }
+
+    /// Runs the store's side of this outcome.
+    fn apply(&self, tx: &mut dyn Tx) -> Result<()> {
+        let d = Data::parse(&self.data);
+        if self.outcome == "failed_retry" {
+            return match &d.bt {
+                Some(batch) => conveyor_core::hooks::after_failed_retry(tx, batch),
+                None => Ok(()),
+            };
+        }
+        let outcome = match self.outcome.as_str() {
+            "completed" => Outcome::Completed,
+            "retry" => Outcome::Retry { at: self.at, error: self.error.clone() },
+            _ => Outcome::Failed { error: self.error.clone() },
+        };
+        let c = Completion {
+            id: self.id.parse().map_err(|e| BackendError::Other(format!("outcome record with a bad id: {e}")))?,
+            lease_token: 0,
+            queue: self.queue.clone(),
+            kind: d.k,
+            unique_key: None,
+            batch_id: d.bt,
+            workflow: d.wf,
+            outcome,
+            wait_ms: self.wait_ms,
+            runtime_ms: self.runtime_ms,
+        };
+        conveyor_core::hooks::after_outcome(tx, &c)
+    }
+}
+
+/// `Tx` for the store's transactions: SQL goes to the store, enqueues to the outbox.
+struct OutboxTx<'a> {
+    inner: &'a mut dyn Tx,
+    jobs: Vec<NewJob>,
+}
+
+impl Tx for OutboxTx<'_> {
+    fn execute(&mut self, sql: &str, params: &[SqlValue]) -> Result<u64> {
+        self.inner.execute(sql, params)
+    }
+    fn query(&mut self, sql: &str, params: &[SqlValue]) -> Result<Vec<Row>> {
+        self.inner.query(sql, params)
+    }
+    fn execute_script(&mut self, sql: &str) -> Result<()> {
+        self.inner.execute_script(sql)
+    }
+    fn serialize_migrations(&mut self) -> Result<()> {
+        self.inner.serialize_migrations()
+    }
+    fn enqueue(&mut self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>> {
+        let now = now_ms();
+        let mut rows = Vec::with_capacity(jobs.len());
+        for job in &jobs {
+            job.validate().map_err(BackendError::Invalid)?;
+            let body = serde_json::to_string(job).map_err(|e| BackendError::Other(e.to_string()))?;
+            rows.push(vec![SqlValue::Text(job.id.to_string()), SqlValue::Text(body), SqlValue::Int(now)]);
+        }
+        insert_many(self.inner, "INSERT INTO queue_outbox (id, job, created_at)", rows, "")?;
+        let out = jobs.iter().map(|j| EnqueueOutcome::Enqueued { id: j.id }).collect();
+        self.jobs.extend(jobs);
+        Ok(out)
+    }
+}
+
+const STORE_TABLES: &str = "CREATE TABLE IF NOT EXISTS queue_outbox (id TEXT PRIMARY KEY, job TEXT NOT NULL, created_at BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS queue_marks (id TEXT PRIMARY KEY, at BIGINT NOT NULL)";
+
+pub struct RedisBackend {
+    pool: Arc<Pool>,
+    store: Arc<dyn QueueBackend>,
+    /// `{prefix}`: the first part of every key.
+    tag: String,
+    history: usize,
+    wakeup: Arc<Wakeup>,
+    tables: OnceCell<()>,
+}
+
+impl RedisBackend {
+    /// Connects to Redis (failing at once when it does not answer) and puts the queue there;
+    /// `store` keeps everything relational.
+    pub fn open(options: RedisOptions, store: Arc<dyn QueueBackend>) -> Result<Self> {
+        let pool = Arc::new(Pool::new(&options.url)?);
+        pool.with(|c| redis::cmd("PING").query::<String>(c))
+            .map_err(|e| BackendError::Unavailable(format!("cannot reach Redis at {}: {e}", pool.shown)))?;
+        let tag = tag_of(&options.prefix);
+        let wakeup = Arc::new(Wakeup::default());
+        conn::spawn_subscriber(pool.client(), format!("{tag}:wake"), Arc::downgrade(&wakeup));
+        Ok(RedisBackend { pool, store, tag, history: options.completed_history, wakeup, tables: OnceCell::new() })
+    }
+
+    /// The relational store beside the queue.
+    pub fn store(&self) -> &Arc<dyn QueueBackend> {
+        &self.store
+    }
+
+    /// The key every script call names, so Redis Cluster routes it to the tag's slot.
+    fn route_key(&self) -> String {
+        format!("{}:queues", self.tag)
+    }
+
+    /// Runs `f` with a pooled connection on a blocking thread.
+    async fn redis<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut redis::Connection, &str) -> redis::RedisResult<R> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        let tag = self.tag.clone();
+        tokio::task::spawn_blocking(move || pool.with(|c| f(c, &tag)))
+            .await
+            .map_err(|e| BackendError::Other(format!("Redis task failed: {e}")))?
+    }
+
+    /// Runs one script with `args` after the tag.
+    async fn script(&self, pick: fn(&Scripts) -> &Script, args: Vec<String>) -> Result<Value> {
+        let key = self.route_key();
+        self.redis(move |c, tag| {
+            let script = pick(&SCRIPTS);
+            let mut inv = script.key(&key);
+            inv.arg(tag);
+            for a in &args {
+                inv.arg(a);
+            }
+            inv.invoke::<Value>(c)
+        })
+        .await
+    }
+
+    async fn ensure_tables(&self) -> Result<()> {
+        self.tables
+            .get_or_try_init(|| async {
+                self.store.transaction(Box::new(|tx| tx.execute_script(STORE_TABLES).map(|_| Box::new(()) as Box<dyn Any + Send>))).await?;
+                Ok::<(), BackendError>(())
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Runs `work` in a store transaction whose enqueues go to the outbox; after the commit the
+    /// jobs are relayed to Redis (a failed relay is retried by the reaper pass).
+    async fn store_tx(&self, work: TxFn) -> Result<Box<dyn Any + Send>> {
+        self.ensure_tables().await?;
+        let out = self
+            .store
+            .transaction(Box::new(move |tx| {
+                let mut otx = OutboxTx { inner: tx, jobs: Vec::new() };
+                let r = work(&mut otx)?;
+                Ok(Box::new((r, otx.jobs)) as Box<dyn Any + Send>)
+            }))
+            .await?;
+        let (r, jobs) = *out.downcast::<(Box<dyn Any + Send>, Vec<NewJob>)>().expect("the outbox transaction returns its jobs");
+        if !jobs.is_empty() {
+            if let Err(e) = self.relay(jobs).await {
+                tracing::warn!(error = %e, "relaying committed jobs to Redis failed; the reaper pass will relay them");
+            }
+        }
+        Ok(r)
+    }
+
+    /// Pushes outbox jobs to Redis, then deletes their rows.
+    async fn relay(&self, jobs: Vec<NewJob>) -> Result<()> {
+        let ids: Vec<String> = jobs.iter().map(|j| j.id.to_string()).collect();
+        self.push(jobs, true).await?;
+        for chunk in ids.chunks(500) {
+            let chunk = chunk.to_vec();
+            self.store
+                .transaction(Box::new(move |tx| {
+                    let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+                    let sql = format!("DELETE FROM queue_outbox WHERE id IN ({})", marks.join(", "));
+                    let params: Vec<SqlValue> = chunk.into_iter().map(SqlValue::Text).collect();
+                    tx.execute(&sql, &params).map(|n| Box::new(n) as Box<dyn Any + Send>)
+                }))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The enqueue script over `jobs`.
+    async fn push(&self, jobs: Vec<NewJob>, relayed: bool) -> Result<Vec<EnqueueOutcome>> {
+        let now = now_ms();
+        let mut args = Vec::with_capacity(1 + jobs.len() * 10);
+        args.push(now.to_string());
+        for job in &jobs {
+            job.validate().map_err(BackendError::Invalid)?;
+            let data = Data {
+                k: job.kind.clone(),
+                p: job.payload.clone(),
+                b: job.backoff.clone(),
+                to: job.timeout.map(|t| t.as_millis() as u64),
+                tg: job.tags.clone(),
+                bt: job.batch_id.clone(),
+                wf: job.workflow.clone(),
+            };
+            args.push(job.id.to_string());
+            args.push(job.queue.clone());
+            args.push(job.priority.to_string());
+            args.push(job.max_attempts.to_string());
+            args.push(job.run_at.unwrap_or(now).to_string());
+            args.push(serde_json::to_string(&data).map_err(|e| BackendError::Other(e.to_string()))?);
+            match &job.unique {
+                Some(u) => {
+                    args.push(u.key.clone());
+                    args.push(u.ttl.as_millis().max(1).to_string());
+                }
+                None => {
+                    args.push(String::new());
+                    args.push("0".into());
+                }
+            }
+            args.push(if job.batch_id.is_some() || job.workflow.is_some() { "1" } else { "" }.into());
+            args.push(if relayed { "1" } else { "" }.into());
+        }
+        let res = items(self.script(|s| &s.enqueue, args).await?);
+        let mut out = Vec::with_capacity(jobs.len());
+        let mut ready = false;
+        for (job, r) in jobs.iter().zip(res) {
+            let holder = text(&r);
+            if holder.is_empty() {
+                ready |= job.run_at.is_none_or(|t| t <= now);
+                out.push(EnqueueOutcome::Enqueued { id: job.id });
+            } else {
+                out.push(EnqueueOutcome::Duplicate { existing: holder.parse().unwrap_or(job.id) });
+            }
+        }
+        if ready {
+            self.wakeup.wake();
+        }
+        Ok(out)
+    }
+
+    /// Applies the store's side of outcome records (`T:h` members), each at most once, then
+    /// removes them from Redis. A record whose hooks fail stays for the reaper pass to retry.
+    async fn apply_records(&self, members: Vec<String>) -> Result<()> {
+        if members.is_empty() {
+            return Ok(());
+        }
+        let mut parsed = Vec::with_capacity(members.len());
+        for m in &members {
+            let Some((seq, json)) = m.split_once('\x1f') else { continue };
+            match serde_json::from_str::<Record>(json) {
+                Ok(r) => parsed.push((format!("h:{}:{seq}", self.tag), r)),
+                Err(e) => tracing::error!(error = %e, record = %m, "an unreadable outcome record is dropped"),
+            }
+        }
+        let all = parsed.clone();
+        let whole = self.store_tx(Box::new(move |tx| apply_marked(tx, &all).map(|_| Box::new(()) as Box<dyn Any + Send>))).await;
+        let done: Vec<String> = match whole {
+            Ok(_) => members,
+            Err(e) => {
+                // One failing record must not hold the others back.
+                tracing::warn!(error = %e, "applying outcome records together failed; applying them one by one");
+                let mut done = Vec::new();
+                for (m, rec) in members.into_iter().zip(parsed) {
+                    let one = vec![rec];
+                    match self.store_tx(Box::new(move |tx| apply_marked(tx, &one).map(|_| Box::new(()) as Box<dyn Any + Send>))).await {
+                        Ok(_) => done.push(m),
+                        Err(e) => tracing::error!(error = %e, "an outcome record's hooks failed; the reaper pass retries it"),
+                    }
+                }
+                done
+            }
+        };
+        if !done.is_empty() {
+            self.redis(move |c, tag| redis::cmd("ZREM").arg(format!("{tag}:h")).arg(&done).query::<i64>(c)).await?;
+        }
+        Ok(())
+    }
+
+    /// Adds the applied completions to the per-minute metrics.
+    async fn record_metrics(&self, applied: Vec<&Completion>, now: i64) {
+        if applied.is_empty() {
+            return;
+        }
+        let mut acc = MetricsAccumulator::default();
+        for c in applied {
+            acc.record(minute_of(now), c);
+        }
+        let mut args = Vec::new();
+        for row in acc.drain() {
+            let mut cols: Vec<(String, u64)> = vec![
+                ("c".into(), row.completed),
+                ("r".into(), row.retried),
+                ("f".into(), row.failed),
+                ("rs".into(), row.runtime_sum_ms),
+                ("ws".into(), row.wait_sum_ms),
+            ];
+            for i in 0..BUCKETS {
+                cols.push((format!("rh{i}"), row.runtime_hist[i]));
+                cols.push((format!("wh{i}"), row.wait_hist[i]));
+            }
+            cols.retain(|(_, n)| *n > 0);
+            args.push(row.minute.to_string());
+            args.push(row.queue);
+            args.push(row.kind);
+            args.push(row.runtime_max_ms.to_string());
+            args.push(cols.len().to_string());
+            for (col, n) in cols {
+                args.push(col);
+                args.push(n.to_string());
+            }
+        }
+        if let Err(e) = self.script(|s| &s.metrics, args).await {
+            tracing::warn!(error = %e, "recording job metrics in Redis failed");
+        }
+    }
+
+    /// The completion script; returns which completions applied.
+    async fn apply_outcomes(&self, completions: &[Completion], records: bool) -> Result<Vec<bool>> {
+        let now = now_ms();
+        let mut args = Vec::with_capacity(2 + completions.len() * 6);
+        args.push(now.to_string());
+        args.push(self.history.to_string());
+        for c in completions {
+            let (kind, at, error) = match &c.outcome {
+                Outcome::Completed => ("c", 0, ""),
+                Outcome::Retry { at, error } => ("r", *at, error.as_str()),
+                Outcome::Failed { error } => ("f", 0, error.as_str()),
+                Outcome::Release { at } => ("l", *at, ""),
+            };
+            args.push(c.id.to_string());
+            args.push(c.lease_token.to_string());
+            args.push(kind.into());
+            args.push(at.to_string());
+            args.push(error.into());
+            let record = if records && conveyor_core::hooks::wants(c) {
+                let data = Data { k: c.kind.clone(), bt: c.batch_id.clone(), wf: c.workflow.clone(), ..Default::default() };
+                let data = serde_json::to_string(&data).map_err(|e| BackendError::Other(e.to_string()))?;
+                Record::of(c, data).map(|r| serde_json::to_string(&r).expect("a record serializes"))
+            } else {
+                None
+            };
+            args.push(record.unwrap_or_default());
+        }
+        let mut res = items(self.script(|s| &s.complete, args).await?).into_iter();
+        let flags: Vec<bool> = res.next().map(items).unwrap_or_default().iter().map(|v| int(v) == 1).collect();
+        let members: Vec<String> = res.next().map(items).unwrap_or_default().iter().map(text).collect();
+        if completions.iter().zip(&flags).any(|(c, f)| *f && matches!(c.outcome, Outcome::Retry { .. } | Outcome::Release { .. })) {
+            self.wakeup.wake();
+        }
+        if let Err(e) = self.apply_records(members).await {
+            tracing::warn!(error = %e, "outcome hooks are left for the reaper pass");
+        }
+        self.record_metrics(completions.iter().zip(&flags).filter(|(_, f)| **f).map(|(c, _)| c).collect(), now).await;
+        Ok(flags)
+    }
+
+    /// Relays outbox rows and applies outcome records that their writers left behind (a crash
+    /// between the commit and the relay, Redis down at the time).
+    async fn recover(&self) -> Result<()> {
+        self.ensure_tables().await?;
+        let before = now_ms() - STALE_MS;
+        let rows = self
+            .store
+            .query("SELECT job FROM queue_outbox WHERE created_at < $1 ORDER BY created_at LIMIT 500", vec![before.into()])
+            .await?;
+        let jobs: Vec<NewJob> =
+            rows.iter().filter_map(|r| r.first().and_then(SqlValue::as_str)).filter_map(|j| serde_json::from_str(j).ok()).collect();
+        if !jobs.is_empty() {
+            tracing::info!(jobs = jobs.len(), "relaying jobs left in the outbox");
+            self.relay(jobs).await?;
+        }
+        let members: Vec<String> = self
+            .redis(move |c, tag| {
+                redis::cmd("ZREMRANGEBYSCORE").arg(format!("{tag}:relayed")).arg("-inf").arg(now_ms() - RELAYED_KEEP_MS).query::<i64>(c)?;
+                redis::cmd("ZRANGEBYSCORE").arg(format!("{tag}:h")).arg("-inf").arg(before).arg("LIMIT").arg(0).arg(200).query(c)
+            })
+            .await?;
+        if !members.is_empty() {
+            tracing::info!(records = members.len(), "applying outcome hooks left behind");
+            self.apply_records(members).await?;
+        }
+        Ok(())
+    }
+
+    async fn queue_names(&self) -> Result<Vec<String>> {
+        let mut names: Vec<String> = self
+            .redis(|c, tag| {
+                let mut all: Vec<String> = redis::cmd("SMEMBERS").arg(format!("{tag}:queues")).query(c)?;
+                let paused: Vec<String> = redis::cmd("SMEMBERS").arg(format!("{tag}:paused")).query(c)?;
+                all.extend(paused);
+                Ok(all)
+            })
+            .await?;
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    /// Job hashes by id (pipelined), with ids whose hash is gone dropped.
+    async fn hashes(&self, ids: Vec<String>) -> Result<Vec<(String, HashMap<String, String>)>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.redis(move |c, tag| {
+            let mut out = Vec::with_capacity(ids.len());
+            for chunk in ids.chunks(500) {
+                let mut p = redis::pipe();
+                for id in chunk {
+                    p.cmd("HGETALL").arg(format!("{tag}:j:{id}"));
+                }
+                let replies: Vec<Value> = p.query(c)?;
+                for (id, v) in chunk.iter().zip(replies) {
+                    let h: HashMap<String, String> = pairs(v).into_iter().map(|(k, v)| (k, text(&v))).collect();
+                    if !h.is_empty() {
+                        out.push((id.clone(), h));
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The completed history (newest first).
+    async fn history(&self) -> Result<Vec<JobInfo>> {
+        let entries: Vec<String> = self.redis(|c, tag| redis::cmd("LRANGE").arg(format!("{tag}:done")).arg(0).arg(-1).query(c)).await?;
+        Ok(entries.iter().filter_map(|e| history_info(e)).collect())
+    }
+}
+
+/// Applies records whose mark is not in the store yet, marking them.
+fn apply_marked(tx: &mut dyn Tx, records: &[(String, Record)]) -> Result<()> {
+    let now = now_ms();
+    for (mark, rec) in records {
+        let fresh = tx.execute(
+            "INSERT INTO queue_marks (id, at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+            &[SqlValue::Text(mark.clone()), SqlValue::Int(now)],
+        )?;
+        if fresh == 1 {
+            rec.apply(tx)?;
+        }
+    }
+    Ok(())
+}
+
+fn field<'a>(h: &'a HashMap<String, String>, k: &str) -> Option<&'a str> {
+    h.get(k).map(String::as_str).filter(|s| !s.is_empty())
+}
+
+fn num(h: &HashMap<String, String>, k: &str) -> i64 {
+    field(h, k).and_then(|s| s.parse::<f64>().ok()).map_or(0, |f| f as i64)
+}
+
+/// A job hash as the admin API shows it; `delayed` tells a waiting job that is not due yet.
+fn hash_info(id: &str, h: &HashMap<String, String>, delayed: bool) -> Option<JobInfo> {
+    let d = Data::parse(field(h, "d")?);
+    let state = match field(h, "s") {
+        Some("r") => JobState::Reserved,
+        Some("f") => JobState::Failed,
+        _ if delayed => JobState::Delayed,
+        _ => JobState::Pending,
+    };
+    let reserved = state == JobState::Reserved;
+    Some(JobInfo {
+        id: id.parse().ok()?,
+        queue: field(h, "q").unwrap_or_default().to_string(),
+        kind: d.k,
+        state,
+        payload: payload_value(&d.p),
+        attempts: num(h, "a") as u32,
+        max_attempts: num(h, "m") as u32,
+        priority: num(h, "pr") as i32,
+        tags: d.tg,
+        unique_key: field(h, "u").map(str::to_string),
+        batch_id: d.bt,
+        error: field(h, "e").map(str::to_string),
+        created_at: num(h, "c"),
+        available_at: Some(num(h, "av")),
+        reserved_at: reserved.then(|| num(h, "ra")),
+        finished_at: (state == JobState::Failed).then(|| num(h, "fa")),
+        runtime_ms: (state == JobState::Failed).then(|| num(h, "rt") as u64),
+        wait_ms: None,
+        worker: if reserved { field(h, "w").map(str::to_string) } else { None },
+    })
+}
+
+/// An entry of the completed history: id, queue, finished, runtime, wait, attempts, worker,
+/// reserved at, created at, priority, data — separated by U+001F.
+fn history_info(entry: &str) -> Option<JobInfo> {
+    let f: Vec<&str> = entry.splitn(11, '\x1f').collect();
+    if f.len() != 11 {
+        return None;
+    }
+    let n = |i: usize| f[i].parse::<f64>().map_or(0, |v| v as i64);
+    let d = Data::parse(f[10]);
+    Some(JobInfo {
+        id: f[0].parse().ok()?,
+        queue: f[1].to_string(),
+        kind: d.k,
+        state: JobState::Completed,
+        payload: payload_value(&d.p),
+        attempts: n(5) as u32,
+        max_attempts: 0,
+        priority: n(9) as i32,
+        tags: d.tg,
+        unique_key: None,
+        batch_id: d.bt,
+        error: None,
+        created_at: n(8),
+        available_at: None,
+        reserved_at: Some(n(7)),
+        finished_at: Some(n(2)),
+        runtime_ms: Some(n(3) as u64),
+        wait_ms: Some(n(4).max(0) as u64),
+        worker: Some(f[6].to_string()).filter(|w| !w.is_empty()),
+    })
+}
+
+fn failed_info(id: &str, h: &HashMap<String, String>) -> Option<FailedJob> {
+    let d = Data::parse(field(h, "d")?);
+    Some(FailedJob {
+        id: id.parse().ok()?,
+        queue: field(h, "q").unwrap_or_default().to_string(),
+        kind: d.k,
+        payload: payload_value(&d.p),
+        attempts: num(h, "a") as u32,
+        max_attempts: num(h, "m") as u32,
+        error: field(h, "e").unwrap_or_default().to_string(),
+        tags: d.tg,
+        batch_id: d.bt,
+        created_at: num(h, "c"),
+        failed_at: num(h, "fa"),
+        runtime_ms: num(h, "rt").max(0) as u64,
+    })
+}
+
+fn matches(j: &JobInfo, f: &JobFilter) -> bool {
+    f.kind.as_ref().is_none_or(|k| &j.kind == k)
+        && f.tag.as_ref().is_none_or(|t| j.tags.contains(t))
+        && f.batch_id.as_ref().is_none_or(|b| j.batch_id.as_ref() == Some(b))
+        && f.queue.as_ref().is_none_or(|q| &j.queue == q)
+}
+
+#[async_trait]
+impl QueueBackend for RedisBackend {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One script call per few thousand jobs keeps each call short for the other clients.
+        let mut out = Vec::with_capacity(jobs.len());
+        let mut jobs = jobs.into_iter().peekable();
+        while jobs.peek().is_some() {
+            let chunk: Vec<NewJob> = jobs.by_ref().take(2_000).collect();
+            out.extend(self.push(chunk, false).await?);
+        }
+        Ok(out)
+    }
+
+    async fn reserve(&self, req: ReserveRequest) -> Result<Vec<Job>> {
+        if req.max == 0 || req.queues.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = now_ms();
+        let token: i64 = rand::random::<i64>() & i64::MAX;
+        let mut args = vec![
+            now.to_string(),
+            (now + req.lease.as_millis() as i64).to_string(),
+            token.to_string(),
+            req.worker.clone(),
+            req.max.to_string(),
+        ];
+        args.extend(req.queues.iter().cloned());
+        let res = items(self.script(|s| &s.reserve, args).await?);
+        let mut jobs = Vec::with_capacity(res.len());
+        for r in res {
+            let v = items(r);
+            if v.len() < 9 {
+                continue;
+            }
+            let Ok(id) = text(&v[0]).parse::<JobId>() else { continue };
+            let d = Data::parse(&text(&v[6]));
+            jobs.push(Job {
+                id,
+                queue: text(&v[8]),
+                kind: d.k,
+                payload: d.p,
+                attempt: int(&v[1]) as u32,
+                max_attempts: int(&v[2]) as u32,
+                backoff: d.b,
+                timeout: d.to.map(Duration::from_millis),
+                priority: int(&v[3]) as i32,
+                tags: d.tg,
+                unique_key: opt_text(&v[7]).filter(|u| !u.is_empty()),
+                batch_id: d.bt,
+                workflow: d.wf,
+                created_at: int(&v[5]),
+                available_at: int(&v[4]),
+                reserved_at: now,
+                lease_token: token,
+            });
+        }
+        Ok(jobs)
+    }
+
+    async fn complete(&self, completions: Vec<Completion>) -> Result<()> {
+        if completions.is_empty() {
+            return Ok(());
+        }
+        self.apply_outcomes(&completions, true).await.map(|_| ())
+    }
+
+    async fn complete_with(&self, completion: Completion, work: TxFn) -> Result<Box<dyn Any + Send>> {
+        let id = completion.id;
+        let args = vec![id.to_string(), completion.lease_token.to_string()];
+        if int(&self.script(|s| &s.holds, args).await?) != 1 {
+            return Err(BackendError::LeaseLost(id));
+        }
+        let c = completion.clone();
+        let out = self
+            .store_tx(Box::new(move |tx| {
+                let fresh = tx.execute(
+                    "INSERT INTO queue_marks (id, at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+                    &[SqlValue::Text(format!("c:{}", c.id)), SqlValue::Int(now_ms())],
+                )?;
+                if fresh == 0 {
+                    // Committed by an earlier attempt whose acknowledgement was lost.
+                    return Ok(Box::new(None::<Box<dyn Any + Send>>) as Box<dyn Any + Send>);
+                }
+                let out = work(tx)?;
+                if conveyor_core::hooks::wants(&c) {
+                    conveyor_core::hooks::after_outcome(tx, &c)?;
+                }
+                Ok(Box::new(Some(out)) as Box<dyn Any + Send>)
+            }))
+            .await?;
+        let out = *out.downcast::<Option<Box<dyn Any + Send>>>().expect("complete_with's transaction returns an option");
+        // The effect is committed; the acknowledgement follows. If it is lost, the job runs
+        // again after its lease and is acknowledged then without a second effect.
+        if let Err(e) = self.apply_outcomes(std::slice::from_ref(&completion), false).await {
+            tracing::warn!(error = %e, job = %id, "acknowledging a committed job in Redis failed; it is acknowledged when it comes back");
+        }
+        out.ok_or(BackendError::LeaseLost(id))
+    }
+
+    async fn extend_leases(&self, leases: Vec<(JobId, i64)>, lease: Duration) -> Result<()> {
+        if leases.is_empty() {
+            return Ok(());
+        }
+        let mut args = vec![(now_ms() + lease.as_millis() as i64).to_string()];
+        for (id, token) in leases {
+            args.push(id.to_string());
+            args.push(token.to_string());
+        }
+        self.script(|s| &s.extend, args).await.map(|_| ())
+    }
+
+    async fn reap_expired(&self) -> Result<u64> {
+        let now = now_ms();
+        let res = items(self.script(|s| &s.reap, vec![now.to_string(), "1000".into()]).await?);
+        let mut res = res.into_iter();
+        let reaped: Vec<Vec<Value>> = res.next().map(items).unwrap_or_default().into_iter().map(items).collect();
+        let members: Vec<String> = res.next().map(items).unwrap_or_default().iter().map(text).collect();
+        if let Err(e) = self.apply_records(members).await {
+            tracing::warn!(error = %e, "outcome hooks of reclaimed jobs are left for the next pass");
+        }
+        let completions: Vec<Completion> = reaped
+            .iter()
+            .filter(|v| v.len() >= 6)
+            .map(|v| {
+                let d = Data::parse(&text(&v[2]));
+                let outcome = if text(&v[3]) == "failed" {
+                    Outcome::Failed { error: String::new() }
+                } else {
+                    Outcome::Retry { at: now, error: String::new() }
+                };
+                Completion {
+                    id: text(&v[0]).parse().unwrap_or_default(),
+                    lease_token: 0,
+                    queue: text(&v[1]),
+                    kind: d.k,
+                    unique_key: None,
+                    batch_id: None,
+                    workflow: None,
+                    outcome,
+                    wait_ms: int(&v[4]).max(0) as u64,
+                    runtime_ms: int(&v[5]).max(0) as u64,
+                }
+            })
+            .collect();
+        if completions.iter().any(|c| matches!(c.outcome, Outcome::Retry { .. })) {
+            self.wakeup.wake();
+        }
+        self.record_metrics(completions.iter().collect(), now).await;
+        if let Err(e) = self.recover().await {
+            tracing::warn!(error = %e, "relaying the outbox / outcome records failed; retried on the next pass");
+        }
+        Ok(completions.len() as u64)
+    }
+
+    fn wakeup(&self) -> Arc<Wakeup> {
+        self.wakeup.clone()
+    }
+
+    async fn queues(&self) -> Result<Vec<QueueStats>> {
+        let names = self.queue_names().await?;
+        let now = now_ms();
+        let minute = minute_of(now);
+        let stats_names = names.clone();
+        let (stats, minutes): (Vec<(Vec<i64>, bool, Option<i64>)>, Vec<Vec<(String, Value)>>) = self
+            .redis(move |c, tag| {
+                let mut p = redis::pipe();
+                for q in &stats_names {
+                    let qk = format!("{tag}:q:{q}");
+                    p.cmd("ZCARD").arg(format!("{qk}:r"));
+                    p.cmd("ZCARD").arg(format!("{qk}:d"));
+                    p.cmd("ZCARD").arg(format!("{qk}:l"));
+                    p.cmd("ZCARD").arg(format!("{qk}:f"));
+                    p.cmd("SISMEMBER").arg(format!("{tag}:paused")).arg(q);
+                    p.cmd("ZRANGE").arg(format!("{qk}:r")).arg(0).arg(0);
+                }
+                let replies: Vec<Value> = if stats_names.is_empty() { Vec::new() } else { p.query(c)? };
+                let mut heads = Vec::new();
+                let mut out = Vec::new();
+                for chunk in replies.chunks(6) {
+                    let counts: Vec<i64> = chunk[..4].iter().map(int).collect();
+                    let head = items(chunk[5].clone()).first().map(text);
+                    heads.push(head);
+                    out.push((counts, int(&chunk[4]) == 1, None));
+                }
+                // When the next job of each queue became available.
+                let mut p = redis::pipe();
+                for h in &heads {
+                    p.cmd("HGET").arg(format!("{tag}:j:{}", h.clone().unwrap_or_default())).arg("av");
+                }
+                let avs: Vec<Option<i64>> = if heads.is_empty() { Vec::new() } else { p.query(c)? };
+                for ((o, h), av) in out.iter_mut().zip(&heads).zip(avs) {
+                    o.2 = h.as_ref().and(av);
+                }
+                let mut p = redis::pipe();
+                p.cmd("HGETALL").arg(format!("{tag}:m:{}", minute - 60_000));
+                p.cmd("HGETALL").arg(format!("{tag}:m:{minute}"));
+                let ms: Vec<Value> = p.query(c)?;
+                Ok((out, ms.into_iter().map(pairs).collect()))
+            })
+            .await?;
+        let mut counts = Vec::new();
+        for (m, fields) in [minute - 60_000, minute].into_iter().zip(minutes) {
+            for (f, v) in fields {
+                let mut parts = f.split('\x1f');
+                let (Some(q), Some(_), Some(col)) = (parts.next(), parts.next(), parts.next()) else { continue };
+                if matches!(col, "c" | "r" | "f") {
+                    counts.push((q.to_string(), m, int(&v)));
+                }
+            }
+        }
+        let rates = last_minute_rates(counts, now);
+        Ok(names
+            .into_iter()
+            .zip(stats)
+            .map(|(queue, (n, paused, head))| QueueStats {
+                per_minute: rates.get(&queue).copied().unwrap_or(0.0).round() as u64,
+                oldest_wait_s: head.map_or(0.0, |t| ((now - t).max(0) as f64) / 1000.0),
+                queue,
+                pending: n[0].max(0) as u64,
+                delayed: n[1].max(0) as u64,
+                reserved: n[2].max(0) as u64,
+                failed: n[3].max(0) as u64,
+                paused,
+            })
+            .collect())
+    }
+
+    async fn pause(&self, queue: &str) -> Result<()> {
+        let q = queue.to_string();
+        self.redis(move |c, tag| redis::cmd("SADD").arg(format!("{tag}:paused")).arg(&q).query::<i64>(c)).await.map(|_| ())
+    }
+
+    async fn resume(&self, queue: &str) -> Result<()> {
+        let q = queue.to_string();
+        self.redis(move |c, tag| {
+            redis::cmd("SREM").arg(format!("{tag}:paused")).arg(&q).query::<i64>(c)?;
+            redis::cmd("PUBLISH").arg(format!("{tag}:wake")).arg("1").query::<i64>(c)
+        })
+        .await?;
+        self.wakeup.wake();
+        Ok(())
+    }
+
+    async fn clear(&self, queue: &str) -> Result<u64> {
+        in_chunks(|| {
+            let args = vec![queue.to_string(), "5000".into()];
+            async move { Ok(int(&self.script(|s| &s.clear, args).await?).max(0) as u64) }
+        })
+        .await
+    }
+
+    async fn job(&self, id: JobId) -> Result<Option<JobInfo>> {
+        let key = id.to_string();
+        let found = self.hashes(vec![key.clone()]).await?;
+        if let Some((_, h)) = found.into_iter().next() {
+            let delayed = if field(&h, "s") == Some("w") {
+                let dk = format!("{}:q:{}:d", self.tag, field(&h, "q").unwrap_or_default());
+                let k = key.clone();
+                self.redis(move |c, _| redis::cmd("ZSCORE").arg(&dk).arg(&k).query::<Option<f64>>(c)).await?.is_some()
+            } else {
+                false
+            };
+            return Ok(hash_info(&key, &h, delayed));
+        }
+        Ok(self.history().await?.into_iter().find(|j| j.id == id))
+    }
+
+    async fn jobs(&self, filter: JobFilter, page: Page) -> Result<Paged<JobInfo>> {
+        let queues = match &filter.queue {
+            Some(q) => vec![q.clone()],
+            None => self.queue_names().await?,
+        };
+        let sets: Vec<(&str, JobState)> = match filter.state {
+            Some(JobState::Pending) => vec![("r", JobState::Pending)],
+            Some(JobState::Delayed) => vec![("d", JobState::Delayed)],
+            Some(JobState::Reserved) => vec![("l", JobState::Reserved)],
+            Some(JobState::Failed) => vec![("f", JobState::Failed)],
+            Some(JobState::Completed) => vec![],
+            None => vec![("r", JobState::Pending), ("d", JobState::Delayed), ("l", JobState::Reserved), ("f", JobState::Failed)],
+        };
+        let exact = filter.kind.is_none() && filter.tag.is_none() && filter.batch_id.is_none();
+        let mut keys = Vec::new();
+        for q in &queues {
+            for (s, state) in &sets {
+                keys.push((format!("{}:q:{q}:{s}", self.tag), *state));
+            }
+        }
+        let scan_keys: Vec<String> = keys.iter().map(|(k, _)| k.clone()).collect();
+        let scanned: Vec<(i64, Vec<String>)> = self
+            .redis(move |c, _| {
+                let mut p = redis::pipe();
+                for k in &scan_keys {
+                    p.cmd("ZCARD").arg(k);
+                    p.cmd("ZRANGE").arg(k).arg(0).arg(SCAN_CAP - 1);
+                }
+                let replies: Vec<Value> = if scan_keys.is_empty() { Vec::new() } else { p.query(c)? };
+                Ok(replies.chunks(2).map(|r| (int(&r[0]), items(r[1].clone()).iter().map(text).collect())).collect())
+            })
+            .await?;
+        let mut items_out = Vec::new();
+        let mut total = 0u64;
+        for ((_, state), (card, ids)) in keys.iter().zip(scanned) {
+            let found = self.hashes(ids).await?;
+            let infos: Vec<JobInfo> =
+                found.iter().filter_map(|(id, h)| hash_info(id, h, *state == JobState::Delayed)).filter(|j| matches(j, &filter)).collect();
+            total += if exact { card.max(0) as u64 } else { infos.len() as u64 };
+            items_out.extend(infos);
+        }
+        if matches!(filter.state, None | Some(JobState::Completed)) {
+            let done: Vec<JobInfo> = self.history().await?.into_iter().filter(|j| matches(j, &filter)).collect();
+            total += done.len() as u64;
+            items_out.extend(done);
+        }
+        items_out.sort_by_key(|j| std::cmp::Reverse(j.id));
+        let items = items_out.into_iter().skip(page.offset() as usize).take(page.per_page as usize).collect();
+        Ok(Paged { items, total })
+    }
+
+    async fn failed(&self, queue: Option<&str>, page: Page) -> Result<Paged<FailedJob>> {
+        let key = match queue {
+            Some(q) => format!("{}:q:{q}:f", self.tag),
+            None => format!("{}:failed", self.tag),
+        };
+        let (start, stop) = (page.offset() as isize, (page.offset() + page.per_page as u64) as isize - 1);
+        let (total, ids): (i64, Vec<String>) = self
+            .redis(move |c, _| {
+                let total: i64 = redis::cmd("ZCARD").arg(&key).query(c)?;
+                let ids: Vec<String> = redis::cmd("ZREVRANGE").arg(&key).arg(start).arg(stop).query(c)?;
+                Ok((total, ids))
+            })
+            .await?;
+        let items =
+            self.hashes(ids).await?.iter().filter(|(_, h)| field(h, "s") == Some("f")).filter_map(|(id, h)| failed_info(id, h)).collect();
+        Ok(Paged { items, total: total.max(0) as u64 })
+    }
+
+    async fn failed_job(&self, id: JobId) -> Result<Option<FailedJob>> {
+        let found = self.hashes(vec![id.to_string()]).await?;
+        Ok(found.iter().filter(|(_, h)| field(h, "s") == Some("f")).find_map(|(id, h)| failed_info(id, h)))
+    }
+
+    async fn failed_since(&self, since: i64) -> Result<u64> {
+        let n: i64 = self.redis(move |c, tag| redis::cmd("ZCOUNT").arg(format!("{tag}:failed")).arg(since).arg("+inf").query(c)).await?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn retry_failed(&self, ids: Vec<JobId>) -> Result<Vec<JobId>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut args = vec![now_ms().to_string()];
+        args.extend(ids.iter().map(JobId::to_string));
+        let mut res = items(self.script(|s| &s.retry_failed, args).await?).into_iter();
+        let retried: Vec<JobId> = res.next().map(items).unwrap_or_default().iter().filter_map(|v| text(v).parse().ok()).collect();
+        let members: Vec<String> = res.next().map(items).unwrap_or_default().iter().map(text).collect();
+        self.apply_records(members).await?;
+        if !retried.is_empty() {
+            self.wakeup.wake();
+        }
+        Ok(retried)
+    }
+
+    async fn retry_all_failed(&self, queue: Option<&str>) -> Result<u64> {
+        let key = match queue {
+            Some(q) => format!("{}:q:{q}:f", self.tag),
+            None => format!("{}:failed", self.tag),
+        };
+        in_chunks(|| {
+            let key = key.clone();
+            async move {
+                let ids: Vec<String> = self.redis(move |c, _| redis::cmd("ZRANGE").arg(&key).arg(0).arg(999).query(c)).await?;
+                let ids: Vec<JobId> = ids.iter().filter_map(|i| i.parse().ok()).collect();
+                Ok(self.retry_failed(ids).await?.len() as u64)
+            }
+        })
+        .await
+    }
+
+    async fn forget_failed(&self, id: JobId) -> Result<bool> {
+        Ok(int(&self.script(|s| &s.forget_failed, vec![id.to_string()]).await?) == 1)
+    }
+
+    async fn flush_failed(&self, queue: Option<&str>) -> Result<u64> {
+        let key = match queue {
+            Some(q) => format!("{}:q:{q}:f", self.tag),
+            None => format!("{}:failed", self.tag),
+        };
+        in_chunks(|| {
+            let key = key.clone();
+            async move {
+                let ids: Vec<String> = self.redis(move |c, _| redis::cmd("ZRANGE").arg(&key).arg(0).arg(4_999).query(c)).await?;
+                if ids.is_empty() {
+                    return Ok(0);
+                }
+                Ok(int(&self.script(|s| &s.forget_failed, ids).await?).max(0) as u64)
+            }
+        })
+        .await
+    }
+
+    async fn metrics(&self, query: MetricsQuery) -> Result<Vec<MetricsRow>> {
+        let since = query.since;
+        let minutes: Vec<(i64, Vec<(String, Value)>)> = self
+            .redis(move |c, tag| {
+                let ms: Vec<i64> = redis::cmd("ZRANGEBYSCORE").arg(format!("{tag}:mi")).arg(since).arg("+inf").query(c)?;
+                let mut p = redis::pipe();
+                for m in &ms {
+                    p.cmd("HGETALL").arg(format!("{tag}:m:{m}"));
+                }
+                let replies: Vec<Value> = if ms.is_empty() { Vec::new() } else { p.query(c)? };
+                Ok(ms.into_iter().zip(replies.into_iter().map(pairs)).collect())
+            })
+            .await?;
+        let mut out = Vec::new();
+        for (minute, fields) in minutes {
+            let mut rows: HashMap<(String, String), MetricsRow> = HashMap::new();
+            for (f, v) in fields {
+                let mut parts = f.splitn(3, '\x1f');
+                let (Some(q), Some(kind), Some(col)) = (parts.next(), parts.next(), parts.next()) else { continue };
+                if query.queue.as_deref().is_some_and(|x| x != q) || query.kind.as_deref().is_some_and(|x| x != kind) {
+                    continue;
+                }
+                let row = rows.entry((q.to_string(), kind.to_string())).or_insert_with(|| MetricsRow {
+                    minute,
+                    queue: q.to_string(),
+                    kind: kind.to_string(),
+                    ..Default::default()
+                });
+                let n = int(&v).max(0) as u64;
+                match col {
+                    "c" => row.completed = n,
+                    "r" => row.retried = n,
+                    "f" => row.failed = n,
+                    "rs" => row.runtime_sum_ms = n,
+                    "rm" => row.runtime_max_ms = n,
+                    "ws" => row.wait_sum_ms = n,
+                    other => {
+                        if let Some(i) = other.strip_prefix("rh").and_then(|i| i.parse::<usize>().ok()).filter(|i| *i < BUCKETS) {
+                            row.runtime_hist[i] = n;
+                        } else if let Some(i) = other.strip_prefix("wh").and_then(|i| i.parse::<usize>().ok()).filter(|i| *i < BUCKETS) {
+                            row.wait_hist[i] = n;
+                        }
+                    }
+                }
+            }
+            let mut rows: Vec<MetricsRow> = rows.into_values().collect();
+            rows.sort_by(|a, b| (&a.queue, &a.kind).cmp(&(&b.queue, &b.kind)));
+            out.extend(rows);
+        }
+        Ok(out)
+    }
+
+    async fn prune(&self, metrics_before: i64) -> Result<()> {
+        let now = now_ms();
+        self.redis(move |c, tag| {
+            let old: Vec<i64> =
+                redis::cmd("ZRANGEBYSCORE").arg(format!("{tag}:mi")).arg("-inf").arg(format!("({metrics_before}")).query(c)?;
+            if !old.is_empty() {
+                let keys: Vec<String> = old.iter().map(|m| format!("{tag}:m:{m}")).collect();
+                redis::cmd("DEL").arg(&keys).query::<i64>(c)?;
+                redis::cmd("ZREM").arg(format!("{tag}:mi")).arg(&old).query::<i64>(c)?;
+            }
+            let gone: Vec<String> = redis::cmd("ZRANGEBYSCORE").arg(format!("{tag}:ws")).arg("-inf").arg(now - 86_400_000).query(c)?;
+            if !gone.is_empty() {
+                redis::cmd("HDEL").arg(format!("{tag}:w")).arg(&gone).query::<i64>(c)?;
+                redis::cmd("ZREM").arg(format!("{tag}:ws")).arg(&gone).query::<i64>(c)?;
+            }
+            Ok(())
+        })
+        .await?;
+        self.ensure_tables().await?;
+        self.store
+            .transaction(Box::new(move |tx| {
+                tx.execute("DELETE FROM queue_marks WHERE at < $1", &[SqlValue::Int(now - MARKS_KEEP_MS)])
+                    .map(|n| Box::new(n) as Box<dyn Any + Send>)
+            }))
+            .await?;
+        self.store.prune(metrics_before).await
+    }
+
+    async fn worker_heartbeat(&self, info: WorkerInfo) -> Result<()> {
+        let json = serde_json::to_string(&info).map_err(|e| BackendError::Other(e.to_string()))?;
+        self.redis(move |c, tag| {
+            redis::pipe()
+                .cmd("HSET")
+                .arg(format!("{tag}:w"))
+                .arg(&info.id)
+                .arg(&json)
+                .ignore()
+                .cmd("ZADD")
+                .arg(format!("{tag}:ws"))
+                .arg(info.last_seen)
+                .arg(&info.id)
+                .ignore()
+                .query::<()>(c)
+        })
+        .await
+    }
+
+    async fn worker_gone(&self, id: &str) -> Result<()> {
+        let id = id.to_string();
+        self.redis(move |c, tag| {
+            redis::pipe()
+                .cmd("HDEL")
+                .arg(format!("{tag}:w"))
+                .arg(&id)
+                .ignore()
+                .cmd("ZREM")
+                .arg(format!("{tag}:ws"))
+                .arg(&id)
+                .ignore()
+                .query::<()>(c)
+        })
+        .await
+    }
+
+    async fn workers(&self, within: Duration) -> Result<Vec<WorkerInfo>> {
+        let since = now_ms() - within.as_millis() as i64;
+        let infos: Vec<Option<String>> = self
+            .redis(move |c, tag| {
+                let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE").arg(format!("{tag}:ws")).arg(since).arg("+inf").query(c)?;
+                if ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                redis::cmd("HMGET").arg(format!("{tag}:w")).arg(&ids).query(c)
+            })
+            .await?;
+        let mut out: Vec<WorkerInfo> = infos.into_iter().flatten().filter_map(|j| serde_json::from_str(&j).ok()).collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.redis(|c, _| redis::cmd("PING").query::<String>(c)).await?;
+        self.store.ping().await
+    }
+
+    async fn query(&self, sql: &str, params: Vec<SqlValue>) -> Result<Vec<Row>> {
+        self.store.query(sql, params).await
+    }
+
+    async fn transaction(&self, work: TxFn) -> Result<Box<dyn Any + Send>> {
+        self.store_tx(work).await
+    }
+}
+
+/// The hash tag every key of a deployment starts with: `{prefix}`, or the prefix itself when it
+/// already has braces.
+pub fn tag_of(prefix: &str) -> String {
+    if prefix.contains('{') {
+        prefix.to_string()
+    } else {
+        format!("{{{prefix}}}")
+    }
+}
