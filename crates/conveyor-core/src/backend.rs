@@ -237,8 +237,18 @@ pub trait QueueBackend: Send + Sync + 'static {
     /// Workers seen within `within`.
     async fn workers(&self, within: Duration) -> Result<Vec<WorkerInfo>>;
 
-    /// A cheap round trip for health checks.
+    /// A cheap round trip to the relational store, for health checks.
     async fn ping(&self) -> Result<()>;
+
+    /// The broker holding the queue outside the relational store (`redis`, `amqp`), if any.
+    fn broker(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// A cheap round trip to [`broker`](Self::broker), for health checks.
+    async fn ping_broker(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// A read-only query on the relational store, outside any write transaction (it sees what
     /// is committed). Parameters are `$1`, `$2`, ….

@@ -24,7 +24,7 @@ pub(crate) async fn health(State(s): State<AppState>, uri: axum::http::Uri) -> R
     let backend = s.conveyor.backend();
     let mut failed = false;
     let database = match tokio::time::timeout(Duration::from_secs(2), backend.ping()).await {
-        Ok(Ok(())) => Check { status: "ok", detail: format!("{} answering", backend.name()) },
+        Ok(Ok(())) => Check { status: "ok", detail: "answering".into() },
         Ok(Err(e)) => {
             failed = true;
             tracing::warn!(error = %e, "health: database check failed");
@@ -59,12 +59,35 @@ pub(crate) async fn health(State(s): State<AppState>, uri: axum::http::Uri) -> R
         Some(list) => Check { status: "ok", detail: format!("running here with {} schedules", list.len()) },
         None => Check { status: "disabled", detail: "not running in this process (`conveyor schedule` runs it alone)".into() },
     };
+    // The broker holding the queue (Redis, RabbitMQ), when it is not the database.
+    let broker = match backend.broker() {
+        None => None,
+        Some(name) => Some((
+            name,
+            match tokio::time::timeout(Duration::from_secs(2), backend.ping_broker()).await {
+                Ok(Ok(())) => Check { status: "ok", detail: "answering".into() },
+                Ok(Err(e)) => {
+                    failed = true;
+                    tracing::warn!(error = %e, "health: {name} check failed");
+                    Check { status: "failed", detail: format!("{name} not answering") }
+                }
+                Err(_) => {
+                    failed = true;
+                    Check { status: "failed", detail: format!("{name} did not answer within 2 s") }
+                }
+            },
+        )),
+    };
     let degraded = failed || workers.status == "degraded";
+    let mut checks = json!({ "database": database, "queue": queue, "workers": workers, "scheduler": scheduler });
+    if let Some((name, check)) = broker {
+        checks[name] = json!(check);
+    }
     let mut body = json!({
         "success": !failed,
         "data": {
             "status": if degraded { "degraded" } else { "ok" },
-            "checks": { "database": database, "queue": queue, "workers": workers, "scheduler": scheduler },
+            "checks": checks,
         }
     });
     // `GET /health` adds the product sync's state when the sync is configured.

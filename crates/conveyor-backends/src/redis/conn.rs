@@ -34,33 +34,45 @@ impl Pool {
         self.client.clone()
     }
 
-    fn connection(&self) -> Result<Connection> {
+    /// A pooled connection (and whether it was idle in the pool) or a new one.
+    fn connection(&self) -> Result<(Connection, bool)> {
         if let Some(c) = self.idle.lock().expect("redis pool poisoned").pop() {
-            return Ok(c);
+            return Ok((c, true));
         }
         let c = self.client.get_connection_with_timeout(Duration::from_secs(2)).map_err(|e| self.error(e))?;
         // A script never runs this long; a hung server must not hang a worker forever.
         c.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| self.error(e))?;
         c.set_write_timeout(Some(Duration::from_secs(30))).map_err(|e| self.error(e))?;
-        Ok(c)
+        Ok((c, false))
     }
 
     /// Runs `f` on a pooled connection (on the calling thread, which must be allowed to block).
-    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut Connection) -> RedisResult<R>) -> Result<R> {
-        let mut c = self.connection()?;
-        match f(&mut c) {
-            Ok(r) => {
-                self.put_back(c);
-                Ok(r)
-            }
-            Err(e) => {
-                if broken(&e) || !redis::ConnectionLike::is_open(&c) {
+    ///
+    /// An idle connection that turns out to be dead (the server restarted since it was last
+    /// used) is replaced and `f` runs once more on a new one: the old server never saw the
+    /// command. Every script tolerates running twice anyway (acknowledgements check the lease
+    /// token, enqueues the job id; a reservation repeated leaves the first one's jobs to
+    /// the reaper).
+    pub(crate) fn with<R>(&self, mut f: impl FnMut(&mut Connection) -> RedisResult<R>) -> Result<R> {
+        loop {
+            let (mut c, was_idle) = self.connection()?;
+            match f(&mut c) {
+                Ok(r) => {
+                    self.put_back(c);
+                    return Ok(r);
+                }
+                Err(e) => {
+                    let dead = broken(&e) || !redis::ConnectionLike::is_open(&c);
+                    if !dead {
+                        self.put_back(c);
+                        return Err(self.error(e));
+                    }
                     // After a restart every idle connection is dead too.
                     self.idle.lock().expect("redis pool poisoned").clear();
-                } else {
-                    self.put_back(c);
+                    if !(was_idle && (e.is_connection_dropped() || e.is_io_error())) {
+                        return Err(self.error(e));
+                    }
                 }
-                Err(self.error(e))
             }
         }
     }

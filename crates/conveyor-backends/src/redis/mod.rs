@@ -258,10 +258,11 @@ impl RedisBackend {
     async fn redis<R, F>(&self, f: F) -> Result<R>
     where
         R: Send + 'static,
-        F: FnOnce(&mut redis::Connection, &str) -> redis::RedisResult<R> + Send + 'static,
+        F: FnMut(&mut redis::Connection, &str) -> redis::RedisResult<R> + Send + 'static,
     {
         let pool = self.pool.clone();
         let tag = self.tag.clone();
+        let mut f = f;
         tokio::task::spawn_blocking(move || pool.with(|c| f(c, &tag)))
             .await
             .map_err(|e| BackendError::Other(format!("Redis task failed: {e}")))?
@@ -1227,8 +1228,15 @@ impl QueueBackend for RedisBackend {
     }
 
     async fn ping(&self) -> Result<()> {
-        self.redis(|c, _| redis::cmd("PING").query::<String>(c)).await?;
         self.store.ping().await
+    }
+
+    fn broker(&self) -> Option<&'static str> {
+        Some("redis")
+    }
+
+    async fn ping_broker(&self) -> Result<()> {
+        self.redis(|c, _| redis::cmd("PING").query::<String>(c)).await.map(|_| ())
     }
 
     async fn query(&self, sql: &str, params: Vec<SqlValue>) -> Result<Vec<Row>> {
@@ -1247,5 +1255,94 @@ pub fn tag_of(prefix: &str) -> String {
         prefix.to_string()
     } else {
         format!("{{{prefix}}}")
+    }
+}
+
+#[cfg(all(test, feature = "sqlite"))]
+mod tests {
+    use super::*;
+    use crate::sqlite::{SqliteBackend, SqliteOptions};
+    use conveyor_core::backend::{QueueBackendExt, ReserveRequest};
+    use conveyor_core::batch::{self, Batch};
+    use testing::TestRedis;
+
+    fn open(redis: &TestRedis, dir: &tempfile::TempDir) -> RedisBackend {
+        let store = SqliteBackend::open(SqliteOptions::new(dir.path().join("s.db").to_str().unwrap())).unwrap();
+        let mut options = RedisOptions::new(redis.url.clone());
+        options.prefix = redis.prefix.clone();
+        RedisBackend::open(options, Arc::new(store)).unwrap()
+    }
+
+    async fn pending(b: &RedisBackend, queue: &str) -> u64 {
+        b.queues().await.unwrap().into_iter().find(|q| q.queue == queue).map_or(0, |q| q.pending)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_outbox_row_left_by_a_crash_is_relayed_once_even_when_relayed_twice() {
+        let Some(redis) = TestRedis::create() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let b = open(&redis, &dir);
+        b.ensure_tables().await.unwrap();
+        let job = NewJob::new("t.outbox", &serde_json::json!({ "n": 1 })).queue("outbox");
+        // A transaction that committed its row, then the process died before relaying it.
+        let crashed = |job: NewJob| {
+            let body = serde_json::to_string(&job).unwrap();
+            let id = job.id.to_string();
+            b.transact(move |tx| {
+                tx.execute(
+                    "INSERT INTO queue_outbox (id, job, created_at) VALUES ($1, $2, $3)",
+                    &[id.into(), body.into(), (now_ms() - 60_000).into()],
+                )
+            })
+        };
+        crashed(job.clone()).await.unwrap();
+        assert_eq!(pending(&b, "outbox").await, 0, "nothing reaches Redis before the relay");
+        b.reap_expired().await.unwrap();
+        assert_eq!(pending(&b, "outbox").await, 1, "the reaper pass relays the row");
+        let left = b.query("SELECT count(*) FROM queue_outbox", vec![]).await.unwrap();
+        assert_eq!(left[0][0], SqlValue::Int(0), "a relayed row is deleted");
+        // The same row relayed again (a relay that died between Redis and the delete).
+        crashed(job.clone()).await.unwrap();
+        b.reap_expired().await.unwrap();
+        assert_eq!(pending(&b, "outbox").await, 1, "a row relayed twice enqueues once");
+        let req = ReserveRequest { queues: vec!["outbox".into()], max: 10, lease: Duration::from_secs(30), worker: "w".into() };
+        let got = b.reserve(req).await.unwrap();
+        assert_eq!(got.iter().map(|j| j.id).collect::<Vec<_>>(), vec![job.id]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_outcome_record_applied_twice_counts_once_and_is_removed() {
+        let Some(redis) = TestRedis::create() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let b = open(&redis, &dir);
+        let jobs: Vec<NewJob> = (0..2).map(|n| NewJob::new("t.batch", &serde_json::json!({ "n": n })).queue("records")).collect();
+        let id = b.transact(move |tx| Batch::new("records").extend(jobs).dispatch_in(tx)).await.unwrap();
+        let req = ReserveRequest { queues: vec!["records".into()], max: 10, lease: Duration::from_secs(30), worker: "w".into() };
+        let reserved = b.reserve(req).await.unwrap();
+        assert_eq!(reserved.len(), 2);
+        // The acknowledgement script ran (records stored), then the process died.
+        let c = Completion::of(&reserved[0], Outcome::Completed);
+        let data = serde_json::to_string(&Data { k: c.kind.clone(), bt: c.batch_id.clone(), ..Default::default() }).unwrap();
+        let record = serde_json::to_string(&Record::of(&c, data).unwrap()).unwrap();
+        let args = vec![
+            now_ms().to_string(),
+            "10".into(),
+            c.id.to_string(),
+            c.lease_token.to_string(),
+            "c".into(),
+            "0".into(),
+            String::new(),
+            record,
+        ];
+        let res = items(b.script(|s| &s.complete, args).await.unwrap());
+        let members: Vec<String> = items(res[1].clone()).iter().map(text).collect();
+        assert_eq!(members.len(), 1);
+        assert_eq!(batch::find(&b, &id).await.unwrap().unwrap().processed, 0, "the store has not seen the outcome yet");
+        b.apply_records(members.clone()).await.unwrap();
+        b.apply_records(members).await.unwrap();
+        let info = batch::find(&b, &id).await.unwrap().unwrap();
+        assert_eq!((info.processed, info.pending), (1, 1), "applied twice, counted once");
+        let left: i64 = b.redis(|c, tag| redis::cmd("ZCARD").arg(format!("{tag}:h")).query(c)).await.unwrap();
+        assert_eq!(left, 0, "applied records leave Redis");
     }
 }

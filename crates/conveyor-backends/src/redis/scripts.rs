@@ -32,7 +32,7 @@ for i = 3, #ARGV, 10 do
   if rel == '1' and redis.call('ZSCORE', T..':relayed', id) then dup = '' end
   if not dup and u ~= '' then
     local holder = redis.call('GET', T..':u:'..u)
-    if holder then dup = holder else redis.call('SET', T..':u:'..u, id, 'PX', uttl) end
+    if holder and holder ~= id then dup = holder elseif not holder then redis.call('SET', T..':u:'..u, id, 'PX', uttl) end
   end
   if dup then
     res[#res+1] = dup

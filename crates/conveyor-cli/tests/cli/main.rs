@@ -8,6 +8,7 @@ mod orders;
 mod partners;
 mod postgres;
 mod process;
+mod redis;
 mod scheduler;
 mod sync;
 
@@ -27,7 +28,10 @@ pub(crate) struct TestEnv {
     pub(crate) dir: tempfile::TempDir,
     pub(crate) backend: Arc<dyn QueueBackend>,
     url: String,
+    /// Extra environment for the spawned processes (the queue backend).
+    env: Vec<(String, String)>,
     _db: Option<TestDatabase>,
+    _redis: Option<conveyor_backends::redis::testing::TestRedis>,
 }
 
 impl TestEnv {
@@ -38,7 +42,7 @@ impl TestEnv {
         opts.completed_history = 100_000;
         let backend: Arc<dyn QueueBackend> = Arc::new(SqliteBackend::open(opts).expect("opening the test database"));
         let url = format!("sqlite://{}", dir.path().join("conveyor.db").display());
-        TestEnv { dir, backend, url, _db: None }
+        TestEnv { dir, backend, url, env: Vec::new(), _db: None, _redis: None }
     }
 
     /// The same on a fresh PostgreSQL database at `url` (`None`: no server, outside CI).
@@ -52,7 +56,33 @@ impl TestEnv {
         let mut opts = PgOptions::new(db.url.clone());
         opts.completed_history = 100_000;
         let backend: Arc<dyn QueueBackend> = Arc::new(PgBackend::open(opts).expect("opening the test database"));
-        Some(TestEnv { dir, backend, url: db.url.clone(), _db: Some(db) })
+        Some(TestEnv { dir, backend, url: db.url.clone(), env: Vec::new(), _db: Some(db), _redis: None })
+    }
+
+    /// The queue on Redis at `url` under `prefix` (`TestRedis` gives both and deletes its keys
+    /// when the environment goes), beside a SQLite store in the temp dir.
+    pub(crate) fn redis(
+        config_toml: &str,
+        url: &str,
+        prefix: &str,
+        guard: Option<conveyor_backends::redis::testing::TestRedis>,
+    ) -> TestEnv {
+        use conveyor_backends::redis::{RedisBackend, RedisOptions};
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("conveyor.toml"), config_toml).expect("writing conveyor.toml");
+        let store = SqliteBackend::open(SqliteOptions::new(dir.path().join("conveyor.db").to_string_lossy().to_string()))
+            .expect("opening the store");
+        let mut opts = RedisOptions::new(url);
+        opts.prefix = prefix.to_string();
+        opts.completed_history = 100_000;
+        let backend: Arc<dyn QueueBackend> = Arc::new(RedisBackend::open(opts, Arc::new(store)).expect("opening the Redis queue"));
+        let db = format!("sqlite://{}", dir.path().join("conveyor.db").display());
+        let env = vec![
+            ("CONVEYOR_QUEUE".to_string(), "redis".to_string()),
+            ("CONVEYOR_REDIS_URL".to_string(), url.to_string()),
+            ("CONVEYOR_REDIS_PREFIX".to_string(), prefix.to_string()),
+        ];
+        TestEnv { dir, backend, url: db, env, _db: None, _redis: guard }
     }
 
     pub(crate) fn db_url(&self) -> String {
@@ -68,7 +98,8 @@ impl TestEnv {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("CONVEYOR_DATABASE_URL", self.db_url())
             .env("CONVEYOR_CONFIG", self.config_path())
-            .env("CONVEYOR_LOG", "warn");
+            .env("CONVEYOR_LOG", "warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
 
