@@ -1,7 +1,7 @@
 # Everyday targets; CI runs .ci/run, which runs the same commands.
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/conveyor-target
 
-.PHONY: test lint fmt bench bench-criterion bench-orders bench-notify bench-sync run fuzz-api
+.PHONY: test lint fmt bench bench-redis bench-peers bench-criterion bench-orders bench-notify bench-sync run fuzz-api
 
 test:
 	cargo test --workspace
@@ -21,6 +21,16 @@ bench:
 	cargo build --release -p conveyor-cli
 	rm -f /tmp/conveyor-bench.db*
 	CONVEYOR_DATABASE_URL=sqlite:///tmp/conveyor-bench.db $(CARGO_TARGET_DIR)/release/conveyor bench --jobs 100000 --concurrency 64
+
+# The same with the queue on Redis (REDIS_URL, default the local server) under a scratch prefix,
+# printing Redis commands and round trips per job (INFO commandstats); JOBS=1000000 for the backlog run.
+bench-redis:
+	cargo build --release -p conveyor-cli
+	BIN=$(CARGO_TARGET_DIR)/release/conveyor bash scripts/bench-redis.sh
+
+# BullMQ on this machine, for comparison with bench-redis (../shared/peers/).
+bench-peers:
+	bash ../shared/peers/bullmq/run.sh
 
 # Criterion micro-benchmarks of the hot paths.
 bench-criterion:

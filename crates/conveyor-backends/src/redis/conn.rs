@@ -157,13 +157,6 @@ pub(crate) fn text(v: &Value) -> String {
     }
 }
 
-pub(crate) fn opt_text(v: &Value) -> Option<String> {
-    match v {
-        Value::Nil => None,
-        other => Some(text(other)),
-    }
-}
-
 pub(crate) fn int(v: &Value) -> i64 {
     match v {
         Value::Int(i) => *i,

@@ -26,6 +26,7 @@ pub mod testing;
 use std::any::Any;
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
+
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -42,7 +43,7 @@ use conveyor_core::job::{payload_value, Backoff, Completion, EnqueueOutcome, Job
 use conveyor_core::metrics::{last_minute_rates, minute_of, MetricsAccumulator, MetricsRow, BUCKETS};
 use conveyor_core::wakeup::Wakeup;
 
-use conn::{int, items, opt_text, pairs, text, Pool};
+use conn::{int, items, pairs, text, Pool};
 
 /// How the Redis queue is opened.
 #[derive(Clone, Debug)]
@@ -85,17 +86,99 @@ struct Scripts {
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    enqueue: Script::new(scripts::ENQUEUE),
-    reserve: Script::new(scripts::RESERVE),
-    complete: Script::new(scripts::COMPLETE),
-    holds: Script::new(scripts::HOLDS),
-    extend: Script::new(scripts::EXTEND),
-    reap: Script::new(scripts::REAP),
-    retry_failed: Script::new(scripts::RETRY_FAILED),
-    forget_failed: Script::new(scripts::FORGET_FAILED),
-    clear: Script::new(scripts::CLEAR),
-    metrics: Script::new(scripts::METRICS),
+    enqueue: Script::new(&scripts::enqueue()),
+    reserve: Script::new(&scripts::reserve()),
+    complete: Script::new(&scripts::complete()),
+    holds: Script::new(&scripts::holds()),
+    extend: Script::new(&scripts::extend()),
+    reap: Script::new(&scripts::reap()),
+    retry_failed: Script::new(&scripts::retry_failed()),
+    forget_failed: Script::new(&scripts::forget_failed()),
+    clear: Script::new(&scripts::clear()),
+    metrics: Script::new(&scripts::metrics()),
 });
+
+/// Most jobs one script call takes (Lua's `unpack` takes at most 8,000 values).
+const PER_CALL: usize = 1_000;
+
+/// A job's immutable part as stored in `T:d` (see [`scripts`] for the packing).
+struct Stored {
+    queue: String,
+    priority: i32,
+    max_attempts: u32,
+    created_at: i64,
+    unique: Option<String>,
+    data: Data,
+}
+
+impl Stored {
+    fn pack(job: &NewJob, now: i64) -> Result<String> {
+        let data = Data {
+            k: job.kind.clone(),
+            p: job.payload.clone(),
+            b: job.backoff.clone(),
+            to: job.timeout.map(|t| t.as_millis() as u64),
+            tg: job.tags.clone(),
+            bt: job.batch_id.clone(),
+            wf: job.workflow.clone(),
+        };
+        let json = serde_json::to_string(&data).map_err(|e| BackendError::Other(e.to_string()))?;
+        let unique = job.unique.as_ref().map_or("", |u| u.key.as_str());
+        if unique.contains('\x1f') {
+            return Err(BackendError::Invalid("a unique key may not contain U+001F".into()));
+        }
+        let hooks = if job.batch_id.is_some() || job.workflow.is_some() { "1" } else { "" };
+        Ok(format!("{}\x1f{}\x1f{}\x1f{now}\x1f{unique}\x1f{hooks}\x1f{json}", job.queue, -(job.priority as i64), job.max_attempts))
+    }
+
+    fn parse(d: &str) -> Option<Stored> {
+        let f: Vec<&str> = d.splitn(7, '\x1f').collect();
+        if f.len() != 7 {
+            return None;
+        }
+        Some(Stored {
+            queue: f[0].to_string(),
+            priority: -f[1].parse::<i64>().unwrap_or(0) as i32,
+            max_attempts: f[2].parse().unwrap_or(0),
+            created_at: f[3].parse().unwrap_or(0),
+            unique: Some(f[4].to_string()).filter(|u| !u.is_empty()),
+            data: Data::parse(f[6]),
+        })
+    }
+}
+
+/// A job's mutable part as stored in `T:s`.
+#[derive(Default)]
+struct State {
+    attempts: u32,
+    available_at: i64,
+    token: String,
+    reserved_at: i64,
+    worker: String,
+}
+
+impl State {
+    fn parse(s: &str) -> State {
+        let f: Vec<&str> = s.splitn(5, '\x1f').collect();
+        let n = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).map_or(0, |v| v as i64);
+        State {
+            attempts: n(0) as u32,
+            available_at: n(1),
+            token: f.get(2).unwrap_or(&"").to_string(),
+            reserved_at: n(3),
+            worker: f.get(4).unwrap_or(&"").to_string(),
+        }
+    }
+}
+
+/// Everything Redis holds about one job.
+struct Raw {
+    d: Option<String>,
+    s: Option<String>,
+    error: Option<String>,
+    /// `failed at` and runtime, for failed jobs.
+    x: Option<String>,
+}
 
 /// The part of a job that never changes, stored as compact JSON in its hash's `d` field.
 #[derive(Serialize, Deserialize, Default)]
@@ -335,51 +418,45 @@ impl RedisBackend {
     /// The enqueue script over `jobs`.
     async fn push(&self, jobs: Vec<NewJob>, relayed: bool) -> Result<Vec<EnqueueOutcome>> {
         let now = now_ms();
-        let mut args = Vec::with_capacity(1 + jobs.len() * 10);
-        args.push(now.to_string());
-        for job in &jobs {
-            job.validate().map_err(BackendError::Invalid)?;
-            let data = Data {
-                k: job.kind.clone(),
-                p: job.payload.clone(),
-                b: job.backoff.clone(),
-                to: job.timeout.map(|t| t.as_millis() as u64),
-                tg: job.tags.clone(),
-                bt: job.batch_id.clone(),
-                wf: job.workflow.clone(),
-            };
-            args.push(job.id.to_string());
-            args.push(job.queue.clone());
-            args.push(job.priority.to_string());
-            args.push(job.max_attempts.to_string());
-            args.push(job.run_at.unwrap_or(now).to_string());
-            args.push(serde_json::to_string(&data).map_err(|e| BackendError::Other(e.to_string()))?);
-            match &job.unique {
-                Some(u) => {
-                    args.push(u.key.clone());
-                    args.push(u.ttl.as_millis().max(1).to_string());
-                }
-                None => {
-                    args.push(String::new());
-                    args.push("0".into());
-                }
-            }
-            args.push(if job.batch_id.is_some() || job.workflow.is_some() { "1" } else { "" }.into());
-            args.push(if relayed { "1" } else { "" }.into());
-        }
-        let res = items(self.script(|s| &s.enqueue, args).await?);
         let mut out = Vec::with_capacity(jobs.len());
-        let mut ready = false;
-        for (job, r) in jobs.iter().zip(res) {
-            let holder = text(&r);
-            if holder.is_empty() {
-                ready |= job.run_at.is_none_or(|t| t <= now);
-                out.push(EnqueueOutcome::Enqueued { id: job.id });
-            } else {
-                out.push(EnqueueOutcome::Duplicate { existing: holder.parse().unwrap_or(job.id) });
+        let mut ready_any = false;
+        for chunk in jobs.chunks(PER_CALL) {
+            let mut args = Vec::with_capacity(1 + chunk.len() * 10);
+            args.push(now.to_string());
+            for job in chunk {
+                job.validate().map_err(BackendError::Invalid)?;
+                let av = job.run_at.unwrap_or(now);
+                args.push(job.id.to_string());
+                args.push(job.queue.clone());
+                args.push((-(job.priority as i64)).to_string());
+                args.push(Stored::pack(job, now)?);
+                args.push(format!("0\x1f{av}\x1f\x1f\x1f"));
+                args.push(if av <= now { "1" } else { "" }.into());
+                args.push(av.to_string());
+                match &job.unique {
+                    Some(u) => {
+                        args.push(u.key.clone());
+                        args.push(u.ttl.as_millis().max(1).to_string());
+                    }
+                    None => {
+                        args.push(String::new());
+                        args.push("0".into());
+                    }
+                }
+                args.push(if relayed { "1" } else { "" }.into());
+            }
+            let res = items(self.script(|s| &s.enqueue, args).await?);
+            for (job, r) in chunk.iter().zip(res) {
+                let holder = text(&r);
+                if holder.is_empty() {
+                    ready_any |= job.run_at.is_none_or(|t| t <= now);
+                    out.push(EnqueueOutcome::Enqueued { id: job.id });
+                } else {
+                    out.push(EnqueueOutcome::Duplicate { existing: holder.parse().unwrap_or(job.id) });
+                }
             }
         }
-        if ready {
+        if ready_any {
             self.wakeup.wake();
         }
         Ok(out)
@@ -463,8 +540,16 @@ impl RedisBackend {
 
     /// The completion script; returns which completions applied.
     async fn apply_outcomes(&self, completions: &[Completion], records: bool) -> Result<Vec<bool>> {
+        let mut flags = Vec::with_capacity(completions.len());
+        for chunk in completions.chunks(PER_CALL) {
+            flags.extend(self.apply_chunk(chunk, records).await?);
+        }
+        Ok(flags)
+    }
+
+    async fn apply_chunk(&self, completions: &[Completion], records: bool) -> Result<Vec<bool>> {
         let now = now_ms();
-        let mut args = Vec::with_capacity(2 + completions.len() * 6);
+        let mut args = Vec::with_capacity(2 + completions.len() * 8);
         args.push(now.to_string());
         args.push(self.history.to_string());
         for c in completions {
@@ -487,6 +572,8 @@ impl RedisBackend {
                 None
             };
             args.push(record.unwrap_or_default());
+            args.push(c.runtime_ms.to_string());
+            args.push(c.wait_ms.to_string());
         }
         let mut res = items(self.script(|s| &s.complete, args).await?).into_iter();
         let flags: Vec<bool> = res.next().map(items).unwrap_or_default().iter().map(|v| int(v) == 1).collect();
@@ -543,8 +630,8 @@ impl RedisBackend {
         Ok(names)
     }
 
-    /// Job hashes by id (pipelined), with ids whose hash is gone dropped.
-    async fn hashes(&self, ids: Vec<String>) -> Result<Vec<(String, HashMap<String, String>)>> {
+    /// What Redis holds about each job (pipelined, 500 at a time); ids that are gone are dropped.
+    async fn raw(&self, ids: Vec<String>) -> Result<Vec<(String, Raw)>> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -552,14 +639,14 @@ impl RedisBackend {
             let mut out = Vec::with_capacity(ids.len());
             for chunk in ids.chunks(500) {
                 let mut p = redis::pipe();
-                for id in chunk {
-                    p.cmd("HGETALL").arg(format!("{tag}:j:{id}"));
+                for h in ["d", "s", "e", "x"] {
+                    p.cmd("HMGET").arg(format!("{tag}:{h}")).arg(chunk);
                 }
-                let replies: Vec<Value> = p.query(c)?;
-                for (id, v) in chunk.iter().zip(replies) {
-                    let h: HashMap<String, String> = pairs(v).into_iter().map(|(k, v)| (k, text(&v))).collect();
-                    if !h.is_empty() {
-                        out.push((id.clone(), h));
+                let replies: Vec<Vec<Option<String>>> = p.query(c)?;
+                for (i, id) in chunk.iter().enumerate() {
+                    let at = |h: usize| replies.get(h).and_then(|r| r.get(i)).cloned().flatten();
+                    if at(0).is_some() {
+                        out.push((id.clone(), Raw { d: at(0), s: at(1), error: at(2), x: at(3) }));
                     }
                 }
             }
@@ -590,94 +677,96 @@ fn apply_marked(tx: &mut dyn Tx, records: &[(String, Record)]) -> Result<()> {
     Ok(())
 }
 
-fn field<'a>(h: &'a HashMap<String, String>, k: &str) -> Option<&'a str> {
-    h.get(k).map(String::as_str).filter(|s| !s.is_empty())
-}
-
-fn num(h: &HashMap<String, String>, k: &str) -> i64 {
-    field(h, k).and_then(|s| s.parse::<f64>().ok()).map_or(0, |f| f as i64)
-}
-
-/// A job hash as the admin API shows it; `delayed` tells a waiting job that is not due yet.
-fn hash_info(id: &str, h: &HashMap<String, String>, delayed: bool) -> Option<JobInfo> {
-    let d = Data::parse(field(h, "d")?);
-    let state = match field(h, "s") {
-        Some("r") => JobState::Reserved,
-        Some("f") => JobState::Failed,
+/// A job as the admin API shows it; `delayed` tells a waiting job that is not due yet.
+fn raw_info(id: &str, raw: &Raw, delayed: bool) -> Option<JobInfo> {
+    let stored = Stored::parse(raw.d.as_deref()?)?;
+    let st = raw.s.as_deref().map(State::parse).unwrap_or_default();
+    let failed = raw.x.as_deref().map(failed_at);
+    let state = match (&failed, st.token.is_empty()) {
+        (Some(_), _) => JobState::Failed,
+        (None, false) => JobState::Reserved,
         _ if delayed => JobState::Delayed,
         _ => JobState::Pending,
     };
     let reserved = state == JobState::Reserved;
     Some(JobInfo {
         id: id.parse().ok()?,
-        queue: field(h, "q").unwrap_or_default().to_string(),
-        kind: d.k,
+        queue: stored.queue,
+        kind: stored.data.k,
         state,
-        payload: payload_value(&d.p),
-        attempts: num(h, "a") as u32,
-        max_attempts: num(h, "m") as u32,
-        priority: num(h, "pr") as i32,
-        tags: d.tg,
-        unique_key: field(h, "u").map(str::to_string),
-        batch_id: d.bt,
-        error: field(h, "e").map(str::to_string),
-        created_at: num(h, "c"),
-        available_at: Some(num(h, "av")),
-        reserved_at: reserved.then(|| num(h, "ra")),
-        finished_at: (state == JobState::Failed).then(|| num(h, "fa")),
-        runtime_ms: (state == JobState::Failed).then(|| num(h, "rt") as u64),
+        payload: payload_value(&stored.data.p),
+        attempts: st.attempts,
+        max_attempts: stored.max_attempts,
+        priority: stored.priority,
+        tags: stored.data.tg,
+        unique_key: stored.unique,
+        batch_id: stored.data.bt,
+        error: raw.error.clone(),
+        created_at: stored.created_at,
+        available_at: Some(st.available_at),
+        reserved_at: reserved.then_some(st.reserved_at),
+        finished_at: failed.map(|f| f.0),
+        runtime_ms: failed.map(|f| f.1),
         wait_ms: None,
-        worker: if reserved { field(h, "w").map(str::to_string) } else { None },
+        worker: reserved.then_some(st.worker).filter(|w| !w.is_empty()),
     })
 }
 
-/// An entry of the completed history: id, queue, finished, runtime, wait, attempts, worker,
-/// reserved at, created at, priority, data — separated by U+001F.
+/// `failed at` and runtime of a failed job (`T:x`).
+fn failed_at(x: &str) -> (i64, u64) {
+    let (at, rt) = x.split_once('\x1f').unwrap_or((x, "0"));
+    (at.parse().unwrap_or(0), rt.parse::<f64>().map_or(0, |v| v.max(0.0) as u64))
+}
+
+/// An entry of the completed history: id, finished, runtime, wait, attempts, worker, reserved
+/// at, then the job's packed data — separated by U+001F.
 fn history_info(entry: &str) -> Option<JobInfo> {
-    let f: Vec<&str> = entry.splitn(11, '\x1f').collect();
-    if f.len() != 11 {
+    let f: Vec<&str> = entry.splitn(8, '\x1f').collect();
+    if f.len() != 8 {
         return None;
     }
     let n = |i: usize| f[i].parse::<f64>().map_or(0, |v| v as i64);
-    let d = Data::parse(f[10]);
+    let stored = Stored::parse(f[7])?;
     Some(JobInfo {
         id: f[0].parse().ok()?,
-        queue: f[1].to_string(),
-        kind: d.k,
+        queue: stored.queue,
+        kind: stored.data.k,
         state: JobState::Completed,
-        payload: payload_value(&d.p),
-        attempts: n(5) as u32,
-        max_attempts: 0,
-        priority: n(9) as i32,
-        tags: d.tg,
+        payload: payload_value(&stored.data.p),
+        attempts: n(4) as u32,
+        max_attempts: stored.max_attempts,
+        priority: stored.priority,
+        tags: stored.data.tg,
         unique_key: None,
-        batch_id: d.bt,
+        batch_id: stored.data.bt,
         error: None,
-        created_at: n(8),
+        created_at: stored.created_at,
         available_at: None,
-        reserved_at: Some(n(7)),
-        finished_at: Some(n(2)),
-        runtime_ms: Some(n(3) as u64),
-        wait_ms: Some(n(4).max(0) as u64),
-        worker: Some(f[6].to_string()).filter(|w| !w.is_empty()),
+        reserved_at: Some(n(6)),
+        finished_at: Some(n(1)),
+        runtime_ms: Some(n(2).max(0) as u64),
+        wait_ms: Some(n(3).max(0) as u64),
+        worker: Some(f[5].to_string()).filter(|w| !w.is_empty()),
     })
 }
 
-fn failed_info(id: &str, h: &HashMap<String, String>) -> Option<FailedJob> {
-    let d = Data::parse(field(h, "d")?);
+fn failed_info(id: &str, raw: &Raw) -> Option<FailedJob> {
+    let (failed_at, runtime_ms) = failed_at(raw.x.as_deref()?);
+    let stored = Stored::parse(raw.d.as_deref()?)?;
+    let st = raw.s.as_deref().map(State::parse).unwrap_or_default();
     Some(FailedJob {
         id: id.parse().ok()?,
-        queue: field(h, "q").unwrap_or_default().to_string(),
-        kind: d.k,
-        payload: payload_value(&d.p),
-        attempts: num(h, "a") as u32,
-        max_attempts: num(h, "m") as u32,
-        error: field(h, "e").unwrap_or_default().to_string(),
-        tags: d.tg,
-        batch_id: d.bt,
-        created_at: num(h, "c"),
-        failed_at: num(h, "fa"),
-        runtime_ms: num(h, "rt").max(0) as u64,
+        queue: stored.queue,
+        kind: stored.data.k,
+        payload: payload_value(&stored.data.p),
+        attempts: st.attempts,
+        max_attempts: stored.max_attempts,
+        error: raw.error.clone().unwrap_or_default(),
+        tags: stored.data.tg,
+        batch_id: stored.data.bt,
+        created_at: stored.created_at,
+        failed_at,
+        runtime_ms,
     })
 }
 
@@ -714,39 +803,36 @@ impl QueueBackend for RedisBackend {
         }
         let now = now_ms();
         let token: i64 = rand::random::<i64>() & i64::MAX;
-        let mut args = vec![
-            now.to_string(),
-            (now + req.lease.as_millis() as i64).to_string(),
-            token.to_string(),
-            req.worker.clone(),
-            req.max.to_string(),
-        ];
+        let max = req.max.min(PER_CALL);
+        let mut args =
+            vec![now.to_string(), (now + req.lease.as_millis() as i64).to_string(), token.to_string(), req.worker.clone(), max.to_string()];
         args.extend(req.queues.iter().cloned());
         let res = items(self.script(|s| &s.reserve, args).await?);
         let mut jobs = Vec::with_capacity(res.len());
         for r in res {
             let v = items(r);
-            if v.len() < 9 {
+            if v.len() < 4 {
                 continue;
             }
             let Ok(id) = text(&v[0]).parse::<JobId>() else { continue };
-            let d = Data::parse(&text(&v[6]));
+            let Some(stored) = Stored::parse(&text(&v[3])) else { continue };
+            let d = stored.data;
             jobs.push(Job {
                 id,
-                queue: text(&v[8]),
+                queue: stored.queue,
                 kind: d.k,
                 payload: d.p,
                 attempt: int(&v[1]) as u32,
-                max_attempts: int(&v[2]) as u32,
+                max_attempts: stored.max_attempts,
                 backoff: d.b,
                 timeout: d.to.map(Duration::from_millis),
-                priority: int(&v[3]) as i32,
+                priority: stored.priority,
                 tags: d.tg,
-                unique_key: opt_text(&v[7]).filter(|u| !u.is_empty()),
+                unique_key: stored.unique,
                 batch_id: d.bt,
                 workflow: d.wf,
-                created_at: int(&v[5]),
-                available_at: int(&v[4]),
+                created_at: stored.created_at,
+                available_at: int(&v[2]),
                 reserved_at: now,
                 lease_token: token,
             });
@@ -798,12 +884,15 @@ impl QueueBackend for RedisBackend {
         if leases.is_empty() {
             return Ok(());
         }
-        let mut args = vec![(now_ms() + lease.as_millis() as i64).to_string()];
-        for (id, token) in leases {
-            args.push(id.to_string());
-            args.push(token.to_string());
+        for chunk in leases.chunks(PER_CALL) {
+            let mut args = vec![(now_ms() + lease.as_millis() as i64).to_string()];
+            for (id, token) in chunk {
+                args.push(id.to_string());
+                args.push(token.to_string());
+            }
+            self.script(|s| &s.extend, args).await?;
         }
-        self.script(|s| &s.extend, args).await.map(|_| ())
+        Ok(())
     }
 
     async fn reap_expired(&self) -> Result<u64> {
@@ -882,9 +971,10 @@ impl QueueBackend for RedisBackend {
                 // When the next job of each queue became available.
                 let mut p = redis::pipe();
                 for h in &heads {
-                    p.cmd("HGET").arg(format!("{tag}:j:{}", h.clone().unwrap_or_default())).arg("av");
+                    p.cmd("HGET").arg(format!("{tag}:s")).arg(h.clone().unwrap_or_default());
                 }
-                let avs: Vec<Option<i64>> = if heads.is_empty() { Vec::new() } else { p.query(c)? };
+                let states: Vec<Option<String>> = if heads.is_empty() { Vec::new() } else { p.query(c)? };
+                let avs: Vec<Option<i64>> = states.iter().map(|s| s.as_deref().map(|s| State::parse(s).available_at)).collect();
                 for ((o, h), av) in out.iter_mut().zip(&heads).zip(avs) {
                     o.2 = h.as_ref().and(av);
                 }
@@ -948,16 +1038,12 @@ impl QueueBackend for RedisBackend {
 
     async fn job(&self, id: JobId) -> Result<Option<JobInfo>> {
         let key = id.to_string();
-        let found = self.hashes(vec![key.clone()]).await?;
-        if let Some((_, h)) = found.into_iter().next() {
-            let delayed = if field(&h, "s") == Some("w") {
-                let dk = format!("{}:q:{}:d", self.tag, field(&h, "q").unwrap_or_default());
-                let k = key.clone();
-                self.redis(move |c, _| redis::cmd("ZSCORE").arg(&dk).arg(&k).query::<Option<f64>>(c)).await?.is_some()
-            } else {
-                false
-            };
-            return Ok(hash_info(&key, &h, delayed));
+        if let Some((_, raw)) = self.raw(vec![key.clone()]).await?.into_iter().next() {
+            let queue = raw.d.as_deref().and_then(Stored::parse).map(|s| s.queue).unwrap_or_default();
+            let dk = format!("{}:q:{queue}:d", self.tag);
+            let k = key.clone();
+            let delayed = self.redis(move |c, _| redis::cmd("ZSCORE").arg(&dk).arg(&k).query::<Option<f64>>(c)).await?.is_some();
+            return Ok(raw_info(&key, &raw, delayed));
         }
         Ok(self.history().await?.into_iter().find(|j| j.id == id))
     }
@@ -997,9 +1083,12 @@ impl QueueBackend for RedisBackend {
         let mut items_out = Vec::new();
         let mut total = 0u64;
         for ((_, state), (card, ids)) in keys.iter().zip(scanned) {
-            let found = self.hashes(ids).await?;
-            let infos: Vec<JobInfo> =
-                found.iter().filter_map(|(id, h)| hash_info(id, h, *state == JobState::Delayed)).filter(|j| matches(j, &filter)).collect();
+            let found = self.raw(ids).await?;
+            let infos: Vec<JobInfo> = found
+                .iter()
+                .filter_map(|(id, raw)| raw_info(id, raw, *state == JobState::Delayed))
+                .filter(|j| matches(j, &filter))
+                .collect();
             total += if exact { card.max(0) as u64 } else { infos.len() as u64 };
             items_out.extend(infos);
         }
@@ -1026,14 +1115,13 @@ impl QueueBackend for RedisBackend {
                 Ok((total, ids))
             })
             .await?;
-        let items =
-            self.hashes(ids).await?.iter().filter(|(_, h)| field(h, "s") == Some("f")).filter_map(|(id, h)| failed_info(id, h)).collect();
+        let items = self.raw(ids).await?.iter().filter_map(|(id, raw)| failed_info(id, raw)).collect();
         Ok(Paged { items, total: total.max(0) as u64 })
     }
 
     async fn failed_job(&self, id: JobId) -> Result<Option<FailedJob>> {
-        let found = self.hashes(vec![id.to_string()]).await?;
-        Ok(found.iter().filter(|(_, h)| field(h, "s") == Some("f")).find_map(|(id, h)| failed_info(id, h)))
+        let found = self.raw(vec![id.to_string()]).await?;
+        Ok(found.iter().find_map(|(id, raw)| failed_info(id, raw)))
     }
 
     async fn failed_since(&self, since: i64) -> Result<u64> {
@@ -1333,6 +1421,8 @@ mod tests {
             "0".into(),
             String::new(),
             record,
+            "1".into(),
+            "0".into(),
         ];
         let res = items(b.script(|s| &s.complete, args).await.unwrap());
         let members: Vec<String> = items(res[1].clone()).iter().map(text).collect();

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# `conveyor bench` with the queue on Redis, and what it cost Redis per job.
+# Env: BIN (the conveyor binary), REDIS_URL (redis://127.0.0.1:6379), JOBS (100000),
+# CONCURRENCY (64), LATENCY_SECS (5). Uses a scratch prefix and deletes its keys afterwards;
+# resets the server's INFO commandstats (use a Redis of your own if others share it).
+set -euo pipefail
+BIN="${BIN:-target/release/conveyor}"
+REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
+JOBS="${JOBS:-100000}"
+PREFIX="bench-$$"
+dir="$(mktemp -d)"
+cleanup() {
+  redis-cli -u "$REDIS_URL" --scan --pattern "{$PREFIX}:*" | xargs -r -n 1000 redis-cli -u "$REDIS_URL" unlink >/dev/null
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+redis-cli -u "$REDIS_URL" config resetstat >/dev/null
+cpu() { redis-cli -u "$REDIS_URL" info cpu | tr -d '\r' | awk -F: '/^used_cpu_(user|sys):/ { s += $2 } END { print s }'; }
+c0="$(cpu)"
+CONVEYOR_DATABASE_URL="sqlite://$dir/store.db" CONVEYOR_QUEUE=redis CONVEYOR_REDIS_URL="$REDIS_URL" CONVEYOR_REDIS_PREFIX="$PREFIX" \
+  "$BIN" bench --jobs "$JOBS" --concurrency "${CONCURRENCY:-64}" --latency-secs "${LATENCY_SECS:-5}"
+c1="$(cpu)"
+redis-cli -u "$REDIS_URL" info commandstats | tr -d '\r' | awk -F'[:=,]' -v jobs="$((JOBS + 1000 * ${LATENCY_SECS:-5}))" -v cpu="$(echo "$c1 - $c0" | bc)" '
+  /^cmdstat_/ { name = substr($1, 9); calls[name] = $3; if (name != "evalsha" && name != "config|resetstat" && name != "info") inner += $3 }
+  END {
+    # Per job of both phases (the latency phase adds 1,000 jobs a second).
+    printf "redis: evalsha (round trips) %d = %.3f per job; commands inside scripts %d = %.3f per job; redis CPU %.2f s = %.1f us per job\n",
+      calls["evalsha"], calls["evalsha"] / jobs, inner, inner / jobs, cpu, cpu * 1e6 / jobs
+  }'
