@@ -616,6 +616,19 @@ impl RedisBackend {
         Ok(())
     }
 
+    /// The failed store's index: of one queue, or of all.
+    fn failed_key(&self, queue: Option<&str>) -> String {
+        match queue {
+            Some(q) => format!("{}:q:{q}:f", self.tag),
+            None => format!("{}:failed", self.tag),
+        }
+    }
+
+    /// The oldest `n` ids of a failed-store index.
+    async fn oldest_failed(&self, key: String, n: isize) -> Result<Vec<String>> {
+        self.redis(move |c, _| redis::cmd("ZRANGE").arg(&key).arg(0).arg(n - 1).query(c)).await
+    }
+
     async fn queue_names(&self) -> Result<Vec<String>> {
         let mut names: Vec<String> = self
             .redis(|c, tag| {
@@ -1103,10 +1116,7 @@ impl QueueBackend for RedisBackend {
     }
 
     async fn failed(&self, queue: Option<&str>, page: Page) -> Result<Paged<FailedJob>> {
-        let key = match queue {
-            Some(q) => format!("{}:q:{q}:f", self.tag),
-            None => format!("{}:failed", self.tag),
-        };
+        let key = self.failed_key(queue);
         let (start, stop) = (page.offset() as isize, (page.offset() + page.per_page as u64) as isize - 1);
         let (total, ids): (i64, Vec<String>) = self
             .redis(move |c, _| {
@@ -1146,15 +1156,11 @@ impl QueueBackend for RedisBackend {
     }
 
     async fn retry_all_failed(&self, queue: Option<&str>) -> Result<u64> {
-        let key = match queue {
-            Some(q) => format!("{}:q:{q}:f", self.tag),
-            None => format!("{}:failed", self.tag),
-        };
+        let key = self.failed_key(queue);
         in_chunks(|| {
             let key = key.clone();
             async move {
-                let ids: Vec<String> = self.redis(move |c, _| redis::cmd("ZRANGE").arg(&key).arg(0).arg(999).query(c)).await?;
-                let ids: Vec<JobId> = ids.iter().filter_map(|i| i.parse().ok()).collect();
+                let ids: Vec<JobId> = self.oldest_failed(key, 1_000).await?.iter().filter_map(|i| i.parse().ok()).collect();
                 Ok(self.retry_failed(ids).await?.len() as u64)
             }
         })
@@ -1166,14 +1172,11 @@ impl QueueBackend for RedisBackend {
     }
 
     async fn flush_failed(&self, queue: Option<&str>) -> Result<u64> {
-        let key = match queue {
-            Some(q) => format!("{}:q:{q}:f", self.tag),
-            None => format!("{}:failed", self.tag),
-        };
+        let key = self.failed_key(queue);
         in_chunks(|| {
             let key = key.clone();
             async move {
-                let ids: Vec<String> = self.redis(move |c, _| redis::cmd("ZRANGE").arg(&key).arg(0).arg(4_999).query(c)).await?;
+                let ids = self.oldest_failed(key, 5_000).await?;
                 if ids.is_empty() {
                     return Ok(0);
                 }
