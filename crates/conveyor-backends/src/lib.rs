@@ -3,6 +3,8 @@
 //!
 //! Every backend passes the shared conformance suite in `tests/conformance/`.
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod engine_schema;
 #[cfg(feature = "postgres")]
@@ -28,6 +30,8 @@ pub struct BackendConfig {
     pub redis_url: Option<String>,
     pub redis_prefix: String,
     pub amqp_url: Option<String>,
+    /// Names RabbitMQ's queues `<prefix>.<queue>`.
+    pub amqp_prefix: String,
 }
 
 /// Opens the backend the configuration names.
@@ -52,10 +56,26 @@ pub fn connect(config: &BackendConfig) -> Result<Arc<dyn QueueBackend>, BackendE
                 Err(BackendError::Invalid("this build has no Redis support (feature `redis`)".into()))
             }
         }
-        "amqp" if config.amqp_url.is_none() => Err(BackendError::Invalid("CONVEYOR_QUEUE=amqp needs CONVEYOR_AMQP_URL".into())),
-        other => Err(BackendError::Invalid(format!(
-            "CONVEYOR_QUEUE={other}: this version supports `database` (the relational store) and `redis`"
-        ))),
+        "amqp" => {
+            let Some(url) = &config.amqp_url else {
+                return Err(BackendError::Invalid("CONVEYOR_QUEUE=amqp needs CONVEYOR_AMQP_URL".into()));
+            };
+            #[cfg(feature = "amqp")]
+            {
+                let store = open_store(config)?;
+                let mut options = amqp::AmqpOptions::new(url.clone());
+                options.prefix = config.amqp_prefix.clone();
+                Ok(Arc::new(amqp::AmqpBackend::open(options, store)?))
+            }
+            #[cfg(not(feature = "amqp"))]
+            {
+                let _ = url;
+                Err(BackendError::Invalid("this build has no RabbitMQ support (feature `amqp`)".into()))
+            }
+        }
+        other => {
+            Err(BackendError::Invalid(format!("CONVEYOR_QUEUE={other}: expected `database` (the relational store), `redis` or `amqp`")))
+        }
     }
 }
 

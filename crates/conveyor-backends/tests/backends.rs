@@ -53,6 +53,26 @@ conformance_suite!(redis, async {
     Some((Arc::new(backend) as Arc<dyn QueueBackend>, (redis, dir)))
 });
 
+// The queue on the machine's RabbitMQ under a queue-name prefix of the test's own (its queues
+// expire once unused), the ledger in a SQLite store in a temp dir; without a server the tests
+// skip outside CI.
+#[cfg(all(feature = "amqp", feature = "sqlite"))]
+conformance_suite!(amqp, async {
+    use std::sync::Arc;
+
+    use conveyor_backends::amqp::testing::TestAmqp;
+    use conveyor_backends::amqp::AmqpBackend;
+    use conveyor_backends::sqlite::{SqliteBackend, SqliteOptions};
+    use conveyor_core::backend::QueueBackend;
+
+    let amqp = TestAmqp::create()?;
+    let dir = tempfile::TempDir::new().expect("a temp dir");
+    let store =
+        SqliteBackend::open(SqliteOptions::new(dir.path().join("store.db").to_str().expect("a UTF-8 temp path"))).expect("open SQLite");
+    let backend = AmqpBackend::open(amqp.options(), Arc::new(store)).expect("open RabbitMQ");
+    Some((Arc::new(backend) as Arc<dyn QueueBackend>, (amqp, dir)))
+});
+
 /// The two relational schemas are kept in step: the same tables with the same columns, apart
 /// from what PostgreSQL adds for concurrency (sharded counters and metric rows, its version
 /// table). The engine's tables come from one SQL text; this catches the queue's tables drifting.

@@ -59,6 +59,7 @@ pub(crate) fn open_backend(config: &Config) -> anyhow::Result<Arc<dyn QueueBacke
         redis_url: config.redis_url.as_ref().map(|s| s.0.clone()),
         redis_prefix: config.redis_prefix.clone(),
         amqp_url: config.amqp_url.as_ref().map(|s| s.0.clone()),
+        amqp_prefix: config.amqp_prefix.clone(),
     };
     conveyor_backends::connect(&bc).context("cannot open the backend")
 }

@@ -250,6 +250,29 @@ pub trait QueueBackend: Send + Sync + 'static {
         Ok(())
     }
 
+    // --- dispatch support for brokers that deliver the store's jobs (RabbitMQ) ---------------
+
+    /// Registers `hook`, called after every commit that made jobs ready (pending): enqueued,
+    /// promoted from the delayed set, retried or released now, reaped, retried from the failed
+    /// store. A broker transport publishes one message per ready job from it. Returns `false`
+    /// when this backend keeps no such ledger (the default).
+    fn set_dispatch(&self, _hook: DispatchHook) -> bool {
+        false
+    }
+
+    /// Reserves the given jobs under a lease if they are pending and their queue is not paused
+    /// (like [`reserve`](Self::reserve), but by id: the broker chose them). Jobs that are not
+    /// pending are left alone and missing from the answer.
+    async fn claim(&self, _ids: Vec<JobId>, _lease: Duration, _worker: &str) -> Result<Vec<Job>> {
+        Err(BackendError::Other(format!("the {} backend cannot claim jobs by id", self.name())))
+    }
+
+    /// Moves due delayed jobs to pending (a bounded number per call) and returns how many; the
+    /// dispatch hook hears of them.
+    async fn promote_due(&self) -> Result<u64> {
+        Ok(0)
+    }
+
     /// A read-only query on the relational store, outside any write transaction (it sees what
     /// is committed). Parameters are `$1`, `$2`, ….
     async fn query(&self, sql: &str, params: Vec<SqlValue>) -> Result<Vec<Row>>;
@@ -258,6 +281,17 @@ pub trait QueueBackend: Send + Sync + 'static {
     /// transactional: a rolled-back transaction enqueues nothing.
     async fn transaction(&self, work: TxFn) -> Result<Box<dyn Any + Send>>;
 }
+
+/// A job that became ready in a committed transaction of the relational store.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReadyJob {
+    pub id: JobId,
+    pub queue: String,
+    pub priority: i32,
+}
+
+/// Called (on the committing thread, so it must not block) with the jobs each commit made ready.
+pub type DispatchHook = Arc<dyn Fn(Vec<ReadyJob>) + Send + Sync>;
 
 /// A value passed to or read from SQL.
 #[derive(Clone, Debug, PartialEq)]

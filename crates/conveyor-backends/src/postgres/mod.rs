@@ -15,15 +15,15 @@ mod value;
 
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use postgres::fallible_iterator::FallibleIterator;
 
 use conveyor_core::backend::{
-    in_chunks, BackendError, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats, ReserveRequest, Result, Row,
-    SqlValue, TxFn, WorkerInfo,
+    in_chunks, BackendError, DispatchHook, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats, ReserveRequest,
+    Result, Row, SqlValue, TxFn, WorkerInfo,
 };
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::{Completion, EnqueueOutcome, Job, JobId, JobInfo, NewJob};
@@ -63,6 +63,7 @@ pub struct PgBackend {
     /// sends one shortly, so other processes still hear of it.
     owed_notify: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
+    dispatch: Arc<OnceLock<DispatchHook>>,
 }
 
 impl Drop for PgBackend {
@@ -99,6 +100,7 @@ impl PgBackend {
             last_notify: Arc::default(),
             owed_notify,
             stop,
+            dispatch: Arc::new(OnceLock::new()),
         })
     }
 
@@ -114,17 +116,23 @@ impl PgBackend {
     {
         let (history, inserts, wakeup, last_notify, owed) =
             (self.history, self.history_inserts.clone(), self.wakeup.clone(), self.last_notify.clone(), self.owed_notify.clone());
+        let dispatch = self.dispatch.clone();
         self.pool
             .with(move |c| {
                 let shard = c.shard;
                 let tx = c.client.transaction().map_err(pg_err)?;
                 let mut t = PgTx::new(tx, &mut c.stmts, shard, history);
+                t.collect_ready = dispatch.get().is_some();
                 let out = f(&mut t)?;
                 if t.history_inserts > 0 && inserts.fetch_add(t.history_inserts, Ordering::Relaxed) + t.history_inserts >= TRIM_EVERY {
                     inserts.store(0, Ordering::Relaxed);
                     t.trim_history()?;
                 }
+                let ready = std::mem::take(&mut t.ready);
                 let (woke, notified) = t.commit(&last_notify)?;
+                if let (false, Some(hook)) = (ready.is_empty(), dispatch.get()) {
+                    hook(ready);
+                }
                 if woke {
                     wakeup.wake();
                     if !notified {
@@ -260,6 +268,22 @@ impl QueueBackend for PgBackend {
 
     fn wakeup(&self) -> Arc<Wakeup> {
         self.wakeup.clone()
+    }
+
+    fn set_dispatch(&self, hook: DispatchHook) -> bool {
+        self.dispatch.set(hook).is_ok()
+    }
+
+    async fn claim(&self, ids: Vec<JobId>, lease: Duration, worker: &str) -> Result<Vec<Job>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (lease_ms, worker) = (lease.as_millis() as i64, worker.to_string());
+        self.tx(move |t| t.claim(&ids, lease_ms, &worker)).await
+    }
+
+    async fn promote_due(&self) -> Result<u64> {
+        self.tx(|t| t.promote_due(now_ms())).await
     }
 
     async fn queues(&self) -> Result<Vec<QueueStats>> {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use postgres::types::ToSql;
 use postgres::{Statement, Transaction};
 
-use conveyor_core::backend::{BackendError, Result, Row, SqlValue, Tx};
+use conveyor_core::backend::{BackendError, ReadyJob, Result, Row, SqlValue, Tx};
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::{Backoff, Completion, EnqueueOutcome, Job, JobId, NewJob, Outcome};
 use conveyor_core::metrics::{minute_of, MetricsAccumulator, BUCKETS};
@@ -48,6 +48,9 @@ pub(crate) struct PgTx<'c, 't> {
     /// Completed-job history rows kept (0 = none).
     history: usize,
     pub(crate) history_inserts: usize,
+    /// Jobs made ready, for the dispatch hook (gathered only when one is set).
+    pub(crate) ready: Vec<ReadyJob>,
+    pub(crate) collect_ready: bool,
 }
 
 impl<'c, 't> PgTx<'c, 't> {
@@ -62,6 +65,15 @@ impl<'c, 't> PgTx<'c, 't> {
             failed: None,
             history,
             history_inserts: 0,
+            ready: Vec::new(),
+            collect_ready: false,
+        }
+    }
+
+    /// Notes a job that became pending, for the dispatch hook (when one is set).
+    fn ready(&mut self, id: JobId, queue: &str, priority: i32) {
+        if self.collect_ready {
+            self.ready.push(ReadyJob { id, queue: queue.to_string(), priority });
         }
     }
 
@@ -244,6 +256,7 @@ impl<'c, 't> PgTx<'c, 't> {
             self.count(&job.queue, state, 1);
             if state == PENDING {
                 self.wake = true;
+                self.ready(job.id, &job.queue, job.priority);
             }
             ids.push(job.id.as_bytes().to_vec());
             queues.push(job.queue);
@@ -291,19 +304,46 @@ impl<'c, 't> PgTx<'c, 't> {
     }
 
     /// Moves due delayed jobs to pending, a bounded number per call.
-    fn promote_due(&mut self, now: i64) -> Result<()> {
+    pub(crate) fn promote_due(&mut self, now: i64) -> Result<u64> {
         let rows = self.rows(
             "UPDATE jobs SET state = 0 WHERE id IN
                (SELECT id FROM jobs WHERE state = 2 AND available_at <= $1 ORDER BY available_at LIMIT 1000 FOR UPDATE SKIP LOCKED)
-             RETURNING queue",
+             RETURNING queue, id, priority",
             &[&now],
         )?;
+        let n = rows.len() as u64;
         for r in rows {
             let q: String = r.get(0);
             self.count(&q, DELAYED, -1);
             self.count(&q, PENDING, 1);
+            if let Some(id) = JobId::from_slice(&r.get::<_, Vec<u8>>(1)) {
+                self.ready(id, &q, r.get::<_, i64>(2) as i32);
+            }
         }
-        Ok(())
+        if n > 0 {
+            self.wake = true;
+        }
+        Ok(n)
+    }
+
+    /// Reserves the given pending jobs (chosen by a broker) under one lease; paused queues and
+    /// jobs that are not pending are skipped.
+    pub(crate) fn claim(&mut self, ids: &[JobId], lease_ms: i64, worker: &str) -> Result<Vec<Job>> {
+        let now = now_ms();
+        let token: i64 = rand::random::<i64>() & i64::MAX;
+        let until = now + lease_ms;
+        let ids: Vec<Vec<u8>> = ids.iter().map(|id| id.as_bytes().to_vec()).collect();
+        let sql = format!(
+            "UPDATE jobs SET state = 1, attempts = attempts + 1, reserved_at = $1, lease_until = $2, lease_token = $3, worker = $4
+             WHERE id = ANY($5) AND state = 0 AND queue NOT IN (SELECT name FROM queues WHERE paused = 1)
+             RETURNING {JOB_COLS}"
+        );
+        let jobs: Vec<Job> = self.rows(&sql, &[&now, &until, &token, &worker, &ids])?.iter().map(job_from_row).collect();
+        for job in &jobs {
+            self.count(&job.queue, PENDING, -1);
+            self.count(&job.queue, RESERVED, 1);
+        }
+        Ok(jobs)
     }
 
     pub(crate) fn reserve(&mut self, queues: &[String], max: usize, lease_ms: i64, worker: &str) -> Result<Vec<Job>> {
@@ -468,20 +508,24 @@ impl<'c, 't> PgTx<'c, 't> {
     #[allow(clippy::too_many_arguments)]
     fn requeue(&mut self, id: &Vec<u8>, token: i64, queue: &str, at: i64, error: Option<&str>, give_back: i64, now: i64) -> Result<bool> {
         let state = if at > now { DELAYED } else { PENDING };
-        let n = self.run(
+        let rows = self.rows(
             "UPDATE jobs SET state = $1, available_at = $2, attempts = attempts - $3, last_error = coalesce($4, last_error),
                              lease_until = NULL, lease_token = NULL, worker = NULL
-             WHERE id = $5 AND state = 1 AND lease_token = $6",
+             WHERE id = $5 AND state = 1 AND lease_token = $6
+             RETURNING priority",
             &[&(state as i64), &at, &give_back, &error, id, &token],
         )?;
-        if n == 1 {
-            self.count(queue, RESERVED, -1);
-            self.count(queue, state, 1);
-            if state == PENDING {
-                self.wake = true;
+        let Some(r) = rows.first() else { return Ok(false) };
+        let priority = r.get::<_, i64>(0) as i32;
+        self.count(queue, RESERVED, -1);
+        self.count(queue, state, 1);
+        if state == PENDING {
+            self.wake = true;
+            if let Some(job_id) = JobId::from_slice(id) {
+                self.ready(job_id, queue, priority);
             }
         }
-        Ok(n == 1)
+        Ok(true)
     }
 
     fn release_unique(&mut self, key: Option<&str>, id: &[u8]) -> Result<()> {
@@ -588,14 +632,17 @@ impl<'c, 't> PgTx<'c, 't> {
                                    available_at, created_at, unique_key, tags, batch_id, workflow)
                  SELECT id, queue, kind, payload, 0, priority, 0, max_attempts, backoff, timeout_ms, $2, created_at,
                         unique_key, tags, batch_id, workflow FROM f
-                 RETURNING queue, batch_id",
+                 RETURNING queue, batch_id, priority",
                 &[id, &now],
             )?;
             let Some(r) = rows.first() else { continue };
-            let (queue, batch): (String, Option<String>) = (r.get(0), r.get(1));
+            let (queue, batch, priority): (String, Option<String>, i32) = (r.get(0), r.get(1), r.get::<_, i64>(2) as i32);
             self.count(&queue, FAILED, -1);
             self.count(&queue, PENDING, 1);
             self.wake = true;
+            if let Some(job_id) = JobId::from_slice(id) {
+                self.ready(job_id, &queue, priority);
+            }
             if let Some(batch) = &batch {
                 conveyor_core::hooks::after_failed_retry(self, batch)?;
             }

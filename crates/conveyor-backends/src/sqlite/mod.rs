@@ -10,15 +10,15 @@ mod tx;
 mod writer;
 
 use std::any::Any;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::Connection;
 
 use conveyor_core::backend::{
-    in_chunks, BackendError, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats, ReserveRequest, Result, Row,
-    SqlValue, TxFn, WorkerInfo,
+    in_chunks, BackendError, DispatchHook, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats, ReserveRequest,
+    Result, Row, SqlValue, TxFn, WorkerInfo,
 };
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::{Completion, EnqueueOutcome, Job, JobId, JobInfo, NewJob};
@@ -47,6 +47,7 @@ pub struct SqliteBackend {
     readers: Readers,
     wakeup: Arc<Wakeup>,
     path: String,
+    dispatch: Arc<OnceLock<DispatchHook>>,
 }
 
 impl SqliteBackend {
@@ -60,11 +61,13 @@ impl SqliteBackend {
         let mut conn = open_connection(&options.path).map_err(|e| BackendError::Storage(format!("cannot open {}: {e}", options.path)))?;
         schema::migrate(&mut conn).map_err(storage_err)?;
         let wakeup = Arc::new(Wakeup::default());
+        let dispatch = Arc::new(OnceLock::new());
         Ok(SqliteBackend {
-            writer: Writer::spawn(conn, wakeup.clone(), options.completed_history),
+            writer: Writer::spawn(conn, wakeup.clone(), options.completed_history, dispatch.clone()),
             readers: Readers::new(options.path.clone()),
             wakeup,
             path: options.path,
+            dispatch,
         })
     }
 
@@ -137,6 +140,22 @@ impl QueueBackend for SqliteBackend {
 
     fn wakeup(&self) -> Arc<Wakeup> {
         self.wakeup.clone()
+    }
+
+    fn set_dispatch(&self, hook: DispatchHook) -> bool {
+        self.dispatch.set(hook).is_ok()
+    }
+
+    async fn claim(&self, ids: Vec<JobId>, lease: Duration, worker: &str) -> Result<Vec<Job>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (lease_ms, worker) = (lease.as_millis() as i64, worker.to_string());
+        self.writer.call(move |w| w.claim(&ids, lease_ms, &worker)).await
+    }
+
+    async fn promote_due(&self) -> Result<u64> {
+        self.writer.call(|w| w.promote_due(now_ms())).await
     }
 
     async fn queues(&self) -> Result<Vec<QueueStats>> {

@@ -6,12 +6,12 @@
 
 use std::collections::HashMap;
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
-use conveyor_core::backend::{BackendError, Result, Tx};
+use conveyor_core::backend::{BackendError, DispatchHook, ReadyJob, Result, Tx};
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::{Backoff, Completion, EnqueueOutcome, Job, JobId, NewJob, Outcome};
 use conveyor_core::metrics::{minute_of, MetricsAccumulator, BUCKETS};
@@ -33,11 +33,11 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    pub(crate) fn spawn(conn: Connection, wakeup: Arc<Wakeup>, history: usize) -> Writer {
+    pub(crate) fn spawn(conn: Connection, wakeup: Arc<Wakeup>, history: usize, dispatch: Arc<OnceLock<DispatchHook>>) -> Writer {
         let (tx, rx) = mpsc::channel::<Work>();
         std::thread::Builder::new()
             .name("conveyor-sqlite-writer".into())
-            .spawn(move || run(WriteCtx::new(conn, history), rx, wakeup))
+            .spawn(move || run(WriteCtx::new(conn, history, dispatch), rx, wakeup))
             .expect("spawning the SQLite writer thread");
         Writer { tx }
     }
@@ -127,6 +127,7 @@ fn run(mut ctx: WriteCtx, rx: mpsc::Receiver<Work>, wakeup: Arc<Wakeup>) {
             ctx.discard_op();
             ctx.group_counts.clear();
             ctx.group_metrics = MetricsAccumulator::default();
+            ctx.group_ready.clear();
             for reply in replies.drain(..) {
                 reply(Err(e.clone()));
             }
@@ -135,6 +136,13 @@ fn run(mut ctx: WriteCtx, rx: mpsc::Receiver<Work>, wakeup: Arc<Wakeup>) {
         let commit = ctx.flush_deltas().and_then(|_| ctx.conn.execute_batch("COMMIT").map_err(storage_err));
         match commit {
             Ok(()) => {
+                // The broker hears of ready jobs before anyone is told the commit happened, so
+                // an enqueue that waits for its messages' confirms finds them requested.
+                if !ctx.group_ready.is_empty() {
+                    if let Some(hook) = ctx.dispatch.get() {
+                        hook(std::mem::take(&mut ctx.group_ready));
+                    }
+                }
                 for reply in replies.drain(..) {
                     reply(Ok(()));
                 }
@@ -147,6 +155,7 @@ fn run(mut ctx: WriteCtx, rx: mpsc::Receiver<Work>, wakeup: Arc<Wakeup>) {
                 let _ = ctx.conn.execute_batch("ROLLBACK");
                 ctx.group_counts.clear();
                 ctx.group_metrics = MetricsAccumulator::default();
+                ctx.group_ready.clear();
                 for reply in replies.drain(..) {
                     reply(Err(e.clone()));
                 }
@@ -175,6 +184,10 @@ pub(crate) struct WriteCtx {
     group_counts: Counts,
     op_metrics: Vec<(i64, Completion)>,
     group_metrics: MetricsAccumulator,
+    /// Set by a broker transport: hears of the jobs each commit made ready.
+    dispatch: Arc<OnceLock<DispatchHook>>,
+    op_ready: Vec<ReadyJob>,
+    group_ready: Vec<ReadyJob>,
 }
 
 /// The columns of `jobs` that make a reserved [`Job`], in the order `job_from_row` reads them.
@@ -182,7 +195,7 @@ const JOB_COLS: &str = "id, queue, kind, payload, attempts, max_attempts, backof
                         unique_key, batch_id, created_at, available_at, reserved_at, lease_token, workflow";
 
 impl WriteCtx {
-    fn new(conn: Connection, history: usize) -> Self {
+    fn new(conn: Connection, history: usize, dispatch: Arc<OnceLock<DispatchHook>>) -> Self {
         WriteCtx {
             conn,
             translated: HashMap::new(),
@@ -193,6 +206,16 @@ impl WriteCtx {
             group_counts: Counts::new(),
             op_metrics: Vec::new(),
             group_metrics: MetricsAccumulator::default(),
+            dispatch,
+            op_ready: Vec::new(),
+            group_ready: Vec::new(),
+        }
+    }
+
+    /// Notes a job that became pending, for the dispatch hook (when one is set).
+    fn ready(&mut self, id: JobId, queue: &str, priority: i32) {
+        if self.dispatch.get().is_some() {
+            self.op_ready.push(ReadyJob { id, queue: queue.to_string(), priority });
         }
     }
 
@@ -216,11 +239,13 @@ impl WriteCtx {
         for (minute, c) in self.op_metrics.drain(..) {
             self.group_metrics.record(minute, &c);
         }
+        self.group_ready.append(&mut self.op_ready);
     }
 
     fn discard_op(&mut self) {
         self.op_counts.clear();
         self.op_metrics.clear();
+        self.op_ready.clear();
     }
 
     fn flush_deltas(&mut self) -> Result<()> {
@@ -285,6 +310,7 @@ impl WriteCtx {
             )
             .map_err(storage_err)?;
         let mut counts: Vec<(String, usize)> = Vec::with_capacity(jobs.len());
+        let mut ready: Vec<(JobId, i32)> = Vec::new();
         for job in jobs {
             if let Some(u) = &job.unique {
                 let held: Option<(Vec<u8>, i64)> = self
@@ -327,38 +353,84 @@ impl WriteCtx {
                     job.workflow,
                 ])
                 .map_err(storage_err)?;
+            if state == PENDING {
+                ready.push((job.id, job.priority));
+            }
             counts.push((job.queue, state));
             out.push(EnqueueOutcome::Enqueued { id: job.id });
-            if state == PENDING {
-                self.wake = true;
-            }
         }
         drop(insert);
+        let mut ready = ready.into_iter();
         for (q, state) in counts {
             self.count(&q, state, 1);
+            if state == PENDING {
+                self.wake = true;
+                if let Some((id, priority)) = ready.next() {
+                    self.ready(id, &q, priority);
+                }
+            }
         }
         Ok(out)
     }
 
     /// Moves due delayed jobs to pending, a bounded number per call so no statement walks the
-    /// whole delayed set.
-    fn promote_due(&mut self, now: i64) -> Result<()> {
+    /// whole delayed set. Returns how many.
+    pub(crate) fn promote_due(&mut self, now: i64) -> Result<u64> {
         let mut st = self
             .conn
             .prepare_cached(
                 "UPDATE jobs SET state = 0 WHERE id IN
                    (SELECT id FROM jobs WHERE state = 2 AND available_at <= ?1 ORDER BY available_at LIMIT 1000)
-                 RETURNING queue",
+                 RETURNING queue, id, priority",
             )
             .map_err(storage_err)?;
-        let queues: Vec<String> =
-            st.query_map([now], |r| r.get(0)).map_err(storage_err)?.collect::<rusqlite::Result<_>>().map_err(storage_err)?;
+        let promoted: Vec<(String, Vec<u8>, i32)> = st
+            .query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(storage_err)?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(storage_err)?;
         drop(st);
-        for q in queues {
+        let n = promoted.len() as u64;
+        for (q, id, priority) in promoted {
             self.count(&q, DELAYED, -1);
             self.count(&q, PENDING, 1);
+            if let Some(id) = JobId::from_slice(&id) {
+                self.ready(id, &q, priority);
+            }
         }
-        Ok(())
+        if n > 0 {
+            self.wake = true;
+        }
+        Ok(n)
+    }
+
+    /// Reserves the given pending jobs (chosen by a broker) under one lease; paused queues and
+    /// jobs that are not pending are skipped.
+    pub(crate) fn claim(&mut self, ids: &[JobId], lease_ms: i64, worker: &str) -> Result<Vec<Job>> {
+        let now = now_ms();
+        let token: i64 = rand::random::<i64>() & i64::MAX;
+        let sql = format!(
+            "UPDATE jobs SET state = 1, attempts = attempts + 1, reserved_at = ?1, lease_until = ?2, lease_token = ?3, worker = ?4
+             WHERE id = ?5 AND state = 0 AND queue NOT IN (SELECT name FROM queues WHERE paused = 1)
+             RETURNING {JOB_COLS}"
+        );
+        let mut jobs = Vec::with_capacity(ids.len());
+        let mut st = self.conn.prepare_cached(&sql).map_err(storage_err)?;
+        for id in ids {
+            if let Some(job) = st
+                .query_row(params![now, now + lease_ms, token, worker, &id.as_bytes()[..]], job_from_row)
+                .optional()
+                .map_err(storage_err)?
+            {
+                jobs.push(job);
+            }
+        }
+        drop(st);
+        for job in &jobs {
+            self.count(&job.queue, PENDING, -1);
+            self.count(&job.queue, RESERVED, 1);
+        }
+        Ok(jobs)
     }
 
     pub(crate) fn reserve(&mut self, queues: &[String], max: usize, lease_ms: i64, worker: &str) -> Result<Vec<Job>> {
@@ -491,23 +563,26 @@ impl WriteCtx {
     #[allow(clippy::too_many_arguments)]
     fn requeue(&mut self, id: &[u8], token: i64, queue: &str, at: i64, error: Option<&str>, give_back: i64, now: i64) -> Result<bool> {
         let state = if at > now { DELAYED } else { PENDING };
-        let n = self
+        let priority: Option<i32> = self
             .conn
             .prepare_cached(
                 "UPDATE jobs SET state = ?1, available_at = ?2, attempts = attempts - ?3, last_error = coalesce(?4, last_error),
                                  lease_until = NULL, lease_token = NULL, worker = NULL
-                 WHERE id = ?5 AND state = 1 AND lease_token = ?6",
+                 WHERE id = ?5 AND state = 1 AND lease_token = ?6
+                 RETURNING priority",
             )
-            .and_then(|mut s| s.execute(params![state as i64, at, give_back, error, id, token]))
+            .and_then(|mut s| s.query_row(params![state as i64, at, give_back, error, id, token], |r| r.get(0)).optional())
             .map_err(storage_err)?;
-        if n == 1 {
-            self.count(queue, RESERVED, -1);
-            self.count(queue, state, 1);
-            if state == PENDING {
-                self.wake = true;
+        let Some(priority) = priority else { return Ok(false) };
+        self.count(queue, RESERVED, -1);
+        self.count(queue, state, 1);
+        if state == PENDING {
+            self.wake = true;
+            if let Some(id) = JobId::from_slice(id) {
+                self.ready(id, queue, priority);
             }
         }
-        Ok(n == 1)
+        Ok(true)
     }
 
     fn insert_failed(&mut self, id: &[u8], row: &JobRow, error: &str, now: i64, runtime_ms: u64) -> Result<()> {
@@ -705,6 +780,9 @@ impl WriteCtx {
             self.count(&row.queue, FAILED, -1);
             self.count(&row.queue, PENDING, 1);
             self.wake = true;
+            if let Some(job_id) = JobId::from_slice(id) {
+                self.ready(job_id, &row.queue, row.priority as i32);
+            }
             if let Some(batch) = &row.batch_id {
                 conveyor_core::hooks::after_failed_retry(&mut super::tx::SqliteTx { ctx: self }, batch)?;
             }

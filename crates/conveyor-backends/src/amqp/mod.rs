@@ -1,0 +1,913 @@
+//! The queue transport on RabbitMQ (`CONVEYOR_QUEUE=amqp`).
+//!
+//! The relational store stays the ledger of every job — its state, attempts, lease, unique key,
+//! batch and workflow, the delayed set, the failed store, metrics — exactly as when it holds the
+//! queue itself, so the dashboard, `conveyor failed`, transactional enqueue and transactional
+//! completion behave the same. RabbitMQ carries the work: one persistent message per ready job,
+//! published with publisher confirms to a durable queue per Conveyor queue, delivered to
+//! consumers under a prefetch limit, and acknowledged only once the attempt's outcome is
+//! committed in the store.
+//!
+//! The one rule that keeps the two in step: **every commit that makes a job pending publishes
+//! a message for it.** The store tells us through its dispatch hook (enqueue, transactional
+//! enqueue, follow-up jobs enqueued by batch / workflow hooks, delayed jobs coming due, retries
+//! and releases, reaped leases, failed jobs retried), and a publisher task sends those messages
+//! in commit order. A delivery is turned into a reservation by *claiming* its job in the store
+//! (pending → reserved, by id); a delivery whose job is not pending — a duplicate, a redelivery
+//! after a crash, a job cleared meanwhile — is acknowledged and dropped, since the store will
+//! publish again whenever that job becomes pending again. So redelivered messages are processed
+//! once in effect, and a consumer that dies only delays its jobs until their leases expire.
+//!
+//! Delays and retries with backoff need no broker plugin: they wait in the store's delayed set
+//! and are published when due. Messages RabbitMQ dead-letters (a `reject` without requeue, a TTL
+//! or length limit set by a policy) go to `<prefix>.dead-letter`, which this backend drains into
+//! the failed store with the broker's reason.
+
+use std::any::Any;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures_util::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions, QueuePurgeOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Acker, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch, Notify};
+
+use conveyor_core::backend::{
+    BackendError, DispatchHook, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats, ReadyJob, ReserveRequest,
+    Result, Row, RowExt, SqlValue, TxFn, WorkerInfo,
+};
+use conveyor_core::clock::now_ms;
+use conveyor_core::job::{Completion, EnqueueOutcome, Job, JobId, JobInfo, NewJob, Outcome};
+use conveyor_core::metrics::MetricsRow;
+use conveyor_core::wakeup::Wakeup;
+
+pub mod testing;
+
+/// How long an enqueue waits for the broker's confirms before answering anyway (the jobs are
+/// committed in the store, and the publisher keeps trying).
+const CONFIRM_WAIT: Duration = Duration::from_secs(10);
+/// Longest pause between two connection attempts while RabbitMQ is away.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long a reserve that found nothing waits for deliveries already on their way.
+const IN_FLIGHT_WAIT: Duration = Duration::from_millis(50);
+/// Pending jobs older than this, in a queue whose broker side is empty, lost their message to a
+/// crash between the store's commit and the publish; the sweep publishes them again.
+const ORPHAN_AGE_MS: i64 = 10_000;
+
+#[derive(Clone, Debug)]
+pub struct AmqpOptions {
+    /// `amqp://user:password@host:port/vhost`.
+    pub url: String,
+    /// Names RabbitMQ's queues: `<prefix>.<queue>` and `<prefix>.dead-letter`.
+    pub prefix: String,
+    /// Deliveries a consumer may hold unacknowledged; 0 sizes it from the worker's concurrency
+    /// (twice the first reservation's size, at least 32).
+    pub prefetch: u16,
+    /// RabbitMQ deletes a queue unused (no consumer, no declare) this long (`x-expires`); for
+    /// tests, so their queues do not pile up. `None` in production: queues are permanent.
+    pub queue_expires: Option<Duration>,
+}
+
+impl AmqpOptions {
+    pub fn new(url: impl Into<String>) -> Self {
+        AmqpOptions { url: url.into(), prefix: "conveyor".into(), prefetch: 0, queue_expires: None }
+    }
+}
+
+/// What a message carries: enough to claim the job, and to read it in RabbitMQ's tools.
+#[derive(Serialize, Deserialize)]
+struct Body {
+    id: String,
+    queue: String,
+    priority: i32,
+}
+
+/// A delivery waiting to be claimed, or held while its job runs.
+struct Msg {
+    id: JobId,
+    priority: i32,
+    acker: Acker,
+    generation: u64,
+}
+
+/// One connection to RabbitMQ with its publishing channel and a consuming channel per queue.
+struct Link {
+    conn: Connection,
+    publisher: Channel,
+    consumers: tokio::sync::Mutex<HashMap<String, Channel>>,
+    declared: Mutex<HashSet<String>>,
+    generation: u64,
+}
+
+struct Shared {
+    options: AmqpOptions,
+    link: tokio::sync::Mutex<Option<Arc<Link>>>,
+    generation: AtomicU64,
+    /// When the next connection attempt may be made, and the current backoff.
+    retry: Mutex<(Instant, Duration)>,
+    /// Deliveries received, per queue, not yet claimed.
+    buffers: Mutex<HashMap<String, VecDeque<Msg>>>,
+    delivered: Notify,
+    /// Deliveries of jobs reserved in this process, acknowledged once their outcome commits.
+    held: Mutex<HashMap<JobId, (i64, Instant, Msg)>>,
+    wakeup: Arc<Wakeup>,
+    /// Batches of ready jobs from the store's dispatch hook, numbered in commit order.
+    to_publish: mpsc::UnboundedSender<(u64, Vec<ReadyJob>)>,
+    requested: AtomicU64,
+    confirmed: watch::Sender<u64>,
+    paused: Mutex<(Option<Instant>, HashSet<String>)>,
+    last_promote: Mutex<Instant>,
+    last_sweep: Mutex<Instant>,
+    prefetch: AtomicU64,
+}
+
+pub struct AmqpBackend {
+    store: Arc<dyn QueueBackend>,
+    shared: Arc<Shared>,
+}
+
+impl AmqpBackend {
+    /// Puts the queue on RabbitMQ in front of `store` (which must keep a dispatch ledger: the
+    /// SQLite and PostgreSQL backends do). Connects lazily, so this never blocks; the first
+    /// operation that needs the broker connects (and reconnects with backoff after a loss).
+    pub fn open(options: AmqpOptions, store: Arc<dyn QueueBackend>) -> Result<Self> {
+        if !options.url.starts_with("amqp://") && !options.url.starts_with("amqps://") {
+            return Err(BackendError::Invalid(format!("CONVEYOR_AMQP_URL: expected amqp://…, got {:?}", redact(&options.url))));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            link: tokio::sync::Mutex::new(None),
+            generation: AtomicU64::new(0),
+            retry: Mutex::new((Instant::now(), Duration::from_millis(100))),
+            buffers: Mutex::default(),
+            delivered: Notify::new(),
+            held: Mutex::default(),
+            wakeup: store.wakeup(),
+            to_publish: tx,
+            requested: AtomicU64::new(0),
+            confirmed: watch::channel(0).0,
+            paused: Mutex::new((None, HashSet::new())),
+            last_promote: Mutex::new(Instant::now() - Duration::from_secs(60)),
+            last_sweep: Mutex::new(Instant::now()),
+            prefetch: AtomicU64::new(options.prefetch as u64),
+            options,
+        });
+        let weak = Arc::downgrade(&shared);
+        let hook: DispatchHook = Arc::new(move |ready: Vec<ReadyJob>| {
+            if let Some(s) = weak.upgrade() {
+                let seq = s.requested.fetch_add(1, Ordering::SeqCst) + 1;
+                let _ = s.to_publish.send((seq, ready));
+            }
+        });
+        if !store.set_dispatch(hook) {
+            return Err(BackendError::Invalid(format!(
+                "the {} store cannot feed RabbitMQ (it keeps no dispatch ledger, or another transport already uses it)",
+                store.name()
+            )));
+        }
+        tokio::spawn(publisher(Arc::downgrade(&shared), rx));
+        Ok(AmqpBackend { store, shared })
+    }
+
+    /// Waits until every message requested so far is confirmed by the broker (or `CONFIRM_WAIT`
+    /// passed: the jobs are committed in the store and the publisher keeps trying).
+    async fn confirmed(&self) {
+        let target = self.shared.requested.load(Ordering::SeqCst);
+        let mut rx = self.shared.confirmed.subscribe();
+        if *rx.borrow() >= target {
+            return;
+        }
+        let waited = tokio::time::timeout(CONFIRM_WAIT, rx.wait_for(|c| *c >= target)).await;
+        if waited.is_err() {
+            tracing::warn!(
+                "RabbitMQ has not confirmed the jobs just committed; they stay pending in the store and are published when it answers"
+            );
+        }
+    }
+
+    async fn paused(&self) -> Result<HashSet<String>> {
+        {
+            let p = self.shared.paused.lock().expect("paused lock");
+            if p.0.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+                return Ok(p.1.clone());
+            }
+        }
+        let rows = self.store.query("SELECT name FROM queues WHERE paused = 1", vec![]).await?;
+        let set: HashSet<String> = rows.iter().filter_map(|r| r.text(0).map(str::to_string)).collect();
+        *self.shared.paused.lock().expect("paused lock") = (Some(Instant::now()), set.clone());
+        Ok(set)
+    }
+
+    fn forget_paused(&self) {
+        self.shared.paused.lock().expect("paused lock").0 = None;
+    }
+
+    /// Periodic work shared by `reserve` and `reap_expired`: delayed jobs that came due are
+    /// promoted (the hook publishes them), at most every 100 ms.
+    async fn promote(&self) -> Result<()> {
+        {
+            let mut last = self.shared.last_promote.lock().expect("promote lock");
+            if last.elapsed() < Duration::from_millis(100) {
+                return Ok(());
+            }
+            *last = Instant::now();
+        }
+        while self.store.promote_due().await? >= 1000 {}
+        Ok(())
+    }
+
+    /// Takes up to `max` buffered deliveries, from the first queue before the second, highest
+    /// priority first within a queue.
+    fn take(&self, queues: &[String], max: usize) -> Vec<Msg> {
+        let generation = self.shared.generation.load(Ordering::SeqCst);
+        let mut buffers = self.shared.buffers.lock().expect("buffers lock");
+        let mut out = Vec::new();
+        for q in queues {
+            let Some(buf) = buffers.get_mut(q) else { continue };
+            buf.retain(|m| m.generation == generation);
+            if buf.len() > 1 {
+                buf.make_contiguous().sort_by(|a, b| b.priority.cmp(&a.priority).then(a.id.cmp(&b.id)));
+            }
+            while out.len() < max {
+                match buf.pop_front() {
+                    Some(m) => out.push(m),
+                    None => break,
+                }
+            }
+            if out.len() >= max {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Makes sure this process consumes `queue` (declaring it first).
+    async fn consume(&self, link: &Arc<Link>, queue: &str, max: usize) -> Result<Channel> {
+        let mut consumers = link.consumers.lock().await;
+        if let Some(ch) = consumers.get(queue) {
+            return Ok(ch.clone());
+        }
+        let ch = link.conn.create_channel().await.map_err(unavailable)?;
+        let prefetch = match self.shared.prefetch.load(Ordering::Relaxed) {
+            0 => {
+                let p = (max * 2).clamp(32, 1000) as u64;
+                self.shared.prefetch.store(p, Ordering::Relaxed);
+                p
+            }
+            p => p,
+        };
+        ch.basic_qos(prefetch as u16, BasicQosOptions::default()).await.map_err(unavailable)?;
+        declare(&ch, &self.shared.options, queue).await?;
+        let mut consumer = ch
+            .basic_consume(
+                broker_queue(&self.shared.options.prefix, queue).into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable)?;
+        let shared = Arc::downgrade(&self.shared);
+        let (queue_name, generation) = (queue.to_string(), link.generation);
+        tokio::spawn(async move {
+            while let Some(first) = consumer.next().await {
+                let Some(s) = shared.upgrade() else { return };
+                // Everything already received goes to the buffer in one step, so a reserve
+                // woken by it sees the whole burst (and picks by priority among all of it).
+                let mut burst = vec![first];
+                while let Some(Some(more)) = consumer.next().now_or_never() {
+                    burst.push(more);
+                }
+                let mut deliveries = Vec::with_capacity(burst.len());
+                for d in burst {
+                    match d {
+                        Ok(d) => deliveries.push(d),
+                        Err(e) => {
+                            tracing::warn!(queue = %queue_name, error = %e, "RabbitMQ consumer stopped; reconnecting");
+                            s.received_all(&queue_name, deliveries, generation);
+                            s.lost(generation).await;
+                            return;
+                        }
+                    }
+                }
+                s.received_all(&queue_name, deliveries, generation);
+            }
+            if let Some(s) = shared.upgrade() {
+                s.lost(generation).await;
+            }
+        });
+        consumers.insert(queue.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    /// Settles deliveries whose job could not be claimed: the job is not pending (done,
+    /// reserved, delayed, cleared), and the store publishes again whenever it becomes pending.
+    async fn drop_unclaimed(&self, msgs: Vec<Msg>) {
+        for m in msgs {
+            let _ = m.acker.ack(BasicAckOptions::default()).await;
+        }
+    }
+
+    /// Acknowledges the deliveries of finished attempts (those whose reservation matches).
+    async fn settle(&self, done: &[(JobId, i64)]) {
+        let msgs: Vec<Msg> = {
+            let mut held = self.shared.held.lock().expect("held lock");
+            done.iter()
+                .filter_map(|(id, token)| match held.get(id) {
+                    Some((t, _, _)) if t == token => held.remove(id).map(|(_, _, m)| m),
+                    _ => None,
+                })
+                .collect()
+        };
+        for m in msgs {
+            let _ = m.acker.ack(BasicAckOptions::default()).await;
+        }
+    }
+
+    /// Moves what RabbitMQ dead-lettered into the failed store.
+    async fn drain_dead_letters(&self, link: &Arc<Link>) -> Result<u64> {
+        let queue = format!("{}.dead-letter", self.shared.options.prefix);
+        let mut n = 0;
+        for _ in 0..100 {
+            let Some(got) = link.publisher.basic_get(queue.as_str().into(), BasicGetOptions::default()).await.map_err(unavailable)? else {
+                break;
+            };
+            let d = got.delivery;
+            if let Ok(body) = serde_json::from_slice::<Body>(&d.data) {
+                if let Ok(id) = body.id.parse::<JobId>() {
+                    let reason = death_reason(&d);
+                    let claimed = self.store.claim(vec![id], Duration::from_secs(60), "amqp-dead-letter").await?;
+                    for job in claimed {
+                        let error = format!("dead-lettered by RabbitMQ ({reason}) before it ran");
+                        self.store.complete(vec![Completion::of(&job, Outcome::Failed { error })]).await?;
+                        n += 1;
+                    }
+                }
+            }
+            let _ = d.acker.ack(BasicAckOptions::default()).await;
+        }
+        Ok(n)
+    }
+
+    /// Publishes again the pending jobs of idle queues that have waited too long: a crash between
+    /// the store's commit and the publish left them without a message. Runs every few seconds.
+    async fn sweep(&self, link: &Arc<Link>) -> Result<()> {
+        {
+            let mut last = self.shared.last_sweep.lock().expect("sweep lock");
+            if last.elapsed() < Duration::from_secs(5) {
+                return Ok(());
+            }
+            *last = Instant::now();
+        }
+        let paused = self.paused().await?;
+        for stats in self.store.queues().await? {
+            if stats.pending == 0 || paused.contains(&stats.queue) {
+                continue;
+            }
+            let buffered = self.shared.buffers.lock().expect("buffers lock").get(&stats.queue).is_some_and(|b| !b.is_empty());
+            if buffered {
+                continue;
+            }
+            // Declaring (with the usual arguments) answers the ready count, and creates a queue
+            // that never existed or expired — whose pending jobs certainly have no message.
+            let q = match declare(&link.publisher, &self.shared.options, &stats.queue).await {
+                Ok(q) => q,
+                Err(e) => {
+                    self.shared.lost(link.generation).await;
+                    return Err(e);
+                }
+            };
+            if q.message_count() > 0 {
+                continue;
+            }
+            let rows = self
+                .store
+                .query(
+                    "SELECT id, priority FROM jobs WHERE queue = $1 AND state = 0 AND available_at <= $2 ORDER BY priority DESC, id LIMIT 1000",
+                    vec![SqlValue::from(stats.queue.clone()), SqlValue::from(now_ms() - ORPHAN_AGE_MS)],
+                )
+                .await?;
+            let ready: Vec<ReadyJob> = rows
+                .iter()
+                .filter_map(|r| match r.first() {
+                    Some(SqlValue::Blob(b)) => {
+                        JobId::from_slice(b).map(|id| ReadyJob { id, queue: stats.queue.clone(), priority: r.int(1) as i32 })
+                    }
+                    _ => None,
+                })
+                .collect();
+            if !ready.is_empty() {
+                tracing::info!(queue = %stats.queue, jobs = ready.len(), "publishing pending jobs that have no message in RabbitMQ");
+                let seq = self.shared.requested.fetch_add(1, Ordering::SeqCst) + 1;
+                let _ = self.shared.to_publish.send((seq, ready));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Shared {
+    /// The current connection, connecting (with backoff after failures) when there is none.
+    async fn link(&self) -> Result<Arc<Link>> {
+        let mut guard = self.link.lock().await;
+        if let Some(link) = &*guard {
+            if link.conn.status().connected() {
+                return Ok(link.clone());
+            }
+        }
+        *guard = None;
+        {
+            let retry = self.retry.lock().expect("retry lock");
+            if Instant::now() < retry.0 {
+                return Err(BackendError::Unavailable("RabbitMQ is unreachable; reconnecting".into()));
+            }
+        }
+        match self.connect().await {
+            Ok(link) => {
+                *self.retry.lock().expect("retry lock") = (Instant::now(), Duration::from_millis(100));
+                let link = Arc::new(link);
+                *guard = Some(link.clone());
+                tracing::info!(generation = link.generation, "connected to RabbitMQ");
+                Ok(link)
+            }
+            Err(e) => {
+                let mut retry = self.retry.lock().expect("retry lock");
+                let backoff = retry.1;
+                *retry = (Instant::now() + backoff, (backoff * 2).min(MAX_BACKOFF));
+                Err(e)
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Link> {
+        let props = ConnectionProperties::default().with_connection_name("conveyor".into());
+        let conn = tokio::time::timeout(Duration::from_secs(5), Connection::connect(&self.options.url, props))
+            .await
+            .map_err(|_| BackendError::Unavailable("connecting to RabbitMQ timed out".into()))?
+            .map_err(unavailable)?;
+        let publisher = conn.create_channel().await.map_err(unavailable)?;
+        publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(unavailable)?;
+        let dead = format!("{}.dead-letter", self.options.prefix);
+        publisher.queue_declare(dead.as_str().into(), QueueDeclareOptions::durable(), expiry(&self.options)).await.map_err(unavailable)?;
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        Ok(Link { conn, publisher, consumers: tokio::sync::Mutex::default(), declared: Mutex::default(), generation })
+    }
+
+    /// Forgets connection `generation` after an error, so the next operation reconnects; the
+    /// broker requeues what it had delivered on it (those deliveries are dropped at claim).
+    async fn lost(&self, generation: u64) {
+        let mut guard = self.link.lock().await;
+        if guard.as_ref().is_some_and(|l| l.generation == generation) {
+            if let Some(link) = guard.take() {
+                let _ = link.conn.close(320, "conveyor reconnects".into()).await;
+            }
+            self.buffers.lock().expect("buffers lock").clear();
+        }
+        drop(guard);
+        self.wakeup.wake();
+    }
+
+    fn received(&self, queue: &str, d: Delivery, generation: u64) {
+        self.received_all(queue, vec![d], generation);
+    }
+
+    fn received_all(&self, queue: &str, deliveries: Vec<Delivery>, generation: u64) {
+        if deliveries.is_empty() {
+            return;
+        }
+        let mut msgs = Vec::with_capacity(deliveries.len());
+        for d in deliveries {
+            let parsed = serde_json::from_slice::<Body>(&d.data).ok().and_then(|b| b.id.parse::<JobId>().ok().map(|id| (id, b.priority)));
+            match parsed {
+                Some((id, priority)) => msgs.push(Msg { id, priority, acker: d.acker, generation }),
+                None => {
+                    // Not a Conveyor message: dead-letter it rather than loop on it.
+                    tracing::warn!(queue, "a message that is not a Conveyor job was dead-lettered");
+                    let acker = d.acker;
+                    tokio::spawn(async move { acker.nack(BasicNackOptions { requeue: false, multiple: false }).await });
+                }
+            }
+        }
+        self.buffers.lock().expect("buffers lock").entry(queue.to_string()).or_default().extend(msgs);
+        self.delivered.notify_waiters();
+        self.wakeup.wake();
+    }
+}
+
+/// Sends the messages of ready jobs in commit order and confirms them; on a broker failure it
+/// reconnects with backoff and sends the batch again (a duplicate is dropped at claim).
+async fn publisher(shared: std::sync::Weak<Shared>, mut rx: mpsc::UnboundedReceiver<(u64, Vec<ReadyJob>)>) {
+    while let Some((mut seq, mut ready)) = rx.recv().await {
+        while let Ok((s, more)) = rx.try_recv() {
+            seq = s;
+            ready.extend(more);
+            if ready.len() >= 10_000 {
+                break;
+            }
+        }
+        loop {
+            let Some(s) = shared.upgrade() else { return };
+            let sent = match s.link().await {
+                Ok(link) => match publish(&s.options, &link, &ready).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, jobs = ready.len(), "publishing to RabbitMQ failed; retrying");
+                        s.lost(link.generation).await;
+                        false
+                    }
+                },
+                Err(_) => false,
+            };
+            if sent {
+                s.confirmed.send_modify(|c| *c = (*c).max(seq));
+                break;
+            }
+            let wait = s.retry.lock().expect("retry lock").0.saturating_duration_since(Instant::now()).max(Duration::from_millis(50));
+            drop(s);
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+async fn publish(options: &AmqpOptions, link: &Link, ready: &[ReadyJob]) -> Result<()> {
+    let prefix = options.prefix.as_str();
+    let mut confirms = Vec::with_capacity(ready.len());
+    for job in ready {
+        let fresh = link.declared.lock().expect("declared lock").insert(job.queue.clone());
+        if fresh {
+            declare(&link.publisher, options, &job.queue).await?;
+        }
+        let body = serde_json::to_vec(&Body { id: job.id.to_string(), queue: job.queue.clone(), priority: job.priority })
+            .expect("a body serializes");
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_priority(broker_priority(job.priority))
+            .with_message_id(job.id.to_string().into())
+            .with_content_type("application/json".into());
+        let confirm = link
+            .publisher
+            .basic_publish("".into(), broker_queue(prefix, &job.queue).into(), BasicPublishOptions::default(), &body, props)
+            .await
+            .map_err(unavailable)?;
+        confirms.push(confirm);
+    }
+    for c in confirms {
+        match c.await.map_err(unavailable)? {
+            Confirmation::Nack(_) => return Err(BackendError::Unavailable("RabbitMQ refused a message (nack)".into())),
+            Confirmation::Ack(_) | Confirmation::NotRequested => {}
+        }
+    }
+    Ok(())
+}
+
+/// Declares the durable queue behind Conveyor queue `queue`: priorities 0–9, dead letters to
+/// `<prefix>.dead-letter`. Every process declares it with the same arguments.
+async fn declare(ch: &Channel, options: &AmqpOptions, queue: &str) -> Result<lapin::Queue> {
+    let prefix = options.prefix.as_str();
+    let mut args = expiry(options);
+    args.insert("x-max-priority".into(), AMQPValue::LongInt(9));
+    args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+    args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(format!("{prefix}.dead-letter").into()));
+    ch.queue_declare(broker_queue(prefix, queue).into(), QueueDeclareOptions::durable(), args).await.map_err(unavailable)
+}
+
+fn expiry(options: &AmqpOptions) -> FieldTable {
+    let mut args = FieldTable::default();
+    if let Some(ttl) = options.queue_expires {
+        args.insert("x-expires".into(), AMQPValue::LongInt(ttl.as_millis().min(i32::MAX as u128) as i32));
+    }
+    args
+}
+
+fn broker_queue(prefix: &str, queue: &str) -> String {
+    format!("{prefix}.{queue}")
+}
+
+/// Conveyor priorities (any `i32`, higher first) on RabbitMQ's 0–9, 0 at 4. Ties and the exact
+/// order are settled in the store's claim and the local buffer, which use the real value.
+fn broker_priority(p: i32) -> u8 {
+    (p.clamp(-4, 5) + 4) as u8
+}
+
+fn death_reason(d: &Delivery) -> String {
+    let death = d.properties.headers().as_ref().and_then(|h| h.inner().get("x-death").cloned());
+    if let Some(AMQPValue::FieldArray(entries)) = death {
+        if let Some(AMQPValue::FieldTable(t)) = entries.as_slice().first() {
+            if let Some(reason) = t.inner().get("reason") {
+                return match reason {
+                    AMQPValue::LongString(s) => s.to_string(),
+                    AMQPValue::ShortString(s) => s.to_string(),
+                    other => format!("{other:?}"),
+                };
+            }
+        }
+    }
+    "dead-lettered".into()
+}
+
+fn unavailable(e: lapin::Error) -> BackendError {
+    BackendError::Unavailable(format!("RabbitMQ: {e}"))
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].find(':') {
+            Some(c) => format!("{}:***{}", &url[..s + 3 + c], &url[at..]),
+            None => url.to_string(),
+        },
+        _ => url.to_string(),
+    }
+}
+
+#[async_trait]
+impl QueueBackend for AmqpBackend {
+    fn name(&self) -> &'static str {
+        "amqp"
+    }
+
+    /// Commits the jobs in the store (unique keys, delays), then returns once RabbitMQ has
+    /// confirmed the messages of those that are ready.
+    async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>> {
+        let out = self.store.enqueue(jobs).await?;
+        self.confirmed().await;
+        Ok(out)
+    }
+
+    async fn reserve(&self, req: ReserveRequest) -> Result<Vec<Job>> {
+        if req.max == 0 || req.queues.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.promote().await?;
+        let paused = self.paused().await?;
+        let queues: Vec<String> = req.queues.iter().filter(|q| !paused.contains(*q)).cloned().collect();
+        if queues.is_empty() {
+            return Ok(Vec::new());
+        }
+        let link = self.shared.link().await?;
+        let mut channels = Vec::with_capacity(queues.len());
+        for q in &queues {
+            match self.consume(&link, q, req.max).await {
+                Ok(ch) => channels.push(ch),
+                Err(e) => {
+                    self.shared.lost(link.generation).await;
+                    return Err(e);
+                }
+            }
+        }
+        let mut taken = self.take(&queues, req.max);
+        if taken.is_empty() {
+            // Nothing buffered. A get on each consumer's own channel is a barrier: RabbitMQ
+            // answers it after any delivery it already sent on that channel, so what was
+            // published before this call is either returned here or already received.
+            let waiting = self.shared.delivered.notified();
+            let mut waiting = std::pin::pin!(waiting);
+            waiting.as_mut().enable();
+            for (q, ch) in queues.iter().zip(&channels) {
+                match ch.basic_get(broker_queue(&self.shared.options.prefix, q).into(), BasicGetOptions::default()).await {
+                    Ok(Some(got)) => {
+                        self.shared.received(q, got.delivery, link.generation);
+                        break;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.shared.lost(link.generation).await;
+                        return Err(unavailable(e));
+                    }
+                }
+            }
+            taken = self.take(&queues, req.max);
+            if taken.is_empty() {
+                let _ = tokio::time::timeout(IN_FLIGHT_WAIT, waiting).await;
+                taken = self.take(&queues, req.max);
+            }
+        }
+        if taken.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<JobId> = taken.iter().map(|m| m.id).collect();
+        let mut jobs = match self.store.claim(ids, req.lease, &req.worker).await {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                // Back to the broker: nothing was reserved.
+                for m in taken {
+                    let _ = m.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+                }
+                return Err(e);
+            }
+        };
+        let claimed: HashMap<JobId, i64> = jobs.iter().map(|j| (j.id, j.lease_token)).collect();
+        let deadline = Instant::now() + req.lease;
+        let mut unclaimed = Vec::new();
+        {
+            let mut held = self.shared.held.lock().expect("held lock");
+            for m in taken {
+                match claimed.get(&m.id) {
+                    Some(token) => {
+                        if let Some((_, _, old)) = held.insert(m.id, (*token, deadline, m)) {
+                            unclaimed.push(old);
+                        }
+                    }
+                    None => unclaimed.push(m),
+                }
+            }
+        }
+        self.drop_unclaimed(unclaimed).await;
+        let order: HashMap<&String, usize> = req.queues.iter().enumerate().map(|(i, q)| (q, i)).collect();
+        jobs.sort_by(|a, b| order.get(&a.queue).cmp(&order.get(&b.queue)).then(b.priority.cmp(&a.priority)).then(a.id.cmp(&b.id)));
+        Ok(jobs)
+    }
+
+    async fn complete(&self, completions: Vec<Completion>) -> Result<()> {
+        let done: Vec<(JobId, i64)> = completions.iter().map(|c| (c.id, c.lease_token)).collect();
+        self.store.complete(completions).await?;
+        self.settle(&done).await;
+        self.confirmed().await;
+        Ok(())
+    }
+
+    async fn complete_with(&self, completion: Completion, work: TxFn) -> Result<Box<dyn Any + Send>> {
+        let done = [(completion.id, completion.lease_token)];
+        let out = self.store.complete_with(completion, work).await;
+        if matches!(out, Ok(_) | Err(BackendError::LeaseLost(_))) {
+            self.settle(&done).await;
+            self.confirmed().await;
+        }
+        out
+    }
+
+    async fn extend_leases(&self, leases: Vec<(JobId, i64)>, lease: Duration) -> Result<()> {
+        {
+            let mut held = self.shared.held.lock().expect("held lock");
+            let deadline = Instant::now() + lease;
+            for (id, token) in &leases {
+                if let Some((t, d, _)) = held.get_mut(id) {
+                    if t == token {
+                        *d = deadline;
+                    }
+                }
+            }
+        }
+        self.store.extend_leases(leases, lease).await
+    }
+
+    async fn reap_expired(&self) -> Result<u64> {
+        let n = self.store.reap_expired().await?;
+        // Deliveries of this process's reservations that lapsed: the store has put their jobs
+        // back (and published them again), so these messages have done their work.
+        let lapsed: Vec<Msg> = {
+            let mut held = self.shared.held.lock().expect("held lock");
+            let now = Instant::now();
+            let ids: Vec<JobId> = held.iter().filter(|(_, (_, d, _))| *d < now).map(|(id, _)| *id).collect();
+            ids.iter().filter_map(|id| held.remove(id).map(|(_, _, m)| m)).collect()
+        };
+        self.drop_unclaimed(lapsed).await;
+        *self.shared.last_promote.lock().expect("promote lock") = Instant::now() - Duration::from_secs(1);
+        self.promote().await?;
+        if let Ok(link) = self.shared.link().await {
+            self.drain_dead_letters(&link).await?;
+            self.sweep(&link).await?;
+        }
+        self.confirmed().await;
+        Ok(n)
+    }
+
+    fn wakeup(&self) -> Arc<Wakeup> {
+        self.shared.wakeup.clone()
+    }
+
+    async fn queues(&self) -> Result<Vec<QueueStats>> {
+        self.store.queues().await
+    }
+
+    async fn pause(&self, queue: &str) -> Result<()> {
+        self.store.pause(queue).await?;
+        self.forget_paused();
+        Ok(())
+    }
+
+    async fn resume(&self, queue: &str) -> Result<()> {
+        self.store.resume(queue).await?;
+        self.forget_paused();
+        self.shared.wakeup.wake();
+        Ok(())
+    }
+
+    /// Deletes the queue's pending and delayed jobs from the store and purges its messages.
+    async fn clear(&self, queue: &str) -> Result<u64> {
+        let n = self.store.clear(queue).await?;
+        let buffered: Vec<Msg> = self.shared.buffers.lock().expect("buffers lock").remove(queue).map(Vec::from).unwrap_or_default();
+        self.drop_unclaimed(buffered).await;
+        if let Ok(link) = self.shared.link().await {
+            let name = broker_queue(&self.shared.options.prefix, queue);
+            // Purging a queue that was never declared closes the channel: declare it first.
+            if declare(&link.publisher, &self.shared.options, queue).await.is_ok() {
+                let _ = link.publisher.queue_purge(name.into(), QueuePurgeOptions::default()).await;
+            }
+        }
+        Ok(n)
+    }
+
+    async fn job(&self, id: JobId) -> Result<Option<JobInfo>> {
+        self.store.job(id).await
+    }
+
+    async fn jobs(&self, filter: JobFilter, page: Page) -> Result<Paged<JobInfo>> {
+        self.store.jobs(filter, page).await
+    }
+
+    async fn failed(&self, queue: Option<&str>, page: Page) -> Result<Paged<FailedJob>> {
+        self.store.failed(queue, page).await
+    }
+
+    async fn failed_job(&self, id: JobId) -> Result<Option<FailedJob>> {
+        self.store.failed_job(id).await
+    }
+
+    async fn failed_since(&self, since: i64) -> Result<u64> {
+        self.store.failed_since(since).await
+    }
+
+    async fn retry_failed(&self, ids: Vec<JobId>) -> Result<Vec<JobId>> {
+        let out = self.store.retry_failed(ids).await?;
+        self.confirmed().await;
+        Ok(out)
+    }
+
+    async fn retry_all_failed(&self, queue: Option<&str>) -> Result<u64> {
+        let n = self.store.retry_all_failed(queue).await?;
+        self.confirmed().await;
+        Ok(n)
+    }
+
+    async fn forget_failed(&self, id: JobId) -> Result<bool> {
+        self.store.forget_failed(id).await
+    }
+
+    async fn flush_failed(&self, queue: Option<&str>) -> Result<u64> {
+        self.store.flush_failed(queue).await
+    }
+
+    async fn metrics(&self, query: MetricsQuery) -> Result<Vec<MetricsRow>> {
+        self.store.metrics(query).await
+    }
+
+    async fn prune(&self, metrics_before: i64) -> Result<()> {
+        self.store.prune(metrics_before).await
+    }
+
+    async fn worker_heartbeat(&self, info: WorkerInfo) -> Result<()> {
+        self.store.worker_heartbeat(info).await
+    }
+
+    async fn worker_gone(&self, id: &str) -> Result<()> {
+        self.store.worker_gone(id).await
+    }
+
+    async fn workers(&self, within: Duration) -> Result<Vec<WorkerInfo>> {
+        self.store.workers(within).await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.store.ping().await
+    }
+
+    fn broker(&self) -> Option<&'static str> {
+        Some("amqp")
+    }
+
+    async fn ping_broker(&self) -> Result<()> {
+        let link = self.shared.link().await?;
+        let dead = format!("{}.dead-letter", self.shared.options.prefix);
+        let declared = link
+            .publisher
+            .queue_declare(dead.into(), QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() }, FieldTable::default())
+            .await;
+        if let Err(e) = declared {
+            self.shared.lost(link.generation).await;
+            return Err(unavailable(e));
+        }
+        Ok(())
+    }
+
+    async fn query(&self, sql: &str, params: Vec<SqlValue>) -> Result<Vec<Row>> {
+        self.store.query(sql, params).await
+    }
+
+    /// The store's transaction; jobs it enqueues are published after the commit (the store's
+    /// job rows are the outbox), and this returns once RabbitMQ confirmed them.
+    async fn transaction(&self, work: TxFn) -> Result<Box<dyn Any + Send>> {
+        let out = self.store.transaction(work).await?;
+        self.confirmed().await;
+        Ok(out)
+    }
+}
