@@ -1,6 +1,7 @@
 //! End-to-end tests of the `conveyor` binary: real processes on a real SQLite file (or a
 //! PostgreSQL database of the test's own), each test in its own temporary directory.
 
+mod amqp;
 mod browser;
 mod commands;
 mod http;
@@ -32,6 +33,7 @@ pub(crate) struct TestEnv {
     env: Vec<(String, String)>,
     _db: Option<TestDatabase>,
     _redis: Option<conveyor_backends::redis::testing::TestRedis>,
+    _amqp: Option<conveyor_backends::amqp::testing::TestAmqp>,
 }
 
 impl TestEnv {
@@ -42,7 +44,7 @@ impl TestEnv {
         opts.completed_history = 100_000;
         let backend: Arc<dyn QueueBackend> = Arc::new(SqliteBackend::open(opts).expect("opening the test database"));
         let url = format!("sqlite://{}", dir.path().join("conveyor.db").display());
-        TestEnv { dir, backend, url, env: Vec::new(), _db: None, _redis: None }
+        TestEnv { dir, backend, url, env: Vec::new(), _db: None, _redis: None, _amqp: None }
     }
 
     /// The same on a fresh PostgreSQL database at `url` (`None`: no server, outside CI).
@@ -56,7 +58,7 @@ impl TestEnv {
         let mut opts = PgOptions::new(db.url.clone());
         opts.completed_history = 100_000;
         let backend: Arc<dyn QueueBackend> = Arc::new(PgBackend::open(opts).expect("opening the test database"));
-        Some(TestEnv { dir, backend, url: db.url.clone(), env: Vec::new(), _db: Some(db), _redis: None })
+        Some(TestEnv { dir, backend, url: db.url.clone(), env: Vec::new(), _db: Some(db), _redis: None, _amqp: None })
     }
 
     /// The queue on Redis at `url` under `prefix` (`TestRedis` gives both and deletes its keys
@@ -82,7 +84,30 @@ impl TestEnv {
             ("CONVEYOR_REDIS_URL".to_string(), url.to_string()),
             ("CONVEYOR_REDIS_PREFIX".to_string(), prefix.to_string()),
         ];
-        TestEnv { dir, backend, url: db, env, _db: None, _redis: guard }
+        TestEnv { dir, backend, url: db, env, _db: None, _redis: guard, _amqp: None }
+    }
+
+    /// The queue on RabbitMQ under the prefix of `amqp`, the ledger in a SQLite store in the
+    /// temp dir; the test process enqueues through its own connection.
+    pub(crate) fn amqp(config_toml: &str, amqp: conveyor_backends::amqp::testing::TestAmqp) -> TestEnv {
+        use conveyor_backends::amqp::AmqpBackend;
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("conveyor.toml"), config_toml).expect("writing conveyor.toml");
+        let mut store_opts = SqliteOptions::new(dir.path().join("conveyor.db").to_string_lossy().to_string());
+        store_opts.completed_history = 100_000;
+        let store = SqliteBackend::open(store_opts).expect("opening the store");
+        // The queues are declared as `conveyor work` declares them (without `x-expires`: RabbitMQ
+        // refuses a second declaration with other arguments); the guard deletes them.
+        let mut opts = amqp.options();
+        opts.queue_expires = None;
+        let backend: Arc<dyn QueueBackend> = Arc::new(AmqpBackend::open(opts, Arc::new(store)).expect("opening the RabbitMQ queue"));
+        let db = format!("sqlite://{}", dir.path().join("conveyor.db").display());
+        let env = vec![
+            ("CONVEYOR_QUEUE".to_string(), "amqp".to_string()),
+            ("CONVEYOR_AMQP_URL".to_string(), amqp.url.clone()),
+            ("CONVEYOR_AMQP_PREFIX".to_string(), amqp.prefix.clone()),
+        ];
+        TestEnv { dir, backend, url: db, env, _db: None, _redis: None, _amqp: Some(amqp) }
     }
 
     pub(crate) fn db_url(&self) -> String {

@@ -1,0 +1,118 @@
+//! The queue on RabbitMQ: 50,000 jobs through the machine's RabbitMQ while a `conveyor work`
+//! is killed with SIGKILL and another has its connection closed by the broker; two workers
+//! sharing a queue. Each test has a queue-name prefix of its own.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use conveyor_backends::amqp::testing::{close_connections, TestAmqp};
+use conveyor_core::backend::{JobFilter, Page};
+use conveyor_core::job::JobState;
+use conveyor_core::NewJob;
+use serde_json::json;
+
+use crate::{sigterm, wait_exit, wait_for, TestEnv};
+
+const CONFIG: &str = "[[supervisors]]\nname = \"default\"\nqueues = [\"default\"]\nconcurrency = 16\nlease = \"5s\"\n\n\
+                      [retention]\ncompleted = 100000\n";
+
+/// Completions per job id, from the completed history (one row per applied completion), with
+/// the worker of the last one.
+async fn completions(env: &TestEnv) -> HashMap<String, (usize, Option<String>)> {
+    let filter = JobFilter { queue: Some("default".into()), state: Some(JobState::Completed), ..Default::default() };
+    let page = env.backend.jobs(filter, Page { page: 1, per_page: 1_000_000 }).await.expect("the history");
+    let mut out: HashMap<String, (usize, Option<String>)> = HashMap::new();
+    for j in page.items {
+        let e = out.entry(j.id.to_string()).or_default();
+        e.0 += 1;
+        e.1 = j.worker;
+    }
+    out
+}
+
+async fn enqueue(env: &TestEnv, total: usize, ms: u64) {
+    for chunk in 0..total / 1_000 {
+        let jobs: Vec<NewJob> = (0..1_000).map(|i| NewJob::new("conveyor.sleep", &json!({ "ms": ms, "n": chunk * 1_000 + i }))).collect();
+        env.backend.enqueue(jobs).await.expect("enqueue");
+    }
+}
+
+async fn drained(env: &TestEnv) -> bool {
+    match env.backend.queues().await {
+        Ok(qs) => qs.iter().filter(|q| q.queue == "default").all(|q| q.pending + q.reserved + q.delayed == 0),
+        Err(_) => false,
+    }
+}
+
+fn test_amqp() -> Option<TestAmqp> {
+    let mut amqp = TestAmqp::create()?;
+    amqp.cleanup.push("default".into());
+    Some(amqp)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_thousand_jobs_survive_a_killed_worker_and_a_closed_connection() {
+    let Some(amqp) = test_amqp() else { return };
+    let prefix = amqp.prefix.clone();
+    let env = TestEnv::amqp(CONFIG, amqp);
+    let total = 50_000;
+    enqueue(&env, total, 1).await;
+    assert_eq!(env.queue("default").await.pending, total as u64, "every job is pending in the ledger");
+
+    let mut first = env.spawn(&["work"]);
+    let done_count = || async { completions(&env).await.len() };
+    wait_for("a fifth of the jobs to finish", Duration::from_secs(180), || async { done_count().await >= total / 5 }).await;
+    // SIGKILL: the jobs it held stay reserved in the ledger until their 5 s leases expire; the
+    // broker requeues their messages at once (dropped at claim: the jobs are not pending).
+    first.kill().expect("SIGKILL the worker");
+    let _ = first.wait();
+    let at_kill = done_count().await;
+    assert!(at_kill < total, "the worker was killed while jobs were flowing");
+
+    let mut second = env.spawn(&["work"]);
+    wait_for("more jobs to finish after the kill", Duration::from_secs(180), || async { done_count().await >= at_kill + total / 5 }).await;
+    // The broker closes the worker's connection (as a restart does): it reconnects by itself.
+    let closed = tokio::task::block_in_place(|| close_connections(&prefix));
+    match closed {
+        Ok(n) => assert!(n >= 1, "the worker's connection was found and closed"),
+        Err(e) if std::env::var_os("CI").is_none() => eprintln!("not closing connections: {e}"),
+        Err(e) => panic!("rabbitmqctl is required under CI: {e}"),
+    }
+    let after_close = done_count().await;
+    assert!(after_close < total, "the connection was closed while jobs were flowing");
+
+    wait_for("every job to finish", Duration::from_secs(300), || drained(&env)).await;
+    assert!(second.try_wait().unwrap().is_none(), "the worker survived its connection's loss");
+    sigterm(&second);
+    assert!(wait_exit(&mut second, Duration::from_secs(30)).await.success(), "work exits 0 on SIGTERM");
+
+    let done = completions(&env).await;
+    assert_eq!(done.len(), total, "every job completed: none lost");
+    let twice: Vec<_> = done.iter().filter(|(_, (n, _))| *n != 1).collect();
+    assert!(twice.is_empty(), "jobs completed more than once: {:?}", &twice[..twice.len().min(5)]);
+    let q = env.queue("default").await;
+    assert_eq!((q.pending, q.reserved, q.delayed, q.failed), (0, 0, 0, 0), "nothing left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_a_rabbitmq_queue_without_double_processing() {
+    let Some(amqp) = test_amqp() else { return };
+    let env = TestEnv::amqp(CONFIG, amqp);
+    let total = 10_000;
+    enqueue(&env, total, 1).await;
+    let mut workers: Vec<_> = (0..2).map(|_| env.spawn(&["work"])).collect();
+    wait_for("every job to finish", Duration::from_secs(180), || drained(&env)).await;
+    for w in &mut workers {
+        sigterm(w);
+        assert!(wait_exit(w, Duration::from_secs(30)).await.success(), "work exits 0 on SIGTERM");
+    }
+    let done = completions(&env).await;
+    assert_eq!(done.len(), total, "every job completed");
+    assert!(done.values().all(|(n, _)| *n == 1), "no job completed twice");
+    let mut per_worker: HashMap<String, usize> = HashMap::new();
+    for (_, w) in done.values() {
+        *per_worker.entry(w.clone().unwrap_or_default()).or_default() += 1;
+    }
+    assert_eq!(per_worker.len(), 2, "both processes took jobs: {per_worker:?}");
+    assert!(per_worker.values().all(|n| *n > total / 10), "the work is shared: {per_worker:?}");
+}
