@@ -1,7 +1,7 @@
 # Everyday targets; CI runs .ci/run, which runs the same commands.
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/conveyor-target
 
-.PHONY: test lint fmt bench bench-redis bench-peers bench-criterion bench-orders bench-notify bench-sync run fuzz-api
+.PHONY: test lint fmt bench bench-redis bench-amqp bench-peers bench-criterion bench-orders bench-notify bench-sync run fuzz-api
 
 test:
 	cargo test --workspace
@@ -27,6 +27,12 @@ bench:
 bench-redis:
 	cargo build --release -p conveyor-cli
 	BIN=$(CARGO_TARGET_DIR)/release/conveyor bash scripts/bench-redis.sh
+
+# The same with the queue on RabbitMQ (AMQP_URL, default the local broker) under a scratch prefix;
+# the ledger in a scratch SQLite store (STORE_URL=postgres://… for PostgreSQL).
+bench-amqp:
+	cargo build --release -p conveyor-cli
+	BIN=$(CARGO_TARGET_DIR)/release/conveyor bash scripts/bench-amqp.sh
 
 # BullMQ on this machine, for comparison with bench-redis (../shared/peers/).
 bench-peers:
