@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::Stream;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
@@ -57,8 +57,6 @@ pub mod testing;
 const CONFIRM_WAIT: Duration = Duration::from_secs(10);
 /// Longest pause between two connection attempts while RabbitMQ is away.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// How long a reserve that found nothing waits for deliveries already on their way.
-const IN_FLIGHT_WAIT: Duration = Duration::from_millis(50);
 /// Pending jobs older than this, in a queue whose broker side is empty, lost their message to a
 /// crash between the store's commit and the publish; the sweep publishes them again.
 const ORPHAN_AGE_MS: i64 = 10_000;
@@ -103,9 +101,51 @@ struct Msg {
 struct Link {
     conn: Connection,
     publisher: Channel,
-    consumers: tokio::sync::Mutex<HashMap<String, Channel>>,
+    consumers: tokio::sync::Mutex<HashMap<String, (Channel, Arc<Feed>)>>,
     declared: Mutex<HashSet<String>>,
     generation: u64,
+}
+
+/// A queue's consumer, polled by its forwarder task and, synchronously, by `reserve` (which then
+/// kicks the forwarder so it polls again with its own waker).
+struct Feed {
+    consumer: Mutex<lapin::Consumer>,
+    kick: Notify,
+}
+
+/// What one synchronous pass over a consumer found.
+struct Drained {
+    deliveries: Vec<Delivery>,
+    /// The consumer ended (`Some(None)`) or failed (`Some(Some(e))`).
+    end: Option<Option<lapin::Error>>,
+}
+
+impl Feed {
+    /// [`drain`](Self::drain) with a no-op waker; kick the forwarder afterwards.
+    fn drain_now(&self) -> Drained {
+        let waker = futures_util::task::noop_waker();
+        self.drain(&mut std::task::Context::from_waker(&waker))
+    }
+
+    /// Takes every delivery lapin has already received, without waiting.
+    fn drain(&self, cx: &mut std::task::Context<'_>) -> Drained {
+        let mut out = Drained { deliveries: Vec::new(), end: None };
+        let mut consumer = self.consumer.lock().expect("consumer lock");
+        loop {
+            match std::pin::Pin::new(&mut *consumer).poll_next(cx) {
+                std::task::Poll::Ready(Some(Ok(d))) => out.deliveries.push(d),
+                std::task::Poll::Ready(Some(Err(e))) => {
+                    out.end = Some(Some(e));
+                    return out;
+                }
+                std::task::Poll::Ready(None) => {
+                    out.end = Some(None);
+                    return out;
+                }
+                std::task::Poll::Pending => return out,
+            }
+        }
+    }
 }
 
 struct Shared {
@@ -116,7 +156,6 @@ struct Shared {
     retry: Mutex<(Instant, Duration)>,
     /// Deliveries received, per queue, not yet claimed.
     buffers: Mutex<HashMap<String, VecDeque<Msg>>>,
-    delivered: Notify,
     /// Deliveries of jobs reserved in this process, acknowledged once their outcome commits.
     held: Mutex<HashMap<JobId, (i64, Instant, Msg)>>,
     wakeup: Arc<Wakeup>,
@@ -149,7 +188,6 @@ impl AmqpBackend {
             generation: AtomicU64::new(0),
             retry: Mutex::new((Instant::now(), Duration::from_millis(100))),
             buffers: Mutex::default(),
-            delivered: Notify::new(),
             held: Mutex::default(),
             wakeup: store.wakeup(),
             to_publish: tx,
@@ -251,10 +289,10 @@ impl AmqpBackend {
     }
 
     /// Makes sure this process consumes `queue` (declaring it first).
-    async fn consume(&self, link: &Arc<Link>, queue: &str, max: usize) -> Result<Channel> {
+    async fn consume(&self, link: &Arc<Link>, queue: &str, max: usize) -> Result<(Channel, Arc<Feed>)> {
         let mut consumers = link.consumers.lock().await;
-        if let Some(ch) = consumers.get(queue) {
-            return Ok(ch.clone());
+        if let Some((ch, feed)) = consumers.get(queue) {
+            return Ok((ch.clone(), feed.clone()));
         }
         let ch = link.conn.create_channel().await.map_err(unavailable)?;
         let prefetch = match self.shared.prefetch.load(Ordering::Relaxed) {
@@ -267,7 +305,7 @@ impl AmqpBackend {
         };
         ch.basic_qos(prefetch as u16, BasicQosOptions::default()).await.map_err(unavailable)?;
         declare(&ch, &self.shared.options, queue).await?;
-        let mut consumer = ch
+        let consumer = ch
             .basic_consume(
                 broker_queue(&self.shared.options.prefix, queue).into(),
                 "".into(),
@@ -276,37 +314,36 @@ impl AmqpBackend {
             )
             .await
             .map_err(unavailable)?;
+        let feed = Arc::new(Feed { consumer: Mutex::new(consumer), kick: Notify::new() });
         let shared = Arc::downgrade(&self.shared);
-        let (queue_name, generation) = (queue.to_string(), link.generation);
+        let (queue_name, generation, f) = (queue.to_string(), link.generation, feed.clone());
         tokio::spawn(async move {
-            while let Some(first) = consumer.next().await {
+            loop {
+                // Wait until lapin has something (registering this task's waker), or until a
+                // reserve drained the consumer with its own (no-op) waker and kicked us.
+                let ready = std::future::poll_fn(|cx| match f.drain(cx) {
+                    Drained { deliveries, end: None } if deliveries.is_empty() => std::task::Poll::Pending,
+                    drained => std::task::Poll::Ready(Some(drained)),
+                });
+                let drained = tokio::select! {
+                    d = ready => d,
+                    _ = f.kick.notified() => None,
+                };
                 let Some(s) = shared.upgrade() else { return };
-                // Everything already received goes to the buffer in one step, so a reserve
-                // woken by it sees the whole burst (and picks by priority among all of it).
-                let mut burst = vec![first];
-                while let Some(Some(more)) = consumer.next().now_or_never() {
-                    burst.push(more);
-                }
-                let mut deliveries = Vec::with_capacity(burst.len());
-                for d in burst {
-                    match d {
-                        Ok(d) => deliveries.push(d),
-                        Err(e) => {
-                            tracing::warn!(queue = %queue_name, error = %e, "RabbitMQ consumer stopped; reconnecting");
-                            s.received_all(&queue_name, deliveries, generation);
-                            s.lost(generation).await;
-                            return;
-                        }
-                    }
-                }
+                let Some(Drained { deliveries, end }) = drained else { continue };
                 s.received_all(&queue_name, deliveries, generation);
-            }
-            if let Some(s) = shared.upgrade() {
-                s.lost(generation).await;
+                if let Some(e) = end {
+                    match e {
+                        Some(e) => tracing::warn!(queue = %queue_name, error = %e, "RabbitMQ consumer stopped; reconnecting"),
+                        None => tracing::warn!(queue = %queue_name, "RabbitMQ cancelled the consumer; reconnecting"),
+                    }
+                    s.lost(generation).await;
+                    return;
+                }
             }
         });
-        consumers.insert(queue.to_string(), ch.clone());
-        Ok(ch)
+        consumers.insert(queue.to_string(), (ch.clone(), feed.clone()));
+        Ok((ch, feed))
     }
 
     /// Settles deliveries whose job could not be claimed: the job is not pending (done,
@@ -498,7 +535,6 @@ impl Shared {
             }
         }
         self.buffers.lock().expect("buffers lock").entry(queue.to_string()).or_default().extend(msgs);
-        self.delivered.notify_waiters();
         self.wakeup.wake();
     }
 }
@@ -665,31 +701,30 @@ impl QueueBackend for AmqpBackend {
             }
         }
         let mut taken = self.take(&queues, req.max);
-        if taken.is_empty() {
-            // Nothing buffered. A get on each consumer's own channel is a barrier: RabbitMQ
-            // answers it after any delivery it already sent on that channel, so what was
-            // published before this call is either returned here or already received.
-            let waiting = self.shared.delivered.notified();
-            let mut waiting = std::pin::pin!(waiting);
-            waiting.as_mut().enable();
-            for (q, ch) in queues.iter().zip(&channels) {
+        if taken.len() < req.max {
+            // Fewer buffered than asked for. A get on each consumer's own channel is a barrier:
+            // RabbitMQ answers it after any delivery it already sent on that channel, so once
+            // it returns, what was published before this call is either in its answer or
+            // already received by lapin — and draining the consumers here brings it in.
+            for (q, (ch, feed)) in queues.iter().zip(&channels) {
                 match ch.basic_get(broker_queue(&self.shared.options.prefix, q).into(), BasicGetOptions::default()).await {
-                    Ok(Some(got)) => {
-                        self.shared.received(q, got.delivery, link.generation);
-                        break;
-                    }
+                    Ok(Some(got)) => self.shared.received(q, got.delivery, link.generation),
                     Ok(None) => {}
                     Err(e) => {
                         self.shared.lost(link.generation).await;
                         return Err(unavailable(e));
                     }
                 }
+                let drained = feed.drain_now();
+                self.shared.received_all(q, drained.deliveries, link.generation);
+                feed.kick.notify_one();
+                if drained.end.is_some() {
+                    self.shared.lost(link.generation).await;
+                    break;
+                }
             }
-            taken = self.take(&queues, req.max);
-            if taken.is_empty() {
-                let _ = tokio::time::timeout(IN_FLIGHT_WAIT, waiting).await;
-                taken = self.take(&queues, req.max);
-            }
+            let more = self.take(&queues, req.max - taken.len());
+            taken.extend(more);
         }
         if taken.is_empty() {
             return Ok(Vec::new());
