@@ -73,6 +73,25 @@ conformance_suite!(amqp, async {
     Some((Arc::new(backend) as Arc<dyn QueueBackend>, (amqp, dir)))
 });
 
+// The same with the ledger on PostgreSQL (a database of the test's own), whose dispatch hook
+// runs after each of its own commits.
+#[cfg(all(feature = "amqp", feature = "postgres"))]
+conformance_suite!(amqp_postgres, async {
+    use std::sync::Arc;
+
+    use conveyor_backends::amqp::testing::TestAmqp;
+    use conveyor_backends::amqp::AmqpBackend;
+    use conveyor_backends::postgres::testing::TestDatabase;
+    use conveyor_backends::postgres::{PgBackend, PgOptions};
+    use conveyor_core::backend::QueueBackend;
+
+    let amqp = TestAmqp::create()?;
+    let db = TestDatabase::create()?;
+    let store = PgBackend::open(PgOptions::new(db.url.clone())).expect("open PostgreSQL");
+    let backend = AmqpBackend::open(amqp.options(), Arc::new(store)).expect("open RabbitMQ");
+    Some((Arc::new(backend) as Arc<dyn QueueBackend>, (amqp, db)))
+});
+
 /// The two relational schemas are kept in step: the same tables with the same columns, apart
 /// from what PostgreSQL adds for concurrency (sharded counters and metric rows, its version
 /// table). The engine's tables come from one SQL text; this catches the queue's tables drifting.
