@@ -349,9 +349,7 @@ impl AmqpBackend {
     /// Settles deliveries whose job could not be claimed: the job is not pending (done,
     /// reserved, delayed, cleared), and the store publishes again whenever it becomes pending.
     async fn drop_unclaimed(&self, msgs: Vec<Msg>) {
-        for m in msgs {
-            let _ = m.acker.ack(BasicAckOptions::default()).await;
-        }
+        ack_all(msgs).await;
     }
 
     /// Acknowledges the deliveries of finished attempts (those whose reservation matches).
@@ -365,9 +363,7 @@ impl AmqpBackend {
                 })
                 .collect()
         };
-        for m in msgs {
-            let _ = m.acker.ack(BasicAckOptions::default()).await;
-        }
+        ack_all(msgs).await;
     }
 
     /// Moves what RabbitMQ dead-lettered into the failed store.
@@ -648,6 +644,12 @@ fn death_reason(d: &Delivery) -> String {
         }
     }
     "dead-lettered".into()
+}
+
+/// Acknowledges deliveries, all frames in flight at once (an ack on a lost channel is moot: the
+/// broker requeued the message, and its claim will find the job settled).
+async fn ack_all(msgs: Vec<Msg>) {
+    futures_util::future::join_all(msgs.iter().map(|m| m.acker.ack(BasicAckOptions::default()))).await;
 }
 
 fn unavailable(e: lapin::Error) -> BackendError {
