@@ -6,43 +6,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use conveyor_backends::amqp::testing::{close_connections, TestAmqp};
-use conveyor_core::backend::{JobFilter, Page};
-use conveyor_core::job::JobState;
-use conveyor_core::NewJob;
-use serde_json::json;
 
-use crate::{sigterm, wait_exit, wait_for, TestEnv};
+use crate::{completions, drained, enqueue_sleeps as enqueue, sigterm, wait_exit, wait_for, TestEnv};
 
 const CONFIG: &str = "[[supervisors]]\nname = \"default\"\nqueues = [\"default\"]\nconcurrency = 16\nlease = \"5s\"\n\n\
                       [retention]\ncompleted = 100000\n";
-
-/// Completions per job id, from the completed history (one row per applied completion), with
-/// the worker of the last one.
-async fn completions(env: &TestEnv) -> HashMap<String, (usize, Option<String>)> {
-    let filter = JobFilter { queue: Some("default".into()), state: Some(JobState::Completed), ..Default::default() };
-    let page = env.backend.jobs(filter, Page { page: 1, per_page: 1_000_000 }).await.expect("the history");
-    let mut out: HashMap<String, (usize, Option<String>)> = HashMap::new();
-    for j in page.items {
-        let e = out.entry(j.id.to_string()).or_default();
-        e.0 += 1;
-        e.1 = j.worker;
-    }
-    out
-}
-
-async fn enqueue(env: &TestEnv, total: usize, ms: u64) {
-    for chunk in 0..total / 1_000 {
-        let jobs: Vec<NewJob> = (0..1_000).map(|i| NewJob::new("conveyor.sleep", &json!({ "ms": ms, "n": chunk * 1_000 + i }))).collect();
-        env.backend.enqueue(jobs).await.expect("enqueue");
-    }
-}
-
-async fn drained(env: &TestEnv) -> bool {
-    match env.backend.queues().await {
-        Ok(qs) => qs.iter().filter(|q| q.queue == "default").all(|q| q.pending + q.reserved + q.delayed == 0),
-        Err(_) => false,
-    }
-}
 
 fn test_amqp() -> Option<TestAmqp> {
     let mut amqp = TestAmqp::create()?;

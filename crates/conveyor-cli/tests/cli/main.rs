@@ -13,6 +13,7 @@ mod redis;
 mod scheduler;
 mod sync;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -21,8 +22,11 @@ use std::time::{Duration, Instant};
 use conveyor_backends::postgres::testing::TestDatabase;
 use conveyor_backends::postgres::{PgBackend, PgOptions};
 use conveyor_backends::sqlite::{SqliteBackend, SqliteOptions};
-use conveyor_core::backend::QueueStats;
+use conveyor_core::backend::{JobFilter, Page, QueueStats};
+use conveyor_core::job::JobState;
+use conveyor_core::NewJob;
 use conveyor_core::QueueBackend;
+use serde_json::json;
 
 /// A temporary directory with a database, a config file, and a backend opened on it.
 pub(crate) struct TestEnv {
@@ -208,5 +212,46 @@ pub(crate) async fn wait_exit(child: &mut Child, limit: Duration) -> std::proces
             panic!("process did not exit within {limit:?}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// --- shared by the broker tests (Redis, RabbitMQ): `conveyor.sleep` jobs on queue `default` ---
+
+/// Completions per job id in queue `default`, from the completed history (one entry per applied
+/// completion, so a job that finished twice has two), with the worker of the last one.
+pub(crate) async fn completions(env: &TestEnv) -> HashMap<String, (usize, Option<String>)> {
+    let filter = JobFilter { queue: Some("default".into()), state: Some(JobState::Completed), ..Default::default() };
+    let page = loop {
+        // Right after a restart the server may still be loading its AOF.
+        match env.backend.jobs(filter.clone(), Page { page: 1, per_page: 1_000_000 }).await {
+            Ok(page) => break page,
+            Err(e) => {
+                eprintln!("reading the history: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let mut out: HashMap<String, (usize, Option<String>)> = HashMap::new();
+    for j in page.items {
+        let e = out.entry(j.id.to_string()).or_default();
+        e.0 += 1;
+        e.1 = j.worker;
+    }
+    out
+}
+
+/// `total` `conveyor.sleep` jobs of `ms` each, in batches of 1,000.
+pub(crate) async fn enqueue_sleeps(env: &TestEnv, total: usize, ms: u64) {
+    for chunk in 0..total / 1_000 {
+        let jobs: Vec<NewJob> = (0..1_000).map(|i| NewJob::new("conveyor.sleep", &json!({ "ms": ms, "n": chunk * 1_000 + i }))).collect();
+        env.backend.enqueue(jobs).await.expect("enqueue");
+    }
+}
+
+/// No job of queue `default` left pending, reserved or delayed.
+pub(crate) async fn drained(env: &TestEnv) -> bool {
+    match env.backend.queues().await {
+        Ok(qs) => qs.iter().filter(|q| q.queue == "default").all(|q| q.pending + q.reserved + q.delayed == 0),
+        Err(_) => false,
     }
 }
