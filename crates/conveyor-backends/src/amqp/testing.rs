@@ -104,3 +104,90 @@ impl Drop for TestAmqp {
         .join();
     }
 }
+
+/// A RabbitMQ node of a test's own on a free port (data in `dir`, owned by the `rabbitmq` user
+/// the server drops to), for restart tests: `stop` (graceful), `kill` (SIGKILL), `launch` again.
+pub struct TestRabbitServer {
+    dir: std::path::PathBuf,
+    pub port: u16,
+    node: String,
+}
+
+impl TestRabbitServer {
+    /// Starts the node and waits until it accepts connections. Err when the machine has no
+    /// `rabbitmq-server` or it cannot start (the caller skips outside CI).
+    pub fn start(dir: std::path::PathBuf) -> Result<TestRabbitServer, String> {
+        // A port whose distribution port (+10,000) is free too.
+        let port = (0..50)
+            .find_map(|_| {
+                let p = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+                (p < 55_000 && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok()).then_some(p)
+            })
+            .ok_or("no free port pair")?;
+        let server = TestRabbitServer { dir, port, node: format!("conveyor-test-{port}@localhost") };
+        std::fs::create_dir_all(server.dir.join("mnesia")).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(server.dir.join("log")).map_err(|e| e.to_string())?;
+        std::fs::write(server.dir.join("plugins"), "[].").map_err(|e| e.to_string())?;
+        std::fs::write(server.dir.join("rabbitmq.conf"), format!("listeners.tcp.1 = 127.0.0.1:{port}\n")).map_err(|e| e.to_string())?;
+        // The server runs as `rabbitmq` when started by root.
+        let _ = std::process::Command::new("chown").args(["-R", "rabbitmq:rabbitmq"]).arg(&server.dir).status();
+        let _ = std::process::Command::new("chmod").args(["755"]).arg(&server.dir).status();
+        server.launch()?;
+        Ok(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Starts the node (again) and waits up to 60 s for its port.
+    pub fn launch(&self) -> Result<(), String> {
+        let d = &self.dir;
+        std::process::Command::new("rabbitmq-server")
+            .arg("-detached")
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", (self.port + 10_000).to_string())
+            .env("RABBITMQ_MNESIA_BASE", d.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", d.join("log"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("plugins"))
+            .env("RABBITMQ_PID_FILE", d.join("pid"))
+            .env("RABBITMQ_CONFIG_FILE", d.join("rabbitmq.conf"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .map_err(|e| format!("rabbitmq-server: {e}"))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
+        while std::time::Instant::now() < deadline {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Err(format!("RabbitMQ node {} did not open port {} within 60 s", self.node, self.port))
+    }
+
+    /// A graceful stop: the node persists its queues and closes its connections.
+    pub fn stop(&self) {
+        let _ = std::process::Command::new("rabbitmqctl").args(["-n", &self.node, "stop"]).output();
+    }
+
+    /// SIGKILL of the node's Erlang VM.
+    pub fn kill(&self) {
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) {
+            let _ = std::process::Command::new("kill").args(["-9", pid.trim()]).status();
+        }
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline && TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for TestRabbitServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
