@@ -111,11 +111,15 @@ struct Link {
 struct Feed {
     consumer: Mutex<lapin::Consumer>,
     kick: Notify,
+    queue: String,
+    generation: u64,
+    shared: std::sync::Weak<Shared>,
 }
 
 /// What one synchronous pass over a consumer found.
 struct Drained {
-    deliveries: Vec<Delivery>,
+    /// Deliveries moved to the buffer.
+    moved: usize,
     /// The consumer ended (`Some(None)`) or failed (`Some(Some(e))`).
     end: Option<Option<lapin::Error>>,
 }
@@ -127,24 +131,32 @@ impl Feed {
         self.drain(&mut std::task::Context::from_waker(&waker))
     }
 
-    /// Takes every delivery lapin has already received, without waiting.
+    /// Moves every delivery lapin has already received to the buffer, without waiting. The
+    /// move happens under the consumer's lock, so once a drain returns, whatever lapin had
+    /// received before it began is in the buffer — whoever drained it.
     fn drain(&self, cx: &mut std::task::Context<'_>) -> Drained {
-        let mut out = Drained { deliveries: Vec::new(), end: None };
-        let mut consumer = self.consumer.lock().expect("consumer lock");
+        let mut deliveries = Vec::new();
+        let mut end = None;
+        let consumer = &mut *self.consumer.lock().expect("consumer lock");
         loop {
             match std::pin::Pin::new(&mut *consumer).poll_next(cx) {
-                std::task::Poll::Ready(Some(Ok(d))) => out.deliveries.push(d),
+                std::task::Poll::Ready(Some(Ok(d))) => deliveries.push(d),
                 std::task::Poll::Ready(Some(Err(e))) => {
-                    out.end = Some(Some(e));
-                    return out;
+                    end = Some(Some(e));
+                    break;
                 }
                 std::task::Poll::Ready(None) => {
-                    out.end = Some(None);
-                    return out;
+                    end = Some(None);
+                    break;
                 }
-                std::task::Poll::Pending => return out,
+                std::task::Poll::Pending => break,
             }
         }
+        let moved = deliveries.len();
+        if let Some(shared) = self.shared.upgrade() {
+            shared.received_all(&self.queue, deliveries, self.generation);
+        }
+        Drained { moved, end }
     }
 }
 
@@ -164,8 +176,9 @@ struct Shared {
     requested: AtomicU64,
     confirmed: watch::Sender<u64>,
     paused: Mutex<(Option<Instant>, HashSet<String>)>,
-    last_promote: Mutex<Instant>,
-    last_sweep: Mutex<Instant>,
+    /// When delayed jobs were last promoted / orphans last swept (`None`: due now).
+    last_promote: Mutex<Option<Instant>>,
+    last_sweep: Mutex<Option<Instant>>,
     prefetch: AtomicU64,
 }
 
@@ -194,8 +207,8 @@ impl AmqpBackend {
             requested: AtomicU64::new(0),
             confirmed: watch::channel(0).0,
             paused: Mutex::new((None, HashSet::new())),
-            last_promote: Mutex::new(Instant::now() - Duration::from_secs(60)),
-            last_sweep: Mutex::new(Instant::now()),
+            last_promote: Mutex::new(None),
+            last_sweep: Mutex::new(Some(Instant::now())),
             prefetch: AtomicU64::new(options.prefetch as u64),
             options,
         });
@@ -254,10 +267,10 @@ impl AmqpBackend {
     async fn promote(&self) -> Result<()> {
         {
             let mut last = self.shared.last_promote.lock().expect("promote lock");
-            if last.elapsed() < Duration::from_millis(100) {
+            if last.is_some_and(|t| t.elapsed() < Duration::from_millis(100)) {
                 return Ok(());
             }
-            *last = Instant::now();
+            *last = Some(Instant::now());
         }
         while self.store.promote_due().await? >= 1000 {}
         Ok(())
@@ -314,7 +327,13 @@ impl AmqpBackend {
             )
             .await
             .map_err(unavailable)?;
-        let feed = Arc::new(Feed { consumer: Mutex::new(consumer), kick: Notify::new() });
+        let feed = Arc::new(Feed {
+            consumer: Mutex::new(consumer),
+            kick: Notify::new(),
+            queue: queue.to_string(),
+            generation: link.generation,
+            shared: Arc::downgrade(&self.shared),
+        });
         let shared = Arc::downgrade(&self.shared);
         let (queue_name, generation, f) = (queue.to_string(), link.generation, feed.clone());
         tokio::spawn(async move {
@@ -322,7 +341,7 @@ impl AmqpBackend {
                 // Wait until lapin has something (registering this task's waker), or until a
                 // reserve drained the consumer with its own (no-op) waker and kicked us.
                 let ready = std::future::poll_fn(|cx| match f.drain(cx) {
-                    Drained { deliveries, end: None } if deliveries.is_empty() => std::task::Poll::Pending,
+                    Drained { moved: 0, end: None } => std::task::Poll::Pending,
                     drained => std::task::Poll::Ready(Some(drained)),
                 });
                 let drained = tokio::select! {
@@ -330,8 +349,7 @@ impl AmqpBackend {
                     _ = f.kick.notified() => None,
                 };
                 let Some(s) = shared.upgrade() else { return };
-                let Some(Drained { deliveries, end }) = drained else { continue };
-                s.received_all(&queue_name, deliveries, generation);
+                let Some(Drained { end, .. }) = drained else { continue };
                 if let Some(e) = end {
                     match e {
                         Some(e) => tracing::warn!(queue = %queue_name, error = %e, "RabbitMQ consumer stopped; reconnecting"),
@@ -396,10 +414,10 @@ impl AmqpBackend {
     async fn sweep(&self, link: &Arc<Link>) -> Result<()> {
         {
             let mut last = self.shared.last_sweep.lock().expect("sweep lock");
-            if last.elapsed() < Duration::from_secs(5) {
+            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(5)) {
                 return Ok(());
             }
-            *last = Instant::now();
+            *last = Some(Instant::now());
         }
         let paused = self.paused().await?;
         for stats in self.store.queues().await? {
@@ -718,7 +736,6 @@ impl QueueBackend for AmqpBackend {
                     }
                 }
                 let drained = feed.drain_now();
-                self.shared.received_all(q, drained.deliveries, link.generation);
                 feed.kick.notify_one();
                 if drained.end.is_some() {
                     self.shared.lost(link.generation).await;
@@ -808,7 +825,7 @@ impl QueueBackend for AmqpBackend {
             ids.iter().filter_map(|id| held.remove(id).map(|(_, _, m)| m)).collect()
         };
         self.drop_unclaimed(lapsed).await;
-        *self.shared.last_promote.lock().expect("promote lock") = Instant::now() - Duration::from_secs(1);
+        *self.shared.last_promote.lock().expect("promote lock") = None;
         self.promote().await?;
         if let Ok(link) = self.shared.link().await {
             self.drain_dead_letters(&link).await?;
@@ -1004,7 +1021,7 @@ mod tests {
         // Once it has waited past the orphan age in a queue RabbitMQ has nothing for, the sweep
         // (part of the reaper's pass) publishes it again.
         b.store.transact(move |tx| tx.execute("UPDATE jobs SET available_at = available_at - 60000", &[])).await.unwrap();
-        *b.shared.last_sweep.lock().unwrap() = std::time::Instant::now() - Duration::from_secs(60);
+        *b.shared.last_sweep.lock().unwrap() = None;
         b.reap_expired().await.unwrap();
         let jobs = b.reserve(request(q)).await.unwrap();
         assert_eq!(jobs.iter().map(|j| j.id).collect::<Vec<_>>(), vec![id], "the orphan is delivered again");
