@@ -1028,6 +1028,32 @@ mod tests {
         let _ = ch.queue_delete(name.as_str().into(), QueueDeleteOptions::default()).await;
     }
 
+    /// The health check's round trip: answers on a live broker, fails (quickly, naming
+    /// RabbitMQ) when none listens; a URL that is not `amqp://` is refused at open.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ping_broker_answers_and_fails_without_a_broker() {
+        let Some(amqp) = TestAmqp::create() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let b = open(&amqp, &dir);
+        assert_eq!(b.broker(), Some("amqp"));
+        b.ping_broker().await.expect("the local broker answers");
+
+        let dir2 = tempfile::tempdir().unwrap();
+        let store = SqliteBackend::open(SqliteOptions::new(dir2.path().join("s.db").to_str().unwrap())).unwrap();
+        let mut options = amqp.options();
+        options.url = "amqp://guest:secret@127.0.0.1:1/%2f".into();
+        let away = AmqpBackend::open(options, Arc::new(store)).unwrap();
+        let err = away.ping_broker().await.expect_err("nothing listens on port 1").to_string();
+        assert!(err.contains("RabbitMQ") && !err.contains("secret"), "{err}");
+
+        let dir3 = tempfile::tempdir().unwrap();
+        let store = SqliteBackend::open(SqliteOptions::new(dir3.path().join("s.db").to_str().unwrap())).unwrap();
+        let mut options = amqp.options();
+        options.url = "http://guest:secret@127.0.0.1/".into();
+        let err = AmqpBackend::open(options, Arc::new(store)).err().expect("not an AMQP URL").to_string();
+        assert!(err.contains("CONVEYOR_AMQP_URL") && !err.contains("secret"), "{err}");
+    }
+
     /// A message RabbitMQ dead-letters (here: rejected without requeue by another consumer) puts
     /// its job in the failed store with the broker's reason.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
