@@ -9,7 +9,7 @@ PREFIX="bench-$$"
 dir="$(mktemp -d)"
 cleanup() {
   rabbitmqctl list_queues -q --no-table-headers name 2>/dev/null | grep "^$PREFIX\." | while read -r q; do
-    rabbitmqctl delete_queue "$q" >/dev/null 2>&1 || true
+    rabbitmqctl delete_queue "$q" </dev/null >/dev/null 2>&1 || true
   done
   rm -rf "$dir"
 }

@@ -193,7 +193,7 @@ impl AmqpBackend {
     /// operation that needs the broker connects (and reconnects with backoff after a loss).
     pub fn open(options: AmqpOptions, store: Arc<dyn QueueBackend>) -> Result<Self> {
         if !options.url.starts_with("amqp://") && !options.url.starts_with("amqps://") {
-            return Err(BackendError::Invalid(format!("CONVEYOR_AMQP_URL: expected amqp://…, got {:?}", redact(&options.url))));
+            return Err(BackendError::Other(format!("CONVEYOR_AMQP_URL: expected amqp://…, got {:?}", redact(&options.url))));
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
@@ -220,7 +220,7 @@ impl AmqpBackend {
             }
         });
         if !store.set_dispatch(hook) {
-            return Err(BackendError::Invalid(format!(
+            return Err(BackendError::Other(format!(
                 "the {} store cannot feed RabbitMQ (it keeps no dispatch ledger, or another transport already uses it)",
                 store.name()
             )));

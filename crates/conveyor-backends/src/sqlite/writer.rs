@@ -310,6 +310,8 @@ impl WriteCtx {
             )
             .map_err(storage_err)?;
         let mut counts: Vec<(String, usize)> = Vec::with_capacity(jobs.len());
+        // Ready jobs for the dispatch hook, only when a broker transport listens.
+        let dispatching = self.dispatch.get().is_some();
         let mut ready: Vec<(JobId, i32)> = Vec::new();
         for job in jobs {
             if let Some(u) = &job.unique {
@@ -353,7 +355,7 @@ impl WriteCtx {
                     job.workflow,
                 ])
                 .map_err(storage_err)?;
-            if state == PENDING {
+            if state == PENDING && dispatching {
                 ready.push((job.id, job.priority));
             }
             counts.push((job.queue, state));

@@ -3,12 +3,13 @@
 //! sharing a queue (each with a queue-name prefix of its own); and a node of the test's own
 //! restarted under load, gracefully and by SIGKILL.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use conveyor_backends::amqp::testing::{close_connections, TestAmqp, TestRabbitServer};
 
-use crate::{completions, drained, enqueue_sleeps as enqueue, sigterm, wait_exit, wait_for, TestEnv};
+use crate::{
+    completions, drained, enqueue_sleeps as enqueue, sigterm, survive_two_restarts, two_workers_share, wait_exit, wait_for, TestEnv,
+};
 
 const CONFIG: &str = "[[supervisors]]\nname = \"default\"\nqueues = [\"default\"]\nconcurrency = 16\nlease = \"5s\"\n\n\
                       [retention]\ncompleted = 100000\n";
@@ -67,23 +68,7 @@ async fn fifty_thousand_jobs_survive_a_killed_worker_and_a_closed_connection() {
 async fn two_workers_share_a_rabbitmq_queue_without_double_processing() {
     let Some(amqp) = test_amqp() else { return };
     let env = TestEnv::amqp(CONFIG, amqp);
-    let total = 10_000;
-    enqueue(&env, total, 1).await;
-    let mut workers: Vec<_> = (0..2).map(|_| env.spawn(&["work"])).collect();
-    wait_for("every job to finish", Duration::from_secs(180), || drained(&env)).await;
-    for w in &mut workers {
-        sigterm(w);
-        assert!(wait_exit(w, Duration::from_secs(30)).await.success(), "work exits 0 on SIGTERM");
-    }
-    let done = completions(&env).await;
-    assert_eq!(done.len(), total, "every job completed");
-    assert!(done.values().all(|(n, _)| *n == 1), "no job completed twice");
-    let mut per_worker: HashMap<String, usize> = HashMap::new();
-    for (_, w) in done.values() {
-        *per_worker.entry(w.clone().unwrap_or_default()).or_default() += 1;
-    }
-    assert_eq!(per_worker.len(), 2, "both processes took jobs: {per_worker:?}");
-    assert!(per_worker.values().all(|n| *n > total / 10), "the work is shared: {per_worker:?}");
+    two_workers_share(&env, 10_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,41 +85,16 @@ async fn rabbitmq_restarts_under_load_lose_nothing_and_workers_reconnect() {
     };
     let amqp = TestAmqp { url: server.url(), prefix: "restart".into(), cleanup: Vec::new() };
     let env = TestEnv::amqp(CONFIG, amqp);
-    let total = 10_000;
-    enqueue(&env, total, 5).await;
-    let mut worker = env.spawn(&["work"]);
-    let done_count = || async { completions(&env).await.len() };
-
-    wait_for("a fifth of the jobs to finish", Duration::from_secs(120), || async { done_count().await >= total / 5 }).await;
     // Graceful: the node stops (closing every connection) and comes back with its durable
-    // queues and persistent messages.
-    tokio::task::block_in_place(|| {
+    // queues and persistent messages. Crash: SIGKILL of the node; whatever it had not
+    // persisted is republished from the ledger by the orphan sweep.
+    let graceful = || {
         server.stop();
         server.launch()
-    })
-    .expect("restart RabbitMQ after a stop");
-    let after_first = done_count().await;
-    assert!(after_first < total, "the first restart happened while jobs were flowing");
-    wait_for("more jobs to finish after the graceful restart", Duration::from_secs(120), || async {
-        done_count().await >= after_first + total / 5
-    })
-    .await;
-    // A crash: SIGKILL of the node. Whatever it had not persisted is republished from the
-    // ledger by the orphan sweep.
-    tokio::task::block_in_place(|| {
+    };
+    let crash = || {
         server.kill();
         server.launch()
-    })
-    .expect("restart RabbitMQ after SIGKILL");
-    let after_second = done_count().await;
-    assert!(after_second < total, "the second restart happened while jobs were flowing");
-    assert!(worker.try_wait().unwrap().is_none(), "the worker survives both outages");
-
-    wait_for("every job to finish after the restarts", Duration::from_secs(300), || drained(&env)).await;
-    sigterm(&worker);
-    assert!(wait_exit(&mut worker, Duration::from_secs(30)).await.success(), "work exits 0 on SIGTERM");
-    let done = completions(&env).await;
-    assert_eq!(done.len(), total, "every job completed");
-    assert!(done.values().all(|(n, _)| *n == 1), "no job completed twice");
-    assert_eq!(env.queue("default").await.failed, 0);
+    };
+    survive_two_restarts(&env, 10_000, graceful, crash).await;
 }

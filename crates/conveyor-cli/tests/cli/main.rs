@@ -255,3 +255,61 @@ pub(crate) async fn drained(env: &TestEnv) -> bool {
         Err(_) => false,
     }
 }
+
+/// Two `conveyor work` processes drain `total` jobs: every job completes exactly once, and each
+/// process did a fair share.
+pub(crate) async fn two_workers_share(env: &TestEnv, total: usize) {
+    enqueue_sleeps(env, total, 1).await;
+    let mut workers: Vec<_> = (0..2).map(|_| env.spawn(&["work"])).collect();
+    wait_for("every job to finish", Duration::from_secs(180), || drained(env)).await;
+    for w in &mut workers {
+        sigterm(w);
+        assert!(wait_exit(w, Duration::from_secs(30)).await.success(), "work exits 0 on SIGTERM");
+    }
+    let done = completions(env).await;
+    assert_eq!(done.len(), total, "every job completed");
+    let twice: Vec<_> = done.iter().filter(|(_, (n, _))| *n != 1).collect();
+    assert!(twice.is_empty(), "jobs completed more than once: {:?}", &twice[..twice.len().min(5)]);
+    let mut per_worker: HashMap<String, usize> = HashMap::new();
+    for (_, w) in done.values() {
+        *per_worker.entry(w.clone().unwrap_or_default()).or_default() += 1;
+    }
+    assert_eq!(per_worker.len(), 2, "both processes took jobs: {per_worker:?}");
+    assert!(per_worker.values().all(|n| *n > total / 10), "the work is shared: {per_worker:?}");
+    assert_eq!(env.queue("default").await.failed, 0);
+}
+
+/// `total` jobs of 5 ms through one `conveyor work` while the broker is restarted twice —
+/// `graceful`, then `crash` (each stops it and starts it again) — each after a fifth more of the
+/// jobs finished: the worker carries on by itself, every job completes exactly once, none fails.
+pub(crate) async fn survive_two_restarts(
+    env: &TestEnv,
+    total: usize,
+    graceful: impl FnOnce() -> Result<(), String>,
+    crash: impl FnOnce() -> Result<(), String>,
+) {
+    enqueue_sleeps(env, total, 5).await;
+    let mut worker = env.spawn(&["work"]);
+    let done_count = || async { completions(env).await.len() };
+    wait_for("a fifth of the jobs to finish", Duration::from_secs(120), || async { done_count().await >= total / 5 }).await;
+    tokio::task::block_in_place(graceful).expect("the graceful restart");
+    let after_first = done_count().await;
+    assert!(after_first < total, "the first restart happened while jobs were flowing");
+    wait_for("more jobs to finish after the graceful restart", Duration::from_secs(120), || async {
+        done_count().await >= after_first + total / 5
+    })
+    .await;
+    tokio::task::block_in_place(crash).expect("the restart after a crash");
+    let after_second = done_count().await;
+    assert!(after_second < total, "the second restart happened while jobs were flowing");
+    assert!(worker.try_wait().unwrap().is_none(), "the worker survives both outages");
+
+    wait_for("every job to finish after the restarts", Duration::from_secs(300), || drained(env)).await;
+    sigterm(&worker);
+    assert!(wait_exit(&mut worker, Duration::from_secs(30)).await.success(), "work exits 0 on SIGTERM");
+    let done = completions(env).await;
+    assert_eq!(done.len(), total, "every job completed");
+    let twice: Vec<_> = done.iter().filter(|(_, (n, _))| *n != 1).collect();
+    assert!(twice.is_empty(), "jobs completed more than once although no lease expired: {:?}", &twice[..twice.len().min(5)]);
+    assert_eq!(env.queue("default").await.failed, 0);
+}
