@@ -49,7 +49,7 @@ fn orders_csv(n: usize, products: usize) -> (String, HashMap<String, i64>) {
 pub(crate) async fn every_order_settles_and_stock_money_and_leaderboards_add_up(s: Store) {
     let c = conveyor(&s, 0.9);
     let products = 50;
-    let (csv, demand) = orders_csv(3_000, products);
+    let (csv, demand) = orders_csv(10_000, products);
     // Stock covers about 60 % of demand.
     let mut pcsv = String::from("sku,name,price,stock\n");
     let mut initial = HashMap::new();
@@ -63,7 +63,7 @@ pub(crate) async fn every_order_settles_and_stock_money_and_leaderboards_add_up(
 
     let since = now_ms();
     let report = import::import_orders(&c, std::io::Cursor::new(csv.clone().into_bytes()), |_| {}).await.unwrap();
-    assert_eq!(report.orders, 3_000);
+    assert_eq!(report.orders, 10_000);
     assert!(report.rejected.is_empty(), "{:?}", &report.rejected[..report.rejected.len().min(5)]);
 
     let shutdown = CancellationToken::new();
@@ -80,7 +80,7 @@ pub(crate) async fn every_order_settles_and_stock_money_and_leaderboards_add_up(
 
     let (open, completed, failed, revenue) = orders::settlement(s.backend.as_ref(), since).await.unwrap();
     assert_eq!(open, 0);
-    assert_eq!(completed + failed, 3_000);
+    assert_eq!(completed + failed, 10_000);
     assert!(completed > 500 && failed > 500, "both outcomes happen: {completed} completed, {failed} failed");
 
     // Stock: never negative, nothing left reserved, committed + remaining = initial.
@@ -162,7 +162,7 @@ pub(crate) async fn every_order_settles_and_stock_money_and_leaderboards_add_up(
 
     // Importing the same file again creates nothing.
     let again = import::import_orders(&c, std::io::Cursor::new(csv.into_bytes()), |_| {}).await.unwrap();
-    assert_eq!((again.orders, again.duplicates), (0, 3_000));
+    assert_eq!((again.orders, again.duplicates), (0, 10_000));
 }
 
 pub(crate) async fn bad_csv_lines_are_reported_by_line_and_good_orders_imported(s: Store) {

@@ -106,28 +106,33 @@ async fn orders_keep_their_invariants_when_the_worker_is_killed_twice() {
     use conveyor_core::backend::RowExt;
     let env = TestEnv::new("[[supervisors]]\nname = \"orders\"\nqueues = [\"orders\"]\nconcurrency = 32\nlease = \"2s\"\n\n[payment]\nsuccess_rate = 0.9\nseed = 7\nlatency_ms = 2\n");
     let dir = env.dir.path();
+    // 10,000 orders of 1–3 lines over 50 products whose stock covers about 60 % of demand.
+    const ORDERS: i64 = 10_000;
+    let mut csv = String::from("order_id,customer_id,customer_name,customer_email,sku,quantity,unit_price,order_date\n");
+    let mut demand: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+    for i in 0..ORDERS {
+        for l in 0..(1 + i % 3) {
+            let (sku, qty) = (format!("P{}", (i * 7 + l * 3) % 50), 1 + (i + l) % 3);
+            *demand.entry(sku.clone()).or_default() += qty;
+            csv.push_str(&format!("K{i},{},C,c@example.com,{sku},{qty},3.00,2026-11-20\n", 1 + i % 40));
+        }
+    }
+    let initial: std::collections::HashMap<String, i64> = demand.iter().map(|(sku, d)| (sku.clone(), d * 6 / 10)).collect();
     let mut products = String::from("sku,name,price,stock\n");
-    for p in 0..20 {
-        products.push_str(&format!("P{p},Product {p},3.00,{}\n", 60 + p * 3));
+    for (sku, stock) in &initial {
+        products.push_str(&format!("{sku},Product {sku},3.00,{stock}\n"));
     }
     std::fs::write(dir.join("products.csv"), products).unwrap();
     assert!(env.conveyor(&["products", "import", "products.csv"]).output().unwrap().status.success());
-    let initial: std::collections::HashMap<String, i64> = (0..20).map(|p| (format!("P{p}"), 60 + p * 3)).collect();
-    let mut csv = String::from("order_id,customer_id,customer_name,customer_email,sku,quantity,unit_price,order_date\n");
-    for i in 0..1500 {
-        for l in 0..(1 + i % 2) {
-            csv.push_str(&format!("K{i},{},C,c@example.com,P{},{},3.00,2026-11-20\n", 1 + i % 40, (i * 7 + l * 3) % 20, 1 + (i + l) % 2));
-        }
-    }
     std::fs::write(dir.join("orders.csv"), csv).unwrap();
     assert!(env.conveyor(&["orders", "import", "orders.csv"]).output().unwrap().status.success());
 
     let b = env.backend.clone();
     let settled =
         || async { b.query("SELECT count(*) FROM orders WHERE status IN ('completed', 'failed')", vec![]).await.unwrap()[0].int(0) };
-    for kill_after in [300, 800] {
+    for kill_after in [2_000, 5_000] {
         let mut worker = env.spawn(&["work"]);
-        crate::wait_for("orders to settle before the kill", std::time::Duration::from_secs(120), || async {
+        crate::wait_for("orders to settle before the kill", std::time::Duration::from_secs(300), || async {
             settled().await >= kill_after
         })
         .await;
@@ -136,7 +141,7 @@ async fn orders_keep_their_invariants_when_the_worker_is_killed_twice() {
         assert!(env.queue("orders").await.reserved > 0, "the worker was killed holding order jobs");
     }
     let mut worker = env.spawn(&["work"]);
-    crate::wait_for("every order to settle", std::time::Duration::from_secs(180), || async { settled().await == 1500 }).await;
+    crate::wait_for("every order to settle", std::time::Duration::from_secs(400), || async { settled().await == ORDERS }).await;
     crate::sigterm(&worker);
     assert!(crate::wait_exit(&mut worker, std::time::Duration::from_secs(30)).await.success());
 
