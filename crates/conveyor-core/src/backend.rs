@@ -399,6 +399,12 @@ pub trait Tx {
     fn serialize_migrations(&mut self) -> Result<()> {
         Ok(())
     }
+    /// Inserts many rows (see [`insert_many`]). The default sends multi-row statements, one
+    /// round trip per chunk; an in-process database (SQLite) overrides it with one cached
+    /// single-row statement run per row, which costs no parsing at all.
+    fn insert_rows(&mut self, head: &str, rows: &[Vec<SqlValue>], tail: &str) -> Result<Vec<Row>> {
+        multi_row_insert(self, head, rows, tail)
+    }
 }
 
 /// A unit of transactional work; an `Err` rolls back everything it did.
@@ -427,16 +433,22 @@ const MAX_PARAMS: usize = 30_000;
 /// `head` is `INSERT INTO t (a, b, c)`, every row has the same number of values, and `tail`
 /// follows the `VALUES` list (`ON CONFLICT …`, `RETURNING …`, or empty). Returns what the
 /// statements return. On hot paths (imports) this is one round trip instead of one per row.
-pub fn insert_many(tx: &mut dyn Tx, head: &str, rows: Vec<Vec<SqlValue>>, tail: &str) -> Result<Vec<Row>> {
-    let Some(width) = rows.first().map(Vec::len) else { return Ok(Vec::new()) };
-    if width == 0 || rows.iter().any(|r| r.len() != width) {
-        return Err(BackendError::Invalid("insert_many: every row needs the same number of values".into()));
+pub fn insert_many(tx: &mut dyn Tx, head: &str, rows: &[Vec<SqlValue>], tail: &str) -> Result<Vec<Row>> {
+    match rows.first().map(Vec::len) {
+        None => Ok(Vec::new()),
+        Some(width) if width == 0 || rows.iter().any(|r| r.len() != width) => {
+            Err(BackendError::Invalid("insert_many: every row needs the same number of values".into()))
+        }
+        Some(_) => tx.insert_rows(head, rows, tail),
     }
+}
+
+/// `Tx::insert_rows`' default: as few multi-row statements as the parameter limits allow.
+pub fn multi_row_insert<T: Tx + ?Sized>(tx: &mut T, head: &str, rows: &[Vec<SqlValue>], tail: &str) -> Result<Vec<Row>> {
+    let Some(width) = rows.first().map(Vec::len) else { return Ok(Vec::new()) };
     let per_statement = (MAX_PARAMS / width).max(1);
     let mut out = Vec::new();
-    let mut rows = rows.into_iter().peekable();
-    while rows.peek().is_some() {
-        let chunk: Vec<Vec<SqlValue>> = rows.by_ref().take(per_statement).collect();
+    for chunk in rows.chunks(per_statement) {
         let mut sql = String::with_capacity(head.len() + tail.len() + chunk.len() * width * 6);
         sql.push_str(head);
         sql.push_str(" VALUES ");
@@ -455,7 +467,7 @@ pub fn insert_many(tx: &mut dyn Tx, head: &str, rows: Vec<Vec<SqlValue>>, tail: 
         }
         sql.push(' ');
         sql.push_str(tail);
-        let params: Vec<SqlValue> = chunk.into_iter().flatten().collect();
+        let params: Vec<SqlValue> = chunk.iter().flatten().cloned().collect();
         if tail.contains("RETURNING") {
             out.extend(tx.query(&sql, &params)?);
         } else {

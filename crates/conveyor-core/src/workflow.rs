@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::backend::{insert_many, BackendError, QueueBackend, QueueBackendExt, Result, Row, RowExt, Tx};
+use crate::backend::{insert_many, BackendError, QueueBackend, QueueBackendExt, Result, Row, RowExt, SqlValue, Tx};
 use crate::clock::now_ms;
 use crate::job::{Completion, JobId, NewJob, Outcome};
 use crate::Conveyor;
@@ -179,18 +179,23 @@ impl Workflow {
     /// Starts many workflows inside the caller's transaction with one statement per table (an
     /// import starting one per order); returns their ids in order.
     pub fn start_many_in(tx: &mut dyn Tx, workflows: Vec<Workflow>) -> Result<Vec<String>> {
+        Workflow::prepare_many(workflows)?.start_in(tx)
+    }
+
+    /// Builds the rows and first jobs of many workflows outside any transaction, so that
+    /// [`Starts::start_in`] only writes (an import prepares a batch while the last commits).
+    pub fn prepare_many(workflows: Vec<Workflow>) -> Result<Starts> {
         let now = now_ms();
-        let mut plans: Vec<Arc<Stored>> = Vec::new();
-        let (mut rows, mut steps, mut jobs, mut ids) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut starts = Starts { now, ..Starts::default() };
         for w in workflows {
             let stored = w.stored()?;
-            if !plans.iter().any(|p| p.id == stored.id) {
-                plans.push(stored.clone());
+            if !starts.plans.iter().any(|p| p.id == stored.id) {
+                starts.plans.push(stored.clone());
             }
             let id = w.id.unwrap_or_else(|| JobId::new().to_string());
             let first = &w.plan.steps[0];
             let job = step_job(&id, w.input.as_deref(), 0, &first.job);
-            steps.push(vec![
+            starts.steps.push(vec![
                 id.clone().into(),
                 0.into(),
                 first.name.clone().into(),
@@ -199,8 +204,8 @@ impl Workflow {
                 "queued".into(),
                 job.id.to_string().into(),
             ]);
-            jobs.push(job);
-            rows.push(vec![
+            starts.jobs.push(job);
+            starts.rows.push(vec![
                 id.clone().into(),
                 w.name.into(),
                 "running".into(),
@@ -209,18 +214,55 @@ impl Workflow {
                 w.input.into(),
                 now.into(),
             ]);
-            ids.push(id);
+            starts.ids.push(id);
         }
-        for p in plans {
+        Ok(starts)
+    }
+}
+
+/// Workflows prepared by [`Workflow::prepare_many`], not started yet.
+#[derive(Default)]
+pub struct Starts {
+    now: i64,
+    plans: Vec<Arc<Stored>>,
+    ids: Vec<String>,
+    rows: Vec<Vec<SqlValue>>,
+    steps: Vec<Vec<SqlValue>>,
+    jobs: Vec<NewJob>,
+}
+
+impl Starts {
+    /// Their ids, in order.
+    pub fn ids(&self) -> &[String] {
+        &self.ids
+    }
+
+    /// Keeps only the workflows whose id `keep` accepts.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        let keep: Vec<bool> = self.ids.iter().map(|id| keep(id)).collect();
+        let mut k = keep.iter();
+        self.rows.retain(|_| *k.next().unwrap_or(&false));
+        let mut k = keep.iter();
+        self.steps.retain(|_| *k.next().unwrap_or(&false));
+        let mut k = keep.iter();
+        self.jobs.retain(|_| *k.next().unwrap_or(&false));
+        let mut k = keep.iter();
+        self.ids.retain(|_| *k.next().unwrap_or(&false));
+    }
+
+    /// Stores the workflows and enqueues their first steps in the caller's transaction; returns
+    /// their ids. The rows stay with `self` (for the caller to drop outside the transaction).
+    pub fn start_in(&mut self, tx: &mut dyn Tx) -> Result<Vec<String>> {
+        for p in &self.plans {
             tx.execute(
                 "INSERT INTO workflow_plans (id, plan, created_at) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
-                &[p.id.clone().into(), p.json.clone().into(), now.into()],
+                &[p.id.clone().into(), p.json.clone().into(), self.now.into()],
             )?;
         }
-        insert_many(tx, "INSERT INTO workflows (id, name, status, steps, plan_id, input, created_at)", rows, "")?;
-        insert_many(tx, "INSERT INTO workflow_steps (workflow_id, seq, name, role, step, status, job_id)", steps, "")?;
-        tx.enqueue(jobs)?;
-        Ok(ids)
+        insert_many(tx, "INSERT INTO workflows (id, name, status, steps, plan_id, input, created_at)", &self.rows, "")?;
+        insert_many(tx, "INSERT INTO workflow_steps (workflow_id, seq, name, role, step, status, job_id)", &self.steps, "")?;
+        tx.enqueue(std::mem::take(&mut self.jobs))?;
+        Ok(self.ids.clone())
     }
 }
 

@@ -20,6 +20,7 @@ use conveyor_core::Conveyor;
 
 use super::money::parse_cents;
 use super::workflow;
+use conveyor_core::workflow::Starts;
 
 const ORDER_COLUMNS: [&str; 8] =
     ["order_id", "customer_id", "customer_name", "customer_email", "sku", "quantity", "unit_price", "order_date"];
@@ -84,7 +85,7 @@ type NewProduct = (String, String, i64, i64);
 
 /// What the parser hands to the writer.
 enum Batch {
-    Orders(Vec<ParsedOrder>),
+    Orders(OrderRows),
     Done { rows: u64, rejected: Vec<Rejected> },
     Failed(ImportError),
 }
@@ -187,17 +188,20 @@ where
     let (tx, mut rx) = mpsc::channel::<Batch>(4);
     let bytes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let counting = Counting { inner: input, seen: bytes.clone() };
-    let parser = tokio::task::spawn_blocking(move || parse_orders(counting, &known, &tx, bytes, progress));
-
     // Every order of this run gets the run's start as `created_at`: an id that conflicts with
     // an order of the same stamp was split within this file; an older one is a duplicate.
     let run = now_ms();
+    let parser = tokio::task::spawn_blocking(move || parse_orders(counting, &known, &tx, bytes, progress, run));
+
     let mut report = ImportReport::default();
     let mut late = Vec::new();
     while let Some(batch) = rx.recv().await {
         match batch {
-            Batch::Orders(orders) => {
-                let (stored, duplicates, split) = backend.transact(move |tx| store_orders(tx, orders, run)).await?;
+            Batch::Orders(rows) => {
+                // Rows are built by the parser and dropped here, so the store's writer only
+                // writes.
+                let (stored, duplicates, split, rows) = backend.transact(move |tx| store_orders(tx, rows, run)).await?;
+                drop(rows);
                 report.orders += stored;
                 report.duplicates += duplicates;
                 late.extend(split);
@@ -221,7 +225,12 @@ fn parse_orders<R: Read>(
     out: &mpsc::Sender<Batch>,
     bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
     progress: impl Fn(Progress),
+    run: i64,
 ) {
+    let send = |orders: Vec<ParsedOrder>| {
+        let batch = OrderRows::new(orders, run).map_or_else(|e| Batch::Failed(e.into()), Batch::Orders);
+        out.blocking_send(batch).is_ok()
+    };
     let mut rdr = reader(input);
     let cols = match rdr.headers().map_err(|e| ImportError::Read(e.to_string())).and_then(|h| columns(h, &ORDER_COLUMNS)) {
         Ok(c) => c,
@@ -341,7 +350,7 @@ fn parse_orders<R: Read>(
                 }
             }
         }
-        if batch.len() >= BATCH_ORDERS && out.blocking_send(Batch::Orders(std::mem::take(&mut batch))).is_err() {
+        if batch.len() >= BATCH_ORDERS && !send(std::mem::take(&mut batch)) {
             return;
         }
         if last_report.elapsed() >= Duration::from_secs(1) {
@@ -350,7 +359,7 @@ fn parse_orders<R: Read>(
         }
     }
     close(current.take(), &mut batch, &mut rejected, &mut rejected_ids);
-    if !batch.is_empty() && out.blocking_send(Batch::Orders(batch)).is_err() {
+    if !batch.is_empty() && !send(batch) {
         return;
     }
     progress(Progress { rows, bytes: bytes.load(std::sync::atomic::Ordering::Relaxed) });
@@ -441,77 +450,114 @@ fn order_total(o: &ParsedOrder) -> i64 {
     o.lines.iter().map(|l| l.quantity * l.unit_price).sum()
 }
 
-/// Stores a batch of orders and starts their workflows; returns (stored, duplicates, and the
-/// lines of orders whose id this same run stored before — lines that were not contiguous).
-fn store_orders(tx: &mut dyn Tx, orders: Vec<ParsedOrder>, run: i64) -> Result<(u64, u64, Vec<Rejected>), BackendError> {
-    let now = run;
+/// A batch of orders as the rows that store them and the workflows that settle them.
+struct OrderRows {
+    orders: Vec<ParsedOrder>,
+    rows: Vec<Vec<SqlValue>>,
+    items: Vec<Vec<SqlValue>>,
+    customers: Vec<Vec<SqlValue>>,
+    workflows: Starts,
+}
+
+impl OrderRows {
+    fn new(orders: Vec<ParsedOrder>, run: i64) -> Result<Self, BackendError> {
+        let rows = orders
+            .iter()
+            .map(|o| {
+                vec![
+                    o.id.clone().into(),
+                    o.customer_id.into(),
+                    "pending".into(),
+                    order_total(o).into(),
+                    o.order_date.clone().into(),
+                    o.order_day.clone().into(),
+                    workflow::workflow_id(&o.id).into(),
+                    run.into(),
+                ]
+            })
+            .collect();
+        let workflows = workflow::prepare_many(orders.iter().map(|o| o.id.as_str()))?;
+        let mut this = OrderRows { orders, rows, items: Vec::new(), customers: Vec::new(), workflows };
+        this.dependent_rows();
+        Ok(this)
+    }
+
+    /// Items and customers of the orders kept (again after some were refused).
+    fn dependent_rows(&mut self) {
+        self.items = self
+            .orders
+            .iter()
+            .flat_map(|o| {
+                o.lines.iter().enumerate().map(|(i, l)| {
+                    vec![o.id.clone().into(), (i as i64 + 1).into(), l.sku.clone().into(), l.quantity.into(), l.unit_price.into()]
+                })
+            })
+            .collect();
+        // A customer once per statement (the last line's name and email win).
+        let mut customers: HashMap<i64, (&str, &str)> = HashMap::new();
+        for o in &self.orders {
+            customers.insert(o.customer_id, (&o.customer_name, &o.customer_email));
+        }
+        let mut customers: Vec<(i64, (&str, &str))> = customers.into_iter().collect();
+        customers.sort_by_key(|c| c.0);
+        self.customers = customers.into_iter().map(|(id, (name, email))| vec![id.into(), name.into(), email.into()]).collect();
+    }
+}
+
+/// Stores a batch of orders and starts their workflows; returns (stored, duplicates, the
+/// lines of orders whose id this same run stored before — lines that were not contiguous —
+/// and the rows, for the caller to drop outside the transaction).
+fn store_orders(tx: &mut dyn Tx, mut b: OrderRows, run: i64) -> Result<(u64, u64, Vec<Rejected>, OrderRows), BackendError> {
     let (mut duplicates, mut split) = (0, Vec::new());
     // One multi-row statement per table: an import batch is a handful of round trips.
-    let rows: Vec<Vec<SqlValue>> = orders
-        .iter()
-        .map(|o| {
-            vec![
-                o.id.clone().into(),
-                o.customer_id.into(),
-                "pending".into(),
-                order_total(o).into(),
-                o.order_date.clone().into(),
-                o.order_day.clone().into(),
-                workflow::workflow_id(&o.id).into(),
-                now.into(),
-            ]
-        })
-        .collect();
     let mut inserted: HashSet<String> = insert_many(
         tx,
         "INSERT INTO orders (id, customer_id, status, total_cents, order_date, order_day, workflow_id, created_at)",
-        rows,
+        &b.rows,
         "ON CONFLICT (id) DO NOTHING RETURNING id",
     )?
     .iter()
     .filter_map(|r| r.text(0).map(str::to_string))
     .collect();
-    // An id twice in one batch (a split order) was inserted for its first lines only.
-    let (stored, refused): (Vec<ParsedOrder>, Vec<ParsedOrder>) = orders.into_iter().partition(|o| inserted.remove(&o.id));
-    for o in refused {
-        // Already stored: by an earlier import (a duplicate) or earlier in this file (split).
-        let same_run = tx.query("SELECT 1 FROM orders WHERE id = $1 AND created_at = $2", &[o.id.clone().into(), run.into()])?;
-        if same_run.is_empty() {
-            duplicates += 1;
-        } else {
-            for l in &o.line_numbers {
-                split.push(Rejected {
-                    line: *l,
-                    reason: format!("order_id: lines of order {} are not contiguous (it was stored from earlier lines)", o.id),
-                });
+    if inserted.len() < b.orders.len() {
+        // An id twice in one batch (a split order) was inserted for its first lines only.
+        let (stored, refused): (Vec<ParsedOrder>, Vec<ParsedOrder>) =
+            std::mem::take(&mut b.orders).into_iter().partition(|o| inserted.remove(&o.id));
+        for o in refused {
+            // Already stored: by an earlier import (a duplicate) or earlier in this file (split).
+            let same_run = tx.query("SELECT 1 FROM orders WHERE id = $1 AND created_at = $2", &[o.id.clone().into(), run.into()])?;
+            if same_run.is_empty() {
+                duplicates += 1;
+            } else {
+                for l in &o.line_numbers {
+                    split.push(Rejected {
+                        line: *l,
+                        reason: format!("order_id: lines of order {} are not contiguous (it was stored from earlier lines)", o.id),
+                    });
+                }
             }
         }
+        b.orders = stored;
+        // The first of two same ids is the one stored: its workflow alone starts.
+        let mut seen = HashSet::new();
+        let first: Vec<bool> = b.workflows.ids().iter().map(|id| seen.insert(id.clone())).collect();
+        let kept: HashSet<String> = b.orders.iter().map(|o| workflow::workflow_id(&o.id)).collect();
+        let mut i = 0;
+        b.workflows.retain(|id| {
+            i += 1;
+            first[i - 1] && kept.contains(id)
+        });
+        b.dependent_rows();
     }
-    // A customer once per statement (the last line's name and email win).
-    let mut customers: HashMap<i64, (String, String)> = HashMap::new();
-    for o in &stored {
-        customers.insert(o.customer_id, (o.customer_name.clone(), o.customer_email.clone()));
-    }
-    let mut customers: Vec<(i64, (String, String))> = customers.into_iter().collect();
-    customers.sort_by_key(|c| c.0);
     insert_many(
         tx,
         "INSERT INTO customers (id, name, email)",
-        customers.into_iter().map(|(id, (name, email))| vec![id.into(), name.into(), email.into()]).collect(),
+        &b.customers,
         "ON CONFLICT (id) DO UPDATE SET name = excluded.name, email = excluded.email",
     )?;
-    let items: Vec<Vec<SqlValue>> = stored
-        .iter()
-        .flat_map(|o| {
-            o.lines.iter().enumerate().map(|(i, l)| {
-                vec![o.id.clone().into(), (i as i64 + 1).into(), l.sku.clone().into(), l.quantity.into(), l.unit_price.into()]
-            })
-        })
-        .collect();
-    insert_many(tx, "INSERT INTO order_items (order_id, line, sku, quantity, unit_price_cents)", items, "")?;
-    let ids: Vec<&str> = stored.iter().map(|o| o.id.as_str()).collect();
-    workflow::start_many_in(tx, &ids)?;
-    Ok((stored.len() as u64, duplicates, split))
+    insert_many(tx, "INSERT INTO order_items (order_id, line, sku, quantity, unit_price_cents)", &b.items, "")?;
+    b.workflows.start_in(tx)?;
+    Ok((b.orders.len() as u64, duplicates, split, b))
 }
 
 /// Creates or updates products from CSV `sku,name,price,stock` (stock sets what can be sold).

@@ -14,10 +14,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use conveyor_core::backend::{insert_many, BackendError, QueueBackendExt, RowExt, Tx};
+use conveyor_core::backend::{insert_many, BackendError, QueueBackendExt, RowExt, SqlValue, Tx};
 use conveyor_core::cache::{forget_prefix_in, incr_in};
 use conveyor_core::clock::now_ms;
-use conveyor_core::workflow::Workflow;
+use conveyor_core::workflow::{Starts, Workflow};
 use conveyor_core::{JobContext, JobError, JobResult, NewJob, Registry};
 
 use super::payment::PaymentGateway;
@@ -61,9 +61,10 @@ pub(crate) fn start_in(tx: &mut dyn Tx, order_id: &str) -> Result<String, Backen
     instance(order_id).start_in(tx)
 }
 
-/// The same for many orders at once (an import batch).
-pub(crate) fn start_many_in(tx: &mut dyn Tx, order_ids: &[&str]) -> Result<Vec<String>, BackendError> {
-    Workflow::start_many_in(tx, order_ids.iter().map(|id| instance(id)).collect())
+/// The workflows of many orders (an import batch), built before the transaction that starts
+/// them.
+pub(crate) fn prepare_many<'a>(order_ids: impl Iterator<Item = &'a str>) -> Result<Starts, BackendError> {
+    Workflow::prepare_many(order_ids.map(instance).collect())
 }
 
 pub(crate) fn register(registry: &mut Registry, gateway: Arc<dyn PaymentGateway>) {
@@ -103,8 +104,9 @@ fn reserve(tx: &mut dyn Tx, order_id: &str) -> Result<(), BackendError> {
     }
     let items = tx.query("SELECT sku, sum(quantity) FROM order_items WHERE order_id = $1 GROUP BY sku ORDER BY sku", &[order_id.into()])?;
     tx.execute("UPDATE orders SET status = 'processing' WHERE id = $1 AND status = 'pending'", &[order_id.into()])?;
-    let rows = items.iter().map(|it| vec![order_id.into(), it[0].clone(), it.int(1).into(), "reserved".into(), now.into()]).collect();
-    insert_many(tx, "INSERT INTO stock_reservations (order_id, sku, quantity, status, updated_at)", rows, "")?;
+    let rows: Vec<Vec<SqlValue>> =
+        items.iter().map(|it| vec![order_id.into(), it[0].clone(), it.int(1).into(), "reserved".into(), now.into()]).collect();
+    insert_many(tx, "INSERT INTO stock_reservations (order_id, sku, quantity, status, updated_at)", &rows, "")?;
     // The products last, by SKU: concurrent orders hold these shared rows briefly and in one
     // order (no deadlocks).
     for it in &items {

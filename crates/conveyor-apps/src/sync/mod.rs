@@ -477,7 +477,7 @@ fn placeholders(from: usize, n: usize) -> String {
 }
 
 fn audit_rows(tx: &mut dyn Tx, run_id: Option<&str>, audits: &[Audit]) -> Result<(), BackendError> {
-    let rows = audits
+    let rows: Vec<Vec<SqlValue>> = audits
         .iter()
         .map(|a| {
             vec![
@@ -492,7 +492,7 @@ fn audit_rows(tx: &mut dyn Tx, run_id: Option<&str>, audits: &[Audit]) -> Result
             ]
         })
         .collect();
-    insert_many(tx, "INSERT INTO sync_requests (run_id, partner, method, url, status, duration_ms, error, at)", rows, "")?;
+    insert_many(tx, "INSERT INTO sync_requests (run_id, partner, method, url, status, duration_ms, error, at)", &rows, "")?;
     Ok(())
 }
 
@@ -794,7 +794,7 @@ fn apply_page(
     insert_many(
         tx,
         "INSERT INTO sync_items (run_id, product_id, outcome, changed, since, updated_ms, at)",
-        items,
+        &items,
         "ON CONFLICT (run_id, product_id) DO UPDATE SET outcome = excluded.outcome, changed = excluded.changed, since = excluded.since, updated_ms = excluded.updated_ms, at = excluded.at",
     )?;
     if page.has_more {
@@ -845,14 +845,14 @@ fn remember(tx: &mut dyn Tx, product: &Product, done: &[Change]) -> Result<(), B
         }
     }
     let now = now_ms();
-    let rows = by_sku
+    let rows: Vec<Vec<SqlValue>> = by_sku
         .into_iter()
         .map(|(sku, price, stock)| vec![sku.into(), product.id.clone().into(), price.into(), stock.into(), now.into()])
         .collect();
     insert_many(
         tx,
         "INSERT INTO sync_variants (sku, product_id, price_cents, stock, pushed_at)",
-        rows,
+        &rows,
         "ON CONFLICT (sku) DO UPDATE SET price_cents = COALESCE(excluded.price_cents, sync_variants.price_cents),
                                          stock = COALESCE(excluded.stock, sync_variants.stock), pushed_at = excluded.pushed_at",
     )?;

@@ -294,7 +294,7 @@ impl Tx for OutboxTx<'_> {
             let body = serde_json::to_string(job).map_err(|e| BackendError::Other(e.to_string()))?;
             rows.push(vec![SqlValue::Text(job.id.to_string()), SqlValue::Text(body), SqlValue::Int(now)]);
         }
-        insert_many(self.inner, "INSERT INTO queue_outbox (id, job, created_at)", rows, "")?;
+        insert_many(self.inner, "INSERT INTO queue_outbox (id, job, created_at)", &rows, "")?;
         let out = jobs.iter().map(|j| EnqueueOutcome::Enqueued { id: j.id }).collect();
         self.jobs.extend(jobs);
         Ok(out)

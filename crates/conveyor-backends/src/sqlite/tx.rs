@@ -6,7 +6,7 @@ use conveyor_core::backend::{Result, Row, SqlValue, Tx};
 use conveyor_core::job::{EnqueueOutcome, NewJob};
 
 use super::storage_err;
-use super::writer::WriteCtx;
+use super::writer::{InsertKey, WriteCtx};
 
 pub(crate) struct SqliteTx<'a> {
     pub(crate) ctx: &'a mut WriteCtx,
@@ -51,6 +51,33 @@ impl Tx for SqliteTx<'_> {
         self.ctx.conn.execute_batch(sql).map_err(storage_err)
     }
 
+    fn insert_rows(&mut self, head: &str, rows: &[Vec<SqlValue>], tail: &str) -> Result<Vec<Row>> {
+        // Statements of a few fixed sizes, so their texts repeat and are parsed once per
+        // process (a text per batch size costs more to parse than to run). Not a statement per
+        // row: every statement in the writer's savepoint pays for a statement journal.
+        let width = rows.first().map(Vec::len).unwrap_or(0);
+        let mut out = Vec::new();
+        let mut rest = rows;
+        while !rest.is_empty() {
+            let n = INSERT_CHUNKS.iter().copied().find(|&n| n <= rest.len()).unwrap_or(1);
+            let (chunk, tail_rows) = rest.split_at(n);
+            rest = tail_rows;
+            let sql = insert_sql(&mut self.ctx.insert_sql, head, width, n, tail);
+            let mut st = self.ctx.conn.prepare_cached(sql).map_err(storage_err)?;
+            let params = chunk.iter().flatten().map(Param);
+            if st.column_count() > 0 {
+                let cols = st.column_count();
+                let mut found = st.query(rusqlite::params_from_iter(params)).map_err(storage_err)?;
+                while let Some(r) = found.next().map_err(storage_err)? {
+                    out.push((0..cols).map(|i| r.get_ref(i).map(value_of)).collect::<rusqlite::Result<Row>>().map_err(storage_err)?);
+                }
+            } else {
+                st.execute(rusqlite::params_from_iter(params)).map_err(storage_err)?;
+            }
+        }
+        Ok(out)
+    }
+
     fn enqueue(&mut self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>> {
         for job in &jobs {
             job.validate().map_err(conveyor_core::BackendError::Invalid)?;
@@ -80,6 +107,63 @@ fn query_translated(conn: &rusqlite::Connection, sql: &str, params: &[SqlValue])
     rows_of(&mut st, params)
 }
 
+/// Rows per statement of `insert_rows`, largest first (at most 128 × width parameters).
+const INSERT_CHUNKS: [usize; 5] = [128, 32, 8, 2, 1];
+
+/// [`multi_row_sql`] from the cache (bounded like the translations').
+fn insert_sql<'a>(
+    cache: &'a mut std::collections::HashMap<u64, Vec<(InsertKey, String)>>,
+    head: &str,
+    width: usize,
+    rows: usize,
+    tail: &str,
+) -> &'a str {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (head, tail, width, rows).hash(&mut h);
+    let key = h.finish();
+    let same = |k: &InsertKey| k.0 == head && k.1 == tail && k.2 == width && k.3 == rows;
+    if !cache.get(&key).is_some_and(|v| v.iter().any(|(k, _)| same(k))) {
+        if cache.len() >= 1_024 {
+            cache.clear();
+        }
+        let made = ((head.to_string(), tail.to_string(), width, rows), multi_row_sql(head, width, rows, tail));
+        cache.entry(key).or_default().push(made);
+    }
+    let found = cache[&key].iter().find(|(k, _)| same(k)).expect("inserted above");
+    &found.1
+}
+
+/// `head VALUES (?1, …), (…) tail` for `rows` rows of `width` values.
+fn multi_row_sql(head: &str, width: usize, rows: usize, tail: &str) -> String {
+    let mut sql = String::with_capacity(head.len() + tail.len() + rows * width * 6 + 16);
+    sql.push_str(head);
+    sql.push_str(" VALUES ");
+    let mut n = 0;
+    for i in 0..rows {
+        sql.push_str(if i == 0 { "(" } else { ", (" });
+        for j in 0..width {
+            n += 1;
+            sql.push_str(if j == 0 { "?" } else { ", ?" });
+            sql.push_str(&n.to_string());
+        }
+        sql.push(')');
+    }
+    sql.push(' ');
+    sql.push_str(tail);
+    sql
+}
+
+fn value_of(v: ValueRef<'_>) -> SqlValue {
+    match v {
+        ValueRef::Null => SqlValue::Null,
+        ValueRef::Integer(v) => SqlValue::Int(v),
+        ValueRef::Real(v) => SqlValue::Real(v),
+        ValueRef::Text(v) => SqlValue::Text(String::from_utf8_lossy(v).into_owned()),
+        ValueRef::Blob(v) => SqlValue::Blob(v.to_vec()),
+    }
+}
+
 /// SQL longer than this (generated multi-row statements) is prepared for one use, not cached:
 /// such texts rarely repeat and would push the hot statements out of the cache.
 const ONE_OFF: usize = 4096;
@@ -89,17 +173,7 @@ fn rows_of(st: &mut rusqlite::Statement<'_>, params: &[SqlValue]) -> Result<Vec<
     let p: Vec<Param<'_>> = params.iter().map(Param).collect();
     let rows = st
         .query_map(rusqlite::params_from_iter(p.iter()), |r| {
-            (0..cols)
-                .map(|i| {
-                    Ok(match r.get_ref(i)? {
-                        ValueRef::Null => SqlValue::Null,
-                        ValueRef::Integer(v) => SqlValue::Int(v),
-                        ValueRef::Real(v) => SqlValue::Real(v),
-                        ValueRef::Text(v) => SqlValue::Text(String::from_utf8_lossy(v).into_owned()),
-                        ValueRef::Blob(v) => SqlValue::Blob(v.to_vec()),
-                    })
-                })
-                .collect::<rusqlite::Result<Row>>()
+            (0..cols).map(|i| r.get_ref(i).map(value_of)).collect::<rusqlite::Result<Row>>()
         })
         .map_err(storage_err)?;
     rows.collect::<rusqlite::Result<Vec<Row>>>().map_err(storage_err)

@@ -94,28 +94,44 @@ fn run(mut ctx: WriteCtx, rx: mpsc::Receiver<Work>, wakeup: Arc<Wakeup>) {
         // Set when SQLite has rolled the whole transaction back under us (I/O error, disk
         // full, a script that ended it): from then on nothing in this group can commit.
         let mut lost: Option<BackendError> = None;
+        // A request alone in its group needs no savepoint of its own (the transaction is its
+        // savepoint): a big request, an import batch, then does not copy every page it touches
+        // into a savepoint journal.
+        let alone = group.len() == 1;
         for work in group.drain(..) {
             if let Some(e) = &lost {
                 let (_, reply) = work(Err(e.clone()));
                 replies.push(reply);
                 continue;
             }
-            let sp = ctx.conn.execute_batch("SAVEPOINT op");
-            if let Err(e) = sp {
-                let (_, reply) = work(Err(storage_err(e)));
-                replies.push(reply);
-                continue;
+            if !alone {
+                if let Err(e) = ctx.conn.execute_batch("SAVEPOINT op") {
+                    let (_, reply) = work(Err(storage_err(e)));
+                    replies.push(reply);
+                    continue;
+                }
             }
             let (ok, reply) = work(Ok(&mut ctx));
-            let end = if ok {
-                ctx.keep_op();
-                "RELEASE op"
-            } else {
-                ctx.discard_op();
-                "ROLLBACK TO op; RELEASE op"
+            let end = match (ok, alone) {
+                (true, _) => {
+                    ctx.keep_op();
+                    (!alone).then_some("RELEASE op")
+                }
+                (false, false) => {
+                    ctx.discard_op();
+                    Some("ROLLBACK TO op; RELEASE op")
+                }
+                (false, true) => {
+                    // Nothing else is in this transaction: roll all of it back; the commit
+                    // below then writes nothing and the request is answered with its error.
+                    ctx.discard_op();
+                    Some("ROLLBACK; BEGIN IMMEDIATE")
+                }
             };
-            if let Err(e) = ctx.conn.execute_batch(end) {
-                tracing::error!(error = %e, "ending a savepoint failed");
+            if let Some(end) = end {
+                if let Err(e) = ctx.conn.execute_batch(end) {
+                    tracing::error!(error = %e, "ending a savepoint failed");
+                }
             }
             replies.push(reply);
             if ctx.conn.is_autocommit() {
@@ -164,6 +180,9 @@ fn run(mut ctx: WriteCtx, rx: mpsc::Receiver<Work>, wakeup: Arc<Wakeup>) {
     }
 }
 
+/// What makes an `insert_rows` statement: head, tail, values per row, rows.
+pub(crate) type InsertKey = (String, String, usize, usize);
+
 /// Per-queue changes: pending, delayed, reserved, failed.
 type Counts = HashMap<String, [i64; 4]>;
 const PENDING: usize = 0;
@@ -177,6 +196,9 @@ pub(crate) struct WriteCtx {
     /// `$N` → `?N` translations of application SQL, so a statement run per row is rewritten
     /// once, not every time.
     pub(crate) translated: HashMap<String, String>,
+    /// Texts of `insert_rows`' statements by a hash of what makes them, so a batch's statement
+    /// is looked up, not rebuilt (the key's parts are kept beside it and compared).
+    pub(crate) insert_sql: HashMap<u64, Vec<(InsertKey, String)>>,
     history: usize,
     history_inserts: usize,
     wake: bool,
@@ -199,6 +221,7 @@ impl WriteCtx {
         WriteCtx {
             conn,
             translated: HashMap::new(),
+            insert_sql: HashMap::new(),
             history,
             history_inserts: 0,
             wake: false,

@@ -208,18 +208,18 @@ pub async fn panicking_transaction_closure_leaves_backend_usable(b: Backend) {
 /// `insert_many` splits rows over as many statements as the parameter limits need, keeps every
 /// row, returns what `RETURNING` gives, and refuses rows of different widths.
 pub async fn insert_many_inserts_every_row_in_chunks_and_returns_them(b: Backend) {
-    use conveyor_core::backend::{insert_many, RowExt};
+    use conveyor_core::backend::{insert_many, RowExt, SqlValue};
     let table = table_name();
     let t = table.clone();
     let (returned, conflicts) = b
         .transact(move |tx| {
             tx.execute(&format!("CREATE TABLE {t} (n BIGINT PRIMARY KEY, label TEXT NOT NULL)"), &[])?;
             // 25,000 rows of two values: more than one statement's worth of parameters.
-            let rows = (0..25_000i64).map(|n| vec![n.into(), format!("row {n}").into()]).collect();
-            let returned = insert_many(tx, &format!("INSERT INTO {t} (n, label)"), rows, "RETURNING n")?;
+            let rows: Vec<Vec<SqlValue>> = (0..25_000i64).map(|n| vec![n.into(), format!("row {n}").into()]).collect();
+            let returned = insert_many(tx, &format!("INSERT INTO {t} (n, label)"), &rows, "RETURNING n")?;
             // Conflicting rows are skipped and not returned.
-            let again = (24_990..25_010i64).map(|n| vec![n.into(), "again".into()]).collect();
-            let conflicts = insert_many(tx, &format!("INSERT INTO {t} (n, label)"), again, "ON CONFLICT (n) DO NOTHING RETURNING n")?;
+            let again: Vec<Vec<SqlValue>> = (24_990..25_010i64).map(|n| vec![n.into(), "again".into()]).collect();
+            let conflicts = insert_many(tx, &format!("INSERT INTO {t} (n, label)"), &again, "ON CONFLICT (n) DO NOTHING RETURNING n")?;
             Ok((returned, conflicts))
         })
         .await
@@ -234,9 +234,9 @@ pub async fn insert_many_inserts_every_row_in_chunks_and_returns_them(b: Backend
 
     let t = table.clone();
     let err = b
-        .transact(move |tx| insert_many(tx, &format!("INSERT INTO {t} (n, label)"), vec![vec![1.into()], vec![2.into(), "x".into()]], ""))
+        .transact(move |tx| insert_many(tx, &format!("INSERT INTO {t} (n, label)"), &[vec![1.into()], vec![2.into(), "x".into()]], ""))
         .await
         .expect_err("rows of different widths");
     assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");
-    assert!(b.transact(move |tx| insert_many(tx, "INSERT INTO nowhere (n)", vec![], "")).await.unwrap().is_empty(), "no rows, no SQL");
+    assert!(b.transact(move |tx| insert_many(tx, "INSERT INTO nowhere (n)", &[], "")).await.unwrap().is_empty(), "no rows, no SQL");
 }
