@@ -64,6 +64,8 @@ struct Line {
     sku: String,
     quantity: i64,
     unit_price: i64,
+    /// Where it is in the file.
+    at: u64,
 }
 
 struct ParsedOrder {
@@ -298,7 +300,7 @@ fn parse_orders<R: Read>(
         if current.as_ref().is_none_or(|(o, _, _)| o.id != order_id) {
             close(current.take(), &mut batch, &mut rejected, &mut rejected_ids);
         }
-        let parsed = parse_line(&record, &col, known);
+        let parsed = parse_line(&record, &col, known).map(|(head, item)| (head, Line { at: line, ..item }));
         match (&mut current, parsed) {
             (_, Err((field_name, reason))) => {
                 rejected.push(Rejected { line, reason: format!("{field_name}: {reason}") });
@@ -321,6 +323,12 @@ fn parse_orders<R: Read>(
                         current = Some((stub, vec![line], Some((line, reason))));
                     }
                 }
+            }
+            (Some((order, _, _)), Ok((head, item))) if repeats(order, &head, &item).is_some() => {
+                // The same line again (a file exported twice over, a copy-paste): reported and
+                // left out, the order is imported once with its other lines.
+                let first = repeats(order, &head, &item).unwrap_or_default();
+                rejected.push(Rejected { line, reason: format!("order_id: duplicate of line {first}, skipped") });
             }
             (Some((order, lines, bad)), Ok((head, item))) => {
                 lines.push(line);
@@ -413,7 +421,7 @@ fn parse_line(
         lines: Vec::new(),
         line_numbers: Vec::new(),
     };
-    Ok((head, Line { sku: sku.to_string(), quantity, unit_price }))
+    Ok((head, Line { sku: sku.to_string(), quantity, unit_price, at: 0 }))
 }
 
 pub(crate) fn valid_email(e: &str) -> bool {
@@ -443,6 +451,16 @@ pub(crate) fn parse_date(text: &str) -> Option<(String, String)> {
         return None;
     };
     Some((utc.to_rfc3339_opts(SecondsFormat::Secs, true), utc.format("%Y-%m-%d").to_string()))
+}
+
+/// The line of `order` that `item` (with its order fields `head`) repeats exactly, if any.
+fn repeats(order: &ParsedOrder, head: &ParsedOrder, item: &Line) -> Option<u64> {
+    let same_order = head.customer_id == order.customer_id
+        && head.customer_name == order.customer_name
+        && head.customer_email == order.customer_email
+        && head.order_date == order.order_date;
+    let same = |l: &&Line| l.sku == item.sku && l.quantity == item.quantity && l.unit_price == item.unit_price;
+    same_order.then(|| order.lines.iter().find(same).map(|l| l.at)).flatten()
 }
 
 fn order_total(o: &ParsedOrder) -> i64 {

@@ -179,9 +179,10 @@ pub(crate) async fn bad_csv_lines_are_reported_by_line_and_good_orders_imported(
         5,O5,Max,not-an-email,A,1,1.00,2026-11-01\r\n\
         6,O6,Kim,kim@example.com,A,1,1.00,yesterday\r\n\
         7,O7,Lee,lee@example.com,A,1,1.00,2026-11-02T10:30:00+02:00\r\n\
+        7,O7,Lee,lee@example.com,A,2,1.00,2026-11-02T10:30:00+02:00\r\n\
         7,O7,Lee,lee@example.com,A,1,1.00,2026-11-02T10:30:00+02:00\r\n";
     let report = import::import_orders(&c, std::io::Cursor::new(csv.as_bytes().to_vec()), |_| {}).await.unwrap();
-    assert_eq!(report.rows, 10);
+    assert_eq!(report.rows, 11);
     assert_eq!(report.orders, 2, "O1 and O7 imported: {report:?}");
     let reasons: HashMap<u64, &str> = report.rejected.iter().map(|r| (r.line, r.reason.as_str())).collect();
     assert!(reasons[&4].starts_with("quantity:"), "{reasons:?}");
@@ -193,12 +194,14 @@ pub(crate) async fn bad_csv_lines_are_reported_by_line_and_good_orders_imported(
     assert!(reasons[&7].starts_with("unit_price:"), "{reasons:?}");
     assert!(reasons[&8].starts_with("customer_email:"), "{reasons:?}");
     assert!(reasons[&9].starts_with("order_date:"), "{reasons:?}");
-    assert_eq!(report.rejected.len(), 6);
+    assert_eq!(reasons[&12], "order_id: duplicate of line 10, skipped", "{reasons:?}");
+    assert_eq!(report.rejected.len(), 7);
     let o1 = orders::order(s.backend.as_ref(), "O1").await.unwrap().unwrap();
     assert_eq!(o1.customer_name, "Zoë, Ltd");
     assert_eq!(o1.total, 4.5);
     let o7 = orders::order(s.backend.as_ref(), "O7").await.unwrap().unwrap();
-    assert_eq!(o7.items.len(), 2, "two lines of one order with the same SKU are both kept");
+    assert_eq!(o7.items.len(), 2, "two lines of one order with the same SKU are both kept, an exact repeat is not");
+    assert_eq!(o7.total, 3.0);
     assert_eq!(o7.order_date, "2026-11-02T08:30:00Z", "dates are normalized to UTC");
 
     let missing = import::import_orders(&c, std::io::Cursor::new(b"order_id,sku\nX,A\n".to_vec()), |_| {}).await.unwrap_err();
