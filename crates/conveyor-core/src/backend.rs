@@ -250,6 +250,19 @@ pub trait QueueBackend: Send + Sync + 'static {
         Ok(())
     }
 
+    // --- named locks (see `lock`) ------------------------------------------------------------
+
+    /// Takes `key` for `owner` for `ttl` unless another owner holds it (the holder extends
+    /// it). The default keeps locks in the store's `locks` table; Redis keeps them in Redis.
+    async fn lock_acquire(&self, key: &str, owner: &str, ttl: Duration) -> Result<bool> {
+        crate::lock::acquire_in_store(self, key, owner, ttl).await
+    }
+
+    /// Releases `key` if `owner` holds it.
+    async fn lock_release(&self, key: &str, owner: &str) -> Result<bool> {
+        crate::lock::release_in_store(self, key, owner).await
+    }
+
     // --- dispatch support for brokers that deliver the store's jobs (RabbitMQ) ---------------
 
     /// Registers `hook`, called after every commit that made jobs ready (pending): enqueued,

@@ -1,6 +1,8 @@
-//! Named locks with an owner and an expiry (without-overlapping jobs, scheduler leadership):
-//! taking one is a single conditional upsert, so exactly one owner holds it at a time, and a
-//! crashed owner's lock frees itself when it expires.
+//! Named locks with an owner and an expiry (without-overlapping jobs): taking one is a single
+//! conditional write, so exactly one owner holds it at a time, and a crashed owner's lock frees
+//! itself when it expires. They live where the backend keeps them
+//! ([`QueueBackend::lock_acquire`]): a row of the store's `locks` table, or a Redis key when the
+//! queue is on Redis.
 
 use std::time::Duration;
 
@@ -10,6 +12,16 @@ use crate::clock::now_ms;
 /// Takes `key` for `owner` until `ttl` passes, unless someone else holds it. Taking a lock one
 /// already holds extends it.
 pub async fn acquire(backend: &dyn QueueBackend, key: &str, owner: &str, ttl: Duration) -> Result<bool> {
+    backend.lock_acquire(key, owner, ttl).await
+}
+
+/// Releases `key` if `owner` holds it.
+pub async fn release(backend: &dyn QueueBackend, key: &str, owner: &str) -> Result<bool> {
+    backend.lock_release(key, owner).await
+}
+
+/// [`acquire`] on the store: one conditional upsert.
+pub async fn acquire_in_store<B: QueueBackend + ?Sized>(backend: &B, key: &str, owner: &str, ttl: Duration) -> Result<bool> {
     let (key, owner) = (key.to_string(), owner.to_string());
     let now = now_ms();
     let n = backend
@@ -25,8 +37,8 @@ pub async fn acquire(backend: &dyn QueueBackend, key: &str, owner: &str, ttl: Du
     Ok(n == 1)
 }
 
-/// Releases `key` if `owner` holds it.
-pub async fn release(backend: &dyn QueueBackend, key: &str, owner: &str) -> Result<bool> {
+/// [`release`] on the store.
+pub async fn release_in_store<B: QueueBackend + ?Sized>(backend: &B, key: &str, owner: &str) -> Result<bool> {
     let (key, owner) = (key.to_string(), owner.to_string());
     let n = backend.transact(move |tx| tx.execute("DELETE FROM locks WHERE key = $1 AND owner = $2", &[key.into(), owner.into()])).await?;
     Ok(n == 1)

@@ -83,6 +83,8 @@ struct Scripts {
     forget_failed: Script,
     clear: Script,
     metrics: Script,
+    lock_acquire: Script,
+    lock_release: Script,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -96,6 +98,8 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     forget_failed: Script::new(&scripts::forget_failed()),
     clear: Script::new(&scripts::clear()),
     metrics: Script::new(&scripts::metrics()),
+    lock_acquire: Script::new(&scripts::lock_acquire()),
+    lock_release: Script::new(&scripts::lock_release()),
 });
 
 /// Most jobs one script call takes (Lua's `unpack` takes at most 8,000 values).
@@ -1330,6 +1334,18 @@ impl QueueBackend for RedisBackend {
         self.redis(|c, _| redis::cmd("PING").query::<String>(c)).await.map(|_| ())
     }
 
+    async fn lock_acquire(&self, key: &str, owner: &str, ttl: Duration) -> Result<bool> {
+        // Redis' own clock expires it: no two machines' clocks have to agree.
+        let ttl_ms = ttl.as_millis().clamp(1, i64::MAX as u128).to_string();
+        let v = self.script(|s| &s.lock_acquire, vec![key.to_string(), owner.to_string(), ttl_ms]).await?;
+        Ok(int(&v) == 1)
+    }
+
+    async fn lock_release(&self, key: &str, owner: &str) -> Result<bool> {
+        let v = self.script(|s| &s.lock_release, vec![key.to_string(), owner.to_string()]).await?;
+        Ok(int(&v) == 1)
+    }
+
     async fn query(&self, sql: &str, params: Vec<SqlValue>) -> Result<Vec<Row>> {
         self.store.query(sql, params).await
     }
@@ -1366,6 +1382,29 @@ mod tests {
 
     async fn pending(b: &RedisBackend, queue: &str) -> u64 {
         b.queues().await.unwrap().into_iter().find(|q| q.queue == queue).map_or(0, |q| q.pending)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn named_locks_live_in_redis_with_its_expiry() {
+        let Some(redis) = TestRedis::create() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let b = open(&redis, &dir);
+        b.ensure_tables().await.unwrap();
+        let key_of = |k: &str| format!("{}:lock:{k}", tag_of(&redis.prefix));
+        let ttl = |k: String| {
+            let url = redis.url.clone();
+            move || -> i64 {
+                redis::cmd("PTTL").arg(&k).query(&mut redis::Client::open(url.as_str()).unwrap().get_connection().unwrap()).unwrap()
+            }
+        };
+        assert!(conveyor_core::lock::acquire(&b, "nightly", "a", Duration::from_secs(30)).await.unwrap());
+        assert!(!conveyor_core::lock::acquire(&b, "nightly", "b", Duration::from_secs(30)).await.unwrap());
+        let left = ttl(key_of("nightly"))();
+        assert!(left > 25_000 && left <= 30_000, "the key carries the lock's TTL: {left} ms");
+        let rows = b.query("SELECT count(*) FROM locks", vec![]).await.unwrap();
+        assert_eq!(rows[0][0], SqlValue::Int(0), "the store holds no lock row");
+        assert!(conveyor_core::lock::release(&b, "nightly", "a").await.unwrap());
+        assert_eq!(ttl(key_of("nightly"))(), -2, "released: the key is gone");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -396,3 +396,33 @@ return 0
 "#,
     )
 }
+
+/// Takes a named lock for an owner, or extends it for its holder. ARGV: tag, key, owner, TTL ms.
+/// Returns 1 when the owner holds it now, 0 when another does.
+pub(crate) fn lock_acquire() -> String {
+    with_prelude(
+        r#"
+local k = T..':lock:'..ARGV[2]
+local holder = redis.call('GET', k)
+if holder == false or holder == ARGV[3] then
+  redis.call('SET', k, ARGV[3], 'PX', ARGV[4])
+  return 1
+end
+return 0
+"#,
+    )
+}
+
+/// Releases a named lock if the owner holds it. ARGV: tag, key, owner. Returns 1 or 0.
+pub(crate) fn lock_release() -> String {
+    with_prelude(
+        r#"
+local k = T..':lock:'..ARGV[2]
+if redis.call('GET', k) == ARGV[3] then
+  redis.call('DEL', k)
+  return 1
+end
+return 0
+"#,
+    )
+}
