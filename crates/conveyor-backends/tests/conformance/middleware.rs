@@ -184,7 +184,9 @@ pub async fn jobs_released_after_the_breaker_are_not_breaker_calls(b: Backend) {
         ids.push(enqueue_one(&b, new_job(&q, KIND, n)).await);
     }
     let w = start(&b, registry, config(&q, 1, Duration::from_secs(5)));
-    wait_until("one job ran and three were released", Duration::from_secs(5), || async {
+    // Released jobs are due again after a minute: 30 s leaves a slow machine room without
+    // letting one come back.
+    wait_until("one job ran and three were released", Duration::from_secs(30), || async {
         let s = stats(&b, &q).await;
         s.delayed == 3 && s.pending == 0 && s.reserved == 0
     })
