@@ -413,8 +413,9 @@ pub trait Tx {
         Ok(())
     }
     /// Inserts many rows (see [`insert_many`]). The default sends multi-row statements, one
-    /// round trip per chunk; an in-process database (SQLite) overrides it with one cached
-    /// single-row statement run per row, which costs no parsing at all.
+    /// round trip per chunk; SQLite overrides it with cached statements of a few fixed row
+    /// counts, so a batch's rows are bound to statements parsed once per process. A `Tx` that
+    /// wraps another forwards it.
     fn insert_rows(&mut self, head: &str, rows: &[Vec<SqlValue>], tail: &str) -> Result<Vec<Row>> {
         multi_row_insert(self, head, rows, tail)
     }
@@ -481,7 +482,7 @@ pub fn multi_row_insert<T: Tx + ?Sized>(tx: &mut T, head: &str, rows: &[Vec<SqlV
         sql.push(' ');
         sql.push_str(tail);
         let params: Vec<SqlValue> = chunk.iter().flatten().cloned().collect();
-        if tail.contains("RETURNING") {
+        if tail.to_ascii_uppercase().contains("RETURNING") {
             out.extend(tx.query(&sql, &params)?);
         } else {
             tx.execute(&sql, &params)?;

@@ -290,6 +290,9 @@ impl Tx for OutboxTx<'_> {
     fn serialize_migrations(&mut self) -> Result<()> {
         self.inner.serialize_migrations()
     }
+    fn insert_rows(&mut self, head: &str, rows: &[Vec<SqlValue>], tail: &str) -> Result<Vec<Row>> {
+        self.inner.insert_rows(head, rows, tail)
+    }
     fn enqueue(&mut self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>> {
         let now = now_ms();
         let mut rows = Vec::with_capacity(jobs.len());

@@ -98,6 +98,8 @@ fn run(mut ctx: WriteCtx, rx: mpsc::Receiver<Work>, wakeup: Arc<Wakeup>) {
         // savepoint): a big request, an import batch, then does not copy every page it touches
         // into a savepoint journal.
         let alone = group.len() == 1;
+        // A lone request that failed and was rolled back with the whole transaction.
+        let mut rolled_back = false;
         for work in group.drain(..) {
             if let Some(e) = &lost {
                 let (_, reply) = work(Err(e.clone()));
@@ -122,10 +124,13 @@ fn run(mut ctx: WriteCtx, rx: mpsc::Receiver<Work>, wakeup: Arc<Wakeup>) {
                     Some("ROLLBACK TO op; RELEASE op")
                 }
                 (false, true) => {
-                    // Nothing else is in this transaction: roll all of it back; the commit
-                    // below then writes nothing and the request is answered with its error.
+                    // Nothing else is in this transaction: roll all of it back and answer the
+                    // request with its own error; no commit follows (the write lock is not
+                    // asked for again). If the rollback fails, the check below finds the
+                    // connection in autocommit only when SQLite ended the transaction itself.
                     ctx.discard_op();
-                    Some("ROLLBACK; BEGIN IMMEDIATE")
+                    rolled_back = ctx.conn.execute_batch("ROLLBACK").is_ok();
+                    None
                 }
             };
             if let Some(end) = end {
@@ -134,9 +139,20 @@ fn run(mut ctx: WriteCtx, rx: mpsc::Receiver<Work>, wakeup: Arc<Wakeup>) {
                 }
             }
             replies.push(reply);
+            if rolled_back {
+                break;
+            }
             if ctx.conn.is_autocommit() {
                 lost = Some(BackendError::Storage("the transaction was rolled back by SQLite; nothing in it was committed".into()));
             }
+        }
+        if rolled_back {
+            ctx.wake = false;
+            for reply in replies.drain(..) {
+                // `reply` answers with the request's own error whatever it is given.
+                reply(Ok(()));
+            }
+            continue;
         }
         if let Some(e) = lost {
             tracing::error!(error = %e, requests = replies.len(), "group commit lost; every request in it is answered with the error");

@@ -199,6 +199,21 @@ pub async fn panicking_transaction_closure_leaves_backend_usable(b: Backend) {
     };
     assert!(b.job(id).await.unwrap().is_none(), "the panicking transaction's job was committed");
     assert_eq!(count_notes(&b, &table, "before the panic").await, 0, "the panicking transaction's row was committed");
+
+    // A closure that fails gets its own error back (not a storage error), and commits nothing.
+    let (sql, failed_job) = (insert_note_sql(&table), new_job(&q, KIND, 3));
+    let failed_id = failed_job.id;
+    let err = b
+        .transact(move |tx| -> Result<(), BackendError> {
+            tx.execute(&sql, &[SqlValue::from("before the error")])?;
+            tx.enqueue(vec![failed_job])?;
+            Err(BackendError::Invalid("the closure's own error".into()))
+        })
+        .await
+        .expect_err("a failing closure");
+    assert!(matches!(&err, BackendError::Invalid(m) if m == "the closure's own error"), "{err:?}");
+    assert!(b.job(failed_id).await.unwrap().is_none(), "the failed transaction's job was committed");
+    assert_eq!(count_notes(&b, &table, "before the error").await, 0, "the failed transaction's row was committed");
     let job = reserve_one(&b, &q).await;
     assert_eq!(job.id, after_id);
     complete(&b, &job, Outcome::Completed).await;
