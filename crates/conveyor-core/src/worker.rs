@@ -256,6 +256,9 @@ struct FetchCtx {
     counters: Arc<Counters>,
 }
 
+/// How long a reserve already under way may still take once shutdown begins.
+const RESERVE_AT_SHUTDOWN: Duration = Duration::from_secs(5);
+
 async fn fetch_loop(ctx: FetchCtx) {
     let cfg = &ctx.sup.config;
     let slots = ctx.pool.slots.clone();
@@ -291,7 +294,22 @@ async fn fetch_loop(ctx: FetchCtx) {
         let want = permits.num_permits();
         let mark = wakeup.mark();
         let req = ReserveRequest { queues: ctx.pool.queues.clone(), max: want, lease: cfg.lease, worker: ctx.worker_id.clone() };
-        let jobs = match ctx.conveyor.backend().reserve(req).await {
+        // A reserve stuck on a broken connection must not hold shutdown up: once shutdown
+        // begins it gets a few seconds more, then is abandoned (what it may have reserved comes
+        // back when its lease expires).
+        let reserve = ctx.conveyor.backend().reserve(req);
+        tokio::pin!(reserve);
+        let reserved = tokio::select! {
+            r = &mut reserve => r,
+            _ = ctx.shutdown.cancelled() => match tokio::time::timeout(RESERVE_AT_SHUTDOWN, &mut reserve).await {
+                Ok(r) => r,
+                Err(_) => {
+                    warn!(supervisor = %cfg.name, "a reserve still pending at shutdown was abandoned");
+                    return;
+                }
+            },
+        };
+        let jobs = match reserved {
             Ok(jobs) => {
                 error_delay = Duration::from_millis(50);
                 jobs
