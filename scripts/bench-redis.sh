@@ -21,9 +21,15 @@ CONVEYOR_DATABASE_URL="sqlite://$dir/store.db" CONVEYOR_QUEUE=redis CONVEYOR_RED
   "$BIN" bench --jobs "$JOBS" --concurrency "${CONCURRENCY:-64}" --latency-secs "${LATENCY_SECS:-5}"
 c1="$(cpu)"
 redis-cli -u "$REDIS_URL" info commandstats | tr -d '\r' | awk -F'[:=,]' -v jobs="$((JOBS + 1000 * ${LATENCY_SECS:-5}))" -v cpu="$(echo "$c1 - $c0" | bc)" '
-  /^cmdstat_/ { name = substr($1, 9); calls[name] = $3; if (name != "evalsha" && name != "config|resetstat" && name != "info") inner += $3 }
+  /^cmdstat_/ {
+    name = substr($1, 9); calls[name] = $3
+    if (name != "evalsha" && name != "exec" && name != "multi" && name != "config|resetstat" && name != "info") inner += $3
+  }
   END {
-    # Per job of both phases (the latency phase adds 1,000 jobs a second).
-    printf "redis: evalsha (round trips) %d = %.3f per job; commands inside scripts %d = %.3f per job; redis CPU %.2f s = %.1f us per job\n",
-      calls["evalsha"], calls["evalsha"] / jobs, inner, inner / jobs, cpu, cpu * 1e6 / jobs
+    # Per job of both phases (the latency phase adds 1,000 jobs a second). A round trip is a
+    # script call (EVALSHA) or a MULTI/EXEC block (the plain enqueue); commands are those
+    # that run inside either.
+    trips = calls["evalsha"] + calls["exec"]
+    printf "redis: round trips (evalsha %d + exec %d) = %.4f per job; commands inside them %d = %.3f per job; redis CPU %.2f s = %.1f us per job\n",
+      calls["evalsha"], calls["exec"], trips / jobs, inner, inner / jobs, cpu, cpu * 1e6 / jobs
   }'

@@ -151,7 +151,9 @@ impl Stored {
     }
 }
 
-/// A job's mutable part as stored in `T:s`.
+/// A job's mutable part as stored in `T:s`: attempts, available at, lease token (empty unless
+/// reserved), reserved at, worker, and for a completed job in the history: finished at,
+/// runtime, wait.
 #[derive(Default)]
 struct State {
     attempts: u32,
@@ -159,11 +161,19 @@ struct State {
     token: String,
     reserved_at: i64,
     worker: String,
+    /// Finished at, runtime and wait of a completed job.
+    completed: Option<(i64, u64, u64)>,
 }
 
 impl State {
+    /// The state of a job from its `T:s` field; a job without one was never reserved and
+    /// became available when it was created.
+    fn of(s: Option<&str>, stored: &Stored) -> State {
+        s.map(State::parse).unwrap_or(State { available_at: stored.created_at, ..State::default() })
+    }
+
     fn parse(s: &str) -> State {
-        let f: Vec<&str> = s.splitn(5, '\x1f').collect();
+        let f: Vec<&str> = s.split('\x1f').collect();
         let n = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).map_or(0, |v| v as i64);
         State {
             attempts: n(0) as u32,
@@ -171,6 +181,7 @@ impl State {
             token: f.get(2).unwrap_or(&"").to_string(),
             reserved_at: n(3),
             worker: f.get(4).unwrap_or(&"").to_string(),
+            completed: (f.len() >= 8).then(|| (n(5), n(6).max(0) as u64, n(7).max(0) as u64)),
         }
     }
 }
@@ -319,6 +330,9 @@ pub struct RedisBackend {
     history: usize,
     wakeup: Arc<Wakeup>,
     tables: OnceCell<()>,
+    /// Metrics writes under way (each holds a read guard); `metrics()` takes the write guard
+    /// first, so a caller reads the metrics of every completion it has seen acknowledged.
+    metrics_writes: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl RedisBackend {
@@ -331,17 +345,20 @@ impl RedisBackend {
         let tag = tag_of(&options.prefix);
         let wakeup = Arc::new(Wakeup::default());
         conn::spawn_subscriber(pool.client(), format!("{tag}:wake"), Arc::downgrade(&wakeup));
-        Ok(RedisBackend { pool, store, tag, history: options.completed_history, wakeup, tables: OnceCell::new() })
+        Ok(RedisBackend {
+            pool,
+            store,
+            tag,
+            history: options.completed_history,
+            wakeup,
+            tables: OnceCell::new(),
+            metrics_writes: Arc::new(tokio::sync::RwLock::new(())),
+        })
     }
 
     /// The relational store beside the queue.
     pub fn store(&self) -> &Arc<dyn QueueBackend> {
         &self.store
-    }
-
-    /// The key every script call names, so Redis Cluster routes it to the tag's slot.
-    fn route_key(&self) -> String {
-        format!("{}:queues", self.tag)
     }
 
     /// Runs `f` with a pooled connection on a blocking thread.
@@ -350,27 +367,12 @@ impl RedisBackend {
         R: Send + 'static,
         F: FnMut(&mut redis::Connection, &str) -> redis::RedisResult<R> + Send + 'static,
     {
-        let pool = self.pool.clone();
-        let tag = self.tag.clone();
-        let mut f = f;
-        tokio::task::spawn_blocking(move || pool.with(|c| f(c, &tag)))
-            .await
-            .map_err(|e| BackendError::Other(format!("Redis task failed: {e}")))?
+        on_pool(self.pool.clone(), self.tag.clone(), f).await
     }
 
     /// Runs one script with `args` after the tag.
     async fn script(&self, pick: fn(&Scripts) -> &Script, args: Vec<String>) -> Result<Value> {
-        let key = self.route_key();
-        self.redis(move |c, tag| {
-            let script = pick(&SCRIPTS);
-            let mut inv = script.key(&key);
-            inv.arg(tag);
-            for a in &args {
-                inv.arg(a);
-            }
-            inv.invoke::<Value>(c)
-        })
-        .await
+        run_script(self.pool.clone(), self.tag.clone(), pick, args).await
     }
 
     async fn ensure_tables(&self) -> Result<()> {
@@ -422,12 +424,70 @@ impl RedisBackend {
         Ok(())
     }
 
+    /// Enqueues jobs that need no check (no unique key, not from the outbox) in one MULTI: a
+    /// variadic HSET of their data, a ZADD per queue and set, the queue names and a wake-up.
+    /// A job available from its creation on gets no state field (see `State::of`); one with
+    /// a `run_at` gets its own available time.
+    /// Returns whether any job is ready now.
+    async fn push_plain(&self, chunk: &[NewJob], now: i64) -> Result<bool> {
+        let mut data = Vec::with_capacity(chunk.len() * 2);
+        let mut states = Vec::new();
+        let mut sets: Vec<(String, Vec<(i64, String)>)> = Vec::new();
+        let mut queues: Vec<String> = Vec::new();
+        let mut ready_any = false;
+        for job in chunk {
+            job.validate().map_err(BackendError::Invalid)?;
+            let id = job.id.to_string();
+            let av = job.run_at.unwrap_or(now);
+            let ready = av <= now;
+            ready_any |= ready;
+            let set = format!("{}:q:{}:{}", self.tag, job.queue, if ready { "r" } else { "d" });
+            let member = (if ready { -(job.priority as i64) } else { av }, id.clone());
+            match sets.iter_mut().find(|(k, _)| *k == set) {
+                Some((_, m)) => m.push(member),
+                None => sets.push((set, vec![member])),
+            }
+            if !queues.contains(&job.queue) {
+                queues.push(job.queue.clone());
+            }
+            if av != now {
+                states.push(id.clone());
+                states.push(format!("0\x1f{av}\x1f\x1f\x1f"));
+            }
+            data.push(id);
+            data.push(Stored::pack(job, now)?);
+        }
+        self.redis(move |c, tag| {
+            let mut p = redis::pipe();
+            p.atomic();
+            p.cmd("HSET").arg(format!("{tag}:d")).arg(&data).ignore();
+            if !states.is_empty() {
+                p.cmd("HSET").arg(format!("{tag}:s")).arg(&states).ignore();
+            }
+            for (set, members) in &sets {
+                p.cmd("ZADD").arg(set).arg(members).ignore();
+            }
+            p.cmd("SADD").arg(format!("{tag}:queues")).arg(&queues).ignore();
+            if ready_any {
+                p.cmd("PUBLISH").arg(format!("{tag}:wake")).arg("1").ignore();
+            }
+            p.query::<()>(c)
+        })
+        .await?;
+        Ok(ready_any)
+    }
+
     /// The enqueue script over `jobs`.
     async fn push(&self, jobs: Vec<NewJob>, relayed: bool) -> Result<Vec<EnqueueOutcome>> {
         let now = now_ms();
         let mut out = Vec::with_capacity(jobs.len());
         let mut ready_any = false;
         for chunk in jobs.chunks(PER_CALL) {
+            if !relayed && chunk.iter().all(|j| j.unique.is_none()) {
+                ready_any |= self.push_plain(chunk, now).await?;
+                out.extend(chunk.iter().map(|j| EnqueueOutcome::Enqueued { id: j.id }));
+                continue;
+            }
             let mut args = Vec::with_capacity(1 + chunk.len() * 10);
             args.push(now.to_string());
             for job in chunk {
@@ -437,7 +497,7 @@ impl RedisBackend {
                 args.push(job.queue.clone());
                 args.push((-(job.priority as i64)).to_string());
                 args.push(Stored::pack(job, now)?);
-                args.push(format!("0\x1f{av}\x1f\x1f\x1f"));
+                args.push(if av == now { String::new() } else { format!("0\x1f{av}\x1f\x1f\x1f") });
                 args.push(if av <= now { "1" } else { "" }.into());
                 args.push(av.to_string());
                 match &job.unique {
@@ -507,8 +567,9 @@ impl RedisBackend {
         Ok(())
     }
 
-    /// Adds the applied completions to the per-minute metrics.
-    async fn record_metrics(&self, applied: Vec<&Completion>, now: i64) {
+    /// Adds the applied completions to the per-minute metrics; `detached`: in a task of its
+    /// own, so that acknowledging the next batch need not wait for it (see `metrics_writes`).
+    async fn record_metrics(&self, applied: Vec<&Completion>, now: i64, detached: bool) {
         if applied.is_empty() {
             return;
         }
@@ -540,9 +601,20 @@ impl RedisBackend {
                 args.push(n.to_string());
             }
         }
-        if let Err(e) = self.script(|s| &s.metrics, args).await {
-            tracing::warn!(error = %e, "recording job metrics in Redis failed");
+        if !detached {
+            if let Err(e) = self.script(|s| &s.metrics, args).await {
+                tracing::warn!(error = %e, "recording job metrics in Redis failed");
+            }
+            return;
         }
+        let writing = self.metrics_writes.clone().read_owned().await;
+        let (pool, tag) = (self.pool.clone(), self.tag.clone());
+        tokio::spawn(async move {
+            if let Err(e) = run_script(pool, tag, |s| &s.metrics, args).await {
+                tracing::warn!(error = %e, "recording job metrics in Redis failed");
+            }
+            drop(writing);
+        });
     }
 
     /// The completion script; returns which completions applied.
@@ -556,7 +628,7 @@ impl RedisBackend {
 
     async fn apply_chunk(&self, completions: &[Completion], records: bool) -> Result<Vec<bool>> {
         let now = now_ms();
-        let mut args = Vec::with_capacity(2 + completions.len() * 8);
+        let mut args = Vec::with_capacity(2 + completions.len() * 10);
         args.push(now.to_string());
         args.push(self.history.to_string());
         for c in completions {
@@ -581,6 +653,8 @@ impl RedisBackend {
             args.push(record.unwrap_or_default());
             args.push(c.runtime_ms.to_string());
             args.push(c.wait_ms.to_string());
+            args.push(c.queue.clone());
+            args.push(c.unique_key.clone().unwrap_or_default());
         }
         let mut res = items(self.script(|s| &s.complete, args).await?).into_iter();
         let flags: Vec<bool> = res.next().map(items).unwrap_or_default().iter().map(|v| int(v) == 1).collect();
@@ -591,7 +665,7 @@ impl RedisBackend {
         if let Err(e) = self.apply_records(members).await {
             tracing::warn!(error = %e, "outcome hooks are left for the reaper pass");
         }
-        self.record_metrics(completions.iter().zip(&flags).filter(|(_, f)| **f).map(|(c, _)| c).collect(), now).await;
+        self.record_metrics(completions.iter().zip(&flags).filter(|(_, f)| **f).map(|(c, _)| c).collect(), now, true).await;
         Ok(flags)
     }
 
@@ -677,9 +751,36 @@ impl RedisBackend {
 
     /// The completed history (newest first).
     async fn history(&self) -> Result<Vec<JobInfo>> {
-        let entries: Vec<String> = self.redis(|c, tag| redis::cmd("LRANGE").arg(format!("{tag}:done")).arg(0).arg(-1).query(c)).await?;
-        Ok(entries.iter().filter_map(|e| history_info(e)).collect())
+        let ids: Vec<String> = self.redis(|c, tag| redis::cmd("LRANGE").arg(format!("{tag}:done")).arg(0).arg(-1).query(c)).await?;
+        let found = self.raw(ids).await?;
+        Ok(found.iter().filter_map(|(id, raw)| raw_info(id, raw, false)).filter(|j| j.state == JobState::Completed).collect())
     }
+}
+
+/// Runs `f` with a connection of `pool` on a blocking thread.
+async fn on_pool<R, F>(pool: Arc<Pool>, tag: String, mut f: F) -> Result<R>
+where
+    R: Send + 'static,
+    F: FnMut(&mut redis::Connection, &str) -> redis::RedisResult<R> + Send + 'static,
+{
+    tokio::task::spawn_blocking(move || pool.with(|c| f(c, &tag)))
+        .await
+        .map_err(|e| BackendError::Other(format!("Redis task failed: {e}")))?
+}
+
+/// Runs one script with the tag and `args`, naming `T:queues` as its key so that Redis Cluster
+/// routes it to the tag's slot.
+async fn run_script(pool: Arc<Pool>, tag: String, pick: fn(&Scripts) -> &Script, args: Vec<String>) -> Result<Value> {
+    let key = format!("{tag}:queues");
+    on_pool(pool, tag, move |c, tag| {
+        let mut inv = pick(&SCRIPTS).key(&key);
+        inv.arg(tag);
+        for a in &args {
+            inv.arg(a);
+        }
+        inv.invoke::<Value>(c)
+    })
+    .await
 }
 
 /// Applies records whose mark is not in the store yet, marking them.
@@ -700,15 +801,21 @@ fn apply_marked(tx: &mut dyn Tx, records: &[(String, Record)]) -> Result<()> {
 /// A job as the admin API shows it; `delayed` tells a waiting job that is not due yet.
 fn raw_info(id: &str, raw: &Raw, delayed: bool) -> Option<JobInfo> {
     let stored = Stored::parse(raw.d.as_deref()?)?;
-    let st = raw.s.as_deref().map(State::parse).unwrap_or_default();
+    let st = State::of(raw.s.as_deref(), &stored);
     let failed = raw.x.as_deref().map(failed_at);
-    let state = match (&failed, st.token.is_empty()) {
-        (Some(_), _) => JobState::Failed,
-        (None, false) => JobState::Reserved,
+    let state = match (&failed, st.completed, st.token.is_empty()) {
+        (Some(_), _, _) => JobState::Failed,
+        (None, Some(_), _) => JobState::Completed,
+        (None, None, false) => JobState::Reserved,
         _ if delayed => JobState::Delayed,
         _ => JobState::Pending,
     };
-    let reserved = state == JobState::Reserved;
+    let ran = matches!(state, JobState::Reserved | JobState::Completed);
+    let (finished_at, runtime_ms, wait_ms) = match (failed, st.completed) {
+        (Some((at, rt)), _) => (Some(at), Some(rt), None),
+        (None, Some((at, rt, wt))) => (Some(at), Some(rt), Some(wt)),
+        _ => (None, None, None),
+    };
     Some(JobInfo {
         id: id.parse().ok()?,
         queue: stored.queue,
@@ -719,16 +826,16 @@ fn raw_info(id: &str, raw: &Raw, delayed: bool) -> Option<JobInfo> {
         max_attempts: stored.max_attempts,
         priority: stored.priority,
         tags: stored.data.tg,
-        unique_key: stored.unique,
+        unique_key: stored.unique.filter(|_| state != JobState::Completed),
         batch_id: stored.data.bt,
-        error: raw.error.clone(),
+        error: raw.error.clone().filter(|_| state != JobState::Completed),
         created_at: stored.created_at,
-        available_at: Some(st.available_at),
-        reserved_at: reserved.then_some(st.reserved_at),
-        finished_at: failed.map(|f| f.0),
-        runtime_ms: failed.map(|f| f.1),
-        wait_ms: None,
-        worker: reserved.then_some(st.worker).filter(|w| !w.is_empty()),
+        available_at: (state != JobState::Completed).then_some(st.available_at),
+        reserved_at: ran.then_some(st.reserved_at),
+        finished_at,
+        runtime_ms,
+        wait_ms,
+        worker: ran.then_some(st.worker).filter(|w| !w.is_empty()),
     })
 }
 
@@ -738,42 +845,10 @@ fn failed_at(x: &str) -> (i64, u64) {
     (at.parse().unwrap_or(0), rt.parse::<f64>().map_or(0, |v| v.max(0.0) as u64))
 }
 
-/// An entry of the completed history: id, finished, runtime, wait, attempts, worker, reserved
-/// at, then the job's packed data — separated by U+001F.
-fn history_info(entry: &str) -> Option<JobInfo> {
-    let f: Vec<&str> = entry.splitn(8, '\x1f').collect();
-    if f.len() != 8 {
-        return None;
-    }
-    let n = |i: usize| f[i].parse::<f64>().map_or(0, |v| v as i64);
-    let stored = Stored::parse(f[7])?;
-    Some(JobInfo {
-        id: f[0].parse().ok()?,
-        queue: stored.queue,
-        kind: stored.data.k,
-        state: JobState::Completed,
-        payload: payload_value(&stored.data.p),
-        attempts: n(4) as u32,
-        max_attempts: stored.max_attempts,
-        priority: stored.priority,
-        tags: stored.data.tg,
-        unique_key: None,
-        batch_id: stored.data.bt,
-        error: None,
-        created_at: stored.created_at,
-        available_at: None,
-        reserved_at: Some(n(6)),
-        finished_at: Some(n(1)),
-        runtime_ms: Some(n(2).max(0) as u64),
-        wait_ms: Some(n(3).max(0) as u64),
-        worker: Some(f[5].to_string()).filter(|w| !w.is_empty()),
-    })
-}
-
 fn failed_info(id: &str, raw: &Raw) -> Option<FailedJob> {
     let (failed_at, runtime_ms) = failed_at(raw.x.as_deref()?);
     let stored = Stored::parse(raw.d.as_deref()?)?;
-    let st = raw.s.as_deref().map(State::parse).unwrap_or_default();
+    let st = State::of(raw.s.as_deref(), &stored);
     Some(FailedJob {
         id: id.parse().ok()?,
         queue: stored.queue,
@@ -828,14 +903,11 @@ impl QueueBackend for RedisBackend {
             vec![now.to_string(), (now + req.lease.as_millis() as i64).to_string(), token.to_string(), req.worker.clone(), max.to_string()];
         args.extend(req.queues.iter().cloned());
         let res = items(self.script(|s| &s.reserve, args).await?);
-        let mut jobs = Vec::with_capacity(res.len());
-        for r in res {
-            let v = items(r);
-            if v.len() < 4 {
-                continue;
-            }
+        let mut jobs = Vec::with_capacity(res.len() / 4);
+        for v in res.chunks_exact(4) {
             let Ok(id) = text(&v[0]).parse::<JobId>() else { continue };
             let Some(stored) = Stored::parse(&text(&v[3])) else { continue };
+            let available_at = if text(&v[2]).is_empty() { stored.created_at } else { int(&v[2]) };
             let d = stored.data;
             jobs.push(Job {
                 id,
@@ -852,7 +924,7 @@ impl QueueBackend for RedisBackend {
                 batch_id: d.bt,
                 workflow: d.wf,
                 created_at: stored.created_at,
-                available_at: int(&v[2]),
+                available_at,
                 reserved_at: now,
                 lease_token: token,
             });
@@ -951,7 +1023,7 @@ impl QueueBackend for RedisBackend {
         if completions.iter().any(|c| matches!(c.outcome, Outcome::Retry { .. })) {
             self.wakeup.wake();
         }
-        self.record_metrics(completions.iter().collect(), now).await;
+        self.record_metrics(completions.iter().collect(), now, false).await;
         if let Err(e) = self.recover().await {
             tracing::warn!(error = %e, "relaying the outbox / outcome records failed; retried on the next pass");
         }
@@ -992,9 +1064,16 @@ impl QueueBackend for RedisBackend {
                 let mut p = redis::pipe();
                 for h in &heads {
                     p.cmd("HGET").arg(format!("{tag}:s")).arg(h.clone().unwrap_or_default());
+                    p.cmd("HGET").arg(format!("{tag}:d")).arg(h.clone().unwrap_or_default());
                 }
                 let states: Vec<Option<String>> = if heads.is_empty() { Vec::new() } else { p.query(c)? };
-                let avs: Vec<Option<i64>> = states.iter().map(|s| s.as_deref().map(|s| State::parse(s).available_at)).collect();
+                let avs: Vec<Option<i64>> = states
+                    .chunks(2)
+                    .map(|sd| {
+                        let stored = Stored::parse(sd[1].as_deref()?)?;
+                        Some(State::of(sd[0].as_deref(), &stored).available_at)
+                    })
+                    .collect();
                 for ((o, h), av) in out.iter_mut().zip(&heads).zip(avs) {
                     o.2 = h.as_ref().and(av);
                 }
@@ -1065,7 +1144,8 @@ impl QueueBackend for RedisBackend {
             let delayed = self.redis(move |c, _| redis::cmd("ZSCORE").arg(&dk).arg(&k).query::<Option<f64>>(c)).await?.is_some();
             return Ok(raw_info(&key, &raw, delayed));
         }
-        Ok(self.history().await?.into_iter().find(|j| j.id == id))
+        // Completed jobs stay in `T:d` while they are in the history, so a job not found is gone.
+        Ok(None)
     }
 
     async fn jobs(&self, filter: JobFilter, page: Page) -> Result<Paged<JobInfo>> {
@@ -1194,6 +1274,7 @@ impl QueueBackend for RedisBackend {
     }
 
     async fn metrics(&self, query: MetricsQuery) -> Result<Vec<MetricsRow>> {
+        drop(self.metrics_writes.write().await);
         let since = query.since;
         let minutes: Vec<(i64, Vec<(String, Value)>)> = self
             .redis(move |c, tag| {
@@ -1468,6 +1549,8 @@ mod tests {
             record,
             "1".into(),
             "0".into(),
+            c.queue.clone(),
+            String::new(),
         ];
         let res = items(b.script(|s| &s.complete, args).await.unwrap());
         let members: Vec<String> = items(res[1].clone()).iter().map(text).collect();

@@ -49,8 +49,10 @@ fn with_prelude(body: &str) -> String {
     format!("{PRELUDE}{body}")
 }
 
-/// Enqueues jobs. ARGV: tag, now, then 10 per job: id, queue, score, packed data, packed state,
-/// ready ('1' or ''), due time, unique key ('' = none), unique TTL ms, relayed ('1' when the job
+/// Enqueues jobs that need a check first: a unique key, or an outbox id that may have been
+/// relayed already (the rest go in one MULTI, see `RedisBackend::push`). ARGV: tag, now, then
+/// 10 per job: id, queue, score, packed data, packed state ('' for a job available since its creation: no state until
+/// its first reservation), ready ('1' or ''), due time, unique key ('' = none), unique TTL ms, relayed ('1' when the job
 /// comes from the store's outbox and may already have been relayed). Returns, per job, '' when
 /// it was enqueued or the id of the job holding its unique key.
 pub(crate) fn enqueue() -> String {
@@ -70,17 +72,15 @@ for i = 3, #ARGV, 10 do
     res[#res+1] = dup
   else
     dh[#dh+1] = id; dh[#dh+1] = d
-    sh[#sh+1] = id; sh[#sh+1] = s
+    if s ~= '' then sh[#sh+1] = id; sh[#sh+1] = s end
     if r == '1' then push(ready, q, score, id); wake = true else push(delayed, q, due, id) end
     if not known[q] then redis.call('SADD', T..':queues', q); known[q] = true end
     if rel == '1' then redis.call('ZADD', T..':relayed', now, id) end
     res[#res+1] = ''
   end
 end
-if #dh > 0 then
-  redis.call('HSET', T..':d', unpack(dh))
-  redis.call('HSET', T..':s', unpack(sh))
-end
+if #dh > 0 then redis.call('HSET', T..':d', unpack(dh)) end
+if #sh > 0 then redis.call('HSET', T..':s', unpack(sh)) end
 each(ready, function(q, z) redis.call('ZADD', T..':q:'..q..':r', unpack(z)) end)
 each(delayed, function(q, z) redis.call('ZADD', T..':q:'..q..':d', unpack(z)) end)
 if wake then redis.call('PUBLISH', T..':wake', '1') end
@@ -91,14 +91,15 @@ return res
 
 /// Reserves up to `max` jobs from the queues in order, promoting due delayed jobs of each
 /// queue first (at most 1,000 per queue per call). ARGV: tag, now, lease end, token, worker,
-/// max, queues…. Returns per job {id, attempt, available at, packed data}.
+/// max, queues…. Returns, flat, 4 values per job: id, attempt, available at ('' when the job
+/// has no state yet: it became available when it was created), packed data.
 pub(crate) fn reserve() -> String {
     with_prelude(
         r#"
 local now, lease, token, worker, max = ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
 local out, sh = {}, {}
 for i = 7, #ARGV do
-  if #out >= max then break end
+  if #out / 4 >= max then break end
   local q = ARGV[i]
   if redis.call('SISMEMBER', T..':paused', q) == 0 then
     local qk = T..':q:'..q
@@ -112,7 +113,7 @@ for i = 7, #ARGV do
       redis.call('ZADD', qk..':r', unpack(z))
       redis.call('ZREM', qk..':d', unpack(due))
     end
-    local popped = redis.call('ZPOPMIN', qk..':r', max - #out)
+    local popped = redis.call('ZPOPMIN', qk..':r', max - #out / 4)
     if #popped > 0 then
       local ids = {}
       for j = 1, #popped, 2 do ids[#ids+1] = popped[j] end
@@ -120,12 +121,17 @@ for i = 7, #ARGV do
       local ds = redis.call('HMGET', T..':d', unpack(ids))
       local leased = {}
       for j, id in ipairs(ids) do
-        if ss[j] and ds[j] then
-          local a, av = string.match(ss[j], '^([^\31]*)\31([^\31]*)')
-          a = tonumber(a) + 1
-          sh[#sh+1] = id; sh[#sh+1] = a..'\31'..av..'\31'..token..'\31'..now..'\31'..worker
-          leased[#leased+1] = lease; leased[#leased+1] = id
-          out[#out+1] = {id, a, av, ds[j]}
+        local d = ds[j]
+        if d then
+          local a, av = 0, ''
+          if ss[j] then a, av = string.match(ss[j], '^([^\31]*)\31([^\31]*)'); a = tonumber(a) end
+          a = a + 1
+          local n = #sh
+          sh[n+1] = id; sh[n+2] = a..'\31'..av..'\31'..token..'\31'..now..'\31'..worker
+          n = #leased
+          leased[n+1] = lease; leased[n+2] = id
+          n = #out
+          out[n+1] = id; out[n+2] = a; out[n+3] = av; out[n+4] = d
         end
       end
       if #leased > 0 then redis.call('ZADD', qk..':l', unpack(leased)) end
@@ -138,34 +144,50 @@ return out
     )
 }
 
-/// Applies outcomes. ARGV: tag, now, history size, then 8 per completion: id, token, type
+/// Applies outcomes. ARGV: tag, now, history size, then 10 per completion: id, token, type
 /// (`c` completed, `r` retry, `f` failed, `l` release), at (retry / release time), error,
-/// record (the outcome as JSON for the store's hooks, or ''), runtime ms, wait ms. An outcome
-/// applies only while the job is reserved under `token`. Returns {applied flags (1/0), hook
-/// record members}.
+/// record (the outcome as JSON for the store's hooks, or ''), runtime ms, wait ms, queue, unique
+/// key. An outcome applies only while the job is reserved under `token`.
+///
+/// A completed job keeps its data in `T:d` while it is in the history: its state becomes
+/// `attempts␟available␟␟reserved at␟worker␟finished at␟runtime␟wait` and its id goes to the
+/// front of `T:done`; the ids pushed out of the history lose their fields. So a completion
+/// reads no job data (the caller knows the queue and unique key), and the history costs a
+/// list entry per job, not a copy of the job. Returns {applied flags (1/0), hook record members}.
 pub(crate) fn complete() -> String {
     with_prelude(
         r#"
 local now, keep = ARGV[2], tonumber(ARGV[3])
 local ids = {}
-for i = 4, #ARGV, 8 do ids[#ids+1] = ARGV[i] end
+for i = 4, #ARGV, 10 do ids[#ids+1] = ARGV[i] end
 local ss = redis.call('HMGET', T..':s', unpack(ids))
-local ds = redis.call('HMGET', T..':d', unpack(ids))
-local flags, records, unleased, gone, done, sh, eh, xh, ready, delayed, failed, wake = {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, false
+-- Retries, failures and releases need the job's priority: read the data of those only.
+local other, at_other = {}, {}
 for n, id in ipairs(ids) do
-  local i = 4 + (n - 1) * 8
-  local token, kind, at, err, rec, rt, wt = ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4], ARGV[i+5], ARGV[i+6], ARGV[i+7]
+  if ss[n] and ARGV[6 + (n - 1) * 10] ~= 'c' then other[#other+1] = id; at_other[n] = #other end
+end
+local ds = {}
+if #other > 0 then ds = redis.call('HMGET', T..':d', unpack(other)) end
+local flags, records, unleased, done, sh, eh, xh, ready, delayed, failed, wake = {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, false
+for n, id in ipairs(ids) do
+  local i = 4 + (n - 1) * 10
+  local token, kind, at, err, rec, rt, wt, q, u = ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4], ARGV[i+5], ARGV[i+6], ARGV[i+7], ARGV[i+8], ARGV[i+9]
   local applied = 0
-  if ss[n] and ds[n] then
+  if ss[n] then
     local a, av, t, ra, w = string.match(ss[n], S)
-    if t == token then
+    local d = at_other[n] and ds[at_other[n]]
+    if t == token and (kind == 'c' or d) then
       applied = 1
-      local q, score, _, u = string.match(ds[n], H)
-      push(unleased, q, id)
+      local score, _m
+      if d then q, score, _m, u = string.match(d, H) end
+      local l = unleased[q]
+      if not l then l = {}; unleased[q] = l end
+      l[#l+1] = id
       if kind == 'c' then
         release_unique(u, id)
-        gone[#gone+1] = id
-        if keep > 0 then done[#done+1] = table.concat({id, now, rt, wt, a, w, ra, ds[n]}, '\31') end
+        local m = #sh
+        sh[m+1] = id; sh[m+2] = a..'\31'..av..'\31\31'..ra..'\31'..w..'\31'..now..'\31'..rt..'\31'..wt
+        done[#done+1] = id
       elseif kind == 'f' then
         release_unique(u, id)
         sh[#sh+1] = id; sh[#sh+1] = a..'\31'..av..'\31\31'..ra..'\31'..w
@@ -187,11 +209,6 @@ for n, id in ipairs(ids) do
   flags[#flags+1] = applied
 end
 each(unleased, function(q, l) redis.call('ZREM', T..':q:'..q..':l', unpack(l)) end)
-if #gone > 0 then
-  redis.call('HDEL', T..':d', unpack(gone))
-  redis.call('HDEL', T..':s', unpack(gone))
-  redis.call('HDEL', T..':e', unpack(gone))
-end
 if #sh > 0 then redis.call('HSET', T..':s', unpack(sh)) end
 if #eh > 0 then redis.call('HSET', T..':e', unpack(eh)) end
 if #xh > 0 then redis.call('HSET', T..':x', unpack(xh)) end
@@ -202,8 +219,18 @@ each(failed, function(q, z)
   redis.call('ZADD', T..':failed', unpack(z))
 end)
 if #done > 0 then
-  redis.call('LPUSH', T..':done', unpack(done))
-  redis.call('LTRIM', T..':done', 0, keep - 1)
+  local gone = done
+  if keep > 0 then
+    redis.call('LPUSH', T..':done', unpack(done))
+    gone = redis.call('LRANGE', T..':done', keep, -1)
+    if #gone > 0 then redis.call('LTRIM', T..':done', 0, keep - 1) end
+  end
+  for j = 1, #gone, 4000 do
+    local part = {unpack(gone, j, math.min(j + 3999, #gone))}
+    redis.call('HDEL', T..':d', unpack(part))
+    redis.call('HDEL', T..':s', unpack(part))
+    redis.call('HDEL', T..':e', unpack(part))
+  end
 end
 if wake then redis.call('PUBLISH', T..':wake', '1') end
 return {flags, records}
