@@ -250,6 +250,12 @@ pub trait QueueBackend: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Where the cache, sorted sets, rate limiters and breakers keep their state when it is not
+    /// the store (see [`crate::state`]); `None`: in the store, as SQL.
+    fn shared_state(&self) -> Option<std::sync::Arc<dyn crate::state::SharedState>> {
+        None
+    }
+
     // --- named locks (see `lock`) ------------------------------------------------------------
 
     /// Takes `key` for `owner` for `ttl` unless another owner holds it (the holder extends
@@ -418,6 +424,11 @@ pub trait Tx {
     /// wraps another forwards it.
     fn insert_rows(&mut self, head: &str, rows: &[Vec<SqlValue>], tail: &str) -> Result<Vec<Row>> {
         multi_row_insert(self, head, rows, tail)
+    }
+    /// The shared state outside the store, when the backend has one (see [`crate::state`]);
+    /// `None`: the cache, sorted sets, rate limits and breakers are SQL in this transaction.
+    fn shared_state(&mut self) -> Option<&mut dyn crate::state::TxShared> {
+        None
     }
 }
 

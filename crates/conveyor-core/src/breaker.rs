@@ -1,9 +1,10 @@
 //! Circuit breakers by name: closed → open when the failure rate over a sliding window passes
 //! a threshold (with a minimum number of calls); open → half-open after the open duration,
 //! letting a few probe calls through; half-open → closed when the probes succeed, or open again
-//! on a failure. State lives in the store, so every worker of every process sees the same
+//! on a failure. State lives in the store — or in the backend's shared state (Redis, one script
+//! per decision; see [`crate::state`]) — so every worker of every process sees the same
 //! breaker; each transition is logged as an event (`breaker.open`, `breaker.half_open`,
-//! `breaker.closed`) in the transaction that makes it.
+//! `breaker.closed`), in the transaction that makes it when there is one.
 
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use serde::Serialize;
 use crate::backend::{QueueBackend, QueueBackendExt, Result, RowExt, Tx};
 use crate::clock::now_ms;
 use crate::event::Event;
+use crate::state::{blocking, BreakerRules, SharedState};
 use crate::Conveyor;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -113,10 +115,38 @@ impl Breaker {
         &self.name
     }
 
+    fn rules(&self) -> BreakerRules {
+        BreakerRules {
+            bucket_ms: (self.config.window.as_millis() as i64 / BUCKETS).max(1),
+            buckets: BUCKETS,
+            open_ms: self.config.open_for.as_millis() as i64,
+            probes: self.config.probes,
+            failure_rate: self.config.failure_rate,
+            min_calls: self.config.min_calls,
+        }
+    }
+
     /// Asks to make a call. A half-open breaker lets `probes` calls through.
     pub async fn allow(&self) -> Result<Permit> {
         let (this, now) = (self.clone(), now_ms());
+        if let Some(st) = self.conveyor.backend().shared_state() {
+            let (name, rules) = (self.name.clone(), self.rules());
+            let d = blocking(st, move |s| s.breaker_allow(&name, now, &rules)).await?;
+            if let Some(to) = d.transition {
+                self.announce_alone(to, now).await?;
+            }
+            return Ok(match d.retry_after_ms {
+                None => Permit::Allowed,
+                Some(ms) => Permit::Rejected { retry_after: Duration::from_millis(ms.max(1) as u64) },
+            });
+        }
         self.conveyor.backend().transact(move |tx| this.allow_in(tx, now)).await
+    }
+
+    /// Logs a transition made on the shared state, with its event in a transaction of its own.
+    async fn announce_alone(&self, to: String, now: i64) -> Result<()> {
+        let this = self.clone();
+        self.conveyor.backend().transact(move |tx| this.announce(tx, &to, now)).await
     }
 
     fn allow_in(&self, tx: &mut dyn Tx, now: i64) -> Result<Permit> {
@@ -156,11 +186,26 @@ impl Breaker {
     /// Records the outcome of a call that was allowed.
     pub async fn record(&self, success: bool) -> Result<()> {
         let (this, now) = (self.clone(), now_ms());
+        if let Some(st) = self.conveyor.backend().shared_state() {
+            let (name, rules) = (self.name.clone(), self.rules());
+            if let Some(to) = blocking(st, move |s| s.breaker_record(&name, success, now, &rules)).await? {
+                self.announce_alone(to, now).await?;
+            }
+            return Ok(());
+        }
         self.conveyor.backend().transact(move |tx| this.record_in(tx, success, now)).await
     }
 
     /// The same inside the caller's transaction (e.g. the one that records the call's result).
+    /// On a shared state the outcome counts at once (the call happened either way); the event
+    /// of a transition it causes is part of the transaction.
     pub fn record_in(&self, tx: &mut dyn Tx, success: bool, now: i64) -> Result<()> {
+        if let Some(sh) = tx.shared_state() {
+            if let Some(to) = sh.state().breaker_record(&self.name, success, now, &self.rules())? {
+                self.announce(tx, &to, now)?;
+            }
+            return Ok(());
+        }
         let name = self.name.as_str();
         let bucket_ms = (self.config.window.as_millis() as i64 / BUCKETS).max(1);
         let bucket = now / bucket_ms;
@@ -217,6 +262,11 @@ impl Breaker {
                                               probes = 0, probe_successes = 0, changed_at = excluded.changed_at",
             &[self.name.as_str().into(), to.into(), opened_at.into(), now.into()],
         )?;
+        self.announce(tx, to, now)
+    }
+
+    /// Logs a transition and emits its event in `tx`.
+    fn announce(&self, tx: &mut dyn Tx, to: &str, now: i64) -> Result<()> {
         tracing::warn!(breaker = %self.name, state = to, "circuit breaker changed state");
         let event = Event::new(format!("breaker.{to}"), &serde_json::json!({ "breaker": self.name, "state": to, "at": now }));
         self.conveyor.emit_in(tx, event)?;
@@ -246,6 +296,18 @@ fn window_counts(tx: &mut dyn Tx, name: &str, from_bucket: i64) -> Result<(i64, 
 async fn info_of(backend: &dyn QueueBackend, name: &str, window: Duration) -> Result<Option<BreakerInfo>> {
     let bucket_ms = (window.as_millis() as i64 / BUCKETS).max(1);
     let from = now_ms() / bucket_ms - BUCKETS + 1;
+    if let Some(st) = backend.shared_state() {
+        let n = name.to_string();
+        let Some(b) = blocking(st, move |s| s.breaker_state(&n, from)).await? else { return Ok(None) };
+        let calls = b.successes + b.failures;
+        return Ok(Some(BreakerInfo {
+            name: name.into(),
+            opened_at: if b.state == "closed" { None } else { b.opened_at },
+            state: b.state,
+            failure_rate: ratio(b.failures, calls),
+            calls: calls as u64,
+        }));
+    }
     let rows = backend.query("SELECT state, opened_at FROM breakers WHERE name = $1", vec![name.into()]).await?;
     let counts = backend
         .query(
@@ -284,9 +346,21 @@ fn ratio(f: i64, n: i64) -> f64 {
 /// Every breaker that has state or recent calls (for `/api/breakers`), with the window used
 /// for the failure rate.
 pub async fn list(backend: &dyn QueueBackend, window: Duration) -> Result<Vec<BreakerInfo>> {
-    let names = backend.query("SELECT name FROM breakers UNION SELECT DISTINCT name FROM breaker_calls ORDER BY 1", vec![]).await?;
+    let names: Vec<String> = match backend.shared_state() {
+        Some(st) => {
+            let mut names = blocking(st, |s: &dyn SharedState| s.breaker_names()).await?;
+            names.sort();
+            names
+        }
+        None => backend
+            .query("SELECT name FROM breakers UNION SELECT DISTINCT name FROM breaker_calls ORDER BY 1", vec![])
+            .await?
+            .iter()
+            .filter_map(|r| r.text(0).map(str::to_string))
+            .collect(),
+    };
     let mut out = Vec::new();
-    for n in names.iter().filter_map(|r| r.text(0)) {
+    for n in &names {
         if let Some(i) = info_of(backend, n, window).await? {
             out.push(i);
         }

@@ -1,5 +1,6 @@
 //! A key-value cache with TTLs and `remember`, and sorted sets (scores per member, top N,
-//! rank, atomic rebuild) for leaderboards — both on the relational store.
+//! rank, atomic rebuild) for leaderboards — on the relational store, or on the backend's
+//! shared state (Redis) when it has one (see [`crate::state`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use serde::Serialize;
 
 use crate::backend::{BackendError, QueueBackend, QueueBackendExt, Result, RowExt, SqlValue};
 use crate::clock::now_ms;
+use crate::state::{blocking, Deferred, SharedState};
 
 #[derive(Clone)]
 pub struct Cache {
@@ -22,6 +24,11 @@ impl Cache {
     }
 
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        if let Some(st) = self.backend.shared_state() {
+            let key = key.to_string();
+            let json = blocking(st, move |s| s.cache_get(&key)).await?;
+            return Ok(json.and_then(|v| serde_json::from_str(&v).ok()));
+        }
         let rows = self
             .backend
             .query("SELECT value FROM cache WHERE key = $1 AND (expires_at IS NULL OR expires_at > $2)", vec![key.into(), now_ms().into()])
@@ -34,6 +41,9 @@ impl Cache {
         let json = serde_json::to_string(value).map_err(|e| BackendError::Invalid(e.to_string()))?;
         let expires = ttl.map(|t| now_ms() + t.as_millis() as i64);
         let key = key.to_string();
+        if let Some(st) = self.backend.shared_state() {
+            return blocking(st, move |s| s.cache_put(&key, &json, expires)).await;
+        }
         self.backend
             .transact(move |tx| {
                 tx.execute(
@@ -48,11 +58,18 @@ impl Cache {
 
     pub async fn forget(&self, key: &str) -> Result<bool> {
         let key = key.to_string();
+        if let Some(st) = self.backend.shared_state() {
+            return blocking(st, move |s| s.cache_forget(&key)).await;
+        }
         Ok(self.backend.transact(move |tx| tx.execute("DELETE FROM cache WHERE key = $1", &[key.into()])).await? > 0)
     }
 
     /// Forgets every key starting with `prefix` (invalidating a family of cached values).
     pub async fn forget_prefix(&self, prefix: &str) -> Result<u64> {
+        if let Some(st) = self.backend.shared_state() {
+            let prefix = prefix.to_string();
+            return blocking(st, move |s| s.cache_forget_prefix(&prefix)).await;
+        }
         // A character-wise comparison: unlike a range scan it does not depend on the collation.
         let (p, n) = (prefix.to_string(), prefix.chars().count() as i64);
         self.backend.transact(move |tx| tx.execute("DELETE FROM cache WHERE substr(key, 1, $2) = $1", &[p.into(), n.into()])).await
@@ -76,6 +93,9 @@ impl Cache {
 
     /// Deletes expired entries.
     pub async fn prune(&self) -> Result<u64> {
+        if let Some(st) = self.backend.shared_state() {
+            return blocking(st, |s| s.cache_prune()).await;
+        }
         let now = now_ms();
         self.backend.transact(move |tx| tx.execute("DELETE FROM cache WHERE expires_at <= $1", &[now.into()])).await
     }
@@ -102,13 +122,32 @@ impl SortedSet {
         SortedSet { backend, name: name.into() }
     }
 
+    /// Runs `f` with this set's name on the shared state, if the backend has one.
+    async fn shared<R, F>(&self, f: F) -> Option<Result<R>>
+    where
+        R: Send + 'static,
+        F: FnOnce(&dyn SharedState, &str) -> Result<R> + Send + 'static,
+    {
+        let st = self.backend.shared_state()?;
+        let name = self.name.clone();
+        Some(blocking(st, move |s| f(s, &name)).await)
+    }
+
     /// Adds `delta` to a member's score (creating it at `delta`); returns the new score.
     pub async fn incr(&self, member: &str, delta: f64) -> Result<f64> {
+        let m = member.to_string();
+        if let Some(r) = self.shared(move |s, set| s.z_incr(set, &m, delta)).await {
+            return r;
+        }
         let (set, member) = (self.name.clone(), member.to_string());
         self.backend.transact(move |tx| incr_in(tx, &set, &member, delta)).await
     }
 
     pub async fn set(&self, member: &str, score: f64) -> Result<()> {
+        let m = member.to_string();
+        if let Some(r) = self.shared(move |s, set| s.z_set(set, &m, score)).await {
+            return r;
+        }
         let (set, member) = (self.name.clone(), member.to_string());
         self.backend
             .transact(move |tx| {
@@ -122,6 +161,10 @@ impl SortedSet {
     }
 
     pub async fn remove(&self, member: &str) -> Result<bool> {
+        let m = member.to_string();
+        if let Some(r) = self.shared(move |s, set| s.z_remove(set, &m)).await {
+            return r;
+        }
         let (set, member) = (self.name.clone(), member.to_string());
         Ok(self
             .backend
@@ -131,6 +174,10 @@ impl SortedSet {
     }
 
     pub async fn score(&self, member: &str) -> Result<Option<f64>> {
+        let m = member.to_string();
+        if let Some(r) = self.shared(move |s, set| s.z_score(set, &m)).await {
+            return r;
+        }
         let rows = self
             .backend
             .query("SELECT score FROM zsets WHERE zset = $1 AND member = $2", vec![self.name.clone().into(), member.into()])
@@ -140,6 +187,9 @@ impl SortedSet {
 
     /// The first `n` members by rank.
     pub async fn top(&self, n: usize) -> Result<Vec<Ranked>> {
+        if let Some(r) = self.shared(move |s, set| s.z_top(set, n)).await {
+            return Ok(r?.into_iter().enumerate().map(|(i, (member, score))| Ranked { rank: i as u64 + 1, member, score }).collect());
+        }
         let rows = self
             .backend
             .query(
@@ -156,6 +206,10 @@ impl SortedSet {
 
     /// A member's rank (from 1), or `None` if it is not in the set.
     pub async fn rank(&self, member: &str) -> Result<Option<Ranked>> {
+        let m = member.to_string();
+        if let Some(r) = self.shared(move |s, set| s.z_rank(set, &m)).await {
+            return Ok(r?.map(|(rank, score)| Ranked { rank, member: member.to_string(), score }));
+        }
         let Some(score) = self.score(member).await? else { return Ok(None) };
         let ahead = self
             .backend
@@ -168,6 +222,9 @@ impl SortedSet {
     }
 
     pub async fn len(&self) -> Result<u64> {
+        if let Some(r) = self.shared(|s, set| s.z_len(set)).await {
+            return r;
+        }
         let rows = self.backend.query("SELECT count(*) FROM zsets WHERE zset = $1", vec![self.name.clone().into()]).await?;
         Ok(rows.first().map_or(0, |r| r.int(0)) as u64)
     }
@@ -178,6 +235,10 @@ impl SortedSet {
 
     /// Replaces the whole set in one transaction: readers see the old set or the new one.
     pub async fn rebuild(&self, entries: Vec<(String, f64)>) -> Result<()> {
+        if let Some(st) = self.backend.shared_state() {
+            let set = self.name.clone();
+            return blocking(st, move |s| s.z_rebuild(&set, &entries)).await;
+        }
         let set = self.name.clone();
         self.backend
             .transact(move |tx| {
@@ -195,13 +256,25 @@ impl SortedSet {
 }
 
 /// `Cache::forget_prefix` inside the caller's transaction (invalidate with the write that
-/// made the cached values stale).
-pub fn forget_prefix_in(tx: &mut dyn crate::backend::Tx, prefix: &str) -> Result<u64> {
-    tx.execute("DELETE FROM cache WHERE substr(key, 1, $2) = $1", &[prefix.into(), (prefix.chars().count() as i64).into()])
+/// made the cached values stale). On a shared state it happens once the transaction commits.
+pub fn forget_prefix_in(tx: &mut dyn crate::backend::Tx, prefix: &str) -> Result<()> {
+    if let Some(sh) = tx.shared_state() {
+        return sh.after_commit(Deferred::CacheForgetPrefix { prefix: prefix.to_string() });
+    }
+    tx.execute("DELETE FROM cache WHERE substr(key, 1, $2) = $1", &[prefix.into(), (prefix.chars().count() as i64).into()])?;
+    Ok(())
 }
 
-/// `incr` inside the caller's transaction (e.g. with the order that earned the points).
+/// `incr` inside the caller's transaction (e.g. with the order that earned the points); returns
+/// the new score. On a shared state the increment is applied once the transaction commits, and
+/// the score returned is the one read now plus this transaction's increments (another process
+/// may add to it before the commit).
 pub fn incr_in(tx: &mut dyn crate::backend::Tx, set: &str, member: &str, delta: f64) -> Result<f64> {
+    if let Some(sh) = tx.shared_state() {
+        let now = sh.state().z_score(set, member)?.unwrap_or(0.0) + sh.z_pending(set, member);
+        sh.after_commit(Deferred::ZIncr { set: set.to_string(), member: member.to_string(), delta })?;
+        return Ok(now + delta);
+    }
     let rows = tx.query(
         "INSERT INTO zsets (zset, member, score) VALUES ($1, $2, $3)
          ON CONFLICT (zset, member) DO UPDATE SET score = zsets.score + excluded.score

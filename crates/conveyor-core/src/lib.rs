@@ -27,6 +27,7 @@ pub mod migrate;
 pub mod ratelimit;
 pub mod registry;
 pub mod scheduler;
+pub mod state;
 pub mod wakeup;
 pub mod worker;
 pub mod workflow;

@@ -1,7 +1,8 @@
 //! Rate limiting by key with GCRA (the generic cell rate algorithm): `limit` per `period`,
 //! allowing bursts of up to `burst`. State is one timestamp per key (the theoretical arrival
-//! time, in unix microseconds), updated by one conditional upsert, so concurrent checks from
-//! any process are exact.
+//! time, in unix microseconds), updated by one conditional upsert — or one Redis script when
+//! the backend has a shared state (see [`crate::state`]) — so concurrent checks from any
+//! process are exact.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use serde::Serialize;
 
 use crate::backend::{BackendError, QueueBackend, QueueBackendExt, Result, RowExt, Tx};
 use crate::clock::now_us;
+use crate::state::{blocking, Deferred};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RateLimit {
@@ -85,7 +87,25 @@ impl RateLimiter {
     pub async fn check_n(&self, key: &str, n: u32) -> Result<Decision> {
         let this = self.clone();
         let key = key.to_string();
+        if let Some(st) = self.backend.shared_state() {
+            let (k, t, tolerance) = self.cost(&key, n)?;
+            let now = now_us();
+            let (allowed, tat) = blocking(st, move |s| s.rate_take(&k, now, t, tolerance)).await?;
+            return Ok(self.decision(allowed, tat, now, t, tolerance));
+        }
         self.backend.transact(move |tx| this.check_n_in(tx, &key, n)).await
+    }
+
+    /// The stored key, the cost of `n` units and the tolerance, in µs.
+    fn cost(&self, key: &str, n: u32) -> Result<(String, i64, i64)> {
+        if n == 0 || n > self.limit.burst.max(1) {
+            return Err(BackendError::Invalid(format!(
+                "rate limit {}: {n} units at once exceed the burst of {}",
+                self.name, self.limit.burst
+            )));
+        }
+        let t = self.limit.interval_us() * n as i64;
+        Ok((format!("{}:{key}", self.name), t, self.limit.interval_us() * self.limit.burst.max(1) as i64))
     }
 
     /// The same inside the caller's transaction: the unit is taken only if it commits (a
@@ -96,16 +116,16 @@ impl RateLimiter {
 
     /// `n` units inside the caller's transaction.
     pub fn check_n_in(&self, tx: &mut dyn Tx, key: &str, n: u32) -> Result<Decision> {
-        if n == 0 || n > self.limit.burst.max(1) {
-            return Err(BackendError::Invalid(format!(
-                "rate limit {}: {n} units at once exceed the burst of {}",
-                self.name, self.limit.burst
-            )));
-        }
-        let k = format!("{}:{key}", self.name);
-        let t = self.limit.interval_us() * n as i64;
-        let tolerance = self.limit.interval_us() * self.limit.burst.max(1) as i64;
+        let (k, t, tolerance) = self.cost(key, n)?;
         let now = now_us();
+        if let Some(sh) = tx.shared_state() {
+            // Taken at once on the shared state, given back if the transaction rolls back.
+            let (allowed, tat) = sh.state().rate_take(&k, now, t, tolerance)?;
+            if allowed {
+                sh.on_rollback(Deferred::RateRefund { key: k, t });
+            }
+            return Ok(self.decision(allowed, tat, now, t, tolerance));
+        }
         // Allowed when max(tat, now) + n*T - now <= burst * T; then tat moves on by n*T.
         let rows = tx.query(
             "INSERT INTO rate_limits (key, tat, allowed) VALUES ($1, $5, 1)
@@ -118,11 +138,14 @@ impl RateLimiter {
             &[k.into(), now.into(), t.into(), tolerance.into(), (now + t).into()],
         )?;
         let r = rows.first().ok_or_else(|| BackendError::Other("rate limit upsert returned no row".into()))?;
-        let tat = r.int(1);
-        Ok(if r.int(0) == 1 {
+        Ok(self.decision(r.int(0) == 1, r.int(1), now, t, tolerance))
+    }
+
+    fn decision(&self, allowed: bool, tat: i64, now: i64, t: i64, tolerance: i64) -> Decision {
+        if allowed {
             Decision::Allowed { remaining: ((tolerance - (tat - now)) / self.limit.interval_us()).max(0) as u32 }
         } else {
             Decision::Limited { retry_after: Duration::from_micros((tat - now - (tolerance - t)).max(1) as u64) }
-        })
+        }
     }
 }

@@ -21,11 +21,14 @@
 
 mod conn;
 mod scripts;
+mod state;
 pub mod testing;
+
+pub use state::RedisState;
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use std::time::Duration;
 
@@ -41,6 +44,7 @@ use conveyor_core::backend::{
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::{payload_value, Backoff, Completion, EnqueueOutcome, Job, JobId, JobInfo, JobState, NewJob, Outcome};
 use conveyor_core::metrics::{last_minute_rates, minute_of, MetricsAccumulator, MetricsRow, BUCKETS};
+use conveyor_core::state::{Deferred, SharedState, TxShared};
 use conveyor_core::wakeup::Wakeup;
 
 use conn::{int, items, pairs, text, Pool};
@@ -282,10 +286,47 @@ impl Record {
     }
 }
 
-/// `Tx` for the store's transactions: SQL goes to the store, enqueues to the outbox.
+/// `Tx` for the store's transactions: SQL goes to the store, enqueues to the outbox, and so do
+/// shared-state operations deferred to the commit (`queue_state_outbox`, applied once by id).
 struct OutboxTx<'a> {
     inner: &'a mut dyn Tx,
     jobs: Vec<NewJob>,
+    shared: Arc<RedisState>,
+    /// Deferred operations with their outbox ids.
+    deferred: Vec<(String, Deferred)>,
+    /// What to undo if the transaction rolls back (outlives the closure, which an error drops).
+    rollback: Arc<Mutex<Vec<Deferred>>>,
+}
+
+impl TxShared for OutboxTx<'_> {
+    fn state(&self) -> Arc<dyn SharedState> {
+        self.shared.clone()
+    }
+
+    fn after_commit(&mut self, op: Deferred) -> Result<()> {
+        let id = format!("s:{}", JobId::new());
+        let body = serde_json::to_string(&op).map_err(|e| BackendError::Other(e.to_string()))?;
+        self.inner.execute(
+            "INSERT INTO queue_state_outbox (id, op, created_at) VALUES ($1, $2, $3)",
+            &[SqlValue::Text(id.clone()), SqlValue::Text(body), SqlValue::Int(now_ms())],
+        )?;
+        self.deferred.push((id, op));
+        Ok(())
+    }
+
+    fn on_rollback(&mut self, op: Deferred) {
+        self.rollback.lock().unwrap_or_else(|e| e.into_inner()).push(op);
+    }
+
+    fn z_pending(&self, set: &str, member: &str) -> f64 {
+        self.deferred
+            .iter()
+            .map(|(_, op)| match op {
+                Deferred::ZIncr { set: s, member: m, delta } if s == set && m == member => *delta,
+                _ => 0.0,
+            })
+            .sum()
+    }
 }
 
 impl Tx for OutboxTx<'_> {
@@ -317,9 +358,13 @@ impl Tx for OutboxTx<'_> {
         self.jobs.extend(jobs);
         Ok(out)
     }
+    fn shared_state(&mut self) -> Option<&mut dyn TxShared> {
+        Some(self)
+    }
 }
 
 const STORE_TABLES: &str = "CREATE TABLE IF NOT EXISTS queue_outbox (id TEXT PRIMARY KEY, job TEXT NOT NULL, created_at BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS queue_state_outbox (id TEXT PRIMARY KEY, op TEXT NOT NULL, created_at BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS queue_marks (id TEXT PRIMARY KEY, at BIGINT NOT NULL)";
 
 pub struct RedisBackend {
@@ -333,6 +378,8 @@ pub struct RedisBackend {
     /// Metrics writes under way (each holds a read guard); `metrics()` takes the write guard
     /// first, so a caller reads the metrics of every completion it has seen acknowledged.
     metrics_writes: Arc<tokio::sync::RwLock<()>>,
+    /// The cache, sorted sets, rate limiters and breakers (see `state`).
+    shared: Arc<RedisState>,
 }
 
 impl RedisBackend {
@@ -345,6 +392,7 @@ impl RedisBackend {
         let tag = tag_of(&options.prefix);
         let wakeup = Arc::new(Wakeup::default());
         conn::spawn_subscriber(pool.client(), format!("{tag}:wake"), Arc::downgrade(&wakeup));
+        let shared = Arc::new(RedisState::new(pool.clone(), tag.clone()));
         Ok(RedisBackend {
             pool,
             store,
@@ -353,6 +401,7 @@ impl RedisBackend {
             wakeup,
             tables: OnceCell::new(),
             metrics_writes: Arc::new(tokio::sync::RwLock::new(())),
+            shared,
         })
     }
 
@@ -389,39 +438,63 @@ impl RedisBackend {
     /// jobs are relayed to Redis (a failed relay is retried by the reaper pass).
     async fn store_tx(&self, work: TxFn) -> Result<Box<dyn Any + Send>> {
         self.ensure_tables().await?;
+        let shared = self.shared.clone();
+        let rollback = Arc::new(Mutex::new(Vec::new()));
+        let undo = rollback.clone();
         let out = self
             .store
             .transaction(Box::new(move |tx| {
-                let mut otx = OutboxTx { inner: tx, jobs: Vec::new() };
+                let mut otx = OutboxTx { inner: tx, jobs: Vec::new(), shared, deferred: Vec::new(), rollback: undo };
                 let r = work(&mut otx)?;
-                Ok(Box::new((r, otx.jobs)) as Box<dyn Any + Send>)
+                Ok(Box::new((r, otx.jobs, otx.deferred)) as Box<dyn Any + Send>)
             }))
-            .await?;
-        let (r, jobs) = *out.downcast::<(Box<dyn Any + Send>, Vec<NewJob>)>().expect("the outbox transaction returns its jobs");
+            .await;
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => {
+                let undo: Vec<Deferred> = std::mem::take(&mut *rollback.lock().unwrap_or_else(|e| e.into_inner()));
+                if !undo.is_empty() {
+                    let shared = self.shared.clone();
+                    let undone = tokio::task::spawn_blocking(move || undo.iter().try_for_each(|op| shared.apply(op))).await;
+                    if !matches!(undone, Ok(Ok(()))) {
+                        tracing::warn!("giving back rate-limit units of a rolled-back transaction failed");
+                    }
+                }
+                return Err(e);
+            }
+        };
+        let (r, jobs, deferred) = *out
+            .downcast::<(Box<dyn Any + Send>, Vec<NewJob>, Vec<(String, Deferred)>)>()
+            .expect("the outbox transaction returns its jobs and deferred operations");
         if !jobs.is_empty() {
             if let Err(e) = self.relay(jobs).await {
                 tracing::warn!(error = %e, "relaying committed jobs to Redis failed; the reaper pass will relay them");
             }
         }
+        if !deferred.is_empty() {
+            if let Err(e) = self.apply_deferred(deferred).await {
+                tracing::warn!(error = %e, "applying committed shared-state operations failed; the reaper pass will apply them");
+            }
+        }
         Ok(r)
+    }
+
+    /// Applies deferred shared-state operations, each once, then deletes their outbox rows.
+    async fn apply_deferred(&self, ops: Vec<(String, Deferred)>) -> Result<()> {
+        let shared = self.shared.clone();
+        let ids: Vec<String> = ops.iter().map(|(id, _)| id.clone()).collect();
+        let now = now_ms();
+        tokio::task::spawn_blocking(move || shared.apply_once(&ops, now))
+            .await
+            .map_err(|e| BackendError::Other(format!("shared-state task failed: {e}")))??;
+        delete_rows(&self.store, "queue_state_outbox", ids).await
     }
 
     /// Pushes outbox jobs to Redis, then deletes their rows.
     async fn relay(&self, jobs: Vec<NewJob>) -> Result<()> {
         let ids: Vec<String> = jobs.iter().map(|j| j.id.to_string()).collect();
         self.push(jobs, true).await?;
-        for chunk in ids.chunks(500) {
-            let chunk = chunk.to_vec();
-            self.store
-                .transaction(Box::new(move |tx| {
-                    let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
-                    let sql = format!("DELETE FROM queue_outbox WHERE id IN ({})", marks.join(", "));
-                    let params: Vec<SqlValue> = chunk.into_iter().map(SqlValue::Text).collect();
-                    tx.execute(&sql, &params).map(|n| Box::new(n) as Box<dyn Any + Send>)
-                }))
-                .await?;
-        }
-        Ok(())
+        delete_rows(&self.store, "queue_outbox", ids).await
     }
 
     /// Enqueues jobs that need no check (no unique key, not from the outbox) in one MULTI: a
@@ -684,9 +757,24 @@ impl RedisBackend {
             tracing::info!(jobs = jobs.len(), "relaying jobs left in the outbox");
             self.relay(jobs).await?;
         }
+        let rows = self
+            .store
+            .query("SELECT id, op FROM queue_state_outbox WHERE created_at < $1 ORDER BY created_at LIMIT 500", vec![before.into()])
+            .await?;
+        let ops: Vec<(String, Deferred)> =
+            rows.iter().filter_map(|r| Some((r.first()?.as_str()?.to_string(), serde_json::from_str(r.get(1)?.as_str()?).ok()?))).collect();
+        if !ops.is_empty() {
+            tracing::info!(operations = ops.len(), "applying shared-state operations left in the outbox");
+            self.apply_deferred(ops).await?;
+        }
         let members: Vec<String> = self
             .redis(move |c, tag| {
                 redis::cmd("ZREMRANGEBYSCORE").arg(format!("{tag}:relayed")).arg("-inf").arg(now_ms() - RELAYED_KEEP_MS).query::<i64>(c)?;
+                redis::cmd("ZREMRANGEBYSCORE")
+                    .arg(format!("{tag}:applied"))
+                    .arg("-inf")
+                    .arg(now_ms() - state::APPLIED_KEEP_MS)
+                    .query::<i64>(c)?;
                 redis::cmd("ZRANGEBYSCORE").arg(format!("{tag}:h")).arg("-inf").arg(before).arg("LIMIT").arg(0).arg(200).query(c)
             })
             .await?;
@@ -755,6 +843,22 @@ impl RedisBackend {
         let found = self.raw(ids).await?;
         Ok(found.iter().filter_map(|(id, raw)| raw_info(id, raw, false)).filter(|j| j.state == JobState::Completed).collect())
     }
+}
+
+/// Deletes outbox rows by id, 500 a statement.
+async fn delete_rows(store: &Arc<dyn QueueBackend>, table: &'static str, ids: Vec<String>) -> Result<()> {
+    for chunk in ids.chunks(500) {
+        let chunk = chunk.to_vec();
+        store
+            .transaction(Box::new(move |tx| {
+                let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+                let sql = format!("DELETE FROM {table} WHERE id IN ({})", marks.join(", "));
+                let params: Vec<SqlValue> = chunk.into_iter().map(SqlValue::Text).collect();
+                tx.execute(&sql, &params).map(|n| Box::new(n) as Box<dyn Any + Send>)
+            }))
+            .await?;
+    }
+    Ok(())
 }
 
 /// Runs `f` with a connection of `pool` on a blocking thread.
@@ -1410,6 +1514,10 @@ impl QueueBackend for RedisBackend {
         self.store.ping().await
     }
 
+    fn shared_state(&self) -> Option<Arc<dyn SharedState>> {
+        Some(self.shared.clone())
+    }
+
     fn broker(&self) -> Option<&'static str> {
         Some("redis")
     }
@@ -1489,6 +1597,114 @@ mod tests {
         assert_eq!(rows[0][0], SqlValue::Int(0), "the store holds no lock row");
         assert!(conveyor_core::lock::release(&b, "nightly", "a").await.unwrap());
         assert_eq!(ttl(key_of("nightly"))(), -2, "released: the key is gone");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cache_sorted_sets_rate_limits_and_breakers_live_in_redis() {
+        use conveyor_core::breaker::{Breaker, BreakerConfig, Permit};
+        use conveyor_core::cache::{forget_prefix_in, incr_in, Cache, SortedSet};
+        use conveyor_core::ratelimit::{RateLimit, RateLimiter};
+        let Some(redis) = TestRedis::create() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let b = Arc::new(open(&redis, &dir));
+        b.ensure_tables().await.unwrap();
+        let tag = tag_of(&redis.prefix);
+        let url = redis.url.clone();
+        let conn = move || redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+        let backend: Arc<dyn QueueBackend> = b.clone();
+        let store_rows = |table: &'static str| {
+            let b = b.clone();
+            async move { b.query(&format!("SELECT count(*) FROM {table}"), vec![]).await.map(|r| r[0][0].clone()).unwrap_or(SqlValue::Int(0)) }
+        };
+
+        // The cache: a Redis key with Redis' own expiry, indexed for prefix invalidation.
+        let cache = Cache::new(backend.clone());
+        cache.put("kpi:day:1", &42, Some(Duration::from_secs(60))).await.unwrap();
+        cache.put("kpi:day:2", &43, None).await.unwrap();
+        cache.put("other", &1, None).await.unwrap();
+        let ttl: i64 = redis::cmd("PTTL").arg(format!("{tag}:c:kpi:day:1")).query(&mut conn()).unwrap();
+        assert!(ttl > 55_000 && ttl <= 60_000, "the entry carries its TTL: {ttl}");
+        assert_eq!(store_rows("cache").await, SqlValue::Int(0), "the store holds no cache row");
+        assert_eq!(cache.get::<i64>("kpi:day:2").await.unwrap(), Some(43));
+        // Invalidated in a transaction: not before it commits, and only then.
+        let err = b
+            .transact(|tx| {
+                forget_prefix_in(tx, "kpi:")?;
+                Err::<(), _>(BackendError::Other("rolled back".into()))
+            })
+            .await;
+        assert!(err.is_err());
+        assert_eq!(cache.get::<i64>("kpi:day:1").await.unwrap(), Some(42), "a rolled-back invalidation forgets nothing");
+        b.transact(|tx| forget_prefix_in(tx, "kpi:")).await.unwrap();
+        assert_eq!(cache.get::<i64>("kpi:day:1").await.unwrap(), None);
+        assert_eq!(cache.get::<i64>("kpi:day:2").await.unwrap(), None);
+        assert_eq!(cache.get::<i64>("other").await.unwrap(), Some(1));
+        assert_eq!(store_rows("queue_state_outbox").await, SqlValue::Int(0), "applied operations leave the outbox");
+
+        // A sorted set: a Redis zset (negated scores), incremented with the transaction.
+        let z = SortedSet::new(backend.clone(), "board");
+        z.set("ann", 5.0).await.unwrap();
+        let score = b
+            .transact(|tx| {
+                incr_in(tx, "board", "bob", 2.0)?;
+                incr_in(tx, "board", "bob", 5.0)
+            })
+            .await
+            .unwrap();
+        assert_eq!(score, 7.0, "increments earlier in the transaction count");
+        let raw: Vec<(String, f64)> =
+            redis::cmd("ZRANGE").arg(format!("{tag}:z:board")).arg(0).arg(-1).arg("WITHSCORES").query(&mut conn()).unwrap();
+        assert_eq!(raw, vec![("bob".to_string(), -7.0), ("ann".to_string(), -5.0)]);
+        assert_eq!(store_rows("zsets").await, SqlValue::Int(0), "the store holds no sorted set row");
+
+        // A deferred operation left in the outbox by a crash is applied once, even twice relayed.
+        let op = Deferred::ZIncr { set: "board".into(), member: "ann".into(), delta: 10.0 };
+        let body = serde_json::to_string(&op).unwrap();
+        b.transact(move |tx| {
+            tx.execute(
+                "INSERT INTO queue_state_outbox (id, op, created_at) VALUES ('s:crashed', $1, $2)",
+                &[body.into(), (now_ms() - 60_000).into()],
+            )
+        })
+        .await
+        .unwrap();
+        assert_eq!(z.score("ann").await.unwrap(), Some(5.0), "not applied before the relay");
+        b.recover().await.unwrap();
+        assert_eq!(b.shared.apply_once(&[("s:crashed".into(), op)], now_ms()).unwrap(), 0, "a second relay applies nothing");
+        assert_eq!(z.score("ann").await.unwrap(), Some(15.0));
+        assert_eq!(store_rows("queue_state_outbox").await, SqlValue::Int(0));
+
+        // A rate limiter: one key in Redis; a unit taken in a rolled-back transaction comes back.
+        let limiter = RateLimiter::new(backend.clone(), "mail", RateLimit::per(2, Duration::from_secs(3600)));
+        assert!(limiter.check("u1").await.unwrap().is_allowed());
+        let l = limiter.clone();
+        let err = b
+            .transact(move |tx| {
+                assert!(l.check_in(tx, "u1")?.is_allowed());
+                Err::<(), _>(BackendError::Other("rolled back".into()))
+            })
+            .await;
+        assert!(err.is_err());
+        assert!(limiter.check("u1").await.unwrap().is_allowed(), "the rolled-back unit was given back");
+        assert!(!limiter.check("u1").await.unwrap().is_allowed(), "two an hour");
+        let exists: i64 = redis::cmd("EXISTS").arg(format!("{tag}:rl:mail:u1")).query(&mut conn()).unwrap();
+        assert_eq!(exists, 1);
+        assert_eq!(store_rows("rate_limits").await, SqlValue::Int(0), "the store holds no rate-limit row");
+
+        // A breaker: its state is a Redis hash; the transition's event is in the store.
+        let conveyor = conveyor_core::Conveyor::new(backend.clone(), conveyor_core::registry::Registry::new());
+        let config = BreakerConfig { min_calls: 2, failure_rate: 0.5, open_for: Duration::from_secs(60), ..Default::default() };
+        let br = Breaker::new(conveyor, "partner", config);
+        assert_eq!(br.allow().await.unwrap(), Permit::Allowed);
+        br.record(false).await.unwrap();
+        br.record(false).await.unwrap();
+        assert!(matches!(br.allow().await.unwrap(), Permit::Rejected { .. }), "two failures of two calls open it");
+        let state: String = redis::cmd("HGET").arg(format!("{tag}:b:partner")).arg("state").query(&mut conn()).unwrap();
+        assert_eq!(state, "open");
+        assert_eq!(br.info().await.unwrap().calls, 2);
+        assert_eq!(store_rows("breakers").await, SqlValue::Int(0), "the store holds no breaker row");
+        let events = b.query("SELECT count(*) FROM events WHERE name = 'breaker.open'", vec![]).await.unwrap();
+        assert_eq!(events[0][0], SqlValue::Int(1), "the transition's event is in the store");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
