@@ -136,8 +136,17 @@ impl TestEnv {
         self.dir.path().join("conveyor.toml")
     }
 
+    /// Spawns `conveyor args…`; its log (warnings and errors) goes to `CONVEYOR_TEST_LOG_DIR`
+    /// when that is set (to see what a worker did in a failing test), or nowhere.
     pub(crate) fn spawn(&self, args: &[&str]) -> Proc {
-        Proc(self.conveyor(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawning conveyor"))
+        let stderr = match std::env::var_os("CONVEYOR_TEST_LOG_DIR") {
+            Some(dir) => {
+                let path = PathBuf::from(dir).join(format!("{}-{}.log", args.join("-"), std::process::id()));
+                std::fs::OpenOptions::new().create(true).append(true).open(path).map_or(Stdio::null(), Stdio::from)
+            }
+            None => Stdio::null(),
+        };
+        Proc(self.conveyor(args).stdout(Stdio::null()).stderr(stderr).spawn().expect("spawning conveyor"))
     }
 
     pub(crate) async fn queue(&self, name: &str) -> QueueStats {
