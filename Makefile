@@ -22,7 +22,8 @@ bench:
 	rm -f /tmp/conveyor-bench.db*
 	CONVEYOR_DATABASE_URL=sqlite:///tmp/conveyor-bench.db $(CARGO_TARGET_DIR)/release/conveyor bench --jobs 100000 --concurrency 64
 
-# The same with the queue on Redis (REDIS_URL, default the local server) under a scratch prefix,
+# The same with the queue on Redis (REDIS_URL; default a private non-persistent redis-server, as the
+# BullMQ harness in ../shared/peers starts its own) under a scratch prefix,
 # printing Redis commands and round trips per job (INFO commandstats); JOBS=1000000 for the backlog run.
 bench-redis:
 	cargo build --release -p conveyor-cli

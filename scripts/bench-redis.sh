@@ -1,16 +1,32 @@
 #!/usr/bin/env bash
 # `conveyor bench` with the queue on Redis, and what it cost Redis per job.
-# Env: BIN (the conveyor binary), REDIS_URL (redis://127.0.0.1:6379), JOBS (100000),
-# CONCURRENCY (64), LATENCY_SECS (5). Uses a scratch prefix and deletes its keys afterwards;
-# resets the server's INFO commandstats (use a Redis of your own if others share it).
+# Env: BIN (the conveyor binary), REDIS_URL (default: a private, non-persistent redis-server
+# started on a free port for the run, configured as ../shared/peers' BullMQ harness starts its
+# own, so the two figures compare), JOBS (100000), CONCURRENCY (64), LATENCY_SECS (5). Uses a
+# scratch prefix and deletes its keys afterwards; resets the server's INFO commandstats (with
+# REDIS_URL, use a Redis of your own if others share it).
 set -euo pipefail
 BIN="${BIN:-target/release/conveyor}"
-REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 JOBS="${JOBS:-100000}"
+private_dir=""
+if [ -z "${REDIS_URL:-}" ]; then
+  port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  private_dir="$(mktemp -d)"
+  redis-server --bind 127.0.0.1 --port "$port" --save "" --appendonly no --dir "$private_dir" \
+    --logfile "$private_dir/redis.log" --daemonize yes --pidfile "$private_dir/redis.pid"
+  for _ in $(seq 1 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  REDIS_URL="redis://127.0.0.1:$port"
+  echo "bench-redis: a private redis-server $(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p') on port $port (no persistence)" >&2
+fi
 PREFIX="bench-$$"
 dir="$(mktemp -d)"
 cleanup() {
-  redis-cli -u "$REDIS_URL" --scan --pattern "{$PREFIX}:*" | xargs -r -n 1000 redis-cli -u "$REDIS_URL" unlink >/dev/null
+  if [ -n "$private_dir" ]; then
+    redis-cli -u "$REDIS_URL" shutdown nosave >/dev/null 2>&1 || true
+    rm -rf "$private_dir"
+  else
+    redis-cli -u "$REDIS_URL" --scan --pattern "{$PREFIX}:*" | xargs -r -n 1000 redis-cli -u "$REDIS_URL" unlink >/dev/null
+  fi
   rm -rf "$dir"
 }
 trap cleanup EXIT
