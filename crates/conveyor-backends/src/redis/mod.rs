@@ -173,7 +173,17 @@ impl State {
     /// The state of a job from its `T:s` field; a job without one was never reserved and
     /// became available when it was created.
     fn of(s: Option<&str>, stored: &Stored) -> State {
-        s.map(State::parse).unwrap_or(State { available_at: stored.created_at, ..State::default() })
+        match s {
+            Some(s) => {
+                let mut st = State::parse(s);
+                // A job reserved for the first time keeps an empty available time.
+                if s.split('\x1f').nth(1).is_none_or(str::is_empty) {
+                    st.available_at = stored.created_at;
+                }
+                st
+            }
+            None => State { available_at: stored.created_at, ..State::default() },
+        }
     }
 
     fn parse(s: &str) -> State {
@@ -730,7 +740,12 @@ impl RedisBackend {
             args.push(c.unique_key.clone().unwrap_or_default());
         }
         let mut res = items(self.script(|s| &s.complete, args).await?).into_iter();
-        let flags: Vec<bool> = res.next().map(items).unwrap_or_default().iter().map(|v| int(v) == 1).collect();
+        let mut flags = vec![true; completions.len()];
+        for at in res.next().map(items).unwrap_or_default() {
+            if let Some(f) = usize::try_from(int(&at) - 1).ok().and_then(|i| flags.get_mut(i)) {
+                *f = false;
+            }
+        }
         let members: Vec<String> = res.next().map(items).unwrap_or_default().iter().map(text).collect();
         if completions.iter().zip(&flags).any(|(c, f)| *f && matches!(c.outcome, Outcome::Retry { .. } | Outcome::Release { .. })) {
             self.wakeup.wake();

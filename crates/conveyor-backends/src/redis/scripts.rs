@@ -98,6 +98,10 @@ pub(crate) fn reserve() -> String {
         r#"
 local now, lease, token, worker, max = ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
 local out, sh = {}, {}
+-- A leased state is `attempt␟available␟token␟reserved at␟worker`; a job never reserved before
+-- (no state) gets attempt 1 and an empty available time (its creation time), one shared string.
+local lease_tail = '\31'..token..'\31'..now..'\31'..worker
+local fresh = '1\31'..lease_tail
 for i = 7, #ARGV do
   if #out / 4 >= max then break end
   local q = ARGV[i]
@@ -113,21 +117,24 @@ for i = 7, #ARGV do
       redis.call('ZADD', qk..':r', unpack(z))
       redis.call('ZREM', qk..':d', unpack(due))
     end
-    local popped = redis.call('ZPOPMIN', qk..':r', max - #out / 4)
-    if #popped > 0 then
-      local ids = {}
-      for j = 1, #popped, 2 do ids[#ids+1] = popped[j] end
+    -- ZRANGE + ZREMRANGEBYRANK rather than ZPOPMIN: no scores to format and convert.
+    local ids = redis.call('ZRANGE', qk..':r', 0, max - #out / 4 - 1)
+    if #ids > 0 then
+      redis.call('ZREMRANGEBYRANK', qk..':r', 0, #ids - 1)
       local ss = redis.call('HMGET', T..':s', unpack(ids))
       local ds = redis.call('HMGET', T..':d', unpack(ids))
       local leased = {}
       for j, id in ipairs(ids) do
         local d = ds[j]
         if d then
-          local a, av = 0, ''
-          if ss[j] then a, av = string.match(ss[j], '^([^\31]*)\31([^\31]*)'); a = tonumber(a) end
-          a = a + 1
+          local a, av, st = 1, '', fresh
+          if ss[j] then
+            a, av = string.match(ss[j], '^([^\31]*)\31([^\31]*)')
+            a = tonumber(a) + 1
+            st = a..'\31'..av..lease_tail
+          end
           local n = #sh
-          sh[n+1] = id; sh[n+2] = a..'\31'..av..'\31'..token..'\31'..now..'\31'..worker
+          sh[n+1] = id; sh[n+2] = st
           n = #leased
           leased[n+1] = lease; leased[n+2] = id
           n = #out
@@ -153,7 +160,8 @@ return out
 /// `attempts␟available␟␟reserved at␟worker␟finished at␟runtime␟wait` and its id goes to the
 /// front of `T:done`; the ids pushed out of the history lose their fields. So a completion
 /// reads no job data (the caller knows the queue and unique key), and the history costs a
-/// list entry per job, not a copy of the job. Returns {applied flags (1/0), hook record members}.
+/// list entry per job, not a copy of the job. Returns {positions (from 1) of the outcomes that did
+/// not apply, hook record members}.
 pub(crate) fn complete() -> String {
     with_prelude(
         r#"
@@ -168,27 +176,38 @@ for n, id in ipairs(ids) do
 end
 local ds = {}
 if #other > 0 then ds = redis.call('HMGET', T..':d', unpack(other)) end
-local flags, records, unleased, done, sh, eh, xh, ready, delayed, failed, wake = {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, false
+local missed, records, unleased, done, sh, eh, xh, ready, delayed, failed, wake = {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, false
 for n, id in ipairs(ids) do
   local i = 4 + (n - 1) * 10
   local token, kind, at, err, rec, rt, wt, q, u = ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4], ARGV[i+5], ARGV[i+6], ARGV[i+7], ARGV[i+8], ARGV[i+9]
   local applied = 0
-  if ss[n] then
-    local a, av, t, ra, w = string.match(ss[n], S)
-    local d = at_other[n] and ds[at_other[n]]
-    if t == token and (kind == 'c' or d) then
+  local s = ss[n]
+  if s and kind == 'c' then
+    -- The token is the third field: compare it in place (no captures), and keep the state
+    -- around it for the history.
+    local p1 = string.find(s, '\31', 1, true)
+    local p2 = p1 and string.find(s, '\31', p1 + 1, true)
+    if p2 and string.find(s, token, p2 + 1, true) == p2 + 1 and string.byte(s, p2 + 1 + #token) == 31 then
       applied = 1
-      local score, _m
-      if d then q, score, _m, u = string.match(d, H) end
       local l = unleased[q]
       if not l then l = {}; unleased[q] = l end
       l[#l+1] = id
-      if kind == 'c' then
-        release_unique(u, id)
-        local m = #sh
-        sh[m+1] = id; sh[m+2] = a..'\31'..av..'\31\31'..ra..'\31'..w..'\31'..now..'\31'..rt..'\31'..wt
-        done[#done+1] = id
-      elseif kind == 'f' then
+      if u ~= '' then release_unique(u, id) end
+      local m = #sh
+      sh[m+1] = id; sh[m+2] = string.sub(s, 1, p2)..string.sub(s, p2 + 1 + #token)..'\31'..now..'\31'..rt..'\31'..wt
+      done[#done+1] = id
+    end
+  elseif s then
+    local a, av, t, ra, w = string.match(s, S)
+    local d = at_other[n] and ds[at_other[n]]
+    if t == token and d then
+      applied = 1
+      local score, _m
+      q, score, _m, u = string.match(d, H)
+      local l = unleased[q]
+      if not l then l = {}; unleased[q] = l end
+      l[#l+1] = id
+      if kind == 'f' then
         release_unique(u, id)
         sh[#sh+1] = id; sh[#sh+1] = a..'\31'..av..'\31\31'..ra..'\31'..w
         eh[#eh+1] = id; eh[#eh+1] = err
@@ -199,14 +218,14 @@ for n, id in ipairs(ids) do
         sh[#sh+1] = id; sh[#sh+1] = a..'\31'..at..'\31\31\31'
         if tonumber(at) > tonumber(now) then push(delayed, q, at, id) else push(ready, q, score, id); wake = true end
       end
-      if rec ~= '' then
-        local member = redis.call('INCR', T..':hs')..'\31'..rec
-        redis.call('ZADD', T..':h', now, member)
-        records[#records+1] = member
-      end
     end
   end
-  flags[#flags+1] = applied
+  if applied == 1 and rec ~= '' then
+    local member = redis.call('INCR', T..':hs')..'\31'..rec
+    redis.call('ZADD', T..':h', now, member)
+    records[#records+1] = member
+  end
+  if applied == 0 then missed[#missed+1] = n end
 end
 each(unleased, function(q, l) redis.call('ZREM', T..':q:'..q..':l', unpack(l)) end)
 if #sh > 0 then redis.call('HSET', T..':s', unpack(sh)) end
@@ -225,15 +244,17 @@ if #done > 0 then
     gone = redis.call('LRANGE', T..':done', keep, -1)
     if #gone > 0 then redis.call('LTRIM', T..':done', 0, keep - 1) end
   end
+  local errors = redis.call('EXISTS', T..':e') == 1
   for j = 1, #gone, 4000 do
-    local part = {unpack(gone, j, math.min(j + 3999, #gone))}
+    local part = gone
+    if #gone > 4000 then part = {unpack(gone, j, math.min(j + 3999, #gone))} end
     redis.call('HDEL', T..':d', unpack(part))
     redis.call('HDEL', T..':s', unpack(part))
-    redis.call('HDEL', T..':e', unpack(part))
+    if errors then redis.call('HDEL', T..':e', unpack(part)) end
   end
 end
 if wake then redis.call('PUBLISH', T..':wake', '1') end
-return {flags, records}
+return {missed, records}
 "#,
     )
 }
@@ -287,7 +308,7 @@ for _, q in ipairs(redis.call('SMEMBERS', T..':queues')) do
     for n, id in ipairs(expired) do
       if ss[n] and ds[n] then
         local a, av, t, ra, w = string.match(ss[n], S)
-        local _, score, m, _, u, h, json = string.match(ds[n], D)
+        local _, score, m, created, u, h, json = string.match(ds[n], D)
         if t ~= '' then
           a = tonumber(a)
           ra = tonumber(ra) or now
@@ -306,7 +327,7 @@ for _, q in ipairs(redis.call('SMEMBERS', T..':queues')) do
             redis.call('ZADD', T..':q:'..q..':r', score, id)
             wake = true
           end
-          local wait = math.max(0, ra - (tonumber(av) or ra))
+          local wait = math.max(0, ra - (tonumber(av) or tonumber(created) or ra))
           if h == '1' then
             local rec = cjson.encode({id = id, queue = q, data = json, outcome = outcome, at = now, error = err, wait_ms = wait, runtime_ms = math.max(0, now - ra)})
             local member = redis.call('INCR', T..':hs')..'\31'..rec
