@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Mutex;
 
 use conveyor_core::backend::Page;
+use conveyor_core::clock::now_ms;
 use conveyor_core::breaker::{self, Breaker, BreakerConfig, Permit};
 use conveyor_core::event;
 use conveyor_core::middleware::Middleware;
@@ -105,6 +106,9 @@ pub async fn rate_limit_middleware_releases_jobs_over_the_limit(b: Backend) {
     assert_eq!((log.count("alice"), log.count("bob")), (5, 5), "runs per user: {:?}", log.all());
     assert!(all_in_state(&b, &b_ids, JobState::Completed).await, "bob has his own budget");
     let mut waiting = 0;
+    // When each waiting job is due again, in seconds from now: ~720 for a job the limit
+    // released; a job released for another reason (e.g. the limiter unavailable) shows here.
+    let mut due_in = Vec::new();
     for id in &a_ids {
         let info = b.job(*id).await.unwrap().unwrap();
         match info.state {
@@ -112,12 +116,13 @@ pub async fn rate_limit_middleware_releases_jobs_over_the_limit(b: Backend) {
             JobState::Delayed | JobState::Pending => {
                 waiting += 1;
                 assert_eq!(info.attempts, 0, "a job released by the rate limit keeps its attempts: {info:?}");
+                due_in.push((info.available_at.unwrap_or(0) - now_ms()) / 1000);
             }
             other => panic!("alice's job {id} is {other:?}"),
         }
     }
     assert_eq!(waiting, 15);
-    assert_eq!(report, WorkerReport { completed: 10, retried: 0, failed: 0, released: 15 });
+    assert_eq!(report, WorkerReport { completed: 10, retried: 0, failed: 0, released: 15 }, "due again in (s): {due_in:?}");
     assert_counts(&b, &q, [0, 15, 0, 0], "alice's jobs wait for her budget").await;
 }
 
