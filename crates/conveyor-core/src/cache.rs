@@ -265,6 +265,21 @@ pub fn forget_prefix_in(tx: &mut dyn crate::backend::Tx, prefix: &str) -> Result
     Ok(())
 }
 
+/// Adds `delta` to a member's score inside the caller's transaction without reading the new
+/// score: on a shared state, the increment is only deferred to the commit (no round trip while
+/// the transaction is open).
+pub fn add_in(tx: &mut dyn crate::backend::Tx, set: &str, member: &str, delta: f64) -> Result<()> {
+    if let Some(sh) = tx.shared_state() {
+        return sh.after_commit(Deferred::ZIncr { set: set.to_string(), member: member.to_string(), delta });
+    }
+    tx.execute(
+        "INSERT INTO zsets (zset, member, score) VALUES ($1, $2, $3)
+         ON CONFLICT (zset, member) DO UPDATE SET score = zsets.score + excluded.score",
+        &[set.into(), member.into(), SqlValue::Real(delta)],
+    )?;
+    Ok(())
+}
+
 /// `incr` inside the caller's transaction (e.g. with the order that earned the points); returns
 /// the new score. On a shared state the increment is applied once the transaction commits, and
 /// the score returned is the one read now plus this transaction's increments (another process

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use conveyor_core::backend::{insert_many, BackendError, QueueBackendExt, RowExt, SqlValue, Tx};
-use conveyor_core::cache::{forget_prefix_in, incr_in};
+use conveyor_core::cache::{add_in, forget_prefix_in};
 use conveyor_core::clock::now_ms;
 use conveyor_core::workflow::{Starts, Workflow};
 use conveyor_core::{JobContext, JobError, JobResult, NewJob, Registry};
@@ -178,12 +178,12 @@ fn finalize(tx: &mut dyn Tx, order_id: &str) -> Result<(), BackendError> {
         let (sku, qty) = (r.text(0).unwrap_or_default().to_string(), r.int(1));
         tx.execute("UPDATE products SET reserved = reserved - $2, updated_at = $3 WHERE sku = $1", &[sku.into(), qty.into(), now.into()])?;
     }
-    incr_in(tx, leaderboard::CUSTOMERS_SPENT, &customer, total as f64)?;
-    incr_in(tx, leaderboard::CUSTOMERS_ORDERS, &customer, 1.0)?;
+    add_in(tx, leaderboard::CUSTOMERS_SPENT, &customer, total as f64)?;
+    add_in(tx, leaderboard::CUSTOMERS_ORDERS, &customer, 1.0)?;
     for it in &items {
         let sku = it.text(0).unwrap_or_default().to_string();
-        incr_in(tx, leaderboard::PRODUCTS_UNITS, &sku, it.int(1) as f64)?;
-        incr_in(tx, leaderboard::PRODUCTS_REVENUE, &sku, it.int(2) as f64)?;
+        add_in(tx, leaderboard::PRODUCTS_UNITS, &sku, it.int(1) as f64)?;
+        add_in(tx, leaderboard::PRODUCTS_REVENUE, &sku, it.int(2) as f64)?;
     }
     forget_prefix_in(tx, KPI_CACHE_PREFIX)?;
     Ok(())

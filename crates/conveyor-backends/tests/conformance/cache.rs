@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 
-use conveyor_core::cache::{incr_in, Cache, Ranked, SortedSet};
+use conveyor_core::cache::{add_in, incr_in, Cache, Ranked, SortedSet};
 
 use super::*;
 
@@ -234,4 +234,24 @@ pub async fn sorted_set_rebuild_is_atomic_and_incr_in_follows_the_transaction(b:
     assert_eq!(score, 101.0);
     assert_eq!(z.score("alice").await.unwrap(), Some(101.0));
     assert_eq!(count_all_notes(&b, &table).await, 1);
+
+    // add_in: the same without reading the score back.
+    let set = name.clone();
+    let err = b
+        .transact(move |tx| -> Result<(), BackendError> {
+            add_in(tx, &set, "alice", 7.0)?;
+            Err(BackendError::Other("rolled back".into()))
+        })
+        .await;
+    assert!(err.is_err());
+    assert_eq!(z.score("alice").await.unwrap(), Some(101.0), "a rolled-back add_in changes nothing");
+    let set = name.clone();
+    b.transact(move |tx| {
+        add_in(tx, &set, "alice", 7.0)?;
+        add_in(tx, &set, "bea", 2.0)
+    })
+    .await
+    .unwrap();
+    assert_eq!(z.score("alice").await.unwrap(), Some(108.0));
+    assert_eq!(z.score("bea").await.unwrap(), Some(2.0), "add_in creates a member");
 }

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Mutex;
 
 use conveyor_core::backend::Page;
-use conveyor_core::clock::now_ms;
 use conveyor_core::breaker::{self, Breaker, BreakerConfig, Permit};
+use conveyor_core::clock::now_ms;
 use conveyor_core::event;
 use conveyor_core::middleware::Middleware;
 use conveyor_core::ratelimit::{Decision, RateLimit, RateLimiter};
