@@ -307,7 +307,7 @@ impl AmqpBackend {
         if let Some((ch, feed)) = consumers.get(queue) {
             return Ok((ch.clone(), feed.clone()));
         }
-        let ch = link.conn.create_channel().await.map_err(unavailable)?;
+        let ch = bounded(link.conn.create_channel()).await?;
         let prefetch = match self.shared.prefetch.load(Ordering::Relaxed) {
             0 => {
                 let p = (max * 2).clamp(32, 1000) as u64;
@@ -316,17 +316,15 @@ impl AmqpBackend {
             }
             p => p,
         };
-        ch.basic_qos(prefetch as u16, BasicQosOptions::default()).await.map_err(unavailable)?;
+        bounded(ch.basic_qos(prefetch as u16, BasicQosOptions::default())).await?;
         declare(&ch, &self.shared.options, queue).await?;
-        let consumer = ch
-            .basic_consume(
-                broker_queue(&self.shared.options.prefix, queue).into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(unavailable)?;
+        let consumer = bounded(ch.basic_consume(
+            broker_queue(&self.shared.options.prefix, queue).into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ))
+        .await?;
         let feed = Arc::new(Feed {
             consumer: Mutex::new(consumer),
             kick: Notify::new(),
@@ -389,7 +387,7 @@ impl AmqpBackend {
         let queue = format!("{}.dead-letter", self.shared.options.prefix);
         let mut n = 0;
         for _ in 0..100 {
-            let Some(got) = link.publisher.basic_get(queue.as_str().into(), BasicGetOptions::default()).await.map_err(unavailable)? else {
+            let Some(got) = bounded(link.publisher.basic_get(queue.as_str().into(), BasicGetOptions::default())).await? else {
                 break;
             };
             let d = got.delivery;
@@ -505,10 +503,10 @@ impl Shared {
             .await
             .map_err(|_| BackendError::Unavailable("connecting to RabbitMQ timed out".into()))?
             .map_err(unavailable)?;
-        let publisher = conn.create_channel().await.map_err(unavailable)?;
-        publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(unavailable)?;
+        let publisher = bounded(conn.create_channel()).await?;
+        bounded(publisher.confirm_select(ConfirmSelectOptions::default())).await?;
         let dead = format!("{}.dead-letter", self.options.prefix);
-        publisher.queue_declare(dead.as_str().into(), QueueDeclareOptions::durable(), expiry(&self.options)).await.map_err(unavailable)?;
+        bounded(publisher.queue_declare(dead.as_str().into(), QueueDeclareOptions::durable(), expiry(&self.options))).await?;
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         Ok(Link { conn, publisher, consumers: tokio::sync::Mutex::default(), declared: Mutex::default(), generation })
     }
@@ -519,7 +517,11 @@ impl Shared {
         let mut guard = self.link.lock().await;
         if guard.as_ref().is_some_and(|l| l.generation == generation) {
             if let Some(link) = guard.take() {
-                let _ = link.conn.close(320, "conveyor reconnects".into()).await;
+                // Closed in the background, bounded: closing a connection that died can wait
+                // forever for the broker's answer, and nobody may wait on it with the lock held.
+                tokio::spawn(async move {
+                    let _ = bounded(link.conn.close(320, "conveyor reconnects".into())).await;
+                });
             }
             self.buffers.lock().expect("buffers lock").clear();
         }
@@ -603,15 +605,18 @@ async fn publish(options: &AmqpOptions, link: &Link, ready: &[ReadyJob]) -> Resu
             .with_priority(broker_priority(job.priority))
             .with_message_id(job.id.to_string().into())
             .with_content_type("application/json".into());
-        let confirm = link
-            .publisher
-            .basic_publish("".into(), broker_queue(prefix, &job.queue).into(), BasicPublishOptions::default(), &body, props)
-            .await
-            .map_err(unavailable)?;
+        let confirm = bounded(link.publisher.basic_publish(
+            "".into(),
+            broker_queue(prefix, &job.queue).into(),
+            BasicPublishOptions::default(),
+            &body,
+            props,
+        ))
+        .await?;
         confirms.push(confirm);
     }
     for c in confirms {
-        match c.await.map_err(unavailable)? {
+        match bounded(c).await? {
             Confirmation::Nack(_) => return Err(BackendError::Unavailable("RabbitMQ refused a message (nack)".into())),
             Confirmation::Ack(_) | Confirmation::NotRequested => {}
         }
@@ -627,7 +632,7 @@ async fn declare(ch: &Channel, options: &AmqpOptions, queue: &str) -> Result<lap
     args.insert("x-max-priority".into(), AMQPValue::LongInt(9));
     args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
     args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(format!("{prefix}.dead-letter").into()));
-    ch.queue_declare(broker_queue(prefix, queue).into(), QueueDeclareOptions::durable(), args).await.map_err(unavailable)
+    bounded(ch.queue_declare(broker_queue(prefix, queue).into(), QueueDeclareOptions::durable(), args)).await
 }
 
 fn expiry(options: &AmqpOptions) -> FieldTable {
@@ -667,11 +672,27 @@ fn death_reason(d: &Delivery) -> String {
 /// Acknowledges deliveries, all frames in flight at once (an ack on a lost channel is moot: the
 /// broker requeued the message, and its claim will find the job settled).
 async fn ack_all(msgs: Vec<Msg>) {
-    futures_util::future::join_all(msgs.iter().map(|m| m.acker.ack(BasicAckOptions::default()))).await;
+    let acks = futures_util::future::join_all(msgs.iter().map(|m| m.acker.ack(BasicAckOptions::default())));
+    // Bounded like every broker call: an ack that cannot be written is as moot as a failed one.
+    let _ = tokio::time::timeout(BROKER_CALL, acks).await;
 }
 
 fn unavailable(e: lapin::Error) -> BackendError {
     BackendError::Unavailable(format!("RabbitMQ: {e}"))
+}
+
+/// Longest one broker round trip may take. lapin waits for a reply as long as its connection
+/// looks alive, and a node killed or restarted at the wrong moment can leave it waiting forever
+/// (seen: a worker whose reserve never returned after a node was SIGKILLed under load); past
+/// this the call fails as unavailable and the caller drops the connection.
+const BROKER_CALL: Duration = Duration::from_secs(10);
+
+/// `call` bounded by [`BROKER_CALL`].
+async fn bounded<T>(call: impl std::future::Future<Output = lapin::Result<T>>) -> Result<T> {
+    match tokio::time::timeout(BROKER_CALL, call).await {
+        Ok(r) => r.map_err(unavailable),
+        Err(_) => Err(BackendError::Unavailable(format!("RabbitMQ did not answer within {} s", BROKER_CALL.as_secs()))),
+    }
 }
 
 /// The URL without its password, for messages.
@@ -727,12 +748,12 @@ impl QueueBackend for AmqpBackend {
             // it returns, what was published before this call is either in its answer or
             // already received by lapin — and draining the consumers here brings it in.
             for (q, (ch, feed)) in queues.iter().zip(&channels) {
-                match ch.basic_get(broker_queue(&self.shared.options.prefix, q).into(), BasicGetOptions::default()).await {
+                match bounded(ch.basic_get(broker_queue(&self.shared.options.prefix, q).into(), BasicGetOptions::default())).await {
                     Ok(Some(got)) => self.shared.received(q, got.delivery, link.generation),
                     Ok(None) => {}
                     Err(e) => {
                         self.shared.lost(link.generation).await;
-                        return Err(unavailable(e));
+                        return Err(e);
                     }
                 }
                 let drained = feed.drain_now();
@@ -865,7 +886,7 @@ impl QueueBackend for AmqpBackend {
             let name = broker_queue(&self.shared.options.prefix, queue);
             // Purging a queue that was never declared closes the channel: declare it first.
             if declare(&link.publisher, &self.shared.options, queue).await.is_ok() {
-                let _ = link.publisher.queue_purge(name.into(), QueuePurgeOptions::default()).await;
+                let _ = bounded(link.publisher.queue_purge(name.into(), QueuePurgeOptions::default())).await;
             }
         }
         Ok(n)
@@ -942,13 +963,15 @@ impl QueueBackend for AmqpBackend {
     async fn ping_broker(&self) -> Result<()> {
         let link = self.shared.link().await?;
         let dead = format!("{}.dead-letter", self.shared.options.prefix);
-        let declared = link
-            .publisher
-            .queue_declare(dead.into(), QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() }, FieldTable::default())
-            .await;
+        let declared = bounded(link.publisher.queue_declare(
+            dead.into(),
+            QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() },
+            FieldTable::default(),
+        ))
+        .await;
         if let Err(e) = declared {
             self.shared.lost(link.generation).await;
-            return Err(unavailable(e));
+            return Err(e);
         }
         Ok(())
     }
