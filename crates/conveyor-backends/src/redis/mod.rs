@@ -1723,6 +1723,50 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn completed_jobs_leave_redis_once_out_of_the_history() {
+        let Some(redis) = TestRedis::create() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteBackend::open(SqliteOptions::new(dir.path().join("s.db").to_str().unwrap())).unwrap();
+        let mut options = RedisOptions::new(redis.url.clone());
+        options.prefix = redis.prefix.clone();
+        options.completed_history = 3;
+        let b = RedisBackend::open(options, Arc::new(store)).unwrap();
+        let tag = tag_of(&redis.prefix);
+        let count = |cmd: &'static str, key: String| {
+            let url = redis.url.clone();
+            move || -> i64 {
+                redis::cmd(cmd).arg(&key).query(&mut redis::Client::open(url.as_str()).unwrap().get_connection().unwrap()).unwrap()
+            }
+        };
+        let jobs: Vec<NewJob> = (0..10).map(|n| NewJob::new("t.history", &serde_json::json!({ "n": n })).queue("history")).collect();
+        b.enqueue(jobs).await.unwrap();
+        assert_eq!(count("HLEN", format!("{tag}:s"))(), 0, "a job has no state field before its first reservation");
+        let req = ReserveRequest { queues: vec!["history".into()], max: 10, lease: Duration::from_secs(30), worker: "w".into() };
+        let reserved = b.reserve(req).await.unwrap();
+        assert_eq!(reserved.len(), 10);
+        assert!(reserved.iter().all(|j| j.attempt == 1 && j.available_at == j.created_at));
+        // One at a time, so the history's order is the completion order.
+        for j in &reserved {
+            b.complete(vec![Completion::of(j, Outcome::Completed)]).await.unwrap();
+        }
+        assert_eq!(count("LLEN", format!("{tag}:done"))(), 3, "the history holds the last three");
+        assert_eq!(count("HLEN", format!("{tag}:d"))(), 3, "older completed jobs left the data hash");
+        assert_eq!(count("HLEN", format!("{tag}:s"))(), 3, "and the state hash");
+        let last = b.job(reserved[9].id).await.unwrap().expect("the newest completed job is in the history");
+        assert_eq!(last.state, JobState::Completed);
+        assert_eq!((last.attempts, last.worker.as_deref()), (1, Some("w")));
+        assert!(last.finished_at.is_some() && last.runtime_ms.is_some() && last.reserved_at.is_some());
+        assert!(b.job(reserved[0].id).await.unwrap().is_none(), "the oldest is gone");
+        let listed =
+            b.jobs(JobFilter { state: Some(JobState::Completed), ..Default::default() }, Page { page: 1, per_page: 50 }).await.unwrap();
+        assert_eq!(listed.total, 3);
+        // A stale acknowledgement of a completed job changes nothing.
+        b.complete(vec![Completion::of(&reserved[9], Outcome::Completed)]).await.unwrap();
+        assert_eq!(count("LLEN", format!("{tag}:done"))(), 3);
+        assert_eq!(b.job(reserved[8].id).await.unwrap().map(|j| j.state), Some(JobState::Completed));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_outbox_row_left_by_a_crash_is_relayed_once_even_when_relayed_twice() {
         let Some(redis) = TestRedis::create() else { return };
         let dir = tempfile::tempdir().unwrap();
