@@ -119,7 +119,8 @@ fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
-/// Drops old metric buckets and history once an hour (and at start).
+/// Drops old metric buckets and history, and expired cache entries (on Redis: the index entries
+/// of values Redis expired), once an hour (and at start).
 fn spawn_pruner(backend: Arc<dyn QueueBackend>, keep: std::time::Duration, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
@@ -130,6 +131,9 @@ fn spawn_pruner(backend: Arc<dyn QueueBackend>, keep: std::time::Duration, stop:
                     let before = conveyor_core::clock::now_ms() - keep.as_millis() as i64;
                     if let Err(e) = backend.prune(before).await {
                         warn!(error = %e, "pruning old metrics failed");
+                    }
+                    if let Err(e) = conveyor_core::cache::Cache::new(backend.clone()).prune().await {
+                        warn!(error = %e, "pruning expired cache entries failed");
                     }
                 }
             }

@@ -128,7 +128,7 @@ impl Breaker {
 
     /// Asks to make a call. A half-open breaker lets `probes` calls through.
     pub async fn allow(&self) -> Result<Permit> {
-        let (this, now) = (self.clone(), now_ms());
+        let now = now_ms();
         if let Some(st) = self.conveyor.backend().shared_state() {
             let (name, rules) = (self.name.clone(), self.rules());
             let d = blocking(st, move |s| s.breaker_allow(&name, now, &rules)).await?;
@@ -140,6 +140,7 @@ impl Breaker {
                 Some(ms) => Permit::Rejected { retry_after: Duration::from_millis(ms.max(1) as u64) },
             });
         }
+        let this = self.clone();
         self.conveyor.backend().transact(move |tx| this.allow_in(tx, now)).await
     }
 
@@ -185,7 +186,7 @@ impl Breaker {
 
     /// Records the outcome of a call that was allowed.
     pub async fn record(&self, success: bool) -> Result<()> {
-        let (this, now) = (self.clone(), now_ms());
+        let now = now_ms();
         if let Some(st) = self.conveyor.backend().shared_state() {
             let (name, rules) = (self.name.clone(), self.rules());
             if let Some(to) = blocking(st, move |s| s.breaker_record(&name, success, now, &rules)).await? {
@@ -193,6 +194,7 @@ impl Breaker {
             }
             return Ok(());
         }
+        let this = self.clone();
         self.conveyor.backend().transact(move |tx| this.record_in(tx, success, now)).await
     }
 

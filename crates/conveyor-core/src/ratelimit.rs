@@ -85,14 +85,13 @@ impl RateLimiter {
     /// Takes `n` units at once (a job about to make `n` calls), all or none. `n` above the
     /// burst can never pass and is an error.
     pub async fn check_n(&self, key: &str, n: u32) -> Result<Decision> {
-        let this = self.clone();
-        let key = key.to_string();
         if let Some(st) = self.backend.shared_state() {
-            let (k, t, tolerance) = self.cost(&key, n)?;
+            let (k, t, tolerance) = self.cost(key, n)?;
             let now = now_us();
             let (allowed, tat) = blocking(st, move |s| s.rate_take(&k, now, t, tolerance)).await?;
             return Ok(self.decision(allowed, tat, now, t, tolerance));
         }
+        let (this, key) = (self.clone(), key.to_string());
         self.backend.transact(move |tx| this.check_n_in(tx, &key, n)).await
     }
 
