@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod middleware;
 pub mod migrate;
 pub mod ratelimit;
+pub mod redact;
 pub mod registry;
 pub mod scheduler;
 pub mod state;
