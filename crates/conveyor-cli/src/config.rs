@@ -33,6 +33,14 @@ pub(crate) struct Config {
     pub(crate) amqp_prefix: String,
     pub(crate) http_addr: SocketAddr,
     pub(crate) api_token: Option<Secret>,
+    /// `CONVEYOR_READ_TOKEN`, `CONVEYOR_PUBLISH_TOKEN`, `CONVEYOR_WORKER_TOKEN` (`[api] read_token`, …).
+    pub(crate) read_token: Option<Secret>,
+    pub(crate) publish_token: Option<Secret>,
+    pub(crate) worker_token: Option<Secret>,
+    /// `CONVEYOR_ALLOWED_HOSTS`: extra `Host` names the HTTP server answers to.
+    pub(crate) allowed_hosts: Vec<String>,
+    /// `CONVEYOR_HTTP_MAX_CONNECTIONS`: connections the HTTP server serves at once.
+    pub(crate) http_max_connections: usize,
     pub(crate) shutdown_grace: Duration,
     pub(crate) supervisors: Vec<SupervisorConfig>,
     pub(crate) schedules: Vec<Schedule>,
@@ -70,6 +78,16 @@ impl Source {
 
     fn string(&self, section: &str, key: &str, default: &str) -> String {
         self.get(section, key).map(|(v, _)| v).unwrap_or_else(|| default.to_string())
+    }
+
+    /// A key whose variable does not follow the `CONVEYOR_SECTION_KEY` rule (the role tokens:
+    /// `CONVEYOR_READ_TOKEN` is `[api] read_token`).
+    fn named(&self, env: &str, section: &str, key: &str) -> Option<String> {
+        if let Ok(v) = std::env::var(env) {
+            return Some(v).filter(|v| !v.is_empty());
+        }
+        let text = scalar_text(self.file.get(section)?.as_table()?.get(key)?);
+        Some(text).filter(|v| !v.is_empty())
     }
 
     fn optional(&self, section: &str, key: &str) -> Option<String> {
@@ -147,6 +165,16 @@ impl Config {
         }
         let http_addr = src.parsed("http", "addr", SocketAddr::from(([127, 0, 0, 1], 8000)), "an address like 127.0.0.1:8000")?;
         let shutdown_grace = src.duration("shutdown", "grace", Duration::from_secs(30))?;
+        let api_token = src.optional("api", "token").map(Secret);
+        let role_token = |key: &str| -> anyhow::Result<Option<Secret>> {
+            let t = src.named(&format!("CONVEYOR_{}", key.to_uppercase()), "api", key).map(Secret);
+            if t.is_some() && api_token.is_none() {
+                bail!("{} needs CONVEYOR_API_TOKEN: the admin token must be set for the other roles' tokens", Source::env_name("", key));
+            }
+            Ok(t)
+        };
+        let (read_token, publish_token, worker_token) =
+            (role_token("read_token")?, role_token("publish_token")?, role_token("worker_token")?);
         let log_format = src.string("log", "format", "text");
         if !matches!(log_format.as_str(), "text" | "json") {
             bail!("CONVEYOR_LOG_FORMAT: expected text or json, got {log_format:?}");
@@ -159,7 +187,15 @@ impl Config {
             amqp_url,
             amqp_prefix: src.string("amqp", "prefix", "conveyor"),
             http_addr,
-            api_token: src.optional("api", "token").map(Secret),
+            api_token,
+            read_token,
+            publish_token,
+            worker_token,
+            http_max_connections: src.parsed("http", "max_connections", conveyor_server::MAX_CONNECTIONS, "a number of connections")?,
+            allowed_hosts: src
+                .optional("allowed", "hosts")
+                .map(|v| v.split(',').map(|h| h.trim().to_string()).filter(|h| !h.is_empty()).collect())
+                .unwrap_or_default(),
             shutdown_grace,
             supervisors: supervisors(&src.file)?,
             schedules: Vec::new(),
@@ -169,6 +205,20 @@ impl Config {
             apps: apps(src)?,
         }
         .with_schedules(schedules(&src.file)?))
+    }
+
+    /// The HTTP server's access settings, for a server bound to `bound`.
+    pub(crate) fn access(&self, bound: SocketAddr) -> conveyor_server::AccessConfig {
+        let t = |s: &Option<Secret>| s.as_ref().map(|s| s.0.clone());
+        conveyor_server::AccessConfig {
+            admin_token: t(&self.api_token),
+            read_token: t(&self.read_token),
+            publish_token: t(&self.publish_token),
+            worker_token: t(&self.worker_token),
+            allowed_hosts: self.allowed_hosts.clone(),
+            bound: Some(bound),
+            session_ttl: None,
+        }
     }
 
     fn with_schedules(mut self, configured: Vec<Schedule>) -> Config {
@@ -441,6 +491,18 @@ mod tests {
         assert!(e.contains("[http] addr"), "{e}");
         let e = Config::from_source(&src("[[supervisors]]\nconcurrency = 0\n")).unwrap_err().to_string();
         assert!(e.contains("supervisors[0].concurrency"), "{e}");
+    }
+
+    #[test]
+    fn role_tokens_need_the_admin_token() {
+        let c = Config::from_source(&src(
+            "[api]\ntoken = \"admin-secret\"\nread_token = \"read-secret\"\n[allowed]\nhosts = \"a.example, b.example\"\n",
+        ))
+        .unwrap();
+        assert_eq!(c.read_token.as_ref().map(|s| s.0.as_str()), Some("read-secret"));
+        assert_eq!(c.allowed_hosts, vec!["a.example", "b.example"]);
+        let e = Config::from_source(&src("[api]\npublish_token = \"p-secret\"\n")).unwrap_err().to_string();
+        assert!(e.contains("CONVEYOR_PUBLISH_TOKEN needs CONVEYOR_API_TOKEN"), "{e}");
     }
 
     #[test]

@@ -41,6 +41,7 @@ pub(crate) struct WorkArgs {
 pub(crate) async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn QueueBackend>> {
     let backend = open_backend(config)?;
     conveyor_apps::migrate(backend.as_ref()).await.context("migrating the applications' tables")?;
+    conveyor_server::access::migrate(backend.as_ref()).await.context("migrating the server's tables")?;
     Ok(backend)
 }
 
@@ -165,16 +166,16 @@ pub(crate) async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()>
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (CONVEYOR_HTTP_ADDR)"))?;
     let local = listener.local_addr()?;
     if config.api_token.is_none() {
-        info!("no CONVEYOR_API_TOKEN: serving on loopback only, writes need no token");
+        info!("no CONVEYOR_API_TOKEN: serving on loopback only; requests need no token (Host and cross-site checks still apply)");
     }
     eprintln!("conveyor listening on http://{local} (API at /api, health at /api/health)");
     let shutdown = shutdown_on_signals();
     let conveyor = Conveyor::new(backend.clone(), registry(&config, &backend)?);
     let scheduler = (!args.no_scheduler).then(|| Scheduler::new(conveyor.clone(), config.schedules.clone()));
-    let state = conveyor_server::AppState::new(conveyor.clone(), config.api_token.as_ref().map(|s| s.0.clone()))
+    let state = conveyor_server::AppState::new(conveyor.clone(), config.access(local))
         .with_schedules(scheduler.as_ref().map(Scheduler::info))
         .with_sync(config.apps.sync.clone());
-    let http = tokio::spawn(conveyor_server::serve(listener, state, shutdown.clone()));
+    let http = tokio::spawn(conveyor_server::serve_with(listener, state, shutdown.clone(), config.http_max_connections));
     let scheduler = scheduler.map(|s| tokio::spawn(s.run(shutdown.clone())));
     let pruner = spawn_pruner(backend, config.retention_metrics, shutdown.clone());
     if !args.no_workers {

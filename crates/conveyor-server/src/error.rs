@@ -23,9 +23,12 @@ pub enum ApiError {
     /// With the limit that applied, in bytes.
     PayloadTooLarge(usize),
     Unavailable(String),
-    /// A feature whose settings are missing (503, the message names the variable).
+    /// A feature whose settings are missing (409: a configuration state, not a server error;
+    /// the message names the variable).
     NotConfigured(String),
     Forbidden(String),
+    /// A body of a type the endpoint does not take (415).
+    UnsupportedMediaType(String),
     Internal(String),
 }
 
@@ -67,8 +70,9 @@ impl IntoResponse for ApiError {
                 tracing::warn!(error = %m, "request failed: dependency unavailable");
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "a dependency is unavailable; try again later".into(), None)
             }
-            ApiError::NotConfigured(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m, None),
+            ApiError::NotConfigured(m) => (StatusCode::CONFLICT, "conflict", m, None),
             ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, "forbidden", m, None),
+            ApiError::UnsupportedMediaType(m) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", m, None),
             ApiError::Internal(m) => {
                 tracing::error!(error = %m, "request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error".into(), None)

@@ -6,10 +6,11 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::access::Principal;
 use crate::openapi::{Envelope, Health};
 use crate::AppState;
 
@@ -20,7 +21,7 @@ struct Check {
 }
 
 #[utoipa::path(get, path = "/api/health", tag = "system", responses((status = 200, description = "healthy or degraded", body = Envelope<Health>), (status = 503, description = "a configured dependency failed", body = Envelope<Health>)))]
-pub(crate) async fn health(State(s): State<AppState>, uri: axum::http::Uri) -> Response {
+pub(crate) async fn health(State(s): State<AppState>, Extension(who): Extension<Principal>, uri: axum::http::Uri) -> Response {
     let backend = s.conveyor.backend();
     let mut failed = false;
     let database = match tokio::time::timeout(Duration::from_secs(2), backend.ping()).await {
@@ -104,5 +105,10 @@ pub(crate) async fn health(State(s): State<AppState>, uri: axum::http::Uri) -> R
         }
     }
     let status = if failed { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    // With tokens configured, a caller without one learns whether the service is up (what a
+    // load balancer needs) and nothing about what it runs on.
+    if !who.authenticated() {
+        body = json!({ "success": body["success"], "data": { "status": body["data"]["status"] } });
+    }
     (status, Json(body)).into_response()
 }

@@ -4,6 +4,7 @@
 //! [`router`] builds the whole app so tests can call it without a socket; [`serve`] runs it
 //! until the shared shutdown token is cancelled.
 
+pub mod access;
 pub mod error;
 
 mod admin;
@@ -20,10 +21,12 @@ mod sync;
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
-use axum::http::{header, Method};
+use axum::extract::Request;
+use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+
+pub use access::{AccessConfig, Role};
 use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
@@ -38,7 +41,7 @@ use error::ApiError;
 #[derive(Clone)]
 pub struct AppState {
     pub conveyor: Conveyor,
-    pub(crate) token: Option<Arc<Secret>>,
+    pub(crate) access: access::SharedAccess,
     /// The schedules this process fires, if it runs a scheduler.
     pub(crate) schedules: Option<Arc<Vec<ScheduleInfo>>>,
     /// The product sync's settings (its partners), when the process has them.
@@ -46,8 +49,8 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(conveyor: Conveyor, api_token: Option<String>) -> Self {
-        AppState { conveyor, token: api_token.filter(|t| !t.is_empty()).map(|t| Arc::new(Secret(t))), schedules: None, sync: None }
+    pub fn new(conveyor: Conveyor, access: AccessConfig) -> Self {
+        AppState { conveyor, access: Arc::new(access::Access::new(access)), schedules: None, sync: None }
     }
 
     pub fn with_sync(mut self, config: conveyor_apps::sync::SyncConfig) -> Self {
@@ -58,15 +61,6 @@ impl AppState {
     pub fn with_schedules(mut self, schedules: Option<Vec<ScheduleInfo>>) -> Self {
         self.schedules = schedules.map(Arc::new);
         self
-    }
-}
-
-/// A credential that never prints.
-pub struct Secret(pub(crate) String);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(***)")
     }
 }
 
@@ -87,37 +81,8 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn(envelope_errors))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
-        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(middleware::from_fn_with_state(state.clone(), access::guard))
         .with_state(state)
-}
-
-/// With a token configured: every API call that changes something needs it (as a bearer
-/// token, or the dashboard's cookie plus its `X-Conveyor-Dashboard` header — a header no other
-/// site can make a browser send, so the cookie cannot be used across sites), and every
-/// dashboard page needs the cookie.
-async fn require_token(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    let Some(token) = &s.token else { return next.run(req).await };
-    let path = req.uri().path();
-    let headers = req.headers();
-    if path.starts_with("/dashboard") {
-        let open = matches!(path, "/dashboard/login" | "/dashboard/logout" | "/dashboard/app.css");
-        if !open && !dashboard::has_cookie(headers, &token.0) {
-            return axum::response::Redirect::to("/dashboard/login").into_response();
-        }
-        return next.run(req).await;
-    }
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        let bearer = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|given| constant_time_eq(given.as_bytes(), token.0.as_bytes()));
-        let dashboard = headers.contains_key("x-conveyor-dashboard") && dashboard::has_cookie(headers, &token.0);
-        if !bearer && !dashboard {
-            return ApiError::Unauthorized.into_response();
-        }
-    }
-    next.run(req).await
 }
 
 /// The largest request body accepted (CSV imports stream through their own limit).
@@ -158,29 +123,64 @@ async fn envelope_errors(req: Request, next: Next) -> Response {
     }
 }
 
-/// Compares without an early exit, so response time does not reveal how much of a guess matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() ^ b.len()) as u8 | ((a.len() ^ b.len()) >> 8) as u8;
-    for i in 0..a.len().max(b.len()) {
-        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
-    }
-    diff == 0
-}
+/// How long a client may take to send a request's head: a connection that trickles its
+/// headers (slowloris) is closed rather than held open.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The most connections served at once by default (`CONVEYOR_HTTP_MAX_CONNECTIONS`); further
+/// ones wait in the listen backlog until one closes.
+pub const MAX_CONNECTIONS: usize = 1024;
 
-/// Serves the API on `listener` until `shutdown` is cancelled; in-flight requests finish.
+/// Serves the API on `listener` until `shutdown` is cancelled, with at most [`MAX_CONNECTIONS`].
 pub async fn serve(listener: TcpListener, state: AppState, shutdown: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    serve_with(listener, state, shutdown, MAX_CONNECTIONS).await
 }
 
-#[cfg(test)]
-mod tests {
-    use super::constant_time_eq;
+/// Serves the API on `listener` until `shutdown` is cancelled; in-flight requests finish (up
+/// to their deadline). Each connection is HTTP/1.1 with [`HEADER_READ_TIMEOUT`], and at most
+/// `max_connections` are open at once.
+pub async fn serve_with(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+    max_connections: usize,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
 
-    #[test]
-    fn token_comparison() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret1"));
-        assert!(!constant_time_eq(b"", b"x"));
+    let app = router(state);
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
+            _ = shutdown.cancelled() => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a moment rather than spin.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
     }
+    drop(listener);
+    if tokio::time::timeout(REQUEST_TIMEOUT + std::time::Duration::from_secs(5), graceful.shutdown()).await.is_err() {
+        tracing::warn!("HTTP connections still open at shutdown were closed");
+    }
+    Ok(())
 }

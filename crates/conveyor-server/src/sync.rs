@@ -29,7 +29,7 @@ pub(crate) fn routes() -> Router<AppState> {
 impl From<SyncError> for ApiError {
     fn from(e: SyncError) -> Self {
         match e {
-            SyncError::NotConfigured(var) => ApiError::Unavailable(format!("product sync is not configured: set {var}")),
+            SyncError::NotConfigured(var) => ApiError::NotConfigured(format!("product sync is not configured: set {var}")),
             SyncError::Backend(e) => e.into(),
         }
     }
@@ -53,7 +53,7 @@ async fn started(s: &AppState, full: bool) -> Result<Response, ApiError> {
     request_body(content = Object, description = "{full: false}"),
     responses((status = 202, description = "{run_id, batch_id, joined}: the run started, or the one already running", body = Envelope<Object>),
               (status = 422, description = "`full` is not a boolean", body = ErrorEnvelope),
-              (status = 503, description = "the partners are not configured", body = ErrorEnvelope)))]
+              (status = 409, description = "the partners are not configured", body = ErrorEnvelope)))]
 pub(crate) async fn start(State(s): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let full = if body.iter().all(u8::is_ascii_whitespace) {
         false
@@ -74,12 +74,13 @@ pub(crate) async fn start(State(s): State<AppState>, body: Bytes) -> Result<Resp
 #[utoipa::path(get, path = "/trigger-sync", tag = "sync",
     responses((status = 202, description = "{run_id, batch_id, joined}", body = Envelope<Object>),
               (status = 403, description = "disabled because an API token is set", body = ErrorEnvelope),
-              (status = 503, description = "the partners are not configured", body = ErrorEnvelope)))]
+              (status = 409, description = "the partners are not configured", body = ErrorEnvelope)))]
 pub(crate) async fn trigger(State(s): State<AppState>) -> Result<Response, ApiError> {
-    if s.token.is_some() {
-        return Err(ApiError::Forbidden(
-            "GET /trigger-sync is disabled when CONVEYOR_API_TOKEN is set; use POST /api/sync/products".into(),
-        ));
+    // A GET that acts is only safe where nothing but this machine can reach the server and no
+    // other site can make a browser call it: without tokens (loopback only), and past the
+    // guard's `Host` and cross-site checks.
+    if s.access.enabled() {
+        return Err(ApiError::Forbidden("GET /trigger-sync is disabled when a token is set; use POST /api/sync/products".into()));
     }
     started(&s, false).await
 }
@@ -112,7 +113,7 @@ pub(crate) async fn health(State(s): State<AppState>) -> Result<Response, ApiErr
 
 #[utoipa::path(post, path = "/api/sync/retry-failures", tag = "sync",
     responses((status = 202, description = "{replayed, still_invalid, batch_id}", body = Envelope<Object>),
-              (status = 503, description = "the partners are not configured", body = ErrorEnvelope)))]
+              (status = 409, description = "the partners are not configured", body = ErrorEnvelope)))]
 pub(crate) async fn retry_failures(State(s): State<AppState>) -> Result<Response, ApiError> {
     let config = configured(&s)?.clone();
     let r = sync::retry_failures(&s.conveyor, &config).await?;

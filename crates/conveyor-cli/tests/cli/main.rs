@@ -1,6 +1,7 @@
 //! End-to-end tests of the `conveyor` binary: real processes on a real SQLite file (or a
 //! PostgreSQL database of the test's own), each test in its own temporary directory.
 
+mod access;
 mod amqp;
 mod browser;
 mod commands;

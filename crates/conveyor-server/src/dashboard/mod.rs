@@ -1,17 +1,18 @@
 //! The dashboard: a single-page app compiled into the binary (no front-end build, no separate
-//! server), polling the JSON API. With `CONVEYOR_API_TOKEN` set it asks for the token once and
-//! keeps it in an HTTP-only, same-site cookie.
+//! server), polling the JSON API. With tokens configured it asks for one once and opens a
+//! server-side session (the cookie holds a random session id, never the token); the read
+//! token's dashboard hides its buttons, and the API refuses its writes anyway.
 
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
+use axum::Extension;
 use axum::{Form, Router};
 use serde::Deserialize;
 
+use crate::access::{self, Principal, Role};
 use crate::AppState;
-
-pub(crate) const COOKIE: &str = "conveyor_token";
 
 pub(crate) fn routes() -> Router<AppState> {
     Router::new()
@@ -20,7 +21,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/dashboard/app.js", get(|| async { asset("application/javascript; charset=utf-8", include_str!("app.js")) }))
         .route("/dashboard/app.css", get(|| async { asset("text/css; charset=utf-8", include_str!("app.css")) }))
         .route("/dashboard/login", get(login_page).post(login))
-        .route("/dashboard/logout", get(logout))
+        .route("/dashboard/logout", get(logout).post(logout))
         .route("/", get(|| async { Redirect::to("/dashboard") }))
 }
 
@@ -28,8 +29,12 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
     ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "no-cache")], body).into_response()
 }
 
-async fn index() -> Response {
-    ([(header::CACHE_CONTROL, "no-cache")], Html(include_str!("index.html"))).into_response()
+async fn index(Extension(p): Extension<Principal>) -> Response {
+    // The role decides which buttons the page shows; the API enforces it either way.
+    let role = p.role.map_or("read", Role::as_str);
+    let signed_in = if p.tokens { "1" } else { "" };
+    let html = include_str!("index.html").replace("data-role=\"\"", &format!("data-role=\"{role}\" data-session=\"{signed_in}\""));
+    ([(header::CACHE_CONTROL, "no-cache")], Html(html)).into_response()
 }
 
 fn login_html(error: Option<&str>) -> Html<String> {
@@ -38,7 +43,7 @@ fn login_html(error: Option<&str>) -> Html<String> {
 }
 
 async fn login_page(State(s): State<AppState>) -> Response {
-    if s.token.is_none() {
+    if !s.access.enabled() {
         return Redirect::to("/dashboard").into_response();
     }
     login_html(None).into_response()
@@ -50,35 +55,24 @@ struct LoginForm {
 }
 
 async fn login(State(s): State<AppState>, Form(form): Form<LoginForm>) -> Response {
-    let Some(token) = &s.token else { return Redirect::to("/dashboard").into_response() };
-    if !crate::constant_time_eq(form.token.as_bytes(), token.0.as_bytes()) {
-        return (StatusCode::UNAUTHORIZED, login_html(Some("That token is not right."))).into_response();
+    if !s.access.enabled() {
+        return Redirect::to("/dashboard").into_response();
     }
-    let cookie = format!("{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/", cookie_value(&token.0));
-    ([(header::SET_COOKIE, cookie)], Redirect::to("/dashboard")).into_response()
+    let role = match s.access.role_of(form.token.trim()) {
+        Some(r @ (Role::Admin | Role::Read)) => r,
+        Some(_) => {
+            return (StatusCode::FORBIDDEN, login_html(Some("That token is for the API, not the dashboard: use the admin or read token.")))
+                .into_response()
+        }
+        None => return (StatusCode::UNAUTHORIZED, login_html(Some("That token is not right."))).into_response(),
+    };
+    match access::open_session(&s, role).await {
+        Ok(cookie) => ([(header::SET_COOKIE, cookie)], Redirect::to("/dashboard")).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
-async fn logout() -> Response {
-    let cookie = format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
+async fn logout(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    let cookie = access::close_session(&s, &headers).await;
     ([(header::SET_COOKIE, cookie)], Redirect::to("/dashboard/login")).into_response()
-}
-
-/// The cookie carries the token itself, percent-encoded where a cookie could not hold it.
-fn cookie_value(token: &str) -> String {
-    token
-        .bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
-        .collect()
-}
-
-/// Whether the request carries the dashboard cookie for `token`.
-pub(crate) fn has_cookie(headers: &HeaderMap, token: &str) -> bool {
-    let expected = cookie_value(token);
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .any(|(k, v)| k == COOKIE && crate::constant_time_eq(v.as_bytes(), expected.as_bytes()))
 }
