@@ -105,7 +105,10 @@ fn open_store(config: &BackendConfig) -> Result<Arc<dyn QueueBackend>, BackendEr
         #[cfg(not(feature = "postgres"))]
         return Err(BackendError::Invalid("this build has no PostgreSQL support (feature `postgres`)".into()));
     }
-    Err(BackendError::Invalid(format!("CONVEYOR_DATABASE_URL: unsupported URL {url:?} (expected sqlite://PATH or postgres://…)")))
+    Err(BackendError::Invalid(format!(
+        "CONVEYOR_DATABASE_URL: unsupported URL {:?} (expected sqlite://PATH or postgres://…)",
+        conveyor_core::redact::url(url)
+    )))
 }
 
 /// `sqlite://conveyor.db` → `conveyor.db`; `sqlite:///tmp/x.db` → `/tmp/x.db`.

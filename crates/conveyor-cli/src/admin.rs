@@ -68,7 +68,7 @@ pub(crate) async fn migrate(config: &Config) -> anyhow::Result<()> {
     // Opening the store applies the engine's migrations; then the applications' own.
     let backend = crate::run::open_store(config).await?;
     backend.ping().await?;
-    println!("migrated: {} store at {} is up to date", backend.name(), config.database_url);
+    println!("migrated: {} store at {} is up to date", backend.name(), conveyor_core::redact::url(&config.database_url));
     Ok(())
 }
 

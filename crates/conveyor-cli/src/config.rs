@@ -207,6 +207,36 @@ impl Config {
         .with_schedules(schedules(&src.file)?))
     }
 
+    /// Makes every configured credential known to the redaction helper, so that logs, stored
+    /// errors and messages mask it wherever a library quotes it.
+    pub(crate) fn register_secrets(&self) {
+        use conveyor_core::redact::register;
+        for t in [&self.api_token, &self.read_token, &self.publish_token, &self.worker_token, &self.redis_url, &self.amqp_url]
+            .into_iter()
+            .flatten()
+        {
+            register(t.0.clone());
+        }
+        register(self.database_url.clone());
+        let n = &self.apps.notify;
+        if let conveyor_apps::notify::channels::Mailer::Smtp(urls) = &n.mailer {
+            urls.iter().for_each(|u| register(u.clone()));
+        }
+        for s in n.sms_urls.iter().chain(&n.sms_token).chain(&n.webhook_secret) {
+            register(s.clone());
+        }
+        if let Some(slack) = &n.slack_webhook {
+            conveyor_core::redact::register_whole(slack.clone());
+        }
+        let sync = &self.apps.sync;
+        for s in sync.source.iter().flat_map(|s| s.token.iter().chain([&s.url])) {
+            register(s.clone());
+        }
+        for s in sync.target.iter().flat_map(|t| t.key.iter().chain([&t.url])) {
+            register(s.clone());
+        }
+    }
+
     /// The HTTP server's access settings, for a server bound to `bound`.
     pub(crate) fn access(&self, bound: SocketAddr) -> conveyor_server::AccessConfig {
         let t = |s: &Option<Secret>| s.as_ref().map(|s| s.0.clone());

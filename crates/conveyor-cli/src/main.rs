@@ -71,6 +71,7 @@ fn main() {
         Ok(c) => c,
         Err(e) => fail(&e),
     };
+    config.register_secrets();
     init_logging(&config, matches!(cli.command, Command::Serve(_) | Command::Work(_) | Command::Schedule));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("building the tokio runtime");
     let result = runtime.block_on(async move {
@@ -99,8 +100,31 @@ fn main() {
 fn fail(e: &anyhow::Error) -> ! {
     // One line: the chain of causes joined, outermost first.
     let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-    eprintln!("error: {}", msg.join(": "));
+    eprintln!("error: {}", conveyor_core::redact::scrub(&msg.join(": ")));
     std::process::exit(1);
+}
+
+/// Buffers one log record and writes it to stderr with every configured secret masked
+/// (`conveyor_core::redact::scrub`): whatever a library puts in a message, the log never
+/// carries a credential.
+struct ScrubbingWriter(Vec<u8>);
+
+impl std::io::Write for ScrubbingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for ScrubbingWriter {
+    fn drop(&mut self) {
+        let text = conveyor_core::redact::scrub(&String::from_utf8_lossy(&self.0));
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), text.as_bytes());
+    }
 }
 
 /// Long-running commands log at info; one-shot commands only warn, so stdout stays the result.
@@ -109,7 +133,10 @@ fn init_logging(config: &config::Config, long_running: bool) {
     let default = if long_running { "info" } else { "warn" };
     let filter = EnvFilter::try_from_env("CONVEYOR_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(|| ScrubbingWriter(Vec::new()))
+        .with_ansi(std::io::stderr().is_terminal());
     if config.log_format == "json" {
         builder.json().init();
     } else {

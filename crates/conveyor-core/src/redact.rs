@@ -115,12 +115,23 @@ impl Secrets {
             }
             return self;
         }
+        self.push(s);
+        self
+    }
+
+    /// Adds a value masked as a whole, URL or not (a Slack webhook URL, whose path is the
+    /// credential).
+    pub fn add_whole(&mut self, secret: impl Into<String>) -> &mut Self {
+        self.push(secret.into());
+        self
+    }
+
+    fn push(&mut self, s: String) {
         if s.len() >= 6 && !self.0.contains(&s) {
             self.0.push(s);
             // Longest first, so a secret that contains another is masked whole.
             self.0.sort_by_key(|s| std::cmp::Reverse(s.len()));
         }
-        self
     }
 
     pub fn mask(&self, text: &str) -> String {
@@ -132,6 +143,28 @@ impl Secrets {
         }
         out
     }
+}
+
+/// The secrets of this process, registered once at start (the binary registers every configured
+/// credential); [`scrub`] masks them in any text, and the log writer passes every line through it.
+static PROCESS: std::sync::RwLock<Secrets> = std::sync::RwLock::new(Secrets(Vec::new()));
+
+/// Adds a credential of this process (a token, a password, the password of a URL) to what
+/// [`scrub`] masks.
+pub fn register(secret: impl Into<String>) {
+    PROCESS.write().unwrap_or_else(|e| e.into_inner()).add(secret);
+}
+
+/// Adds a value masked whole (a URL whose path is the credential, such as a Slack webhook).
+pub fn register_whole(secret: impl Into<String>) {
+    PROCESS.write().unwrap_or_else(|e| e.into_inner()).add_whole(secret);
+}
+
+/// `text` with its URLs redacted and every registered secret masked: for error messages that
+/// are logged, stored (a job's last error, a delivery's error) or answered.
+pub fn scrub(text: &str) -> String {
+    let s = PROCESS.read().unwrap_or_else(|e| e.into_inner());
+    self::text(text, &s)
 }
 
 impl std::fmt::Debug for Secrets {
@@ -166,6 +199,7 @@ mod tests {
     fn text_masks_urls_and_known_secrets() {
         let mut secrets = Secrets::new();
         secrets.add("s3cr3t-token").add("postgres://u:dbpass99@h/db").add("abc");
+        secrets.add_whole("https://hooks.slack.com/services/T0/B0/XYZ");
         let msg = "error sending request for url (http://u:pw@10.0.0.1/hook?token=zz): bearer s3cr3t-token; db dbpass99; abc";
         assert_eq!(text(msg, &secrets), "error sending request for url (http://u:***@10.0.0.1/hook?token=***): bearer ***; db ***; abc");
     }

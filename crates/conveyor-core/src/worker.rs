@@ -462,7 +462,9 @@ impl JobTask {
             Ok(()) => return Outcome::Completed,
             Err(e) => {
                 let e = crate::middleware::filter_error(chain, e);
-                (e.message, e.action)
+                // The message is stored with the job and shown by the API: no credential of
+                // this process may ride along (a driver's error quoting its URL, say).
+                (crate::redact::scrub(&e.message), e.action)
             }
         };
         let now = now_ms();
