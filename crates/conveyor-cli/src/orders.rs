@@ -232,7 +232,7 @@ pub(crate) async fn demo(config: &Config) -> anyhow::Result<()> {
     println!("  curl -s localhost:{}/api/leaderboard/customers?limit=5", config.http_addr.port());
     let port = config.http_addr.port();
     println!(
-        "  curl -s -XPOST localhost:{port}/api/events -d '{{\"event\":\"order_shipped\",\"payload\":{{\"user_id\":{user},\"order\":{{\"id\":\"A1\",\"total\":42}}}}}}'"
+        "  curl -s --json '{{\"event\":\"order_shipped\",\"payload\":{{\"user_id\":{user},\"order\":{{\"id\":\"A1\",\"total\":42}}}}}}' localhost:{port}/api/events"
     );
     println!("  curl -s localhost:{port}/api/v1/users/{user}/inbox     # the welcome message and the shipping note");
     println!("  curl -s 'localhost:{port}/api/v1/notifications?user_id={user}'");
