@@ -245,10 +245,20 @@ pub(crate) async fn guard(State(s): State<AppState>, mut req: Request, next: Nex
         return ApiError::Forbidden(why.into()).into_response();
     }
     let res = next.run(req).await;
-    if role == Role::Admin {
-        return res;
-    }
-    redact_response(res).await
+    // Reads are filtered: of the process's own credentials for everyone (an operator's Slack URL
+    // in a delivery log, a partner key quoted by a partner's error), and of every secret-like
+    // field for the roles that may see no secret. The admin's reveal of a secret is the exception.
+    let read = method == Method::GET || method == Method::HEAD;
+    let filter = match role {
+        Role::Admin if read && !is_secret_path(&path) => Filter::Credentials,
+        Role::Admin => return res,
+        _ => Filter::Secrets,
+    };
+    redact_response(res, filter).await
+}
+
+fn is_secret_path(path: &str) -> bool {
+    path.ends_with("/secret") || path.contains("/secret/")
 }
 
 enum Class {
@@ -274,7 +284,7 @@ fn route_class(path: &str) -> Class {
 /// What a role may call (the SPEC's role table), by method and path.
 fn permitted(role: Role, method: &Method, path: &str) -> Result<(), &'static str> {
     let read = *method == Method::GET || *method == Method::HEAD;
-    let secret = path.ends_with("/secret") || path.contains("/secret/");
+    let secret = is_secret_path(path);
     match role {
         Role::Admin => Ok(()),
         Role::Read if read && !secret => Ok(()),
@@ -436,10 +446,20 @@ pub(crate) async fn close_session(s: &AppState, headers: &HeaderMap) -> String {
 /// not JSON documents of this API).
 const MAX_FILTERED: usize = 64 * 1024 * 1024;
 
-/// Filters a JSON answer for a caller who may not see secrets: credential-like fields become
-/// `***`, webhook and Slack URLs their origin and `…`, any other URL loses its password and
-/// secret query parameters. One place, so every endpoint (job payloads included) is covered.
-pub(crate) async fn redact_response(res: Response) -> Response {
+/// What [`redact_response`] takes out of an answer.
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum Filter {
+    /// The credentials this process was configured with, wherever they appear.
+    Credentials,
+    /// Those, and every credential-like field, for callers who may see no secret.
+    Secrets,
+}
+
+/// Filters a JSON answer: credential-like fields become `***`, webhook and Slack URLs their
+/// origin and `…`, any other URL loses its password and secret query parameters (for
+/// [`Filter::Secrets`]), and the process's registered credentials are masked (always). One
+/// place, so every endpoint (job payloads and stored errors included) is covered.
+pub(crate) async fn redact_response(res: Response, filter: Filter) -> Response {
     let is_json = res.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/json"));
     if !is_json {
         return res;
@@ -451,10 +471,27 @@ pub(crate) async fn redact_response(res: Response) -> Response {
     let Ok(mut v) = serde_json::from_slice::<Value>(&bytes) else {
         return Response::from_parts(parts, Body::from(bytes));
     };
-    redact_value(&mut v, None);
+    if filter == Filter::Secrets {
+        redact_value(&mut v, None);
+    }
+    scrub_value(&mut v);
     let out = serde_json::to_vec(&v).expect("JSON serializes");
     parts.headers.remove(header::CONTENT_LENGTH);
     Response::from_parts(parts, Body::from(out))
+}
+
+fn scrub_value(v: &mut Value) {
+    match v {
+        Value::Object(map) => map.values_mut().for_each(scrub_value),
+        Value::Array(items) => items.iter_mut().for_each(scrub_value),
+        Value::String(s) => {
+            let clean = redact::scrub(s);
+            if clean != *s {
+                *s = clean;
+            }
+        }
+        _ => {}
+    }
 }
 
 fn redact_value(v: &mut Value, key: Option<&str>) {

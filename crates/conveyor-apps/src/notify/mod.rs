@@ -683,7 +683,8 @@ impl Notifier {
             return Err(JobError::release(wait));
         };
         let last = matches!(e, SendError::Permanent(_)) || ctx.attempt >= ctx.max_attempts;
-        let (id, error) = (d.log_id.clone(), e.to_string());
+        // Stored and shown by the API: a provider's error may quote our credentials.
+        let (id, error) = (d.log_id.clone(), conveyor_core::redact::scrub(&e.to_string()));
         backend
             .transact(move |tx| {
                 tx.execute(

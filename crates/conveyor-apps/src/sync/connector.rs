@@ -297,7 +297,11 @@ async fn call(req: reqwest::RequestBuilder, audit: &mut Audit) -> Result<reqwest
     let resp = match result {
         Ok(r) => r,
         Err(e) => {
-            let error = if e.is_timeout() { "timed out".to_string() } else { format!("request failed: {}", error_chain(&e)) };
+            let error = if e.is_timeout() {
+                "timed out".to_string()
+            } else {
+                conveyor_core::redact::scrub(&format!("request failed: {}", error_chain(&e)))
+            };
             audit.error = Some(error.clone());
             return Err(CallError::Transient { error, retry_after: None });
         }
@@ -310,7 +314,8 @@ async fn call(req: reqwest::RequestBuilder, audit: &mut Audit) -> Result<reqwest
     let after = retry_after(resp.headers());
     let body: String = resp.text().await.unwrap_or_default().chars().take(200).collect();
     audit.duration_ms = started.elapsed().as_millis() as i64;
-    let error = format!("HTTP {}: {}", status.as_u16(), body.trim());
+    // A partner's error page may quote what it was sent (our credentials included).
+    let error = conveyor_core::redact::scrub(&format!("HTTP {}: {}", status.as_u16(), body.trim()));
     audit.error = Some(error.clone());
     Err(match status.as_u16() {
         429 => CallError::RateLimited { retry_after: after },

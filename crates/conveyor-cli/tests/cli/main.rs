@@ -12,6 +12,7 @@ mod postgres;
 mod process;
 mod redis;
 mod scheduler;
+mod secrets;
 mod sync;
 
 use std::collections::HashMap;
