@@ -10,6 +10,7 @@ pub mod error;
 mod admin;
 mod dashboard;
 mod health;
+mod jobs;
 mod notify;
 mod openapi;
 mod orchestration;
@@ -72,6 +73,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/stats", get(stats::stats))
         .route("/api/openapi.json", get(openapi::document))
         .merge(admin::routes())
+        .merge(jobs::routes())
         .merge(orchestration::routes())
         .merge(orders::routes())
         .merge(notify::routes())
@@ -97,7 +99,14 @@ async fn envelope_errors(req: Request, next: Next) -> Response {
     // that take no body would otherwise accept it); undeclared lengths meet DefaultBodyLimit.
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     let import = req.uri().path() == "/api/orders/import";
-    let limit = if import { orders::MAX_IMPORT } else { MAX_BODY };
+    let bulk = matches!(req.uri().path(), "/api/jobs/bulk" | "/api/batches");
+    let limit = if import {
+        orders::MAX_IMPORT
+    } else if bulk {
+        jobs::MAX_BULK_BODY
+    } else {
+        MAX_BODY
+    };
     if declared.is_some_and(|n| n > limit as u64) {
         return ApiError::PayloadTooLarge(limit).into_response();
     }

@@ -6,6 +6,7 @@ mod amqp;
 mod browser;
 mod commands;
 mod http;
+mod jobs;
 mod orders;
 mod partners;
 mod postgres;
