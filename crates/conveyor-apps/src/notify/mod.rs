@@ -399,7 +399,12 @@ impl Notifier {
             return Ok(None);
         }
         let Some(user) = user_of(tx, payload)? else {
-            log.skip("the payload names no known user (user_id)");
+            // A team alert: Slack without a recipient goes to the configured default webhook
+            // (SPEC: `CONVEYOR_SLACK_WEBHOOK` needs no user).
+            match (rule.channel.as_str(), self.config.slack_webhook.as_deref()) {
+                ("slack", Some(default)) => log.recipient = default.to_string(),
+                _ => log.skip("the payload names no known user (user_id)"),
+            }
             return Ok(None);
         };
         log.user_id = Some(user.id);

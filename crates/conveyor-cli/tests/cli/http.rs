@@ -185,3 +185,50 @@ async fn the_notification_endpoints_take_events_and_deliver_the_welcome_messages
     sigterm(&child);
     assert!(wait_exit(&mut child, Duration::from_secs(30)).await.success());
 }
+
+/// A team alert: a Slack rule without a recipient, for an event that names no user, goes to
+/// `CONVEYOR_SLACK_WEBHOOK` (the SPEC's default), not to "no known user".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slack_rule_without_recipient_goes_to_the_default_webhook() {
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let app = {
+        let got = got.clone();
+        axum::Router::new().route(
+            "/team",
+            axum::routing::post(move |body: String| {
+                let got = got.clone();
+                async move {
+                    got.lock().unwrap().push(body);
+                    "ok"
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let receiver = format!("http://{}/team", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let env = TestEnv::new("");
+    let (mut child, url) = serve(&env, &[("CONVEYOR_SLACK_WEBHOOK", receiver.as_str())]);
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: Value| http.post(format!("{url}{path}")).json(&body).send();
+    let t: Value = post("/api/templates", json!({ "name": "alert", "channel": "slack", "body": "Stock low: {{ sku }}" }))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let tid = t["data"]["id"].as_i64().unwrap();
+    assert_eq!(post("/api/rules", json!({ "event": "stock_low", "template_id": tid, "channel": "slack" })).await.unwrap().status(), 201);
+    assert_eq!(post("/api/events", json!({ "event": "stock_low", "payload": { "sku": "SKU-1" } })).await.unwrap().status(), 202);
+    crate::wait_for("the team alert", Duration::from_secs(30), || {
+        let n = got.lock().unwrap().len();
+        std::future::ready(n == 1)
+    })
+    .await;
+    assert_eq!(serde_json::from_str::<Value>(&got.lock().unwrap()[0]).unwrap(), json!({ "text": "Stock low: SKU-1" }));
+    let logs: Value = http.get(format!("{url}/api/v1/notifications?event=stock_low")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(logs["data"][0]["status"], "sent", "{logs}");
+    sigterm(&child);
+    assert!(wait_exit(&mut child, Duration::from_secs(30)).await.success());
+}
