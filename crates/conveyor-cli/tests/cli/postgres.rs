@@ -14,12 +14,14 @@ const CONFIG: &str = "[[supervisors]]\nname = \"default\"\nqueues = [\"default\"
                       [retention]\ncompleted = 100000\n\n\
                       [[schedule]]\nname = \"every-second\"\ncron = \"@every 1s\"\njob = \"conveyor.noop\"\nqueue = \"ticks\"\n";
 
-/// Every job id's completions: the effect of a job is its acknowledgement (the history row it
-/// writes in the same transaction), so "once" means exactly one row per id.
+/// Every test job's completions: the effect of a job is its acknowledgement (the history row it
+/// writes in the same transaction), so "once" means exactly one row per id. Only the test's
+/// `conveyor.sleep` jobs count: the built-in KPI schedule (every 5 minutes, on `default`) may add
+/// a job of its own while the test runs.
 async fn completions(env: &TestEnv, queue: &str) -> (i64, i64, i64) {
     let rows = env
         .backend
-        .query("SELECT count(*), count(DISTINCT id), coalesce(max(attempts), 0) FROM completed_jobs WHERE queue = $1", vec![queue.into()])
+        .query("SELECT count(*), count(DISTINCT id), coalesce(max(attempts), 0) FROM completed_jobs WHERE queue = $1 AND kind = 'conveyor.sleep'", vec![queue.into()])
         .await
         .unwrap();
     (rows[0].int(0), rows[0].int(1), rows[0].int(2))
