@@ -12,6 +12,7 @@ mod process;
 mod redis;
 mod scheduler;
 mod sync;
+mod webhooks;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
