@@ -108,7 +108,7 @@ impl Policy {
     /// Whether the host (a name as in a URL) is named by the list.
     pub fn allows_host(&self, host: &str) -> bool {
         let host = normal_host(host);
-        self.hosts.iter().any(|h| *h == host)
+        self.hosts.contains(&host)
     }
 
     /// Whether a caller's URL may connect to `ip`: a public address, or one the list covers.

@@ -790,6 +790,10 @@ impl LogRow {
     }
 
     fn insert(self, tx: &mut dyn Tx) -> Result<(), BackendError> {
+        // The log is read through the API: a URL recipient is kept without its credentials
+        // (user info, secret query parameters). The delivery job has the URL as given.
+        let recipient =
+            if matches!(self.channel.as_str(), "webhook" | "slack") { conveyor_core::redact::url(&self.recipient) } else { self.recipient };
         tx.execute(
             "INSERT INTO notify_logs (id, event, event_id, rule_id, user_id, channel, recipient, status, error, subject, body, created_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
@@ -800,7 +804,7 @@ impl LogRow {
                 self.rule_id.into(),
                 self.user_id.into(),
                 self.channel.into(),
-                self.recipient.into(),
+                recipient.into(),
                 self.status.into(),
                 self.error.into(),
                 self.subject.into(),

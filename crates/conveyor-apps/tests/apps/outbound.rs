@@ -137,7 +137,7 @@ pub(crate) async fn allowed_destinations_get_deliveries_but_no_redirects(s: Stor
     let allow = Policy::parse("127.0.0.1/32").unwrap();
     let e = env_with(s, RateLimit::per(1_000, Duration::from_secs(60)), allow.clone()).await;
     let hook = e.template("hook", "webhook", None, "hi").await;
-    e.rule(json!({ "event": "ok", "template_id": hook, "channel": "webhook", "recipient": format!("http://2130706433:{port}/ok") })).await;
+    e.rule(json!({ "event": "ok", "template_id": hook, "channel": "webhook", "recipient": format!("http://2130706433:{port}/ok?token=s3cret") })).await;
     e.rule(
         json!({ "event": "moved", "template_id": hook, "channel": "webhook", "recipient": format!("http://127.0.0.1:{port}/redirect") }),
     )
@@ -147,6 +147,7 @@ pub(crate) async fn allowed_destinations_get_deliveries_but_no_redirects(s: Stor
     e.wait_settled().await;
     let ok = e.logs(LogFilter { event: Some("ok".into()), ..Default::default() }).await;
     assert_eq!(ok[0].status, "sent", "{ok:?}");
+    assert_eq!(ok[0].recipient, format!("http://2130706433:{port}/ok?token=***"), "logged without the secret");
     let moved = e.logs(LogFilter { event: Some("moved".into()), ..Default::default() }).await;
     assert_eq!((moved[0].status.as_str(), moved[0].attempts), ("failed", 1), "{moved:?}");
     assert_eq!(moved[0].error.as_deref(), Some("HTTP 302: redirects are not followed"));

@@ -116,11 +116,7 @@ impl Receiver {
     }
 
     fn records(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.results)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        std::fs::read_to_string(&self.results).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
     }
 
     async fn next(&self, seen: usize) -> Value {
@@ -160,7 +156,11 @@ async fn deliveries_verify_with_the_reference_standard_webhooks_library() {
     // another scheme, naming the field.
     for (path, body, field) in [
         ("/api/v1/users/register", json!({ "name": "X", "email": "x@example.com", "webhook_url": "http://10.1.2.3/in" }), "webhook_url"),
-        ("/api/v1/users/register", json!({ "name": "X", "email": "x@example.com", "slack_webhook": "http://[::ffff:a00:1]/" }), "slack_webhook"),
+        (
+            "/api/v1/users/register",
+            json!({ "name": "X", "email": "x@example.com", "slack_webhook": "http://[::ffff:a00:1]/" }),
+            "slack_webhook",
+        ),
         ("/api/v1/users/register", json!({ "name": "X", "email": "x@example.com", "webhook_url": "http://0x7f000002/" }), "webhook_url"),
     ] {
         let r = post(path, body.clone()).await.unwrap();
@@ -174,9 +174,12 @@ async fn deliveries_verify_with_the_reference_standard_webhooks_library() {
         .await
         .unwrap();
     assert_eq!(bad.status(), 422);
-    let rule = post("/api/rules", json!({ "event": "ping", "template_id": t["id"], "channel": "webhook", "recipient": format!("{}/rule", receiver.url) }))
-        .await
-        .unwrap();
+    let rule = post(
+        "/api/rules",
+        json!({ "event": "ping", "template_id": t["id"], "channel": "webhook", "recipient": format!("{}/rule", receiver.url) }),
+    )
+    .await
+    .unwrap();
     assert_eq!(rule.status(), 201);
     let rule = data(rule).await;
     let (rule_id, first) = (rule["id"].as_i64().unwrap(), rule["secret"].as_str().unwrap().to_string());
@@ -204,12 +207,18 @@ async fn deliveries_verify_with_the_reference_standard_webhooks_library() {
     let d = receiver.next(1).await;
     assert_eq!((d["results"]["old"].as_str(), d["results"]["new"].as_str()), (Some("OK"), Some("OK")), "{d}");
     let shown = data(call(reqwest::Method::GET, &format!("/api/rules/{rule_id}/secret")).send().await.unwrap()).await;
-    assert_eq!((shown["secrets"][0]["secret"].as_str(), shown["secrets"][1]["secret"].as_str()), (Some(second.as_str()), Some(first.as_str())));
+    assert_eq!(
+        (shown["secrets"][0]["secret"].as_str(), shown["secrets"][1]["secret"].as_str()),
+        (Some(second.as_str()), Some(first.as_str()))
+    );
 
     // A user with a webhook_url: a secret of their own.
-    let user = post("/api/v1/users/register", json!({ "name": "Una", "email": "una@example.com", "webhook_url": format!("{}/user", receiver.url) }))
-        .await
-        .unwrap();
+    let user = post(
+        "/api/v1/users/register",
+        json!({ "name": "Una", "email": "una@example.com", "webhook_url": format!("{}/user", receiver.url) }),
+    )
+    .await
+    .unwrap();
     let user = data(user).await;
     let user_secret = user["webhook_secret"].as_str().unwrap().to_string();
     let ut = data(post("/api/templates", json!({ "name": "user-hook", "channel": "webhook", "body": "hi" })).await.unwrap()).await;
@@ -230,7 +239,8 @@ async fn deliveries_verify_with_the_reference_standard_webhooks_library() {
     receiver.expect(json!({ "legacy": legacy_whsec() }));
     post("/api/events", json!({ "event": "ping", "payload": { "n": 3 } })).await.unwrap();
     assert_eq!(receiver.next(3).await["results"]["legacy"], "OK");
-    let third = data(post(&format!("/api/rules/{rule_id}/secret/rotate"), json!({})).await.unwrap()).await["secret"].as_str().unwrap().to_string();
+    let third =
+        data(post(&format!("/api/rules/{rule_id}/secret/rotate"), json!({})).await.unwrap()).await["secret"].as_str().unwrap().to_string();
     receiver.expect(json!({ "legacy": legacy_whsec(), "new": third }));
     post("/api/events", json!({ "event": "ping", "payload": { "n": 4 } })).await.unwrap();
     let d = receiver.next(4).await;
