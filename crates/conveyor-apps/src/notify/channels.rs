@@ -178,10 +178,45 @@ impl Clients {
 /// Webhooks with the destination owner's secrets (and, for one release, the old
 /// `X-Conveyor-Signature` with the legacy secret).
 pub struct Webhook {
-    pub client: Client,
-    pub backend: Arc<dyn QueueBackend>,
+    client: Client,
+    backend: Arc<dyn QueueBackend>,
     /// The legacy secret (`CONVEYOR_WEBHOOK_SECRET`, or the one generated and stored).
-    pub legacy: Arc<dyn Fn() -> String + Send + Sync>,
+    legacy: Arc<dyn Fn() -> String + Send + Sync>,
+    /// Owners' signing secrets as read lately: a burst of deliveries to one destination reads
+    /// the store once a second, not once per delivery. A rotation is seen within that second;
+    /// the previous secret stays valid far longer, so a delivery signed from the cache still
+    /// verifies.
+    keys: std::sync::Mutex<HashMap<String, CachedKeys>>,
+}
+
+/// An owner's secrets, when they were read, and the count of this process's rotations then.
+type CachedKeys = (std::time::Instant, u64, Arc<Vec<Option<String>>>);
+
+/// How long an owner's secrets are used without reading them again.
+const KEYS_FRESH: Duration = Duration::from_secs(1);
+
+impl Webhook {
+    pub fn new(client: Client, backend: Arc<dyn QueueBackend>, legacy: Arc<dyn Fn() -> String + Send + Sync>) -> Webhook {
+        Webhook { client, backend, legacy, keys: Default::default() }
+    }
+
+    async fn keys(&self, owner: Option<&str>) -> Result<Arc<Vec<Option<String>>>, BackendError> {
+        let key = owner.unwrap_or_default().to_string();
+        let rotations = secrets::ROTATIONS.load(std::sync::atomic::Ordering::Relaxed);
+        // The std mutex is never held across an await: looked up, dropped, then the store.
+        if let Some((at, seen, keys)) = self.keys.lock().expect("keys lock").get(&key) {
+            if at.elapsed() < KEYS_FRESH && *seen == rotations {
+                return Ok(keys.clone());
+            }
+        }
+        let keys = Arc::new(secrets::signing(self.backend.as_ref(), owner).await?);
+        let mut cache = self.keys.lock().expect("keys lock");
+        if cache.len() >= 10_000 {
+            cache.retain(|_, (at, _, _)| at.elapsed() < KEYS_FRESH);
+        }
+        cache.insert(key, (std::time::Instant::now(), rotations, keys.clone()));
+        Ok(keys)
+    }
 }
 
 /// A Standard Webhooks signature: `v1,<base64 HMAC-SHA256(key, "{id}.{timestamp}.{body}")>`.
@@ -265,7 +300,8 @@ impl Channel for Webhook {
             "payload": msg.payload,
         }))
         .expect("JSON serializes");
-        let keys = secrets::signing(self.backend.as_ref(), msg.signer.as_deref())
+        let keys = self
+            .keys(msg.signer.as_deref())
             .await
             .map_err(|e| SendError::Retry { error: format!("cannot read the signing secrets: {e}"), retry_after: None })?;
         let legacy = (self.legacy)();

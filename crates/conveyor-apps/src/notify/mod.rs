@@ -156,7 +156,7 @@ pub fn register(registry: &mut Registry, backend: Arc<dyn QueueBackend>, config:
         .with(Arc::new(channels::Database))
         .with_providers(sms)
         .with(Arc::new(channels::Slack { clients: clients.clone(), default_url: config.slack_webhook.clone() }))
-        .with(Arc::new(channels::Webhook { client: clients.caller, backend: backend.clone(), legacy }));
+        .with(Arc::new(channels::Webhook::new(clients.caller, backend.clone(), legacy)));
     register_with(registry, backend, config, dispatcher);
     Ok(())
 }

@@ -17,6 +17,10 @@ use conveyor_core::clock::now_ms;
 
 use super::model::ModelError;
 
+/// Rotations made by this process: signers that cache secrets read again after one (another
+/// process's rotation is seen when their cache expires; the previous secret is still valid).
+pub(crate) static ROTATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// How long a rotated-out secret stays valid by default.
 pub const DEFAULT_OVERLAP_S: i64 = 24 * 3600;
 
@@ -159,6 +163,7 @@ pub async fn rotate(backend: &dyn QueueBackend, owner: Owner, overlap_s: i64) ->
             create_in(tx, owner)
         })
         .await?;
+    ROTATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(Rotated { owner: owner.key(), secret, previous_valid_until: until })
 }
 

@@ -230,19 +230,27 @@ async fn deliveries_verify_with_the_reference_standard_webhooks_library() {
     assert_eq!(d["results"]["user"], "OK", "{d}");
     assert_ne!(d["results"]["rule"], "OK", "another owner's secret does not verify: {d}");
 
-    // A destination from before per-destination secrets (no secret of its own) is signed with
-    // the legacy secret, and keeps it valid for the overlap when rotated.
-    let rule_key = format!("rule:{rule_id}");
-    env.backend.transact(move |tx| tx.execute("DELETE FROM notify_secrets WHERE owner = $1", &[rule_key.into()])).await.unwrap();
-    let shown = data(call(reqwest::Method::GET, &format!("/api/rules/{rule_id}/secret")).send().await.unwrap()).await;
+    // A destination from before per-destination secrets (no secret of its own: a rule whose
+    // secret row is removed before its first delivery) is signed with the legacy secret, and
+    // keeps it valid for the overlap when rotated.
+    let old = post(
+        "/api/rules",
+        json!({ "event": "old_ping", "template_id": t["id"], "channel": "webhook", "recipient": format!("{}/old", receiver.url) }),
+    )
+    .await
+    .unwrap();
+    let old_id = data(old).await["id"].as_i64().unwrap();
+    let owner = format!("rule:{old_id}");
+    env.backend.transact(move |tx| tx.execute("DELETE FROM notify_secrets WHERE owner = $1", &[owner.into()])).await.unwrap();
+    let shown = data(call(reqwest::Method::GET, &format!("/api/rules/{old_id}/secret")).send().await.unwrap()).await;
     assert_eq!(shown["secrets"][0]["legacy"], true, "{shown}");
     receiver.expect(json!({ "legacy": legacy_whsec() }));
-    post("/api/events", json!({ "event": "ping", "payload": { "n": 3 } })).await.unwrap();
+    post("/api/events", json!({ "event": "old_ping", "payload": { "n": 3 } })).await.unwrap();
     assert_eq!(receiver.next(3).await["results"]["legacy"], "OK");
-    let third =
-        data(post(&format!("/api/rules/{rule_id}/secret/rotate"), json!({})).await.unwrap()).await["secret"].as_str().unwrap().to_string();
+    let rotated = data(post(&format!("/api/rules/{old_id}/secret/rotate"), json!({ "previous_valid_for": 3600 })).await.unwrap()).await;
+    let third = rotated["secret"].as_str().unwrap().to_string();
     receiver.expect(json!({ "legacy": legacy_whsec(), "new": third }));
-    post("/api/events", json!({ "event": "ping", "payload": { "n": 4 } })).await.unwrap();
+    post("/api/events", json!({ "event": "old_ping", "payload": { "n": 4 } })).await.unwrap();
     let d = receiver.next(4).await;
     assert_eq!((d["results"]["legacy"].as_str(), d["results"]["new"].as_str()), (Some("OK"), Some("OK")), "{d}");
 
