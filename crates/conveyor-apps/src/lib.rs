@@ -7,6 +7,7 @@
 
 pub mod notify;
 pub mod orders;
+pub mod outbound;
 pub mod sync;
 
 use std::sync::Arc;

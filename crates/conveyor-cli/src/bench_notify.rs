@@ -27,9 +27,35 @@ pub(crate) async fn run(config: Config, deliveries: u64, concurrency: usize) -> 
         bail!("--jobs and --concurrency must be at least 1");
     }
     let backend = open_store(&config).await?;
-    let secret = format!("bench-{}", rand_hex());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    // The receiver is on loopback, which callers' URLs may not reach unless allowed.
+    let mut nc = config.apps.notify.clone();
+    nc.outbound = conveyor_apps::outbound::Policy::parse(&format!("{},{}/32", nc.outbound, addr.ip())).map_err(|e| anyhow::anyhow!(e))?;
 
-    // The receiver: counts deliveries whose signature verifies.
+    // A rule for this run's event, to the receiver; its signing secret comes with it.
+    let event = format!("bench.webhook.{}", rand_hex());
+    let t = model::save(
+        backend.as_ref(),
+        model::Kind::Templates,
+        None,
+        &json!({ "name": event, "channel": "webhook", "body": "delivery {{ n }}" }),
+        &nc.outbound,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let rule = model::save(
+        backend.as_ref(),
+        model::Kind::Rules,
+        None,
+        &json!({ "event": event, "template_id": t["id"], "channel": "webhook", "recipient": format!("http://{addr}/hook") }),
+        &nc.outbound,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let secret = rule["secret"].as_str().context("a webhook rule comes with its secret")?.to_string();
+
+    // The receiver: counts deliveries whose Standard Webhooks signature verifies.
     let valid = Arc::new(AtomicU64::new(0));
     let invalid = Arc::new(AtomicU64::new(0));
     let (v, i, s) = (valid.clone(), invalid.clone(), secret.clone());
@@ -38,9 +64,8 @@ pub(crate) async fn run(config: Config, deliveries: u64, concurrency: usize) -> 
         axum::routing::post(move |headers: HeaderMap, body: Bytes| {
             let (v, i, s) = (v.clone(), i.clone(), s.clone());
             async move {
-                let sig = headers.get("x-conveyor-signature").and_then(|h| h.to_str().ok()).unwrap_or_default();
                 let now = chrono::Utc::now().timestamp();
-                if channels::verify(&s, sig, &body, now, 300) {
+                if channels::verify(&s, &headers, &body, now, 300) {
                     v.fetch_add(1, Ordering::Relaxed);
                     StatusCode::OK
                 } else {
@@ -50,31 +75,8 @@ pub(crate) async fn run(config: Config, deliveries: u64, concurrency: usize) -> 
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
     tokio::spawn(async move { axum::serve(listener, app).await });
 
-    // A rule for this run's event, to the receiver.
-    let event = format!("bench.webhook.{}", rand_hex());
-    let t = model::save(
-        backend.as_ref(),
-        model::Kind::Templates,
-        None,
-        &json!({ "name": event, "channel": "webhook", "body": "delivery {{ n }}" }),
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
-    model::save(
-        backend.as_ref(),
-        model::Kind::Rules,
-        None,
-        &json!({ "event": event, "template_id": t["id"], "channel": "webhook", "recipient": format!("http://{addr}/hook") }),
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
-
-    let mut nc = config.apps.notify.clone();
-    nc.webhook_secret = Some(secret);
     let mut registry = Registry::new();
     notify::register(&mut registry, backend.clone(), nc).map_err(|e| anyhow::anyhow!(e))?;
     let conveyor = Conveyor::new(backend.clone(), registry);

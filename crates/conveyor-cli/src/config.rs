@@ -342,7 +342,8 @@ fn reqwest_like_url(text: &str) -> Result<String, String> {
 }
 
 /// `CONVEYOR_MAILER`, `CONVEYOR_SMTP_URL`, `CONVEYOR_MAIL_FROM`, `CONVEYOR_SMS_*`,
-/// `CONVEYOR_SLACK_WEBHOOK`, `CONVEYOR_WEBHOOK_SECRET`, `CONVEYOR_NOTIFY_*`.
+/// `CONVEYOR_SLACK_WEBHOOK`, `CONVEYOR_WEBHOOK_SECRET`, `CONVEYOR_NOTIFY_*`, and
+/// `CONVEYOR_OUTBOUND_ALLOW` (`[outbound] allow`: where callers' URLs may lead although private).
 fn notify(src: &Source) -> anyhow::Result<conveyor_apps::notify::NotifyConfig> {
     use conveyor_apps::notify::channels::Mailer;
     let mut c = conveyor_apps::notify::NotifyConfig::default();
@@ -369,6 +370,9 @@ fn notify(src: &Source) -> anyhow::Result<conveyor_apps::notify::NotifyConfig> {
     c.sms_from = src.string("sms", "from", &c.sms_from);
     c.slack_webhook = src.optional("slack", "webhook");
     c.webhook_secret = src.optional("webhook", "secret");
+    if let Some((v, name)) = src.get("outbound", "allow") {
+        c.outbound = conveyor_apps::outbound::Policy::parse(&v).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    }
     c.max_attempts = src.parsed("notify", "max_attempts", 3u32, "a whole number of tries from 1")?;
     if c.max_attempts == 0 {
         bail!("CONVEYOR_NOTIFY_MAX_ATTEMPTS: expected a whole number of tries from 1, got 0");
@@ -548,6 +552,14 @@ mod tests {
         assert!(e.contains("schedule[0].cron") && e.contains("minute"), "{e}");
         let e = Config::from_source(&src("[[schedule]]\nname = \"x\"\ncron = \"* * * * *\"\n")).unwrap_err().to_string();
         assert!(e.contains("schedule[0].job"), "{e}");
+    }
+
+    #[test]
+    fn the_outbound_allow_list_is_read_from_the_file_and_checked() {
+        let c = Config::from_source(&src("[outbound]\nallow = \"127.0.0.1/32, receiver.internal\"\n")).unwrap();
+        assert_eq!(c.apps.notify.outbound, conveyor_apps::outbound::Policy::parse("receiver.internal,127.0.0.1/32").unwrap());
+        let e = Config::from_source(&src("[outbound]\nallow = \"10.0.0.0/99\"\n")).unwrap_err().to_string();
+        assert!(e.contains("[outbound] allow"), "{e}");
     }
 
     #[test]

@@ -269,8 +269,10 @@ async fn demo_notifications(conveyor: &Conveyor) -> anyhow::Result<i64> {
     use conveyor_apps::notify::{self, model};
     use serde_json::json;
     let backend = conveyor.backend().as_ref();
-    let user = match notify::register_user(conveyor, &json!({ "name": "Demo User", "email": "demo@example.com" })).await {
-        Ok((id, _)) => id,
+    // The demo's rows name no URL: no outbound policy applies.
+    let policy = conveyor_apps::outbound::Policy::default();
+    let user = match notify::register_user(conveyor, &json!({ "name": "Demo User", "email": "demo@example.com" }), &policy).await {
+        Ok(r) => r.user_id,
         Err(model::ModelError::Conflict(_)) => {
             let rows = backend.query("SELECT id FROM users WHERE email = 'demo@example.com'", vec![]).await?;
             conveyor_core::backend::RowExt::int(&rows[0], 0)
@@ -286,6 +288,7 @@ async fn demo_notifications(conveyor: &Conveyor) -> anyhow::Result<i64> {
             model::Kind::Sources,
             None,
             &json!({ "name": "order_shipped", "description": "An order left the warehouse", "schema": schema }),
+            &policy,
         )
         .await?;
         let t = model::save(
@@ -293,10 +296,17 @@ async fn demo_notifications(conveyor: &Conveyor) -> anyhow::Result<i64> {
             model::Kind::Templates,
             None,
             &json!({ "name": "order-shipped-inbox", "channel": "database", "subject": "Order {{ order.id }} shipped", "body": "Hi {{ user.name }}, your order {{ order.id }} is on its way." }),
+            &policy,
         )
         .await?;
-        model::save(backend, model::Kind::Rules, None, &json!({ "event": "order_shipped", "template_id": t["id"], "channel": "database" }))
-            .await?;
+        model::save(
+            backend,
+            model::Kind::Rules,
+            None,
+            &json!({ "event": "order_shipped", "template_id": t["id"], "channel": "database" }),
+            &policy,
+        )
+        .await?;
     }
     println!("demo: user {user} (demo@example.com) registered; rule `order_shipped` → in-app message.");
     Ok(user)

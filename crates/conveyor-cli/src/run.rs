@@ -172,6 +172,8 @@ pub(crate) async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()>
     let shutdown = shutdown_on_signals();
     let conveyor = Conveyor::new(backend.clone(), registry(&config, &backend)?);
     let scheduler = (!args.no_scheduler).then(|| Scheduler::new(conveyor.clone(), config.schedules.clone()));
+    // The API checks callers' URLs against the same allow list deliveries use.
+    conveyor_apps::outbound::install_api_policy(config.apps.notify.outbound.clone());
     let state = conveyor_server::AppState::new(conveyor.clone(), config.access(local))
         .with_schedules(scheduler.as_ref().map(Scheduler::info))
         .with_sync(config.apps.sync.clone());

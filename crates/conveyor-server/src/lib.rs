@@ -17,6 +17,7 @@ mod orchestration;
 mod orders;
 pub mod partners;
 mod prometheus;
+mod secrets;
 mod stats;
 mod sync;
 
@@ -77,6 +78,7 @@ pub fn router(state: AppState) -> Router {
         .merge(orchestration::routes())
         .merge(orders::routes())
         .merge(notify::routes())
+        .merge(secrets::routes())
         .merge(sync::routes())
         .merge(dashboard::routes())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })

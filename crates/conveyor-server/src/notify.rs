@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use conveyor_apps::notify::model::{self, Kind, LogFilter, ModelError};
 use conveyor_apps::notify::{self, IngestError};
+use conveyor_apps::outbound;
 
 use crate::admin::Paging;
 use crate::error::{ok, page, ApiError};
@@ -85,12 +86,12 @@ pub(crate) async fn post_event(State(s): State<AppState>, body: Bytes) -> Result
 
 #[utoipa::path(post, path = "/api/v1/users/register", tag = "notifications",
     request_body(content = Object, description = "{name, email, phone?, slack_webhook?, webhook_url?}"),
-    responses((status = 201, description = "{user_id, event_id}", body = Envelope<Object>), (status = 409, description = "the email is taken", body = ErrorEnvelope),
+    responses((status = 201, description = "{user_id, event_id, webhook_secret?} (the webhook's signing secret, shown once here; later to the admin only)", body = Envelope<Object>), (status = 409, description = "the email is taken", body = ErrorEnvelope),
               (status = 422, description = "a field is invalid", body = ErrorEnvelope)))]
 pub(crate) async fn register(State(s): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let v = json_body(&body)?;
-    let (user_id, event_id) = notify::register_user(&s.conveyor, &v).await?;
-    Ok((StatusCode::CREATED, ok(json!({ "user_id": user_id, "event_id": event_id }))).into_response())
+    let r = notify::register_user(&s.conveyor, &v, &outbound::api_policy()).await?;
+    Ok((StatusCode::CREATED, ok(r)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -177,11 +178,11 @@ macro_rules! crud {
         }
 
         #[utoipa::path(post, path = $path, tag = "notifications", request_body(content = Object, description = $shape),
-            responses((status = 201, description = "created", body = Envelope<Object>), (status = 422, description = "a field is invalid", body = ErrorEnvelope),
+            responses((status = 201, description = "created (a webhook rule with its signing `secret`, shown once here)", body = Envelope<Object>), (status = 422, description = "a field is invalid", body = ErrorEnvelope),
                       (status = 409, description = "the name is taken", body = ErrorEnvelope), (status = 400, description = "not JSON", body = ErrorEnvelope)))]
         pub(crate) async fn $create(State(s): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
             let v = json_body(&body)?;
-            let row = model::save(s.conveyor.backend().as_ref(), $kind, None, &v).await?;
+            let row = model::save(s.conveyor.backend().as_ref(), $kind, None, &v, &outbound::api_policy()).await?;
             Ok((StatusCode::CREATED, ok(row)).into_response())
         }
 
@@ -197,7 +198,7 @@ macro_rules! crud {
         pub(crate) async fn $update(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
             let id = id_of(&id, $noun)?;
             let v = json_body(&body)?;
-            Ok(ok(model::save(s.conveyor.backend().as_ref(), $kind, Some(id), &v).await?))
+            Ok(ok(model::save(s.conveyor.backend().as_ref(), $kind, Some(id), &v, &outbound::api_policy()).await?))
         }
 
         #[utoipa::path(delete, path = concat!($path, "/{id}"), tag = "notifications", params(("id" = i64, Path)),

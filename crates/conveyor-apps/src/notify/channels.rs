@@ -12,8 +12,13 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
 
-use conveyor_core::backend::{BackendError, Tx};
+use base64::Engine as _;
+
+use conveyor_core::backend::{BackendError, QueueBackend, Tx};
 use conveyor_core::clock::now_ms;
+
+use super::secrets;
+use crate::outbound::{self, Client, OutboundError, Trust};
 
 /// One notification to deliver.
 #[derive(Clone, Debug)]
@@ -29,6 +34,8 @@ pub struct Message {
     /// The body rendered with HTML escaping (email's HTML part).
     pub html: Option<String>,
     pub payload: Value,
+    /// Whose webhook secrets sign it (`rule:<id>`, `user:<id>`); `None`: the legacy secret.
+    pub signer: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -119,17 +126,29 @@ impl Dispatcher {
     }
 }
 
-/// Maps an HTTP answer: 2xx is delivered; 408, 429 and 5xx are worth retrying (429 after its
-/// `Retry-After`); any other 4xx never will succeed.
-async fn http_outcome(resp: Result<reqwest::Response, reqwest::Error>) -> Result<reqwest::Response, SendError> {
-    let resp = resp.map_err(|e| SendError::Retry { error: format!("request failed: {e}"), retry_after: None })?;
+/// Sends through an outbound client and maps the answer: 2xx is delivered; 408, 429 and 5xx
+/// are worth retrying (429 after its `Retry-After`); any other 4xx, a 3xx (redirects are not
+/// followed) or a destination the policy refuses never will succeed. The error keeps a short
+/// excerpt of the answer, never the URL or a resolved address.
+async fn http_outcome(client: &Client, req: Result<reqwest::RequestBuilder, OutboundError>) -> Result<reqwest::Response, SendError> {
+    let sent = match req {
+        Ok(req) => client.send(req).await,
+        Err(e) => Err(e),
+    };
+    let resp = sent.map_err(|e| {
+        if e.is_transient() {
+            SendError::Retry { error: e.to_string(), retry_after: None }
+        } else {
+            SendError::Permanent(e.to_string())
+        }
+    })?;
     let status = resp.status();
     if status.is_success() {
         return Ok(resp);
     }
     let retry_after = crate::sync::connector::retry_after(resp.headers());
-    let body: String = resp.text().await.unwrap_or_default().chars().take(300).collect();
-    let error = format!("HTTP {}: {}", status.as_u16(), body.trim());
+    let body = outbound::excerpt(resp, 4096, 300).await;
+    let error = format!("HTTP {}: {}", status.as_u16(), body);
     if status.as_u16() == 408 || status.as_u16() == 429 || status.is_server_error() {
         Err(SendError::Retry { error, retry_after })
     } else {
@@ -137,22 +156,106 @@ async fn http_outcome(resp: Result<reqwest::Response, reqwest::Error>) -> Result
     }
 }
 
-pub(crate) fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .pool_max_idle_per_host(256)
-        .build()
-        .expect("an HTTP client with default settings")
+/// The notifications' outbound clients: callers' URLs (rule recipients, users' webhook and
+/// Slack URLs) through the policy, the operator's (SMS gateways, the default Slack webhook)
+/// trusted. Both follow no redirects and read at most 64 KiB of an answer.
+#[derive(Clone)]
+pub struct Clients {
+    pub caller: Client,
+    pub operator: Client,
 }
 
-/// Generic webhooks: `POST` the event and the rendered message as JSON, signed.
+impl Clients {
+    pub fn new(policy: outbound::Policy) -> Clients {
+        Clients {
+            caller: Client::new(Trust::Caller, policy, outbound::Settings::default()),
+            operator: Client::new(Trust::Operator, outbound::Policy::default(), outbound::Settings::default()),
+        }
+    }
+}
+
+/// Generic webhooks: `POST` the event and the rendered message as JSON, signed per Standard
+/// Webhooks with the destination owner's secrets (and, for one release, the old
+/// `X-Conveyor-Signature` with the legacy secret).
 pub struct Webhook {
-    pub client: reqwest::Client,
-    pub secret: Arc<dyn Fn() -> String + Send + Sync>,
+    client: Client,
+    backend: Arc<dyn QueueBackend>,
+    /// The legacy secret (`CONVEYOR_WEBHOOK_SECRET`, or the one generated and stored).
+    legacy: Arc<dyn Fn() -> String + Send + Sync>,
+    /// Owners' signing secrets as read lately: a burst of deliveries to one destination reads
+    /// the store once a second, not once per delivery. A rotation is seen within that second;
+    /// the previous secret stays valid far longer, so a delivery signed from the cache still
+    /// verifies.
+    keys: std::sync::Mutex<HashMap<String, CachedKeys>>,
 }
 
-/// `t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
-pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
+/// An owner's secrets, when they were read, and the count of this process's rotations then.
+type CachedKeys = (std::time::Instant, u64, Arc<Vec<Option<String>>>);
+
+/// How long an owner's secrets are used without reading them again.
+const KEYS_FRESH: Duration = Duration::from_secs(1);
+
+impl Webhook {
+    pub fn new(client: Client, backend: Arc<dyn QueueBackend>, legacy: Arc<dyn Fn() -> String + Send + Sync>) -> Webhook {
+        Webhook { client, backend, legacy, keys: Default::default() }
+    }
+
+    async fn keys(&self, owner: Option<&str>) -> Result<Arc<Vec<Option<String>>>, BackendError> {
+        let key = owner.unwrap_or_default().to_string();
+        let rotations = secrets::ROTATIONS.load(std::sync::atomic::Ordering::Relaxed);
+        // The std mutex is never held across an await: looked up, dropped, then the store.
+        if let Some((at, seen, keys)) = self.keys.lock().expect("keys lock").get(&key) {
+            if at.elapsed() < KEYS_FRESH && *seen == rotations {
+                return Ok(keys.clone());
+            }
+        }
+        let keys = Arc::new(secrets::signing(self.backend.as_ref(), owner).await?);
+        let mut cache = self.keys.lock().expect("keys lock");
+        if cache.len() >= 10_000 {
+            cache.retain(|_, (at, _, _)| at.elapsed() < KEYS_FRESH);
+        }
+        cache.insert(key, (std::time::Instant::now(), rotations, keys.clone()));
+        Ok(keys)
+    }
+}
+
+/// A Standard Webhooks signature: `v1,<base64 HMAC-SHA256(key, "{id}.{timestamp}.{body}")>`.
+pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(format!("{id}.{timestamp}.").as_bytes());
+    mac.update(body);
+    format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes()))
+}
+
+/// Checks a delivery as a Standard Webhooks receiver does: `webhook-id`, `webhook-timestamp`
+/// within `tolerance_s` seconds of `now_s`, and any of the space-separated `webhook-signature`
+/// entries matching `secret` (`whsec_…`), compared in constant time.
+pub fn verify(secret: &str, headers: &reqwest::header::HeaderMap, body: &[u8], now_s: i64, tolerance_s: i64) -> bool {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let (Some(id), Some(ts), Some(sigs), Some(key)) =
+        (header("webhook-id"), header("webhook-timestamp"), header("webhook-signature"), secrets::key_of(secret))
+    else {
+        return false;
+    };
+    let Ok(ts) = ts.trim().parse::<i64>() else { return false };
+    if (now_s - ts).abs() > tolerance_s {
+        return false;
+    }
+    let mac = {
+        let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(&key).expect("HMAC takes any key length");
+        m.update(format!("{id}.{ts}.").as_bytes());
+        m.update(body);
+        m
+    };
+    sigs.split(' ')
+        .filter_map(|s| s.strip_prefix("v1,"))
+        .filter_map(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .any(|given| mac.clone().verify_slice(&given).is_ok())
+}
+
+/// The old header (sent alongside for one release): `t=<unix>,v1=<hex HMAC-SHA256(secret,
+/// "<t>.<body>")>`.
+pub fn legacy_signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
     let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
     mac.update(timestamp.to_string().as_bytes());
     mac.update(b".");
@@ -160,8 +263,8 @@ pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
     format!("t={timestamp},v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-/// Checks a signature header as a receiver would (constant time), within `tolerance_s` seconds.
-pub fn verify(secret: &str, header: &str, body: &[u8], now_s: i64, tolerance_s: i64) -> bool {
+/// Checks the old `X-Conveyor-Signature` header (constant time), within `tolerance_s` seconds.
+pub fn verify_legacy(secret: &str, header: &str, body: &[u8], now_s: i64, tolerance_s: i64) -> bool {
     let mut t = None;
     let mut v1 = None;
     for part in header.split(',') {
@@ -197,24 +300,39 @@ impl Channel for Webhook {
             "payload": msg.payload,
         }))
         .expect("JSON serializes");
-        let sig = signature(&(self.secret)(), now_ms() / 1000, &body);
-        let resp = self
-            .client
-            .post(&msg.recipient)
-            .header("content-type", "application/json")
-            .header("x-conveyor-signature", sig)
-            .header("idempotency-key", &msg.id)
-            .body(body)
-            .send()
-            .await;
-        http_outcome(resp).await?;
+        let keys = self
+            .keys(msg.signer.as_deref())
+            .await
+            .map_err(|e| SendError::Retry { error: format!("cannot read the signing secrets: {e}"), retry_after: None })?;
+        let legacy = (self.legacy)();
+        let now = now_ms() / 1000;
+        let signatures: Vec<String> = keys
+            .iter()
+            .filter_map(|k| match k {
+                Some(s) => secrets::key_of(s),
+                None => Some(legacy.as_bytes().to_vec()),
+            })
+            .map(|key| sign(&key, &msg.id, now, &body))
+            .collect();
+        let req = self.client.post(&msg.recipient).map(|r| {
+            r.header("content-type", "application/json")
+                .header("webhook-id", &msg.id)
+                .header("webhook-timestamp", now.to_string())
+                .header("webhook-signature", signatures.join(" "))
+                .header("x-conveyor-signature", legacy_signature(&legacy, now, &body))
+                .header("idempotency-key", &msg.id)
+                .body(body)
+        });
+        http_outcome(&self.client, req).await?;
         Ok(None)
     }
 }
 
-/// Slack incoming webhooks: `{"text": message}`.
+/// Slack incoming webhooks: `{"text": message}`. The default webhook is the operator's
+/// (`CONVEYOR_SLACK_WEBHOOK`); any other URL came from a caller.
 pub struct Slack {
-    pub client: reqwest::Client,
+    pub clients: Clients,
+    pub default_url: Option<String>,
 }
 
 #[async_trait]
@@ -224,15 +342,18 @@ impl Channel for Slack {
     }
 
     async fn send(&self, msg: &Message) -> Result<Option<String>, SendError> {
-        let resp = self.client.post(&msg.recipient).json(&json!({ "text": msg.body })).send().await;
-        http_outcome(resp).await?;
+        let client =
+            if self.default_url.as_deref() == Some(msg.recipient.as_str()) { &self.clients.operator } else { &self.clients.caller };
+        let req = client.post(&msg.recipient).map(|r| r.json(&json!({ "text": msg.body })));
+        http_outcome(client, req).await?;
         Ok(None)
     }
 }
 
 /// SMS through a Twilio-shaped gateway: `POST {base}/Messages` as a form `To, From, Body`.
 pub struct Sms {
-    pub client: reqwest::Client,
+    /// The operator's client: the gateway is configuration.
+    pub client: Client,
     pub base_url: Option<String>,
     pub token: Option<String>,
     pub from: String,
@@ -246,16 +367,20 @@ impl Channel for Sms {
 
     async fn send(&self, msg: &Message) -> Result<Option<String>, SendError> {
         let base = self.base_url.as_deref().ok_or_else(|| SendError::Permanent("CONVEYOR_SMS_URL is not set".into()))?;
-        let mut req = self.client.post(format!("{}/Messages", base.trim_end_matches('/'))).header("idempotency-key", &msg.id).form(&[
-            ("To", msg.recipient.as_str()),
-            ("From", self.from.as_str()),
-            ("Body", msg.body.as_str()),
-        ]);
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
-        let resp = http_outcome(req.send().await).await?;
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        let req = self.client.post(&format!("{}/Messages", base.trim_end_matches('/'))).map(|r| {
+            let r = r.header("idempotency-key", &msg.id).form(&[
+                ("To", msg.recipient.as_str()),
+                ("From", self.from.as_str()),
+                ("Body", msg.body.as_str()),
+            ]);
+            match &self.token {
+                Some(t) => r.bearer_auth(t),
+                None => r,
+            }
+        });
+        let resp = http_outcome(&self.client, req).await?;
+        // The id is a convenience: an answer too large or not JSON still means delivered.
+        let body: Value = self.client.body(resp).await.ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null);
         Ok(body.get("sid").and_then(Value::as_str).map(str::to_string))
     }
 }
@@ -366,13 +491,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn signatures_verify_and_reject_tampering() {
-        let sig = signature("s3cret", 1_700_000_000, b"{\"a\":1}");
+    fn legacy_signatures_verify_and_reject_tampering() {
+        let sig = legacy_signature("s3cret", 1_700_000_000, b"{\"a\":1}");
         assert!(sig.starts_with("t=1700000000,v1="));
-        assert!(verify("s3cret", &sig, b"{\"a\":1}", 1_700_000_010, 300));
-        assert!(!verify("s3cret", &sig, b"{\"a\":2}", 1_700_000_010, 300), "another body");
-        assert!(!verify("other", &sig, b"{\"a\":1}", 1_700_000_010, 300), "another secret");
-        assert!(!verify("s3cret", &sig, b"{\"a\":1}", 1_700_001_000, 300), "too old");
-        assert!(!verify("s3cret", "garbage", b"", 0, 300));
+        assert!(verify_legacy("s3cret", &sig, b"{\"a\":1}", 1_700_000_010, 300));
+        assert!(!verify_legacy("s3cret", &sig, b"{\"a\":2}", 1_700_000_010, 300), "another body");
+        assert!(!verify_legacy("other", &sig, b"{\"a\":1}", 1_700_000_010, 300), "another secret");
+        assert!(!verify_legacy("s3cret", &sig, b"{\"a\":1}", 1_700_001_000, 300), "too old");
+        assert!(!verify_legacy("s3cret", "garbage", b"", 0, 300));
+    }
+
+    #[test]
+    fn standard_webhooks_signatures_verify_with_any_listed_secret() {
+        use reqwest::header::{HeaderMap, HeaderValue};
+        // The Standard Webhooks specification's example: this secret, id, timestamp and body
+        // sign to this signature.
+        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let body = br#"{"test": 2432232314}"#;
+        assert_eq!(
+            sign(&secrets::key_of(secret).unwrap(), "msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, body),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+        let other = secrets::generate();
+        let mut h = HeaderMap::new();
+        h.insert("webhook-id", HeaderValue::from_static("msg_p5jXN8AQM9LWM0D4loKWxJek"));
+        h.insert("webhook-timestamp", HeaderValue::from_static("1614265330"));
+        let both = format!(
+            "{} {}",
+            sign(&secrets::key_of(&other).unwrap(), "msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, body),
+            sign(&secrets::key_of(secret).unwrap(), "msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, body)
+        );
+        h.insert("webhook-signature", HeaderValue::from_str(&both).unwrap());
+        assert!(verify(secret, &h, body, 1_614_265_330 + 10, 300), "the second signature matches");
+        assert!(verify(&other, &h, body, 1_614_265_330, 300), "the first too");
+        assert!(!verify(&secrets::generate(), &h, body, 1_614_265_330, 300), "a third secret");
+        assert!(!verify(secret, &h, b"{}", 1_614_265_330, 300), "another body");
+        assert!(!verify(secret, &h, body, 1_614_265_330 + 301, 300), "too old");
+        assert!(!verify(secret, &h, body, 1_614_265_330 - 301, 300), "too new");
+        h.insert("webhook-id", HeaderValue::from_static("msg_other"));
+        assert!(!verify(secret, &h, body, 1_614_265_330, 300), "another id");
     }
 }

@@ -18,6 +18,7 @@ pub mod channels;
 pub mod model;
 pub mod render;
 mod schema;
+pub mod secrets;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,6 +66,9 @@ pub struct NotifyConfig {
     pub rate_limit: RateLimit,
     /// The breaker each email and SMS provider has.
     pub breaker: BreakerConfig,
+    /// Where callers' webhook and Slack URLs may lead although private
+    /// (`CONVEYOR_OUTBOUND_ALLOW`).
+    pub outbound: crate::outbound::Policy,
 }
 
 impl std::fmt::Debug for NotifyConfig {
@@ -81,6 +85,7 @@ impl std::fmt::Debug for NotifyConfig {
             .field("backoff", &self.backoff)
             .field("rate_limit", &self.rate_limit)
             .field("breaker", &self.breaker)
+            .field("outbound", &self.outbound.to_string())
             .finish()
     }
 }
@@ -105,6 +110,7 @@ impl Default for NotifyConfig {
                 open_for: Duration::from_secs(30),
                 probes: 1,
             },
+            outbound: crate::outbound::Policy::default(),
         }
     }
 }
@@ -124,8 +130,8 @@ struct Notifier {
 
 /// Registers the listener and one delivery job kind per channel, with the built-in channels.
 pub fn register(registry: &mut Registry, backend: Arc<dyn QueueBackend>, config: NotifyConfig) -> Result<(), String> {
-    let client = channels::http_client();
-    let secret = webhook_secret(backend.clone(), config.webhook_secret.clone());
+    let clients = channels::Clients::new(config.outbound.clone());
+    let legacy = webhook_secret(backend.clone(), config.webhook_secret.clone());
     let emails: Vec<Arc<dyn Channel>> =
         channels::Email::providers(&config.mailer, &config.mail_from)?.into_iter().map(|e| Arc::new(e) as Arc<dyn Channel>).collect();
     let sms_urls: Vec<Option<String>> =
@@ -133,8 +139,12 @@ pub fn register(registry: &mut Registry, backend: Arc<dyn QueueBackend>, config:
     let sms: Vec<Arc<dyn Channel>> = sms_urls
         .into_iter()
         .map(|base_url| {
-            Arc::new(channels::Sms { client: client.clone(), base_url, token: config.sms_token.clone(), from: config.sms_from.clone() })
-                as Arc<dyn Channel>
+            Arc::new(channels::Sms {
+                client: clients.operator.clone(),
+                base_url,
+                token: config.sms_token.clone(),
+                from: config.sms_from.clone(),
+            }) as Arc<dyn Channel>
         })
         .collect();
     let mail_dispatch = if matches!(config.mailer, Mailer::Log) {
@@ -145,8 +155,8 @@ pub fn register(registry: &mut Registry, backend: Arc<dyn QueueBackend>, config:
     let dispatcher = mail_dispatch
         .with(Arc::new(channels::Database))
         .with_providers(sms)
-        .with(Arc::new(channels::Slack { client: client.clone() }))
-        .with(Arc::new(channels::Webhook { client, secret }));
+        .with(Arc::new(channels::Slack { clients: clients.clone(), default_url: config.slack_webhook.clone() }))
+        .with(Arc::new(channels::Webhook::new(clients.caller, backend.clone(), legacy)));
     register_with(registry, backend, config, dispatcher);
     Ok(())
 }
@@ -189,7 +199,8 @@ pub fn register_with(registry: &mut Registry, backend: Arc<dyn QueueBackend>, co
     }
 }
 
-/// The secret webhooks are signed with: the configured one, else one generated once and kept
+/// The legacy secret (destinations created before per-destination secrets, and the old
+/// `X-Conveyor-Signature` header): the configured one, else one generated once and kept
 /// in the store (read on first use; every process then signs with the same key).
 fn webhook_secret(backend: Arc<dyn QueueBackend>, configured: Option<String>) -> Arc<dyn Fn() -> String + Send + Sync> {
     let cell: Arc<std::sync::OnceLock<String>> = Arc::default();
@@ -246,6 +257,10 @@ struct Delivery {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     html: Option<String>,
     payload: Value,
+    /// Whose secrets sign a webhook (`rule:<id>`, `user:<id>`); absent in deliveries enqueued
+    /// before per-destination secrets, which are signed with the legacy secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    signer: Option<String>,
 }
 
 /// What `POST /api/events` answers.
@@ -568,6 +583,13 @@ impl Notifier {
                 body: log.body.clone().unwrap_or_default(),
                 html,
                 payload: payload.clone(),
+                signer: (rule.channel == "webhook").then(|| {
+                    let owner = match (&rule.recipient, log.user_id) {
+                        (None, Some(user)) => secrets::Owner::User(user),
+                        _ => secrets::Owner::Rule(rule.id),
+                    };
+                    owner.key()
+                }),
             };
             // Deferred, never dropped: after the rule's delay, and out of the user's quiet hours.
             let mut at = now + rule.delay_ms;
@@ -616,6 +638,7 @@ impl Notifier {
             body: d.body,
             html: d.html,
             payload: d.payload,
+            signer: d.signer,
         };
         // Providers in order; one whose breaker is open is skipped, one that fails is recorded
         // against its breaker and the next is tried.
@@ -773,6 +796,10 @@ impl LogRow {
     }
 
     fn insert(self, tx: &mut dyn Tx) -> Result<(), BackendError> {
+        // The log is read through the API: a URL recipient is kept without its credentials
+        // (user info, secret query parameters). The delivery job has the URL as given.
+        let recipient =
+            if matches!(self.channel.as_str(), "webhook" | "slack") { conveyor_core::redact::url(&self.recipient) } else { self.recipient };
         tx.execute(
             "INSERT INTO notify_logs (id, event, event_id, rule_id, user_id, channel, recipient, status, error, subject, body, created_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
@@ -783,7 +810,7 @@ impl LogRow {
                 self.rule_id.into(),
                 self.user_id.into(),
                 self.channel.into(),
-                self.recipient.into(),
+                recipient.into(),
                 self.status.into(),
                 self.error.into(),
                 self.subject.into(),
@@ -883,9 +910,14 @@ fn allowed(tx: &mut dyn Tx, user: i64, event: &str, channel: &str) -> Result<boo
     Ok(of(event).or_else(|| of("")).unwrap_or(true))
 }
 
-/// Registers a user and emits `user_registered` in the same transaction.
-pub async fn register_user(conveyor: &Conveyor, body: &Value) -> Result<(i64, String), model::ModelError> {
-    model::register_user(conveyor, body).await
+/// Registers a user and emits `user_registered` in the same transaction; their URLs are
+/// checked against `policy`.
+pub async fn register_user(
+    conveyor: &Conveyor,
+    body: &Value,
+    policy: &crate::outbound::Policy,
+) -> Result<model::Registered, model::ModelError> {
+    model::register_user(conveyor, body, policy).await
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@ use conveyor_core::event::Event;
 use conveyor_core::Conveyor;
 
 use super::render::{self, Condition};
+use super::secrets::{self, Owner};
+use crate::outbound::{self, Policy};
 
 pub const CHANNELS: [&str; 5] = ["email", "sms", "slack", "webhook", "database"];
 
@@ -63,19 +65,31 @@ pub struct User {
     pub created_at: i64,
 }
 
-fn url(body: &Value, field: &str) -> Result<Option<String>, ModelError> {
+/// A caller's webhook or Slack URL: http(s), and not a literal address the policy refuses
+/// (names are checked when delivering, since what they resolve to can change).
+fn url(body: &Value, field: &str, policy: &Policy) -> Result<Option<String>, ModelError> {
     let u = text(body, field, 2000, false)?;
     if let Some(u) = &u {
-        if !(u.starts_with("http://") || u.starts_with("https://")) {
-            return Err(invalid(field, "must be an http:// or https:// URL"));
-        }
+        outbound::validate_caller_url(u, policy).map_err(|e| invalid(field, e.to_string()))?;
     }
     Ok(u)
 }
 
+/// What registering a user answers.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Registered {
+    pub user_id: i64,
+    pub event_id: String,
+    /// The signing secret of the user's webhook, when they have one: shown here, at creation,
+    /// and afterwards only to the admin on request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_secret: Option<String>,
+}
+
 /// `{name, email, phone?, slack_webhook?, webhook_url?}` → the new user's id and the id of the
-/// `user_registered` event emitted with it (one transaction).
-pub async fn register_user(conveyor: &Conveyor, body: &Value) -> Result<(i64, String), ModelError> {
+/// `user_registered` event emitted with it (one transaction); a user with a `webhook_url` gets
+/// its signing secret in the same transaction.
+pub async fn register_user(conveyor: &Conveyor, body: &Value, policy: &Policy) -> Result<Registered, ModelError> {
     if !body.is_object() {
         return Err(invalid("body", "must be a JSON object"));
     }
@@ -91,7 +105,7 @@ pub async fn register_user(conveyor: &Conveyor, body: &Value) -> Result<(i64, St
             return Err(invalid("phone", "must be digits, optionally after a +"));
         }
     }
-    let (slack, webhook) = (url(body, "slack_webhook")?, url(body, "webhook_url")?);
+    let (slack, webhook) = (url(body, "slack_webhook", policy)?, url(body, "webhook_url", policy)?);
     let cv = conveyor.clone();
     let r = conveyor
         .backend()
@@ -100,6 +114,7 @@ pub async fn register_user(conveyor: &Conveyor, body: &Value) -> Result<(i64, St
                 return Ok(None);
             }
             let id = next_id(tx, "users")?;
+            let webhook_secret = webhook.is_some().then(|| secrets::create_in(tx, Owner::User(id))).transpose()?;
             tx.execute(
                 "INSERT INTO users (id, name, email, phone, slack_webhook, webhook_url, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 &[id.into(), name.clone().into(), email.clone().into(), phone.into(), slack.into(), webhook.into(), now_ms().into()],
@@ -114,7 +129,7 @@ pub async fn register_user(conveyor: &Conveyor, body: &Value) -> Result<(i64, St
                 "UPDATE notify_event_keys SET event_id = $2 WHERE key = $1",
                 &[format!("user_registered:{id}").into(), event.clone().into()],
             )?;
-            Ok(Some((id, event)))
+            Ok(Some(Registered { user_id: id, event_id: event, webhook_secret }))
         })
         .await;
     match r {
@@ -439,8 +454,10 @@ pub async fn get(backend: &dyn QueueBackend, kind: Kind, id: i64) -> Result<Valu
     rows.first().map(|r| kind.to_json(r)).ok_or_else(|| ModelError::NotFound(format!("no {} {id}", kind.noun())))
 }
 
-/// Creates (`id: None`) or replaces a row from its JSON; returns the stored row.
-pub async fn save(backend: &dyn QueueBackend, kind: Kind, id: Option<i64>, body: &Value) -> Result<Value, ModelError> {
+/// Creates (`id: None`) or replaces a row from its JSON; returns the stored row. A webhook
+/// rule created here gets its signing secret, returned once as `secret`. A rule's literal
+/// webhook or Slack URL is checked against `policy` (expressions when they are rendered).
+pub async fn save(backend: &dyn QueueBackend, kind: Kind, id: Option<i64>, body: &Value, policy: &Policy) -> Result<Value, ModelError> {
     if !body.is_object() {
         return Err(invalid("body", "must be a JSON object"));
     }
@@ -484,6 +501,9 @@ pub async fn save(backend: &dyn QueueBackend, kind: Kind, id: Option<i64>, body:
             let recipient = text(body, "recipient", 2000, false)?;
             if let Some(r) = &recipient {
                 render::check(r).map_err(|e| invalid("recipient", e))?;
+                if matches!(channel.as_str(), "webhook" | "slack") && !r.contains("{{") {
+                    outbound::validate_caller_url(r, policy).map_err(|e| invalid("recipient", e.to_string()))?;
+                }
             }
             let conditions: Vec<Condition> = match body.get("conditions") {
                 None | Some(Value::Null) => Vec::new(),
@@ -548,8 +568,10 @@ pub async fn save(backend: &dyn QueueBackend, kind: Kind, id: Option<i64>, body:
     };
     let table = kind.table();
     let names: Vec<&str> = kind.columns().split(", ").skip(1).filter(|c| *c != "created_at").collect();
+    let webhook_rule = kind == Kind::Rules && body.get("channel").and_then(Value::as_str) == Some("webhook");
     let r = backend
         .transact(move |tx| {
+            let mut secret = None;
             let id = match id {
                 Some(id) => {
                     let set: Vec<String> = names.iter().enumerate().map(|(i, c)| format!("{c} = ${}", i + 2)).collect();
@@ -575,14 +597,23 @@ pub async fn save(backend: &dyn QueueBackend, kind: Kind, id: Option<i64>, body:
                         ),
                         &p,
                     )?;
+                    if webhook_rule {
+                        secret = Some(secrets::create_in(tx, Owner::Rule(id))?);
+                    }
                     id
                 }
             };
-            Ok(Some(id))
+            Ok(Some((id, secret)))
         })
         .await;
     match r {
-        Ok(Some(id)) => get(backend, kind, id).await,
+        Ok(Some((id, secret))) => {
+            let mut row = get(backend, kind, id).await?;
+            if let Some(s) = secret {
+                row["secret"] = json!(s);
+            }
+            Ok(row)
+        }
         Ok(None) => Err(ModelError::NotFound(format!("no {} {}", kind.noun(), id.unwrap_or_default()))),
         Err(BackendError::Storage(m)) if super::is_unique_violation(&m) => {
             Err(ModelError::Conflict(format!("an {} with this name exists", kind.noun())))
@@ -599,7 +630,14 @@ pub async fn delete(backend: &dyn QueueBackend, kind: Kind, id: i64) -> Result<(
         }
     }
     let table = kind.table();
-    let n = backend.transact(move |tx| tx.execute(&format!("DELETE FROM {table} WHERE id = $1"), &[id.into()])).await?;
+    let n = backend
+        .transact(move |tx| {
+            if kind == Kind::Rules {
+                secrets::delete_in(tx, Owner::Rule(id))?;
+            }
+            tx.execute(&format!("DELETE FROM {table} WHERE id = $1"), &[id.into()])
+        })
+        .await?;
     if n == 0 {
         return Err(ModelError::NotFound(format!("no {} {id}", kind.noun())));
     }

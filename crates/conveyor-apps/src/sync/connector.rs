@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::orders::money;
+use crate::outbound::{self, Client, OutboundError, Trust};
 
 /// Where the source's fields are, as dotted paths into its JSON.
 #[derive(Clone, Debug, PartialEq)]
@@ -247,34 +248,19 @@ impl std::fmt::Display for CallError {
     }
 }
 
-/// The URL as it may be logged: no user info, and the values of query parameters that look
-/// like credentials replaced by `***`.
-pub fn redact_url(url: &str) -> String {
-    let Ok(mut u) = reqwest::Url::parse(url) else { return url.split('?').next().unwrap_or_default().to_string() };
-    let _ = u.set_username("");
-    let _ = u.set_password(None);
-    if u.query().is_some() {
-        let pairs: Vec<(String, String)> = u
-            .query_pairs()
-            .map(|(k, v)| {
-                let lower = k.to_ascii_lowercase();
-                let secret = ["token", "key", "secret", "password", "signature", "auth"].iter().any(|s| lower.contains(s));
-                (k.into_owned(), if secret { "***".to_string() } else { v.into_owned() })
-            })
-            .collect();
-        u.query_pairs_mut().clear().extend_pairs(pairs);
-    }
-    u.to_string()
-}
+/// The URL as it may be logged (kept for callers of the old name): see
+/// [`conveyor_core::redact::url`].
+pub use conveyor_core::redact::url as redact_url;
 
-fn client(timeout: Duration) -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(timeout)
-        .connect_timeout(timeout.min(Duration::from_secs(5)))
-        .pool_max_idle_per_host(256)
-        .tcp_nodelay(true)
-        .build()
-        .expect("an HTTP client with default settings")
+/// The most a partner's answer may weigh: a page of a thousand products with their variants
+/// fits many times over; anything larger is refused rather than read into memory.
+const BODY_LIMIT: usize = 32 * 1024 * 1024;
+
+/// The partners are the operator's configuration: trusted destinations, but no redirects and
+/// capped answers, like every outbound call.
+fn client(timeout: Duration) -> Client {
+    let settings = outbound::Settings { timeout, connect_timeout: timeout.min(Duration::from_secs(5)), body_limit: BODY_LIMIT };
+    Client::new(Trust::Operator, outbound::Policy::default(), settings)
 }
 
 /// `Retry-After` as seconds or an HTTP date (shared with the notification channels).
@@ -290,20 +276,28 @@ pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Durati
 }
 
 /// Sends a request and classifies the answer; the audit record is filled in either way.
-async fn call(req: reqwest::RequestBuilder, audit: &mut Audit) -> Result<reqwest::Response, CallError> {
+async fn call(
+    client: &Client,
+    req: Result<reqwest::RequestBuilder, OutboundError>,
+    audit: &mut Audit,
+) -> Result<reqwest::Response, CallError> {
     let started = Instant::now();
-    let result = req.send().await;
+    let result = match req {
+        Ok(req) => client.send(req).await,
+        Err(e) => Err(e),
+    };
     audit.duration_ms = started.elapsed().as_millis() as i64;
     let resp = match result {
         Ok(r) => r,
         Err(e) => {
-            let error = if e.is_timeout() {
-                "timed out".to_string()
-            } else {
-                conveyor_core::redact::scrub(&format!("request failed: {}", error_chain(&e)))
-            };
+            // A stored error: the outbound layer keeps internal detail out; credentials of
+            // this process are masked in case a server quoted them.
+            let error = conveyor_core::redact::scrub(&e.to_string());
             audit.error = Some(error.clone());
-            return Err(CallError::Transient { error, retry_after: None });
+            if let OutboundError::Redirect(status) = e {
+                audit.status = Some(status);
+            }
+            return Err(if e.is_transient() { CallError::Transient { error, retry_after: None } } else { CallError::Permanent(error) });
         }
     };
     let status = resp.status();
@@ -312,10 +306,10 @@ async fn call(req: reqwest::RequestBuilder, audit: &mut Audit) -> Result<reqwest
         return Ok(resp);
     }
     let after = retry_after(resp.headers());
-    let body: String = resp.text().await.unwrap_or_default().chars().take(200).collect();
+    let body = outbound::excerpt(resp, 4096, 200).await;
     audit.duration_ms = started.elapsed().as_millis() as i64;
     // A partner's error page may quote what it was sent (our credentials included).
-    let error = conveyor_core::redact::scrub(&format!("HTTP {}: {}", status.as_u16(), body.trim()));
+    let error = conveyor_core::redact::scrub(&format!("HTTP {}: {}", status.as_u16(), body));
     audit.error = Some(error.clone());
     Err(match status.as_u16() {
         429 => CallError::RateLimited { retry_after: after },
@@ -325,15 +319,10 @@ async fn call(req: reqwest::RequestBuilder, audit: &mut Audit) -> Result<reqwest
     })
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
+/// A partner's JSON answer, read up to the cap.
+async fn json_body(client: &Client, resp: reqwest::Response) -> Result<Value, String> {
+    let bytes = client.body(resp).await.map_err(|e| e.to_string())?;
+    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
 }
 
 fn audit(partner: &'static str, method: &'static str, url: &str) -> Audit {
@@ -349,7 +338,7 @@ fn at<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
 #[derive(Clone)]
 pub struct Source {
     config: SourceConfig,
-    client: reqwest::Client,
+    client: Client,
 }
 
 impl Source {
@@ -381,16 +370,16 @@ impl Source {
             }
         }
         let mut a = audit("source", "GET", url.as_str());
-        let mut req = self.client.get(url);
-        if let Some(t) = &self.config.token {
-            req = req.bearer_auth(t);
-        }
-        let resp = match call(req, &mut a).await {
+        let req = self.client.get(url.as_str()).map(|r| match &self.config.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        });
+        let resp = match call(&self.client, req, &mut a).await {
             Ok(r) => r,
             Err(e) => return (Err(e), a),
         };
         let started = Instant::now();
-        let body: Result<Value, _> = resp.json().await;
+        let body = json_body(&self.client, resp).await;
         a.duration_ms += started.elapsed().as_millis() as i64;
         let out = match body {
             Ok(v) => self.parse_page(&v),
@@ -503,7 +492,7 @@ impl Field {
 #[derive(Clone)]
 pub struct Target {
     config: TargetConfig,
-    client: reqwest::Client,
+    client: Client,
 }
 
 fn fill(path: &str, sku: &str) -> String {
@@ -531,19 +520,19 @@ impl Target {
         format!("{}{}", self.config.url.trim_end_matches('/'), fill(path, sku))
     }
 
-    fn authed(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        match &self.config.key {
+    fn authed(&self, req: Result<reqwest::RequestBuilder, OutboundError>) -> Result<reqwest::RequestBuilder, OutboundError> {
+        req.map(|req| match &self.config.key {
             Some(k) => req.header(self.config.key_header.as_str(), k),
             None => req,
-        }
+        })
     }
 
     /// Looks a variant up by SKU: `Ok(None)` when the target does not have it.
     pub async fn lookup(&self, sku: &str) -> (Result<Option<(i64, i64)>, CallError>, Audit) {
         let url = self.url(&self.config.variant_path, sku);
         let mut a = audit("target", "GET", &url);
-        let out = match call(self.authed(self.client.get(&url)), &mut a).await {
-            Ok(resp) => match resp.json::<Value>().await {
+        let out = match call(&self.client, self.authed(self.client.get(&url)), &mut a).await {
+            Ok(resp) => match json_body(&self.client, resp).await {
                 Ok(v) => {
                     let price = at(&v, &self.config.price_field).and_then(|p| money::parse_cents(&p.to_string()).ok());
                     let stock = at(&v, &self.config.stock_field).and_then(Value::as_i64);
@@ -579,8 +568,8 @@ impl Target {
             Field::Price => serde_json::json!({ name.as_str(): money::to_major(value) }),
             Field::Stock => serde_json::json!({ name.as_str(): value }),
         };
-        let req = self.authed(self.client.put(&url)).header("Idempotency-Key", idempotency_key).json(&body);
-        let out = call(req, &mut a).await.map(|_| ());
+        let req = self.authed(self.client.put(&url)).map(|r| r.header("Idempotency-Key", idempotency_key).json(&body));
+        let out = call(&self.client, req, &mut a).await.map(|_| ());
         (out, a)
     }
 }
@@ -634,7 +623,7 @@ mod tests {
     fn urls_are_logged_without_credentials() {
         assert_eq!(
             redact_url("https://u:pw@h.example/p?page=2&api_key=s3cret&token=t"),
-            "https://h.example/p?page=2&api_key=***&token=***"
+            "https://u:***@h.example/p?page=2&api_key=***&token=***"
         );
         assert_eq!(fill("/variants/{sku}/price", "A B/1"), "/variants/A%20B%2F1/price");
     }

@@ -4,6 +4,7 @@
 
 mod notify;
 mod orders;
+mod outbound;
 mod receivers;
 
 use std::sync::Arc;
@@ -76,6 +77,8 @@ on_every_store!(
     notify::digests_delays_and_quiet_hours_defer_without_dropping,
     notify::sms_fails_over_and_a_dead_gateways_breaker_opens,
     notify::with_every_provider_down_deliveries_wait_without_spending_attempts,
+    outbound::callers_urls_never_reach_loopback_in_any_spelling,
+    outbound::allowed_destinations_get_deliveries_but_no_redirects,
 );
 
 pub(crate) async fn wait_for<F, Fut>(what: &str, limit: Duration, mut cond: F)

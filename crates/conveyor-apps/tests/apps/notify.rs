@@ -6,9 +6,10 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use conveyor_apps::notify::channels::{verify, Mailer};
+use conveyor_apps::notify::channels::{verify, verify_legacy, Mailer};
 use conveyor_apps::notify::model::{self, Kind, LogEntry, LogFilter};
 use conveyor_apps::notify::{self, NotifyConfig};
+use conveyor_apps::outbound::Policy;
 use conveyor_core::backend::Page;
 use conveyor_core::ratelimit::RateLimit;
 use conveyor_core::worker::{self, SupervisorConfig, WorkerConfig};
@@ -19,10 +20,10 @@ use crate::{wait_for, Store};
 
 const QUEUES: [&str; 6] = ["notify", "notify.email", "notify.sms", "notify.slack", "notify.webhook", "notify.database"];
 
-struct Env {
-    cv: Conveyor,
-    http: String,
-    inbox: receivers::Shared,
+pub(crate) struct Env {
+    pub(crate) cv: Conveyor,
+    pub(crate) http: String,
+    pub(crate) inbox: receivers::Shared,
     mails: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     stop: CancellationToken,
     worker: tokio::task::JoinHandle<conveyor_core::worker::WorkerReport>,
@@ -31,7 +32,17 @@ struct Env {
 
 const SECRET: &str = "test-secret";
 
+/// The receivers live on loopback, which callers' URLs may reach only when allowed.
+pub(crate) fn loopback_allowed() -> Policy {
+    Policy::parse("127.0.0.1/32").unwrap()
+}
+
 async fn env(s: Store, rate_limit: RateLimit) -> Env {
+    env_with(s, rate_limit, loopback_allowed()).await
+}
+
+/// The notifications with real receivers and a worker; callers' URLs go through `outbound`.
+pub(crate) async fn env_with(s: Store, rate_limit: RateLimit, outbound: Policy) -> Env {
     let (http, inbox) = receivers::http().await;
     let (smtp_port, mails) = receivers::smtp().await;
     let config = NotifyConfig {
@@ -45,6 +56,7 @@ async fn env(s: Store, rate_limit: RateLimit) -> Env {
         max_attempts: 3,
         backoff: vec![Duration::ZERO],
         rate_limit,
+        outbound,
         ..NotifyConfig::default()
     };
     let mut registry = Registry::new();
@@ -58,51 +70,54 @@ async fn env(s: Store, rate_limit: RateLimit) -> Env {
 }
 
 impl Env {
-    async fn logs(&self, f: LogFilter) -> Vec<LogEntry> {
+    pub(crate) async fn logs(&self, f: LogFilter) -> Vec<LogEntry> {
         model::logs(self.cv.backend().as_ref(), f, Page { page: 1, per_page: 1000 }).await.unwrap().items
     }
 
-    async fn settled(&self) -> bool {
+    pub(crate) async fn settled(&self) -> bool {
         let qs = self.cv.backend().queues().await.unwrap();
         qs.iter().filter(|q| q.queue.starts_with("notify")).all(|q| q.pending + q.reserved + q.delayed == 0)
             && self.logs(LogFilter { status: Some("pending".into()), ..Default::default() }).await.is_empty()
     }
 
-    async fn wait_settled(&self) {
+    pub(crate) async fn wait_settled(&self) {
         wait_for("every notification settled", Duration::from_secs(30), || self.settled()).await;
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.stop.cancel();
         self.worker.await.unwrap();
     }
 
-    async fn template(&self, name: &str, channel: &str, subject: Option<&str>, body: &str) -> i64 {
+    pub(crate) async fn template(&self, name: &str, channel: &str, subject: Option<&str>, body: &str) -> i64 {
         let t = model::save(
             self.cv.backend().as_ref(),
             Kind::Templates,
             None,
             &json!({ "name": name, "channel": channel, "subject": subject, "body": body }),
+            &loopback_allowed(),
         )
         .await
         .unwrap();
         t["id"].as_i64().unwrap()
     }
 
-    async fn rule(&self, body: Value) -> Value {
-        model::save(self.cv.backend().as_ref(), Kind::Rules, None, &body).await.unwrap()
+    pub(crate) async fn rule(&self, body: Value) -> Value {
+        model::save(self.cv.backend().as_ref(), Kind::Rules, None, &body, &loopback_allowed()).await.unwrap()
     }
 
-    async fn user(&self, name: &str, extra: Value) -> i64 {
+    pub(crate) async fn user(&self, name: &str, extra: Value) -> i64 {
         let mut body = json!({ "name": name, "email": format!("{}@example.com", name.to_lowercase()) });
         body.as_object_mut().unwrap().extend(extra.as_object().cloned().unwrap_or_default());
-        notify::register_user(&self.cv, &body).await.unwrap().0
+        notify::register_user(&self.cv, &body, &loopback_allowed()).await.unwrap().user_id
     }
 }
 
 pub(crate) async fn registration_sends_the_welcome_email_and_an_inbox_message(s: Store) {
     let e = env(s, RateLimit::per(5, Duration::from_secs(60))).await;
-    let (user, event) = notify::register_user(&e.cv, &json!({ "name": "Ada", "email": "ada@example.com" })).await.unwrap();
+    let r = notify::register_user(&e.cv, &json!({ "name": "Ada", "email": "ada@example.com" }), &Policy::default()).await.unwrap();
+    let (user, event) = (r.user_id, r.event_id);
+    assert_eq!(r.webhook_secret, None, "no webhook, no secret");
     e.wait_settled().await;
     let mails = e.mails.lock().unwrap().clone();
     assert_eq!(mails.len(), 1, "one welcome email: {mails:?}");
@@ -126,7 +141,7 @@ pub(crate) async fn registration_sends_the_welcome_email_and_an_inbox_message(s:
     assert_eq!((again.event_id.as_str(), again.duplicate), (event.as_str(), true));
     // A taken email is refused.
     assert!(matches!(
-        notify::register_user(&e.cv, &json!({ "name": "Ada 2", "email": "ADA@example.com" })).await,
+        notify::register_user(&e.cv, &json!({ "name": "Ada 2", "email": "ADA@example.com" }), &Policy::default()).await,
         Err(model::ModelError::Conflict(_))
     ));
     e.stop().await;
@@ -140,9 +155,14 @@ pub(crate) async fn slack_webhook_and_sms_reach_their_receivers_with_conditions_
     let sms = e.template("shipped-sms", "sms", None, "Hi {{ user.name }}, order {{ order.id }} is on its way").await;
     let big = json!([{ "path": "order.total", "op": "gte", "value": 100 }]);
     e.rule(json!({ "event": "order_shipped", "template_id": slack, "channel": "slack", "recipient": format!("{}/slack", e.http), "conditions": big })).await;
-    e.rule(json!({ "event": "order_shipped", "template_id": hook, "channel": "webhook", "recipient": format!("{}/hook", e.http),
+    let hook_rule = e
+        .rule(json!({ "event": "order_shipped", "template_id": hook, "channel": "webhook", "recipient": format!("{}/hook", e.http),
                    "conditions": [{ "path": "order.city", "op": "in", "value": ["Paris", "Lyon"] }] }))
         .await;
+    let hook_secret = hook_rule["secret"].as_str().expect("a webhook rule is created with its secret").to_string();
+    assert!(hook_secret.starts_with("whsec_"));
+    let shown = model::get(e.cv.backend().as_ref(), Kind::Rules, hook_rule["id"].as_i64().unwrap()).await.unwrap();
+    assert!(shown.get("secret").is_none(), "never in a get: {shown}");
     e.rule(json!({ "event": "order_shipped", "template_id": sms, "channel": "sms" })).await;
     let first =
         notify::ingest(&e.cv, "order_shipped", json!({ "user_id": user, "order": { "id": "A1", "total": 150, "city": "Paris" } }), None)
@@ -162,11 +182,15 @@ pub(crate) async fn slack_webhook_and_sms_reach_their_receivers_with_conditions_
     assert_eq!(hooks.len(), 1);
     let (headers, body) = (&hooks[0].1, &hooks[0].2);
     let now = chrono::Utc::now().timestamp();
-    assert!(
-        verify(SECRET, &headers["x-conveyor-signature"], body.as_bytes(), now, 300),
-        "the receiver verifies the signature: {headers:?}"
-    );
-    assert!(!verify("wrong", &headers["x-conveyor-signature"], body.as_bytes(), now, 300));
+    let header_map: axum::http::HeaderMap = headers
+        .iter()
+        .map(|(k, v)| (k.parse::<axum::http::HeaderName>().unwrap(), v.parse::<axum::http::HeaderValue>().unwrap()))
+        .collect();
+    assert!(verify(&hook_secret, &header_map, body.as_bytes(), now, 300), "the receiver verifies the signature: {headers:?}");
+    assert!(!verify(&conveyor_apps::notify::secrets::generate(), &header_map, body.as_bytes(), now, 300));
+    // The old header, with the legacy secret, for one release.
+    assert!(verify_legacy(SECRET, &headers["x-conveyor-signature"], body.as_bytes(), now, 300));
+    assert!(!verify_legacy("wrong", &headers["x-conveyor-signature"], body.as_bytes(), now, 300));
     let hook: Value = serde_json::from_str(body).unwrap();
     assert_eq!(
         (hook["event"].as_str(), hook["event_id"].as_str(), hook["message"].as_str()),
@@ -174,6 +198,7 @@ pub(crate) async fn slack_webhook_and_sms_reach_their_receivers_with_conditions_
     );
     assert_eq!(hook["payload"]["order"]["city"], "Paris");
     assert!(hook["notification_id"].is_string());
+    assert_eq!(headers["webhook-id"], hook["notification_id"].as_str().unwrap_or_default(), "the id is the notification's: {headers:?}");
     let texts = of("sms/Messages");
     assert_eq!(texts.len(), 2);
     assert_eq!(texts[0].1["authorization"], "Bearer sms-token");
@@ -282,26 +307,39 @@ pub(crate) async fn rules_and_templates_are_validated_and_previewed(s: Store) {
     assert_eq!(p, json!({ "subject": "Hi Zoe", "body": "Total 3" }));
     let err = model::preview(b, t, &json!({ "total": 3 })).await.unwrap_err().to_string();
     assert!(err.contains("customer.name"), "names the missing variable: {err}");
-    let missing = model::save(b, Kind::Rules, None, &json!({ "event": "x", "template_id": 999, "channel": "email" })).await.unwrap_err();
+    let missing = model::save(b, Kind::Rules, None, &json!({ "event": "x", "template_id": 999, "channel": "email" }), &Policy::default())
+        .await
+        .unwrap_err();
     assert!(matches!(&missing, model::ModelError::Invalid { field, .. } if field == "template_id"), "{missing:?}");
-    let wrong = model::save(b, Kind::Rules, None, &json!({ "event": "x", "template_id": t, "channel": "sms" })).await.unwrap_err();
+    let wrong = model::save(b, Kind::Rules, None, &json!({ "event": "x", "template_id": t, "channel": "sms" }), &Policy::default())
+        .await
+        .unwrap_err();
     assert!(matches!(&wrong, model::ModelError::Invalid { field, .. } if field == "channel"), "{wrong:?}");
     let bad_op = model::save(
         b,
         Kind::Rules,
         None,
         &json!({ "event": "x", "template_id": t, "channel": "email", "conditions": [{ "path": "a", "op": "near", "value": 1 }] }),
+        &Policy::default(),
     )
     .await
     .unwrap_err();
     assert!(matches!(&bad_op, model::ModelError::Invalid { field, .. } if field == "conditions[0].op"), "{bad_op:?}");
     let bad_template =
-        model::save(b, Kind::Templates, None, &json!({ "name": "x", "channel": "email", "body": "{{ oops" })).await.unwrap_err();
+        model::save(b, Kind::Templates, None, &json!({ "name": "x", "channel": "email", "body": "{{ oops" }), &Policy::default())
+            .await
+            .unwrap_err();
     assert!(matches!(&bad_template, model::ModelError::Invalid { field, .. } if field == "body"), "{bad_template:?}");
     assert!(matches!(model::delete(b, Kind::Templates, 1).await, Err(model::ModelError::Conflict(_))), "the welcome rule uses template 1");
     // A source's schema validates payloads, naming the field.
-    model::save(b, Kind::Sources, None, &json!({ "name": "paid", "schema": { "type": "object", "required": ["amount"], "properties": { "amount": { "type": "number" } } } }))
-        .await
+    model::save(
+        b,
+        Kind::Sources,
+        None,
+        &json!({ "name": "paid", "schema": { "type": "object", "required": ["amount"], "properties": { "amount": { "type": "number" } } } }),
+        &Policy::default(),
+    )
+    .await
         .unwrap();
     let err = notify::ingest(&e.cv, "paid", json!({ "amount": "ten" }), None).await.unwrap_err().to_string();
     assert_eq!(err, "payload.amount: must be number");
@@ -433,13 +471,28 @@ async fn sms_env(
     let sup = SupervisorConfig::new("notify", QUEUES.iter().map(|q| q.to_string()).collect(), executors);
     let wc = WorkerConfig { supervisors: vec![sup], poll_interval: Duration::from_millis(20), ..WorkerConfig::default() };
     let worker = tokio::spawn(worker::run(cv.clone(), wc, stop.clone()));
-    let user = notify::register_user(&cv, &json!({ "name": "Hal", "email": "hal@example.com", "phone": "+15550101" })).await.unwrap().0;
-    let t = model::save(cv.backend().as_ref(), Kind::Templates, None, &json!({ "name": "s", "channel": "sms", "body": "n={{ n }}" }))
+    let user = notify::register_user(&cv, &json!({ "name": "Hal", "email": "hal@example.com", "phone": "+15550101" }), &Policy::default())
         .await
-        .unwrap();
-    model::save(cv.backend().as_ref(), Kind::Rules, None, &json!({ "event": "text", "template_id": t["id"], "channel": "sms" }))
-        .await
-        .unwrap();
+        .unwrap()
+        .user_id;
+    let t = model::save(
+        cv.backend().as_ref(),
+        Kind::Templates,
+        None,
+        &json!({ "name": "s", "channel": "sms", "body": "n={{ n }}" }),
+        &Policy::default(),
+    )
+    .await
+    .unwrap();
+    model::save(
+        cv.backend().as_ref(),
+        Kind::Rules,
+        None,
+        &json!({ "event": "text", "template_id": t["id"], "channel": "sms" }),
+        &Policy::default(),
+    )
+    .await
+    .unwrap();
     (cv, inbox, stop, worker, user)
 }
 

@@ -15,6 +15,7 @@ mod redis;
 mod scheduler;
 mod secrets;
 mod sync;
+mod webhooks;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
