@@ -2,6 +2,7 @@
 
 #[macro_use]
 mod conformance;
+mod tls;
 
 #[cfg(feature = "sqlite")]
 conformance_suite!(sqlite, async {

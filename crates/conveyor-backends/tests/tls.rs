@@ -1,0 +1,80 @@
+//! TLS to each network backend, against servers of the tests' own that serve a certificate of
+//! a CA the test made: the queue's round trip over the encrypted link, and the failures that
+//! verification must produce (another CA, another host name).
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use std::sync::Arc;
+
+    use conveyor_backends::postgres::testing::TestServer;
+    use conveyor_backends::postgres::{PgBackend, PgOptions};
+    use conveyor_backends::tls::testing::TestCa;
+    use conveyor_core::backend::RowExt;
+
+    use crate::conformance::{enqueue_reserve_complete, Backend};
+
+    /// `postgres://` on the server, with `params` as its query.
+    fn url(server: &TestServer, host: &str, params: &str) -> String {
+        format!("postgres://postgres@{host}:{}/postgres?{params}", server.port)
+    }
+
+    fn open(url: String) -> Result<PgBackend, String> {
+        PgBackend::open(PgOptions::new(url)).map_err(|e| e.to_string())
+    }
+
+    /// Whether the backend's connections are encrypted, as the server sees them.
+    async fn encrypted(b: &Backend) -> bool {
+        let rows = b.query("SELECT ssl::int FROM pg_stat_ssl WHERE pid = pg_backend_pid()", vec![]).await.expect("pg_stat_ssl");
+        rows.first().is_some_and(|r| r.int(0) == 1)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_queue_runs_over_tls_with_require_and_verify_full() {
+        let Some(ca) = TestCa::create() else { return };
+        let Some(server) = TestServer::start_tls(&ca) else { return };
+        let root = ca.ca.display();
+
+        for params in [
+            "sslmode=require".to_string(),
+            format!("sslmode=verify-full&sslrootcert={root}"),
+            format!("sslmode=verify-ca&sslrootcert={root}"),
+        ] {
+            let b: Backend = Arc::new(open(url(&server, "127.0.0.1", &params)).unwrap_or_else(|e| panic!("open with {params}: {e}")));
+            assert!(encrypted(&b).await, "{params}: the connection is encrypted");
+            enqueue_reserve_complete(b).await;
+        }
+        // `localhost` is the certificate's other name.
+        let b: Backend = Arc::new(
+            open(url(&server, "localhost", &format!("sslmode=verify-full&sslrootcert={root}"))).expect("verify-full via localhost"),
+        );
+        assert!(encrypted(&b).await);
+
+        let plain: Backend = Arc::new(open(url(&server, "127.0.0.1", "sslmode=disable")).expect("sslmode=disable"));
+        assert!(!encrypted(&plain).await, "sslmode=disable does not encrypt");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn verification_refuses_another_ca_and_another_host_name() {
+        let Some(ca) = TestCa::create() else { return };
+        let Some(other) = TestCa::create() else { return };
+        let Some(server) = TestServer::start_tls(&ca) else { return };
+
+        // The server's certificate names localhost and 127.0.0.1; `hostaddr` reaches the server
+        // under a name the certificate does not carry.
+        let wrong_name = url(&server, "db.example.com", &format!("hostaddr=127.0.0.1&sslmode=verify-full&sslrootcert={}", ca.ca.display()));
+        let err = open(wrong_name.clone()).err().expect("verify-full refuses a host name the certificate does not name");
+        assert!(err.contains("certificate") && err.contains("db.example.com"), "a clear error: {err}");
+        // verify-ca checks the chain only.
+        let chain_only = wrong_name.replace("verify-full", "verify-ca");
+        open(chain_only).expect("verify-ca accepts any host name with a trusted chain");
+
+        let wrong_ca = url(&server, "127.0.0.1", &format!("sslmode=verify-full&sslrootcert={}", other.ca.display()));
+        let err = open(wrong_ca).err().expect("verify-full refuses a certificate of another CA");
+        assert!(err.contains("certificate") && err.contains("UnknownIssuer"), "a clear error: {err}");
+        // As libpq: `require` with a root certificate verifies the chain.
+        let err = open(url(&server, "127.0.0.1", &format!("sslmode=require&sslrootcert={}", other.ca.display())))
+            .err()
+            .expect("require with sslrootcert verifies the chain");
+        assert!(err.contains("UnknownIssuer"), "{err}");
+    }
+}
