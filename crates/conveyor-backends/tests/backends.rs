@@ -2,6 +2,7 @@
 
 #[macro_use]
 mod conformance;
+mod redis_durability;
 mod tls;
 
 #[cfg(feature = "sqlite")]

@@ -78,3 +78,67 @@ mod postgres {
         assert!(err.contains("UnknownIssuer"), "{err}");
     }
 }
+
+#[cfg(all(feature = "redis", feature = "sqlite"))]
+mod redis {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use conveyor_backends::redis::testing::TestRedisServer;
+    use conveyor_backends::redis::{RedisBackend, RedisOptions};
+    use conveyor_backends::sqlite::{SqliteBackend, SqliteOptions};
+    use conveyor_backends::tls::testing::{required, TestCa};
+
+    use crate::conformance::{enqueue_reserve_complete, wait_until, Backend};
+
+    fn open(url: String, dir: &tempfile::TempDir) -> Result<RedisBackend, String> {
+        let path = dir.path().join(format!("store-{:08x}.db", rand::random::<u32>()));
+        let store = SqliteBackend::open(SqliteOptions::new(path.to_str().expect("a UTF-8 temp path"))).expect("open SQLite");
+        let mut options = RedisOptions::new(url);
+        options.prefix = format!("conveyor-tls-{:016x}", rand::random::<u64>());
+        RedisBackend::open(options, Arc::new(store)).map_err(|e| e.to_string())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_queue_and_its_wake_ups_run_over_rediss() {
+        let Some(ca) = TestCa::create() else { return };
+        let dir = tempfile::TempDir::new().expect("a temp dir");
+        let started = TestRedisServer::start_tls(dir.path().to_path_buf(), &ca);
+        let Some(server) = required("a redis-server of the test's own with TLS", started) else { return };
+
+        // The server has no plain port: whatever connects, connects over TLS.
+        let b: Backend = Arc::new(open(server.url(), &dir).expect("open over rediss://"));
+        enqueue_reserve_complete(b.clone()).await;
+        // The wake-up subscriber (a thread of its own, with a connection of its own) is connected too.
+        wait_until("the wake-up subscriber is connected", Duration::from_secs(10), || async {
+            match server.command(&["CLIENT", "LIST", "TYPE", "pubsub"]) {
+                Ok(redis::Value::BulkString(list)) => !list.is_empty(),
+                Ok(redis::Value::VerbatimString { text, .. }) => !text.is_empty(),
+                _ => false,
+            }
+        })
+        .await;
+        assert!(b.warnings().is_empty(), "a server with an AOF warns of nothing: {:?}", b.warnings());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rediss_refuses_a_certificate_of_another_ca_unless_insecure() {
+        let Some(ca) = TestCa::create() else { return };
+        let Some(other) = TestCa::create() else { return };
+        let dir = tempfile::TempDir::new().expect("a temp dir");
+        let started = TestRedisServer::start_tls(dir.path().to_path_buf(), &ca);
+        let Some(server) = required("a redis-server of the test's own with TLS", started) else { return };
+
+        let wrong_ca = format!("rediss://:secret@127.0.0.1:{}/?cacertfile={}", server.port, other.ca.display());
+        let err = open(wrong_ca.clone(), &dir).err().expect("a certificate of another CA is refused");
+        assert!(err.contains("UnknownIssuer") || err.contains("certificate"), "a clear error: {err}");
+        assert!(!err.contains("secret"), "the password is not shown: {err}");
+        // Without a CA file the webpki roots do not know the test CA either.
+        let err = open(format!("rediss://127.0.0.1:{}", server.port), &dir).err().expect("an unknown CA is refused");
+        assert!(err.contains("certificate") || err.contains("UnknownIssuer"), "{err}");
+        // `#insecure` encrypts without checking.
+        open(format!("rediss://127.0.0.1:{}/#insecure", server.port), &dir).expect("#insecure accepts any certificate");
+        // Plain redis:// to a TLS port does not get through.
+        open(format!("redis://127.0.0.1:{}", server.port), &dir).err().expect("plain TCP to a TLS port fails");
+    }
+}

@@ -960,6 +960,10 @@ impl QueueBackend for AmqpBackend {
         Some("amqp")
     }
 
+    fn warnings(&self) -> Vec<String> {
+        self.store.warnings()
+    }
+
     async fn ping_broker(&self) -> Result<()> {
         let link = self.shared.link().await?;
         let dead = format!("{}.dead-letter", self.shared.options.prefix);

@@ -7,6 +7,9 @@
 //! a URL with [`take_param`] before the URL reaches a driver, since some drivers refuse
 //! parameters they do not know.
 
+// The verifiers serve PostgreSQL alone: the Redis and RabbitMQ clients bring their own.
+#![cfg_attr(not(feature = "postgres"), allow(dead_code))]
+
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -40,6 +43,7 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
 /// Makes *ring* the process's default provider when none is set yet. The Redis and RabbitMQ
 /// clients build their configurations with `ClientConfig::builder()`, which panics when the
 /// build enables two providers and none was chosen; a provider set earlier is kept.
+#[cfg(any(feature = "redis", feature = "amqp"))]
 pub(crate) fn install_default_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
