@@ -142,3 +142,39 @@ mod redis {
         open(format!("redis://127.0.0.1:{}", server.port), &dir).err().expect("plain TCP to a TLS port fails");
     }
 }
+
+#[cfg(all(feature = "amqp", feature = "sqlite"))]
+mod amqp {
+    use std::sync::Arc;
+
+    use conveyor_backends::amqp::testing::TestRabbitServer;
+    use conveyor_backends::amqp::{AmqpBackend, AmqpOptions};
+    use conveyor_backends::sqlite::{SqliteBackend, SqliteOptions};
+    use conveyor_backends::tls::testing::{required, TestCa};
+
+    use crate::conformance::{enqueue_reserve_complete, Backend};
+
+    fn open(url: String, dir: &tempfile::TempDir) -> Backend {
+        let path = dir.path().join(format!("store-{:08x}.db", rand::random::<u32>()));
+        let store = SqliteBackend::open(SqliteOptions::new(path.to_str().expect("a UTF-8 temp path"))).expect("open SQLite");
+        let mut options = AmqpOptions::new(url);
+        options.prefix = format!("conveyor-tls-{:016x}", rand::random::<u64>());
+        Arc::new(AmqpBackend::open(options, Arc::new(store)).expect("open RabbitMQ (it connects lazily)"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_queue_runs_over_amqps_and_refuses_another_ca() {
+        let Some(ca) = TestCa::create() else { return };
+        let Some(other) = TestCa::create() else { return };
+        let dir = tempfile::TempDir::new().expect("a temp dir");
+        let started = tokio::task::block_in_place(|| TestRabbitServer::start_tls(dir.path().join("node"), &ca));
+        let Some(server) = required("a RabbitMQ node of the test's own with TLS", started) else { return };
+
+        enqueue_reserve_complete(open(server.tls_url(&ca.ca), &dir)).await;
+
+        let b = open(server.tls_url(&other.ca), &dir);
+        let err = b.ping_broker().await.expect_err("a certificate of another CA is refused").to_string();
+        assert!(err.contains("UnknownIssuer"), "a clear error: {err}");
+        assert!(!err.contains("guest:guest"), "the password is not shown: {err}");
+    }
+}
