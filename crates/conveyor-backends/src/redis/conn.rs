@@ -205,7 +205,7 @@ mod tests {
     fn passwords_are_not_shown() {
         let pool = super::Pool::new("redis://:secret@10.0.0.1:6379/0").expect("a client needs no connection");
         assert_eq!(pool.shown, "redis://:***@10.0.0.1:6379/0");
-        let err = super::client("redis://:secret@h/?cacertfile=/ca.pem").err().expect("cacertfile needs rediss://").to_string();
+        let err = super::client("redis://:secret@h/?cacertfile=/ca.pem").expect_err("cacertfile needs rediss://").to_string();
         assert!(err.contains("rediss://") && !err.contains("secret"), "{err}");
     }
 }
