@@ -13,6 +13,8 @@ pub mod postgres;
 pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 use std::sync::Arc;
 

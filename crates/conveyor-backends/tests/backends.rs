@@ -2,6 +2,8 @@
 
 #[macro_use]
 mod conformance;
+mod redis_durability;
+mod tls;
 
 #[cfg(feature = "sqlite")]
 conformance_suite!(sqlite, async {

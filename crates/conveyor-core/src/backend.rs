@@ -250,6 +250,13 @@ pub trait QueueBackend: Send + Sync + 'static {
         Ok(())
     }
 
+    /// What an operator should know about how the backend is set up, found when it was opened
+    /// (a Redis that persists nothing, say): shown by the health check, the backend still
+    /// works. A backend that wraps another forwards the inner one's.
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Where the cache, sorted sets, rate limiters and breakers keep their state when it is not
     /// the store (see [`crate::state`]); `None`: in the store, as SQL.
     fn shared_state(&self) -> Option<std::sync::Arc<dyn crate::state::SharedState>> {

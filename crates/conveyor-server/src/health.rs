@@ -79,6 +79,19 @@ pub(crate) async fn health(State(s): State<AppState>, Extension(who): Extension<
             },
         )),
     };
+    // How the backend is set up (a Redis that persists nothing, say) is said in the detail of
+    // the broker's check, or the database's without a broker. The status stays: the dependency
+    // answers, and running without durability may be the operator's choice.
+    let warnings = backend.warnings();
+    let (mut database, mut broker) = (database, broker);
+    if !warnings.is_empty() {
+        let detail = match broker.as_mut() {
+            Some((_, check)) => &mut check.detail,
+            None => &mut database.detail,
+        };
+        detail.push_str("; warning: ");
+        detail.push_str(&warnings.join("; warning: "));
+    }
     let degraded = failed || workers.status == "degraded";
     let mut checks = json!({ "database": database, "queue": queue, "workers": workers, "scheduler": scheduler });
     if let Some((name, check)) = broker {
@@ -111,4 +124,45 @@ pub(crate) async fn health(State(s): State<AppState>, Extension(who): Extension<
         body = json!({ "success": body["success"], "data": { "status": body["data"]["status"] } });
     }
     (status, Json(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use axum::body::Body;
+    use axum::http::Request;
+    use conveyor_backends::redis::testing::TestRedisServer;
+    use conveyor_backends::redis::{RedisBackend, RedisOptions};
+    use conveyor_backends::sqlite::{SqliteBackend, SqliteOptions};
+    use conveyor_backends::tls::testing::required;
+    use conveyor_core::{Conveyor, Registry};
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use crate::AppState;
+
+    /// `/api/health` over a queue on a Redis of the test's own started with `settings`.
+    async fn health_with_redis(settings: &[&str]) -> Option<serde_json::Value> {
+        let dir = tempfile::TempDir::new().expect("a temp dir");
+        let server = required("a redis-server of the test's own", TestRedisServer::start_with(dir.path().to_path_buf(), settings))?;
+        let store = SqliteBackend::open(SqliteOptions::new(dir.path().join("s.db").to_str().expect("a UTF-8 temp path"))).expect("SQLite");
+        let backend = Arc::new(RedisBackend::open(RedisOptions::new(server.url()), Arc::new(store)).expect("open Redis"));
+        let app = crate::router(AppState::new(Conveyor::new(backend, Registry::new()), None));
+        let response = app.oneshot(Request::get("/api/health").body(Body::empty()).expect("a request")).await.expect("a response");
+        let body = response.into_body().collect().await.expect("the body").to_bytes();
+        Some(serde_json::from_slice(&body).expect("JSON"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_redis_that_persists_nothing_is_named_in_the_broker_check() {
+        let Some(h) = health_with_redis(&["--save", "", "--appendonly", "no"]).await else { return };
+        let redis = &h["data"]["checks"]["redis"];
+        assert_eq!(redis["status"], "ok", "{h}");
+        let detail = redis["detail"].as_str().unwrap_or_default();
+        assert!(detail.starts_with("answering; warning: ") && detail.contains("persists nothing"), "{h}");
+
+        let Some(h) = health_with_redis(&["--appendonly", "yes"]).await else { return };
+        assert_eq!(h["data"]["checks"]["redis"]["detail"], "answering", "{h}");
+    }
 }

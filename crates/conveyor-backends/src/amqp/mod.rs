@@ -63,7 +63,9 @@ const ORPHAN_AGE_MS: i64 = 10_000;
 
 #[derive(Clone, Debug)]
 pub struct AmqpOptions {
-    /// `amqp://user:password@host:port/vhost`.
+    /// `amqp://user:password@host:port/vhost`, or `amqps://…` for TLS: the server's
+    /// certificate and host name are checked against the webpki roots and, when the URL has
+    /// `cacertfile=PATH`, the CA certificates of that PEM file (RabbitMQ's own URI parameter).
     pub url: String,
     /// Names RabbitMQ's queues: `<prefix>.<queue>` and `<prefix>.dead-letter`.
     pub prefix: String,
@@ -162,6 +164,10 @@ impl Feed {
 
 struct Shared {
     options: AmqpOptions,
+    /// `options.url` without Conveyor's `cacertfile`, and the CA certificates it named (read
+    /// at open, so a wrong path fails there and not at the first reconnect).
+    connect_url: String,
+    tls: lapin::tcp::OwnedTLSConfig,
     link: tokio::sync::Mutex<Option<Arc<Link>>>,
     generation: AtomicU64,
     /// When the next connection attempt may be made, and the current backoff.
@@ -193,8 +199,18 @@ impl AmqpBackend {
     /// operation that needs the broker connects (and reconnects with backoff after a loss).
     pub fn open(options: AmqpOptions, store: Arc<dyn QueueBackend>) -> Result<Self> {
         if !options.url.starts_with("amqp://") && !options.url.starts_with("amqps://") {
-            return Err(BackendError::Other(format!("CONVEYOR_AMQP_URL: expected amqp://…, got {:?}", redact(&options.url))));
+            return Err(BackendError::Other(format!(
+                "CONVEYOR_AMQP_URL: expected amqp://…, got {:?}",
+                conveyor_core::redact::url(&options.url)
+            )));
         }
+        crate::tls::install_default_provider();
+        let (connect_url, ca) = crate::tls::take_param(&options.url, "cacertfile");
+        let cert_chain = match ca {
+            Some(path) => Some(String::from_utf8_lossy(&crate::tls::read_pem(&path)?).into_owned()),
+            None => None,
+        };
+        let tls = lapin::tcp::OwnedTLSConfig { identity: None, cert_chain };
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             link: tokio::sync::Mutex::new(None),
@@ -211,6 +227,8 @@ impl AmqpBackend {
             last_sweep: Mutex::new(Some(Instant::now())),
             prefetch: AtomicU64::new(options.prefetch as u64),
             options,
+            connect_url,
+            tls,
         });
         let weak = Arc::downgrade(&shared);
         let hook: DispatchHook = Arc::new(move |ready: Vec<ReadyJob>| {
@@ -499,7 +517,9 @@ impl Shared {
 
     async fn connect(&self) -> Result<Link> {
         let props = ConnectionProperties::default().with_connection_name(format!("conveyor {}", self.options.prefix).into());
-        let conn = tokio::time::timeout(Duration::from_secs(5), Connection::connect(&self.options.url, props))
+        let runtime = lapin::runtime::default_runtime().map_err(unavailable)?;
+        let connect = Connection::connect_with_config(&self.connect_url, props, self.tls.clone(), runtime);
+        let conn = tokio::time::timeout(Duration::from_secs(5), connect)
             .await
             .map_err(|_| BackendError::Unavailable("connecting to RabbitMQ timed out".into()))?
             .map_err(unavailable)?;
@@ -692,17 +712,6 @@ async fn bounded<T>(call: impl std::future::Future<Output = lapin::Result<T>>) -
     match tokio::time::timeout(BROKER_CALL, call).await {
         Ok(r) => r.map_err(unavailable),
         Err(_) => Err(BackendError::Unavailable(format!("RabbitMQ did not answer within {} s", BROKER_CALL.as_secs()))),
-    }
-}
-
-/// The URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => match url[s + 3..at].find(':') {
-            Some(c) => format!("{}:***{}", &url[..s + 3 + c], &url[at..]),
-            None => url.to_string(),
-        },
-        _ => url.to_string(),
     }
 }
 
@@ -958,6 +967,10 @@ impl QueueBackend for AmqpBackend {
 
     fn broker(&self) -> Option<&'static str> {
         Some("amqp")
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        self.store.warnings()
     }
 
     async fn ping_broker(&self) -> Result<()> {

@@ -110,6 +110,8 @@ impl Drop for TestAmqp {
 pub struct TestRabbitServer {
     dir: std::path::PathBuf,
     pub port: u16,
+    /// The TLS listener's port, for a node started with [`start_tls`](Self::start_tls).
+    pub tls_port: Option<u16>,
     node: String,
 }
 
@@ -117,6 +119,16 @@ impl TestRabbitServer {
     /// Starts the node and waits until it accepts connections. Err when the machine has no
     /// `rabbitmq-server` or it cannot start (the caller skips outside CI).
     pub fn start(dir: std::path::PathBuf) -> Result<TestRabbitServer, String> {
+        TestRabbitServer::start_with(dir, None)
+    }
+
+    /// The same with a TLS listener too, serving the server certificate of `ca` and asking
+    /// clients for none; [`tls_url`](Self::tls_url) reaches it.
+    pub fn start_tls(dir: std::path::PathBuf, ca: &crate::tls::testing::TestCa) -> Result<TestRabbitServer, String> {
+        TestRabbitServer::start_with(dir, Some(ca))
+    }
+
+    fn start_with(dir: std::path::PathBuf, ca: Option<&crate::tls::testing::TestCa>) -> Result<TestRabbitServer, String> {
         // A port whose distribution port (+10,000) is free too.
         let port = (0..50)
             .find_map(|_| {
@@ -124,11 +136,30 @@ impl TestRabbitServer {
                 (p < 55_000 && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok()).then_some(p)
             })
             .ok_or("no free port pair")?;
-        let server = TestRabbitServer { dir, port, node: format!("conveyor-test-{port}@localhost") };
+        let tls_port = match ca {
+            Some(_) => Some(std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port()),
+            None => None,
+        };
+        let server = TestRabbitServer { dir, port, tls_port, node: format!("conveyor-test-{port}@localhost") };
         std::fs::create_dir_all(server.dir.join("mnesia")).map_err(|e| e.to_string())?;
         std::fs::create_dir_all(server.dir.join("log")).map_err(|e| e.to_string())?;
         std::fs::write(server.dir.join("plugins"), "[].").map_err(|e| e.to_string())?;
-        std::fs::write(server.dir.join("rabbitmq.conf"), format!("listeners.tcp.1 = 127.0.0.1:{port}\n")).map_err(|e| e.to_string())?;
+        let mut conf = format!("listeners.tcp.1 = 127.0.0.1:{port}\n");
+        if let (Some(ca), Some(tls_port)) = (ca, tls_port) {
+            // Copies in the node's directory, which the `rabbitmq` user can read.
+            let d = &server.dir;
+            for (from, to) in [(&ca.ca, "ca.pem"), (&ca.cert, "server.pem"), (&ca.key, "server.key")] {
+                std::fs::copy(from, d.join(to)).map_err(|e| format!("copy of {}: {e}", from.display()))?;
+            }
+            conf.push_str(&format!(
+                "listeners.ssl.1 = 127.0.0.1:{tls_port}\nssl_options.cacertfile = {}\nssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\nssl_options.verify = verify_none\nssl_options.fail_if_no_peer_cert = false\n",
+                d.join("ca.pem").display(),
+                d.join("server.pem").display(),
+                d.join("server.key").display()
+            ));
+        }
+        std::fs::write(server.dir.join("rabbitmq.conf"), conf).map_err(|e| e.to_string())?;
         // The server runs as `rabbitmq` when started by root.
         let _ = std::process::Command::new("chown").args(["-R", "rabbitmq:rabbitmq"]).arg(&server.dir).status();
         let _ = std::process::Command::new("chmod").args(["755"]).arg(&server.dir).status();
@@ -138,6 +169,11 @@ impl TestRabbitServer {
 
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// `amqps://…` to the TLS listener, trusting the CA certificate at `ca` (`cacertfile`).
+    pub fn tls_url(&self, ca: &std::path::Path) -> String {
+        format!("amqps://guest:guest@127.0.0.1:{}/%2f?cacertfile={}", self.tls_port.unwrap_or(self.port), ca.display())
     }
 
     /// Starts the node (again) and waits up to 60 s for its port.
@@ -158,14 +194,16 @@ impl TestRabbitServer {
             .status()
             .map_err(|e| format!("rabbitmq-server: {e}"))?;
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
-        while std::time::Instant::now() < deadline {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return Ok(());
+        for port in std::iter::once(self.port).chain(self.tls_port) {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+                if std::time::Instant::now() >= deadline {
+                    return Err(format!("RabbitMQ node {} did not open port {port} within 60 s", self.node));
+                }
+                std::thread::sleep(Duration::from_millis(200));
             }
-            std::thread::sleep(Duration::from_millis(200));
         }
-        Err(format!("RabbitMQ node {} did not open port {} within 60 s", self.node, self.port))
+        Ok(())
     }
 
     /// A graceful stop: the node persists its queues and closes its connections.

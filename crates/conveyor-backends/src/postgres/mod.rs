@@ -10,6 +10,7 @@ mod pool;
 mod read;
 mod schema;
 pub mod testing;
+mod tls;
 mod tx;
 mod value;
 
@@ -76,8 +77,8 @@ impl PgBackend {
     /// Connects, brings the schema up to date and starts listening for wake-ups. Blocking work
     /// runs on a thread of its own, so this may be called from async code.
     pub fn open(options: PgOptions) -> Result<Self> {
-        let config = pool::config(&options.url)?;
-        let pool = Pool::new(config, options.pool_size);
+        let (config, tls) = pool::config(&options.url)?;
+        let pool = Pool::new(config, tls, options.pool_size);
         let p = pool.clone();
         std::thread::scope(|s| {
             s.spawn(move || -> Result<()> {

@@ -7,12 +7,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use postgres::types::ToSql;
-use postgres::{Client, NoTls};
+use postgres::Client;
 use tokio::sync::Semaphore;
 
 use conveyor_core::backend::{BackendError, Result};
 
 use super::schema::SHARDS;
+use super::tls::Connector;
 use super::tx::Statements;
 use super::value::pg_err;
 
@@ -49,21 +50,24 @@ impl Conn {
 
 pub(crate) struct Pool {
     config: postgres::Config,
+    /// TLS as the URL's `sslmode` asks (plain TCP for `disable`, and for `prefer` when the
+    /// server has no TLS).
+    tls: Connector,
     idle: Mutex<Vec<Conn>>,
     permits: Semaphore,
     next_shard: AtomicI64,
 }
 
 impl Pool {
-    pub(crate) fn new(config: postgres::Config, size: usize) -> Arc<Pool> {
+    pub(crate) fn new(config: postgres::Config, tls: Connector, size: usize) -> Arc<Pool> {
         // Processes start at different shards, so their first connections do not share one.
         let first = rand::random::<u16>() as i64 % SHARDS;
-        Arc::new(Pool { config, idle: Mutex::default(), permits: Semaphore::new(size.max(1)), next_shard: AtomicI64::new(first) })
+        Arc::new(Pool { config, tls, idle: Mutex::default(), permits: Semaphore::new(size.max(1)), next_shard: AtomicI64::new(first) })
     }
 
     /// Opens a connection (blocking).
     pub(crate) fn connect(&self) -> Result<Client> {
-        self.config.connect(NoTls).map_err(|e| match pg_err(e) {
+        self.config.connect(self.tls.clone()).map_err(|e| match pg_err(e) {
             BackendError::Storage(m) => BackendError::Unavailable(m),
             other => other,
         })
@@ -123,9 +127,9 @@ impl Pool {
     }
 }
 
-/// Connection settings from a `postgres://` URL, with a connect timeout.
-pub(crate) fn config(url: &str) -> Result<postgres::Config> {
-    let mut config: postgres::Config = url.parse().map_err(|e| BackendError::Invalid(format!("CONVEYOR_DATABASE_URL: {e}")))?;
+/// Connection settings from a `postgres://` URL, with a connect timeout, and its TLS.
+pub(crate) fn config(url: &str) -> Result<(postgres::Config, Connector)> {
+    let (mut config, tls) = super::tls::parse(url)?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(5));
     }
@@ -135,5 +139,5 @@ pub(crate) fn config(url: &str) -> Result<postgres::Config> {
     // A server that vanishes without closing the connection is noticed within about a minute,
     // not after the kernel's two hours.
     config.keepalives(true).keepalives_idle(Duration::from_secs(30));
-    Ok(config)
+    Ok((config, tls))
 }

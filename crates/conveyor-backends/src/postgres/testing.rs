@@ -76,13 +76,24 @@ pub struct TestServer {
     dir: std::path::PathBuf,
     bin: std::path::PathBuf,
     child: Option<std::process::Child>,
+    /// Serves TLS too (`ssl=on`) with the certificate and key copied into `dir`.
+    tls: bool,
 }
 
 impl TestServer {
     /// `None` (with the reason printed) when PostgreSQL's binaries or the `postgres` user are
     /// missing, outside CI; a failure under CI.
     pub fn start() -> Option<TestServer> {
-        match TestServer::try_start() {
+        TestServer::start_with(None)
+    }
+
+    /// The same, serving TLS (as well as plain TCP) with the server certificate of `ca`.
+    pub fn start_tls(ca: &crate::tls::testing::TestCa) -> Option<TestServer> {
+        TestServer::start_with(Some(ca))
+    }
+
+    fn start_with(ca: Option<&crate::tls::testing::TestCa>) -> Option<TestServer> {
+        match TestServer::try_start(ca) {
             Ok(s) => Some(s),
             Err(e) if std::env::var_os("CI").is_some() => panic!("cannot start a PostgreSQL server of the test's own: {e}"),
             Err(e) => {
@@ -92,7 +103,7 @@ impl TestServer {
         }
     }
 
-    fn try_start() -> Result<TestServer, String> {
+    fn try_start(ca: Option<&crate::tls::testing::TestCa>) -> Result<TestServer, String> {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .map_err(|e| format!("/usr/lib/postgresql: {e}"))?
             .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
@@ -100,8 +111,15 @@ impl TestServer {
             .ok_or("no initdb under /usr/lib/postgresql/*/bin")?;
         let dir = std::env::temp_dir().join(format!("conveyor-pg-{:016x}", rand::random::<u64>()));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        if let Some(ca) = ca {
+            // PostgreSQL refuses a key that others may read: the server's user owns it, 0600.
+            std::fs::copy(&ca.cert, dir.join("server.pem")).map_err(|e| format!("copy of the certificate: {e}"))?;
+            std::fs::copy(&ca.key, dir.join("server.key")).map_err(|e| format!("copy of the key: {e}"))?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.join("server.key"), std::fs::Permissions::from_mode(0o600)).map_err(|e| e.to_string())?;
+        }
         let status = std::process::Command::new("chown")
-            .args(["postgres:postgres", &dir.to_string_lossy()])
+            .args(["-R", "postgres:postgres", &dir.to_string_lossy()])
             .status()
             .map_err(|e| format!("chown: {e}"))?;
         if !status.success() {
@@ -118,7 +136,7 @@ impl TestServer {
             return Err(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr)));
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
-        let mut server = TestServer { port, dir, bin, child: None };
+        let mut server = TestServer { port, dir, bin, child: None, tls: ca.is_some() };
         server.run()?;
         Ok(server)
     }
@@ -129,14 +147,27 @@ impl TestServer {
     }
 
     fn run(&mut self) -> Result<(), String> {
-        let child = std::process::Command::new("runuser")
+        let mut command = std::process::Command::new("runuser");
+        command
             .args(["-u", "postgres", "--"])
             .arg(self.bin.join("postgres"))
             .arg("-D")
             .arg(self.dir.join("data"))
             .args(["-p", &self.port.to_string(), "-h", "127.0.0.1", "-k"])
             .arg(&self.dir)
-            .args(["-c", "fsync=on", "-c", "max_connections=200"])
+            .args(["-c", "fsync=on", "-c", "max_connections=200"]);
+        if self.tls {
+            let (cert, key) = (self.dir.join("server.pem"), self.dir.join("server.key"));
+            command.args([
+                "-c",
+                "ssl=on",
+                "-c",
+                &format!("ssl_cert_file={}", cert.display()),
+                "-c",
+                &format!("ssl_key_file={}", key.display()),
+            ]);
+        }
+        let child = command
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

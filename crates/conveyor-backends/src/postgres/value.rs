@@ -209,7 +209,7 @@ pub(crate) fn pg_err(e: postgres::Error) -> BackendError {
             BackendError::Storage(msg)
         }
         None => {
-            let text = e.to_string();
+            let text = with_causes(&e);
             if e.source().is_some_and(|s| s.is::<std::io::Error>()) || text.contains("connection") {
                 BackendError::Unavailable(format!("PostgreSQL: {text}"))
             } else {
@@ -217,6 +217,19 @@ pub(crate) fn pg_err(e: postgres::Error) -> BackendError {
             }
         }
     }
+}
+
+/// The driver's message followed by its causes: the driver says only "error performing TLS
+/// handshake" or "error connecting to server"; the cause says which certificate or address.
+pub(crate) fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 #[cfg(test)]

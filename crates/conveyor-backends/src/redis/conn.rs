@@ -26,8 +26,7 @@ pub(crate) struct Pool {
 
 impl Pool {
     pub(crate) fn new(url: &str) -> Result<Pool> {
-        let client = redis::Client::open(url).map_err(|e| BackendError::Invalid(format!("CONVEYOR_REDIS_URL: {e}")))?;
-        Ok(Pool { client, idle: Mutex::new(Vec::new()), shown: without_password(url) })
+        Ok(Pool { client: client(url)?, idle: Mutex::new(Vec::new()), shown: conveyor_core::redact::url(url) })
     }
 
     pub(crate) fn client(&self) -> redis::Client {
@@ -93,15 +92,26 @@ impl Pool {
     }
 }
 
-fn broken(e: &RedisError) -> bool {
-    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() || e.is_unrecoverable_error()
+/// A client for `redis://…` or `rediss://…` (TLS). Over TLS the server's certificate is checked
+/// against the webpki roots, or against the CA of the PEM file that the URL's `cacertfile`
+/// parameter names; the fragment `#insecure` turns the check off (the link is still encrypted).
+pub(crate) fn client(url: &str) -> Result<redis::Client> {
+    crate::tls::install_default_provider();
+    let invalid = |e: &dyn std::fmt::Display| BackendError::Invalid(format!("CONVEYOR_REDIS_URL {}: {e}", conveyor_core::redact::url(url)));
+    let (plain, ca) = crate::tls::take_param(url, "cacertfile");
+    match ca {
+        None => redis::Client::open(plain.as_str()).map_err(|e| invalid(&e)),
+        Some(_) if !plain.starts_with("rediss://") => Err(invalid(&"cacertfile needs a rediss:// URL")),
+        Some(path) => {
+            let pem = crate::tls::read_pem(&path)?;
+            redis::Client::build_with_tls(plain.as_str(), redis::TlsCertificates { client_tls: None, root_cert: Some(pem) })
+                .map_err(|e| invalid(&e))
+        }
+    }
 }
 
-fn without_password(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://…@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
-    }
+fn broken(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() || e.is_unrecoverable_error()
 }
 
 /// Wakes this process's idle workers when another process publishes on `channel`. The thread
@@ -193,7 +203,9 @@ pub(crate) fn pairs(v: Value) -> Vec<(String, Value)> {
 mod tests {
     #[test]
     fn passwords_are_not_shown() {
-        assert_eq!(super::without_password("redis://:secret@10.0.0.1:6379/0"), "redis://…@10.0.0.1:6379/0");
-        assert_eq!(super::without_password("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        let pool = super::Pool::new("redis://:secret@10.0.0.1:6379/0").expect("a client needs no connection");
+        assert_eq!(pool.shown, "redis://:***@10.0.0.1:6379/0");
+        let err = super::client("redis://:secret@h/?cacertfile=/ca.pem").expect_err("cacertfile needs rediss://").to_string();
+        assert!(err.contains("rediss://") && !err.contains("secret"), "{err}");
     }
 }

@@ -20,6 +20,7 @@
 //!   once even if the acknowledgement was lost.
 
 mod conn;
+mod durability;
 mod scripts;
 mod state;
 pub mod testing;
@@ -390,6 +391,8 @@ pub struct RedisBackend {
     metrics_writes: Arc<tokio::sync::RwLock<()>>,
     /// The cache, sorted sets, rate limiters and breakers (see `state`).
     shared: Arc<RedisState>,
+    /// What [`durability::judge`] found at open.
+    warnings: Vec<String>,
 }
 
 impl RedisBackend {
@@ -399,6 +402,11 @@ impl RedisBackend {
         let pool = Arc::new(Pool::new(&options.url)?);
         pool.with(|c| redis::cmd("PING").query::<String>(c))
             .map_err(|e| BackendError::Unavailable(format!("cannot reach Redis at {}: {e}", pool.shown)))?;
+        let settings = pool.with(durability::read)?;
+        let warnings = durability::judge(&settings, &pool.shown)?;
+        for w in &warnings {
+            tracing::warn!(warning = %w, "Redis is not set up to keep the queue safely");
+        }
         let tag = tag_of(&options.prefix);
         let wakeup = Arc::new(Wakeup::default());
         conn::spawn_subscriber(pool.client(), format!("{tag}:wake"), Arc::downgrade(&wakeup));
@@ -412,6 +420,7 @@ impl RedisBackend {
             tables: OnceCell::new(),
             metrics_writes: Arc::new(tokio::sync::RwLock::new(())),
             shared,
+            warnings,
         })
     }
 
@@ -1535,6 +1544,12 @@ impl QueueBackend for RedisBackend {
 
     fn broker(&self) -> Option<&'static str> {
         Some("redis")
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        let mut w = self.warnings.clone();
+        w.extend(self.store.warnings());
+        w
     }
 
     async fn ping_broker(&self) -> Result<()> {

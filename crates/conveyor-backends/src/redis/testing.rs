@@ -44,7 +44,7 @@ impl Drop for TestRedis {
     fn drop(&mut self) {
         let tag = super::tag_of(&self.prefix);
         if let Ok(keys) = keys(&self.url, &tag) {
-            if let Ok(client) = redis::Client::open(self.url.as_str()) {
+            if let Ok(client) = super::conn::client(&self.url) {
                 if let Ok(mut c) = client.get_connection_with_timeout(Duration::from_secs(2)) {
                     for chunk in keys.chunks(1_000) {
                         let _ = redis::cmd("UNLINK").arg(chunk).query::<i64>(&mut c);
@@ -56,13 +56,13 @@ impl Drop for TestRedis {
 }
 
 fn ping(url: &str) -> Result<(), String> {
-    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+    let client = super::conn::client(url).map_err(|e| e.to_string())?;
     let mut c = client.get_connection_with_timeout(Duration::from_secs(2)).map_err(|e| e.to_string())?;
     redis::cmd("PING").query::<String>(&mut c).map(|_| ()).map_err(|e| e.to_string())
 }
 
 fn keys(url: &str, tag: &str) -> Result<Vec<String>, String> {
-    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+    let client = super::conn::client(url).map_err(|e| e.to_string())?;
     let mut c = client.get_connection_with_timeout(Duration::from_secs(2)).map_err(|e| e.to_string())?;
     // The tag has braces, which are glob characters only inside `[...]`; escape them anyway.
     let pattern = format!("{}:*", tag.replace('{', "\\{").replace('}', "\\}"));
@@ -80,50 +80,100 @@ fn keys(url: &str, tag: &str) -> Result<Vec<String>, String> {
 }
 
 /// A `redis-server` of a test's own, on a free port, with its data in a temp directory; killed
-/// when dropped. `appendfsync` is `always` or `everysec`.
+/// when dropped. [`start`](Self::start) makes one with an AOF (`appendfsync` `always` or
+/// `everysec`), [`start_with`](Self::start_with) one with the given settings,
+/// [`start_tls`](Self::start_tls) one that speaks TLS only.
 pub struct TestRedisServer {
     pub port: u16,
     pub dir: PathBuf,
-    appendfsync: String,
+    /// The settings after `--port`/`--tls-port`, `--bind` and `--dir`.
+    args: Vec<String>,
+    url: String,
     child: Option<Child>,
 }
 
 impl TestRedisServer {
     pub fn start(dir: PathBuf, appendfsync: &str) -> Result<TestRedisServer, String> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
-        let mut s = TestRedisServer { port, dir, appendfsync: appendfsync.into(), child: None };
+        TestRedisServer::start_with(dir, &["--save", "", "--appendonly", "yes", "--appendfsync", appendfsync])
+    }
+
+    /// A server with `settings` (`["--maxmemory-policy", "allkeys-lru"]`, say).
+    pub fn start_with(dir: PathBuf, settings: &[&str]) -> Result<TestRedisServer, String> {
+        let port = free_port()?;
+        let mut args: Vec<String> = vec!["--port".into(), port.to_string()];
+        args.extend(settings.iter().map(|s| s.to_string()));
+        TestRedisServer::launched(TestRedisServer { port, dir, args, url: format!("redis://127.0.0.1:{port}"), child: None })
+    }
+
+    /// A server that accepts TLS connections only (`rediss://`), with the server certificate of
+    /// `ca`, an AOF, and no client certificates asked for. Its [`url`](Self::url) names `ca`'s
+    /// certificate as `cacertfile`.
+    pub fn start_tls(dir: PathBuf, ca: &crate::tls::testing::TestCa) -> Result<TestRedisServer, String> {
+        let port = free_port()?;
+        let path = |p: &std::path::Path| p.to_str().unwrap_or_default().to_string();
+        let mut args: Vec<String> = ["--port", "0", "--tls-port", &port.to_string(), "--tls-auth-clients", "no"].map(String::from).to_vec();
+        args.extend([
+            "--tls-cert-file".into(),
+            path(&ca.cert),
+            "--tls-key-file".into(),
+            path(&ca.key),
+            "--tls-ca-cert-file".into(),
+            path(&ca.ca),
+        ]);
+        args.extend(["--save", "", "--appendonly", "yes"].map(String::from));
+        let url = format!("rediss://127.0.0.1:{port}/?cacertfile={}", path(&ca.ca));
+        TestRedisServer::launched(TestRedisServer { port, dir, args, url, child: None })
+    }
+
+    fn launched(mut s: TestRedisServer) -> Result<TestRedisServer, String> {
         s.launch()?;
         Ok(s)
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        self.url.clone()
+    }
+
+    /// Runs one command (`["CLIENT", "LIST", "TYPE", "pubsub"]`) on a connection of its own.
+    pub fn command(&self, args: &[&str]) -> Result<redis::Value, String> {
+        let client = super::conn::client(&self.url).map_err(|e| e.to_string())?;
+        let mut c = client.get_connection_with_timeout(Duration::from_secs(2)).map_err(|e| e.to_string())?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query(&mut c).map_err(|e| e.to_string())
     }
 
     /// Starts the server (again, after [`shutdown`](Self::shutdown) or [`kill`](Self::kill)),
     /// waiting until it answers.
     pub fn launch(&mut self) -> Result<(), String> {
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
-            .args(["--appendfsync", &self.appendfsync, "--dir", self.dir.to_str().unwrap_or(".")])
+            .args(&self.args)
+            .args(["--bind", "127.0.0.1", "--dir", self.dir.to_str().unwrap_or(".")])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| format!("cannot start redis-server: {e}"))?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
+        let mut last = String::new();
         while Instant::now() < deadline {
-            if ping(&self.url()).is_ok() {
-                return Ok(());
+            match ping(&self.url) {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e,
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                return Err(format!("redis-server on port {} exited with {status}", self.port));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Err(format!("redis-server on port {} did not answer within 20 s", self.port))
+        Err(format!("redis-server on port {} did not answer within 20 s: {last}", self.port))
     }
 
     /// `SHUTDOWN` (the AOF is flushed), then waits for the process to end.
     pub fn shutdown(&mut self) {
-        if let Ok(client) = redis::Client::open(self.url().as_str()) {
+        if let Ok(client) = super::conn::client(&self.url) {
             if let Ok(mut c) = client.get_connection_with_timeout(Duration::from_secs(2)) {
                 let _ = redis::cmd("SHUTDOWN").query::<()>(&mut c);
             }
@@ -146,4 +196,8 @@ impl Drop for TestRedisServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).map_err(|e| e.to_string())
 }
