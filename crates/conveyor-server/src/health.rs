@@ -148,7 +148,7 @@ mod tests {
         let server = required("a redis-server of the test's own", TestRedisServer::start_with(dir.path().to_path_buf(), settings))?;
         let store = SqliteBackend::open(SqliteOptions::new(dir.path().join("s.db").to_str().expect("a UTF-8 temp path"))).expect("SQLite");
         let backend = Arc::new(RedisBackend::open(RedisOptions::new(server.url()), Arc::new(store)).expect("open Redis"));
-        let app = crate::router(AppState::new(Conveyor::new(backend, Registry::new()), None));
+        let app = crate::router(AppState::new(Conveyor::new(backend, Registry::new()), crate::AccessConfig::default()));
         let response = app.oneshot(Request::get("/api/health").body(Body::empty()).expect("a request")).await.expect("a response");
         let body = response.into_body().collect().await.expect("the body").to_bytes();
         Some(serde_json::from_slice(&body).expect("JSON"))
