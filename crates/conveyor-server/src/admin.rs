@@ -9,7 +9,7 @@ use axum::routing::{delete, get, post};
 use axum::Router;
 use serde::{Deserialize, Serialize};
 
-use conveyor_core::backend::{FailedJob, JobFilter, MetricsQuery, Page, QueueStats, WorkerInfo};
+use conveyor_core::backend::{Cursor, FailedJob, JobFilter, MetricsQuery, Page, QueueStats, WorkerInfo, MAX_DEPTH};
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::JobInfo;
 use conveyor_core::job::{validate_queue_name, JobId, JobState};
@@ -36,11 +36,12 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/api/metrics/jobs", get(metrics_jobs))
 }
 
-/// `page` and `per_page` as the SPEC defines them.
+/// `page`, `per_page` and `cursor` as the SPEC defines them.
 #[derive(Deserialize, Default)]
 pub(crate) struct Paging {
     page: Option<String>,
     per_page: Option<String>,
+    cursor: Option<String>,
 }
 
 impl Paging {
@@ -57,7 +58,20 @@ impl Paging {
                 .filter(|p| (1..=1000).contains(p))
                 .ok_or_else(|| ApiError::field("per_page", "must be a whole number from 1 to 1000"))?,
         };
-        Ok(Page { page, per_page })
+        if let Some(c) = self.cursor.as_deref().filter(|c| !c.is_empty()) {
+            // A cursor page costs the same at any depth; `page` has no meaning with it.
+            let cursor =
+                Cursor::decode(c).ok_or_else(|| ApiError::field("cursor", "is not a cursor this API returned (meta.next_cursor)"))?;
+            return Ok(Page::after(cursor, per_page));
+        }
+        // An offset page reads every row before it, so how deep one reaches is bounded.
+        if page as u64 * per_page as u64 > MAX_DEPTH {
+            return Err(ApiError::field(
+                "page",
+                format!("page × per_page may be at most {MAX_DEPTH}; read further with `cursor` (meta.next_cursor)"),
+            ));
+        }
+        Ok(Page::new(page, per_page))
     }
 }
 
@@ -122,8 +136,8 @@ pub(crate) async fn list_jobs(State(s): State<AppState>, Query(q): Query<JobsQue
         tag: q.tag.filter(|v| !v.is_empty()),
         batch_id: q.batch_id.filter(|v| !v.is_empty()),
     };
-    let jobs = s.conveyor.backend().jobs(filter, p).await?;
-    Ok(page(jobs.items, p.page, p.per_page, jobs.total))
+    let jobs = s.conveyor.backend().jobs(filter, p.clone()).await?;
+    Ok(page(jobs, &p))
 }
 
 #[utoipa::path(get, path = "/api/jobs/{id}", tag = "jobs", params(("id" = String, Path, description = "job id")), responses((status = 200, description = "the job in any state", body = Envelope<JobInfo>), (status = 404, description = "not found", body = ErrorEnvelope)))]
@@ -145,8 +159,8 @@ pub(crate) struct FailedQuery {
 #[utoipa::path(get, path = "/api/jobs/failed", tag = "failed", params(("queue" = Option<String>, Query), ("page" = Option<u32>, Query, minimum = 1, description = "from 1"), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 50")), responses((status = 200, description = "failed jobs, newest first", body = PagedEnvelope<FailedJob>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
 pub(crate) async fn list_failed(State(s): State<AppState>, Query(q): Query<FailedQuery>) -> Result<Response, ApiError> {
     let p = q.paging.parse()?;
-    let failed = s.conveyor.backend().failed(q.queue.as_deref().filter(|v| !v.is_empty()), p).await?;
-    Ok(page(failed.items, p.page, p.per_page, failed.total))
+    let failed = s.conveyor.backend().failed(q.queue.as_deref().filter(|v| !v.is_empty()), p.clone()).await?;
+    Ok(page(failed, &p))
 }
 
 #[utoipa::path(get, path = "/api/jobs/failed/{id}", tag = "failed", params(("id" = String, Path, description = "job id")), responses((status = 200, description = "a failed job", body = Envelope<FailedJob>), (status = 404, description = "not found", body = ErrorEnvelope)))]

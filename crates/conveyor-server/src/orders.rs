@@ -61,8 +61,8 @@ pub(crate) async fn list_orders(State(s): State<AppState>, Query(q): Query<Order
         None | Some("") => None,
         Some(c) => Some(c.parse::<i64>().map_err(|_| ApiError::field("customer_id", "must be an integer"))?),
     };
-    let list = orders::orders(s.conveyor.backend().as_ref(), status, customer, p).await?;
-    Ok(page(list.items, p.page, p.per_page, list.total))
+    let list = orders::orders(s.conveyor.backend().as_ref(), status, customer, p.clone()).await?;
+    Ok(page(list, &p))
 }
 
 #[utoipa::path(get, path = "/api/orders/{id}", tag = "orders", params(("id" = String, Path, description = "order id")),

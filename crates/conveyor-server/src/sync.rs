@@ -90,8 +90,8 @@ pub(crate) async fn trigger(State(s): State<AppState>) -> Result<Response, ApiEr
               (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
 pub(crate) async fn runs(State(s): State<AppState>, Query(q): Query<Paging>) -> Result<Response, ApiError> {
     let p = q.parse()?;
-    let r = sync::runs(s.conveyor.backend().as_ref(), p).await?;
-    Ok(page(r.items, p.page, p.per_page, r.total))
+    let r = sync::runs(s.conveyor.backend().as_ref(), p.clone()).await?;
+    Ok(page(r, &p))
 }
 
 #[utoipa::path(get, path = "/api/sync/runs/{id}", tag = "sync", params(("id" = String, Path)),

@@ -59,7 +59,7 @@ async fn env(s: Store, rate_limit: RateLimit) -> Env {
 
 impl Env {
     async fn logs(&self, f: LogFilter) -> Vec<LogEntry> {
-        model::logs(self.cv.backend().as_ref(), f, Page { page: 1, per_page: 1000 }).await.unwrap().items
+        model::logs(self.cv.backend().as_ref(), f, Page::new(1, 1000)).await.unwrap().items
     }
 
     async fn settled(&self) -> bool {
