@@ -25,7 +25,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use conveyor_core::backend::{BackendError, QueueBackend, QueueBackendExt, RowExt, Tx};
+use conveyor_core::backend::{BackendError, QueueBackend, QueueBackendExt, Row, RowExt, Tx};
 use conveyor_core::breaker::{Breaker, BreakerConfig, ClosedCache, Permit};
 use conveyor_core::clock::now_ms;
 use conveyor_core::event::{Event, EventEnvelope};
@@ -34,7 +34,7 @@ use conveyor_core::ratelimit::{RateLimit, RateLimiter};
 use conveyor_core::{Conveyor, JobContext, JobError, JobResult, NewJob, Registry};
 
 use channels::{Channel, Dispatcher, Mailer, Message, SendError};
-use render::Condition;
+use render::{Condition, Prerendered};
 
 /// The listener's queue.
 pub const QUEUE: &str = "notify";
@@ -164,7 +164,10 @@ pub fn register_with(registry: &mut Registry, backend: Arc<dyn QueueBackend>, co
     registry.listen_queued_when("*", "notifications", QUEUE, wanted, move |env: EventEnvelope<Value>, ctx: JobContext| {
         let n = listener.clone();
         async move {
-            match ctx.complete_with(move |tx| n.fan_out(tx, &env)).await {
+            // Rendering happens here, not in the acknowledgement: a template's work must not
+            // hold the store's writer (on SQLite, one thread for every job's acknowledgement).
+            let renders = n.prerender(ctx.backend().as_ref(), &env).await.map_err(JobError::retry)?;
+            match ctx.complete_with(move |tx| n.fan_out(tx, &env, &renders)).await {
                 Ok(()) | Err(BackendError::LeaseLost(_)) => Ok(()),
                 Err(e) => Err(JobError::retry(e)),
             }
@@ -174,6 +177,8 @@ pub fn register_with(registry: &mut Registry, backend: Arc<dyn QueueBackend>, co
     registry.register(DIGEST_KIND, move |d: DigestRef, ctx: JobContext| {
         let n = digests.clone();
         async move {
+            // A digest's events are read in its acknowledgement (which closes it), so its renders
+            // run there, bounded by the fuel (`render::FUEL`).
             match ctx.complete_with(move |tx| n.close_digest(tx, &d.digest_id)).await {
                 Ok(()) | Err(BackendError::LeaseLost(_)) => Ok(()),
                 Err(e) => Err(JobError::retry(e)),
@@ -330,40 +335,18 @@ pub(crate) fn is_unique_violation(message: &str) -> bool {
 impl Notifier {
     /// Matches the event's rules and writes a log row (and, for each that is to be sent, a
     /// delivery job) per notification. Runs in the listener's acknowledgement transaction.
-    fn fan_out(&self, tx: &mut dyn Tx, env: &EventEnvelope<Value>) -> Result<(), BackendError> {
-        let rules = tx.query(
-            "SELECT r.id, r.channel, r.recipient, r.conditions, t.subject, t.body, r.delay_s, r.digest_window_s, r.digest_key
-             FROM notify_rules r JOIN notify_templates t ON t.id = r.template_id WHERE r.event = $1 AND r.active = 1 ORDER BY r.id",
-            &[env.event.as_str().into()],
-        )?;
+    fn fan_out(&self, tx: &mut dyn Tx, env: &EventEnvelope<Value>, renders: &Prerendered) -> Result<(), BackendError> {
+        let rules = tx.query(RULES_SQL, &[env.event.as_str().into()])?;
         let now = now_ms();
         let mut jobs = Vec::new();
-        for r in &rules {
-            let conditions: Vec<Condition> = r.text(3).and_then(|c| serde_json::from_str(c).ok()).unwrap_or_default();
-            if !conditions.iter().all(|c| c.holds(&env.payload)) {
-                continue;
-            }
-            let rule = RuleRow {
-                id: r.int(0),
-                channel: r.text(1).unwrap_or_default().to_string(),
-                recipient: r.text(2).filter(|s| !s.trim().is_empty()).map(str::to_string),
-                subject: r.text(4).map(str::to_string),
-                body: r.text(5).unwrap_or_default().to_string(),
-                delay_ms: r.opt_int(6).unwrap_or(0).max(0) * 1000,
-                digest_window_ms: r.opt_int(7).map(|w| w * 1000),
-                digest_key: r.text(8).map(str::to_string),
-            };
-            let mut context = env.payload.clone();
-            if let Value::Object(m) = &mut context {
-                m.entry("event").or_insert_with(|| json!(env.event));
-                m.entry("event_id").or_insert_with(|| json!(env.event_id));
-            }
+        for rule in rules.iter().filter_map(|r| RuleRow::matching(r, &env.payload)) {
+            let mut context = event_context(env);
             let mut log = LogRow::new(&env.event, &env.event_id, rule.id, &rule.channel, now);
-            let user = self.resolve(tx, &rule, &env.event, &env.payload, &mut context, &mut log)?;
+            let user = self.resolve(tx, &rule, &env.event, &env.payload, &mut context, &mut log, renders)?;
             if log.status == "pending" {
                 if let Some(window) = rule.digest_window_ms {
                     // Collected: one message per (rule, recipient, key) when the window closes.
-                    match render::render(rule.digest_key.as_deref().unwrap_or(""), &context, false) {
+                    match renders.render(rule.digest_key.as_deref().unwrap_or(""), &context, false) {
                         Ok(key) => {
                             self.collect(tx, &rule, &log, key.trim(), window, env, now, &mut jobs)?;
                             continue;
@@ -372,12 +355,51 @@ impl Notifier {
                     }
                 }
             }
-            self.finish(tx, &rule, user.as_ref(), &context, &env.payload, log, now, &mut jobs)?;
+            self.finish(tx, &rule, user.as_ref(), &context, &env.payload, log, now, &mut jobs, renders)?;
         }
         if !jobs.is_empty() {
             tx.enqueue(jobs)?;
         }
         Ok(())
+    }
+
+    /// Everything `fan_out` will render for this event, rendered now on a blocking thread: the
+    /// same rules and contexts, read before the transaction (`fan_out` renders anything that
+    /// changed in between itself).
+    async fn prerender(&self, backend: &dyn QueueBackend, env: &EventEnvelope<Value>) -> Result<Prerendered, BackendError> {
+        let rules = backend.query(RULES_SQL, vec![env.event.as_str().into()]).await?;
+        let mut work = Vec::new();
+        for rule in rules.iter().filter_map(|r| RuleRow::matching(r, &env.payload)) {
+            let mut context = event_context(env);
+            if rule.recipient.is_none() {
+                if let Some(id) = user_id_of(&env.payload) {
+                    if let Some(user) = backend.query(USER_SQL, vec![id.into()]).await?.first().map(user_row) {
+                        add_user(&mut context, &user);
+                    }
+                }
+            }
+            work.push((rule, context));
+        }
+        if work.is_empty() {
+            return Ok(Prerendered::default());
+        }
+        let renders = tokio::task::spawn_blocking(move || {
+            let mut renders = Prerendered::default();
+            for (rule, context) in &work {
+                for text in [rule.recipient.as_deref(), rule.digest_key.as_deref(), rule.subject.as_deref(), Some(rule.body.as_str())] {
+                    if let Some(text) = text {
+                        renders.add(text, context, false);
+                    }
+                }
+                if rule.channel == "email" {
+                    renders.add(&rule.body, context, true);
+                }
+            }
+            renders
+        })
+        .await
+        .map_err(|e| BackendError::Storage(format!("rendering stopped: {e}")))?;
+        Ok(renders)
     }
 
     /// Who a rule's notification goes to: an expression or URL, or the payload's user (then
@@ -390,9 +412,10 @@ impl Notifier {
         payload: &Value,
         context: &mut Value,
         log: &mut LogRow,
+        renders: &Prerendered,
     ) -> Result<Option<UserRow>, BackendError> {
         if let Some(expr) = &rule.recipient {
-            match render::render(expr, context, false) {
+            match renders.render(expr, context, false) {
                 Ok(to) => log.recipient = to.trim().to_string(),
                 Err(e) => log.fail(format!("recipient: {e}")),
             }
@@ -403,9 +426,7 @@ impl Notifier {
             return Ok(None);
         };
         log.user_id = Some(user.id);
-        if let Value::Object(m) = context {
-            m.entry("user").or_insert_with(|| json!({ "id": user.id, "name": user.name, "email": user.email }));
-        }
+        add_user(context, &user);
         match user.address(&rule.channel, self.config.slack_webhook.as_deref()) {
             None => log.skip(format!("the user has no {} address", rule.channel)),
             Some(a) => log.recipient = a,
@@ -501,9 +522,11 @@ impl Notifier {
             json!({ "events": payloads, "count": d.int(4), "digest_key": d.text(2), "event": event, "event_id": first_event });
         let now = now_ms();
         let mut log = LogRow::new(&event, &first_event, rule_id, &rule.channel, now);
-        let user = self.resolve(tx, &rule, &event, &last, &mut context, &mut log)?;
+        let renders = Prerendered::default();
+        let user = self.resolve(tx, &rule, &event, &last, &mut context, &mut log, &renders)?;
         let mut jobs = Vec::new();
-        self.finish(tx, &rule, user.as_ref(), &context, &json!({ "events": context["events"].clone() }), log, now, &mut jobs)?;
+        let payload = json!({ "events": context["events"].clone() });
+        self.finish(tx, &rule, user.as_ref(), &context, &payload, log, now, &mut jobs, &renders)?;
         if !jobs.is_empty() {
             tx.enqueue(jobs)?;
         }
@@ -523,6 +546,7 @@ impl Notifier {
         mut log: LogRow,
         now: i64,
         jobs: &mut Vec<NewJob>,
+        renders: &Prerendered,
     ) -> Result<(), BackendError> {
         if log.status == "pending" {
             if let Some(u) = user {
@@ -537,9 +561,9 @@ impl Notifier {
             let rendered = rule
                 .subject
                 .as_deref()
-                .map(|s| render::render(s, context, false))
+                .map(|s| renders.render(s, context, false))
                 .transpose()
-                .and_then(|s| Ok((s, render::render(&rule.body, context, false)?)));
+                .and_then(|s| Ok((s, renders.render(&rule.body, context, false)?)));
             match rendered {
                 Ok((s, b)) => {
                     log.subject = s;
@@ -552,7 +576,7 @@ impl Notifier {
             log.fail(format!("no channel {:?} is configured", rule.channel));
         }
         if log.status == "pending" {
-            let html = (rule.channel == "email").then(|| render::render(&rule.body, context, true).unwrap_or_default());
+            let html = (rule.channel == "email").then(|| renders.render(&rule.body, context, true).unwrap_or_default());
             let d = Delivery {
                 log_id: log.id.clone(),
                 event: log.event.clone(),
@@ -730,6 +754,30 @@ struct RuleRow {
     digest_key: Option<String>,
 }
 
+/// The active rules of an event, with their templates.
+const RULES_SQL: &str = "SELECT r.id, r.channel, r.recipient, r.conditions, t.subject, t.body, r.delay_s, r.digest_window_s, r.digest_key
+     FROM notify_rules r JOIN notify_templates t ON t.id = r.template_id WHERE r.event = $1 AND r.active = 1 ORDER BY r.id";
+
+impl RuleRow {
+    /// A row of [`RULES_SQL`], if its conditions hold for `payload`.
+    fn matching(r: &Row, payload: &Value) -> Option<RuleRow> {
+        let conditions: Vec<Condition> = r.text(3).and_then(|c| serde_json::from_str(c).ok()).unwrap_or_default();
+        if !conditions.iter().all(|c| c.holds(payload)) {
+            return None;
+        }
+        Some(RuleRow {
+            id: r.int(0),
+            channel: r.text(1).unwrap_or_default().to_string(),
+            recipient: r.text(2).filter(|s| !s.trim().is_empty()).map(str::to_string),
+            subject: r.text(4).map(str::to_string),
+            body: r.text(5).unwrap_or_default().to_string(),
+            delay_ms: r.opt_int(6).unwrap_or(0).max(0) * 1000,
+            digest_window_ms: r.opt_int(7).map(|w| w * 1000),
+            digest_key: r.text(8).map(str::to_string),
+        })
+    }
+}
+
 /// The job that sends a digest when its window closes.
 const DIGEST_KIND: &str = "notify.digest";
 
@@ -819,18 +867,24 @@ impl UserRow {
     }
 }
 
-fn user_of(tx: &mut dyn Tx, payload: &Value) -> Result<Option<UserRow>, BackendError> {
-    let id = match payload.get("user_id") {
+const USER_SQL: &str =
+    "SELECT id, name, email, phone, slack_webhook, webhook_url, timezone, quiet_start, quiet_end FROM users WHERE id = $1";
+
+fn user_id_of(payload: &Value) -> Option<i64> {
+    match payload.get("user_id") {
         Some(Value::Number(n)) => n.as_i64(),
         Some(Value::String(s)) => s.parse().ok(),
         _ => None,
-    };
-    let Some(id) = id else { return Ok(None) };
-    let rows = tx.query(
-        "SELECT id, name, email, phone, slack_webhook, webhook_url, timezone, quiet_start, quiet_end FROM users WHERE id = $1",
-        &[id.into()],
-    )?;
-    Ok(rows.first().map(|r| UserRow {
+    }
+}
+
+fn user_of(tx: &mut dyn Tx, payload: &Value) -> Result<Option<UserRow>, BackendError> {
+    let Some(id) = user_id_of(payload) else { return Ok(None) };
+    Ok(tx.query(USER_SQL, &[id.into()])?.first().map(user_row))
+}
+
+fn user_row(r: &Row) -> UserRow {
+    UserRow {
         id: r.int(0),
         name: r.text(1).unwrap_or_default().to_string(),
         email: r.text(2).unwrap_or_default().to_string(),
@@ -839,7 +893,24 @@ fn user_of(tx: &mut dyn Tx, payload: &Value) -> Result<Option<UserRow>, BackendE
         webhook: r.text(5).map(str::to_string),
         timezone: r.text(6).map(str::to_string),
         quiet: r.text(7).zip(r.text(8)).map(|(a, b)| (a.to_string(), b.to_string())),
-    }))
+    }
+}
+
+/// What a rule's templates see of the user they notify.
+fn add_user(context: &mut Value, user: &UserRow) {
+    if let Value::Object(m) = context {
+        m.entry("user").or_insert_with(|| json!({ "id": user.id, "name": user.name, "email": user.email }));
+    }
+}
+
+/// The payload with `event` and `event_id`, unless it has its own.
+fn event_context(env: &EventEnvelope<Value>) -> Value {
+    let mut context = env.payload.clone();
+    if let Value::Object(m) = &mut context {
+        m.entry("event").or_insert_with(|| json!(env.event));
+        m.entry("event_id").or_insert_with(|| json!(env.event_id));
+    }
+    context
 }
 
 /// The end of the quiet window `start`–`end` (`HH:MM`, local to `tz`; it may span midnight)

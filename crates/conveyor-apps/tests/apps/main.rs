@@ -76,6 +76,7 @@ on_every_store!(
     notify::digests_delays_and_quiet_hours_defer_without_dropping,
     notify::sms_fails_over_and_a_dead_gateways_breaker_opens,
     notify::with_every_provider_down_deliveries_wait_without_spending_attempts,
+    notify::a_hostile_template_is_a_recorded_failure_not_a_hang,
 );
 
 pub(crate) async fn wait_for<F, Fut>(what: &str, limit: Duration, mut cond: F)
