@@ -91,7 +91,7 @@ pub(crate) async fn create_order(State(s): State<AppState>, body: Bytes) -> Resu
 }
 
 #[utoipa::path(post, path = "/api/orders/import", tag = "orders", request_body(content = String, content_type = "text/csv"),
-    responses((status = 200, description = "{rows, orders, duplicates, rejected: [{line, reason}]}", body = Envelope<Object>),
+    responses((status = 200, description = "{rows, orders, duplicates, rejected: [{line, reason}] (the first 1,000 by line), rejected_total}", body = Envelope<Object>),
               (status = 422, description = "the header lacks required columns", body = ErrorEnvelope)))]
 pub(crate) async fn import_orders(State(s): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     match import::import_orders(&s.conveyor, std::io::Cursor::new(body), |_| {}).await {
