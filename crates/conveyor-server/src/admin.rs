@@ -274,3 +274,147 @@ pub(crate) async fn metrics_queues(State(s): State<AppState>, Query(q): Query<Se
 pub(crate) async fn metrics_jobs(State(s): State<AppState>, Query(q): Query<SeriesQuery>) -> Result<Response, ApiError> {
     series(&s, q, true).await
 }
+
+/// The bounds of lists (and of the other endpoints a caller could make work without bound),
+/// through the whole router on a store of the test's own.
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::Arc;
+
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use http_body_util::BodyExt;
+    use serde_json::{json, Value};
+    use tower::ServiceExt;
+
+    use conveyor_backends::sqlite::{SqliteBackend, SqliteOptions};
+    use conveyor_core::{Conveyor, NewJob, QueueBackend, Registry};
+
+    use crate::{router, AppState};
+
+    pub(crate) struct TestApp {
+        pub(crate) conveyor: Conveyor,
+        _dir: tempfile::TempDir,
+    }
+
+    pub(crate) async fn app() -> TestApp {
+        let dir = tempfile::tempdir().unwrap();
+        let backend: Arc<dyn QueueBackend> =
+            Arc::new(SqliteBackend::open(SqliteOptions::new(dir.path().join("api.db").to_string_lossy().to_string())).unwrap());
+        conveyor_apps::migrate(backend.as_ref()).await.unwrap();
+        TestApp { conveyor: Conveyor::new(backend, Registry::new()), _dir: dir }
+    }
+
+    impl TestApp {
+        pub(crate) async fn call(&self, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
+            let mut req = Request::builder().method(method).uri(uri);
+            let body = match body {
+                Some(b) => {
+                    req = req.header("content-type", "application/json");
+                    Body::from(b.to_string())
+                }
+                None => Body::empty(),
+            };
+            let resp = router(AppState::new(self.conveyor.clone(), None)).oneshot(req.body(body).unwrap()).await.unwrap();
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        }
+
+        pub(crate) async fn get(&self, uri: &str) -> (StatusCode, Value) {
+            self.call("GET", uri, None).await
+        }
+    }
+
+    fn field(v: &Value) -> Vec<&str> {
+        v["error"]["details"]["fields"].as_object().map(|f| f.keys().map(String::as_str).collect()).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn a_page_past_ten_thousand_rows_is_refused_naming_page() {
+        let app = app().await;
+        let (status, body) = app.get("/api/jobs?page=201&per_page=50").await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(field(&body), ["page"]);
+        assert!(body["error"]["message"].as_str().unwrap().contains("cursor"), "{body}");
+        assert_eq!(app.get("/api/jobs?page=200&per_page=50").await.0, StatusCode::OK, "exactly 10,000 deep is allowed");
+        for list in ["/api/jobs/failed", "/api/batches", "/api/orders", "/api/v1/notifications", "/api/templates", "/api/events/log"] {
+            let (status, body) = app.get(&format!("{list}?page=10001&per_page=1")).await;
+            assert_eq!((status, field(&body)), (StatusCode::UNPROCESSABLE_ENTITY, vec!["page"]), "{list}: {body}");
+        }
+        let (status, body) = app.get("/api/jobs?cursor=not-a-cursor").await;
+        assert_eq!((status, field(&body)), (StatusCode::UNPROCESSABLE_ENTITY, vec!["cursor"]), "{body}");
+    }
+
+    #[tokio::test]
+    async fn cursor_pages_return_every_job_once_and_totals_stop_at_ten_thousand() {
+        let app = app().await;
+        let n = 10_050;
+        let jobs: Vec<NewJob> = (0..n).map(|i| NewJob::new("bounds.test", &json!({ "i": i })).queue("bounds")).collect();
+        for chunk in jobs.chunks(1000) {
+            app.conveyor.backend().enqueue(chunk.to_vec()).await.unwrap();
+        }
+        let (status, first) = app.get("/api/jobs?queue=bounds&per_page=1000").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(first["meta"]["total"], 10_000);
+        assert_eq!(first["meta"]["total_capped"], true);
+        let mut seen = std::collections::HashSet::new();
+        let mut page = first;
+        let mut pages = 1;
+        loop {
+            for j in page["data"].as_array().unwrap() {
+                assert!(seen.insert(j["id"].as_str().unwrap().to_string()), "a job listed twice: {}", j["id"]);
+            }
+            let Some(next) = page["meta"]["next_cursor"].as_str().map(str::to_string) else { break };
+            let (status, body) = app.get(&format!("/api/jobs?queue=bounds&per_page=1000&cursor={next}")).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert_eq!(body["meta"]["page"], Value::Null, "a cursor page has no number");
+            page = body;
+            pages += 1;
+        }
+        assert_eq!((seen.len(), pages), (n, 11), "every job exactly once, past the offset limit");
+
+        let (_, small) = app.get("/api/jobs?queue=none").await;
+        assert_eq!((small["meta"]["total"].as_u64(), small["meta"]["total_capped"].as_bool()), (Some(0), Some(false)));
+        assert!(small["meta"].get("next_cursor").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_hostile_template_fails_fast_on_preview_and_a_huge_one_is_refused() {
+        let app = app().await;
+        let (status, t) = app
+            .call(
+                "POST",
+                "/api/templates",
+                Some(json!({ "name": "loop", "channel": "sms", "body": "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}" })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{t}");
+        let id = t["data"]["id"].as_i64().unwrap();
+        let started = std::time::Instant::now();
+        let (status, body) = app.call("POST", &format!("/api/templates/{id}/preview"), Some(json!({ "payload": {} }))).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains("too much work"), "{body}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
+
+        let (status, t) =
+            app.call("POST", "/api/templates", Some(json!({ "name": "wide", "channel": "sms", "body": "{{ 'x' * 1000000 }}" }))).await;
+        assert_eq!(status, StatusCode::CREATED, "{t}");
+        let id = t["data"]["id"].as_i64().unwrap();
+        let (status, body) = app.call("POST", &format!("/api/templates/{id}/preview"), Some(json!({ "payload": {} }))).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains("256 KiB"), "{body}");
+
+        let (status, body) =
+            app.call("POST", "/api/templates", Some(json!({ "name": "huge", "channel": "sms", "body": "x".repeat(64 * 1024 + 1) }))).await;
+        assert_eq!((status, field(&body)), (StatusCode::UNPROCESSABLE_ENTITY, vec!["body"]), "{body}");
+    }
+
+    #[tokio::test]
+    async fn a_kpi_range_over_366_days_is_refused_naming_end_date() {
+        let app = app().await;
+        let (status, body) = app.get("/api/kpis/range?start_date=2020-01-01&end_date=2026-01-01").await;
+        assert_eq!((status, field(&body)), (StatusCode::UNPROCESSABLE_ENTITY, vec!["end_date"]), "{body}");
+        assert_eq!(app.get("/api/kpis/range?start_date=2026-01-01&end_date=2026-01-31").await.0, StatusCode::OK);
+    }
+}
