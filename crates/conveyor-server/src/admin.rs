@@ -120,7 +120,7 @@ pub(crate) struct JobsQuery {
     paging: Paging,
 }
 
-#[utoipa::path(get, path = "/api/jobs", tag = "jobs", params(("queue" = Option<String>, Query), ("kind" = Option<String>, Query), ("status" = Option<String>, Query, description = "pending, delayed, reserved, completed or failed"), ("tag" = Option<String>, Query), ("batch_id" = Option<String>, Query), ("page" = Option<u32>, Query, minimum = 1, description = "from 1"), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 50")), responses((status = 200, description = "jobs, newest first", body = PagedEnvelope<JobInfo>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
+#[utoipa::path(get, path = "/api/jobs", tag = "jobs", params(("queue" = Option<String>, Query), ("kind" = Option<String>, Query), ("status" = Option<String>, Query, description = "pending, delayed, reserved, completed or failed"), ("tag" = Option<String>, Query), ("batch_id" = Option<String>, Query), ("page" = Option<u32>, Query, minimum = 1, description = "from 1; page × per_page is at most 10,000"), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 50"), ("cursor" = Option<String>, Query, description = "meta.next_cursor of the page before; page × per_page is at most 10,000 without it")), responses((status = 200, description = "jobs, newest first", body = PagedEnvelope<JobInfo>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
 pub(crate) async fn list_jobs(State(s): State<AppState>, Query(q): Query<JobsQuery>) -> Result<Response, ApiError> {
     let p = q.paging.parse()?;
     let state = match q.status.as_deref() {
@@ -156,7 +156,7 @@ pub(crate) struct FailedQuery {
     paging: Paging,
 }
 
-#[utoipa::path(get, path = "/api/jobs/failed", tag = "failed", params(("queue" = Option<String>, Query), ("page" = Option<u32>, Query, minimum = 1, description = "from 1"), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 50")), responses((status = 200, description = "failed jobs, newest first", body = PagedEnvelope<FailedJob>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
+#[utoipa::path(get, path = "/api/jobs/failed", tag = "failed", params(("queue" = Option<String>, Query), ("page" = Option<u32>, Query, minimum = 1, description = "from 1; page × per_page is at most 10,000"), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 50"), ("cursor" = Option<String>, Query, description = "meta.next_cursor of the page before; page × per_page is at most 10,000 without it")), responses((status = 200, description = "failed jobs, newest first", body = PagedEnvelope<FailedJob>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
 pub(crate) async fn list_failed(State(s): State<AppState>, Query(q): Query<FailedQuery>) -> Result<Response, ApiError> {
     let p = q.paging.parse()?;
     let failed = s.conveyor.backend().failed(q.queue.as_deref().filter(|v| !v.is_empty()), p.clone()).await?;

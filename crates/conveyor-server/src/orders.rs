@@ -48,7 +48,7 @@ pub(crate) struct OrdersQuery {
 
 #[utoipa::path(get, path = "/api/orders", tag = "orders",
     params(("status" = Option<String>, Query, description = "pending, processing, completed or failed"), ("customer_id" = Option<i64>, Query),
-           ("page" = Option<u32>, Query, minimum = 1), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000)),
+           ("page" = Option<u32>, Query, minimum = 1), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000), ("cursor" = Option<String>, Query, description = "meta.next_cursor of the page before; page × per_page is at most 10,000 without it")),
     responses((status = 200, description = "orders, newest first", body = PagedEnvelope<Object>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
 pub(crate) async fn list_orders(State(s): State<AppState>, Query(q): Query<OrdersQuery>) -> Result<Response, ApiError> {
     let p = q.paging.parse()?;
