@@ -386,10 +386,9 @@ impl Notifier {
         let renders = tokio::task::spawn_blocking(move || {
             let mut renders = Prerendered::default();
             for (rule, context) in &work {
-                for text in [rule.recipient.as_deref(), rule.digest_key.as_deref(), rule.subject.as_deref(), Some(rule.body.as_str())] {
-                    if let Some(text) = text {
-                        renders.add(text, context, false);
-                    }
+                let texts = [rule.recipient.as_deref(), rule.digest_key.as_deref(), rule.subject.as_deref(), Some(rule.body.as_str())];
+                for text in texts.into_iter().flatten() {
+                    renders.add(text, context, false);
                 }
                 if rule.channel == "email" {
                     renders.add(&rule.body, context, true);
@@ -404,6 +403,7 @@ impl Notifier {
 
     /// Who a rule's notification goes to: an expression or URL, or the payload's user (then
     /// their address and preferences apply). Sets the log's recipient or why it is held back.
+    #[allow(clippy::too_many_arguments)]
     fn resolve(
         &self,
         tx: &mut dyn Tx,
