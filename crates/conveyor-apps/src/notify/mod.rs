@@ -177,9 +177,9 @@ pub fn register_with(registry: &mut Registry, backend: Arc<dyn QueueBackend>, co
     registry.register(DIGEST_KIND, move |d: DigestRef, ctx: JobContext| {
         let n = digests.clone();
         async move {
-            // A digest's events are read in its acknowledgement (which closes it), so its renders
-            // run there, bounded by the fuel (`render::FUEL`).
-            match ctx.complete_with(move |tx| n.close_digest(tx, &d.digest_id)).await {
+            // Rendered before the acknowledgement, as the fan-out's.
+            let renders = n.prerender_digest(ctx.backend().as_ref(), &d.digest_id).await.map_err(JobError::retry)?;
+            match ctx.complete_with(move |tx| n.close_digest(tx, &d.digest_id, &renders)).await {
                 Ok(()) | Err(BackendError::LeaseLost(_)) => Ok(()),
                 Err(e) => Err(JobError::retry(e)),
             }
@@ -380,25 +380,30 @@ impl Notifier {
             }
             work.push((rule, context));
         }
-        if work.is_empty() {
-            return Ok(Prerendered::default());
-        }
-        let renders = tokio::task::spawn_blocking(move || {
-            let mut renders = Prerendered::default();
-            for (rule, context) in &work {
-                let texts = [rule.recipient.as_deref(), rule.digest_key.as_deref(), rule.subject.as_deref(), Some(rule.body.as_str())];
-                for text in texts.into_iter().flatten() {
-                    renders.add(text, context, false);
-                }
-                if rule.channel == "email" {
-                    renders.add(&rule.body, context, true);
+        render_all(work).await
+    }
+
+    /// What `close_digest` will render, rendered now (as `prerender` does for `fan_out`): the
+    /// digest as it stands, which is what it closes with unless an event joins it meanwhile.
+    async fn prerender_digest(&self, backend: &dyn QueueBackend, digest_id: &str) -> Result<Prerendered, BackendError> {
+        let rows = backend
+            .query(
+                "SELECT rule_id, user_id, digest_key, events, count, first_event FROM notify_digests WHERE id = $1 AND status = 'open'",
+                vec![digest_id.into()],
+            )
+            .await?;
+        let Some(d) = rows.first() else { return Ok(Prerendered::default()) };
+        let r = backend.query(DIGEST_RULE_SQL, vec![d.int(0).into()]).await?;
+        let Some(r) = r.first() else { return Ok(Prerendered::default()) };
+        let DigestParts { rule, last, mut context, .. } = DigestParts::of(d, r);
+        if rule.recipient.is_none() {
+            if let Some(id) = user_id_of(&last) {
+                if let Some(user) = backend.query(USER_SQL, vec![id.into()]).await?.first().map(user_row) {
+                    add_user(&mut context, &user);
                 }
             }
-            renders
-        })
-        .await
-        .map_err(|e| BackendError::Storage(format!("rendering stopped: {e}")))?;
-        Ok(renders)
+        }
+        render_all(vec![(rule, context)]).await
     }
 
     /// Who a rule's notification goes to: an expression or URL, or the payload's user (then
@@ -486,47 +491,23 @@ impl Notifier {
 
     /// Sends a closed digest: one message over its events (`events`, `count`, `digest_key` in
     /// the template), through the same path as any notification.
-    fn close_digest(&self, tx: &mut dyn Tx, digest_id: &str) -> Result<(), BackendError> {
+    fn close_digest(&self, tx: &mut dyn Tx, digest_id: &str, renders: &Prerendered) -> Result<(), BackendError> {
         let rows = tx.query(
             "UPDATE notify_digests SET status = 'sent' WHERE id = $1 AND status = 'open'
              RETURNING rule_id, user_id, digest_key, events, count, first_event",
             &[digest_id.into()],
         )?;
         let Some(d) = rows.first() else { return Ok(()) };
-        let rule_id = d.int(0);
-        let mut events: Vec<Value> = d.text(3).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-        // In the order the events happened (their ids are time-ordered), whatever order the
-        // listener handled them in.
-        events.sort_by(|a, b| a["event_id"].as_str().cmp(&b["event_id"].as_str()));
-        let payloads: Vec<Value> = events.iter().map(|e| e["payload"].clone()).collect();
-        let r = tx.query(
-            "SELECT r.channel, r.recipient, t.subject, t.body, r.event FROM notify_rules r JOIN notify_templates t ON t.id = r.template_id
-             WHERE r.id = $1",
-            &[rule_id.into()],
-        )?;
+        let r = tx.query(DIGEST_RULE_SQL, &[d.int(0).into()])?;
         let Some(r) = r.first() else { return Ok(()) };
-        let rule = RuleRow {
-            id: rule_id,
-            channel: r.text(0).unwrap_or_default().to_string(),
-            recipient: r.text(1).filter(|s| !s.trim().is_empty()).map(str::to_string),
-            subject: r.text(2).map(str::to_string),
-            body: r.text(3).unwrap_or_default().to_string(),
-            delay_ms: 0,
-            digest_window_ms: None,
-            digest_key: None,
-        };
-        let event = r.text(4).unwrap_or_default().to_string();
-        let first_event = d.text(5).unwrap_or_default().to_string();
-        let last = payloads.last().cloned().unwrap_or_else(|| json!({}));
-        let mut context =
-            json!({ "events": payloads, "count": d.int(4), "digest_key": d.text(2), "event": event, "event_id": first_event });
+        let DigestParts { rule, event, first_event, last, mut context } = DigestParts::of(d, r);
+        let rule_id = rule.id;
         let now = now_ms();
         let mut log = LogRow::new(&event, &first_event, rule_id, &rule.channel, now);
-        let renders = Prerendered::default();
-        let user = self.resolve(tx, &rule, &event, &last, &mut context, &mut log, &renders)?;
+        let user = self.resolve(tx, &rule, &event, &last, &mut context, &mut log, renders)?;
         let mut jobs = Vec::new();
         let payload = json!({ "events": context["events"].clone() });
-        self.finish(tx, &rule, user.as_ref(), &context, &payload, log, now, &mut jobs, &renders)?;
+        self.finish(tx, &rule, user.as_ref(), &context, &payload, log, now, &mut jobs, renders)?;
         if !jobs.is_empty() {
             tx.enqueue(jobs)?;
         }
@@ -726,6 +707,29 @@ impl Notifier {
     }
 }
 
+/// Renders every template text of these rules over their contexts, on a blocking thread.
+async fn render_all(work: Vec<(RuleRow, Value)>) -> Result<Prerendered, BackendError> {
+    if work.is_empty() {
+        return Ok(Prerendered::default());
+    }
+    let renders = tokio::task::spawn_blocking(move || {
+        let mut renders = Prerendered::default();
+        for (rule, context) in &work {
+            let texts = [rule.recipient.as_deref(), rule.digest_key.as_deref(), rule.subject.as_deref(), Some(rule.body.as_str())];
+            for text in texts.into_iter().flatten() {
+                renders.add(text, context, false);
+            }
+            if rule.channel == "email" {
+                renders.add(&rule.body, context, true);
+            }
+        }
+        renders
+    })
+    .await
+    .map_err(|e| BackendError::Storage(format!("rendering stopped: {e}")))?;
+    Ok(renders)
+}
+
 /// A notification log row being built.
 struct LogRow {
     id: String,
@@ -775,6 +779,48 @@ impl RuleRow {
             digest_window_ms: r.opt_int(7).map(|w| w * 1000),
             digest_key: r.text(8).map(str::to_string),
         })
+    }
+}
+
+/// A digest's rule, with its template.
+const DIGEST_RULE_SQL: &str = "SELECT r.id, r.channel, r.recipient, t.subject, t.body, r.event
+     FROM notify_rules r JOIN notify_templates t ON t.id = r.template_id WHERE r.id = $1";
+
+/// A closing digest as its message needs it.
+struct DigestParts {
+    rule: RuleRow,
+    event: String,
+    first_event: String,
+    /// The latest event's payload (it names the user).
+    last: Value,
+    /// `events`, `count`, `digest_key`, `event`, `event_id`.
+    context: Value,
+}
+
+impl DigestParts {
+    /// From a digest row (`rule_id, user_id, digest_key, events, count, first_event`) and its
+    /// rule's ([`DIGEST_RULE_SQL`]).
+    fn of(d: &Row, r: &Row) -> DigestParts {
+        let mut events: Vec<Value> = d.text(3).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        // In the order the events happened (their ids are time-ordered), whatever order the
+        // listener handled them in.
+        events.sort_by(|a, b| a["event_id"].as_str().cmp(&b["event_id"].as_str()));
+        let payloads: Vec<Value> = events.iter().map(|e| e["payload"].clone()).collect();
+        let rule = RuleRow {
+            id: r.int(0),
+            channel: r.text(1).unwrap_or_default().to_string(),
+            recipient: r.text(2).filter(|s| !s.trim().is_empty()).map(str::to_string),
+            subject: r.text(3).map(str::to_string),
+            body: r.text(4).unwrap_or_default().to_string(),
+            delay_ms: 0,
+            digest_window_ms: None,
+            digest_key: None,
+        };
+        let event = r.text(5).unwrap_or_default().to_string();
+        let first_event = d.text(5).unwrap_or_default().to_string();
+        let last = payloads.last().cloned().unwrap_or_else(|| json!({}));
+        let context = json!({ "events": payloads, "count": d.int(4), "digest_key": d.text(2), "event": event, "event_id": first_event });
+        DigestParts { rule, event, first_event, last, context }
     }
 }
 

@@ -192,7 +192,10 @@ impl Prerendered {
     pub fn render(&self, template: &str, context: &Value, html: bool) -> Result<String, String> {
         match self.0.iter().find(|(t, h, c, _)| t == template && *h == html && c == context) {
             Some((.., result)) => result.clone(),
-            None => render(template, context, html),
+            None => {
+                tracing::debug!("a template rendered in its transaction: it changed since it was prerendered");
+                render(template, context, html)
+            }
         }
     }
 
@@ -282,5 +285,17 @@ mod tests {
         assert_eq!(check(&long).unwrap_err(), "is over 64 KiB");
         assert!(render(&long, &ctx, false).is_err());
         assert!(check(&"x".repeat(MAX_SOURCE)).is_ok());
+    }
+
+    #[test]
+    fn prerendered_renders_are_looked_up_and_others_rendered_then() {
+        let ctx = json!({ "name": "Ada" });
+        let mut pre = Prerendered::default();
+        pre.add("Hi {{ name }}", &ctx, false);
+        pre.add("Hi {{ name }}", &ctx, false);
+        assert_eq!(pre.len(), 1, "the same render is done once");
+        assert_eq!(pre.render("Hi {{ name }}", &ctx, false).unwrap(), "Hi Ada");
+        assert_eq!(pre.render("Hi {{ name }}", &json!({ "name": "Bo" }), false).unwrap(), "Hi Bo", "another context renders then");
+        assert!(pre.render("Hi {{ nickname }}", &ctx, false).is_err());
     }
 }
