@@ -166,7 +166,7 @@ pub(crate) async fn failed(config: &Config, cmd: FailedCommand) -> anyhow::Resul
             if page == 0 || !(1..=1000).contains(&per_page) {
                 bail!("--page starts at 1 and --per-page is 1 to 1000");
             }
-            let list = backend.failed(queue.as_deref(), Page { page, per_page }).await?;
+            let list = backend.failed(queue.as_deref(), Page::new(page, per_page)).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list.items)?);
             } else {

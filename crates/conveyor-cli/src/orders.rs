@@ -68,9 +68,7 @@ pub(crate) async fn orders(config: &Config, cmd: OrdersCommand) -> anyhow::Resul
     if std::io::stderr().is_terminal() {
         eprintln!();
     }
-    for r in &report.rejected {
-        eprintln!("line {}: {}", r.line, r.reason);
-    }
+    print_rejected(&report);
     eprintln!(
         "read {} rows in {:.2}s ({:.0} rows/s)",
         report.rows,
@@ -89,10 +87,7 @@ pub(crate) async fn orders(config: &Config, cmd: OrdersCommand) -> anyhow::Resul
     } else {
         println!(
             "imported {} orders from {} rows ({} duplicates, {} rejected lines)",
-            report.orders,
-            report.rows,
-            report.duplicates,
-            report.rejected.len()
+            report.orders, report.rows, report.duplicates, report.rejected_total
         );
         if wait {
             println!("settled: {} completed, {} failed, revenue {:.2}", out["completed"], out["failed"], to_major(revenue_cents(&out)));
@@ -140,11 +135,20 @@ pub(crate) async fn products(config: &Config, cmd: ProductsCommand) -> anyhow::R
     let backend = open_store(config).await?;
     let conveyor = Conveyor::new(backend.clone(), registry(config, &backend)?);
     let report = import::import_products(&conveyor, BufReader::new(f)).await?;
+    print_rejected(&report);
+    println!("{} products created or updated from {} rows ({} rejected lines)", report.orders, report.rows, report.rejected_total);
+    Ok(())
+}
+
+/// The rejected lines the report lists (the first `import::MAX_REJECTED`), and how many more.
+fn print_rejected(report: &import::ImportReport) {
     for r in &report.rejected {
         eprintln!("line {}: {}", r.line, r.reason);
     }
-    println!("{} products created or updated from {} rows ({} rejected lines)", report.orders, report.rows, report.rejected.len());
-    Ok(())
+    let more = report.rejected_total.saturating_sub(report.rejected.len() as u64);
+    if more > 0 {
+        eprintln!("… and {more} more rejected lines");
+    }
 }
 
 #[derive(Subcommand)]

@@ -9,7 +9,7 @@
 
 use serde::Serialize;
 
-use crate::backend::{BackendError, Page, Paged, QueueBackend, QueueBackendExt, Result, RowExt, Tx};
+use crate::backend::{count_sql, BackendError, Cursor, Page, Paged, QueueBackend, QueueBackendExt, Result, RowExt, Tx};
 use crate::clock::now_ms;
 use crate::job::{Completion, JobId, NewJob, Outcome};
 use crate::Conveyor;
@@ -189,14 +189,11 @@ pub async fn find(backend: &dyn QueueBackend, id: &str) -> Result<Option<BatchIn
 
 /// Batches, newest first.
 pub async fn list(backend: &dyn QueueBackend, page: Page) -> Result<Paged<BatchInfo>> {
-    let total = backend.query("SELECT count(*) FROM batches", vec![]).await?.first().map_or(0, |r| r.int(0)) as u64;
-    let rows = backend
-        .query(
-            &format!("SELECT {COLS} FROM batches ORDER BY created_at DESC, id DESC LIMIT $1 OFFSET $2"),
-            vec![(page.per_page as i64).into(), (page.offset() as i64).into()],
-        )
-        .await?;
-    Ok(Paged { items: rows.iter().map(info).collect(), total })
+    let count = backend.query(&count_sql("FROM batches"), vec![]).await?.first().map_or(0, |r| r.int(0)) as u64;
+    let (after, limit, params) = page.sql("created_at", Some("id"), 1);
+    let rows =
+        backend.query(&format!("SELECT {COLS} FROM batches WHERE 1 = 1{after} ORDER BY created_at DESC, id DESC{limit}"), params).await?;
+    Ok(Paged::from_rows(rows.iter().map(info).collect(), &page, count, |b: &BatchInfo| Cursor::new(b.created_at, b.id.clone())))
 }
 
 /// Whether a batch was cancelled (its remaining jobs are skipped).

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{BackendError, Page, Paged, QueueBackend, QueueBackendExt, Result, RowExt, Tx};
+use crate::backend::{count_sql, BackendError, Cursor, Page, Paged, QueueBackend, QueueBackendExt, Result, RowExt, Tx};
 use crate::clock::now_ms;
 use crate::job::{JobId, NewJob};
 use crate::registry::{JobContext, JobResult, Registry};
@@ -220,16 +220,14 @@ fn record(r: &crate::backend::Row) -> EventRecord {
 /// The event log, newest first, optionally of one event name.
 pub async fn recent(backend: &dyn QueueBackend, name: Option<&str>, page: Page) -> Result<Paged<EventRecord>> {
     let name = name.map(str::to_string);
-    let total =
-        backend.query("SELECT count(*) FROM events WHERE (CAST($1 AS TEXT) IS NULL OR name = $1)", vec![name.clone().into()]).await?;
+    let from = "FROM events WHERE (CAST($1 AS TEXT) IS NULL OR name = $1)";
+    let count = backend.query(&count_sql(from), vec![name.clone().into()]).await?.first().map_or(0, |r| r.int(0)) as u64;
+    let (after, limit, mut params) = page.sql("created_at", Some("id"), 2);
+    params.insert(0, name.into());
     let rows = backend
-        .query(
-            "SELECT id, name, payload, listeners, created_at FROM events WHERE (CAST($1 AS TEXT) IS NULL OR name = $1)
-             ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3",
-            vec![name.into(), (page.per_page as i64).into(), (page.offset() as i64).into()],
-        )
+        .query(&format!("SELECT id, name, payload, listeners, created_at {from}{after} ORDER BY created_at DESC, id DESC{limit}"), params)
         .await?;
-    Ok(Paged { items: rows.iter().map(record).collect(), total: total.first().map_or(0, |r| r.int(0)) as u64 })
+    Ok(Paged::from_rows(rows.iter().map(record).collect(), &page, count, |e: &EventRecord| Cursor::new(e.created_at, e.id.clone())))
 }
 
 pub async fn find(backend: &dyn QueueBackend, id: &str) -> Result<Option<EventRecord>> {

@@ -9,7 +9,7 @@ use axum::routing::{delete, get, post};
 use axum::Router;
 use serde::{Deserialize, Serialize};
 
-use conveyor_core::backend::{FailedJob, JobFilter, MetricsQuery, Page, QueueStats, WorkerInfo};
+use conveyor_core::backend::{Cursor, FailedJob, JobFilter, MetricsQuery, Page, QueueStats, WorkerInfo, MAX_DEPTH};
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::JobInfo;
 use conveyor_core::job::{validate_queue_name, JobId, JobState};
@@ -36,11 +36,12 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/api/metrics/jobs", get(metrics_jobs))
 }
 
-/// `page` and `per_page` as the SPEC defines them.
+/// `page`, `per_page` and `cursor` as the SPEC defines them.
 #[derive(Deserialize, Default)]
 pub(crate) struct Paging {
     page: Option<String>,
     per_page: Option<String>,
+    cursor: Option<String>,
 }
 
 impl Paging {
@@ -57,7 +58,20 @@ impl Paging {
                 .filter(|p| (1..=1000).contains(p))
                 .ok_or_else(|| ApiError::field("per_page", "must be a whole number from 1 to 1000"))?,
         };
-        Ok(Page { page, per_page })
+        if let Some(c) = self.cursor.as_deref().filter(|c| !c.is_empty()) {
+            // A cursor page costs the same at any depth; `page` has no meaning with it.
+            let cursor =
+                Cursor::decode(c).ok_or_else(|| ApiError::field("cursor", "is not a cursor this API returned (meta.next_cursor)"))?;
+            return Ok(Page::after(cursor, per_page));
+        }
+        // An offset page reads every row before it, so how deep one reaches is bounded.
+        if page as u64 * per_page as u64 > MAX_DEPTH {
+            return Err(ApiError::field(
+                "page",
+                format!("page × per_page may be at most {MAX_DEPTH}; read further with `cursor` (meta.next_cursor)"),
+            ));
+        }
+        Ok(Page::new(page, per_page))
     }
 }
 
@@ -106,7 +120,7 @@ pub(crate) struct JobsQuery {
     paging: Paging,
 }
 
-#[utoipa::path(get, path = "/api/jobs", tag = "jobs", params(("queue" = Option<String>, Query), ("kind" = Option<String>, Query), ("status" = Option<String>, Query, description = "pending, delayed, reserved, completed or failed"), ("tag" = Option<String>, Query), ("batch_id" = Option<String>, Query), ("page" = Option<u32>, Query, minimum = 1, description = "from 1"), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 50")), responses((status = 200, description = "jobs, newest first", body = PagedEnvelope<JobInfo>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
+#[utoipa::path(get, path = "/api/jobs", tag = "jobs", params(("queue" = Option<String>, Query), ("kind" = Option<String>, Query), ("status" = Option<String>, Query, description = "pending, delayed, reserved, completed or failed"), ("tag" = Option<String>, Query), ("batch_id" = Option<String>, Query), ("page" = Option<u32>, Query, minimum = 1, description = "from 1; page × per_page is at most 10,000"), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 50"), ("cursor" = Option<String>, Query, description = "meta.next_cursor of the page before; page × per_page is at most 10,000 without it")), responses((status = 200, description = "jobs, newest first", body = PagedEnvelope<JobInfo>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
 pub(crate) async fn list_jobs(State(s): State<AppState>, Query(q): Query<JobsQuery>) -> Result<Response, ApiError> {
     let p = q.paging.parse()?;
     let state = match q.status.as_deref() {
@@ -122,8 +136,8 @@ pub(crate) async fn list_jobs(State(s): State<AppState>, Query(q): Query<JobsQue
         tag: q.tag.filter(|v| !v.is_empty()),
         batch_id: q.batch_id.filter(|v| !v.is_empty()),
     };
-    let jobs = s.conveyor.backend().jobs(filter, p).await?;
-    Ok(page(jobs.items, p.page, p.per_page, jobs.total))
+    let jobs = s.conveyor.backend().jobs(filter, p.clone()).await?;
+    Ok(page(jobs, &p))
 }
 
 #[utoipa::path(get, path = "/api/jobs/{id}", tag = "jobs", params(("id" = String, Path, description = "job id")), responses((status = 200, description = "the job in any state", body = Envelope<JobInfo>), (status = 404, description = "not found", body = ErrorEnvelope)))]
@@ -142,11 +156,11 @@ pub(crate) struct FailedQuery {
     paging: Paging,
 }
 
-#[utoipa::path(get, path = "/api/jobs/failed", tag = "failed", params(("queue" = Option<String>, Query), ("page" = Option<u32>, Query, minimum = 1, description = "from 1"), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 50")), responses((status = 200, description = "failed jobs, newest first", body = PagedEnvelope<FailedJob>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
+#[utoipa::path(get, path = "/api/jobs/failed", tag = "failed", params(("queue" = Option<String>, Query), ("page" = Option<u32>, Query, minimum = 1, description = "from 1; page × per_page is at most 10,000"), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 50"), ("cursor" = Option<String>, Query, description = "meta.next_cursor of the page before; page × per_page is at most 10,000 without it")), responses((status = 200, description = "failed jobs, newest first", body = PagedEnvelope<FailedJob>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
 pub(crate) async fn list_failed(State(s): State<AppState>, Query(q): Query<FailedQuery>) -> Result<Response, ApiError> {
     let p = q.paging.parse()?;
-    let failed = s.conveyor.backend().failed(q.queue.as_deref().filter(|v| !v.is_empty()), p).await?;
-    Ok(page(failed.items, p.page, p.per_page, failed.total))
+    let failed = s.conveyor.backend().failed(q.queue.as_deref().filter(|v| !v.is_empty()), p.clone()).await?;
+    Ok(page(failed, &p))
 }
 
 #[utoipa::path(get, path = "/api/jobs/failed/{id}", tag = "failed", params(("id" = String, Path, description = "job id")), responses((status = 200, description = "a failed job", body = Envelope<FailedJob>), (status = 404, description = "not found", body = ErrorEnvelope)))]
@@ -259,4 +273,151 @@ pub(crate) async fn metrics_queues(State(s): State<AppState>, Query(q): Query<Se
 #[utoipa::path(get, path = "/api/metrics/jobs", tag = "metrics", params(("queue" = Option<String>, Query), ("kind" = Option<String>, Query), ("period" = Option<String>, Query, description = "hour (default) or day")), responses((status = 200, description = "per-minute series per job kind", body = Envelope<Vec<Series>>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
 pub(crate) async fn metrics_jobs(State(s): State<AppState>, Query(q): Query<SeriesQuery>) -> Result<Response, ApiError> {
     series(&s, q, true).await
+}
+
+/// The bounds of lists (and of the other endpoints a caller could make work without bound),
+/// through the whole router on a store of the test's own.
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::Arc;
+
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use http_body_util::BodyExt;
+    use serde_json::{json, Value};
+    use tower::ServiceExt;
+
+    use conveyor_backends::sqlite::{SqliteBackend, SqliteOptions};
+    use conveyor_core::{Conveyor, NewJob, QueueBackend, Registry};
+
+    use crate::{router, AppState};
+
+    pub(crate) struct TestApp {
+        pub(crate) conveyor: Conveyor,
+        _dir: tempfile::TempDir,
+    }
+
+    pub(crate) async fn app() -> TestApp {
+        let dir = tempfile::tempdir().unwrap();
+        let backend: Arc<dyn QueueBackend> =
+            Arc::new(SqliteBackend::open(SqliteOptions::new(dir.path().join("api.db").to_string_lossy().to_string())).unwrap());
+        conveyor_apps::migrate(backend.as_ref()).await.unwrap();
+        TestApp { conveyor: Conveyor::new(backend, Registry::new()), _dir: dir }
+    }
+
+    impl TestApp {
+        pub(crate) async fn call(&self, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
+            let mut req = Request::builder().method(method).uri(uri);
+            let body = match body {
+                Some(b) => {
+                    req = req.header("content-type", "application/json");
+                    Body::from(b.to_string())
+                }
+                None => Body::empty(),
+            };
+            let resp = router(AppState::new(self.conveyor.clone(), crate::AccessConfig::default()))
+                .oneshot(req.body(body).unwrap())
+                .await
+                .unwrap();
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        }
+
+        pub(crate) async fn get(&self, uri: &str) -> (StatusCode, Value) {
+            self.call("GET", uri, None).await
+        }
+    }
+
+    fn field(v: &Value) -> Vec<&str> {
+        v["error"]["details"]["fields"].as_object().map(|f| f.keys().map(String::as_str).collect()).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn a_page_past_ten_thousand_rows_is_refused_naming_page() {
+        let app = app().await;
+        let (status, body) = app.get("/api/jobs?page=201&per_page=50").await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(field(&body), ["page"]);
+        assert!(body["error"]["message"].as_str().unwrap().contains("cursor"), "{body}");
+        assert_eq!(app.get("/api/jobs?page=200&per_page=50").await.0, StatusCode::OK, "exactly 10,000 deep is allowed");
+        for list in ["/api/jobs/failed", "/api/batches", "/api/orders", "/api/v1/notifications", "/api/templates", "/api/events/log"] {
+            let (status, body) = app.get(&format!("{list}?page=10001&per_page=1")).await;
+            assert_eq!((status, field(&body)), (StatusCode::UNPROCESSABLE_ENTITY, vec!["page"]), "{list}: {body}");
+        }
+        let (status, body) = app.get("/api/jobs?cursor=not-a-cursor").await;
+        assert_eq!((status, field(&body)), (StatusCode::UNPROCESSABLE_ENTITY, vec!["cursor"]), "{body}");
+    }
+
+    #[tokio::test]
+    async fn cursor_pages_return_every_job_once_and_totals_stop_at_ten_thousand() {
+        let app = app().await;
+        let n = 10_050;
+        let jobs: Vec<NewJob> = (0..n).map(|i| NewJob::new("bounds.test", &json!({ "i": i })).queue("bounds")).collect();
+        for chunk in jobs.chunks(1000) {
+            app.conveyor.backend().enqueue(chunk.to_vec()).await.unwrap();
+        }
+        let (status, first) = app.get("/api/jobs?queue=bounds&per_page=1000").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(first["meta"]["total"], 10_000);
+        assert_eq!(first["meta"]["total_capped"], true);
+        let mut seen = std::collections::HashSet::new();
+        let mut page = first;
+        let mut pages = 1;
+        loop {
+            for j in page["data"].as_array().unwrap() {
+                assert!(seen.insert(j["id"].as_str().unwrap().to_string()), "a job listed twice: {}", j["id"]);
+            }
+            let Some(next) = page["meta"]["next_cursor"].as_str().map(str::to_string) else { break };
+            let (status, body) = app.get(&format!("/api/jobs?queue=bounds&per_page=1000&cursor={next}")).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert_eq!(body["meta"]["page"], Value::Null, "a cursor page has no number");
+            page = body;
+            pages += 1;
+        }
+        assert_eq!((seen.len(), pages), (n, 11), "every job exactly once, past the offset limit");
+
+        let (_, small) = app.get("/api/jobs?queue=none").await;
+        assert_eq!((small["meta"]["total"].as_u64(), small["meta"]["total_capped"].as_bool()), (Some(0), Some(false)));
+        assert!(small["meta"].get("next_cursor").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_hostile_template_fails_fast_on_preview_and_a_huge_one_is_refused() {
+        let app = app().await;
+        let (status, t) = app
+            .call(
+                "POST",
+                "/api/templates",
+                Some(json!({ "name": "loop", "channel": "sms", "body": "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}" })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{t}");
+        let id = t["data"]["id"].as_i64().unwrap();
+        let started = std::time::Instant::now();
+        let (status, body) = app.call("POST", &format!("/api/templates/{id}/preview"), Some(json!({ "payload": {} }))).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains("too much work"), "{body}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
+
+        let (status, t) =
+            app.call("POST", "/api/templates", Some(json!({ "name": "wide", "channel": "sms", "body": "{{ 'x' * 1000000 }}" }))).await;
+        assert_eq!(status, StatusCode::CREATED, "{t}");
+        let id = t["data"]["id"].as_i64().unwrap();
+        let (status, body) = app.call("POST", &format!("/api/templates/{id}/preview"), Some(json!({ "payload": {} }))).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains("256 KiB"), "{body}");
+
+        let (status, body) =
+            app.call("POST", "/api/templates", Some(json!({ "name": "huge", "channel": "sms", "body": "x".repeat(64 * 1024 + 1) }))).await;
+        assert_eq!((status, field(&body)), (StatusCode::UNPROCESSABLE_ENTITY, vec!["body"]), "{body}");
+    }
+
+    #[tokio::test]
+    async fn a_kpi_range_over_366_days_is_refused_naming_end_date() {
+        let app = app().await;
+        let (status, body) = app.get("/api/kpis/range?start_date=2020-01-01&end_date=2026-01-01").await;
+        assert_eq!((status, field(&body)), (StatusCode::UNPROCESSABLE_ENTITY, vec!["end_date"]), "{body}");
+        assert_eq!(app.get("/api/kpis/range?start_date=2026-01-01&end_date=2026-01-31").await.0, StatusCode::OK);
+    }
 }

@@ -9,6 +9,7 @@ use axum::Json;
 use serde::Serialize;
 use serde_json::json;
 
+use conveyor_core::backend::{Page, Paged};
 use conveyor_core::BackendError;
 
 #[derive(Debug)]
@@ -91,7 +92,20 @@ pub fn ok<T: Serialize>(data: T) -> Response {
     Json(json!({ "success": true, "data": data })).into_response()
 }
 
-/// A page of a list: `{"success": true, "data": [...], "meta": {page, per_page, total}}`.
-pub fn page<T: Serialize>(items: Vec<T>, page: u32, per_page: u32, total: u64) -> Response {
-    Json(json!({ "success": true, "data": items, "meta": { "page": page, "per_page": per_page, "total": total } })).into_response()
+/// A page of a list: `{"success": true, "data": [...], "meta": {page, per_page, total,
+/// total_capped, next_cursor?}}`. `page` is null for a page read after a cursor (it has no
+/// number); `next_cursor` is there when more rows follow.
+pub fn page<T: Serialize>(list: Paged<T>, p: &Page) -> Response {
+    let meta = page_meta(&list, p);
+    Json(json!({ "success": true, "data": list.items, "meta": meta })).into_response()
+}
+
+/// The `meta` of a page, for lists that add their own fields to it.
+pub fn page_meta<T>(list: &Paged<T>, p: &Page) -> serde_json::Value {
+    let number = if p.after.is_some() { None } else { Some(p.page) };
+    let mut meta = json!({ "page": number, "per_page": p.per_page, "total": list.total, "total_capped": list.total_capped });
+    if let Some(next) = &list.next {
+        meta["next_cursor"] = json!(next.encode());
+    }
+    meta
 }

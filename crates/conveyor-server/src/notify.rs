@@ -15,7 +15,7 @@ use conveyor_apps::notify::{self, IngestError};
 use conveyor_apps::outbound;
 
 use crate::admin::Paging;
-use crate::error::{ok, page, ApiError};
+use crate::error::{ok, page, page_meta, ApiError};
 use crate::openapi::ErrorEnvelope;
 use crate::AppState;
 
@@ -106,7 +106,7 @@ pub(crate) struct LogsQuery {
 
 #[utoipa::path(get, path = "/api/v1/notifications", tag = "notifications",
     params(("user_id" = Option<i64>, Query), ("event" = Option<String>, Query), ("status" = Option<String>, Query, description = "pending, sent, failed, rate_limited or skipped"),
-           ("channel" = Option<String>, Query), ("page" = Option<u32>, Query, minimum = 1), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000)),
+           ("channel" = Option<String>, Query), ("page" = Option<u32>, Query, minimum = 1), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000), ("cursor" = Option<String>, Query, description = "meta.next_cursor of the page before; page × per_page is at most 10,000 without it")),
     responses((status = 200, description = "delivery logs, newest first", body = PagedEnvelope<Object>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
 pub(crate) async fn logs(State(s): State<AppState>, Query(q): Query<LogsQuery>) -> Result<Response, ApiError> {
     let p = q.paging.parse()?;
@@ -128,8 +128,8 @@ pub(crate) async fn logs(State(s): State<AppState>, Query(q): Query<LogsQuery>) 
         }
     }
     let f = LogFilter { user_id, event: blank(q.event), status, channel };
-    let list = model::logs(s.conveyor.backend().as_ref(), f, p).await?;
-    Ok(page(list.items, p.page, p.per_page, list.total))
+    let list = model::logs(s.conveyor.backend().as_ref(), f, p.clone()).await?;
+    Ok(page(list, &p))
 }
 
 #[utoipa::path(get, path = "/api/v1/users/{id}/preferences", tag = "notifications", params(("id" = i64, Path)),
@@ -148,16 +148,14 @@ pub(crate) async fn put_preferences(State(s): State<AppState>, Path(id): Path<St
 }
 
 #[utoipa::path(get, path = "/api/v1/users/{id}/inbox", tag = "notifications",
-    params(("id" = i64, Path), ("page" = Option<u32>, Query, minimum = 1), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000)),
+    params(("id" = i64, Path), ("page" = Option<u32>, Query, minimum = 1), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000), ("cursor" = Option<String>, Query, description = "meta.next_cursor of the page before; page × per_page is at most 10,000 without it")),
     responses((status = 200, description = "[{id, title, body, read_at, created_at}] with meta.unread", body = PagedEnvelope<Object>), (status = 404, description = "no such user", body = ErrorEnvelope)))]
 pub(crate) async fn inbox(State(s): State<AppState>, Path(id): Path<String>, Query(paging): Query<Paging>) -> Result<Response, ApiError> {
     let p = paging.parse()?;
-    let (list, unread) = model::inbox(s.conveyor.backend().as_ref(), id_of(&id, "user")?, p).await?;
-    Ok(Json(json!({
-        "success": true, "data": list.items,
-        "meta": { "page": p.page, "per_page": p.per_page, "total": list.total, "unread": unread }
-    }))
-    .into_response())
+    let (list, unread) = model::inbox(s.conveyor.backend().as_ref(), id_of(&id, "user")?, p.clone()).await?;
+    let mut meta = page_meta(&list, &p);
+    meta["unread"] = json!(unread);
+    Ok(Json(json!({ "success": true, "data": list.items, "meta": meta })).into_response())
 }
 
 #[utoipa::path(post, path = "/api/v1/users/{id}/inbox/{message}/read", tag = "notifications", params(("id" = i64, Path), ("message" = String, Path)),
@@ -169,12 +167,12 @@ pub(crate) async fn mark_read(State(s): State<AppState>, Path((id, message)): Pa
 
 macro_rules! crud {
     ($kind:expr, $noun:literal, $path:literal, $list:ident, $create:ident, $show:ident, $update:ident, $delete:ident, $shape:literal) => {
-        #[utoipa::path(get, path = $path, tag = "notifications", params(("page" = Option<u32>, Query, minimum = 1), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000)),
+        #[utoipa::path(get, path = $path, tag = "notifications", params(("page" = Option<u32>, Query, minimum = 1), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000), ("cursor" = Option<String>, Query, description = "meta.next_cursor of the page before; page × per_page is at most 10,000 without it")),
             responses((status = 200, description = $shape, body = PagedEnvelope<Object>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
         pub(crate) async fn $list(State(s): State<AppState>, Query(paging): Query<Paging>) -> Result<Response, ApiError> {
             let p = paging.parse()?;
-            let list = model::list(s.conveyor.backend().as_ref(), $kind, p).await?;
-            Ok(page(list.items, p.page, p.per_page, list.total))
+            let list = model::list(s.conveyor.backend().as_ref(), $kind, p.clone()).await?;
+            Ok(page(list, &p))
         }
 
         #[utoipa::path(post, path = $path, tag = "notifications", request_body(content = Object, description = $shape),

@@ -36,10 +36,16 @@ pub(crate) struct PagedEnvelope<T> {
 #[allow(dead_code)]
 #[derive(ToSchema)]
 pub(crate) struct PageMeta {
-    /// From 1.
-    page: u32,
+    /// From 1; null for a page read after a `cursor`.
+    page: Option<u32>,
     per_page: u32,
+    /// Rows in the list, counted up to 10,000.
     total: u64,
+    /// True when the list holds more than 10,000 rows (`total` then says 10,000).
+    total_capped: bool,
+    /// Present when more rows follow: pass it as `cursor` for the next page, at the same cost
+    /// whatever the depth.
+    next_cursor: Option<String>,
 }
 
 /// `{"success": false, "error": {code, message, details?}}`

@@ -41,11 +41,11 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/api/schedules", get(schedules))
 }
 
-#[utoipa::path(get, path = "/api/batches", tag = "batches", params(("page" = Option<u32>, Query, minimum = 1, description = "from 1"), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 50")), responses((status = 200, description = "batches, newest first", body = PagedEnvelope<BatchInfo>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
+#[utoipa::path(get, path = "/api/batches", tag = "batches", params(("page" = Option<u32>, Query, minimum = 1, description = "from 1; page × per_page is at most 10,000"), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 50"), ("cursor" = Option<String>, Query, description = "meta.next_cursor of the page before; page × per_page is at most 10,000 without it")), responses((status = 200, description = "batches, newest first", body = PagedEnvelope<BatchInfo>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
 pub(crate) async fn list_batches(State(s): State<AppState>, Query(p): Query<Paging>) -> Result<Response, ApiError> {
     let p = p.parse()?;
-    let list = batch::list(s.conveyor.backend().as_ref(), p).await?;
-    Ok(page(list.items, p.page, p.per_page, list.total))
+    let list = batch::list(s.conveyor.backend().as_ref(), p.clone()).await?;
+    Ok(page(list, &p))
 }
 
 #[utoipa::path(get, path = "/api/batches/{id}", tag = "batches", params(("id" = String, Path, description = "batch id")), responses((status = 200, description = "a batch with its failed jobs", body = Envelope<BatchDetail>), (status = 404, description = "not found", body = ErrorEnvelope)))]
@@ -53,7 +53,7 @@ pub(crate) async fn show_batch(State(s): State<AppState>, Path(id): Path<String>
     let backend = s.conveyor.backend();
     let info = batch::find(backend.as_ref(), &id).await?.ok_or_else(|| ApiError::NotFound(format!("no batch {id}")))?;
     let filter = JobFilter { state: Some(JobState::Failed), batch_id: Some(id), ..Default::default() };
-    let failed = backend.jobs(filter, Page { page: 1, per_page: 100 }).await?;
+    let failed = backend.jobs(filter, Page::new(1, 100)).await?;
     Ok(ok(BatchDetail { batch: info, failed_jobs: failed.items }))
 }
 
@@ -89,11 +89,11 @@ pub(crate) struct EventQuery {
     paging: Paging,
 }
 
-#[utoipa::path(get, path = "/api/events/log", tag = "events", params(("name" = Option<String>, Query, description = "event name"), ("page" = Option<u32>, Query, minimum = 1, description = "from 1"), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 50")), responses((status = 200, description = "the event log, newest first", body = PagedEnvelope<EventRecord>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
+#[utoipa::path(get, path = "/api/events/log", tag = "events", params(("name" = Option<String>, Query, description = "event name"), ("page" = Option<u32>, Query, minimum = 1, description = "from 1; page × per_page is at most 10,000"), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 50"), ("cursor" = Option<String>, Query, description = "meta.next_cursor of the page before; page × per_page is at most 10,000 without it")), responses((status = 200, description = "the event log, newest first", body = PagedEnvelope<EventRecord>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
 pub(crate) async fn event_log(State(s): State<AppState>, Query(q): Query<EventQuery>) -> Result<Response, ApiError> {
     let p = q.paging.parse()?;
-    let list = event::recent(s.conveyor.backend().as_ref(), q.name.as_deref().filter(|n| !n.is_empty()), p).await?;
-    Ok(page(list.items, p.page, p.per_page, list.total))
+    let list = event::recent(s.conveyor.backend().as_ref(), q.name.as_deref().filter(|n| !n.is_empty()), p.clone()).await?;
+    Ok(page(list, &p))
 }
 
 #[utoipa::path(get, path = "/api/schedules", tag = "schedules", responses((status = 200, description = "schedules fired by this process", body = Envelope<Vec<ScheduleInfo>>)))]

@@ -48,7 +48,7 @@ pub(crate) struct OrdersQuery {
 
 #[utoipa::path(get, path = "/api/orders", tag = "orders",
     params(("status" = Option<String>, Query, description = "pending, processing, completed or failed"), ("customer_id" = Option<i64>, Query),
-           ("page" = Option<u32>, Query, minimum = 1), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000)),
+           ("page" = Option<u32>, Query, minimum = 1), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000), ("cursor" = Option<String>, Query, description = "meta.next_cursor of the page before; page × per_page is at most 10,000 without it")),
     responses((status = 200, description = "orders, newest first", body = PagedEnvelope<Object>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
 pub(crate) async fn list_orders(State(s): State<AppState>, Query(q): Query<OrdersQuery>) -> Result<Response, ApiError> {
     let p = q.paging.parse()?;
@@ -61,8 +61,8 @@ pub(crate) async fn list_orders(State(s): State<AppState>, Query(q): Query<Order
         None | Some("") => None,
         Some(c) => Some(c.parse::<i64>().map_err(|_| ApiError::field("customer_id", "must be an integer"))?),
     };
-    let list = orders::orders(s.conveyor.backend().as_ref(), status, customer, p).await?;
-    Ok(page(list.items, p.page, p.per_page, list.total))
+    let list = orders::orders(s.conveyor.backend().as_ref(), status, customer, p.clone()).await?;
+    Ok(page(list, &p))
 }
 
 #[utoipa::path(get, path = "/api/orders/{id}", tag = "orders", params(("id" = String, Path, description = "order id")),
@@ -91,7 +91,7 @@ pub(crate) async fn create_order(State(s): State<AppState>, body: Bytes) -> Resu
 }
 
 #[utoipa::path(post, path = "/api/orders/import", tag = "orders", request_body(content = String, content_type = "text/csv"),
-    responses((status = 200, description = "{rows, orders, duplicates, rejected: [{line, reason}]}", body = Envelope<Object>),
+    responses((status = 200, description = "{rows, orders, duplicates, rejected: [{line, reason}] (the first 1,000 by line), rejected_total}", body = Envelope<Object>),
               (status = 422, description = "the header lacks required columns", body = ErrorEnvelope)))]
 pub(crate) async fn import_orders(State(s): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     match import::import_orders(&s.conveyor, std::io::Cursor::new(body), |_| {}).await {

@@ -86,13 +86,13 @@ pub(crate) async fn trigger(State(s): State<AppState>) -> Result<Response, ApiEr
 }
 
 #[utoipa::path(get, path = "/api/sync/runs", tag = "sync",
-    params(("page" = Option<u32>, Query, minimum = 1), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000)),
+    params(("page" = Option<u32>, Query, minimum = 1), ("per_page" = Option<u32>, Query, minimum = 1, maximum = 1000), ("cursor" = Option<String>, Query, description = "meta.next_cursor of the page before; page × per_page is at most 10,000 without it")),
     responses((status = 200, description = "runs, newest first: {id, status, scope, batch_id, started_at, finished_at, pages, error, counts}", body = PagedEnvelope<Object>),
               (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
 pub(crate) async fn runs(State(s): State<AppState>, Query(q): Query<Paging>) -> Result<Response, ApiError> {
     let p = q.parse()?;
-    let r = sync::runs(s.conveyor.backend().as_ref(), p).await?;
-    Ok(page(r.items, p.page, p.per_page, r.total))
+    let r = sync::runs(s.conveyor.backend().as_ref(), p.clone()).await?;
+    Ok(page(r, &p))
 }
 
 #[utoipa::path(get, path = "/api/sync/runs/{id}", tag = "sync", params(("id" = String, Path)),

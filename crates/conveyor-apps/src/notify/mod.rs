@@ -26,7 +26,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use conveyor_core::backend::{BackendError, QueueBackend, QueueBackendExt, RowExt, Tx};
+use conveyor_core::backend::{BackendError, QueueBackend, QueueBackendExt, Row, RowExt, Tx};
 use conveyor_core::breaker::{Breaker, BreakerConfig, ClosedCache, Permit};
 use conveyor_core::clock::now_ms;
 use conveyor_core::event::{Event, EventEnvelope};
@@ -35,7 +35,7 @@ use conveyor_core::ratelimit::{RateLimit, RateLimiter};
 use conveyor_core::{Conveyor, JobContext, JobError, JobResult, NewJob, Registry};
 
 use channels::{Channel, Dispatcher, Mailer, Message, SendError};
-use render::Condition;
+use render::{Condition, Prerendered};
 
 /// The listener's queue.
 pub const QUEUE: &str = "notify";
@@ -174,7 +174,10 @@ pub fn register_with(registry: &mut Registry, backend: Arc<dyn QueueBackend>, co
     registry.listen_queued_when("*", "notifications", QUEUE, wanted, move |env: EventEnvelope<Value>, ctx: JobContext| {
         let n = listener.clone();
         async move {
-            match ctx.complete_with(move |tx| n.fan_out(tx, &env)).await {
+            // Rendering happens here, not in the acknowledgement: a template's work must not
+            // hold the store's writer (on SQLite, one thread for every job's acknowledgement).
+            let renders = n.prerender(ctx.backend().as_ref(), &env).await.map_err(JobError::retry)?;
+            match ctx.complete_with(move |tx| n.fan_out(tx, &env, &renders)).await {
                 Ok(()) | Err(BackendError::LeaseLost(_)) => Ok(()),
                 Err(e) => Err(JobError::retry(e)),
             }
@@ -184,7 +187,9 @@ pub fn register_with(registry: &mut Registry, backend: Arc<dyn QueueBackend>, co
     registry.register(DIGEST_KIND, move |d: DigestRef, ctx: JobContext| {
         let n = digests.clone();
         async move {
-            match ctx.complete_with(move |tx| n.close_digest(tx, &d.digest_id)).await {
+            // Rendered before the acknowledgement, as the fan-out's.
+            let renders = n.prerender_digest(ctx.backend().as_ref(), &d.digest_id).await.map_err(JobError::retry)?;
+            match ctx.complete_with(move |tx| n.close_digest(tx, &d.digest_id, &renders)).await {
                 Ok(()) | Err(BackendError::LeaseLost(_)) => Ok(()),
                 Err(e) => Err(JobError::retry(e)),
             }
@@ -345,40 +350,18 @@ pub(crate) fn is_unique_violation(message: &str) -> bool {
 impl Notifier {
     /// Matches the event's rules and writes a log row (and, for each that is to be sent, a
     /// delivery job) per notification. Runs in the listener's acknowledgement transaction.
-    fn fan_out(&self, tx: &mut dyn Tx, env: &EventEnvelope<Value>) -> Result<(), BackendError> {
-        let rules = tx.query(
-            "SELECT r.id, r.channel, r.recipient, r.conditions, t.subject, t.body, r.delay_s, r.digest_window_s, r.digest_key
-             FROM notify_rules r JOIN notify_templates t ON t.id = r.template_id WHERE r.event = $1 AND r.active = 1 ORDER BY r.id",
-            &[env.event.as_str().into()],
-        )?;
+    fn fan_out(&self, tx: &mut dyn Tx, env: &EventEnvelope<Value>, renders: &Prerendered) -> Result<(), BackendError> {
+        let rules = tx.query(RULES_SQL, &[env.event.as_str().into()])?;
         let now = now_ms();
         let mut jobs = Vec::new();
-        for r in &rules {
-            let conditions: Vec<Condition> = r.text(3).and_then(|c| serde_json::from_str(c).ok()).unwrap_or_default();
-            if !conditions.iter().all(|c| c.holds(&env.payload)) {
-                continue;
-            }
-            let rule = RuleRow {
-                id: r.int(0),
-                channel: r.text(1).unwrap_or_default().to_string(),
-                recipient: r.text(2).filter(|s| !s.trim().is_empty()).map(str::to_string),
-                subject: r.text(4).map(str::to_string),
-                body: r.text(5).unwrap_or_default().to_string(),
-                delay_ms: r.opt_int(6).unwrap_or(0).max(0) * 1000,
-                digest_window_ms: r.opt_int(7).map(|w| w * 1000),
-                digest_key: r.text(8).map(str::to_string),
-            };
-            let mut context = env.payload.clone();
-            if let Value::Object(m) = &mut context {
-                m.entry("event").or_insert_with(|| json!(env.event));
-                m.entry("event_id").or_insert_with(|| json!(env.event_id));
-            }
+        for rule in rules.iter().filter_map(|r| RuleRow::matching(r, &env.payload)) {
+            let mut context = event_context(env);
             let mut log = LogRow::new(&env.event, &env.event_id, rule.id, &rule.channel, now);
-            let user = self.resolve(tx, &rule, &env.event, &env.payload, &mut context, &mut log)?;
+            let user = self.resolve(tx, &rule, &env.event, &env.payload, &mut context, &mut log, renders)?;
             if log.status == "pending" {
                 if let Some(window) = rule.digest_window_ms {
                     // Collected: one message per (rule, recipient, key) when the window closes.
-                    match render::render(rule.digest_key.as_deref().unwrap_or(""), &context, false) {
+                    match renders.render(rule.digest_key.as_deref().unwrap_or(""), &context, false) {
                         Ok(key) => {
                             self.collect(tx, &rule, &log, key.trim(), window, env, now, &mut jobs)?;
                             continue;
@@ -387,7 +370,7 @@ impl Notifier {
                     }
                 }
             }
-            self.finish(tx, &rule, user.as_ref(), &context, &env.payload, log, now, &mut jobs)?;
+            self.finish(tx, &rule, user.as_ref(), &context, &env.payload, log, now, &mut jobs, renders)?;
         }
         if !jobs.is_empty() {
             tx.enqueue(jobs)?;
@@ -395,8 +378,52 @@ impl Notifier {
         Ok(())
     }
 
+    /// Everything `fan_out` will render for this event, rendered now on a blocking thread: the
+    /// same rules and contexts, read before the transaction (`fan_out` renders anything that
+    /// changed in between itself).
+    async fn prerender(&self, backend: &dyn QueueBackend, env: &EventEnvelope<Value>) -> Result<Prerendered, BackendError> {
+        let rules = backend.query(RULES_SQL, vec![env.event.as_str().into()]).await?;
+        let mut work = Vec::new();
+        for rule in rules.iter().filter_map(|r| RuleRow::matching(r, &env.payload)) {
+            let mut context = event_context(env);
+            if rule.recipient.is_none() {
+                if let Some(id) = user_id_of(&env.payload) {
+                    if let Some(user) = backend.query(USER_SQL, vec![id.into()]).await?.first().map(user_row) {
+                        add_user(&mut context, &user);
+                    }
+                }
+            }
+            work.push((rule, context));
+        }
+        render_all(work).await
+    }
+
+    /// What `close_digest` will render, rendered now (as `prerender` does for `fan_out`): the
+    /// digest as it stands, which is what it closes with unless an event joins it meanwhile.
+    async fn prerender_digest(&self, backend: &dyn QueueBackend, digest_id: &str) -> Result<Prerendered, BackendError> {
+        let rows = backend
+            .query(
+                "SELECT rule_id, user_id, digest_key, events, count, first_event FROM notify_digests WHERE id = $1 AND status = 'open'",
+                vec![digest_id.into()],
+            )
+            .await?;
+        let Some(d) = rows.first() else { return Ok(Prerendered::default()) };
+        let r = backend.query(DIGEST_RULE_SQL, vec![d.int(0).into()]).await?;
+        let Some(r) = r.first() else { return Ok(Prerendered::default()) };
+        let DigestParts { rule, last, mut context, .. } = DigestParts::of(d, r);
+        if rule.recipient.is_none() {
+            if let Some(id) = user_id_of(&last) {
+                if let Some(user) = backend.query(USER_SQL, vec![id.into()]).await?.first().map(user_row) {
+                    add_user(&mut context, &user);
+                }
+            }
+        }
+        render_all(vec![(rule, context)]).await
+    }
+
     /// Who a rule's notification goes to: an expression or URL, or the payload's user (then
     /// their address and preferences apply). Sets the log's recipient or why it is held back.
+    #[allow(clippy::too_many_arguments)]
     fn resolve(
         &self,
         tx: &mut dyn Tx,
@@ -405,9 +432,10 @@ impl Notifier {
         payload: &Value,
         context: &mut Value,
         log: &mut LogRow,
+        renders: &Prerendered,
     ) -> Result<Option<UserRow>, BackendError> {
         if let Some(expr) = &rule.recipient {
-            match render::render(expr, context, false) {
+            match renders.render(expr, context, false) {
                 Ok(to) => log.recipient = to.trim().to_string(),
                 Err(e) => log.fail(format!("recipient: {e}")),
             }
@@ -423,9 +451,7 @@ impl Notifier {
             return Ok(None);
         };
         log.user_id = Some(user.id);
-        if let Value::Object(m) = context {
-            m.entry("user").or_insert_with(|| json!({ "id": user.id, "name": user.name, "email": user.email }));
-        }
+        add_user(context, &user);
         match user.address(&rule.channel, self.config.slack_webhook.as_deref()) {
             None => log.skip(format!("the user has no {} address", rule.channel)),
             Some(a) => log.recipient = a,
@@ -485,45 +511,23 @@ impl Notifier {
 
     /// Sends a closed digest: one message over its events (`events`, `count`, `digest_key` in
     /// the template), through the same path as any notification.
-    fn close_digest(&self, tx: &mut dyn Tx, digest_id: &str) -> Result<(), BackendError> {
+    fn close_digest(&self, tx: &mut dyn Tx, digest_id: &str, renders: &Prerendered) -> Result<(), BackendError> {
         let rows = tx.query(
             "UPDATE notify_digests SET status = 'sent' WHERE id = $1 AND status = 'open'
              RETURNING rule_id, user_id, digest_key, events, count, first_event",
             &[digest_id.into()],
         )?;
         let Some(d) = rows.first() else { return Ok(()) };
-        let rule_id = d.int(0);
-        let mut events: Vec<Value> = d.text(3).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-        // In the order the events happened (their ids are time-ordered), whatever order the
-        // listener handled them in.
-        events.sort_by(|a, b| a["event_id"].as_str().cmp(&b["event_id"].as_str()));
-        let payloads: Vec<Value> = events.iter().map(|e| e["payload"].clone()).collect();
-        let r = tx.query(
-            "SELECT r.channel, r.recipient, t.subject, t.body, r.event FROM notify_rules r JOIN notify_templates t ON t.id = r.template_id
-             WHERE r.id = $1",
-            &[rule_id.into()],
-        )?;
+        let r = tx.query(DIGEST_RULE_SQL, &[d.int(0).into()])?;
         let Some(r) = r.first() else { return Ok(()) };
-        let rule = RuleRow {
-            id: rule_id,
-            channel: r.text(0).unwrap_or_default().to_string(),
-            recipient: r.text(1).filter(|s| !s.trim().is_empty()).map(str::to_string),
-            subject: r.text(2).map(str::to_string),
-            body: r.text(3).unwrap_or_default().to_string(),
-            delay_ms: 0,
-            digest_window_ms: None,
-            digest_key: None,
-        };
-        let event = r.text(4).unwrap_or_default().to_string();
-        let first_event = d.text(5).unwrap_or_default().to_string();
-        let last = payloads.last().cloned().unwrap_or_else(|| json!({}));
-        let mut context =
-            json!({ "events": payloads, "count": d.int(4), "digest_key": d.text(2), "event": event, "event_id": first_event });
+        let DigestParts { rule, event, first_event, last, mut context } = DigestParts::of(d, r);
+        let rule_id = rule.id;
         let now = now_ms();
         let mut log = LogRow::new(&event, &first_event, rule_id, &rule.channel, now);
-        let user = self.resolve(tx, &rule, &event, &last, &mut context, &mut log)?;
+        let user = self.resolve(tx, &rule, &event, &last, &mut context, &mut log, renders)?;
         let mut jobs = Vec::new();
-        self.finish(tx, &rule, user.as_ref(), &context, &json!({ "events": context["events"].clone() }), log, now, &mut jobs)?;
+        let payload = json!({ "events": context["events"].clone() });
+        self.finish(tx, &rule, user.as_ref(), &context, &payload, log, now, &mut jobs, renders)?;
         if !jobs.is_empty() {
             tx.enqueue(jobs)?;
         }
@@ -543,6 +547,7 @@ impl Notifier {
         mut log: LogRow,
         now: i64,
         jobs: &mut Vec<NewJob>,
+        renders: &Prerendered,
     ) -> Result<(), BackendError> {
         if log.status == "pending" {
             if let Some(u) = user {
@@ -557,9 +562,9 @@ impl Notifier {
             let rendered = rule
                 .subject
                 .as_deref()
-                .map(|s| render::render(s, context, false))
+                .map(|s| renders.render(s, context, false))
                 .transpose()
-                .and_then(|s| Ok((s, render::render(&rule.body, context, false)?)));
+                .and_then(|s| Ok((s, renders.render(&rule.body, context, false)?)));
             match rendered {
                 Ok((s, b)) => {
                     log.subject = s;
@@ -572,7 +577,7 @@ impl Notifier {
             log.fail(format!("no channel {:?} is configured", rule.channel));
         }
         if log.status == "pending" {
-            let html = (rule.channel == "email").then(|| render::render(&rule.body, context, true).unwrap_or_default());
+            let html = (rule.channel == "email").then(|| renders.render(&rule.body, context, true).unwrap_or_default());
             let d = Delivery {
                 log_id: log.id.clone(),
                 event: log.event.clone(),
@@ -731,6 +736,29 @@ impl Notifier {
     }
 }
 
+/// Renders every template text of these rules over their contexts, on a blocking thread.
+async fn render_all(work: Vec<(RuleRow, Value)>) -> Result<Prerendered, BackendError> {
+    if work.is_empty() {
+        return Ok(Prerendered::default());
+    }
+    let renders = tokio::task::spawn_blocking(move || {
+        let mut renders = Prerendered::default();
+        for (rule, context) in &work {
+            let texts = [rule.recipient.as_deref(), rule.digest_key.as_deref(), rule.subject.as_deref(), Some(rule.body.as_str())];
+            for text in texts.into_iter().flatten() {
+                renders.add(text, context, false);
+            }
+            if rule.channel == "email" {
+                renders.add(&rule.body, context, true);
+            }
+        }
+        renders
+    })
+    .await
+    .map_err(|e| BackendError::Storage(format!("rendering stopped: {e}")))?;
+    Ok(renders)
+}
+
 /// A notification log row being built.
 struct LogRow {
     id: String,
@@ -757,6 +785,72 @@ struct RuleRow {
     delay_ms: i64,
     digest_window_ms: Option<i64>,
     digest_key: Option<String>,
+}
+
+/// The active rules of an event, with their templates.
+const RULES_SQL: &str = "SELECT r.id, r.channel, r.recipient, r.conditions, t.subject, t.body, r.delay_s, r.digest_window_s, r.digest_key
+     FROM notify_rules r JOIN notify_templates t ON t.id = r.template_id WHERE r.event = $1 AND r.active = 1 ORDER BY r.id";
+
+impl RuleRow {
+    /// A row of [`RULES_SQL`], if its conditions hold for `payload`.
+    fn matching(r: &Row, payload: &Value) -> Option<RuleRow> {
+        let conditions: Vec<Condition> = r.text(3).and_then(|c| serde_json::from_str(c).ok()).unwrap_or_default();
+        if !conditions.iter().all(|c| c.holds(payload)) {
+            return None;
+        }
+        Some(RuleRow {
+            id: r.int(0),
+            channel: r.text(1).unwrap_or_default().to_string(),
+            recipient: r.text(2).filter(|s| !s.trim().is_empty()).map(str::to_string),
+            subject: r.text(4).map(str::to_string),
+            body: r.text(5).unwrap_or_default().to_string(),
+            delay_ms: r.opt_int(6).unwrap_or(0).max(0) * 1000,
+            digest_window_ms: r.opt_int(7).map(|w| w * 1000),
+            digest_key: r.text(8).map(str::to_string),
+        })
+    }
+}
+
+/// A digest's rule, with its template.
+const DIGEST_RULE_SQL: &str = "SELECT r.id, r.channel, r.recipient, t.subject, t.body, r.event
+     FROM notify_rules r JOIN notify_templates t ON t.id = r.template_id WHERE r.id = $1";
+
+/// A closing digest as its message needs it.
+struct DigestParts {
+    rule: RuleRow,
+    event: String,
+    first_event: String,
+    /// The latest event's payload (it names the user).
+    last: Value,
+    /// `events`, `count`, `digest_key`, `event`, `event_id`.
+    context: Value,
+}
+
+impl DigestParts {
+    /// From a digest row (`rule_id, user_id, digest_key, events, count, first_event`) and its
+    /// rule's ([`DIGEST_RULE_SQL`]).
+    fn of(d: &Row, r: &Row) -> DigestParts {
+        let mut events: Vec<Value> = d.text(3).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        // In the order the events happened (their ids are time-ordered), whatever order the
+        // listener handled them in.
+        events.sort_by(|a, b| a["event_id"].as_str().cmp(&b["event_id"].as_str()));
+        let payloads: Vec<Value> = events.iter().map(|e| e["payload"].clone()).collect();
+        let rule = RuleRow {
+            id: r.int(0),
+            channel: r.text(1).unwrap_or_default().to_string(),
+            recipient: r.text(2).filter(|s| !s.trim().is_empty()).map(str::to_string),
+            subject: r.text(3).map(str::to_string),
+            body: r.text(4).unwrap_or_default().to_string(),
+            delay_ms: 0,
+            digest_window_ms: None,
+            digest_key: None,
+        };
+        let event = r.text(5).unwrap_or_default().to_string();
+        let first_event = d.text(5).unwrap_or_default().to_string();
+        let last = payloads.last().cloned().unwrap_or_else(|| json!({}));
+        let context = json!({ "events": payloads, "count": d.int(4), "digest_key": d.text(2), "event": event, "event_id": first_event });
+        DigestParts { rule, event, first_event, last, context }
+    }
 }
 
 /// The job that sends a digest when its window closes.
@@ -852,18 +946,24 @@ impl UserRow {
     }
 }
 
-fn user_of(tx: &mut dyn Tx, payload: &Value) -> Result<Option<UserRow>, BackendError> {
-    let id = match payload.get("user_id") {
+const USER_SQL: &str =
+    "SELECT id, name, email, phone, slack_webhook, webhook_url, timezone, quiet_start, quiet_end FROM users WHERE id = $1";
+
+fn user_id_of(payload: &Value) -> Option<i64> {
+    match payload.get("user_id") {
         Some(Value::Number(n)) => n.as_i64(),
         Some(Value::String(s)) => s.parse().ok(),
         _ => None,
-    };
-    let Some(id) = id else { return Ok(None) };
-    let rows = tx.query(
-        "SELECT id, name, email, phone, slack_webhook, webhook_url, timezone, quiet_start, quiet_end FROM users WHERE id = $1",
-        &[id.into()],
-    )?;
-    Ok(rows.first().map(|r| UserRow {
+    }
+}
+
+fn user_of(tx: &mut dyn Tx, payload: &Value) -> Result<Option<UserRow>, BackendError> {
+    let Some(id) = user_id_of(payload) else { return Ok(None) };
+    Ok(tx.query(USER_SQL, &[id.into()])?.first().map(user_row))
+}
+
+fn user_row(r: &Row) -> UserRow {
+    UserRow {
         id: r.int(0),
         name: r.text(1).unwrap_or_default().to_string(),
         email: r.text(2).unwrap_or_default().to_string(),
@@ -872,7 +972,24 @@ fn user_of(tx: &mut dyn Tx, payload: &Value) -> Result<Option<UserRow>, BackendE
         webhook: r.text(5).map(str::to_string),
         timezone: r.text(6).map(str::to_string),
         quiet: r.text(7).zip(r.text(8)).map(|(a, b)| (a.to_string(), b.to_string())),
-    }))
+    }
+}
+
+/// What a rule's templates see of the user they notify.
+fn add_user(context: &mut Value, user: &UserRow) {
+    if let Value::Object(m) = context {
+        m.entry("user").or_insert_with(|| json!({ "id": user.id, "name": user.name, "email": user.email }));
+    }
+}
+
+/// The payload with `event` and `event_id`, unless it has its own.
+fn event_context(env: &EventEnvelope<Value>) -> Value {
+    let mut context = env.payload.clone();
+    if let Value::Object(m) = &mut context {
+        m.entry("event").or_insert_with(|| json!(env.event));
+        m.entry("event_id").or_insert_with(|| json!(env.event_id));
+    }
+    context
 }
 
 /// The end of the quiet window `start`–`end` (`HH:MM`, local to `tz`; it may span midnight)

@@ -5,7 +5,9 @@
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use conveyor_core::backend::{BackendError, Page, Paged, QueueBackend, QueueBackendExt, Row, RowExt, SqlValue, Tx};
+use conveyor_core::backend::{
+    count_sql, BackendError, Cursor, Page, Paged, QueueBackend, QueueBackendExt, Row, RowExt, SqlValue, Tx, MAX_DEPTH,
+};
 use conveyor_core::clock::now_ms;
 use conveyor_core::event::Event;
 use conveyor_core::Conveyor;
@@ -278,17 +280,18 @@ pub async fn inbox(backend: &dyn QueueBackend, user_id: i64, page: Page) -> Resu
     if user(backend, user_id).await?.is_none() {
         return Err(ModelError::NotFound(format!("no user {user_id}")));
     }
+    // Both counts stop past MAX_DEPTH, as every list's does.
+    let capped = format!("(SELECT read_at FROM notify_inbox WHERE user_id = $1 LIMIT {})", MAX_DEPTH + 1);
     let counts = backend
         .query(
-            "SELECT count(*), coalesce(sum(CASE WHEN read_at IS NULL THEN 1 ELSE 0 END), 0) FROM notify_inbox WHERE user_id = $1",
+            &format!("SELECT count(*), coalesce(sum(CASE WHEN read_at IS NULL THEN 1 ELSE 0 END), 0) FROM {capped} counted"),
             vec![user_id.into()],
         )
         .await?;
+    let (after, limit, mut params) = page.sql("created_at", Some("id"), 2);
+    params.insert(0, user_id.into());
     let rows = backend
-        .query(
-            "SELECT id, title, body, read_at, created_at FROM notify_inbox WHERE user_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3",
-            vec![user_id.into(), (page.per_page as i64).into(), (page.offset() as i64).into()],
-        )
+        .query(&format!("SELECT id, title, body, read_at, created_at FROM notify_inbox WHERE user_id = $1{after} ORDER BY created_at DESC, id DESC{limit}"), params)
         .await?;
     let items = rows
         .iter()
@@ -300,8 +303,8 @@ pub async fn inbox(backend: &dyn QueueBackend, user_id: i64, page: Page) -> Resu
             created_at: r.int(4),
         })
         .collect();
-    let (total, unread) = counts.first().map_or((0, 0), |r| (r.int(0) as u64, r.int(1) as u64));
-    Ok((Paged { items, total }, unread))
+    let (count, unread) = counts.first().map_or((0, 0), |r| (r.int(0) as u64, r.int(1) as u64));
+    Ok((Paged::from_rows(items, &page, count, |i: &InboxItem| Cursor::new(i.created_at, i.id.clone())), unread))
 }
 
 pub async fn mark_read(backend: &dyn QueueBackend, user_id: i64, id: &str) -> Result<(), ModelError> {
@@ -348,20 +351,21 @@ pub async fn logs(backend: &dyn QueueBackend, f: LogFilter, page: Page) -> Resul
     let cond = "(CAST($1 AS BIGINT) IS NULL OR user_id = $1) AND (CAST($2 AS TEXT) IS NULL OR event = $2)
                 AND (CAST($3 AS TEXT) IS NULL OR status = $3) AND (CAST($4 AS TEXT) IS NULL OR channel = $4)";
     let params: Vec<SqlValue> = vec![f.user_id.into(), f.event.into(), f.status.into(), f.channel.into()];
-    let total = backend.query(&format!("SELECT count(*) FROM notify_logs WHERE {cond}"), params.clone()).await?;
+    let count = backend.query(&count_sql(&format!("FROM notify_logs WHERE {cond}")), params.clone()).await?;
+    let (after, limit, extra) = page.sql("created_at", Some("id"), 5);
     let mut p = params;
-    p.push((page.per_page as i64).into());
-    p.push((page.offset() as i64).into());
+    p.extend(extra);
     let rows = backend
         .query(
             &format!(
                 "SELECT id, event, event_id, user_id, channel, recipient, status, attempts, error, provider_id, created_at, sent_at
-                 FROM notify_logs WHERE {cond} ORDER BY created_at DESC, id DESC LIMIT $5 OFFSET $6"
+                 FROM notify_logs WHERE {cond}{after} ORDER BY created_at DESC, id DESC{limit}"
             ),
             p,
         )
         .await?;
-    Ok(Paged { items: rows.iter().map(log_entry).collect(), total: total.first().map_or(0, |r| r.int(0)) as u64 })
+    let count = count.first().map_or(0, |r| r.int(0)) as u64;
+    Ok(Paged::from_rows(rows.iter().map(log_entry).collect(), &page, count, |l: &LogEntry| Cursor::new(l.created_at, l.id.clone())))
 }
 
 fn log_entry(r: &Row) -> LogEntry {
@@ -439,14 +443,22 @@ impl Kind {
 }
 
 pub async fn list(backend: &dyn QueueBackend, kind: Kind, page: Page) -> Result<Paged<Value>, BackendError> {
-    let total = backend.query(&format!("SELECT count(*) FROM {}", kind.table()), vec![]).await?;
+    let count = backend.query(&count_sql(&format!("FROM {}", kind.table())), vec![]).await?;
+    // In id order: the cursor is the last id.
+    let after = match &page.after {
+        Some(c) => format!(" WHERE id > {}", c.at),
+        None => String::new(),
+    };
     let rows = backend
         .query(
-            &format!("SELECT {} FROM {} ORDER BY id LIMIT $1 OFFSET $2", kind.columns(), kind.table()),
-            vec![(page.per_page as i64).into(), (page.offset() as i64).into()],
+            &format!("SELECT {} FROM {}{after} ORDER BY id LIMIT $1 OFFSET $2", kind.columns(), kind.table()),
+            vec![(page.limit() as i64).into(), (page.offset() as i64).into()],
         )
         .await?;
-    Ok(Paged { items: rows.iter().map(|r| kind.to_json(r)).collect(), total: total.first().map_or(0, |r| r.int(0)) as u64 })
+    let count = count.first().map_or(0, |r| r.int(0)) as u64;
+    Ok(Paged::from_rows(rows.iter().map(|r| kind.to_json(r)).collect(), &page, count, |v: &Value| {
+        Cursor::new(v["id"].as_i64().unwrap_or(0), "")
+    }))
 }
 
 pub async fn get(backend: &dyn QueueBackend, kind: Kind, id: i64) -> Result<Value, ModelError> {

@@ -27,7 +27,11 @@ const ORDER_COLUMNS: [&str; 8] =
 const PRODUCT_COLUMNS: [&str; 4] = ["sku", "name", "price", "stock"];
 const BATCH_ORDERS: usize = 500;
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// How many rejected lines a report lists; the rest are counted (`rejected_total`), so a file
+/// of bad lines cannot make the answer (and the memory behind it) grow with the file.
+pub const MAX_REJECTED: usize = 1_000;
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Rejected {
     pub line: u64,
     pub reason: String,
@@ -40,7 +44,42 @@ pub struct ImportReport {
     /// Orders stored (or products created / updated).
     pub orders: u64,
     pub duplicates: u64,
+    /// The first [`MAX_REJECTED`] rejected lines, by line number.
     pub rejected: Vec<Rejected>,
+    /// Rejected lines in all (listed or not).
+    pub rejected_total: u64,
+}
+
+/// Rejected lines as they are found: the [`MAX_REJECTED`] lowest line numbers kept (lines
+/// are not always found in order: an order is judged when its last line is read, and split
+/// orders when stored), the rest only counted.
+#[derive(Default)]
+struct Rejections {
+    kept: std::collections::BinaryHeap<Rejected>,
+    total: u64,
+}
+
+impl Rejections {
+    fn push(&mut self, r: Rejected) {
+        self.total += 1;
+        self.kept.push(r);
+        if self.kept.len() > MAX_REJECTED {
+            self.kept.pop();
+        }
+    }
+
+    fn extend(&mut self, other: Rejections) {
+        let counted_only = other.total - other.kept.len() as u64;
+        for r in other.kept {
+            self.push(r);
+        }
+        self.total += counted_only;
+    }
+
+    fn report(self, report: &mut ImportReport) {
+        report.rejected = self.kept.into_sorted_vec();
+        report.rejected_total = self.total;
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +127,7 @@ type NewProduct = (String, String, i64, i64);
 /// What the parser hands to the writer.
 enum Batch {
     Orders(OrderRows),
-    Done { rows: u64, rejected: Vec<Rejected> },
+    Done { rows: u64, rejected: Rejections },
     Failed(ImportError),
 }
 
@@ -196,7 +235,7 @@ where
     let parser = tokio::task::spawn_blocking(move || parse_orders(counting, &known, &tx, bytes, progress, run));
 
     let mut report = ImportReport::default();
-    let mut late = Vec::new();
+    let mut rejections = Rejections::default();
     while let Some(batch) = rx.recv().await {
         match batch {
             Batch::Orders(rows) => {
@@ -206,18 +245,19 @@ where
                 drop(rows);
                 report.orders += stored;
                 report.duplicates += duplicates;
-                late.extend(split);
+                for r in split {
+                    rejections.push(r);
+                }
             }
             Batch::Done { rows, rejected } => {
                 report.rows = rows;
-                report.rejected = rejected;
+                rejections.extend(rejected);
             }
             Batch::Failed(e) => return Err(e),
         }
     }
     parser.await.map_err(|e| ImportError::Read(e.to_string()))?;
-    report.rejected.extend(late);
-    report.rejected.sort_by_key(|r| r.line);
+    rejections.report(&mut report);
     Ok(report)
 }
 
@@ -243,7 +283,7 @@ fn parse_orders<R: Read>(
     };
     let col = |name: &str| cols[name];
     let mut rows = 0u64;
-    let mut rejected = Vec::new();
+    let mut rejected = Rejections::default();
     // Orders rejected so far (usually few): lines of one showing up again later are rejected
     // too, so no part of a rejected order is stored.
     let mut rejected_ids: HashMap<String, u64> = HashMap::new();
@@ -253,28 +293,27 @@ fn parse_orders<R: Read>(
     let mut record = csv::StringRecord::new();
 
     // Ends the order being read: stored if all its lines were good, reported whole otherwise.
-    let close =
-        |cur: Option<Pending>, batch: &mut Vec<ParsedOrder>, rejected: &mut Vec<Rejected>, rejected_ids: &mut HashMap<String, u64>| {
-            let Some((mut order, lines, bad)) = cur else { return };
-            let earlier = rejected_ids.get(&order.id).copied();
-            match (bad, earlier) {
-                (None, None) => {
-                    order.line_numbers = lines;
-                    batch.push(order);
-                }
-                (None, Some(first)) => {
-                    for l in lines {
-                        rejected.push(Rejected { line: l, reason: format!("order_id: order {} was rejected at line {first}", order.id) });
-                    }
-                }
-                (Some((bad_line, _)), _) => {
-                    for l in lines.iter().copied().filter(|l| *l != bad_line) {
-                        rejected.push(Rejected { line: l, reason: format!("order_id: order {} rejected (see line {bad_line})", order.id) });
-                    }
-                    rejected_ids.entry(order.id).or_insert(bad_line);
+    let close = |cur: Option<Pending>, batch: &mut Vec<ParsedOrder>, rejected: &mut Rejections, rejected_ids: &mut HashMap<String, u64>| {
+        let Some((mut order, lines, bad)) = cur else { return };
+        let earlier = rejected_ids.get(&order.id).copied();
+        match (bad, earlier) {
+            (None, None) => {
+                order.line_numbers = lines;
+                batch.push(order);
+            }
+            (None, Some(first)) => {
+                for l in lines {
+                    rejected.push(Rejected { line: l, reason: format!("order_id: order {} was rejected at line {first}", order.id) });
                 }
             }
-        };
+            (Some((bad_line, _)), _) => {
+                for l in lines.iter().copied().filter(|l| *l != bad_line) {
+                    rejected.push(Rejected { line: l, reason: format!("order_id: order {} rejected (see line {bad_line})", order.id) });
+                }
+                rejected_ids.entry(order.id).or_insert(bad_line);
+            }
+        }
+    };
 
     loop {
         match rdr.read_record(&mut record) {
@@ -371,7 +410,6 @@ fn parse_orders<R: Read>(
         return;
     }
     progress(Progress { rows, bytes: bytes.load(std::sync::atomic::Ordering::Relaxed) });
-    rejected.sort_by_key(|r| r.line);
     let _ = out.blocking_send(Batch::Done { rows, rejected });
 }
 
@@ -585,13 +623,14 @@ pub async fn import_products<R: Read + Send + 'static>(conveyor: &Conveyor, inpu
         let headers = rdr.headers().map_err(|e| ImportError::Read(e.to_string()))?.clone();
         let cols = columns(&headers, &PRODUCT_COLUMNS)?;
         let mut report = ImportReport::default();
+        let mut rejected = Rejections::default();
         let mut products = Vec::new();
         for rec in rdr.records() {
             report.rows += 1;
             let rec = match rec {
                 Ok(r) => r,
                 Err(e) => {
-                    report.rejected.push(Rejected { line: e.position().map_or(0, |p| p.line()), reason: format!("line: {e}") });
+                    rejected.push(Rejected { line: e.position().map_or(0, |p| p.line()), reason: format!("line: {e}") });
                     continue;
                 }
             };
@@ -616,9 +655,10 @@ pub async fn import_products<R: Read + Send + 'static>(conveyor: &Conveyor, inpu
             };
             match check() {
                 Ok((price, stock)) => products.push((sku, name, price, stock)),
-                Err(reason) => report.rejected.push(Rejected { line, reason }),
+                Err(reason) => rejected.push(Rejected { line, reason }),
             }
         }
+        rejected.report(&mut report);
         Ok((products, report))
     })
     .await

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use conveyor_core::backend::{BackendError, Page, Paged, QueueBackend, Result, Row, RowExt, SqlValue, Tx};
+use conveyor_core::backend::{count_sql, BackendError, Cursor, Page, Paged, QueueBackend, Result, Row, RowExt, SqlValue, Tx};
 use conveyor_core::Registry;
 
 use money::to_major;
@@ -217,18 +217,20 @@ pub async fn orders(backend: &dyn QueueBackend, status: Option<&str>, customer_i
         p.extend(extra);
         p
     };
-    let total =
-        backend.query(&format!("SELECT count(*) FROM orders o WHERE {filter}"), params(vec![])).await?.first().map_or(0, |r| r.int(0));
+    let count = backend.query(&count_sql(&format!("FROM orders o WHERE {filter}")), params(vec![])).await?.first().map_or(0, |r| r.int(0));
+    let (after, limit, extra) = page.sql("o.created_at", Some("o.id"), 3);
     let rows = backend
         .query(
             &format!(
-                "SELECT {ORDER_COLS} FROM orders o JOIN customers c ON c.id = o.customer_id WHERE {filter}
-                 ORDER BY o.created_at DESC, o.id DESC LIMIT $3 OFFSET $4"
+                "SELECT {ORDER_COLS}, o.created_at FROM orders o JOIN customers c ON c.id = o.customer_id WHERE {filter}{after}
+                 ORDER BY o.created_at DESC, o.id DESC{limit}"
             ),
-            params(vec![(page.per_page as i64).into(), (page.offset() as i64).into()]),
+            params(extra),
         )
         .await?;
-    Ok(Paged { items: hydrate(backend, &rows).await?, total: total as u64 })
+    // The page's rows first (the extra row read to see whether more follow is not hydrated).
+    let rows = Paged::from_rows(rows, &page, count as u64, |r| Cursor::new(r.int(8), r.text(0).unwrap_or_default()));
+    Ok(Paged { items: hydrate(backend, &rows.items).await?, total: rows.total, total_capped: rows.total_capped, next: rows.next })
 }
 
 /// How the orders created since `since` (unix ms) stand: (unsettled, completed, failed,

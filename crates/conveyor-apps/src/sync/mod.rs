@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use conveyor_core::backend::{insert_many, BackendError, Page, Paged, QueueBackend, QueueBackendExt, RowExt, SqlValue, Tx};
+use conveyor_core::backend::{count_sql, insert_many, BackendError, Page, Paged, QueueBackend, QueueBackendExt, RowExt, SqlValue, Tx};
 use conveyor_core::batch::{self, Batch};
 use conveyor_core::breaker::{self, Breaker, BreakerConfig, BreakerInfo, ClosedCache, Permit};
 use conveyor_core::clock::now_ms;
@@ -253,7 +253,7 @@ async fn running(backend: &dyn QueueBackend) -> conveyor_core::backend::Result<O
 async fn alive(backend: &dyn QueueBackend, batch_id: &str) -> conveyor_core::backend::Result<bool> {
     for state in [JobState::Pending, JobState::Reserved, JobState::Delayed] {
         let filter = conveyor_core::backend::JobFilter { batch_id: Some(batch_id.into()), state: Some(state), ..Default::default() };
-        if backend.jobs(filter, Page { page: 1, per_page: 1 }).await?.total > 0 {
+        if backend.jobs(filter, Page::new(1, 1)).await?.total > 0 {
             return Ok(true);
         }
     }
@@ -310,18 +310,18 @@ pub async fn run(backend: &dyn QueueBackend, id: &str) -> conveyor_core::backend
 
 /// Runs, newest first.
 pub async fn runs(backend: &dyn QueueBackend, page: Page) -> conveyor_core::backend::Result<Paged<RunInfo>> {
-    let total = backend.query("SELECT count(*) FROM sync_runs", vec![]).await?.first().map_or(0, |r| r.int(0)) as u64;
+    let count = backend.query(&count_sql("FROM sync_runs"), vec![]).await?.first().map_or(0, |r| r.int(0)) as u64;
+    let (after, limit, params) = page.sql("started_at", Some("id"), 1);
     let rows = backend
-        .query(
-            &format!("SELECT {RUN_COLS} FROM sync_runs ORDER BY started_at DESC, id DESC LIMIT $1 OFFSET $2"),
-            vec![(page.per_page as i64).into(), (page.offset() as i64).into()],
-        )
+        .query(&format!("SELECT {RUN_COLS} FROM sync_runs WHERE 1 = 1{after} ORDER BY started_at DESC, id DESC{limit}"), params)
         .await?;
-    let mut items: Vec<RunInfo> = rows.iter().map(run_info).collect();
-    for r in items.iter_mut().filter(|r| r.status == "running") {
+    let mut list = Paged::from_rows(rows.iter().map(run_info).collect(), &page, count, |r: &RunInfo| {
+        conveyor_core::backend::Cursor::new(r.started_at, r.id.clone())
+    });
+    for r in list.items.iter_mut().filter(|r| r.status == "running") {
         r.counts = live_counts(&backend.query(COUNT_SQL, vec![r.id.clone().into()]).await?);
     }
-    Ok(Paged { items, total })
+    Ok(list)
 }
 
 /// Whether every run's batch has finished (nothing of any run is still queued or running).

@@ -67,6 +67,7 @@ on_every_store!(
     orders::every_order_settles_and_stock_money_and_leaderboards_add_up,
     orders::bad_csv_lines_are_reported_by_line_and_good_orders_imported,
     orders::split_rejected_and_oversized_orders_never_store_a_part,
+    orders::rejected_lines_are_listed_up_to_the_cap_and_counted_beyond,
     orders::the_simulated_gateway_charges_and_refunds_once_per_key,
     notify::registration_sends_the_welcome_email_and_an_inbox_message,
     notify::slack_webhook_and_sms_reach_their_receivers_with_conditions_and_signature,
@@ -79,6 +80,7 @@ on_every_store!(
     notify::with_every_provider_down_deliveries_wait_without_spending_attempts,
     outbound::callers_urls_never_reach_loopback_in_any_spelling,
     outbound::allowed_destinations_get_deliveries_but_no_redirects,
+    notify::a_hostile_template_is_a_recorded_failure_not_a_hang,
 );
 
 pub(crate) async fn wait_for<F, Fut>(what: &str, limit: Duration, mut cond: F)

@@ -71,7 +71,7 @@ pub(crate) async fn env_with(s: Store, rate_limit: RateLimit, outbound: Policy) 
 
 impl Env {
     pub(crate) async fn logs(&self, f: LogFilter) -> Vec<LogEntry> {
-        model::logs(self.cv.backend().as_ref(), f, Page { page: 1, per_page: 1000 }).await.unwrap().items
+        model::logs(self.cv.backend().as_ref(), f, Page::new(1, 1000)).await.unwrap().items
     }
 
     pub(crate) async fn settled(&self) -> bool {
@@ -551,4 +551,40 @@ pub(crate) async fn with_every_provider_down_deliveries_wait_without_spending_at
     assert!(all.iter().filter(|l| l.attempts == 1).count() >= 3, "most were held back rather than retried: {all:?}");
     assert_eq!(cv.backend().failed(None, Page::default()).await.unwrap().total, 0, "nothing failed for good");
     drop(s);
+}
+
+/// A template that would loop without bound (saved before templates were checked, or looping
+/// over a payload's data) is a failed notification naming the limit, recorded at once; the
+/// other rules of the event still notify.
+pub(crate) async fn a_hostile_template_is_a_recorded_failure_not_a_hang(s: Store) {
+    let e = env(s, RateLimit::per(100, Duration::from_secs(60))).await;
+    let user = e.user("Cy", json!({})).await;
+    let nested = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}";
+    let hostile = e.template("hostile", "database", Some("loop"), nested).await;
+    let fine = e.template("fine", "database", Some("ok"), "hello {{ user.name }}").await;
+    e.rule(json!({ "event": "hostile_event", "template_id": hostile, "channel": "database" })).await;
+    e.rule(json!({ "event": "hostile_event", "template_id": fine, "channel": "database" })).await;
+    let started = std::time::Instant::now();
+    notify::ingest(&e.cv, "hostile_event", json!({ "user_id": user }), None).await.unwrap();
+    e.wait_settled().await;
+    let logs = e.logs(LogFilter { event: Some("hostile_event".into()), ..Default::default() }).await;
+    let mut statuses: Vec<(&str, Option<&str>)> = logs.iter().map(|l| (l.status.as_str(), l.error.as_deref())).collect();
+    statuses.sort();
+    assert_eq!(statuses.len(), 2, "{logs:?}");
+    assert_eq!(statuses[0].0, "failed");
+    assert!(statuses[0].1.unwrap().contains("too much work"), "{statuses:?}");
+    assert_eq!(statuses[1], ("sent", None));
+    assert!(started.elapsed() < Duration::from_secs(10), "settled in {:?}", started.elapsed());
+    // Too long a body is refused when the template is saved, naming the field.
+    let long = "x".repeat(64 * 1024 + 1);
+    let refused = model::save(
+        e.cv.backend().as_ref(),
+        Kind::Templates,
+        None,
+        &json!({ "name": "long", "channel": "sms", "body": long }),
+        &Policy::default(),
+    )
+    .await;
+    assert!(matches!(&refused, Err(model::ModelError::Invalid { field, .. }) if field == "body"), "{refused:?}");
+    e.stop().await;
 }

@@ -195,7 +195,7 @@ pub(crate) async fn bad_csv_lines_are_reported_by_line_and_good_orders_imported(
     assert!(reasons[&8].starts_with("customer_email:"), "{reasons:?}");
     assert!(reasons[&9].starts_with("order_date:"), "{reasons:?}");
     assert_eq!(reasons[&12], "order_id: duplicate of line 10, skipped", "{reasons:?}");
-    assert_eq!(report.rejected.len(), 7);
+    assert_eq!((report.rejected.len(), report.rejected_total), (7, 7));
     let o1 = orders::order(s.backend.as_ref(), "O1").await.unwrap().unwrap();
     assert_eq!(o1.customer_name, "Zoë, Ltd");
     assert_eq!(o1.total, 4.5);
@@ -243,4 +243,23 @@ pub(crate) async fn the_simulated_gateway_charges_and_refunds_once_per_key(s: St
     let refunded = g.refund("K1").await.unwrap().expect("the charge is refunded");
     assert_eq!(refunded.reference, first.reference);
     assert_eq!(g.refund("K1").await.unwrap().map(|c| c.reference), Some(first.reference), "refunding again reports the same refund");
+}
+
+/// A file of bad lines: the report lists the first `MAX_REJECTED` by line and counts the rest,
+/// and the good orders among them are imported.
+pub(crate) async fn rejected_lines_are_listed_up_to_the_cap_and_counted_beyond(s: Store) {
+    let c = conveyor(&s, 1.0);
+    import_products(&c, "sku,name,price,stock\nA,Alpha,1.00,100000\n".into()).await;
+    let mut csv = String::from("order_id,customer_id,customer_name,customer_email,sku,quantity,unit_price,order_date\n");
+    let bad = import::MAX_REJECTED + 500;
+    for i in 0..bad {
+        let _ = writeln!(csv, "BAD-{i},1,Ann,ann@example.com,NOPE,1,1.00,2026-11-01");
+    }
+    let _ = writeln!(csv, "GOOD-1,1,Ann,ann@example.com,A,1,1.00,2026-11-01");
+    let report = import::import_orders(&c, std::io::Cursor::new(csv.into_bytes()), |_| {}).await.unwrap();
+    assert_eq!((report.rows, report.orders), (bad as u64 + 1, 1));
+    assert_eq!(report.rejected.len(), import::MAX_REJECTED);
+    assert_eq!(report.rejected_total, bad as u64);
+    let lines: Vec<u64> = report.rejected.iter().map(|r| r.line).collect();
+    assert_eq!(lines, (2..2 + import::MAX_REJECTED as u64).collect::<Vec<_>>(), "the first lines, in order");
 }

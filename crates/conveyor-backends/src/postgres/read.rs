@@ -2,7 +2,7 @@
 
 use postgres::types::ToSql;
 
-use conveyor_core::backend::{FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueStats, Result, WorkerInfo};
+use conveyor_core::backend::{Cursor, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueStats, Result, WorkerInfo};
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::{payload_value, JobId, JobInfo, JobState};
 use conveyor_core::metrics::{last_minute_rates, minute_of, MetricsRow, BUCKETS};
@@ -102,32 +102,37 @@ pub(crate) fn job(c: &mut Conn, id: JobId) -> Result<Option<JobInfo>> {
 
 pub(crate) fn jobs(c: &mut Conn, filter: &JobFilter, page: Page) -> Result<Paged<JobInfo>> {
     let tag = filter.tag.as_ref().map(|t| format!("%{}%", serde_json::to_string(t).expect("a string serializes")));
+    let after = page.after_job()?.map(|id| id.as_bytes().to_vec());
     let cond = "($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR kind = $2) AND ($3::text IS NULL OR tags LIKE $3) \
                 AND ($6::text IS NULL OR batch_id = $6)";
-    let (sources, state_cond): (Vec<(&str, &str, &str)>, Option<i64>) = match filter.state {
-        Some(JobState::Pending) => (vec![(LIVE_COLS, "jobs", "id")], Some(0)),
-        Some(JobState::Reserved) => (vec![(LIVE_COLS, "jobs", "id")], Some(1)),
-        Some(JobState::Delayed) => (vec![(LIVE_COLS, "jobs", "id")], Some(2)),
-        Some(JobState::Completed) => (vec![(DONE_COLS, "completed_jobs", "seq")], None),
-        Some(JobState::Failed) => (vec![(FAILED_COLS, "failed_jobs", "failed_at")], None),
-        None => (vec![(LIVE_COLS, "jobs", "id"), (DONE_COLS, "completed_jobs", "seq"), (FAILED_COLS, "failed_jobs", "failed_at")], None),
+    let (sources, state_cond): (Vec<(&str, &str)>, Option<i64>) = match filter.state {
+        Some(JobState::Pending) => (vec![(LIVE_COLS, "jobs")], Some(0)),
+        Some(JobState::Reserved) => (vec![(LIVE_COLS, "jobs")], Some(1)),
+        Some(JobState::Delayed) => (vec![(LIVE_COLS, "jobs")], Some(2)),
+        Some(JobState::Completed) => (vec![(DONE_COLS, "completed_jobs")], None),
+        Some(JobState::Failed) => (vec![(FAILED_COLS, "failed_jobs")], None),
+        None => (vec![(LIVE_COLS, "jobs"), (DONE_COLS, "completed_jobs"), (FAILED_COLS, "failed_jobs")], None),
     };
     let mut items: Vec<JobInfo> = Vec::new();
-    let mut total = 0u64;
-    let want = (page.offset() + page.per_page as u64) as i64;
-    for (cols, table, order) in sources {
+    let mut count = 0u64;
+    // As SQLite's: each source's newest rows after the cursor, by id, merged.
+    let want = (page.offset() + page.limit()) as i64;
+    for (cols, table) in sources {
         let state_sql = if table == "jobs" { " AND ($4::bigint IS NULL OR state = $4)" } else { " AND $4::bigint IS NULL" };
-        let p: [&(dyn ToSql + Sync); 6] = [&filter.queue, &filter.kind, &tag, &state_cond, &want, &filter.batch_id];
-        // Every statement names all six parameters, so one parameter list serves both.
-        let count_sql = format!("SELECT count(*) FROM {table} WHERE {cond}{state_sql} AND $5::bigint IS NOT NULL");
+        let p: [&(dyn ToSql + Sync); 7] = [&filter.queue, &filter.kind, &tag, &state_cond, &want, &filter.batch_id, &after];
+        // Every statement names all seven parameters, so one parameter list serves both.
+        let count_sql = conveyor_core::backend::count_sql(&format!(
+            "FROM {table} WHERE {cond}{state_sql} AND $5::bigint IS NOT NULL AND ($7::bytea IS NULL OR $7::bytea IS NOT NULL)"
+        ));
         let n: i64 = c.rows(&count_sql, &p)?.first().map_or(0, |r| r.get(0));
-        total += n as u64;
-        let sql = format!("SELECT {cols} FROM {table} WHERE {cond}{state_sql} ORDER BY {order} DESC LIMIT $5");
+        count += n as u64;
+        let sql =
+            format!("SELECT {cols} FROM {table} WHERE {cond}{state_sql} AND ($7::bytea IS NULL OR id < $7) ORDER BY id DESC LIMIT $5");
         items.extend(c.rows(&sql, &p)?.iter().map(info_from_row));
     }
     items.sort_by_key(|j| std::cmp::Reverse(j.id));
-    let items = items.into_iter().skip(page.offset() as usize).take(page.per_page as usize).collect();
-    Ok(Paged { items, total })
+    let items = items.into_iter().skip(page.offset() as usize).collect();
+    Ok(Paged::from_rows(items, &page, count, |j: &JobInfo| Cursor::new(0, j.id.to_string())))
 }
 
 const FAILED_JOB_COLS: &str = "id, queue, kind, payload, attempts, max_attempts, error, tags, batch_id, created_at, failed_at, runtime_ms";
@@ -152,13 +157,17 @@ fn failed_from_row(r: &postgres::Row) -> FailedJob {
 }
 
 pub(crate) fn failed(c: &mut Conn, queue: Option<&str>, page: Page) -> Result<Paged<FailedJob>> {
-    let total: i64 = c.rows("SELECT count(*) FROM failed_jobs WHERE ($1::text IS NULL OR queue = $1)", &[&queue])?[0].get(0);
+    let count_sql = conveyor_core::backend::count_sql("FROM failed_jobs WHERE ($1::text IS NULL OR queue = $1)");
+    let count: i64 = c.rows(&count_sql, &[&queue])?[0].get(0);
+    let after = page.after_job()?.map(|id| id.as_bytes().to_vec());
+    let at = page.after.as_ref().map(|c| c.at);
     let sql = format!(
-        "SELECT {FAILED_JOB_COLS} FROM failed_jobs WHERE ($1::text IS NULL OR queue = $1) ORDER BY failed_at DESC, id DESC LIMIT $2 OFFSET $3"
+        "SELECT {FAILED_JOB_COLS} FROM failed_jobs WHERE ($1::text IS NULL OR queue = $1)
+         AND ($4::bigint IS NULL OR (failed_at, id) < ($4, $5::bytea)) ORDER BY failed_at DESC, id DESC LIMIT $2 OFFSET $3"
     );
-    let (limit, offset) = (page.per_page as i64, page.offset() as i64);
-    let items = c.rows(&sql, &[&queue, &limit, &offset])?.iter().map(failed_from_row).collect();
-    Ok(Paged { items, total: total as u64 })
+    let (limit, offset) = (page.limit() as i64, page.offset() as i64);
+    let items = c.rows(&sql, &[&queue, &limit, &offset, &at, &after])?.iter().map(failed_from_row).collect();
+    Ok(Paged::from_rows(items, &page, count as u64, |f: &FailedJob| Cursor::new(f.failed_at, f.id.to_string())))
 }
 
 pub(crate) fn failed_job(c: &mut Conn, id: JobId) -> Result<Option<FailedJob>> {

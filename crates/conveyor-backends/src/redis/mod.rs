@@ -39,8 +39,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
 use conveyor_core::backend::{
-    in_chunks, insert_many, BackendError, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats, ReserveRequest,
-    Result, Row, SqlValue, Tx, TxFn, WorkerInfo,
+    in_chunks, insert_many, BackendError, Cursor, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats,
+    ReserveRequest, Result, Row, SqlValue, Tx, TxFn, WorkerInfo,
 };
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::{payload_value, Backoff, Completion, EnqueueOutcome, Job, JobId, JobInfo, JobState, NewJob, Outcome};
@@ -1325,23 +1325,50 @@ impl QueueBackend for RedisBackend {
             total += done.len() as u64;
             items_out.extend(done);
         }
+        // Each set is read up to SCAN_CAP ids, so a page costs the same whatever its depth; a
+        // cursor past what was read finds nothing more.
+        let after = page.after_job()?;
+        items_out.retain(|j| after.is_none_or(|a| j.id < a));
         items_out.sort_by_key(|j| std::cmp::Reverse(j.id));
-        let items = items_out.into_iter().skip(page.offset() as usize).take(page.per_page as usize).collect();
-        Ok(Paged { items, total })
+        let items = items_out.into_iter().skip(page.offset() as usize).take(page.limit() as usize).collect();
+        Ok(Paged::from_rows(items, &page, total, |j: &JobInfo| Cursor::new(0, j.id.to_string())))
     }
 
     async fn failed(&self, queue: Option<&str>, page: Page) -> Result<Paged<FailedJob>> {
         let key = self.failed_key(queue);
-        let (start, stop) = (page.offset() as isize, (page.offset() + page.per_page as u64) as isize - 1);
+        let after = page.after_job()?.map(|id| id.to_string());
+        let at = page.after.as_ref().map_or(0, |c| c.at);
+        let (offset, limit) = (page.offset() as isize, page.limit() as isize);
         let (total, ids): (i64, Vec<String>) = self
             .redis(move |c, _| {
                 let total: i64 = redis::cmd("ZCARD").arg(&key).query(c)?;
-                let ids: Vec<String> = redis::cmd("ZREVRANGE").arg(&key).arg(start).arg(stop).query(c)?;
+                // After a cursor: from the rank of its job (the set is ordered by failure time,
+                // ties by id, as the relational stores order it), found in O(log n).
+                let start = match &after {
+                    None => offset,
+                    Some(id) => match redis::cmd("ZREVRANK").arg(&key).arg(id).query::<Option<i64>>(c)? {
+                        Some(rank) => rank as isize + 1,
+                        // The job left the store (retried or forgotten) since: resume from its time
+                        // (jobs that failed in the same millisecond are passed over).
+                        None => {
+                            let ids: Vec<String> = redis::cmd("ZREVRANGEBYSCORE")
+                                .arg(&key)
+                                .arg(format!("({at}"))
+                                .arg("-inf")
+                                .arg("LIMIT")
+                                .arg(0)
+                                .arg(limit)
+                                .query(c)?;
+                            return Ok((total, ids));
+                        }
+                    },
+                };
+                let ids: Vec<String> = redis::cmd("ZREVRANGE").arg(&key).arg(start).arg(start + limit - 1).query(c)?;
                 Ok((total, ids))
             })
             .await?;
         let items = self.raw(ids).await?.iter().filter_map(|(id, raw)| failed_info(id, raw)).collect();
-        Ok(Paged { items, total: total.max(0) as u64 })
+        Ok(Paged::from_rows(items, &page, total.max(0) as u64, |f: &FailedJob| Cursor::new(f.failed_at, f.id.to_string())))
     }
 
     async fn failed_job(&self, id: JobId) -> Result<Option<FailedJob>> {
@@ -1772,8 +1799,7 @@ mod tests {
         assert_eq!((last.attempts, last.worker.as_deref()), (1, Some("w")));
         assert!(last.finished_at.is_some() && last.runtime_ms.is_some() && last.reserved_at.is_some());
         assert!(b.job(reserved[0].id).await.unwrap().is_none(), "the oldest is gone");
-        let listed =
-            b.jobs(JobFilter { state: Some(JobState::Completed), ..Default::default() }, Page { page: 1, per_page: 50 }).await.unwrap();
+        let listed = b.jobs(JobFilter { state: Some(JobState::Completed), ..Default::default() }, Page::new(1, 50)).await.unwrap();
         assert_eq!(listed.total, 3);
         // A stale acknowledgement of a completed job changes nothing.
         b.complete(vec![Completion::of(&reserved[9], Outcome::Completed)]).await.unwrap();

@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use conveyor_core::backend::{FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueStats, Result, WorkerInfo};
+use conveyor_core::backend::{Cursor, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueStats, Result, WorkerInfo};
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::{payload_value, JobId, JobInfo, JobState};
 use conveyor_core::metrics::{last_minute_rates, minute_of, MetricsRow, BUCKETS};
@@ -161,40 +161,46 @@ pub(crate) fn job(conn: &Connection, id: JobId) -> Result<Option<JobInfo>> {
 
 pub(crate) fn jobs(conn: &Connection, filter: &JobFilter, page: Page) -> Result<Paged<JobInfo>> {
     let tag = filter.tag.as_ref().map(|t| format!("%{}%", serde_json::to_string(t).expect("a string serializes")));
+    let after = page.after_job()?.map(|id| id.as_bytes().to_vec());
     let cond =
         "(?1 IS NULL OR queue = ?1) AND (?2 IS NULL OR kind = ?2) AND (?3 IS NULL OR tags LIKE ?3) AND (?6 IS NULL OR batch_id = ?6)";
-    let (sources, state_cond): (Vec<(&str, &str, &str)>, Option<i64>) = match filter.state {
-        Some(JobState::Pending) => (vec![(LIVE_COLS, "jobs", "id")], Some(0)),
-        Some(JobState::Reserved) => (vec![(LIVE_COLS, "jobs", "id")], Some(1)),
-        Some(JobState::Delayed) => (vec![(LIVE_COLS, "jobs", "id")], Some(2)),
-        Some(JobState::Completed) => (vec![(DONE_COLS, "completed_jobs", "seq")], None),
-        Some(JobState::Failed) => (vec![(FAILED_COLS, "failed_jobs", "failed_at")], None),
-        None => (vec![(LIVE_COLS, "jobs", "id"), (DONE_COLS, "completed_jobs", "seq"), (FAILED_COLS, "failed_jobs", "failed_at")], None),
+    let (sources, state_cond): (Vec<(&str, &str)>, Option<i64>) = match filter.state {
+        Some(JobState::Pending) => (vec![(LIVE_COLS, "jobs")], Some(0)),
+        Some(JobState::Reserved) => (vec![(LIVE_COLS, "jobs")], Some(1)),
+        Some(JobState::Delayed) => (vec![(LIVE_COLS, "jobs")], Some(2)),
+        Some(JobState::Completed) => (vec![(DONE_COLS, "completed_jobs")], None),
+        Some(JobState::Failed) => (vec![(FAILED_COLS, "failed_jobs")], None),
+        None => (vec![(LIVE_COLS, "jobs"), (DONE_COLS, "completed_jobs"), (FAILED_COLS, "failed_jobs")], None),
     };
     let mut items: Vec<JobInfo> = Vec::new();
-    let mut total = 0u64;
-    let want = page.offset() + page.per_page as u64;
-    for (cols, table, order) in sources {
+    let mut count = 0u64;
+    // Each source gives its newest `offset + limit` rows (after the cursor, by id: ids are
+    // time-ordered, so one key orders all three sources); the merge keeps the page's share.
+    let want = page.offset() + page.limit();
+    for (cols, table) in sources {
         let state_sql = if table == "jobs" { " AND (?4 IS NULL OR state = ?4)" } else { " AND ?4 IS NULL" };
-        let count_sql = format!("SELECT count(*) FROM {table} WHERE {cond}{state_sql}");
+        let count_sql = conveyor_core::backend::count_sql(&format!("FROM {table} WHERE {cond}{state_sql} AND ?5 IS NULL AND ?7 IS NULL"));
         let n: i64 = conn
             .prepare_cached(&count_sql)
-            .and_then(|mut s| s.query_row(params![filter.queue, filter.kind, tag, state_cond, None::<i64>, filter.batch_id], |r| r.get(0)))
+            .and_then(|mut s| {
+                s.query_row(params![filter.queue, filter.kind, tag, state_cond, None::<i64>, filter.batch_id, None::<Vec<u8>>], |r| {
+                    r.get(0)
+                })
+            })
             .map_err(storage_err)?;
-        total += n as u64;
-        let sql = format!("SELECT {cols} FROM {table} WHERE {cond}{state_sql} ORDER BY {order} DESC LIMIT ?5");
+        count += n as u64;
+        let sql = format!("SELECT {cols} FROM {table} WHERE {cond}{state_sql} AND (?7 IS NULL OR id < ?7) ORDER BY id DESC LIMIT ?5");
         let mut st = conn.prepare_cached(&sql).map_err(storage_err)?;
         let rows = st
-            .query_map(params![filter.queue, filter.kind, tag, state_cond, want as i64, filter.batch_id], info_from_row)
+            .query_map(params![filter.queue, filter.kind, tag, state_cond, want as i64, filter.batch_id, after], info_from_row)
             .map_err(storage_err)?;
         for r in rows {
             items.push(r.map_err(storage_err)?);
         }
     }
-    // Newest first across sources; ids are time-ordered.
     items.sort_by_key(|j| std::cmp::Reverse(j.id));
-    let items = items.into_iter().skip(page.offset() as usize).take(page.per_page as usize).collect();
-    Ok(Paged { items, total })
+    let items = items.into_iter().skip(page.offset() as usize).collect();
+    Ok(Paged::from_rows(items, &page, count, |j: &JobInfo| Cursor::new(0, j.id.to_string())))
 }
 
 fn failed_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FailedJob> {
@@ -220,20 +226,23 @@ fn failed_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FailedJob> {
 const FAILED_JOB_COLS: &str = "id, queue, kind, payload, attempts, max_attempts, error, tags, batch_id, created_at, failed_at, runtime_ms";
 
 pub(crate) fn failed(conn: &Connection, queue: Option<&str>, page: Page) -> Result<Paged<FailedJob>> {
-    let total: i64 = conn
-        .prepare_cached("SELECT count(*) FROM failed_jobs WHERE (?1 IS NULL OR queue = ?1)")
+    let count: i64 = conn
+        .prepare_cached(&conveyor_core::backend::count_sql("FROM failed_jobs WHERE (?1 IS NULL OR queue = ?1)"))
         .and_then(|mut s| s.query_row([queue], |r| r.get(0)))
         .map_err(storage_err)?;
+    let after = page.after_job()?.map(|id| id.as_bytes().to_vec());
+    let at = page.after.as_ref().map(|c| c.at);
     let sql = format!(
-        "SELECT {FAILED_JOB_COLS} FROM failed_jobs WHERE (?1 IS NULL OR queue = ?1) ORDER BY failed_at DESC, id DESC LIMIT ?2 OFFSET ?3"
+        "SELECT {FAILED_JOB_COLS} FROM failed_jobs WHERE (?1 IS NULL OR queue = ?1) AND (?4 IS NULL OR (failed_at, id) < (?4, ?5))
+         ORDER BY failed_at DESC, id DESC LIMIT ?2 OFFSET ?3"
     );
     let mut st = conn.prepare_cached(&sql).map_err(storage_err)?;
     let items = st
-        .query_map(params![queue, page.per_page as i64, page.offset() as i64], failed_from_row)
+        .query_map(params![queue, page.limit() as i64, page.offset() as i64, at, after], failed_from_row)
         .map_err(storage_err)?
         .collect::<rusqlite::Result<Vec<_>>>()
         .map_err(storage_err)?;
-    Ok(Paged { items, total: total as u64 })
+    Ok(Paged::from_rows(items, &page, count as u64, |f: &FailedJob| Cursor::new(f.failed_at, f.id.to_string())))
 }
 
 pub(crate) fn failed_job(conn: &Connection, id: JobId) -> Result<Option<FailedJob>> {

@@ -109,7 +109,7 @@ pub async fn failed_store_retry_forget_flush(b: Backend) {
         assert_eq!(f.error, format!("failure of {}", f.id));
         assert_eq!(f.attempts, 1);
     }
-    let paged = b.failed(Some(&q), Page { page: 2, per_page: 2 }).await.unwrap();
+    let paged = b.failed(Some(&q), Page::new(2, 2)).await.unwrap();
     assert_eq!((paged.total, paged.items.len()), (3, 1));
 
     // Retry one (plus an id that does not exist): same id, fresh attempts.
@@ -351,4 +351,27 @@ pub async fn unique_key_holds_under_concurrent_enqueues(b: Backend) {
         }
     }
     assert_counts(&b, &q, [1, 0, 0, 0], "one job queued").await;
+}
+
+/// Cursor pages of the failed store: every failed job once, in the order of the offset pages.
+pub async fn failed_cursor_pages_list_every_job_once(b: Backend) {
+    let q = queue_name();
+    let mut ids = make_failed(&b, &q, 7).await;
+    let whole = b.failed(Some(&q), Page::new(1, 100)).await.unwrap();
+    assert!(whole.next.is_none(), "no page follows the last");
+    let mut page = Page::new(1, 3);
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let list = b.failed(Some(&q), page.clone()).await.unwrap();
+        assert_eq!((list.total, list.total_capped), (7, false));
+        seen.extend(list.items.iter().map(|f| f.id));
+        match list.next {
+            Some(next) => page = Page::after(next, 3),
+            None => break,
+        }
+    }
+    assert_eq!(seen, whole.items.iter().map(|f| f.id).collect::<Vec<_>>());
+    seen.sort();
+    ids.sort();
+    assert_eq!(seen, ids);
 }

@@ -419,7 +419,7 @@ pub async fn batch_list_pages_newest_first(b: Backend) {
         let id = Batch::new(unique_name(&format!("batch-list-{n}"))).push(new_job(&q, WORK, n)).dispatch(&cv).await.unwrap();
         ids.push(id);
     }
-    let listed = batch::list(b.as_ref(), Page { page: 1, per_page: 50 }).await.unwrap();
+    let listed = batch::list(b.as_ref(), Page::new(1, 50)).await.unwrap();
     assert!(listed.total >= 3, "total {}", listed.total);
     let mine: Vec<&str> = listed.items.iter().filter(|i| ids.contains(&i.id)).map(|i| i.id.as_str()).collect();
     assert_eq!(mine, [ids[2].as_str(), ids[1].as_str(), ids[0].as_str()], "newest first");
@@ -429,13 +429,13 @@ pub async fn batch_list_pages_newest_first(b: Backend) {
 
     // Pages split one ordering (retried while other tests on a shared server add batches).
     wait_until("pages 1 and 2 of two are the first page of four", Duration::from_secs(5), || async {
-        let page = |page, per_page| batch::list(b.as_ref(), Page { page, per_page });
+        let page = |page, per_page| batch::list(b.as_ref(), Page::new(page, per_page));
         let (p1, p2, p) = (page(1, 2).await.unwrap(), page(2, 2).await.unwrap(), page(1, 4).await.unwrap());
         let ids_of = |items: &[BatchInfo]| items.iter().map(|i| i.id.clone()).collect::<Vec<_>>();
         p1.items.len() == 2 && [ids_of(&p1.items), ids_of(&p2.items)].concat() == ids_of(&p.items)
     })
     .await;
-    let past = batch::list(b.as_ref(), Page { page: (listed.total + 1_000) as u32, per_page: 1 }).await.unwrap();
+    let past = batch::list(b.as_ref(), Page::new((listed.total + 1_000) as u32, 1)).await.unwrap();
     assert!(past.items.is_empty(), "a page past the end is empty");
 }
 

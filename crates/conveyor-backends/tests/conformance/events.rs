@@ -24,7 +24,7 @@ fn listen_queued(registry: &mut Registry, event: &str, listener: &str, queue: &s
 }
 
 async fn logged(b: &Backend, name: &str) -> conveyor_core::backend::Paged<EventRecord> {
-    event::recent(b.as_ref(), Some(name), Page { page: 1, per_page: 50 }).await.expect("event::recent")
+    event::recent(b.as_ref(), Some(name), Page::new(1, 50)).await.expect("event::recent")
 }
 
 pub async fn event_listeners_get_each_emit_once_inline_after_commit(b: Backend) {

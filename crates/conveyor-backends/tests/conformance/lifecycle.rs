@@ -359,7 +359,7 @@ pub async fn jobs_listing_filters_by_state(b: Backend) {
     let list = |state: Option<JobState>, tag: Option<&str>| {
         let filter = JobFilter { queue: Some(q.clone()), kind: None, state, tag: tag.map(str::to_string), batch_id: None };
         let b = b.clone();
-        async move { b.jobs(filter, Page { page: 1, per_page: 50 }).await.expect("jobs") }
+        async move { b.jobs(filter, Page::new(1, 50)).await.expect("jobs") }
     };
     let pending = list(Some(JobState::Pending), None).await;
     assert_eq!(pending.total, 2);
@@ -369,6 +369,35 @@ pub async fn jobs_listing_filters_by_state(b: Backend) {
     assert_eq!(reserved.items.iter().map(|j| j.id).collect::<Vec<_>>(), vec![job.id]);
     assert_eq!(list(None, None).await.total, 4);
     assert_eq!(list(None, Some("listed")).await.total, 3);
-    let page = b.jobs(JobFilter { queue: Some(q.clone()), ..Default::default() }, Page { page: 2, per_page: 3 }).await.unwrap();
+    let page = b.jobs(JobFilter { queue: Some(q.clone()), ..Default::default() }, Page::new(2, 3)).await.unwrap();
     assert_eq!((page.total, page.items.len()), (4, 1), "page 2 of 3 per page holds the fourth job");
+}
+
+/// Cursor pages (`Paged::next`) walk a list whatever its depth: every job once, newest first,
+/// across live, delayed and completed jobs.
+pub async fn jobs_cursor_pages_list_every_job_once(b: Backend) {
+    let q = queue_name();
+    let mut ids = Vec::new();
+    for n in 0..23 {
+        ids.push(enqueue_one(&b, new_job(&q, KIND, n)).await);
+    }
+    ids.push(enqueue_one(&b, new_job(&q, KIND, 99).delay(Duration::from_secs(60))).await);
+    let done = reserve_one(&b, &q).await;
+    complete(&b, &done, Outcome::Completed).await;
+    let filter = JobFilter { queue: Some(q.clone()), ..Default::default() };
+    let mut page = Page::new(1, 5);
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let list = b.jobs(filter.clone(), page.clone()).await.unwrap();
+        assert_eq!((list.total, list.total_capped), (24, false));
+        assert!(list.items.len() <= 5);
+        seen.extend(list.items.iter().map(|j| j.id));
+        match list.next {
+            Some(next) => page = Page::after(next, 5),
+            None => break,
+        }
+    }
+    let mut expected = ids.clone();
+    expected.sort_by(|a, b| b.cmp(a));
+    assert_eq!(seen, expected, "every job once, newest first");
 }

@@ -134,7 +134,7 @@ fn breaker_config(open_for: Duration) -> BreakerConfig {
 async fn breaker_events(b: &Backend, breaker: &str) -> Vec<String> {
     let mut all = Vec::new();
     for state in ["open", "half_open", "closed"] {
-        let page = event::recent(b.as_ref(), Some(&format!("breaker.{state}")), Page { page: 1, per_page: 500 }).await.unwrap();
+        let page = event::recent(b.as_ref(), Some(&format!("breaker.{state}")), Page::new(1, 500)).await.unwrap();
         for e in page.items.into_iter().filter(|e| e.payload["breaker"] == breaker) {
             assert_eq!(e.payload["state"], state, "{e:?}");
             all.push((e.created_at, e.id, state.to_string()));

@@ -85,6 +85,7 @@ macro_rules! conformance_suite {
                 stale_lease_tokens_change_nothing,
                 enqueue_and_resume_wake_idle_workers,
                 jobs_listing_filters_by_state,
+                jobs_cursor_pages_list_every_job_once,
                 // leases
                 expired_lease_returns_job_to_queue,
                 expired_lease_without_attempts_left_fails_job,
@@ -94,6 +95,7 @@ macro_rules! conformance_suite {
                 unique_key_ttl_expires,
                 unique_key_holds_under_concurrent_enqueues,
                 failed_store_retry_forget_flush,
+                failed_cursor_pages_list_every_job_once,
                 pause_resume_and_clear,
                 metrics_count_every_processed_attempt,
                 worker_registry_heartbeat_and_gone,

@@ -232,3 +232,50 @@ async fn a_slack_rule_without_recipient_goes_to_the_default_webhook() {
     sigterm(&child);
     assert!(wait_exit(&mut child, Duration::from_secs(30)).await.success());
 }
+
+/// The bounds a caller meets over a real socket: deep offset pages are refused, cursor pages
+/// reach every job, and an import of bad lines lists 1,000 and counts the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_and_imports_are_bounded_over_http() {
+    let env = TestEnv::new("");
+    let (mut child, url) = serve(&env, &[]);
+    let http = reqwest::Client::new();
+
+    let r = http.get(format!("{url}/api/jobs?page=10001&per_page=1")).send().await.unwrap();
+    assert_eq!(r.status(), 422);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["error"]["details"]["fields"]["page"].as_str().unwrap().contains("cursor"), "{body}");
+
+    // On a paused queue, so the served workers leave the jobs where they are.
+    http.post(format!("{url}/api/queues/deep/pause")).send().await.unwrap();
+    let jobs: Vec<NewJob> = (0..250).map(|i| NewJob::new("conveyor.noop", &json!({ "i": i })).queue("deep")).collect();
+    env.backend.enqueue(jobs).await.unwrap();
+    let mut seen = std::collections::HashSet::new();
+    let mut next: Option<String> = None;
+    loop {
+        let cursor = next.as_deref().map_or(String::new(), |c| format!("&cursor={c}"));
+        let page: Value = http.get(format!("{url}/api/jobs?queue=deep&per_page=100{cursor}")).send().await.unwrap().json().await.unwrap();
+        assert_eq!((page["meta"]["total"].as_u64(), page["meta"]["total_capped"].as_bool()), (Some(250), Some(false)), "{}", page["meta"]);
+        for j in page["data"].as_array().unwrap() {
+            assert!(seen.insert(j["id"].as_str().unwrap().to_string()));
+        }
+        match page["meta"]["next_cursor"].as_str() {
+            Some(c) => next = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 250);
+
+    let mut csv = String::from("order_id,customer_id,customer_name,customer_email,sku,quantity,unit_price,order_date\n");
+    for i in 0..1_200 {
+        csv.push_str(&format!("BAD-{i},1,Ann,ann@example.com,NOPE,1,1.00,2026-11-01\n"));
+    }
+    let r = http.post(format!("{url}/api/orders/import")).header("content-type", "text/csv").body(csv).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let report: Value = r.json().await.unwrap();
+    assert_eq!(report["data"]["rejected"].as_array().unwrap().len(), 1_000, "{}", report["data"]["rejected_total"]);
+    assert_eq!(report["data"]["rejected_total"], 1_200);
+
+    sigterm(&child);
+    assert!(wait_exit(&mut child, Duration::from_secs(30)).await.success());
+}

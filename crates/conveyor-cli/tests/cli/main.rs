@@ -236,7 +236,7 @@ pub(crate) async fn completions(env: &TestEnv) -> HashMap<String, (usize, Option
     let filter = JobFilter { queue: Some("default".into()), state: Some(JobState::Completed), ..Default::default() };
     let page = loop {
         // Right after a restart the server may still be loading its AOF.
-        match env.backend.jobs(filter.clone(), Page { page: 1, per_page: 1_000_000 }).await {
+        match env.backend.jobs(filter.clone(), Page::new(1, 1_000_000)).await {
             Ok(page) => break page,
             Err(e) => {
                 eprintln!("reading the history: {e}; retrying");

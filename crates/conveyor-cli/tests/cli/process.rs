@@ -42,11 +42,7 @@ async fn a_worker_killed_with_sigkill_loses_nothing_and_finishes_nothing_twice()
 
     let q = env.queue("default").await;
     assert_eq!(q.failed, 0, "no job failed: {q:?}");
-    let done = env
-        .backend
-        .jobs(JobFilter { state: Some(JobState::Completed), ..Default::default() }, Page { page: 1, per_page: 10_000 })
-        .await
-        .unwrap();
+    let done = env.backend.jobs(JobFilter { state: Some(JobState::Completed), ..Default::default() }, Page::new(1, 10_000)).await.unwrap();
     let mut times_completed: HashMap<_, u32> = HashMap::new();
     for j in &done.items {
         *times_completed.entry(j.id).or_default() += 1;

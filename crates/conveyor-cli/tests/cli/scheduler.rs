@@ -25,10 +25,7 @@ async fn three_schedulers_fire_each_tick_once() {
     let rows = ticks().await;
     let jobs = env
         .backend
-        .jobs(
-            JobFilter { queue: Some("ticks".into()), state: Some(JobState::Pending), ..Default::default() },
-            Page { page: 1, per_page: 1000 },
-        )
+        .jobs(JobFilter { queue: Some("ticks".into()), state: Some(JobState::Pending), ..Default::default() }, Page::new(1, 1000))
         .await
         .unwrap();
     assert_eq!(jobs.total as usize, rows.len(), "one job per tick, however many schedulers ran");

@@ -88,7 +88,7 @@ function chart(points, key, { bad = false, period = 'hour', sum = true, fmt = (v
 
 function pager(meta, page) {
   const pages = Math.max(1, Math.ceil(meta.total / meta.per_page));
-  return `<div class="filters"><span class="muted">${num(meta.total)} total · page ${meta.page} of ${pages}</span>
+  return `<div class="filters"><span class="muted">${num(meta.total)}${meta.total_capped ? "+" : ""} total · page ${meta.page} of ${pages}</span>
     <button ${meta.page <= 1 ? 'disabled' : ''} onclick="go({page:${meta.page - 1}})">Previous</button>
     <button ${meta.page >= pages ? 'disabled' : ''} onclick="go({page:${meta.page + 1}})">Next</button></div>`;
 }
