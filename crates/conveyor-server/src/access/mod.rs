@@ -10,19 +10,22 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::http::{header, HeaderMap, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
-use serde_json::Value;
 
-use conveyor_core::backend::{QueueBackend, RowExt};
-use conveyor_core::clock::now_ms;
-use conveyor_core::redact;
+use conveyor_core::backend::QueueBackend;
 
 use crate::error::ApiError;
 use crate::AppState;
+
+mod filter;
+mod session;
+
+pub(crate) use filter::{redact_response, Filter};
+pub(crate) use session::{close_session, open_session, MIGRATIONS};
+use session::{session_cookie, session_role};
 
 /// What a token lets its holder do (the SPEC's role table).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -362,164 +365,6 @@ fn content_type_ok(method: &Method, path: &str, headers: &HeaderMap) -> Result<(
     Err(ApiError::UnsupportedMediaType(format!("Content-Type must be {expected} (got {got})")))
 }
 
-// ---- Dashboard sessions: a random id in an HTTP-only cookie, its hash and role in the store.
-
-pub(crate) const SESSION_COOKIE: &str = "conveyor_session";
-
-/// The server's own tables (an application migration named `server`).
-pub(crate) const MIGRATIONS: &[&str] = &[r#"
-CREATE TABLE dashboard_sessions (
-    id_hash     TEXT PRIMARY KEY,
-    role        TEXT NOT NULL,
-    created_at  BIGINT NOT NULL,
-    expires_at  BIGINT NOT NULL
-);
-CREATE INDEX dashboard_sessions_by_expiry ON dashboard_sessions(expires_at);
-"#];
-
-fn session_cookie(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == SESSION_COOKIE)
-        .map(|(_, v)| v.to_string())
-        .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
-}
-
-/// The store keeps a hash of the session id, so a read of the table opens no session.
-fn session_hash(id: &str) -> String {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(id.as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-async fn session_role(backend: &dyn QueueBackend, id: &str) -> Option<Role> {
-    let rows = backend
-        .query("SELECT role FROM dashboard_sessions WHERE id_hash = $1 AND expires_at > $2", vec![session_hash(id).into(), now_ms().into()])
-        .await
-        .map_err(|e| tracing::warn!(error = %e, "dashboard session lookup failed"))
-        .ok()?;
-    rows.first().and_then(|r| r.text(0)).and_then(Role::parse)
-}
-
-/// Opens a session for `role` and returns the cookie that carries it.
-pub(crate) async fn open_session(s: &AppState, role: Role) -> Result<String, ApiError> {
-    use rand::RngCore;
-    let mut raw = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut raw);
-    let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    let (hash, now, ttl) = (session_hash(&id), now_ms(), s.access.session_ttl);
-    let expires = now + ttl.as_millis() as i64;
-    conveyor_core::QueueBackendExt::transact(s.conveyor.backend().as_ref(), move |tx| {
-        tx.execute("DELETE FROM dashboard_sessions WHERE expires_at <= $1", &[now.into()])?;
-        tx.execute(
-            "INSERT INTO dashboard_sessions (id_hash, role, created_at, expires_at) VALUES ($1, $2, $3, $4)",
-            &[hash.into(), role.as_str().into(), now.into(), expires.into()],
-        )?;
-        Ok(())
-    })
-    .await?;
-    Ok(format!("{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}", ttl.as_secs()))
-}
-
-/// Ends the request's session (if any) and returns the cookie that clears it.
-pub(crate) async fn close_session(s: &AppState, headers: &HeaderMap) -> String {
-    if let Some(id) = session_cookie(headers) {
-        let hash = session_hash(&id);
-        let r = conveyor_core::QueueBackendExt::transact(s.conveyor.backend().as_ref(), move |tx| {
-            tx.execute("DELETE FROM dashboard_sessions WHERE id_hash = $1", &[hash.into()])
-        })
-        .await;
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "could not end a dashboard session");
-        }
-    }
-    format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0")
-}
-
-// ---- What a non-admin may see.
-
-/// The largest answer filtered in memory (lists are at most 1,000 items; bigger answers are
-/// not JSON documents of this API).
-const MAX_FILTERED: usize = 64 * 1024 * 1024;
-
-/// What [`redact_response`] takes out of an answer.
-#[derive(Clone, Copy, PartialEq)]
-pub(crate) enum Filter {
-    /// The credentials this process was configured with, wherever they appear.
-    Credentials,
-    /// Those, and every credential-like field, for callers who may see no secret.
-    Secrets,
-}
-
-/// Filters a JSON answer: credential-like fields become `***`, webhook and Slack URLs their
-/// origin and `…`, any other URL loses its password and secret query parameters (for
-/// [`Filter::Secrets`]), and the process's registered credentials are masked (always). One
-/// place, so every endpoint (job payloads and stored errors included) is covered.
-pub(crate) async fn redact_response(res: Response, filter: Filter) -> Response {
-    let is_json = res.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/json"));
-    if !is_json {
-        return res;
-    }
-    let (mut parts, body) = res.into_parts();
-    let Ok(bytes) = axum::body::to_bytes(body, MAX_FILTERED).await else {
-        return (StatusCode::INTERNAL_SERVER_ERROR, "response too large to filter").into_response();
-    };
-    let Ok(mut v) = serde_json::from_slice::<Value>(&bytes) else {
-        return Response::from_parts(parts, Body::from(bytes));
-    };
-    if filter == Filter::Secrets {
-        redact_value(&mut v, None);
-    }
-    scrub_value(&mut v);
-    let out = serde_json::to_vec(&v).expect("JSON serializes");
-    parts.headers.remove(header::CONTENT_LENGTH);
-    Response::from_parts(parts, Body::from(out))
-}
-
-fn scrub_value(v: &mut Value) {
-    match v {
-        Value::Object(map) => map.values_mut().for_each(scrub_value),
-        Value::Array(items) => items.iter_mut().for_each(scrub_value),
-        Value::String(s) => {
-            let clean = redact::scrub(s);
-            if clean != *s {
-                *s = clean;
-            }
-        }
-        _ => {}
-    }
-}
-
-fn redact_value(v: &mut Value, key: Option<&str>) {
-    match v {
-        Value::Object(map) => {
-            for (k, child) in map.iter_mut() {
-                redact_value(child, Some(k));
-            }
-        }
-        Value::Array(items) => items.iter_mut().for_each(|i| redact_value(i, key)),
-        Value::String(s) => {
-            let k = key.unwrap_or("").to_ascii_lowercase();
-            let secret_key =
-                ["secret", "token", "password", "passwd", "api_key", "apikey", "credential", "authorization"].iter().any(|w| k.contains(w));
-            let is_url = s.starts_with("http://") || s.starts_with("https://");
-            if secret_key && !s.is_empty() {
-                *s = redact::MASK.to_string();
-            } else if is_url && (k.contains("webhook") || k.contains("slack") || k == "recipient" || k == "url") {
-                *s = redact::origin(s);
-            } else if s.contains("://") {
-                *s = redact::text(s, &redact::Secrets::new());
-            }
-        }
-        _ => {}
-    }
-}
-
-/// The migrations of the server's own tables (dashboard sessions); `serve` and `migrate` run them.
 pub async fn migrate(backend: &dyn QueueBackend) -> conveyor_core::backend::Result<Vec<u32>> {
     conveyor_core::migrate::apply(backend, "server", MIGRATIONS).await
 }
@@ -612,24 +457,6 @@ mod tests {
         assert!(permitted(Role::Publish, &delete, "/api/templates/1").is_err());
         assert!(permitted(Role::Publish, &get, "/api/v1/notifications").is_err());
         assert!(permitted(Role::Worker, &post, "/api/events").is_err());
-    }
-
-    #[test]
-    fn json_is_filtered_of_secrets_for_non_admins() {
-        let mut v = serde_json::json!({"data": [{
-            "webhook_url": "https://hooks.example.com/T0/B0/abc", "slack_webhook": "https://hooks.slack.com/services/X",
-            "secret": "whsec_abc", "api_token": "t", "recipient": "ann@example.com",
-            "payload": {"recipient": "https://u:p@partner.example/hook?key=k", "note": "see postgres://u:pw@db/x"}
-        }]});
-        redact_value(&mut v, None);
-        let d = &v["data"][0];
-        assert_eq!(d["webhook_url"], "https://hooks.example.com/…");
-        assert_eq!(d["slack_webhook"], "https://hooks.slack.com/…");
-        assert_eq!(d["secret"], "***");
-        assert_eq!(d["api_token"], "***");
-        assert_eq!(d["recipient"], "ann@example.com");
-        assert_eq!(d["payload"]["recipient"], "https://partner.example/…");
-        assert_eq!(d["payload"]["note"], "see postgres://u:***@db/x");
     }
 
     #[test]
