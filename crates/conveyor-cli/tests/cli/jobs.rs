@@ -22,16 +22,12 @@ async fn jobs_and_batches_enqueue_over_http_with_every_option() {
         "/api/jobs",
         admin,
         json!({ "kind": "conveyor.noop", "payload": { "n": 1 }, "queue": "default", "priority": 5, "max_attempts": 2,
-                "backoff": [1, 5], "timeout_s": 10, "tags": ["http", "one"], "unique_key": "http-one", "unique_ttl_s": 60 }),
+                "backoff": [1, 5], "timeout_s": 10, "tags": ["http", "one"] }),
     )
     .await
     .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
     let id = r.json::<Value>().await.unwrap()["data"]["id"].as_str().unwrap().to_string();
-    let again = post("/api/jobs", admin, json!({ "kind": "conveyor.noop", "unique_key": "http-one" })).await.unwrap();
-    assert_eq!(again.status(), StatusCode::OK);
-    let again: Value = again.json().await.unwrap();
-    assert_eq!((again["data"]["id"].as_str(), again["data"]["duplicate"].as_bool()), (Some(id.as_str()), Some(true)));
     crate::wait_for("the job to run", Duration::from_secs(20), || async {
         let j: Value = http.get(format!("{url}/api/jobs/{id}")).bearer_auth(admin).send().await.unwrap().json().await.unwrap();
         j["data"]["state"] == "completed"
@@ -39,6 +35,16 @@ async fn jobs_and_batches_enqueue_over_http_with_every_option() {
     .await;
     let j: Value = http.get(format!("{url}/api/jobs/{id}")).bearer_auth(admin).send().await.unwrap().json().await.unwrap();
     assert_eq!((j["data"]["max_attempts"].as_u64(), j["data"]["tags"].clone()), (Some(2), json!(["http", "one"])), "{j}");
+
+    // A unique key is held while its job waits (on a queue no worker serves here).
+    let unique = json!({ "kind": "conveyor.noop", "queue": "parked", "unique_key": "http-one", "unique_ttl_s": 60 });
+    let r = post("/api/jobs", admin, unique.clone()).await.unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let holder = r.json::<Value>().await.unwrap()["data"]["id"].as_str().unwrap().to_string();
+    let again = post("/api/jobs", admin, unique).await.unwrap();
+    assert_eq!(again.status(), StatusCode::OK);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!((again["data"]["id"].as_str(), again["data"]["duplicate"].as_bool()), (Some(holder.as_str()), Some(true)));
 
     // A delayed job waits.
     let r = post("/api/jobs", admin, json!({ "kind": "conveyor.noop", "queue": "later", "delay_s": 3600 })).await.unwrap();
