@@ -34,6 +34,18 @@ fn admin_only(who: &Principal) -> Result<(), ApiError> {
     }
 }
 
+/// What every reveal does, whoever the owner (a rule or a user).
+async fn reveal(s: &AppState, who: &Principal, owner: Owner) -> Result<Response, ApiError> {
+    admin_only(who)?;
+    Ok(ok(secrets::reveal(s.conveyor.backend().as_ref(), owner).await?))
+}
+
+/// What every rotation does, whoever the owner.
+async fn rotate(s: &AppState, who: &Principal, owner: Owner, body: &Bytes) -> Result<Response, ApiError> {
+    admin_only(who)?;
+    Ok(ok(secrets::rotate(s.conveyor.backend().as_ref(), owner, overlap(body)?).await?))
+}
+
 fn id_of(raw: &str, what: &str) -> Result<i64, ApiError> {
     raw.parse::<i64>().ok().filter(|v| *v > 0).ok_or_else(|| ApiError::NotFound(format!("no {what} {raw}")))
 }
@@ -61,8 +73,7 @@ pub(crate) async fn reveal_rule(
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    admin_only(&who)?;
-    Ok(ok(secrets::reveal(s.conveyor.backend().as_ref(), Owner::Rule(id_of(&id, "rule")?)).await?))
+    reveal(&s, &who, Owner::Rule(id_of(&id, "rule")?)).await
 }
 
 #[utoipa::path(post, path = "/api/rules/{id}/secret/rotate", tag = "notifications", params(("id" = i64, Path)),
@@ -76,9 +87,7 @@ pub(crate) async fn rotate_rule(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    admin_only(&who)?;
-    let owner = Owner::Rule(id_of(&id, "rule")?);
-    Ok(ok(secrets::rotate(s.conveyor.backend().as_ref(), owner, overlap(&body)?).await?))
+    rotate(&s, &who, Owner::Rule(id_of(&id, "rule")?), &body).await
 }
 
 #[utoipa::path(get, path = "/api/v1/users/{id}/secret", tag = "notifications", params(("id" = i64, Path)),
@@ -89,8 +98,7 @@ pub(crate) async fn reveal_user(
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    admin_only(&who)?;
-    Ok(ok(secrets::reveal(s.conveyor.backend().as_ref(), Owner::User(id_of(&id, "user")?)).await?))
+    reveal(&s, &who, Owner::User(id_of(&id, "user")?)).await
 }
 
 #[utoipa::path(post, path = "/api/v1/users/{id}/secret/rotate", tag = "notifications", params(("id" = i64, Path)),
@@ -104,7 +112,5 @@ pub(crate) async fn rotate_user(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    admin_only(&who)?;
-    let owner = Owner::User(id_of(&id, "user")?);
-    Ok(ok(secrets::rotate(s.conveyor.backend().as_ref(), owner, overlap(&body)?).await?))
+    rotate(&s, &who, Owner::User(id_of(&id, "user")?), &body).await
 }
