@@ -38,6 +38,11 @@ pub struct BackendConfig {
 
 /// Opens the backend the configuration names.
 pub fn connect(config: &BackendConfig) -> Result<Arc<dyn QueueBackend>, BackendError> {
+    Ok(conveyor_core::lane::Lanes::wrap(connect_raw(config)?))
+}
+
+/// The backend without the lanes folded (see `conveyor_core::lane`).
+fn connect_raw(config: &BackendConfig) -> Result<Arc<dyn QueueBackend>, BackendError> {
     match config.queue.as_str() {
         "database" => open_store(config),
         "redis" => {

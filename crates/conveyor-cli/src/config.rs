@@ -4,7 +4,7 @@
 //! stop start-up with a message naming the variable.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -39,6 +39,10 @@ pub(crate) struct Config {
     pub(crate) worker_token: Option<Secret>,
     /// `CONVEYOR_ALLOWED_HOSTS`: extra `Host` names the HTTP server answers to.
     pub(crate) allowed_hosts: Vec<String>,
+    /// `CONVEYOR_FAKTORY_ADDR` (`[faktory] addr`); `None` when `off`.
+    pub(crate) faktory_addr: Option<SocketAddr>,
+    /// `CONVEYOR_FAKTORY_TLS_CERT` and `CONVEYOR_FAKTORY_TLS_KEY`: PEM files.
+    pub(crate) faktory_tls: Option<(PathBuf, PathBuf)>,
     /// `CONVEYOR_HTTP_MAX_CONNECTIONS`: connections the HTTP server serves at once.
     pub(crate) http_max_connections: usize,
     pub(crate) shutdown_grace: Duration,
@@ -175,6 +179,16 @@ impl Config {
         };
         let (read_token, publish_token, worker_token) =
             (role_token("read_token")?, role_token("publish_token")?, role_token("worker_token")?);
+        let faktory_addr = match src.string("faktory", "addr", "127.0.0.1:7419").trim() {
+            "off" | "" => None,
+            _ => Some(src.parsed("faktory", "addr", SocketAddr::from(([127, 0, 0, 1], 7419)), "an address like 127.0.0.1:7419, or off")?),
+        };
+        let faktory_tls = match (src.optional("faktory", "tls_cert"), src.optional("faktory", "tls_key")) {
+            (Some(c), Some(k)) => Some((PathBuf::from(c), PathBuf::from(k))),
+            (None, None) => None,
+            (Some(_), None) => bail!("CONVEYOR_FAKTORY_TLS_CERT needs CONVEYOR_FAKTORY_TLS_KEY (the certificate's private key)"),
+            (None, Some(_)) => bail!("CONVEYOR_FAKTORY_TLS_KEY needs CONVEYOR_FAKTORY_TLS_CERT"),
+        };
         let log_format = src.string("log", "format", "text");
         if !matches!(log_format.as_str(), "text" | "json") {
             bail!("CONVEYOR_LOG_FORMAT: expected text or json, got {log_format:?}");
@@ -191,6 +205,8 @@ impl Config {
             read_token,
             publish_token,
             worker_token,
+            faktory_addr,
+            faktory_tls,
             http_max_connections: src.parsed("http", "max_connections", conveyor_server::MAX_CONNECTIONS, "a number of connections")?,
             allowed_hosts: src
                 .optional("allowed", "hosts")
@@ -249,6 +265,26 @@ impl Config {
             bound: Some(bound),
             session_ttl: None,
         }
+    }
+
+    /// The Faktory port's settings (its TLS files read and checked).
+    pub(crate) fn faktory(&self) -> anyhow::Result<conveyor_server::faktory::FaktoryConfig> {
+        let t = |s: &Option<Secret>| s.as_ref().map(|s| s.0.clone());
+        let tls = match &self.faktory_tls {
+            None => None,
+            Some((cert, key)) => {
+                let c = std::fs::read(cert).with_context(|| format!("CONVEYOR_FAKTORY_TLS_CERT: cannot read {}", cert.display()))?;
+                let k = std::fs::read(key).with_context(|| format!("CONVEYOR_FAKTORY_TLS_KEY: cannot read {}", key.display()))?;
+                Some(conveyor_server::faktory::tls_config(&c, &k).map_err(|e| anyhow::anyhow!("CONVEYOR_FAKTORY_TLS_CERT / _KEY: {e}"))?)
+            }
+        };
+        Ok(conveyor_server::faktory::FaktoryConfig {
+            admin_token: t(&self.api_token),
+            publish_token: t(&self.publish_token),
+            worker_token: t(&self.worker_token),
+            hash_iterations: None,
+            tls,
+        })
     }
 
     fn with_schedules(mut self, configured: Vec<Schedule>) -> Config {

@@ -35,6 +35,9 @@ pub(crate) struct WorkArgs {
     /// Jobs run at once
     #[arg(long)]
     concurrency: Option<usize>,
+    /// Also serve the Faktory work protocol on CONVEYOR_FAKTORY_ADDR
+    #[arg(long)]
+    faktory: bool,
 }
 
 /// The backend with every application's tables migrated.
@@ -148,10 +151,17 @@ pub(crate) async fn work(config: Config, args: WorkArgs) -> anyhow::Result<()> {
     let shutdown = shutdown_on_signals();
     let pruner = spawn_pruner(backend.clone(), config.retention_metrics, shutdown.clone());
     let conveyor = Conveyor::new(backend.clone(), registry(&config, &backend)?);
+    let faktory = match args.faktory {
+        true => Some(start_faktory(&config, &conveyor, &shutdown).await?.context("--faktory: CONVEYOR_FAKTORY_ADDR is off")?),
+        false => None,
+    };
     for s in &wc.supervisors {
         info!(supervisor = %s.name, queues = ?s.queues, concurrency = s.concurrency, "supervisor ready");
     }
     worker::run(conveyor, wc, shutdown).await;
+    if let Some(f) = faktory {
+        f.await.context("Faktory server task")?.context("Faktory server")?;
+    }
     let _ = pruner.await;
     Ok(())
 }
@@ -178,6 +188,7 @@ pub(crate) async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()>
         .with_schedules(scheduler.as_ref().map(Scheduler::info))
         .with_sync(config.apps.sync.clone());
     let http = tokio::spawn(conveyor_server::serve_with(listener, state, shutdown.clone(), config.http_max_connections));
+    let faktory = start_faktory(&config, &conveyor, &shutdown).await?;
     let scheduler = scheduler.map(|s| tokio::spawn(s.run(shutdown.clone())));
     let pruner = spawn_pruner(backend, config.retention_metrics, shutdown.clone());
     if !args.no_workers {
@@ -186,11 +197,34 @@ pub(crate) async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()>
         shutdown.cancelled().await;
     }
     http.await.context("HTTP server task")?.context("HTTP server")?;
+    if let Some(f) = faktory {
+        f.await.context("Faktory server task")?.context("Faktory server")?;
+    }
     if let Some(s) = scheduler {
         let _ = s.await;
     }
     let _ = pruner.await;
     Ok(())
+}
+
+/// The Faktory listener on `CONVEYOR_FAKTORY_ADDR` (`None` when it is `off`).
+async fn start_faktory(
+    config: &Config,
+    conveyor: &Conveyor,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<std::io::Result<()>>>> {
+    let Some(addr) = config.faktory_addr else { return Ok(None) };
+    if !addr.ip().is_loopback() && config.api_token.is_none() {
+        bail!("refusing to serve Faktory on {addr} without CONVEYOR_API_TOKEN: set a token or a loopback CONVEYOR_FAKTORY_ADDR");
+    }
+    let settings = config.faktory()?;
+    let tls = settings.tls.is_some();
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (CONVEYOR_FAKTORY_ADDR; `off` disables the Faktory port)"))?;
+    let local = listener.local_addr()?;
+    eprintln!("conveyor speaks Faktory on {}://{local}", if tls { "tcp+tls" } else { "tcp" });
+    Ok(Some(tokio::spawn(conveyor_server::faktory::serve(listener, conveyor.clone(), settings, shutdown.clone()))))
 }
 
 pub(crate) async fn schedule(config: Config) -> anyhow::Result<()> {

@@ -222,7 +222,8 @@ impl NewJob {
 
     /// Checks what a backend cannot fix for the caller.
     pub fn validate(&self) -> Result<(), String> {
-        validate_queue_name(&self.queue)?;
+        // The queue may name its remote lane (`crate::lane`), which only the engine does.
+        validate_queue_name(crate::lane::base(&self.queue))?;
         if self.kind.is_empty() || self.kind.len() > 200 {
             return Err("job kind must be 1 to 200 characters".into());
         }

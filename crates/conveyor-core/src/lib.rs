@@ -20,6 +20,7 @@ pub mod cron;
 pub mod event;
 pub mod hooks;
 pub mod job;
+pub mod lane;
 pub mod lock;
 pub mod metrics;
 pub mod middleware;

@@ -180,6 +180,11 @@ impl Registry {
         self
     }
 
+    /// Whether this registry runs `kind` (a local kind; see [`crate::lane`]).
+    pub fn contains(&self, kind: &str) -> bool {
+        self.handlers.contains_key(kind)
+    }
+
     pub fn kinds(&self) -> impl Iterator<Item = &str> {
         self.handlers.keys().map(String::as_str)
     }

@@ -174,9 +174,9 @@ fn parse_job(s: &AppState, who: &Principal, o: &Map<String, Value>, prefix: &str
     if RESERVED.iter().any(|p| kind.starts_with(p)) && who.role != Some(Role::Admin) {
         return Err(ApiError::Forbidden(format!("jobs of the built-in kind {kind:?} can be created by the admin token only")));
     }
-    if !s.conveyor.registry().kinds().any(|k| k == kind) {
-        return Err(bad("kind", "no handler is registered for this kind here"));
-    }
+    // A kind this build cannot run is remote: workers in other languages fetch it over the
+    // Faktory protocol (`conveyor_core::lane`).
+    let remote = !s.conveyor.registry().contains(&kind);
     let payload = match o.get("payload") {
         None | Some(Value::Null) => "{}".to_string(),
         Some(p) => p.to_string(),
@@ -240,6 +240,9 @@ fn parse_job(s: &AppState, who: &Principal, o: &Map<String, Value>, prefix: &str
     }
     if o.get("id").is_some_and(|v| !v.is_null()) {
         return Err(bad("id", "is chosen by Conveyor (use unique_key to deduplicate)"));
+    }
+    if remote {
+        job.queue = conveyor_core::lane::remote(&job.queue);
     }
     job.validate().map_err(ApiError::BadRequest)?;
     Ok(job)

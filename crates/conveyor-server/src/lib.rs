@@ -6,6 +6,7 @@
 
 pub mod access;
 pub mod error;
+pub mod faktory;
 
 mod admin;
 mod dashboard;
