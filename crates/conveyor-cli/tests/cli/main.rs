@@ -5,6 +5,7 @@ mod access;
 mod amqp;
 mod browser;
 mod commands;
+mod faktory;
 mod http;
 mod jobs;
 mod orders;
@@ -132,6 +133,9 @@ impl TestEnv {
             .env("CONVEYOR_DATABASE_URL", self.db_url())
             .env("CONVEYOR_CONFIG", self.config_path())
             .env("CONVEYOR_LOG", "warn")
+            // The Faktory listener's default port is fixed, so parallel tests would collide on
+            // it: off unless a test asks for it (a later `.env` on the command wins).
+            .env("CONVEYOR_FAKTORY_ADDR", "off")
             .envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }

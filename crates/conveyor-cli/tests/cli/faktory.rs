@@ -1,0 +1,669 @@
+//! `conveyor serve` speaking the Faktory work protocol to real, unchanged Faktory clients:
+//! pyfaktory 0.2.13 and node's faktory-worker 4.7.1 (the scripts in `tests/faktory/`, run as
+//! processes of their own) and the Rust `faktory` crate 0.13.1 (in the test process).
+//!
+//! The Python and node clients are installed on first use under the target directory (a venv with
+//! pip, `npm install --prefix`). Without python3/pip or node/npm a test is skipped outside CI and
+//! fails under `CI=true`. Each client process runs in a process group of its own (pyfaktory runs
+//! its handlers in child processes), killed with the group when the test ends; its output goes to
+//! a file in the test's directory and is printed when the test fails, as is the server's log.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use faktory::{Job, JobId, Worker};
+use serde_json::{json, Value};
+
+use crate::{wait_for, TestEnv};
+
+const ADMIN: &str = "fk-admin-token-1";
+const PUBLISH: &str = "fk-publish-token-1";
+const WORKER: &str = "fk-worker-token-1";
+const READ: &str = "fk-read-token-1";
+
+/// The client scripts.
+const SCRIPTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/faktory");
+
+fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+// --- installing the clients -------------------------------------------------------------------
+
+fn run(cmd: &mut Command, what: &str) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| format!("{what}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!("{what}: {}{}", String::from_utf8_lossy(&out.stdout).trim(), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+/// A Python with pyfaktory 0.2.13, in a virtual environment under the target directory
+/// (installed once per test binary; kept for the next runs).
+fn pyfaktory() -> &'static Result<PathBuf, String> {
+    static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("pyfaktory-0.2.13-venv");
+        let python = venv.join("bin").join("python");
+        let has_it = || {
+            Command::new(&python)
+                .args(["-c", "import importlib.metadata as m, pyfaktory; assert m.version('pyfaktory') == '0.2.13'"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if has_it() {
+            return Ok(python);
+        }
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv), "python3 -m venv")?;
+        run(
+            Command::new(&python).args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "pyfaktory==0.2.13"]),
+            "pip install pyfaktory==0.2.13",
+        )?;
+        if has_it() {
+            Ok(python)
+        } else {
+            Err("pyfaktory does not import after installing it".into())
+        }
+    })
+}
+
+/// The `node_modules` folder (for `NODE_PATH`) of faktory-worker 4.7.1, installed once with npm
+/// under the target directory.
+fn faktory_worker_node() -> &'static Result<PathBuf, String> {
+    static NODE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    NODE.get_or_init(|| {
+        let version = run(Command::new("node").arg("--version"), "node --version")?;
+        let major: u32 = version.trim().trim_start_matches('v').split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
+        if major < 16 {
+            return Err(format!("faktory-worker 4.7.1 needs node 16 or newer, not {}", version.trim()));
+        }
+        run(Command::new("npm").arg("--version"), "npm --version")?;
+        let prefix = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("faktory-worker-4.7.1-node");
+        let modules = prefix.join("node_modules");
+        let has_it = || {
+            Command::new("node")
+                .env("NODE_PATH", &modules)
+                .args(["-e", "if (require('faktory-worker/package.json').version !== '4.7.1') process.exit(1)"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if has_it() {
+            return Ok(modules);
+        }
+        std::fs::create_dir_all(&prefix).map_err(|e| format!("creating {}: {e}", prefix.display()))?;
+        run(
+            Command::new("npm")
+                .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+                .arg(&prefix)
+                .arg("faktory-worker@4.7.1"),
+            "npm install faktory-worker@4.7.1",
+        )?;
+        if has_it() {
+            Ok(modules)
+        } else {
+            Err("faktory-worker does not load after installing it".into())
+        }
+    })
+}
+
+/// The language of the client scripts, with what runs them.
+#[derive(Clone)]
+enum Lang {
+    /// The venv's python.
+    Python(PathBuf),
+    /// faktory-worker's `node_modules`.
+    Node(PathBuf),
+}
+
+impl Lang {
+    /// pyfaktory, or `None` when it can't be had outside CI (the test is skipped).
+    fn python() -> Option<Lang> {
+        match pyfaktory() {
+            Ok(python) => Some(Lang::Python(python.clone())),
+            Err(e) if ci() => panic!("CI needs python3 with pip (and PyPI) for the Faktory tests: {e}"),
+            Err(e) => {
+                eprintln!("skipping: no pyfaktory ({e})");
+                None
+            }
+        }
+    }
+
+    /// faktory-worker, or `None` when it can't be had outside CI (the test is skipped).
+    fn node() -> Option<Lang> {
+        match faktory_worker_node() {
+            Ok(modules) => Some(Lang::Node(modules.clone())),
+            Err(e) if ci() => panic!("CI needs node and npm (and the npm registry) for the Faktory tests: {e}"),
+            Err(e) => {
+                eprintln!("skipping: no faktory-worker for node ({e})");
+                None
+            }
+        }
+    }
+
+    /// The prefix of this language's jobtypes (`py.ok`, `node.ok`).
+    fn prefix(&self) -> &'static str {
+        match self {
+            Lang::Python(_) => "py",
+            Lang::Node(_) => "node",
+        }
+    }
+
+    /// Runs `tests/faktory/<script>.py|.js` against the Faktory server at `url`.
+    fn command(&self, script: &str, url: &str) -> Command {
+        let mut c = match self {
+            Lang::Python(python) => {
+                let mut c = Command::new(python);
+                c.arg(Path::new(SCRIPTS).join(format!("{script}.py"))).env("PYTHONUNBUFFERED", "1");
+                c
+            }
+            Lang::Node(modules) => {
+                let mut c = Command::new("node");
+                c.arg(Path::new(SCRIPTS).join(format!("{script}.js"))).env("NODE_PATH", modules);
+                c
+            }
+        };
+        c.env("FAKTORY_URL", url).env_remove("FAKTORY_PROVIDER");
+        c
+    }
+
+    /// Starts a worker for `jobtypes` on queue `default`, recording into `out`.
+    fn worker(&self, url: &str, concurrency: usize, jobtypes: &[&str], out: &Path, dir: &Path, name: &str) -> ClientProc {
+        let mut c = self.command("worker", url);
+        c.arg("--concurrency").arg(concurrency.to_string()).args(jobtypes).env("OUT", out);
+        ClientProc::spawn(c, dir, name)
+    }
+
+    /// Runs the producer to its end and returns what it printed, or its exit status and log when
+    /// it failed.
+    async fn produce(&self, url: &str, args: &[&str], dir: &Path, name: &str) -> Result<Value, (ExitStatus, String)> {
+        let mut c = self.command("producer", url);
+        c.args(args);
+        let mut p = ClientProc::spawn(c, dir, name);
+        let status = crate::wait_exit(&mut p.child, Duration::from_secs(60)).await;
+        if !status.success() {
+            return Err((status, p.log()));
+        }
+        let stdout = p.stdout();
+        Ok(serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{name} printed no JSON ({e}): {stdout:?}\n{}", p.log())))
+    }
+}
+
+// --- processes ---------------------------------------------------------------------------------
+
+/// A client process, leader of a process group of its own: the group is killed (SIGKILL) when
+/// the value goes, and the output is printed if that happens in a failing test.
+struct ClientProc {
+    child: Child,
+    name: String,
+    stdout: PathBuf,
+    log: PathBuf,
+}
+
+impl ClientProc {
+    fn spawn(mut cmd: Command, dir: &Path, name: &str) -> ClientProc {
+        let stdout = dir.join(format!("{name}.stdout"));
+        let log = dir.join(format!("{name}.log"));
+        let file = |p: &Path| std::fs::File::create(p).unwrap_or_else(|e| panic!("creating {}: {e}", p.display()));
+        cmd.stdin(Stdio::null()).stdout(file(&stdout)).stderr(file(&log)).process_group(0);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {name}: {e}"));
+        ClientProc { child, name: name.to_string(), stdout, log }
+    }
+
+    fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL to the whole group (a pyfaktory worker and its handler processes), then reaps the
+    /// leader.
+    fn kill_group(&mut self) {
+        // SAFETY: kill(2) on the process group this value's child leads. The group id stays ours
+        // while any member lives (a pid is not reused as long as a group with that id exists).
+        unsafe { libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+
+    fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for ClientProc {
+    fn drop(&mut self) {
+        self.kill_group();
+        if std::thread::panicking() {
+            eprintln!("--- {} stdout ---\n{}", self.name, tail(&self.stdout(), 20));
+            eprintln!("--- {} log ---\n{}", self.name, tail(&self.log(), 60));
+        }
+    }
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// `conveyor serve` with the Faktory listener on a free port; its log (CONVEYOR_LOG=warn, or
+/// `CONVEYOR_TEST_SERVE_LOG` when set) goes to `serve.log` and is printed if the test fails.
+struct Server {
+    _proc: crate::Proc,
+    http: String,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Server {
+    async fn start(env: &TestEnv, extra_env: &[(&str, &str)]) -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+        let mut cmd = env.conveyor(&["serve"]);
+        cmd.env("CONVEYOR_HTTP_ADDR", "127.0.0.1:0").env("CONVEYOR_FAKTORY_ADDR", format!("127.0.0.1:{port}"));
+        if let Ok(filter) = std::env::var("CONVEYOR_TEST_SERVE_LOG") {
+            cmd.env("CONVEYOR_LOG", filter);
+        }
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawning conveyor serve");
+        let log = env.dir.path().join("serve.log");
+        let mut sink = std::fs::File::create(&log).expect("creating serve.log");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let http = loop {
+            use std::io::Write as _;
+            let Some(Ok(line)) = lines.next() else {
+                let _ = child.wait();
+                panic!("serve exited before it listened: {}", std::fs::read_to_string(&log).unwrap_or_default());
+            };
+            let _ = writeln!(sink, "{line}");
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                break format!("http://{}", rest.split_whitespace().next().unwrap());
+            }
+        };
+        // Keep copying its log so the child never blocks on a full pipe.
+        std::thread::spawn(move || {
+            use std::io::Write as _;
+            for line in lines.map_while(Result::ok) {
+                let _ = writeln!(sink, "{line}");
+            }
+        });
+        let server = Server { _proc: crate::Proc(child), http, port, log };
+        wait_for("the Faktory listener to greet with HI", Duration::from_secs(20), || async { server.greets() }).await;
+        server
+    }
+
+    /// A connection to the Faktory port gets `+HI {…}`.
+    fn greets(&self) -> bool {
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else { return false };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut buf = [0u8; 256];
+        let mut got = Vec::new();
+        while !got.ends_with(b"\r\n") {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        got.starts_with(b"+HI {")
+    }
+
+    /// FAKTORY_URL with `token` as the password.
+    fn url(&self, token: &str) -> String {
+        format!("tcp://:{token}@127.0.0.1:{}", self.port)
+    }
+
+    fn api(&self) -> Api {
+        Api { http: reqwest::Client::new(), url: self.http.clone(), token: ADMIN.to_string() }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- conveyor serve log ---\n{}", tail(&std::fs::read_to_string(&self.log).unwrap_or_default(), 60));
+        }
+    }
+}
+
+/// Every role's token: the Faktory password is one of them.
+fn tokens() -> [(&'static str, &'static str); 4] {
+    [("CONVEYOR_API_TOKEN", ADMIN), ("CONVEYOR_PUBLISH_TOKEN", PUBLISH), ("CONVEYOR_WORKER_TOKEN", WORKER), ("CONVEYOR_READ_TOKEN", READ)]
+}
+
+// --- the HTTP API ------------------------------------------------------------------------------
+
+struct Api {
+    http: reqwest::Client,
+    url: String,
+    token: String,
+}
+
+impl Api {
+    async fn data(&self, path: &str) -> Value {
+        let r = self.http.get(format!("{}{path}", self.url)).bearer_auth(&self.token).send().await.unwrap();
+        let status = r.status();
+        let body: Value = r.json().await.unwrap();
+        assert!(status.is_success(), "GET {path}: {status} {body}");
+        body["data"].clone()
+    }
+
+    /// The jobs of `kind` in `state` (up to 1,000).
+    async fn jobs(&self, kind: &str, state: &str) -> Vec<Value> {
+        let rows = self.data(&format!("/api/jobs?kind={kind}&status={state}&per_page=1000")).await;
+        let rows = rows.as_array().cloned().unwrap_or_default();
+        for r in &rows {
+            assert_eq!((r["kind"].as_str(), r["state"].as_str()), (Some(kind), Some(state)), "the API filters by kind and state: {r}");
+        }
+        rows
+    }
+
+    /// The failed store's rows of `kind`.
+    async fn failed(&self, kind: &str) -> Vec<Value> {
+        let rows = self.data("/api/jobs/failed?per_page=1000").await;
+        rows.as_array().cloned().unwrap_or_default().into_iter().filter(|r| r["kind"] == kind).collect()
+    }
+
+    async fn queue(&self, name: &str) -> Value {
+        let queues = self.data("/api/queues").await;
+        queues.as_array().and_then(|qs| qs.iter().find(|q| q["queue"] == name).cloned()).unwrap_or(Value::Null)
+    }
+}
+
+/// The tag of a job the scripts pushed (`args` = [i, tag, sleep]).
+fn tag_of(job: &Value) -> Option<&str> {
+    job["payload"]["args"][1].as_str()
+}
+
+/// The lines of a worker's OUT file that start with `tag:`.
+fn recorded(out: &Path, tag: &str) -> Vec<String> {
+    let prefix = format!("{tag}:");
+    std::fs::read_to_string(out).unwrap_or_default().lines().filter(|l| l.starts_with(&prefix)).map(str::to_string).collect()
+}
+
+fn distinct(lines: &[String]) -> BTreeSet<String> {
+    lines.iter().cloned().collect()
+}
+
+/// A job that failed once with the default retry (25) waits with Faktory's first backoff: 15 s
+/// plus up to 30 s of jitter after its FAIL, which happened between `since` and `until`
+/// (ms since the epoch). A second of slack either way for rounding.
+fn assert_first_backoff(job: &Value, since: i64, until: i64) {
+    let at = job["available_at"].as_i64().unwrap_or_else(|| panic!("a delayed job has available_at: {job}"));
+    assert!(
+        at >= since + 15_000 - 1_000 && at <= until + 45_000 + 1_000,
+        "the first retry waits 15-45 s after the FAIL (between {since} and {until}), not until {at}: {job}"
+    );
+    assert_eq!((job["attempts"].as_u64(), job["max_attempts"].as_u64()), (Some(1), Some(26)), "retry 25 is 26 attempts, one spent: {job}");
+}
+
+/// Waits (30 s) for the one job of `kind` and `tag` to be delayed after its FAIL; returns it with
+/// the window in which the FAIL happened (from the start of the last poll that did not see it).
+async fn delayed_after_fail(api: &Api, kind: &str, tag: &str, pushed_at: i64) -> (Value, i64, i64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut since = pushed_at;
+    loop {
+        let start = now_ms();
+        let rows = api.jobs(kind, "delayed").await;
+        let end = now_ms();
+        if let Some(job) = rows.into_iter().find(|j| tag_of(j) == Some(tag)) {
+            return (job, since, end);
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for the {kind} job tagged {tag} to be delayed after its FAIL");
+        since = start;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// --- the tests ---------------------------------------------------------------------------------
+
+/// What the Python and the node tests share: tokens, 200 jobs worked exactly once, a failure
+/// without retries in the failed store, a failure with retries delayed by Faktory's backoff.
+async fn push_and_work_exactly_once(env: &TestEnv, lang: Lang) {
+    let server = Server::start(env, &tokens()).await;
+    let api = server.api();
+    let dir = env.dir.path();
+    let out = dir.join("out.txt");
+    let (ok, boom) = (format!("{}.ok", lang.prefix()), format!("{}.boom", lang.prefix()));
+
+    // The read token and a token of no role are refused (at HELLO): the client fails.
+    for (who, url) in [("read", server.url(READ)), ("unknown", server.url("fk-no-such-token"))] {
+        let Err((status, log)) = lang.produce(&url, &[&ok, "1", "default", "--tag", "refused"], dir, &format!("producer-{who}")).await
+        else {
+            panic!("the {who} token pushed a job");
+        };
+        assert!(log.contains("ERR"), "the client reports the server's -ERR for the {who} token ({status}): {log}");
+    }
+    // The publish token does not work jobs: a worker with it stops (with no job to take).
+    let mut publisher = lang.worker(&server.url(PUBLISH), 1, &[&ok], &out, dir, "worker-publish");
+    let status = crate::wait_exit(&mut publisher.child, Duration::from_secs(30)).await;
+    assert!(!status.success(), "a worker with the publish token is refused: {status}");
+    drop(publisher);
+
+    let mut worker = lang.worker(&server.url(WORKER), 4, &[&ok, &boom], &out, dir, "worker");
+
+    // 200 jobs, 100 PUSHed one by one and 100 in a PUSHB with one invalid job more, which alone
+    // is refused.
+    let pushed = lang.produce(&server.url(PUBLISH), &[&ok, "200", "default", "--tag", "ok", "--bad-jid"], dir, "producer-ok").await;
+    let pushed = pushed.unwrap_or_else(|(status, log)| panic!("the producer failed ({status}): {log}"));
+    assert_eq!(pushed["pushed"], 200, "{pushed}");
+    let rejected = pushed["bulk_rejected"].as_object().cloned().unwrap_or_default();
+    assert_eq!(rejected.keys().collect::<Vec<_>>(), ["abc"], "PUSHB names the invalid jid, and only it: {pushed}");
+    assert!(rejected["abc"].as_str().is_some_and(|m| !m.is_empty()), "with a reason: {pushed}");
+    assert!(pushed["info"]["server"].is_object(), "INFO answers with the server's state: {}", pushed["info"]);
+    let jids: BTreeSet<String> = pushed["jids"].as_array().unwrap().iter().map(|j| j.as_str().unwrap().to_string()).collect();
+    assert_eq!(jids.len(), 200);
+
+    wait_for("the worker to record 200 distinct jobs", Duration::from_secs(60), || async { distinct(&recorded(&out, "ok")).len() == 200 })
+        .await;
+    wait_for("200 completed jobs in the API", Duration::from_secs(30), || async { api.jobs(&ok, "completed").await.len() >= 200 }).await;
+    let lines = recorded(&out, "ok");
+    let expected: BTreeSet<String> = (0..200).map(|i| format!("ok:{i}")).collect();
+    assert_eq!(distinct(&lines), expected, "every job ran, and only these (not the refused ones)");
+    assert_eq!(lines.len(), 200, "no job ran twice");
+    let done = api.jobs(&ok, "completed").await;
+    assert_eq!(done.len(), 200, "each job completed once");
+    let done_jids: BTreeSet<String> = done.iter().map(|j| j["payload"]["jid"].as_str().unwrap_or_default().to_string()).collect();
+    assert_eq!(done_jids, jids, "the jobs keep their jids");
+    for j in &done {
+        assert_eq!(
+            (j["queue"].as_str(), j["payload"]["jobtype"].as_str(), j["attempts"].as_u64()),
+            (Some("default"), Some(ok.as_str()), Some(1)),
+            "{j}"
+        );
+        assert_eq!(tag_of(j), Some("ok"), "{j}");
+    }
+    for state in ["pending", "delayed", "reserved"] {
+        assert!(api.jobs(&ok, state).await.is_empty(), "no {ok} job left {state}");
+    }
+    assert!(api.failed(&ok).await.is_empty(), "no {ok} job failed");
+
+    // retry 0: one FAIL sends the job to the failed store, with the handler's error.
+    let pushed = lang
+        .produce(&server.url(PUBLISH), &[&boom, "1", "default", "--tag", "boom0", "--retry", "0"], dir, "producer-boom0")
+        .await
+        .unwrap();
+    let jid = pushed["jids"][0].as_str().unwrap().to_string();
+    wait_for("the retry-0 failure in the failed store", Duration::from_secs(30), || async {
+        api.failed(&boom).await.iter().any(|f| f["payload"]["jid"] == jid.as_str())
+    })
+    .await;
+    let failed = api.failed(&boom).await.into_iter().find(|f| f["payload"]["jid"] == jid.as_str()).unwrap();
+    assert!(failed["error"].as_str().is_some_and(|e| e.contains("boom boom0:0")), "the failed store keeps the client's error: {failed}");
+    assert_eq!((failed["attempts"].as_u64(), failed["max_attempts"].as_u64()), (Some(1), Some(1)), "{failed}");
+    assert_eq!(failed["queue"], "default");
+
+    // The default retry (the clients send 25): the FAIL schedules the retry with Faktory's backoff.
+    let pushed_at = now_ms();
+    let pushed = lang.produce(&server.url(PUBLISH), &[&boom, "1", "default", "--tag", "boom25"], dir, "producer-boom25").await.unwrap();
+    let (job, since, until) = delayed_after_fail(&api, &boom, "boom25", pushed_at).await;
+    assert_eq!(job["payload"]["jid"], pushed["jids"][0]);
+    assert!(job["error"].as_str().is_some_and(|e| e.contains("boom boom25:0")), "{job}");
+    assert_first_backoff(&job, since, until);
+    assert!(!api.failed(&boom).await.iter().any(|f| tag_of(f) == Some("boom25")), "a job with retries left is not in the failed store");
+
+    assert!(worker.running(), "the worker survived everything the server answered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_clients_push_and_work_exactly_once_on_sqlite() {
+    let Some(lang) = Lang::python() else { return };
+    let env = TestEnv::new("");
+    push_and_work_exactly_once(&env, lang).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_clients_push_and_work_exactly_once_on_redis() {
+    let Some(lang) = Lang::node() else { return };
+    let Some(redis) = conveyor_backends::redis::testing::TestRedis::create() else { return };
+    let (url, prefix) = (redis.url.clone(), redis.prefix.clone());
+    let env = TestEnv::redis("", &url, &prefix, Some(redis));
+    push_and_work_exactly_once(&env, lang).await;
+}
+
+/// The Rust `faktory` crate: PUSH, PUSHB with a partial failure, a strictly parsed INFO, FETCH
+/// with ACK and FAIL, a blocking empty FETCH, a local kind that Conveyor runs itself, and a
+/// paused queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_client_pushes_works_fails_and_pauses() {
+    let env = TestEnv::new("");
+    let server = Server::start(&env, &tokens()).await;
+    let api = server.api();
+
+    assert!(faktory::Client::connect_to(&server.url(READ)).await.is_err(), "the read token is refused");
+    let mut producer = faktory::Client::connect_to(&server.url(PUBLISH)).await.expect("HELLO with the publish token");
+    let info = producer.current_info().await.expect("INFO parses strictly (semver, integers, tasks)");
+    assert_eq!(info.server.version.major, 1, "{:?}", info.server);
+
+    producer.enqueue(Job::new("rs.ok", vec![json!(1), json!("one")])).await.expect("PUSH");
+    let bad = Job::builder("rs.ok").jid(JobId::new("abc")).args(vec![json!(-1), json!("bad")]).build();
+    let (n, errors) = producer.enqueue_many([Job::new("rs.ok", vec![json!(2), json!("two")]), bad]).await.expect("PUSHB");
+    assert_eq!(n, 1, "the valid job of the bulk is enqueued");
+    let errors = errors.expect("PUSHB names the rejected job");
+    assert_eq!(errors.keys().collect::<Vec<_>>(), ["abc"], "{errors:?}");
+
+    let seen: Arc<Mutex<Vec<Vec<Value>>>> = Arc::default();
+    let record = Arc::clone(&seen);
+    let mut worker = Worker::builder::<std::io::Error>()
+        .register_fn("rs.ok", move |job| {
+            let record = Arc::clone(&record);
+            async move {
+                record.lock().unwrap().push(job.args().to_vec());
+                Ok(())
+            }
+        })
+        .register_fn("rs.boom", |job| async move { Err(std::io::Error::other(format!("kaboom {}", job.args()[0]))) })
+        .connect_to(&server.url(WORKER))
+        .await
+        .expect("HELLO with the worker token");
+
+    assert!(worker.run_one(0, &["default"]).await.expect("FETCH and ACK"), "a job was fetched");
+    assert!(worker.run_one(0, &["default"]).await.expect("FETCH and ACK"), "a job was fetched");
+    let mut got = seen.lock().unwrap().clone();
+    got.sort_by_key(|args| args[0].as_i64());
+    assert_eq!(got, vec![vec![json!(1), json!("one")], vec![json!(2), json!("two")]]);
+    wait_for("both rs.ok jobs completed in the API", Duration::from_secs(10), || async { api.jobs("rs.ok", "completed").await.len() == 2 })
+        .await;
+    assert!(api.jobs("rs.ok", "completed").await.iter().all(|j| j["attempts"] == 1));
+
+    // A local kind pushed over Faktory is Conveyor's to run: FETCH never hands it out, and with
+    // nothing else queued it blocks about 2 s and answers null.
+    let mut admin = faktory::Client::connect_to(&server.url(ADMIN)).await.expect("HELLO with the admin token");
+    admin.enqueue(Job::new("conveyor.noop", Vec::<Value>::new())).await.expect("PUSH of a local kind");
+    let t = Instant::now();
+    assert!(!worker.run_one(0, &["default"]).await.expect("an empty FETCH"), "FETCH hands out no local job");
+    let waited = t.elapsed();
+    assert!(waited >= Duration::from_millis(1_500) && waited < Duration::from_secs(5), "an empty FETCH blocks about 2 s, not {waited:?}");
+    wait_for("Conveyor's own worker to run the conveyor.noop", Duration::from_secs(30), || async {
+        !api.jobs("conveyor.noop", "completed").await.is_empty()
+    })
+    .await;
+
+    // A handler error: FAIL, and the job waits for its retry (Rust's default retry is 25).
+    producer.enqueue(Job::new("rs.boom", vec![json!(7)])).await.unwrap();
+    let since = now_ms();
+    assert!(worker.run_one(0, &["default"]).await.expect("FETCH and FAIL"));
+    let until = now_ms();
+    wait_for("the failed rs.boom job to be delayed", Duration::from_secs(10), || async {
+        !api.jobs("rs.boom", "delayed").await.is_empty()
+    })
+    .await;
+    let delayed = api.jobs("rs.boom", "delayed").await;
+    assert_eq!(delayed.len(), 1, "{delayed:?}");
+    assert!(delayed[0]["error"].as_str().is_some_and(|e| e.contains("kaboom 7")), "{}", delayed[0]);
+    assert_first_backoff(&delayed[0], since, until);
+    // retry 0: straight to the failed store.
+    producer.enqueue(Job::builder("rs.boom").args(vec![json!(8)]).retry(0isize).build()).await.unwrap();
+    assert!(worker.run_one(0, &["default"]).await.expect("FETCH and FAIL"));
+    wait_for("the retry-0 rs.boom job in the failed store", Duration::from_secs(10), || async { !api.failed("rs.boom").await.is_empty() })
+        .await;
+    let failed = api.failed("rs.boom").await;
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(failed[0]["error"].as_str().is_some_and(|e| e.contains("kaboom 8")), "{}", failed[0]);
+
+    // A paused queue hands out nothing until resumed.
+    producer.enqueue(Job::new("rs.ok", vec![json!(3), json!("paused")]).on_queue("rs-paused")).await.unwrap();
+    admin.queue_pause(&["rs-paused"]).await.expect("QUEUE PAUSE");
+    assert!(!worker.run_one(0, &["rs-paused"]).await.expect("FETCH on a paused queue"), "nothing is fetched from a paused queue");
+    let q = api.queue("rs-paused").await;
+    assert_eq!((q["paused"].as_bool(), q["pending"].as_u64()), (Some(true), Some(1)), "{q}");
+    admin.queue_resume(&["rs-paused"]).await.expect("QUEUE RESUME");
+    assert!(worker.run_one(0, &["rs-paused"]).await.expect("FETCH after RESUME"), "the job comes once the queue is resumed");
+    assert!(seen.lock().unwrap().contains(&vec![json!(3), json!("paused")]));
+    assert!(producer.queue_pause(&["default"]).await.is_err(), "the publish token may not pause queues");
+}
+
+/// A pyfaktory worker SIGKILLed (with its handler processes) in the middle of 30 one-second jobs:
+/// a second worker gets every job, those the first held coming back once its BEATs stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_python_worker_loses_nothing() {
+    let Some(lang) = Lang::python() else { return };
+    let env = TestEnv::new("");
+    let server = Server::start(&env, &tokens()).await;
+    let api = server.api();
+    let dir = env.dir.path();
+    let out = dir.join("out.txt");
+
+    let mut first = lang.worker(&server.url(WORKER), 4, &["py.slow"], &out, dir, "worker-1");
+    let pushed =
+        lang.produce(&server.url(PUBLISH), &["py.slow", "30", "default", "--tag", "slow", "--sleep", "1"], dir, "producer").await.unwrap();
+    assert_eq!(pushed["pushed"], 30, "{pushed}");
+
+    wait_for("4 jobs recorded while others are reserved", Duration::from_secs(60), || async {
+        recorded(&out, "slow").len() >= 4 && api.queue("default").await["reserved"].as_u64().unwrap_or(0) > 0
+    })
+    .await;
+    first.kill_group();
+    let killed_at = Instant::now();
+    let stranded: Vec<Value> = api.jobs("py.slow", "reserved").await;
+    let at_kill = distinct(&recorded(&out, "slow")).len();
+    assert!(at_kill < 30, "the worker was killed mid-way ({at_kill} done)");
+    assert!(!stranded.is_empty(), "the killed worker held reservations");
+
+    let _second = lang.worker(&server.url(WORKER), 4, &["py.slow"], &out, dir, "worker-2");
+    let expected: BTreeSet<String> = (0..30).map(|i| format!("slow:{i}")).collect();
+    wait_for("every job recorded, the killed worker's too", Duration::from_secs(90), || async {
+        distinct(&recorded(&out, "slow")) == expected
+    })
+    .await;
+    eprintln!("all 30 jobs done {:?} after the SIGKILL; {} were reserved by the killed worker", killed_at.elapsed(), stranded.len());
+    wait_for("30 completed jobs in the API", Duration::from_secs(30), || async { api.jobs("py.slow", "completed").await.len() >= 30 })
+        .await;
+    let done = api.jobs("py.slow", "completed").await;
+    assert_eq!(done.len(), 30, "each job completed once");
+    let ids: BTreeSet<&str> = done.iter().filter_map(|j| j["id"].as_str()).collect();
+    assert_eq!(ids.len(), 30);
+    for j in &stranded {
+        assert!(done.iter().any(|d| d["id"] == j["id"]), "the stranded job completed: {j}");
+    }
+}
