@@ -27,6 +27,8 @@ mod admin;
 mod conn;
 mod hub;
 mod job;
+#[cfg(test)]
+mod tests;
 mod wire;
 
 /// The Faktory version clients are told (they check for 1.x with the commands used here).

@@ -1,0 +1,200 @@
+//! The protocol over a real socket, command by command: bad input gets a clear `-ERR`, stores
+//! nothing, and the connection carries on. (The real client libraries are exercised end to end
+//! by the CLI tests, `tests/cli/faktory.rs`.)
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use conveyor_backends::sqlite::{SqliteBackend, SqliteOptions};
+use conveyor_core::backend::{JobFilter, Page};
+use conveyor_core::{Conveyor, QueueBackend, Registry};
+
+use super::conn::password_hash;
+use super::FaktoryConfig;
+
+struct Server {
+    addr: std::net::SocketAddr,
+    backend: Arc<dyn QueueBackend>,
+    stop: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn server(config: FaktoryConfig) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let raw: Arc<dyn QueueBackend> =
+        Arc::new(SqliteBackend::open(SqliteOptions::new(dir.path().join("f.db").to_string_lossy().to_string())).unwrap());
+    let backend = conveyor_core::lane::Lanes::wrap(raw);
+    let mut registry = Registry::new();
+    registry.register("local.echo", |_: Value, _ctx| async { Ok(()) });
+    let conveyor = Conveyor::new(backend.clone(), registry);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(super::serve(listener, conveyor, config, stop.clone()));
+    Server { addr, backend, stop, _dir: dir }
+}
+
+struct Client {
+    r: BufReader<tokio::io::ReadHalf<TcpStream>>,
+    w: tokio::io::WriteHalf<TcpStream>,
+    greeting: Value,
+}
+
+impl Client {
+    async fn connect(s: &Server) -> Client {
+        let (r, w) = tokio::io::split(TcpStream::connect(s.addr).await.unwrap());
+        let mut c = Client { r: BufReader::new(r), w, greeting: Value::Null };
+        let hi = c.reply().await;
+        c.greeting = serde_json::from_str(hi.strip_prefix("+HI ").expect("a greeting")).unwrap();
+        c
+    }
+
+    /// One reply: a simple string or error as its line, a bulk string as its content, `nil`.
+    async fn reply(&mut self) -> String {
+        let mut line = String::new();
+        tokio::time::timeout(Duration::from_secs(10), self.r.read_line(&mut line)).await.expect("a reply in time").unwrap();
+        let line = line.trim_end().to_string();
+        if let Some(n) = line.strip_prefix('$') {
+            let n: i64 = n.parse().unwrap();
+            if n < 0 {
+                return "nil".into();
+            }
+            let mut body = vec![0; n as usize + 2];
+            self.r.read_exact(&mut body).await.unwrap();
+            body.truncate(n as usize);
+            return String::from_utf8(body).unwrap();
+        }
+        line
+    }
+
+    async fn send(&mut self, line: &str) -> String {
+        self.w.write_all(line.as_bytes()).await.unwrap();
+        self.w.write_all(b"\r\n").await.unwrap();
+        self.reply().await
+    }
+
+    async fn hello(s: &Server, password: Option<&str>) -> Client {
+        let mut c = Client::connect(s).await;
+        let mut hello = json!({ "v": 2, "hostname": "test", "wid": "test-worker-1", "pid": 1, "labels": ["test"] });
+        if let (Some(p), Some(salt)) = (password, c.greeting["s"].as_str()) {
+            hello["pwdhash"] = json!(password_hash(p, salt, c.greeting["i"].as_u64().unwrap() as u32));
+        }
+        assert_eq!(c.send(&format!("HELLO {hello}")).await, "+OK");
+        c
+    }
+}
+
+async fn stored(s: &Server) -> u64 {
+    s.backend.jobs(JobFilter::default(), Page::new(1, 100)).await.unwrap().total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_reason_stores_nothing_and_the_connection_carries_on() {
+    let s = server(FaktoryConfig::default()).await;
+    let mut c = Client::connect(&s).await;
+    assert_eq!(c.greeting, json!({ "v": 2 }), "no password without tokens");
+    assert!(c.send("PUSH {}").await.starts_with("-ERR HELLO first"));
+    assert_eq!(c.send(r#"HELLO {"v":2}"#).await, "+OK");
+    let cases = [
+        ("PUSH {not json", "-ERR PUSH: the job is not valid JSON"),
+        (r#"PUSH {"jobtype":"x","args":[]}"#, "-ERR jobs must have a reasonable jid parameter"),
+        (r#"PUSH {"jid":"abcdefgh1","jobtype":"","args":[]}"#, "-ERR jobs must have a jobtype parameter"),
+        (r#"PUSH {"jid":"abcdefgh1","jobtype":"x","args":{}}"#, "-ERR jobs must have an args parameter"),
+        (r#"PUSH {"jid":"abcdefgh1","jobtype":"x","reserve_for":100000}"#, "-ERR jobs cannot be reserved for more than one day"),
+        (r#"PUSH {"jid":"abcdefgh1","jobtype":"x","queue":"no spaces"}"#, "-ERR queue:"),
+        (r#"PUSH {"jid":"abcdefgh1","jobtype":"x","at":"yesterday"}"#, "-ERR at must be an RFC 3339 time"),
+        (r#"PUSH [1]"#, "-ERR a job must be a JSON object"),
+        ("PUSHB {}", "-ERR PUSHB takes a JSON array"),
+        ("ACK {}", "-ERR ACK needs the job's jid"),
+        ("FAIL nope", "-ERR FAIL: not valid JSON"),
+        ("BEAT {}", "-ERR BEAT needs the worker's wid"),
+        ("FETCH bad/queue", "-ERR FETCH: queue bad/queue"),
+        ("QUEUE PAUSE", "-ERR QUEUE PAUSE needs queue names"),
+        ("QUEUE SHAKE default", "-ERR unknown QUEUE subcommand"),
+        ("FROBNICATE now", "-ERR unknown command FROBNICATE"),
+        (r#"HELLO {"v":2}"#, "-ERR HELLO was already said"),
+    ];
+    for (line, want) in cases {
+        let got = c.send(line).await;
+        assert!(got.starts_with(want), "{line}: got {got:?}, want {want:?}");
+    }
+    // An oversized line is read to its end and refused; the next command still works.
+    let huge = format!("PUSH {{\"jid\":\"abcdefgh1\",\"jobtype\":\"x\",\"args\":[\"{}\"]}}", "x".repeat(super::wire::MAX_LINE));
+    assert!(c.send(&huge).await.starts_with("-ERR line longer than"));
+    assert_eq!(stored(&s).await, 0, "nothing was stored");
+    // Partial success: the good job is enqueued, the bad one named.
+    let bulk = json!([{ "jid": "good-job-01", "jobtype": "x", "args": [] }, { "jid": "abc", "jobtype": "x", "args": [] }]);
+    let refused: Value = serde_json::from_str(&c.send(&format!("PUSHB {bulk}")).await).unwrap();
+    assert_eq!(refused, json!({ "abc": "jobs must have a reasonable jid parameter" }));
+    assert_eq!(stored(&s).await, 1);
+    assert_eq!(c.send("END").await, "+OK");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_hands_out_remote_jobs_in_queue_order_and_never_local_ones() {
+    let s = server(FaktoryConfig::default()).await;
+    let mut c = Client::hello(&s, None).await;
+    for (jid, kind, queue) in [("local-job-1", "local.echo", "a"), ("remote-job-1", "py.work", "b"), ("remote-job-2", "py.work", "a")] {
+        let job = json!({ "jid": jid, "jobtype": kind, "args": [1], "queue": queue });
+        assert_eq!(c.send(&format!("PUSH {job}")).await, "+OK");
+    }
+    // Queue `a` first: its remote job, then `b`'s; the local job is never fetched.
+    let first: Value = serde_json::from_str(&c.send("FETCH a b").await).unwrap();
+    assert_eq!((first["jid"].as_str(), first["queue"].as_str()), (Some("remote-job-2"), Some("a")));
+    assert!(first["enqueued_at"].is_string() && first["reserve_for"] == 1800, "{first}");
+    let second: Value = serde_json::from_str(&c.send("FETCH a b").await).unwrap();
+    assert_eq!(second["jid"], "remote-job-1");
+    let started = std::time::Instant::now();
+    assert_eq!(c.send("FETCH a b").await, "nil");
+    assert!(started.elapsed() >= Duration::from_millis(1500), "an empty FETCH waits about 2 s");
+    assert_eq!(c.send(r#"ACK {"jid":"remote-job-2"}"#).await, "+OK");
+    // An ACK repeated, or for a job nobody holds, is not an error (clients re-send them).
+    assert_eq!(c.send(r#"ACK {"jid":"remote-job-2"}"#).await, "+OK");
+    assert_eq!(c.send(r#"FAIL {"jid":"remote-job-1","errtype":"KeyError","message":"no such key","backtrace":["a.py:1"]}"#).await, "+OK");
+    let failed = s.backend.jobs(JobFilter { kind: Some("py.work".into()), ..JobFilter::default() }, Page::new(1, 10)).await.unwrap();
+    let retried = failed.items.iter().find(|j| j.payload["jid"] == "remote-job-1").expect("the failed job");
+    assert_eq!(retried.error.as_deref(), Some("KeyError: no such key\n  a.py:1"));
+    assert!(retried.available_at.unwrap() >= conveyor_core::clock::now_ms() + 13_000, "Faktory's backoff: 15 s and more");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_decide_who_may_say_what() {
+    let config = FaktoryConfig {
+        admin_token: Some("admin-secret".into()),
+        publish_token: Some("publish-secret".into()),
+        worker_token: Some("worker-secret".into()),
+        ..FaktoryConfig::default()
+    };
+    let s = server(config).await;
+    let mut c = Client::connect(&s).await;
+    assert!(c.greeting["s"].is_string() && c.greeting["i"].as_u64() >= Some(1), "{}", c.greeting);
+    assert_eq!(c.send(r#"HELLO {"v":2}"#).await.split(':').next(), Some("-ERR Invalid password"));
+    let wrong = password_hash("guess", c.greeting["s"].as_str().unwrap(), c.greeting["i"].as_u64().unwrap() as u32);
+    assert_eq!(c.send(&format!(r#"HELLO {{"v":2,"pwdhash":"{wrong}"}}"#)).await, "-ERR Invalid password");
+    // A client that sends no version and hashes once (the `faktory` package on PyPI).
+    let mut once = Client::connect(&s).await;
+    let h = password_hash("publish-secret", once.greeting["s"].as_str().unwrap(), 1);
+    assert_eq!(once.send(&format!(r#"HELLO {{"pwdhash":"{h}"}}"#)).await, "+OK");
+
+    let mut publisher = Client::hello(&s, Some("publish-secret")).await;
+    assert_eq!(publisher.send(r#"PUSH {"jid":"abcdefgh1","jobtype":"x","args":[]}"#).await, "+OK");
+    assert!(publisher.send("FETCH").await.starts_with("-ERR FETCH is not allowed for the publish token"));
+    assert!(publisher.send(r#"PUSH {"jid":"abcdefgh2","jobtype":"conveyor.noop","args":[]}"#).await.contains("admin token only"));
+    let mut worker = Client::hello(&s, Some("worker-secret")).await;
+    assert!(worker.send("FETCH").await.starts_with('{'));
+    assert!(worker.send("FLUSH").await.starts_with("-ERR FLUSH is not allowed for the worker token"));
+    let mut admin = Client::hello(&s, Some("admin-secret")).await;
+    assert_eq!(admin.send("QUEUE PAUSE default").await, "+OK");
+    assert_eq!(admin.send("FLUSH").await, "+OK");
+}
