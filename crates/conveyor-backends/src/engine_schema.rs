@@ -125,3 +125,13 @@ CREATE TABLE schedule_ticks (
     PRIMARY KEY (name, tick)
 );
 "#;
+
+/// Later versions of the engine's tables, after [`ENGINE_TABLES`] (version 1 of each relational
+/// backend's schema): each entry is one version, the same SQL text on SQLite and PostgreSQL.
+pub(crate) const ENGINE_MIGRATIONS: &[&str] = &[
+    // 2: batches that stay open until committed (`holds`: 1 while open, counted in `total` and
+    // `pending` so that the batch cannot finish), and child batches (`parent_id`: a child is
+    // one member of its parent, finished when the child finishes).
+    "ALTER TABLE batches ADD COLUMN holds BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE batches ADD COLUMN parent_id TEXT;",
+];

@@ -23,6 +23,8 @@ pub struct Batch {
     catch: Option<NewJob>,
     finally: Option<NewJob>,
     allow_failures: bool,
+    held: bool,
+    parent: Option<String>,
 }
 
 /// A batch as stored, for the API and the dashboard.
@@ -44,11 +46,24 @@ pub struct BatchInfo {
     pub created_at: i64,
     pub cancelled_at: Option<i64>,
     pub finished_at: Option<i64>,
+    /// Still open: created with [`Batch::held`] and not committed yet.
+    pub open: bool,
+    /// The batch this one is a member of.
+    pub parent_id: Option<String>,
 }
 
 impl Batch {
     pub fn new(name: impl Into<String>) -> Self {
-        Batch { name: name.into(), jobs: Vec::new(), then: None, catch: None, finally: None, allow_failures: false }
+        Batch {
+            name: name.into(),
+            jobs: Vec::new(),
+            then: None,
+            catch: None,
+            finally: None,
+            allow_failures: false,
+            held: false,
+            parent: None,
+        }
     }
     pub fn push(mut self, job: NewJob) -> Self {
         self.jobs.push(job);
@@ -78,6 +93,17 @@ impl Batch {
         self.allow_failures = true;
         self
     }
+    /// Keep the batch open until [`commit`]: jobs added meanwhile may finish without the
+    /// batch finishing (Faktory's `BATCH NEW` … `BATCH COMMIT`).
+    pub fn held(mut self) -> Self {
+        self.held = true;
+        self
+    }
+    /// Make the batch one member of `parent`, which finishes only after this one has.
+    pub fn parent(mut self, parent: impl Into<String>) -> Self {
+        self.parent = Some(parent.into());
+        self
+    }
 
     /// Stores the batch and enqueues its jobs in one transaction; returns the batch id. An empty
     /// batch stays open until jobs are added (see [`add_jobs`]).
@@ -91,11 +117,21 @@ impl Batch {
     /// The same inside the caller's transaction.
     pub fn dispatch_in(self, tx: &mut dyn Tx) -> Result<String> {
         let id = JobId::new().to_string();
-        let n = self.jobs.len() as i64;
+        let holds = self.held as i64;
+        let n = self.jobs.len() as i64 + holds;
+        if let Some(parent) = &self.parent {
+            let joined = tx.execute(
+                "UPDATE batches SET total = total + 1, pending = pending + 1 WHERE id = $1 AND finished_at IS NULL",
+                &[parent.as_str().into()],
+            )?;
+            if joined == 0 {
+                return Err(BackendError::NotFound(format!("no unfinished batch {parent}")));
+            }
+        }
         let json = |j: &Option<NewJob>| j.as_ref().map(|j| serde_json::to_string(j).expect("a job serializes"));
         tx.execute(
-            "INSERT INTO batches (id, name, total, pending, allow_failures, then_job, catch_job, finally_job, created_at)
-             VALUES ($1, $2, $3, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO batches (id, name, total, pending, allow_failures, then_job, catch_job, finally_job, created_at, holds, parent_id)
+             VALUES ($1, $2, $3, $3, $4, $5, $6, $7, $8, $9, $10)",
             &[
                 id.clone().into(),
                 self.name.into(),
@@ -105,6 +141,8 @@ impl Batch {
                 json(&self.catch).into(),
                 json(&self.finally).into(),
                 now_ms().into(),
+                holds.into(),
+                self.parent.into(),
             ],
         )?;
         let jobs: Vec<NewJob> = self.jobs.into_iter().map(|j| j.batch(id.clone())).collect();
@@ -113,6 +151,25 @@ impl Batch {
         }
         Ok(id)
     }
+}
+
+/// Commits a batch created with [`Batch::held`]: it finishes once its jobs have (at once when
+/// they already have, or when it has none). `false` when there is no such open batch.
+pub async fn commit(backend: &dyn QueueBackend, batch_id: &str) -> Result<bool> {
+    let id = batch_id.to_string();
+    backend.transact(move |tx| commit_in(tx, &id)).await
+}
+
+pub fn commit_in(tx: &mut dyn Tx, batch_id: &str) -> Result<bool> {
+    let rows = tx.query(
+        "UPDATE batches SET holds = 0, total = total - 1, pending = pending - 1
+         WHERE id = $1 AND holds = 1 AND pending > 0
+         RETURNING pending, failed, allow_failures, cancelled_at, then_job, catch_job, finally_job, parent_id",
+        &[batch_id.into()],
+    )?;
+    let Some(r) = rows.first() else { return Ok(false) };
+    settle(tx, batch_id, r, false)?;
+    Ok(true)
 }
 
 /// Adds jobs to a batch that has not finished (typically from inside one of its own jobs, which
@@ -153,7 +210,7 @@ pub async fn cancel(backend: &dyn QueueBackend, batch_id: &str) -> Result<bool> 
     Ok(n == 1)
 }
 
-const COLS: &str = "id, name, total, pending, processed, failed, allow_failures, created_at, cancelled_at, finished_at";
+const COLS: &str = "id, name, total, pending, processed, failed, allow_failures, created_at, cancelled_at, finished_at, holds, parent_id";
 
 fn info(r: &crate::backend::Row) -> BatchInfo {
     let (total, pending, failed) = (r.int(2).max(0) as u64, r.int(3).max(0) as u64, r.int(5).max(0) as u64);
@@ -179,6 +236,8 @@ fn info(r: &crate::backend::Row) -> BatchInfo {
         created_at: r.int(7),
         cancelled_at,
         finished_at,
+        open: r.int(10) != 0,
+        parent_id: r.text(11).map(str::to_string),
     }
 }
 
@@ -221,20 +280,33 @@ pub fn record_outcome(tx: &mut dyn Tx, c: &Completion) -> Result<()> {
         Outcome::Failed { .. } => true,
         Outcome::Retry { .. } | Outcome::Release { .. } => return Ok(()),
     };
-    let now = now_ms();
+    count_member(tx, batch_id, failed)
+}
+
+/// One member of a batch (a job, or a child batch) finished: `failed` or not.
+fn count_member(tx: &mut dyn Tx, batch_id: &str, failed: bool) -> Result<()> {
     let rows = tx.query(
         "UPDATE batches SET pending = pending - 1, processed = processed + $2, failed = failed + $3
          WHERE id = $1 AND pending > 0
-         RETURNING pending, failed, allow_failures, cancelled_at, then_job, catch_job, finally_job",
-        &[batch_id.as_str().into(), (!failed as i64).into(), (failed as i64).into()],
+         RETURNING pending, failed, allow_failures, cancelled_at, then_job, catch_job, finally_job, parent_id",
+        &[batch_id.into(), (!failed as i64).into(), (failed as i64).into()],
     )?;
     let Some(r) = rows.first() else { return Ok(()) };
+    settle(tx, batch_id, r, failed)
+}
+
+/// After a batch's counters moved (the row as `count_member` and `commit_in` return it):
+/// its catch callback at the first failure, and when nothing is pending any more its then and
+/// finally callbacks, its end, and its count in its parent.
+fn settle(tx: &mut dyn Tx, batch_id: &str, r: &crate::backend::Row, failed: bool) -> Result<()> {
+    let now = now_ms();
     let (pending, failures, allow_failures, cancelled) = (r.int(0), r.int(1), r.int(2) != 0, r.opt_int(3).is_some());
+    let parent = r.text(7).map(str::to_string);
     let mut callbacks = Vec::new();
     if failed && failures == 1 {
         callbacks.push(r.text(5));
         if !allow_failures && !cancelled {
-            tx.execute("UPDATE batches SET cancelled_at = $2 WHERE id = $1", &[batch_id.as_str().into(), now.into()])?;
+            tx.execute("UPDATE batches SET cancelled_at = $2 WHERE id = $1", &[batch_id.into(), now.into()])?;
         }
     }
     if pending == 0 {
@@ -242,7 +314,7 @@ pub fn record_outcome(tx: &mut dyn Tx, c: &Completion) -> Result<()> {
             callbacks.push(r.text(4));
         }
         callbacks.push(r.text(6));
-        tx.execute("UPDATE batches SET finished_at = $2 WHERE id = $1", &[batch_id.as_str().into(), now.into()])?;
+        tx.execute("UPDATE batches SET finished_at = $2 WHERE id = $1", &[batch_id.into(), now.into()])?;
     }
     let jobs: Vec<NewJob> = callbacks
         .into_iter()
@@ -256,6 +328,9 @@ pub fn record_outcome(tx: &mut dyn Tx, c: &Completion) -> Result<()> {
         .collect();
     if !jobs.is_empty() {
         tx.enqueue(jobs)?;
+    }
+    if let (0, Some(parent)) = (pending, parent) {
+        count_member(tx, &parent, failures > 0)?;
     }
     Ok(())
 }

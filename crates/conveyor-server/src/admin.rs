@@ -32,6 +32,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/api/jobs/failed/{id}/retry", post(retry_failed))
         .route("/api/jobs/{id}", get(show_job))
         .route("/api/workers", get(workers))
+        .route("/api/workers/{id}/{signal}", post(signal_worker))
         .route("/api/metrics/queues", get(metrics_queues))
         .route("/api/metrics/jobs", get(metrics_jobs))
 }
@@ -200,6 +201,18 @@ pub(crate) async fn forget_failed(State(s): State<AppState>, Path(id): Path<Stri
 #[utoipa::path(get, path = "/api/workers", tag = "workers", responses((status = 200, description = "worker processes seen in the last 30 s", body = Envelope<Vec<WorkerInfo>>)))]
 pub(crate) async fn workers(State(s): State<AppState>) -> Result<Response, ApiError> {
     Ok(ok(s.conveyor.backend().workers(Duration::from_secs(30)).await?))
+}
+
+#[utoipa::path(post, path = "/api/workers/{id}/{signal}", tag = "workers",
+    params(("id" = String, Path, description = "the remote worker's wid"), ("signal" = String, Path, description = "`quiet` (stop fetching) or `stop` (terminate)")),
+    responses((status = 200, description = "{id, state}: told on its next BEAT", body = Envelope<Object>),
+              (status = 422, description = "not a signal, or not a wid", body = ErrorEnvelope)))]
+pub(crate) async fn signal_worker(State(s): State<AppState>, Path((id, signal)): Path<(String, String)>) -> Result<Response, ApiError> {
+    let state = crate::faktory::signal_worker(s.conveyor.backend(), &id, &signal).await.map_err(|e| match e {
+        conveyor_core::BackendError::Invalid(why) => ApiError::field("signal", why),
+        other => other.into(),
+    })?;
+    Ok(ok(serde_json::json!({ "id": id, "state": state })))
 }
 
 #[derive(Deserialize)]

@@ -127,6 +127,7 @@ pub(crate) struct Health {
         crate::admin::retry_all,
         crate::admin::forget_failed,
         crate::admin::workers,
+        crate::admin::signal_worker,
         crate::admin::metrics_queues,
         crate::admin::metrics_jobs,
         crate::jobs::create_job,

@@ -11,7 +11,7 @@ use postgres::Client;
 
 use conveyor_core::metrics::BUCKETS;
 
-use crate::engine_schema::ENGINE_TABLES;
+use crate::engine_schema::{ENGINE_MIGRATIONS, ENGINE_TABLES};
 
 /// Every transaction's counter deltas go to one of this many rows per queue.
 pub(crate) const SHARDS: i64 = 16;
@@ -134,6 +134,9 @@ CREATE TABLE workers (
 );
 {ENGINE_TABLES}"#
     )]
+    .into_iter()
+    .chain(ENGINE_MIGRATIONS.iter().map(|m| m.to_string()))
+    .collect()
 }
 
 /// Brings the schema up to date; returns the versions applied.

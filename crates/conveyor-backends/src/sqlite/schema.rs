@@ -9,7 +9,7 @@ use rusqlite::Connection;
 
 use conveyor_core::metrics::BUCKETS;
 
-use crate::engine_schema::ENGINE_TABLES;
+use crate::engine_schema::{ENGINE_MIGRATIONS, ENGINE_TABLES};
 
 /// Migration `i` brings the schema from version `i` to `i + 1`.
 fn migrations() -> Vec<String> {
@@ -124,6 +124,9 @@ CREATE INDEX failed_jobs_by_batch ON failed_jobs(batch_id) WHERE batch_id IS NOT
 
 {ENGINE_TABLES}"#
     )]
+    .into_iter()
+    .chain(ENGINE_MIGRATIONS.iter().map(|m| m.to_string()))
+    .collect()
 }
 
 /// Brings the schema up to date; returns the versions applied.

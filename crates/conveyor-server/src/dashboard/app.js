@@ -183,6 +183,10 @@ function overview() {
         { title: 'Busy', num: 1, cell: ({ sup }) => `${sup.busy} / ${sup.concurrency}` },
         { title: 'Processed', num: 1, cell: ({ sup }) => num(sup.processed) },
         { title: 'Up since', cell: ({ w }) => ago(w.started_at) },
+        // Remote (Faktory) workers can be told to go quiet or to stop on their next BEAT.
+        { title: '', cell: ({ w, sup }) => (sup.name.startsWith('faktory') && !['quiet', 'terminate'].includes(w.status)
+          ? `<div class="actions"><button data-action="quiet" onclick="act('/api/workers/${encodeURIComponent(w.id)}/quiet', null, 'Worker told to go quiet')">Quiet</button>
+             <button class="danger" data-action="stop" onclick="act('/api/workers/${encodeURIComponent(w.id)}/stop', 'Stop this worker process?', 'Worker told to stop')">Stop</button></div>` : '') },
       ], sups, 'No worker has reported in the last 30 s.');
       if (breakers.data.length) {
         html += '<h2>Circuit breakers</h2>' + table([

@@ -14,11 +14,11 @@ use tracing::debug;
 
 use conveyor_core::cache::Cache;
 use conveyor_core::job::EnqueueOutcome;
-use conveyor_core::BackendError;
+use conveyor_core::{BackendError, NewJob};
 
 use super::hub::{Hub, Signal};
 use super::wire::{read_line, LineError, Reply};
-use super::{admin, job, FaktoryConfig};
+use super::{admin, batch, job, track, FaktoryConfig};
 use crate::access::{constant_time_eq, Role};
 
 /// Kind prefixes of the built-in applications and the engine: the admin's alone.
@@ -157,7 +157,9 @@ impl Connection {
             "INFO" => admin::info(&self.hub).await,
             "QUEUE" => admin::queue(&self.hub, rest).await,
             "FLUSH" => admin::flush(&self.hub).await,
-            "MUTATE" | "BATCH" | "TRACK" => Reply::err(format!("{verb} is not available in this version of Conveyor yet")),
+            "TRACK" => track::command(&self.hub, rest).await,
+            "BATCH" => batch::command(self, rest).await,
+            "MUTATE" => Reply::err(format!("{verb} is not available in this version of Conveyor yet")),
             _ => Reply::err(format!("unknown command {}", truncate(&verb, 40))),
         };
         (reply, Then::Continue)
@@ -216,13 +218,53 @@ impl Connection {
         Reply::Ok
     }
 
+    pub(crate) fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// Enqueues checked jobs: those of no batch in one commit, each batch's with its counters
+    /// (a job pushed with `custom.bid` joins that batch). Per job: its outcome, or why it was
+    /// refused (an unknown or finished batch).
+    async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<Result<EnqueueOutcome, String>>, BackendError> {
+        let mut out: Vec<Option<Result<EnqueueOutcome, String>>> = (0..jobs.len()).map(|_| None).collect();
+        let (mut plain, mut batched) = (Vec::new(), std::collections::BTreeMap::<String, Vec<(usize, NewJob)>>::new());
+        for (i, j) in jobs.into_iter().enumerate() {
+            match j.batch_id.clone() {
+                Some(bid) => batched.entry(bid).or_default().push((i, j)),
+                None => plain.push((i, j)),
+            }
+        }
+        if !plain.is_empty() {
+            let (at, jobs): (Vec<usize>, Vec<NewJob>) = plain.into_iter().unzip();
+            for (i, o) in at.into_iter().zip(self.hub.conveyor.dispatch_many(jobs).await?) {
+                out[i] = Some(Ok(o));
+            }
+        }
+        for (bid, group) in batched {
+            let (at, jobs): (Vec<usize>, Vec<NewJob>) = group.into_iter().unzip();
+            let ids: Vec<_> = jobs.iter().map(|j| j.id).collect();
+            let result = conveyor_core::batch::add_jobs(&self.hub.conveyor, &bid, jobs).await;
+            for (i, id) in at.into_iter().zip(ids) {
+                out[i] = Some(match &result {
+                    Ok(()) => Ok(EnqueueOutcome::Enqueued { id }),
+                    Err(BackendError::NotFound(_)) => Err(format!("No such batch {bid}")),
+                    Err(e) => return Err(e.clone()),
+                });
+            }
+        }
+        Ok(out.into_iter().map(|o| o.expect("every job has an outcome")).collect())
+    }
+
     fn local(&self) -> impl Fn(&str) -> bool + '_ {
         |kind| self.hub.conveyor.registry().contains(kind)
     }
 
     /// Checks a pushed job and whether this role may create it.
-    fn pushed(&self, v: Value) -> Result<job::Pushed, String> {
+    pub(crate) fn pushed(&self, v: Value) -> Result<job::Pushed, String> {
         let p = job::parse(v, self.local())?;
+        if p.job.batch_id.is_some() && p.job.unique.is_some() {
+            return Err("custom.unique_for cannot be combined with custom.bid".into());
+        }
         if RESERVED.iter().any(|r| p.job.kind.starts_with(r)) && self.role != Some(Role::Admin) {
             return Err(format!("jobs of the built-in kind {:?} can be pushed with the admin token only", p.job.kind));
         }
@@ -234,15 +276,20 @@ impl Connection {
             Ok(v) => v,
             Err(e) => return Reply::err(format!("PUSH: the job is not valid JSON: {e}")),
         };
+        let tracked = track::tracked(&v);
         let p = match self.pushed(v) {
             Ok(p) => p,
             Err(e) => return Reply::err(e),
         };
-        match self.hub.conveyor.dispatch_many(vec![p.job]).await {
-            Ok(out) => match out.first() {
-                Some(EnqueueOutcome::Duplicate { .. }) => Reply::Error { code: "NOTUNIQUE", reason: "Job not unique".into() },
+        match self.enqueue(vec![p.job]).await {
+            Ok(out) => match out.into_iter().next() {
+                Some(Err(reason)) => Reply::err(reason),
+                Some(Ok(EnqueueOutcome::Duplicate { .. })) => Reply::Error { code: "NOTUNIQUE", reason: "Job not unique".into() },
                 _ => {
                     self.hub.stats.enqueued.fetch_add(1, Ordering::Relaxed);
+                    if tracked {
+                        track::set_state(&self.hub, &p.jid, "enqueued").await;
+                    }
                     Reply::Ok
                 }
             },
@@ -263,9 +310,10 @@ impl Connection {
         let mut jids = Vec::with_capacity(list.len());
         for (i, v) in list.into_iter().enumerate() {
             let name = v.get("jid").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| format!("#{i}"));
+            let tracked = track::tracked(&v);
             match self.pushed(v) {
                 Ok(p) => {
-                    jids.push(p.jid);
+                    jids.push((p.jid, tracked));
                     jobs.push(p.job);
                 }
                 Err(e) => {
@@ -274,15 +322,21 @@ impl Connection {
             }
         }
         if !jobs.is_empty() {
-            match self.hub.conveyor.dispatch_many(jobs).await {
+            match self.enqueue(jobs).await {
                 Ok(out) => {
-                    for (jid, o) in jids.into_iter().zip(out) {
+                    for ((jid, tracked), o) in jids.into_iter().zip(out) {
                         match o {
-                            EnqueueOutcome::Duplicate { .. } => {
+                            Err(reason) => {
+                                refused.insert(jid, Value::String(reason));
+                            }
+                            Ok(EnqueueOutcome::Duplicate { .. }) => {
                                 refused.insert(jid, Value::String("NOTUNIQUE Job not unique".into()));
                             }
-                            EnqueueOutcome::Enqueued { .. } => {
+                            Ok(EnqueueOutcome::Enqueued { .. }) => {
                                 self.hub.stats.enqueued.fetch_add(1, Ordering::Relaxed);
+                                if tracked {
+                                    track::set_state(&self.hub, &jid, "enqueued").await;
+                                }
                             }
                         }
                     }
@@ -302,7 +356,12 @@ impl Connection {
             }
         }
         match self.hub.fetch(&queues, self.wid.as_deref()).await {
-            Ok(Some(job)) => Reply::json(&job),
+            Ok(Some(job)) => {
+                if track::tracked(&job) {
+                    track::set_state(&self.hub, job["jid"].as_str().unwrap_or_default(), "working").await;
+                }
+                Reply::json(&job)
+            }
             Ok(None) => Reply::Null,
             Err(e) => backend_error("FETCH", e),
         }
@@ -314,8 +373,13 @@ impl Connection {
             Err(e) => return e,
         };
         match self.hub.ack(&jid).await {
-            Ok(true) => Reply::Ok,
-            Ok(false) => {
+            Ok(Some(job)) => {
+                if track::payload_tracked(&job.payload) {
+                    track::set_state(&self.hub, &jid, "success").await;
+                }
+                Reply::Ok
+            }
+            Ok(None) => {
                 // Re-sent, expired or someone else's: an error would stop some clients' workers.
                 debug!(jid = %jid, "ACK of a job not held here");
                 Reply::Ok
@@ -330,10 +394,14 @@ impl Connection {
             Err(e) => return e,
         };
         match self.hub.fail(&jid, failure_text(&o)).await {
-            Ok(held) => {
-                if !held {
-                    debug!(jid = %jid, "FAIL of a job not held here");
+            Ok(Some((job, dead))) => {
+                if track::payload_tracked(&job.payload) {
+                    track::set_state(&self.hub, &jid, if dead { "dead" } else { "failed" }).await;
                 }
+                Reply::Ok
+            }
+            Ok(None) => {
+                debug!(jid = %jid, "FAIL of a job not held here");
                 Reply::Ok
             }
             Err(e) => backend_error("FAIL", e),

@@ -259,26 +259,28 @@ impl Hub {
         value
     }
 
-    /// `ACK`: records the held job as done. `false` when no job is held under `jid` (finished,
-    /// expired and retried, or held by another process): clients re-send acknowledgements, so
-    /// that is not an error.
-    pub(crate) async fn ack(&self, jid: &str) -> Result<bool, BackendError> {
-        let Some(held) = self.release_held(jid) else { return Ok(false) };
+    /// `ACK`: records the held job as done and returns it. `None` when no job is held under
+    /// `jid` (finished, expired and retried, or held by another process): clients re-send
+    /// acknowledgements, so that is not an error.
+    pub(crate) async fn ack(&self, jid: &str) -> Result<Option<Job>, BackendError> {
+        let Some(held) = self.release_held(jid) else { return Ok(None) };
         let mut c = Completion::of(&held.job, Outcome::Completed);
         c.runtime_ms = held.fetched.elapsed().as_millis() as u64;
         self.stats.processed.fetch_add(1, Ordering::Relaxed);
-        self.record(c).await.map(|()| true)
+        self.record(c).await.map(|()| Some(held.job))
     }
 
     /// `FAIL`: the attempt failed with `error`; retried after Faktory's backoff while attempts
-    /// are left, else the job goes to the failed store.
-    pub(crate) async fn fail(&self, jid: &str, error: String) -> Result<bool, BackendError> {
-        let Some(held) = self.release_held(jid) else { return Ok(false) };
+    /// are left, else the job goes to the failed store. Returns the job and whether it is dead.
+    pub(crate) async fn fail(&self, jid: &str, error: String) -> Result<Option<(Job, bool)>, BackendError> {
+        let Some(held) = self.release_held(jid) else { return Ok(None) };
         self.stats.failures.fetch_add(1, Ordering::Relaxed);
         let delay = job::backoff(held.job.attempt.saturating_sub(1));
-        let mut c = Completion::of(&held.job, failure(&held.job, error, delay));
+        let outcome = failure(&held.job, error, delay);
+        let dead = matches!(outcome, Outcome::Failed { .. });
+        let mut c = Completion::of(&held.job, outcome);
         c.runtime_ms = held.fetched.elapsed().as_millis() as u64;
-        self.record(c).await.map(|()| true)
+        self.record(c).await.map(|()| Some((held.job, dead)))
     }
 
     fn release_held(&self, jid: &str) -> Option<Held> {
@@ -299,9 +301,9 @@ impl Hub {
         true
     }
 
-    /// Whether a job is held under `jid` here, and by whom.
-    pub(crate) fn holder(&self, jid: &str) -> Option<Option<String>> {
-        self.state().held.get(jid).map(|h| h.wid.clone())
+    /// Whether a job is held under `jid` here.
+    pub(crate) fn holds(&self, jid: &str) -> bool {
+        self.state().held.contains_key(jid)
     }
 
     async fn record(&self, c: Completion) -> Result<(), BackendError> {

@@ -24,11 +24,13 @@ use conveyor_core::Conveyor;
 use crate::access::Role;
 
 mod admin;
+mod batch;
 mod conn;
 mod hub;
 mod job;
 #[cfg(test)]
 mod tests;
+mod track;
 mod wire;
 
 /// The Faktory version clients are told (they check for 1.x with the commands used here).
@@ -62,6 +64,27 @@ impl FaktoryConfig {
             .filter_map(|(r, t)| t.clone().filter(|t| !t.is_empty()).map(|t| (r, t)))
             .collect()
     }
+}
+
+/// Tells a remote worker (by its `wid`) to go quiet (`quiet`: finish its jobs, fetch no more)
+/// or to stop (`stop`: Faktory's `terminate`) on its next `BEAT`, through any process of the
+/// cluster (the signal is kept in the cache for a day). Returns the state sent.
+pub async fn signal_worker(
+    backend: &Arc<dyn conveyor_core::QueueBackend>,
+    wid: &str,
+    signal: &str,
+) -> Result<&'static str, conveyor_core::BackendError> {
+    let state = match signal {
+        "quiet" => "quiet",
+        "stop" | "terminate" => "terminate",
+        other => return Err(conveyor_core::BackendError::Invalid(format!("{other:?} is not a signal (quiet, stop)"))),
+    };
+    if wid.is_empty() || wid.len() > 200 {
+        return Err(conveyor_core::BackendError::Invalid("not a worker id".into()));
+    }
+    let cache = conveyor_core::cache::Cache::new(backend.clone());
+    cache.put(&conn::signal_key(wid), &state, Some(Duration::from_secs(86_400))).await?;
+    Ok(state)
 }
 
 /// The TLS settings of the Faktory port from a PEM certificate chain and its private key.

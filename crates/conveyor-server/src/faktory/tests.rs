@@ -198,3 +198,87 @@ async fn tokens_decide_who_may_say_what() {
     assert_eq!(admin.send("QUEUE PAUSE default").await, "+OK");
     assert_eq!(admin.send("FLUSH").await, "+OK");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracked_jobs_report_their_state_and_progress() {
+    let s = server(FaktoryConfig::default()).await;
+    let mut c = Client::hello(&s, None).await;
+    let state = |v: &str| serde_json::from_str::<Value>(v).unwrap();
+    assert_eq!(c.send(r#"PUSH {"jid":"tracked-01","jobtype":"py.work","args":[],"custom":{"track":1}}"#).await, "+OK");
+    assert_eq!(state(&c.send("TRACK GET tracked-01").await)["state"], "enqueued");
+    assert_eq!(state(&c.send("FETCH").await)["jid"], "tracked-01");
+    assert_eq!(state(&c.send("TRACK GET tracked-01").await)["state"], "working");
+    let until = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(3);
+    let set = json!({ "jid": "tracked-01", "percent": 40, "desc": "halfway", "reserve_until": until.to_string() });
+    assert_eq!(c.send(&format!("TRACK SET {set}")).await, "+OK");
+    let t = state(&c.send("TRACK GET tracked-01").await);
+    assert_eq!((t["state"].as_str(), t["percent"].as_u64(), t["desc"].as_str()), (Some("working"), Some(40), Some("halfway")));
+    assert!(c.send(r#"TRACK SET {"jid":"tracked-01","percent":140}"#).await.starts_with("-ERR TRACK SET: percent"));
+    assert_eq!(c.send(r#"ACK {"jid":"tracked-01"}"#).await, "+OK");
+    let t = state(&c.send("TRACK GET tracked-01").await);
+    assert_eq!((t["state"].as_str(), t["percent"].as_u64()), (Some("success"), Some(40)), "{t}");
+    assert_eq!(state(&c.send("TRACK GET never-pushed").await), json!({ "jid": "never-pushed", "state": "unknown", "updated_at": "" }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_worker_is_registered_by_its_beats_and_told_to_quiet_or_stop() {
+    let s = server(FaktoryConfig::default()).await;
+    let mut c = Client::hello(&s, None).await;
+    assert_eq!(c.send(r#"BEAT {"wid":"test-worker-1"}"#).await, "+OK");
+    let workers = s.backend.workers(Duration::from_secs(30)).await.unwrap();
+    let w = workers.iter().find(|w| w.id == "test-worker-1").expect("the remote worker is listed");
+    assert_eq!((w.hostname.as_str(), w.status.as_str(), w.supervisors[0].name.as_str()), ("test", "running", "faktory (test)"));
+    assert!(super::signal_worker(&s.backend, "test-worker-1", "nap").await.is_err());
+    assert_eq!(super::signal_worker(&s.backend, "test-worker-1", "quiet").await.unwrap(), "quiet");
+    // The state is repeated on every beat, as a bulk string (the form every client reads).
+    for _ in 0..2 {
+        assert_eq!(c.send(r#"BEAT {"wid":"test-worker-1","current_state":"quiet"}"#).await, r#"{"state":"quiet"}"#);
+    }
+    super::signal_worker(&s.backend, "test-worker-1", "stop").await.unwrap();
+    assert_eq!(c.send(r#"BEAT {"wid":"test-worker-1"}"#).await, r#"{"state":"terminate"}"#);
+    let workers = s.backend.workers(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(workers.iter().find(|w| w.id == "test-worker-1").unwrap().status, "terminate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_stays_open_until_committed_then_runs_its_callbacks_and_counts_in_its_parent() {
+    let s = server(FaktoryConfig::default()).await;
+    let mut c = Client::hello(&s, None).await;
+    let json_of = |v: &str| serde_json::from_str::<Value>(v).unwrap_or_else(|_| panic!("not JSON: {v}"));
+    let parent = c.send(r#"BATCH NEW {"description":"parent","complete":{"jobtype":"cb.parent_done","args":[],"queue":"cb"}}"#).await;
+    let new = json!({ "description": "child", "parent_bid": parent,
+        "success": { "jobtype": "cb.success", "args": [1], "queue": "cb" }, "complete": { "jobtype": "cb.complete", "queue": "cb" } });
+    let bid = c.send(&format!("BATCH NEW {new}")).await;
+    assert!(!bid.starts_with('-'), "{bid}");
+    assert!(c.send(r#"BATCH NEW {"parent_bid":"no-such-batch"}"#).await.starts_with("-ERR No such batch"));
+    assert_eq!(c.send(&format!("BATCH OPEN {bid}")).await, bid);
+    for jid in ["member-001", "member-002"] {
+        let job = json!({ "jid": jid, "jobtype": "py.work", "args": [], "custom": { "bid": bid } });
+        assert_eq!(c.send(&format!("PUSH {job}")).await, "+OK");
+    }
+    assert!(c
+        .send(r#"PUSH {"jid":"member-003","jobtype":"py.work","custom":{"bid":"nope"}}"#)
+        .await
+        .starts_with("-ERR No such batch nope"));
+    // The first member finishes before the commit: the batch must not finish with it.
+    assert_eq!(json_of(&c.send("FETCH").await)["jid"], "member-001");
+    assert_eq!(c.send(r#"ACK {"jid":"member-001"}"#).await, "+OK");
+    let st = json_of(&c.send(&format!("BATCH STATUS {bid}")).await);
+    assert_eq!((st["total"].as_u64(), st["pending"].as_u64(), st["complete_st"].as_str()), (Some(2), Some(1), Some("")), "{st}");
+    assert_eq!(c.send(&format!("BATCH COMMIT {bid}")).await, "+OK");
+    assert_eq!(c.send(&format!("BATCH COMMIT {bid}")).await, "+OK", "committing twice changes nothing");
+    assert_eq!(c.send(&format!("BATCH COMMIT {parent}")).await, "+OK");
+    assert!(c.send("FETCH cb").await == "nil", "no callback before the last member finishes");
+    assert_eq!(json_of(&c.send("FETCH").await)["jid"], "member-002");
+    assert_eq!(c.send(r#"ACK {"jid":"member-002"}"#).await, "+OK");
+    let st = json_of(&c.send(&format!("BATCH STATUS {bid}")).await);
+    assert_eq!((st["pending"].as_u64(), st["success_st"].as_str(), st["parent_bid"].as_str()), (Some(0), Some("1"), Some(parent.as_str())));
+    // Both callbacks of the child, then the parent's (the child was its only member).
+    let mut kinds = Vec::new();
+    for _ in 0..3 {
+        kinds.push(json_of(&c.send("FETCH cb").await)["jobtype"].as_str().unwrap().to_string());
+    }
+    kinds.sort();
+    assert_eq!(kinds, ["cb.complete", "cb.parent_done", "cb.success"]);
+    assert!(json_of(&c.send(&format!("BATCH STATUS {parent}")).await)["complete_st"] == "1");
+}
