@@ -294,6 +294,22 @@ pub trait QueueBackend: Send + Sync + 'static {
     /// Reserves up to `max` ready jobs under a lease, moving due delayed jobs first.
     async fn reserve(&self, req: ReserveRequest) -> Result<Vec<Job>>;
 
+    /// Enqueues `jobs`, then reserves up to `reserve.max` ready jobs, in one transaction where
+    /// the backend can: a process that both receives jobs and hands them to workers (the
+    /// Faktory server) then passes a pushed job on without a commit of its own. The enqueue
+    /// stands even when the reservation fails (its jobs are then simply not reserved). The
+    /// default makes the two calls.
+    async fn enqueue_and_reserve(&self, jobs: Vec<NewJob>, reserve: ReserveRequest) -> Result<(Vec<EnqueueOutcome>, Vec<Job>)> {
+        let out = self.enqueue(jobs).await?;
+        match self.reserve(reserve).await {
+            Ok(reserved) => Ok((out, reserved)),
+            Err(e) => {
+                tracing::warn!(error = %e, "reserving after an enqueue failed; the jobs wait for the next reserve");
+                Ok((out, Vec::new()))
+            }
+        }
+    }
+
     /// Records the outcome of many attempts at once.
     async fn complete(&self, completions: Vec<Completion>) -> Result<()>;
 

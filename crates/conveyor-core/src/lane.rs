@@ -144,6 +144,9 @@ impl QueueBackend for Lanes {
     async fn reserve(&self, req: ReserveRequest) -> Result<Vec<Job>> {
         self.inner.reserve(req).await
     }
+    async fn enqueue_and_reserve(&self, jobs: Vec<NewJob>, reserve: ReserveRequest) -> Result<(Vec<EnqueueOutcome>, Vec<Job>)> {
+        self.inner.enqueue_and_reserve(jobs, reserve).await
+    }
     async fn complete(&self, completions: Vec<Completion>) -> Result<()> {
         self.inner.complete(completions).await
     }

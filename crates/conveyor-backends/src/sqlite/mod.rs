@@ -118,6 +118,21 @@ impl QueueBackend for SqliteBackend {
         self.writer.call(move |w| w.reserve(&req.queues, req.max, lease_ms, &req.worker)).await
     }
 
+    /// One request to the writer, so one commit.
+    async fn enqueue_and_reserve(&self, jobs: Vec<NewJob>, req: ReserveRequest) -> Result<(Vec<EnqueueOutcome>, Vec<Job>)> {
+        let lease_ms = req.lease.as_millis() as i64;
+        self.writer
+            .call(move |w| {
+                let out = w.enqueue(jobs)?;
+                if req.max == 0 || req.queues.is_empty() {
+                    return Ok((out, Vec::new()));
+                }
+                let reserved = w.reserve(&req.queues, req.max, lease_ms, &req.worker)?;
+                Ok((out, reserved))
+            })
+            .await
+    }
+
     async fn complete(&self, completions: Vec<Completion>) -> Result<()> {
         if completions.is_empty() {
             return Ok(());

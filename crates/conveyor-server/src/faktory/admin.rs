@@ -49,6 +49,7 @@ pub(crate) async fn info(hub: &Hub) -> Reply {
             "version": env!("CARGO_PKG_VERSION"),
             "backend": hub.conveyor.backend().name(),
             "remote_workers": hub.workers(),
+            "reserves": hub.reserves(),
             "queues": stats.iter().map(|q| json!({
                 "queue": q.queue, "pending": q.pending, "delayed": q.delayed, "reserved": q.reserved,
                 "failed": q.failed, "paused": q.paused,

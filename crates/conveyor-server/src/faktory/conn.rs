@@ -18,7 +18,7 @@ use conveyor_core::{BackendError, NewJob};
 
 use super::hub::{Hub, Signal};
 use super::wire::{read_line, LineError, Reply};
-use super::{admin, batch, job, track, FaktoryConfig};
+use super::{admin, batch, job, mutate, track, FaktoryConfig};
 use crate::access::{constant_time_eq, Role};
 
 /// Kind prefixes of the built-in applications and the engine: the admin's alone.
@@ -159,7 +159,7 @@ impl Connection {
             "FLUSH" => admin::flush(&self.hub).await,
             "TRACK" => track::command(&self.hub, rest).await,
             "BATCH" => batch::command(self, rest).await,
-            "MUTATE" => Reply::err(format!("{verb} is not available in this version of Conveyor yet")),
+            "MUTATE" => mutate::command(&self.hub, rest).await,
             _ => Reply::err(format!("unknown command {}", truncate(&verb, 40))),
         };
         (reply, Then::Continue)
@@ -236,7 +236,7 @@ impl Connection {
         }
         if !plain.is_empty() {
             let (at, jobs): (Vec<usize>, Vec<NewJob>) = plain.into_iter().unzip();
-            for (i, o) in at.into_iter().zip(self.hub.conveyor.dispatch_many(jobs).await?) {
+            for (i, o) in at.into_iter().zip(self.hub.push(jobs).await?) {
                 out[i] = Some(Ok(o));
             }
         }

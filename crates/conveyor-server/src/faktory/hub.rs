@@ -25,12 +25,14 @@ use tracing::{debug, warn};
 
 use conveyor_core::backend::{ReserveRequest, SupervisorInfo, WorkerInfo};
 use conveyor_core::clock::now_ms;
+use conveyor_core::job::EnqueueOutcome;
 use conveyor_core::job::Outcome;
-use conveyor_core::{lane, BackendError, Completion, Conveyor, Job};
+use conveyor_core::{lane, BackendError, Completion, Conveyor, Job, NewJob};
 
 use super::job;
 
-/// Jobs reserved from the store at once for one queue.
+/// Jobs reserved from the store at once for one queue (a reserve covers every queue a `FETCH`
+/// names whose buffer is empty).
 pub(crate) const BATCH: usize = 32;
 /// The store's lease on buffered and held jobs (extended while they are).
 pub(crate) const STORE_LEASE: Duration = Duration::from_secs(60);
@@ -106,6 +108,8 @@ struct State {
     workers: HashMap<String, RemoteWorker>,
     /// Per queue: the wake-up mark and time of the last reserve that found nothing.
     empty: HashMap<String, (u64, Instant)>,
+    /// Per queue: when a `FETCH` last asked for it (pushes then reserve ahead for it).
+    wanted: HashMap<String, Instant>,
 }
 
 /// Counters for `INFO` (since this process started).
@@ -118,7 +122,12 @@ pub(crate) struct Stats {
     pub(crate) failures: AtomicU64,
 }
 
-type Flush = (Completion, oneshot::Sender<Result<(), BackendError>>);
+/// Outcomes waiting for the flusher; a full queue makes `ACK` and `FAIL` wait (backpressure).
+const FLUSH_QUEUE: usize = 20_000;
+/// Pushes of one store commit at most.
+const PUSH_BATCH: usize = 5_000;
+
+type Pushes = (Vec<NewJob>, oneshot::Sender<Result<Vec<EnqueueOutcome>, BackendError>>);
 
 pub(crate) struct Hub {
     pub(crate) conveyor: Conveyor,
@@ -126,8 +135,11 @@ pub(crate) struct Hub {
     owner: String,
     pub(crate) started: Instant,
     state: Mutex<State>,
-    refill: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    flush: mpsc::UnboundedSender<Flush>,
+    refill: tokio::sync::Mutex<()>,
+    /// Reserves made, so that a `FETCH` knows whether one happened while it waited.
+    refills: AtomicU64,
+    flush: mpsc::Sender<Completion>,
+    pushes: mpsc::Sender<Pushes>,
     paused: tokio::sync::Mutex<(Option<Instant>, HashSet<String>)>,
     pub(crate) stats: Stats,
 }
@@ -136,41 +148,76 @@ impl Hub {
     /// The hub and its background tasks (flusher, deadlines, lease extension), which stop with
     /// `shutdown` after giving buffered jobs back.
     pub(crate) fn start(conveyor: Conveyor, shutdown: CancellationToken) -> Arc<Hub> {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(FLUSH_QUEUE);
+        let (push_tx, push_rx) = mpsc::channel(1024);
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
         let hub = Arc::new(Hub {
             conveyor,
             owner: format!("faktory@{host}:{}", std::process::id()),
             started: Instant::now(),
             state: Mutex::new(State::default()),
-            refill: Mutex::new(HashMap::new()),
+            refill: tokio::sync::Mutex::new(()),
+            refills: AtomicU64::new(0),
             flush: tx,
+            pushes: push_tx,
             paused: tokio::sync::Mutex::new((None, HashSet::new())),
             stats: Stats::default(),
         });
         tokio::spawn(flusher(hub.conveyor.clone(), rx));
+        tokio::spawn(pusher(hub.clone(), push_rx));
         tokio::spawn(maintain(hub.clone(), shutdown));
         hub
     }
 
     /// `FETCH`: the first job of the first queue that has one, waiting up to [`FETCH_WAIT`].
-    pub(crate) async fn fetch(&self, queues: &[String], wid: Option<&str>) -> Result<Option<Value>, BackendError> {
+    pub(crate) async fn fetch(self: &Arc<Self>, queues: &[String], wid: Option<&str>) -> Result<Option<Value>, BackendError> {
         let wake = self.conveyor.backend().wakeup();
         let deadline = Instant::now() + FETCH_WAIT;
-        if let Some(wid) = wid {
-            if let Some(w) = self.state().workers.get_mut(wid) {
+        {
+            let mut st = self.state();
+            let now = Instant::now();
+            for q in queues {
+                st.wanted.insert(q.clone(), now);
+            }
+            if let Some(w) = wid.and_then(|w| st.workers.get_mut(w)) {
                 w.queues = queues.to_vec();
             }
         }
         loop {
             let mark = wake.mark();
+            let mut open = Vec::with_capacity(queues.len());
             for q in queues {
-                if self.is_paused(q).await? {
-                    continue;
+                if !self.is_paused(q).await? {
+                    open.push(q.as_str());
                 }
-                if let Some(job) = self.take(q).await? {
-                    return Ok(Some(self.hand_out(job, wid)));
+            }
+            if let Some((job, behind)) = self.from_buffers(&open, mark) {
+                if !behind.is_empty() && self.refill.try_lock().is_ok() {
+                    // Queues before this job's may hold jobs the store has not handed over yet:
+                    // fetch them into their buffers (unless a reserve is under way), so the
+                    // next FETCH sees them first.
+                    let hub = self.clone();
+                    tokio::spawn(async move {
+                        let Ok(_guard) = hub.refill.try_lock() else { return };
+                        let mark = hub.conveyor.backend().wakeup().mark();
+                        let req = ReserveRequest {
+                            max: BATCH * behind.len(),
+                            queues: behind.iter().map(|q| lane::remote(q)).collect(),
+                            lease: STORE_LEASE,
+                            worker: hub.owner.clone(),
+                        };
+                        let jobs = hub.conveyor.backend().reserve(req).await;
+                        hub.refills.fetch_add(1, Ordering::AcqRel);
+                        match jobs {
+                            Ok(jobs) => hub.buffer(jobs, &behind.iter().map(String::as_str).collect::<Vec<_>>(), mark),
+                            Err(e) => debug!(error = %e, "reserving ahead for FETCH failed"),
+                        }
+                    });
                 }
+                return Ok(Some(self.hand_out(job, wid)));
+            }
+            if let Some(job) = self.refill(&open).await? {
+                return Ok(Some(self.hand_out(job, wid)));
             }
             let now = Instant::now();
             if now >= deadline {
@@ -178,6 +225,29 @@ impl Hub {
             }
             wake.wait(mark, POLL.min(deadline - now)).await;
         }
+    }
+
+    /// The first buffered job in queue order, and the queues before it that are not known to
+    /// be empty (a reserve found nothing in them and nothing was enqueued since): the store may
+    /// hold jobs of those that come first, which the caller fetches into their buffers. A job
+    /// in a buffer is not held back for them: the order holds among what was reserved.
+    fn from_buffers(&self, queues: &[&str], mark: u64) -> Option<(Job, Vec<String>)> {
+        let mut st = self.state();
+        let mut behind = Vec::new();
+        for q in queues {
+            if let Some(job) = st.buffers.get_mut(*q).and_then(|b| b.pop_front()) {
+                return Some((job.job, behind));
+            }
+            if !st.empty.get(*q).is_some_and(|(m, at)| *m == mark && at.elapsed() < POLL) {
+                behind.push(q.to_string());
+            }
+        }
+        None
+    }
+
+    fn pop_first(&self, queues: &[&str]) -> Option<Job> {
+        let mut st = self.state();
+        queues.iter().find_map(|q| st.buffers.get_mut(*q).and_then(|b| b.pop_front()).map(|b| b.job))
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -207,44 +277,42 @@ impl Hub {
         self.paused.lock().await.0 = None;
     }
 
-    fn pop(&self, queue: &str) -> Option<Job> {
-        self.state().buffers.get_mut(queue)?.pop_front().map(|b| b.job)
-    }
-
-    /// A buffered job of `queue`, reserving a batch from the store when the buffer is empty
-    /// (one reserve at a time per queue; a reserve that found nothing is not repeated before
-    /// the next wake-up or poll).
-    async fn take(&self, queue: &str) -> Result<Option<Job>, BackendError> {
-        if let Some(job) = self.pop(queue) {
-            return Ok(Some(job));
+    /// Reserves jobs of `queues` (in order, up to [`BATCH`] a queue) into their buffers and
+    /// hands out the first in queue order. One reserve at a time per process: a `FETCH` that
+    /// waited for another's reserve takes from what it brought.
+    async fn refill(&self, queues: &[&str]) -> Result<Option<Job>, BackendError> {
+        if queues.is_empty() {
+            return Ok(None);
         }
-        let lock = self.refill.lock().unwrap_or_else(|p| p.into_inner()).entry(queue.to_string()).or_default().clone();
-        let _guard = lock.lock().await;
-        if let Some(job) = self.pop(queue) {
-            return Ok(Some(job));
+        let before = self.refills.load(Ordering::Acquire);
+        let _guard = self.refill.lock().await;
+        if self.refills.load(Ordering::Acquire) != before {
+            // Another FETCH reserved while this one waited: take from what it brought.
+            return Ok(self.pop_first(queues));
         }
         let backend = self.conveyor.backend();
         let mark = backend.wakeup().mark();
-        if let Some((m, at)) = self.state().empty.get(queue) {
-            if *m == mark && at.elapsed() < POLL {
-                return Ok(None);
-            }
+        let needed: Vec<&str> = {
+            let st = self.state();
+            queues
+                .iter()
+                .copied()
+                .filter(|q| st.buffers.get(*q).is_none_or(VecDeque::is_empty))
+                .filter(|q| !st.empty.get(*q).is_some_and(|(m, at)| *m == mark && at.elapsed() < POLL))
+                .collect()
+        };
+        if !needed.is_empty() {
+            let req = ReserveRequest {
+                queues: needed.iter().map(|q| lane::remote(q)).collect(),
+                max: BATCH * needed.len(),
+                lease: STORE_LEASE,
+                worker: self.owner.clone(),
+            };
+            let jobs = backend.reserve(req).await;
+            self.refills.fetch_add(1, Ordering::AcqRel);
+            self.buffer(jobs?, &needed, mark);
         }
-        let req = ReserveRequest { queues: vec![lane::remote(queue)], max: BATCH, lease: STORE_LEASE, worker: self.owner.clone() };
-        let mut jobs = backend.reserve(req).await?.into_iter();
-        let first = jobs.next();
-        let mut st = self.state();
-        match first {
-            None => {
-                st.empty.insert(queue.to_string(), (mark, Instant::now()));
-            }
-            Some(_) => {
-                st.empty.remove(queue);
-                let now = Instant::now();
-                st.buffers.entry(queue.to_string()).or_default().extend(jobs.map(|job| Buffered { job, since: now }));
-            }
-        }
-        Ok(first)
+        Ok(self.pop_first(queues))
     }
 
     /// Records `job` as held by `wid` until its `reserve_for` and returns what the worker gets.
@@ -306,9 +374,18 @@ impl Hub {
         self.state().held.contains_key(jid)
     }
 
+    /// Hands an outcome to the flusher, which records it with the others of its batch. `ACK`
+    /// and `FAIL` are answered once it is queued: a crash before the batch commits runs the
+    /// job again (delivery is at least once; a `PUSH` waits for its commit).
     async fn record(&self, c: Completion) -> Result<(), BackendError> {
+        self.flush.send(c).await.map_err(|_| BackendError::Unavailable("the Faktory server is stopping".into()))
+    }
+
+    /// Enqueues `jobs` together with the pushes of other connections that arrive meanwhile, in
+    /// one store commit (answered once it is durable).
+    pub(crate) async fn push(&self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>, BackendError> {
         let (tx, rx) = oneshot::channel();
-        self.flush.send((c, tx)).map_err(|_| BackendError::Unavailable("the Faktory server is stopping".into()))?;
+        self.pushes.send((jobs, tx)).await.map_err(|_| BackendError::Unavailable("the Faktory server is stopping".into()))?;
         rx.await.map_err(|_| BackendError::Unavailable("the Faktory server is stopping".into()))?
     }
 
@@ -399,6 +476,67 @@ impl Hub {
         self.conveyor.backend().worker_heartbeat(info).await
     }
 
+    /// The remote lanes among `jobs`' queues whose buffers are short and that a `FETCH` asked
+    /// for in the last seconds.
+    fn lanes_wanted(&self, jobs: &[NewJob]) -> Vec<String> {
+        {
+            let st = self.state();
+            let mut lanes: Vec<String> = Vec::new();
+            for j in jobs {
+                let (q, remote) = lane::split(&j.queue);
+                if remote
+                    && j.run_at.is_none()
+                    && !lanes.iter().any(|l| l == &j.queue)
+                    && st.wanted.get(q).is_some_and(|at| at.elapsed() < Duration::from_secs(5))
+                    && st.buffers.get(q).is_none_or(|b| b.len() < BATCH)
+                {
+                    lanes.push(j.queue.clone());
+                }
+            }
+            lanes
+        }
+    }
+
+    /// Enqueues pushed jobs, and when a `FETCH` wants their queues (see
+    /// [`Hub::lanes_wanted`]), reserves for it in the same commit (one push batch at a time, so
+    /// this cannot storm the store as FETCHes could).
+    async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>, BackendError> {
+        let lanes = self.lanes_wanted(&jobs);
+        if lanes.is_empty() {
+            return self.conveyor.dispatch_many(jobs).await;
+        }
+        for job in &jobs {
+            job.validate().map_err(BackendError::Invalid)?;
+        }
+        let req = ReserveRequest { max: BATCH * lanes.len(), queues: lanes, lease: STORE_LEASE, worker: self.owner.clone() };
+        let mark = self.conveyor.backend().wakeup().mark();
+        let result = self.conveyor.backend().enqueue_and_reserve(jobs, req).await;
+        self.refills.fetch_add(1, Ordering::AcqRel);
+        let (out, reserved) = result?;
+        self.buffer(reserved, &[], mark);
+        Ok(out)
+    }
+
+    /// Puts reserved jobs in their queues' buffers; `asked` queues that got none are noted
+    /// empty as of `mark`.
+    fn buffer(&self, jobs: Vec<Job>, asked: &[&str], mark: u64) {
+        let now = Instant::now();
+        let mut st = self.state();
+        for q in asked {
+            st.empty.insert(q.to_string(), (mark, now));
+        }
+        for job in jobs {
+            let q = lane::base(&job.queue).to_string();
+            st.empty.remove(&q);
+            st.buffers.entry(q).or_default().push_back(Buffered { job, since: now });
+        }
+    }
+
+    /// Reserves made for `FETCH` since start (each one store transaction).
+    pub(crate) fn reserves(&self) -> u64 {
+        self.refills.load(Ordering::Relaxed)
+    }
+
     /// Remote workers known here with the number of jobs each holds.
     pub(crate) fn workers(&self) -> usize {
         self.state().workers.len()
@@ -483,20 +621,48 @@ fn failure(job: &Job, error: String, delay: Duration) -> Outcome {
 }
 
 /// Records completions in batches: whatever accumulated while the last batch was written goes
-/// in the next one, each waiter answered with its batch's result.
-async fn flusher(conveyor: Conveyor, mut rx: mpsc::UnboundedReceiver<Flush>) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < 1000 {
-            match rx.try_recv() {
-                Ok(f) => batch.push(f),
-                Err(_) => break,
-            }
+/// in the next one. A batch that cannot be written leaves its jobs reserved: their leases
+/// return them.
+async fn flusher(conveyor: Conveyor, mut rx: mpsc::Receiver<Completion>) {
+    let mut batch = Vec::with_capacity(1000);
+    while rx.recv_many(&mut batch, 1000).await > 0 {
+        if let Err(e) = conveyor.backend().complete(std::mem::take(&mut batch)).await {
+            warn!(error = %e, "recording Faktory acknowledgements failed; the jobs run again when their leases expire");
         }
-        let (completions, waiters): (Vec<Completion>, Vec<_>) = batch.into_iter().unzip();
-        let result = conveyor.backend().complete(completions).await;
-        for w in waiters {
-            let _ = w.send(result.clone());
+    }
+}
+
+/// Enqueues pushes in batches: those that arrived while the last commit was under way go in
+/// the next one, each caller answered with its own jobs' outcomes.
+async fn pusher(hub: Arc<Hub>, mut rx: mpsc::Receiver<Pushes>) {
+    let mut waiting: Vec<Pushes> = Vec::new();
+    while rx.recv_many(&mut waiting, 256).await > 0 {
+        while !waiting.is_empty() {
+            // Whole pushes, up to PUSH_BATCH jobs (at least one push).
+            let (mut take, mut n) = (0, 0);
+            while take < waiting.len() && (take == 0 || n + waiting[take].0.len() <= PUSH_BATCH) {
+                n += waiting[take].0.len();
+                take += 1;
+            }
+            let mut jobs = Vec::with_capacity(n);
+            let mut replies = Vec::with_capacity(take);
+            for (j, reply) in waiting.drain(..take) {
+                replies.push((j.len(), reply));
+                jobs.extend(j);
+            }
+            match hub.enqueue(jobs).await {
+                Ok(outcomes) => {
+                    let mut outcomes = outcomes.into_iter();
+                    for (n, reply) in replies {
+                        let _ = reply.send(Ok(outcomes.by_ref().take(n).collect()));
+                    }
+                }
+                Err(e) => {
+                    for (_, reply) in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
+            }
         }
     }
 }

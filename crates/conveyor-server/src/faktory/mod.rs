@@ -28,6 +28,7 @@ mod batch;
 mod conn;
 mod hub;
 mod job;
+mod mutate;
 #[cfg(test)]
 mod tests;
 mod track;

@@ -95,6 +95,19 @@ impl Client {
     }
 }
 
+/// Waits (up to 10 s) until `check` holds: ACK and FAIL are answered before their batch commits.
+async fn eventually<F, Fut>(what: &str, check: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn stored(s: &Server) -> u64 {
     s.backend.jobs(JobFilter::default(), Page::new(1, 100)).await.unwrap().total
 }
@@ -162,8 +175,12 @@ async fn fetch_hands_out_remote_jobs_in_queue_order_and_never_local_ones() {
     // An ACK repeated, or for a job nobody holds, is not an error (clients re-send them).
     assert_eq!(c.send(r#"ACK {"jid":"remote-job-2"}"#).await, "+OK");
     assert_eq!(c.send(r#"FAIL {"jid":"remote-job-1","errtype":"KeyError","message":"no such key","backtrace":["a.py:1"]}"#).await, "+OK");
-    let failed = s.backend.jobs(JobFilter { kind: Some("py.work".into()), ..JobFilter::default() }, Page::new(1, 10)).await.unwrap();
-    let retried = failed.items.iter().find(|j| j.payload["jid"] == "remote-job-1").expect("the failed job");
+    let failed_job = || async {
+        let failed = s.backend.jobs(JobFilter { kind: Some("py.work".into()), ..JobFilter::default() }, Page::new(1, 10)).await.unwrap();
+        failed.items.into_iter().find(|j| j.payload["jid"] == "remote-job-1").expect("the failed job")
+    };
+    eventually("the failure to be recorded", || async { failed_job().await.error.is_some() }).await;
+    let retried = failed_job().await;
     assert_eq!(retried.error.as_deref(), Some("KeyError: no such key\n  a.py:1"));
     assert!(retried.available_at.unwrap() >= conveyor_core::clock::now_ms() + 13_000, "Faktory's backoff: 15 s and more");
 }
@@ -281,4 +298,30 @@ async fn a_batch_stays_open_until_committed_then_runs_its_callbacks_and_counts_i
     kinds.sort();
     assert_eq!(kinds, ["cb.complete", "cb.parent_done", "cb.success"]);
     assert!(json_of(&c.send(&format!("BATCH STATUS {parent}")).await)["complete_st"] == "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutate_requeues_and_discards_dead_jobs_by_filter() {
+    let s = server(FaktoryConfig::default()).await;
+    let mut c = Client::hello(&s, None).await;
+    let json_of = |v: &str| serde_json::from_str::<Value>(v).unwrap_or_else(|_| panic!("not JSON: {v}"));
+    for (jid, kind, arg) in [("dead-job-1", "py.a", "uid:1"), ("dead-job-2", "py.a", "uid:2"), ("dead-job-3", "py.b", "uid:3")] {
+        let job = json!({ "jid": jid, "jobtype": kind, "args": [arg], "retry": -1 });
+        assert_eq!(c.send(&format!("PUSH {job}")).await, "+OK");
+        assert_eq!(json_of(&c.send("FETCH").await)["jid"], jid);
+        assert_eq!(c.send(&format!(r#"FAIL {{"jid":"{jid}","message":"no"}}"#)).await, "+OK");
+    }
+    let dead = || async { s.backend.failed(None, Page::new(1, 50)).await.unwrap().total };
+    eventually("retry -1: straight to the failed store", || async { dead().await == 3 }).await;
+    assert!(c.send(r#"MUTATE {"cmd":"explode","target":"dead"}"#).await.starts_with("-ERR MUTATE: unknown cmd"));
+    assert!(c.send(r#"MUTATE {"cmd":"requeue","target":"queues"}"#).await.starts_with("-ERR MUTATE: unknown target"));
+    assert_eq!(c.send(r#"MUTATE {"cmd":"requeue","target":"dead","filter":{"regexp":"*uid:2*"}}"#).await, "+OK");
+    assert_eq!(dead().await, 2);
+    assert_eq!(json_of(&c.send("FETCH").await)["jid"], "dead-job-2", "a requeued dead job goes back to the remote workers");
+    assert_eq!(c.send(r#"MUTATE {"cmd":"discard","target":"dead","filter":{"jobtype":"py.b"}}"#).await, "+OK");
+    assert_eq!(dead().await, 1);
+    assert_eq!(c.send(r#"MUTATE {"cmd":"discard","target":"dead","filter":{"jids":["other"]}}"#).await, "+OK");
+    assert_eq!(dead().await, 1);
+    assert_eq!(c.send(r#"MUTATE {"cmd":"clear","target":"dead"}"#).await, "+OK");
+    assert_eq!(dead().await, 0);
 }
