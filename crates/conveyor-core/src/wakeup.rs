@@ -7,26 +7,28 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+/// One signal per lane (see [`crate::lane`]): local workers sleep on the local one, the
+/// Faktory server's `FETCH` on the remote one, so a burst of jobs for one kind of worker does
+/// not make the other look for work it cannot find.
 #[derive(Default)]
 pub struct Wakeup {
+    local: Signal,
+    remote: Signal,
+}
+
+#[derive(Default)]
+struct Signal {
     seq: AtomicU64,
     notify: Notify,
 }
 
-impl Wakeup {
-    /// Called by a backend after committing new ready work.
-    pub fn wake(&self) {
+impl Signal {
+    fn wake(&self) {
         self.seq.fetch_add(1, Ordering::Release);
         self.notify.notify_waiters();
     }
 
-    /// The value to pass to [`Wakeup::wait`]; read it *before* looking for work.
-    pub fn mark(&self) -> u64 {
-        self.seq.load(Ordering::Acquire)
-    }
-
-    /// Sleeps until a wake after `mark`, or `timeout` (the cross-process poll).
-    pub async fn wait(&self, mark: u64, timeout: Duration) {
+    async fn wait(&self, mark: u64, timeout: Duration) {
         let notified = self.notify.notified();
         tokio::pin!(notified);
         // Registering before re-checking the sequence closes the window in which a wake
@@ -36,6 +38,45 @@ impl Wakeup {
             return;
         }
         let _ = tokio::time::timeout(timeout, notified).await;
+    }
+}
+
+impl Wakeup {
+    /// Called by a backend after committing new ready work it cannot tell the lane of (or
+    /// when it heard of work from another process): wakes both lanes.
+    pub fn wake(&self) {
+        self.local.wake();
+        self.remote.wake();
+    }
+
+    /// Called by a backend that knows which lanes got ready work.
+    pub fn wake_lanes(&self, local: bool, remote: bool) {
+        if local {
+            self.local.wake();
+        }
+        if remote {
+            self.remote.wake();
+        }
+    }
+
+    /// The value to pass to [`Wakeup::wait`]; read it *before* looking for work.
+    pub fn mark(&self) -> u64 {
+        self.local.seq.load(Ordering::Acquire)
+    }
+
+    /// Sleeps until a wake of the local lane after `mark`, or `timeout` (the cross-process poll).
+    pub async fn wait(&self, mark: u64, timeout: Duration) {
+        self.local.wait(mark, timeout).await
+    }
+
+    /// [`Wakeup::mark`] for the remote lane.
+    pub fn mark_remote(&self) -> u64 {
+        self.remote.seq.load(Ordering::Acquire)
+    }
+
+    /// [`Wakeup::wait`] for the remote lane.
+    pub async fn wait_remote(&self, mark: u64, timeout: Duration) {
+        self.remote.wait(mark, timeout).await
     }
 }
 
@@ -64,5 +105,17 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         w.wake();
         tokio::time::timeout(Duration::from_secs(1), h).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_lane_sleeps_through_the_other_lanes_wakes() {
+        let w = Wakeup::default();
+        let (local, remote) = (w.mark(), w.mark_remote());
+        w.wake_lanes(false, true);
+        let t = Instant::now();
+        w.wait_remote(remote, Duration::from_secs(5)).await;
+        assert!(t.elapsed() < Duration::from_secs(1));
+        w.wait(local, Duration::from_millis(200)).await;
+        assert!(t.elapsed() >= Duration::from_millis(200), "the local lane was not woken");
     }
 }

@@ -91,6 +91,8 @@ fn run(mut ctx: WriteCtx, rx: mpsc::Receiver<Work>, wakeup: Arc<Wakeup>) {
             continue;
         }
         ctx.wake = false;
+        ctx.wake_local = false;
+        ctx.wake_remote = false;
         // Set when SQLite has rolled the whole transaction back under us (I/O error, disk
         // full, a script that ended it): from then on nothing in this group can commit.
         let mut lost: Option<BackendError> = None;
@@ -148,6 +150,8 @@ fn run(mut ctx: WriteCtx, rx: mpsc::Receiver<Work>, wakeup: Arc<Wakeup>) {
         }
         if rolled_back {
             ctx.wake = false;
+            ctx.wake_local = false;
+            ctx.wake_remote = false;
             for reply in replies.drain(..) {
                 // `reply` answers with the request's own error whatever it is given.
                 reply(Ok(()));
@@ -179,7 +183,11 @@ fn run(mut ctx: WriteCtx, rx: mpsc::Receiver<Work>, wakeup: Arc<Wakeup>) {
                     reply(Ok(()));
                 }
                 if ctx.wake {
-                    wakeup.wake();
+                    // The lanes whose queues got pending jobs; both when none is known.
+                    match (ctx.wake_local, ctx.wake_remote) {
+                        (false, false) => wakeup.wake(),
+                        (local, remote) => wakeup.wake_lanes(local, remote),
+                    }
                 }
             }
             Err(e) => {
@@ -218,6 +226,9 @@ pub(crate) struct WriteCtx {
     history: usize,
     history_inserts: usize,
     wake: bool,
+    /// Which lanes got pending jobs in this group (`crate::lane`).
+    wake_local: bool,
+    wake_remote: bool,
     op_counts: Counts,
     group_counts: Counts,
     op_metrics: Vec<(i64, Completion)>,
@@ -241,6 +252,8 @@ impl WriteCtx {
             history,
             history_inserts: 0,
             wake: false,
+            wake_local: false,
+            wake_remote: false,
             op_counts: Counts::new(),
             group_counts: Counts::new(),
             op_metrics: Vec::new(),
@@ -270,6 +283,13 @@ impl WriteCtx {
 
     fn keep_op(&mut self) {
         for (q, d) in self.op_counts.drain() {
+            if d[PENDING] > 0 {
+                if conveyor_core::lane::split(&q).1 {
+                    self.wake_remote = true;
+                } else {
+                    self.wake_local = true;
+                }
+            }
             let g = self.group_counts.entry(q).or_default();
             for i in 0..4 {
                 g[i] += d[i];

@@ -184,7 +184,7 @@ impl Hub {
             }
         }
         loop {
-            let mark = wake.mark();
+            let mark = wake.mark_remote();
             let mut open = Vec::with_capacity(queues.len());
             for q in queues {
                 if !self.is_paused(q).await? {
@@ -199,7 +199,7 @@ impl Hub {
                     let hub = self.clone();
                     tokio::spawn(async move {
                         let Ok(_guard) = hub.refill.try_lock() else { return };
-                        let mark = hub.conveyor.backend().wakeup().mark();
+                        let mark = hub.conveyor.backend().wakeup().mark_remote();
                         let req = ReserveRequest {
                             max: BATCH * behind.len(),
                             queues: behind.iter().map(|q| lane::remote(q)).collect(),
@@ -223,7 +223,7 @@ impl Hub {
             if now >= deadline {
                 return Ok(None);
             }
-            wake.wait(mark, POLL.min(deadline - now)).await;
+            wake.wait_remote(mark, POLL.min(deadline - now)).await;
         }
     }
 
@@ -291,7 +291,7 @@ impl Hub {
             return Ok(self.pop_first(queues));
         }
         let backend = self.conveyor.backend();
-        let mark = backend.wakeup().mark();
+        let mark = backend.wakeup().mark_remote();
         let needed: Vec<&str> = {
             let st = self.state();
             queues
@@ -509,7 +509,7 @@ impl Hub {
             job.validate().map_err(BackendError::Invalid)?;
         }
         let req = ReserveRequest { max: BATCH * lanes.len(), queues: lanes, lease: STORE_LEASE, worker: self.owner.clone() };
-        let mark = self.conveyor.backend().wakeup().mark();
+        let mark = self.conveyor.backend().wakeup().mark_remote();
         let result = self.conveyor.backend().enqueue_and_reserve(jobs, req).await;
         self.refills.fetch_add(1, Ordering::AcqRel);
         let (out, reserved) = result?;
