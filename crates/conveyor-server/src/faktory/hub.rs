@@ -214,10 +214,16 @@ impl Hub {
                         }
                     });
                 }
-                return Ok(Some(self.hand_out(job, wid)));
+                match self.hand_out(job, wid).await {
+                    Some(v) => return Ok(Some(v)),
+                    None => continue,
+                }
             }
             if let Some(job) = self.refill(&open).await? {
-                return Ok(Some(self.hand_out(job, wid)));
+                match self.hand_out(job, wid).await {
+                    Some(v) => return Ok(Some(v)),
+                    None => continue,
+                }
             }
             let now = Instant::now();
             if now >= deadline {
@@ -315,16 +321,28 @@ impl Hub {
         Ok(self.pop_first(queues))
     }
 
-    /// Records `job` as held by `wid` until its `reserve_for` and returns what the worker gets.
-    fn hand_out(&self, job: Job, wid: Option<&str>) -> Value {
+    /// Records `job` as held by `wid` until its `reserve_for` and returns what the worker gets;
+    /// `None` when the job expired (`custom.expires_at`): it goes to the failed store unrun,
+    /// saying so, and the caller looks for another.
+    async fn hand_out(&self, job: Job, wid: Option<&str>) -> Option<Value> {
         let (jid, value, reserve_for) = job::fetched(&job);
+        if let Some(at) = job::expired_at(&value, now_ms()) {
+            let error = format!("expired at {} before a worker fetched it (custom.expires_at); not run", job::rfc3339(at));
+            let mut job = job;
+            job.max_attempts = job.attempt;
+            let c = Completion::of(&job, Outcome::Failed { error });
+            if let Err(e) = self.record(c).await {
+                warn!(error = %e, "recording an expired Faktory job failed; its lease will return it");
+            }
+            return None;
+        }
         let now = Instant::now();
         let held = Held { job, wid: wid.map(str::to_string), fetched: now, deadline: now + Duration::from_secs(reserve_for) };
         if let Some(old) = self.state().held.insert(jid.clone(), held) {
             // Two jobs under one jid: the older reservation is left to its deadline.
             warn!(jid = %jid, job = %old.job.id, "FETCH handed out a second job with the same jid");
         }
-        value
+        Some(value)
     }
 
     /// `ACK`: records the held job as done and returns it. `None` when no job is held under

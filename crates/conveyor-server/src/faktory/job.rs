@@ -97,6 +97,18 @@ pub(crate) fn parse(v: Value, local: impl Fn(&str) -> bool) -> Result<Pushed, St
         Some(Value::Object(c)) => c.clone(),
         Some(_) => return Err("custom must be an object".into()),
     };
+    // Expiring jobs: `expires_in` (seconds from now) becomes `expires_at`.
+    let mut custom = custom;
+    if let Some(secs) = custom.get("expires_in").filter(|v| !v.is_null()) {
+        let secs =
+            secs.as_f64().filter(|s| s.is_finite() && *s > 0.0 && *s <= 366.0 * 86400.0).ok_or("custom.expires_in must be seconds")?;
+        custom.insert("expires_at".into(), Value::String(rfc3339(now + (secs * 1000.0) as i64)));
+        custom.remove("expires_in");
+        o.insert("custom".into(), Value::Object(custom.clone()));
+    }
+    if let Some(at) = custom.get("expires_at").filter(|v| !v.is_null()) {
+        at.as_str().and_then(rfc3339_ms).ok_or("custom.expires_at must be an RFC 3339 time")?;
+    }
     for key in ["concurrency_key", "concurrency_limit", "fairness_key"] {
         if custom.contains_key(key) {
             return Err(format!("custom.{key}: flow control is not available in this version"));
@@ -137,6 +149,12 @@ pub(crate) fn parse(v: Value, local: impl Fn(&str) -> bool) -> Result<Pushed, St
     }
     job.validate()?;
     Ok(Pushed { jid, job })
+}
+
+/// When a fetched job (its Faktory JSON) expired, if it did: it is not handed out then.
+pub(crate) fn expired_at(job: &Value, now: i64) -> Option<i64> {
+    let at = job.get("custom")?.get("expires_at")?.as_str().and_then(rfc3339_ms)?;
+    (at <= now).then_some(at)
 }
 
 /// Faktory's unique key: the jobtype, the arguments and the queue.
@@ -256,6 +274,18 @@ mod tests {
         assert_eq!(a.job.unique, b.job.unique);
         assert_ne!(a.job.unique, c.job.unique);
         assert_eq!(a.job.unique.unwrap().ttl, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn expires_in_becomes_expires_at_and_an_expired_job_says_so() {
+        let p = parse(json!({ "jid": "abcdefgh1234", "jobtype": "x", "custom": { "expires_in": 60 } }), remote).unwrap();
+        let stored: Value = serde_json::from_str(&p.job.payload).unwrap();
+        let at = rfc3339_ms(stored["custom"]["expires_at"].as_str().unwrap()).unwrap();
+        let now = conveyor_core::clock::now_ms();
+        assert!((now + 59_000..=now + 61_000).contains(&at));
+        assert_eq!(expired_at(&stored, now), None);
+        assert_eq!(expired_at(&stored, at + 1), Some(at));
+        assert!(parse(json!({ "jid": "abcdefgh1234", "jobtype": "x", "custom": { "expires_at": "soon" } }), remote).is_err());
     }
 
     #[test]

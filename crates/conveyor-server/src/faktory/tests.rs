@@ -325,3 +325,20 @@ async fn mutate_requeues_and_discards_dead_jobs_by_filter() {
     assert_eq!(c.send(r#"MUTATE {"cmd":"clear","target":"dead"}"#).await, "+OK");
     assert_eq!(dead().await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_job_is_not_handed_out_and_says_why_in_the_failed_store() {
+    let s = server(FaktoryConfig::default()).await;
+    let mut c = Client::hello(&s, None).await;
+    let past = (jiff::Timestamp::now() - jiff::SignedDuration::from_secs(1)).to_string();
+    let expired = json!({ "jid": "expired-01", "jobtype": "py.work", "args": [], "custom": { "expires_at": past } });
+    assert_eq!(c.send(&format!("PUSH {expired}")).await, "+OK");
+    assert_eq!(c.send(r#"PUSH {"jid":"fresh-0001","jobtype":"py.work","args":[],"custom":{"expires_in":600}}"#).await, "+OK");
+    let got: Value = serde_json::from_str(&c.send("FETCH").await).unwrap();
+    assert_eq!(got["jid"], "fresh-0001");
+    eventually("the expired job in the failed store", || async {
+        let failed = s.backend.failed(None, Page::new(1, 10)).await.unwrap();
+        failed.items.iter().any(|f| f.payload["jid"] == "expired-01" && f.error.contains("expired at"))
+    })
+    .await;
+}
