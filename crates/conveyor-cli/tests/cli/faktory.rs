@@ -667,3 +667,66 @@ async fn a_sigkilled_python_worker_loses_nothing() {
         assert!(done.iter().any(|d| d["id"] == j["id"]), "the stranded job completed: {j}");
     }
 }
+
+/// `work --faktory` serves the protocol without the HTTP API, here over TLS (a self-signed
+/// certificate made with `openssl`), and pyfaktory's `tcp+tls://` pushes through it; a
+/// configuration that cannot work stops start-up naming the variable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_serves_faktory_over_tls() {
+    let Some(lang) = Lang::python() else { return };
+    let env = TestEnv::new("");
+    let (cert, key) = (env.dir.path().join("cert.pem"), env.dir.path().join("key.pem"));
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    match made {
+        Ok(s) if s.success() => {}
+        other if ci() => panic!("CI needs openssl for the TLS test: {other:?}"),
+        other => return eprintln!("skipping: no openssl ({other:?})"),
+    }
+    // A key without its certificate is refused before anything listens.
+    let refused = env.conveyor(&["work", "--faktory"]).env("CONVEYOR_FAKTORY_TLS_KEY", &key).output().unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("CONVEYOR_FAKTORY_TLS_KEY needs CONVEYOR_FAKTORY_TLS_CERT"));
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+    let mut cmd = env.conveyor(&["work", "--faktory"]);
+    cmd.env("CONVEYOR_FAKTORY_ADDR", format!("127.0.0.1:{port}")).env("CONVEYOR_API_TOKEN", ADMIN);
+    cmd.env("CONVEYOR_FAKTORY_TLS_CERT", &cert).env("CONVEYOR_FAKTORY_TLS_KEY", &key);
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawning conveyor work --faktory");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let said = loop {
+        match lines.next() {
+            Some(Ok(line)) if line.contains("speaks Faktory on") => break line,
+            Some(Ok(_)) => continue,
+            _ => panic!("work --faktory exited before it listened: {:?}", child.wait()),
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let _work = crate::Proc(child);
+    assert!(said.contains(&format!("tcp+tls://127.0.0.1:{port}")), "{said}");
+
+    let url = format!("tcp+tls://:{ADMIN}@127.0.0.1:{port}");
+    let mut pushed = None;
+    for _ in 0..50 {
+        match lang.produce(&url, &["py.ok", "4", "default", "--tag", "tls"], env.dir.path(), "tls-producer").await {
+            Ok(v) => {
+                pushed = Some(v);
+                break;
+            }
+            // The listener may not be accepting yet right after its line.
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let pushed = pushed.expect("pyfaktory pushed over TLS");
+    assert_eq!(pushed["pushed"], 4, "{pushed}");
+    assert_eq!(pushed["info"]["faktory"]["queues"]["default"], 4, "{pushed}");
+    // Remote jobs wait in the queue's remote lane (`conveyor_core::lane`).
+    assert_eq!(env.queue("default@remote").await.pending, 4);
+}
