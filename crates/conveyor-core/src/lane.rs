@@ -116,6 +116,9 @@ fn lane_page(page: &Page) -> Page {
 fn merge<T>(a: Paged<T>, b: Paged<T>, page: &Page, cmp: impl Fn(&T, &T) -> Ordering, key: impl Fn(&T) -> Cursor) -> Paged<T> {
     // A capped lane counted MAX_DEPTH + 1 rows or more: keep the sum past the cap.
     let count = a.total + b.total + u64::from(a.total_capped || b.total_capped);
+    // A lane's page holds at most `per_page` rows (its extra row is dropped, `next` says there
+    // was one): rows beyond both answers exist when either lane had more.
+    let lanes_have_more = a.next.is_some() || b.next.is_some();
     let mut rows = Vec::with_capacity(a.items.len() + b.items.len());
     let (mut a, mut b) = (a.items.into_iter().peekable(), b.items.into_iter().peekable());
     loop {
@@ -127,10 +130,14 @@ fn merge<T>(a: Paged<T>, b: Paged<T>, page: &Page, cmp: impl Fn(&T, &T) -> Order
         };
         rows.extend(if take_a { a.next() } else { b.next() });
     }
-    // Each lane read its rows up to the page's end and one more, so what is left after the
-    // offset says whether another page follows.
     let rows: Vec<T> = rows.into_iter().skip(page.offset() as usize).collect();
-    Paged::from_rows(rows, page, count, key)
+    let mut paged = Paged::from_rows(rows, page, count, &key);
+    // Every row of either lane that sorts before this page's last row is in its answer (each
+    // lane gave its first rows up to the page's end), so the next page starts after it.
+    if paged.next.is_none() && lanes_have_more {
+        paged.next = paged.items.last().map(&key);
+    }
+    paged
 }
 
 #[async_trait]
@@ -304,5 +311,65 @@ impl QueueBackend for Lanes {
     }
     async fn transaction(&self, work: TxFn) -> Result<Box<dyn Any + Send>> {
         self.inner.transaction(work).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lane's answer as a backend gives it: up to `per_page` rows after the cursor (ids
+    /// descending), `next` when more follow.
+    fn lane(ids: &[u64], page: &Page) -> Paged<u64> {
+        let after = page.after.as_ref().map(|c| c.id.parse::<u64>().unwrap());
+        let rows: Vec<u64> =
+            ids.iter().copied().filter(|i| after.is_none_or(|a| *i < a)).skip(page.offset() as usize).take(page.limit() as usize).collect();
+        Paged::from_rows(rows, page, ids.len() as u64, |i| Cursor::new(0, i.to_string()))
+    }
+
+    #[test]
+    fn merged_lanes_page_through_every_row_once_by_cursor_and_by_number() {
+        let a: Vec<u64> = (0..250).rev().filter(|i| i % 3 != 0).collect();
+        let b: Vec<u64> = (0..250).rev().filter(|i| i % 3 == 0).collect();
+        let key = |i: &u64| Cursor::new(0, i.to_string());
+        let cmp = |x: &u64, y: &u64| y.cmp(x);
+        // By cursor.
+        let (mut seen, mut page) = (Vec::new(), Page::new(1, 40));
+        loop {
+            let lp = lane_page(&page);
+            let p = merge(lane(&a, &lp), lane(&b, &lp), &page, cmp, key);
+            assert_eq!(p.total, 250);
+            seen.extend(p.items.iter().copied());
+            match p.next {
+                Some(c) => page = Page::after(c, 40),
+                None => break,
+            }
+        }
+        assert_eq!(seen, (0..250).rev().collect::<Vec<_>>());
+        // By number.
+        let page = Page::new(3, 40);
+        let lp = lane_page(&page);
+        let p = merge(lane(&a, &lp), lane(&b, &lp), &page, cmp, key);
+        assert_eq!(p.items, (0..250).rev().skip(80).take(40).collect::<Vec<_>>());
+        assert!(p.next.is_some());
+    }
+
+    #[test]
+    fn queue_numbers_fold_the_remote_lane_into_its_queue() {
+        let q = |name: &str, pending, paused| QueueStats {
+            queue: name.into(),
+            pending,
+            delayed: 1,
+            reserved: 0,
+            failed: 0,
+            paused,
+            per_minute: 2,
+            oldest_wait_s: pending as f64,
+        };
+        let folded = fold_stats(vec![q("default@remote", 5, false), q("default", 3, true), q("low", 1, false)]);
+        assert_eq!(folded.len(), 2);
+        let d = &folded[0];
+        assert_eq!((d.queue.as_str(), d.pending, d.delayed, d.per_minute, d.paused, d.oldest_wait_s), ("default", 8, 2, 4, true, 5.0));
+        assert_eq!((split("a@remote"), split("a"), remote("a")), (("a", true), ("a", false), "a@remote".to_string()));
     }
 }

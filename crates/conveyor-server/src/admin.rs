@@ -144,10 +144,21 @@ pub(crate) async fn list_jobs(State(s): State<AppState>, Query(q): Query<JobsQue
 #[utoipa::path(get, path = "/api/jobs/{id}", tag = "jobs", params(("id" = String, Path, description = "job id")), responses((status = 200, description = "the job in any state", body = Envelope<JobInfo>), (status = 404, description = "not found", body = ErrorEnvelope)))]
 pub(crate) async fn show_job(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = job_id(&id)?;
-    match s.conveyor.backend().job(id).await? {
-        Some(job) => Ok(ok(job)),
-        None => Err(ApiError::NotFound(format!("no job {id}"))),
+    let Some(job) = s.conveyor.backend().job(id).await? else { return Err(ApiError::NotFound(format!("no job {id}"))) };
+    let remote = !s.conveyor.registry().contains(&job.kind);
+    let mut v = serde_json::to_value(&job).map_err(|e| ApiError::Internal(e.to_string()))?;
+    v["remote"] = serde_json::json!(remote);
+    // A remote job waiting while no worker in another language is connected says so.
+    if remote && matches!(job.state, JobState::Pending) {
+        let workers = s.conveyor.backend().workers(Duration::from_secs(60)).await?;
+        if !workers.iter().any(|w| w.supervisors.iter().any(|sup| sup.name.starts_with("faktory"))) {
+            v["waiting"] = serde_json::json!({
+                "reason": "no_worker",
+                "detail": format!("{:?} is not a kind this server runs, and no Faktory worker is connected to fetch it", job.kind),
+            });
+        }
     }
+    Ok(ok(v))
 }
 
 #[derive(Deserialize)]

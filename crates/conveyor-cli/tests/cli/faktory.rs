@@ -730,3 +730,20 @@ async fn work_serves_faktory_over_tls() {
     // Remote jobs wait in the queue's remote lane (`conveyor_core::lane`).
     assert_eq!(env.queue("default@remote").await.pending, 4);
 }
+
+/// A remote job that no worker in another language is connected to fetch says so on its page
+/// and in the API; local jobs never do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_job_without_a_remote_worker_says_why_it_waits() {
+    let env = TestEnv::new("");
+    let server = Server::start(&env, &tokens()).await;
+    let api = server.api();
+    let mut producer = faktory::Client::connect_to(&server.url(PUBLISH)).await.expect("HELLO with the publish token");
+    producer.enqueue(Job::builder("rs.lonely").queue("lonely").args(vec![json!(1)]).build()).await.expect("PUSH");
+    let jobs = api.jobs("rs.lonely", "pending").await;
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(jobs[0]["queue"], "lonely", "the lane is folded into its queue");
+    let job = api.data(&format!("/api/jobs/{}", jobs[0]["id"].as_str().unwrap())).await;
+    assert_eq!((job["remote"].as_bool(), job["waiting"]["reason"].as_str()), (Some(true), Some("no_worker")), "{job}");
+    assert!(job["waiting"]["detail"].as_str().unwrap().contains("no Faktory worker is connected"), "{job}");
+}

@@ -102,7 +102,6 @@ async fn jobs_and_batches_enqueue_over_http_with_every_option() {
     // Bad input: each names its field.
     for (body, field) in [
         (json!({}), "kind"),
-        (json!({ "kind": "no.such.kind" }), "kind"),
         (json!({ "kind": "conveyor.noop", "queue": "" }), "queue"),
         (json!({ "kind": "conveyor.noop", "delay_s": -1 }), "delay_s"),
         (json!({ "kind": "conveyor.noop", "delay_s": 1, "run_at": 1 }), "run_at"),
@@ -119,6 +118,14 @@ async fn jobs_and_batches_enqueue_over_http_with_every_option() {
         let e: Value = r.json().await.unwrap();
         assert!(e["error"]["details"]["fields"][field].is_string(), "{body}: {e}");
     }
+    // A kind this server does not run is a remote kind: accepted, it waits for a worker in
+    // another language (Faktory), in its queue's remote lane, which local workers never take.
+    let r = post("/api/jobs", admin, json!({ "kind": "no.such.kind", "queue": "elsewhere" })).await.unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let id = r.json::<Value>().await.unwrap()["data"]["id"].as_str().unwrap().to_string();
+    let j: Value = http.get(format!("{url}/api/jobs/{id}")).bearer_auth(admin).send().await.unwrap().json().await.unwrap();
+    assert_eq!((j["data"]["queue"].as_str(), j["data"]["remote"].as_bool()), (Some("elsewhere"), Some(true)), "{j}");
+    assert_eq!(env.queue("elsewhere@remote").await.pending, 1);
     let r = http
         .post(format!("{url}/api/jobs"))
         .bearer_auth(admin)

@@ -273,7 +273,9 @@ function jobDetail(id) {
         <dt>Reserved</dt><dd>${ago(j.reserved_at)}</dd><dt>Finished</dt><dd>${ago(j.finished_at)}</dd>
         <dt>Wait</dt><dd>${ms(j.wait_ms)}</dd><dt>Runtime</dt><dd>${ms(j.runtime_ms)}</dd><dt>Worker</dt><dd class="mono">${esc(j.worker || '—')}</dd>
         </dl>${actions}</div>
-        <div class="card"><h2>Payload</h2><pre>${esc(JSON.stringify(j.payload, null, 2))}</pre>
+        <div class="card">${j.waiting ? `<p class="muted" data-waiting="${esc(j.waiting.reason)}">Waiting: ${esc(j.waiting.detail)}</p>` : ''}
+        ${j.remote ? '<p class="muted">Run by a worker in another language (Faktory).</p>' : ''}
+        <h2>Payload</h2><pre>${esc(JSON.stringify(j.payload, null, 2))}</pre>
         ${j.error ? `<h2>Error</h2><pre>${esc(j.error)}</pre>` : ''}</div></div>`;
     },
   };

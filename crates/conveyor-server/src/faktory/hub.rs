@@ -191,7 +191,7 @@ impl Hub {
                     open.push(q.as_str());
                 }
             }
-            if let Some((job, behind)) = self.from_buffers(&open, mark) {
+            if let Some((job, behind)) = self.take_buffered(&open, mark) {
                 if !behind.is_empty() && self.refill.try_lock().is_ok() {
                     // Queues before this job's may hold jobs the store has not handed over yet:
                     // fetch them into their buffers (unless a reserve is under way), so the
@@ -237,7 +237,7 @@ impl Hub {
     /// be empty (a reserve found nothing in them and nothing was enqueued since): the store may
     /// hold jobs of those that come first, which the caller fetches into their buffers. A job
     /// in a buffer is not held back for them: the order holds among what was reserved.
-    fn from_buffers(&self, queues: &[&str], mark: u64) -> Option<(Job, Vec<String>)> {
+    fn take_buffered(&self, queues: &[&str], mark: u64) -> Option<(Job, Vec<String>)> {
         let mut st = self.state();
         let mut behind = Vec::new();
         for q in queues {
@@ -653,21 +653,36 @@ async fn flusher(conveyor: Conveyor, mut rx: mpsc::Receiver<Completion>) {
 /// Enqueues pushes in batches: those that arrived while the last commit was under way go in
 /// the next one, each caller answered with its own jobs' outcomes.
 async fn pusher(hub: Arc<Hub>, mut rx: mpsc::Receiver<Pushes>) {
+    // Two batches in flight: the store's writer finds the next one waiting when it finishes a
+    // commit, instead of idling while this task collects it.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(2));
     let mut waiting: Vec<Pushes> = Vec::new();
-    while rx.recv_many(&mut waiting, 256).await > 0 {
-        while !waiting.is_empty() {
-            // Whole pushes, up to PUSH_BATCH jobs (at least one push).
-            let (mut take, mut n) = (0, 0);
-            while take < waiting.len() && (take == 0 || n + waiting[take].0.len() <= PUSH_BATCH) {
-                n += waiting[take].0.len();
-                take += 1;
+    loop {
+        if waiting.is_empty() && rx.recv_many(&mut waiting, 256).await == 0 {
+            return;
+        }
+        let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
+        while waiting.len() < 256 {
+            match rx.try_recv() {
+                Ok(p) => waiting.push(p),
+                Err(_) => break,
             }
-            let mut jobs = Vec::with_capacity(n);
-            let mut replies = Vec::with_capacity(take);
-            for (j, reply) in waiting.drain(..take) {
-                replies.push((j.len(), reply));
-                jobs.extend(j);
-            }
+        }
+        // Whole pushes, up to PUSH_BATCH jobs (at least one push).
+        let (mut take, mut n) = (0, 0);
+        while take < waiting.len() && (take == 0 || n + waiting[take].0.len() <= PUSH_BATCH) {
+            n += waiting[take].0.len();
+            take += 1;
+        }
+        let mut jobs = Vec::with_capacity(n);
+        let mut replies = Vec::with_capacity(take);
+        for (j, reply) in waiting.drain(..take) {
+            replies.push((j.len(), reply));
+            jobs.extend(j);
+        }
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
             match hub.enqueue(jobs).await {
                 Ok(outcomes) => {
                     let mut outcomes = outcomes.into_iter();
@@ -681,7 +696,7 @@ async fn pusher(hub: Arc<Hub>, mut rx: mpsc::Receiver<Pushes>) {
                     }
                 }
             }
-        }
+        });
     }
 }
 

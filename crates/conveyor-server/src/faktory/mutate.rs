@@ -86,20 +86,16 @@ fn glob(p: &[u8], s: &[u8]) -> bool {
                     continue;
                 }
                 b'[' => {
-                    if let Some((matched, next)) = class(&p[pi..], s[si]) {
-                        if matched {
-                            pi += next;
-                            si += 1;
-                            continue;
-                        }
-                    }
-                }
-                b'\\' if pi + 1 < p.len() => {
-                    if p[pi + 1] == s[si] {
-                        pi += 2;
+                    if let Some((true, next)) = class(&p[pi..], s[si]) {
+                        pi += next;
                         si += 1;
                         continue;
                     }
+                }
+                b'\\' if pi + 1 < p.len() && p[pi + 1] == s[si] => {
+                    pi += 2;
+                    si += 1;
+                    continue;
                 }
                 c if c == s[si] => {
                     pi += 1;
