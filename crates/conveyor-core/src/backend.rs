@@ -296,9 +296,9 @@ pub trait QueueBackend: Send + Sync + 'static {
 
     /// Enqueues `jobs`, then reserves up to `reserve.max` ready jobs, in one transaction where
     /// the backend can: a process that both receives jobs and hands them to workers (the
-    /// Faktory server) then passes a pushed job on without a commit of its own. The enqueue
-    /// stands even when the reservation fails (its jobs are then simply not reserved). The
-    /// default makes the two calls.
+    /// Faktory server) then passes a pushed job on without a commit of its own. SQLite and
+    /// PostgreSQL do both in one transaction (both happen or neither); the default makes the
+    /// two calls and keeps the enqueue when the reservation fails (its jobs then wait).
     async fn enqueue_and_reserve(&self, jobs: Vec<NewJob>, reserve: ReserveRequest) -> Result<(Vec<EnqueueOutcome>, Vec<Job>)> {
         let out = self.enqueue(jobs).await?;
         match self.reserve(reserve).await {

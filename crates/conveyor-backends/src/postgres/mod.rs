@@ -234,6 +234,23 @@ impl QueueBackend for PgBackend {
         self.tx(move |t| t.reserve(&req.queues, req.max, lease_ms, &req.worker)).await
     }
 
+    /// One transaction, so one commit: both happen or neither.
+    async fn enqueue_and_reserve(&self, jobs: Vec<NewJob>, req: ReserveRequest) -> Result<(Vec<EnqueueOutcome>, Vec<Job>)> {
+        for job in &jobs {
+            job.validate().map_err(BackendError::Invalid)?;
+        }
+        let lease_ms = req.lease.as_millis() as i64;
+        self.tx(move |t| {
+            let out = if jobs.is_empty() { Vec::new() } else { t.enqueue(jobs)? };
+            if req.max == 0 || req.queues.is_empty() {
+                return Ok((out, Vec::new()));
+            }
+            let reserved = t.reserve(&req.queues, req.max, lease_ms, &req.worker)?;
+            Ok((out, reserved))
+        })
+        .await
+    }
+
     async fn complete(&self, completions: Vec<Completion>) -> Result<()> {
         if completions.is_empty() {
             return Ok(());

@@ -85,6 +85,26 @@ fn names_of(jobs: &[Job]) -> Vec<String> {
     jobs.iter().map(|j| payload_of(j)["name"].as_str().unwrap().to_string()).collect()
 }
 
+/// A producer that also consumes (the Faktory server) enqueues and reserves in one call: every
+/// job is enqueued, at most `max` of the queue's ready jobs come back reserved, the rest wait.
+pub async fn enqueue_and_reserve_hands_on_what_it_enqueued(b: Backend) {
+    let q = queue_name();
+    let jobs: Vec<NewJob> = (0..3).map(|i| NewJob::new(KIND, &json!({ "i": i })).queue(&q)).collect();
+    let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+    let req = ReserveRequest { queues: vec![q.clone()], max: 2, lease: Duration::from_secs(30), worker: "conformance".into() };
+    let (out, reserved) = b.enqueue_and_reserve(jobs, req).await.unwrap();
+    assert_eq!(out.iter().map(|o| o.id()).collect::<Vec<_>>(), ids);
+    assert_eq!(reserved.len(), 2, "two of the three are reserved");
+    assert!(reserved.iter().all(|j| ids.contains(&j.id) && j.attempt == 1));
+    assert_counts(&b, &q, [1, 0, 2, 0], "after enqueue and reserve").await;
+    let rest = reserve(&b, &q, 10).await;
+    assert_eq!(rest.len(), 1, "the third waits for the next reserve");
+    for j in reserved.iter().chain(&rest) {
+        complete(&b, j, Outcome::Completed).await;
+    }
+    assert_counts(&b, &q, [0, 0, 0, 0], "after completing them").await;
+}
+
 pub async fn higher_priority_first_then_fifo(b: Backend) {
     let spec = [("a", 0), ("b", 0), ("c", 10), ("d", 5), ("e", 10), ("f", -3), ("g", 5), ("h", 0)];
     let expected = ["c", "e", "d", "g", "a", "b", "h", "f"];

@@ -77,6 +77,7 @@ macro_rules! conformance_suite {
                 // lifecycle
                 enqueue_reserve_complete,
                 enqueue_many_returns_outcomes_in_order,
+                enqueue_and_reserve_hands_on_what_it_enqueued,
                 higher_priority_first_then_fifo,
                 queues_are_served_in_strict_order,
                 delayed_jobs_wait_until_due,
