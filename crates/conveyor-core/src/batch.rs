@@ -255,6 +255,13 @@ pub async fn list(backend: &dyn QueueBackend, page: Page) -> Result<Paged<BatchI
     Ok(Paged::from_rows(rows.iter().map(info).collect(), &page, count, |b: &BatchInfo| Cursor::new(b.created_at, b.id.clone())))
 }
 
+/// The kinds of a batch's `then` and `finally` callback jobs, when it has them.
+pub async fn callback_kinds(backend: &dyn QueueBackend, id: &str) -> Result<(Option<String>, Option<String>)> {
+    let rows = backend.query("SELECT then_job, finally_job FROM batches WHERE id = $1", vec![id.into()]).await?;
+    let kind = |text: Option<&str>| text.and_then(|t| serde_json::from_str::<NewJob>(t).ok()).map(|j| j.kind);
+    Ok(rows.first().map_or((None, None), |r| (kind(r.text(0)), kind(r.text(1)))))
+}
+
 /// Whether a batch was cancelled (its remaining jobs are skipped).
 pub async fn is_cancelled(backend: &dyn QueueBackend, id: &str) -> Result<bool> {
     let rows = backend.query("SELECT cancelled_at FROM batches WHERE id = $1", vec![id.into()]).await?;

@@ -6,7 +6,9 @@
 
 use serde_json::{json, Value};
 
+use conveyor_core::backend::{JobFilter, Page};
 use conveyor_core::batch::{self, Batch};
+use conveyor_core::job::JobState;
 use conveyor_core::BackendError;
 
 use super::conn::{backend_error, Connection};
@@ -39,6 +41,28 @@ pub(crate) async fn command(c: &Connection, rest: &str) -> Reply {
             Ok(Some(b)) => {
                 let hold = b.open as u64;
                 let done = b.finished_at.is_some();
+                // "" not enqueued, "1" enqueued, "2" the callback job succeeded.
+                let (mut success_st, mut complete_st) = ("", "");
+                if done {
+                    let (then, finally) = match batch::callback_kinds(backend.as_ref(), &b.id).await {
+                        Ok(k) => k,
+                        Err(e) => return backend_error("BATCH STATUS", e),
+                    };
+                    let filter = JobFilter { tag: Some(format!("batch:{}", b.id)), ..JobFilter::default() };
+                    let callbacks = match backend.jobs(filter, Page::new(1, 10)).await {
+                        Ok(p) => p.items,
+                        Err(e) => return backend_error("BATCH STATUS", e),
+                    };
+                    let st = |kind: &Option<String>| match kind {
+                        Some(k) if callbacks.iter().any(|j| &j.kind == k && j.state == JobState::Completed) => "2",
+                        Some(k) if callbacks.iter().any(|j| &j.kind == k) => "1",
+                        _ => "",
+                    };
+                    complete_st = st(&finally);
+                    if b.failed == 0 {
+                        success_st = st(&then);
+                    }
+                }
                 Reply::json(&json!({
                     "bid": b.id,
                     "total": b.total - hold,
@@ -47,9 +71,8 @@ pub(crate) async fn command(c: &Connection, rest: &str) -> Reply {
                     "created_at": rfc3339(b.created_at),
                     "description": b.name,
                     "parent_bid": b.parent_id,
-                    // "1": the callback was enqueued (whether it has run is not tracked).
-                    "complete_st": if done { "1" } else { "" },
-                    "success_st": if done && b.failed == 0 { "1" } else { "" },
+                    "complete_st": complete_st,
+                    "success_st": success_st,
                 }))
             }
             Ok(None) => Reply::err(format!("No such batch {arg}")),

@@ -17,7 +17,7 @@ use conveyor_core::job::EnqueueOutcome;
 use conveyor_core::{BackendError, NewJob};
 
 use super::hub::{Hub, Signal};
-use super::wire::{read_line, LineError, Reply};
+use super::wire::{read_line, LineError, Reply, MAX_HELLO_LINE, MAX_LINE};
 use super::{admin, batch, job, mutate, track, FaktoryConfig};
 use crate::access::{constant_time_eq, Role};
 
@@ -93,14 +93,15 @@ impl Connection {
         loop {
             let line = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                l = read_line(r, &mut buf) => l,
+                l = read_line(r, &mut buf, if self.role.is_some() { MAX_LINE } else { MAX_HELLO_LINE }) => l,
             };
             let line = match line {
                 Ok(l) => l,
                 Err(LineError::Closed) => return Ok(()),
                 Err(LineError::Io(e)) => return Err(e),
                 Err(LineError::TooLong) => {
-                    Reply::err(format!("line longer than {} bytes", super::wire::MAX_LINE)).write(w).await?;
+                    let max = if self.role.is_some() { MAX_LINE } else { MAX_HELLO_LINE };
+                    Reply::err(format!("line longer than {max} bytes")).write(w).await?;
                     w.flush().await?;
                     continue;
                 }

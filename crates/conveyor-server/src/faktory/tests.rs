@@ -108,6 +108,12 @@ where
     }
 }
 
+/// `BATCH STATUS` on a connection of its own.
+async fn c2_status(s: &Server, bid: &str) -> String {
+    let mut c = Client::hello(s, None).await;
+    c.send(&format!("BATCH STATUS {bid}")).await
+}
+
 async fn stored(s: &Server) -> u64 {
     s.backend.jobs(JobFilter::default(), Page::new(1, 100)).await.unwrap().total
 }
@@ -118,6 +124,11 @@ async fn bad_input_gets_a_reason_stores_nothing_and_the_connection_carries_on() 
     let mut c = Client::connect(&s).await;
     assert_eq!(c.greeting, json!({ "v": 2 }), "no password without tokens");
     assert!(c.send("PUSH {}").await.starts_with("-ERR HELLO first"));
+    // Before HELLO a line may be 64 KiB at most.
+    assert_eq!(
+        c.send(&"x".repeat(super::wire::MAX_HELLO_LINE + 1)).await,
+        format!("-ERR line longer than {} bytes", super::wire::MAX_HELLO_LINE)
+    );
     assert_eq!(c.send(r#"HELLO {"v":2}"#).await, "+OK");
     let cases = [
         ("PUSH {not json", "-ERR PUSH: the job is not valid JSON"),
@@ -291,13 +302,25 @@ async fn a_batch_stays_open_until_committed_then_runs_its_callbacks_and_counts_i
     let st = json_of(&c.send(&format!("BATCH STATUS {bid}")).await);
     assert_eq!((st["pending"].as_u64(), st["success_st"].as_str(), st["parent_bid"].as_str()), (Some(0), Some("1"), Some(parent.as_str())));
     // Both callbacks of the child, then the parent's (the child was its only member).
+    let st = json_of(&c.send(&format!("BATCH STATUS {bid}")).await);
+    assert_eq!((st["success_st"].as_str(), st["complete_st"].as_str()), (Some("1"), Some("1")), "callbacks enqueued: {st}");
     let mut kinds = Vec::new();
     for _ in 0..3 {
-        kinds.push(json_of(&c.send("FETCH cb").await)["jobtype"].as_str().unwrap().to_string());
+        let cb = json_of(&c.send("FETCH cb").await);
+        kinds.push(cb["jobtype"].as_str().unwrap().to_string());
+        assert_eq!(c.send(&format!(r#"ACK {{"jid":"{}"}}"#, cb["jid"].as_str().unwrap())).await, "+OK");
     }
     kinds.sort();
     assert_eq!(kinds, ["cb.complete", "cb.parent_done", "cb.success"]);
-    assert!(json_of(&c.send(&format!("BATCH STATUS {parent}")).await)["complete_st"] == "1");
+    eventually("the callbacks to be recorded as succeeded", || async {
+        let st = json_of(&c2_status(&s, &bid).await);
+        st["success_st"] == "2" && st["complete_st"] == "2"
+    })
+    .await;
+    eventually("the parent's callback to be recorded as succeeded", || async {
+        json_of(&c2_status(&s, &parent).await)["complete_st"] == "2"
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,13 +7,15 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The longest command line accepted (a `PUSHB` of 1,000 jobs fits well).
 pub(crate) const MAX_LINE: usize = 16 * 1024 * 1024;
+/// The longest line before `HELLO` succeeded: a stranger may not make the server hold 16 MiB.
+pub(crate) const MAX_HELLO_LINE: usize = 64 * 1024;
 
 /// Why a line could not be read.
 #[derive(Debug)]
 pub(crate) enum LineError {
     /// The client closed the connection (before a complete line).
     Closed,
-    /// The line passed [`MAX_LINE`]; the rest of it was read and dropped.
+    /// The line passed the limit; the rest of it was read and dropped.
     TooLong,
     /// The line is not UTF-8.
     NotUtf8,
@@ -21,8 +23,8 @@ pub(crate) enum LineError {
 }
 
 /// Reads one line without its end (`\r\n` or `\n`) and trailing spaces. A line longer than
-/// [`MAX_LINE`] is consumed to its end and refused, so the connection stays in step.
-pub(crate) async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> Result<String, LineError> {
+/// `max` is consumed to its end and refused, so the connection stays in step.
+pub(crate) async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, max: usize) -> Result<String, LineError> {
     buf.clear();
     let mut too_long = false;
     loop {
@@ -35,7 +37,7 @@ pub(crate) async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<
             None => (chunk.len(), false),
         };
         if !too_long {
-            if buf.len() + used > MAX_LINE + 2 {
+            if buf.len() + used > max + 2 {
                 too_long = true;
                 buf.clear();
             } else {
@@ -108,10 +110,10 @@ mod tests {
     async fn lines_end_with_crlf_or_lf_and_lose_trailing_spaces() {
         let mut input: &[u8] = b"PUSH {}\r\nFETCH \nINFO";
         let mut buf = Vec::new();
-        assert_eq!(read_line(&mut input, &mut buf).await.unwrap(), "PUSH {}");
-        assert_eq!(read_line(&mut input, &mut buf).await.unwrap(), "FETCH");
+        assert_eq!(read_line(&mut input, &mut buf, MAX_LINE).await.unwrap(), "PUSH {}");
+        assert_eq!(read_line(&mut input, &mut buf, MAX_LINE).await.unwrap(), "FETCH");
         // An unterminated last line is a closed connection, not a command.
-        assert!(matches!(read_line(&mut input, &mut buf).await, Err(LineError::Closed)));
+        assert!(matches!(read_line(&mut input, &mut buf, MAX_LINE).await, Err(LineError::Closed)));
     }
 
     #[tokio::test]
@@ -120,8 +122,8 @@ mod tests {
         data.extend_from_slice(b"\r\nEND\r\n");
         let mut input: &[u8] = &data;
         let mut buf = Vec::new();
-        assert!(matches!(read_line(&mut input, &mut buf).await, Err(LineError::TooLong)));
-        assert_eq!(read_line(&mut input, &mut buf).await.unwrap(), "END");
+        assert!(matches!(read_line(&mut input, &mut buf, MAX_LINE).await, Err(LineError::TooLong)));
+        assert_eq!(read_line(&mut input, &mut buf, MAX_LINE).await.unwrap(), "END");
     }
 
     #[tokio::test]
