@@ -23,13 +23,18 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use conveyor_core::backend::{ReserveRequest, SupervisorInfo, WorkerInfo};
+use conveyor_core::backend::ReserveRequest;
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::EnqueueOutcome;
 use conveyor_core::job::Outcome;
 use conveyor_core::{lane, BackendError, Completion, Conveyor, Job, NewJob};
 
 use super::job;
+
+mod batchers;
+mod workers;
+
+use workers::RemoteWorker;
 
 /// Jobs reserved from the store at once for one queue (a reserve covers every queue a `FETCH`
 /// names whose buffer is empty).
@@ -60,31 +65,6 @@ impl Signal {
         match self {
             Signal::Quiet => "quiet",
             Signal::Terminate => "terminate",
-        }
-    }
-}
-
-/// A remote worker process, known by its `wid`.
-#[derive(Clone, Debug)]
-pub(crate) struct RemoteWorker {
-    pub(crate) hostname: String,
-    pub(crate) pid: u32,
-    pub(crate) labels: Vec<String>,
-    pub(crate) started_at: i64,
-    last_beat: Option<Instant>,
-    interval: Option<Duration>,
-    /// The state it reported (`current_state`).
-    pub(crate) reported: Option<String>,
-    pub(crate) queues: Vec<String>,
-    pub(crate) processed: u64,
-}
-
-impl RemoteWorker {
-    /// Gone: it has beaten, and missed two beats since.
-    fn gone(&self, now: Instant) -> bool {
-        match self.last_beat {
-            Some(last) => now.duration_since(last) > self.interval.unwrap_or(DEFAULT_BEAT) * 2 + BEAT_SLACK,
-            None => false,
         }
     }
 }
@@ -163,8 +143,8 @@ impl Hub {
             paused: tokio::sync::Mutex::new((None, HashSet::new())),
             stats: Stats::default(),
         });
-        tokio::spawn(flusher(hub.conveyor.clone(), rx));
-        tokio::spawn(pusher(hub.clone(), push_rx));
+        tokio::spawn(batchers::flusher(hub.conveyor.clone(), rx));
+        tokio::spawn(batchers::pusher(hub.clone(), push_rx));
         tokio::spawn(maintain(hub.clone(), shutdown));
         hub
     }
@@ -419,81 +399,6 @@ impl Hub {
         }
     }
 
-    /// `HELLO` of a worker process (every connection of it says hello with the same `wid`).
-    pub(crate) fn hello(&self, wid: &str, hostname: &str, pid: u32, labels: Vec<String>) {
-        let mut st = self.state();
-        let w = st.workers.entry(wid.to_string()).or_insert_with(|| RemoteWorker {
-            hostname: hostname.to_string(),
-            pid,
-            labels: labels.clone(),
-            started_at: now_ms(),
-            last_beat: None,
-            interval: None,
-            reported: None,
-            queues: Vec::new(),
-            processed: 0,
-        });
-        w.hostname = hostname.to_string();
-        w.pid = pid;
-        w.labels = labels;
-    }
-
-    /// `BEAT`: notes the worker alive (re-registering a `wid` it forgot, say after a restart)
-    /// and publishes it in the store's worker registry.
-    pub(crate) async fn beat(&self, wid: &str, reported: Option<String>, signal: Option<Signal>) -> Result<(), BackendError> {
-        let info = {
-            let mut st = self.state();
-            let now = Instant::now();
-            let held: Vec<String> =
-                st.held.values().filter(|h| h.wid.as_deref() == Some(wid)).map(|h| h.job.id.to_string()).take(50).collect();
-            let w = st.workers.entry(wid.to_string()).or_insert_with(|| RemoteWorker {
-                hostname: String::new(),
-                pid: 0,
-                labels: Vec::new(),
-                started_at: now_ms(),
-                last_beat: None,
-                interval: None,
-                reported: None,
-                queues: Vec::new(),
-                processed: 0,
-            });
-            if let Some(last) = w.last_beat {
-                let gap = now.duration_since(last);
-                // A beat sent right after another (a retry) says nothing of the interval.
-                if gap > Duration::from_millis(500) {
-                    w.interval = Some(w.interval.map_or(gap, |i| i.max(gap.min(Duration::from_secs(60)))));
-                }
-            }
-            w.last_beat = Some(now);
-            w.reported = reported;
-            let status = match (signal, w.reported.as_deref()) {
-                (Some(s), _) => s.as_str().to_string(),
-                (None, Some(r)) if !r.is_empty() => r.to_string(),
-                _ => "running".to_string(),
-            };
-            let labels = if w.labels.is_empty() { String::new() } else { format!(" ({})", w.labels.join(", ")) };
-            WorkerInfo {
-                id: wid.to_string(),
-                hostname: w.hostname.clone(),
-                pid: w.pid,
-                started_at: w.started_at,
-                last_seen: now_ms(),
-                status,
-                supervisors: vec![SupervisorInfo {
-                    name: format!("faktory{labels}"),
-                    queues: w.queues.clone(),
-                    concurrency: 0,
-                    busy: held.len(),
-                    processed: w.processed,
-                    balance: Default::default(),
-                    pools: Vec::new(),
-                    current_jobs: held,
-                }],
-            }
-        };
-        self.conveyor.backend().worker_heartbeat(info).await
-    }
-
     /// The remote lanes among `jobs`' queues whose buffers are short and that a `FETCH` asked
     /// for in the last seconds.
     fn lanes_wanted(&self, jobs: &[NewJob]) -> Vec<String> {
@@ -553,11 +458,6 @@ impl Hub {
     /// Reserves made for `FETCH` since start (each one store transaction).
     pub(crate) fn reserves(&self) -> u64 {
         self.refills.load(Ordering::Relaxed)
-    }
-
-    /// Remote workers known here with the number of jobs each holds.
-    pub(crate) fn workers(&self) -> usize {
-        self.state().workers.len()
     }
 
     /// One pass of the background duties (see the module docs); `extend` also renews the
@@ -635,68 +535,6 @@ fn failure(job: &Job, error: String, delay: Duration) -> Outcome {
         Outcome::Retry { at: now_ms() + delay.as_millis() as i64, error }
     } else {
         Outcome::Failed { error }
-    }
-}
-
-/// Records completions in batches: whatever accumulated while the last batch was written goes
-/// in the next one. A batch that cannot be written leaves its jobs reserved: their leases
-/// return them.
-async fn flusher(conveyor: Conveyor, mut rx: mpsc::Receiver<Completion>) {
-    let mut batch = Vec::with_capacity(1000);
-    while rx.recv_many(&mut batch, 1000).await > 0 {
-        if let Err(e) = conveyor.backend().complete(std::mem::take(&mut batch)).await {
-            warn!(error = %e, "recording Faktory acknowledgements failed; the jobs run again when their leases expire");
-        }
-    }
-}
-
-/// Enqueues pushes in batches: those that arrived while the last commit was under way go in
-/// the next one, each caller answered with its own jobs' outcomes.
-async fn pusher(hub: Arc<Hub>, mut rx: mpsc::Receiver<Pushes>) {
-    // Two batches in flight: the store's writer finds the next one waiting when it finishes a
-    // commit, instead of idling while this task collects it.
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(2));
-    let mut waiting: Vec<Pushes> = Vec::new();
-    loop {
-        if waiting.is_empty() && rx.recv_many(&mut waiting, 256).await == 0 {
-            return;
-        }
-        let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
-        while waiting.len() < 256 {
-            match rx.try_recv() {
-                Ok(p) => waiting.push(p),
-                Err(_) => break,
-            }
-        }
-        // Whole pushes, up to PUSH_BATCH jobs (at least one push).
-        let (mut take, mut n) = (0, 0);
-        while take < waiting.len() && (take == 0 || n + waiting[take].0.len() <= PUSH_BATCH) {
-            n += waiting[take].0.len();
-            take += 1;
-        }
-        let mut jobs = Vec::with_capacity(n);
-        let mut replies = Vec::with_capacity(take);
-        for (j, reply) in waiting.drain(..take) {
-            replies.push((j.len(), reply));
-            jobs.extend(j);
-        }
-        let hub = hub.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            match hub.enqueue(jobs).await {
-                Ok(outcomes) => {
-                    let mut outcomes = outcomes.into_iter();
-                    for (n, reply) in replies {
-                        let _ = reply.send(Ok(outcomes.by_ref().take(n).collect()));
-                    }
-                }
-                Err(e) => {
-                    for (_, reply) in replies {
-                        let _ = reply.send(Err(e.clone()));
-                    }
-                }
-            }
-        });
     }
 }
 
