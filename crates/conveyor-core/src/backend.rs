@@ -46,6 +46,17 @@ pub struct ReserveRequest {
     pub worker: String,
 }
 
+/// What [`QueueBackend::act_on_delayed`] does with a job waiting for its time.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DelayedAction {
+    /// Ready at once.
+    RunNow,
+    /// Removed (a batch counts it as failed; a workflow compensates).
+    Delete,
+    /// Moved to the failed store with this error, unrun.
+    Fail(String),
+}
+
 /// A queue's numbers, for `queue list` and `/api/queues`.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -352,6 +363,12 @@ pub trait QueueBackend: Send + Sync + 'static {
     async fn retry_all_failed(&self, queue: Option<&str>) -> Result<u64>;
     async fn forget_failed(&self, id: JobId) -> Result<bool>;
     async fn flush_failed(&self, queue: Option<&str>) -> Result<u64>;
+
+    /// Acts on delayed jobs (scheduled, or waiting to retry) by id; jobs that are not delayed
+    /// are left alone. Returns the ids acted on. The default refuses: a backend that cannot.
+    async fn act_on_delayed(&self, _ids: Vec<JobId>, _action: DelayedAction) -> Result<Vec<JobId>> {
+        Err(BackendError::Invalid(format!("the {} queue cannot act on delayed jobs one by one yet", self.name())))
+    }
 
     // --- metrics and workers ---------------------------------------------------------------
 

@@ -921,6 +921,13 @@ impl QueueBackend for AmqpBackend {
         self.store.failed_since(since).await
     }
 
+    /// In the store; jobs made ready now are published like every ready job.
+    async fn act_on_delayed(&self, ids: Vec<JobId>, action: conveyor_core::backend::DelayedAction) -> Result<Vec<JobId>> {
+        let out = self.store.act_on_delayed(ids, action).await?;
+        self.confirmed().await;
+        Ok(out)
+    }
+
     async fn retry_failed(&self, ids: Vec<JobId>) -> Result<Vec<JobId>> {
         let out = self.store.retry_failed(ids).await?;
         self.confirmed().await;

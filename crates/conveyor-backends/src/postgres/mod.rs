@@ -234,6 +234,13 @@ impl QueueBackend for PgBackend {
         self.tx(move |t| t.reserve(&req.queues, req.max, lease_ms, &req.worker)).await
     }
 
+    async fn act_on_delayed(&self, ids: Vec<JobId>, action: conveyor_core::backend::DelayedAction) -> Result<Vec<JobId>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.tx(move |t| t.act_on_delayed(&ids, &action)).await
+    }
+
     /// One transaction, so one commit: both happen or neither.
     async fn enqueue_and_reserve(&self, jobs: Vec<NewJob>, req: ReserveRequest) -> Result<(Vec<EnqueueOutcome>, Vec<Job>)> {
         for job in &jobs {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use postgres::types::ToSql;
 use postgres::{Statement, Transaction};
 
-use conveyor_core::backend::{BackendError, ReadyJob, Result, Row, SqlValue, Tx};
+use conveyor_core::backend::{BackendError, DelayedAction, ReadyJob, Result, Row, SqlValue, Tx};
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::{Backoff, Completion, EnqueueOutcome, Job, JobId, NewJob, Outcome};
 use conveyor_core::metrics::{minute_of, MetricsAccumulator, BUCKETS};
@@ -526,6 +526,80 @@ impl<'c, 't> PgTx<'c, 't> {
             }
         }
         Ok(true)
+    }
+
+    /// Runs, deletes or fails delayed jobs by id (see `QueueBackend::act_on_delayed`).
+    pub(crate) fn act_on_delayed(&mut self, ids: &[JobId], action: &DelayedAction) -> Result<Vec<JobId>> {
+        let now = now_ms();
+        let mut done = Vec::new();
+        for id in ids {
+            let key = id.as_bytes().to_vec();
+            if let DelayedAction::RunNow = action {
+                let rows = self.rows(
+                    "UPDATE jobs SET state = 0, available_at = $2 WHERE id = $1 AND state = 2 RETURNING queue, priority",
+                    &[&key, &now],
+                )?;
+                if let Some(r) = rows.first() {
+                    let (queue, priority): (String, i64) = (r.get(0), r.get(1));
+                    self.count(&queue, DELAYED, -1);
+                    self.count(&queue, PENDING, 1);
+                    self.wake = true;
+                    self.ready(*id, &queue, priority as i32);
+                    done.push(*id);
+                }
+                continue;
+            }
+            let (rows, error) = match action {
+                DelayedAction::Fail(error) => (
+                    self.rows(
+                        "WITH d AS (DELETE FROM jobs WHERE id = $1 AND state = 2 RETURNING *)
+                         INSERT INTO failed_jobs (id, queue, kind, payload, priority, attempts, max_attempts, backoff, timeout_ms,
+                                                  unique_key, tags, batch_id, created_at, failed_at, runtime_ms, error, workflow)
+                         SELECT id, queue, kind, payload, priority, attempts, max_attempts, backoff, timeout_ms,
+                                unique_key, tags, batch_id, created_at, $2, 0, $3, workflow FROM d
+                         ON CONFLICT (id) DO UPDATE SET queue = excluded.queue, kind = excluded.kind, payload = excluded.payload,
+                            attempts = excluded.attempts, max_attempts = excluded.max_attempts, unique_key = excluded.unique_key,
+                            batch_id = excluded.batch_id, failed_at = excluded.failed_at, error = excluded.error,
+                            workflow = excluded.workflow
+                         RETURNING queue, kind, unique_key, batch_id, workflow",
+                        &[&key, &now, error],
+                    )?,
+                    error.clone(),
+                ),
+                _ => (
+                    self.rows(
+                        "DELETE FROM jobs WHERE id = $1 AND state = 2 RETURNING queue, kind, unique_key, batch_id, workflow",
+                        &[&key],
+                    )?,
+                    "deleted before it ran".to_string(),
+                ),
+            };
+            let Some(r) = rows.first() else { continue };
+            let (queue, kind, unique_key, batch_id, workflow): (String, String, Option<String>, Option<String>, Option<String>) =
+                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+            self.count(&queue, DELAYED, -1);
+            if matches!(action, DelayedAction::Fail(_)) {
+                self.count(&queue, FAILED, 1);
+            }
+            self.release_unique(unique_key.as_deref(), &key)?;
+            let c = Completion {
+                id: *id,
+                lease_token: 0,
+                queue,
+                kind,
+                unique_key,
+                batch_id,
+                workflow,
+                outcome: Outcome::Failed { error },
+                wait_ms: 0,
+                runtime_ms: 0,
+            };
+            if conveyor_core::hooks::wants(&c) {
+                conveyor_core::hooks::after_outcome(self, &c)?;
+            }
+            done.push(*id);
+        }
+        Ok(done)
     }
 
     fn release_unique(&mut self, key: Option<&str>, id: &[u8]) -> Result<()> {

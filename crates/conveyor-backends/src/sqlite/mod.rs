@@ -133,6 +133,13 @@ impl QueueBackend for SqliteBackend {
             .await
     }
 
+    async fn act_on_delayed(&self, ids: Vec<JobId>, action: conveyor_core::backend::DelayedAction) -> Result<Vec<JobId>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.writer.call(move |w| w.act_on_delayed(&ids, &action)).await
+    }
+
     async fn complete(&self, completions: Vec<Completion>) -> Result<()> {
         if completions.is_empty() {
             return Ok(());

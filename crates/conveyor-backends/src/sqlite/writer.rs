@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
-use conveyor_core::backend::{BackendError, DispatchHook, ReadyJob, Result, Tx};
+use conveyor_core::backend::{BackendError, DelayedAction, DispatchHook, ReadyJob, Result, Tx};
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::{Backoff, Completion, EnqueueOutcome, Job, JobId, NewJob, Outcome};
 use conveyor_core::metrics::{minute_of, MetricsAccumulator, BUCKETS};
@@ -607,6 +607,71 @@ impl WriteCtx {
         self.history_inserts += 1;
         self.conn.prepare_cached("DELETE FROM jobs WHERE id = ?1").and_then(|mut s| s.execute([id])).map_err(storage_err)?;
         Ok(true)
+    }
+
+    /// Runs, deletes or fails delayed jobs by id (see `QueueBackend::act_on_delayed`).
+    pub(crate) fn act_on_delayed(&mut self, ids: &[JobId], action: &DelayedAction) -> Result<Vec<JobId>> {
+        let now = now_ms();
+        let mut done = Vec::new();
+        for id in ids {
+            let key = &id.as_bytes()[..];
+            let row = match action {
+                DelayedAction::RunNow => {
+                    let hit: Option<(String, i32)> = self
+                        .conn
+                        .prepare_cached(
+                            "UPDATE jobs SET state = 0, available_at = ?2 WHERE id = ?1 AND state = 2 RETURNING queue, priority",
+                        )
+                        .and_then(|mut s| s.query_row(params![key, now], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+                        .map_err(storage_err)?;
+                    if let Some((queue, priority)) = hit {
+                        self.count(&queue, DELAYED, -1);
+                        self.count(&queue, PENDING, 1);
+                        self.wake = true;
+                        self.ready(*id, &queue, priority);
+                        done.push(*id);
+                    }
+                    continue;
+                }
+                DelayedAction::Delete | DelayedAction::Fail(_) => self
+                    .conn
+                    .prepare_cached(
+                        "DELETE FROM jobs WHERE id = ?1 AND state = 2
+                         RETURNING queue, kind, payload, priority, attempts, max_attempts, backoff, timeout_ms, unique_key, tags,
+                                   batch_id, created_at, workflow",
+                    )
+                    .and_then(|mut s| s.query_row([key], JobRow::from_row).optional())
+                    .map_err(storage_err)?,
+            };
+            let Some(row) = row else { continue };
+            let error = match action {
+                DelayedAction::Fail(error) => {
+                    self.insert_failed(key, &row, error, now, 0)?;
+                    self.count(&row.queue, FAILED, 1);
+                    error.clone()
+                }
+                _ => "deleted before it ran".to_string(),
+            };
+            self.count(&row.queue, DELAYED, -1);
+            self.release_unique(row.unique_key.as_deref(), key)?;
+            let c = Completion {
+                id: *id,
+                lease_token: 0,
+                queue: row.queue.clone(),
+                kind: row.kind.clone(),
+                unique_key: row.unique_key.clone(),
+                batch_id: row.batch_id.clone(),
+                workflow: row.workflow.clone(),
+                outcome: Outcome::Failed { error },
+                wait_ms: 0,
+                runtime_ms: 0,
+            };
+            if conveyor_core::hooks::wants(&c) {
+                conveyor_core::hooks::after_outcome(&mut super::tx::SqliteTx { ctx: self }, &c)?;
+            }
+            done.push(*id);
+        }
+        Ok(done)
     }
 
     /// Deletes a reserved job if `token` still holds it, returning the row.

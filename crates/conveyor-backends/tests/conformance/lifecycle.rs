@@ -105,6 +105,33 @@ pub async fn enqueue_and_reserve_hands_on_what_it_enqueued(b: Backend) {
     assert_counts(&b, &q, [0, 0, 0, 0], "after completing them").await;
 }
 
+/// Delayed jobs acted on by id (Faktory's `MUTATE` on scheduled jobs and retries): run now,
+/// deleted, or failed unrun; jobs that are not delayed are left alone.
+pub async fn delayed_jobs_run_now_are_deleted_or_failed_by_id(b: Backend) {
+    let q = queue_name();
+    let later = || NewJob::new(KIND, &json!({})).queue(&q).delay(Duration::from_secs(3600));
+    let (run, gone, kill) = (enqueue_one(&b, later()).await, enqueue_one(&b, later()).await, enqueue_one(&b, later()).await);
+    let pending = enqueue_one(&b, NewJob::new(KIND, &json!({})).queue(&q)).await;
+    use conveyor_core::backend::DelayedAction;
+    if b.name() == "redis" {
+        // Not there yet on the Redis queue: refused with a reason, nothing changed.
+        let e = b.act_on_delayed(vec![run], DelayedAction::RunNow).await.unwrap_err();
+        assert!(matches!(e, BackendError::Invalid(_)), "{e}");
+        assert_counts(&b, &q, [1, 3, 0, 0], "after the refusal").await;
+        return;
+    }
+    assert_eq!(b.act_on_delayed(vec![run, pending], DelayedAction::RunNow).await.unwrap(), vec![run], "a pending job is left alone");
+    assert_counts(&b, &q, [2, 2, 0, 0], "after run now").await;
+    let ready: Vec<JobId> = reserve(&b, &q, 10).await.iter().map(|j| j.id).collect();
+    assert!(ready.contains(&run) && ready.contains(&pending), "{ready:?}");
+    assert_eq!(b.act_on_delayed(vec![gone], DelayedAction::Delete).await.unwrap(), vec![gone]);
+    assert!(b.job(gone).await.unwrap().is_none(), "a deleted job is gone");
+    assert_eq!(b.act_on_delayed(vec![kill], DelayedAction::Fail("killed".into())).await.unwrap(), vec![kill]);
+    assert_eq!(b.failed_job(kill).await.unwrap().expect("in the failed store").error, "killed");
+    assert_counts(&b, &q, [0, 0, 2, 1], "after delete and fail").await;
+    assert!(b.act_on_delayed(vec![kill], DelayedAction::Delete).await.unwrap().is_empty(), "a failed job is not delayed");
+}
+
 pub async fn higher_priority_first_then_fifo(b: Backend) {
     let spec = [("a", 0), ("b", 0), ("c", 10), ("d", 5), ("e", 10), ("f", -3), ("g", 5), ("h", 0)];
     let expected = ["c", "e", "d", "g", "a", "b", "h", "f"];

@@ -81,6 +81,7 @@ macro_rules! conformance_suite {
                 higher_priority_first_then_fifo,
                 queues_are_served_in_strict_order,
                 delayed_jobs_wait_until_due,
+                delayed_jobs_run_now_are_deleted_or_failed_by_id,
                 retry_keeps_attempts_and_failed_moves_to_failed_store,
                 release_does_not_consume_an_attempt,
                 stale_lease_tokens_change_nothing,

@@ -4,12 +4,15 @@
 //! them where they are. The filter takes `jobtype` (exact), `jids`, and `regexp`, which (as in
 //! Faktory) is a glob (`*`, `?`, `[…]`) over the job's JSON.
 //!
-//! The `scheduled` and `retries` sets (jobs waiting for their time) have no per-job operation
-//! in every backend yet: those targets are refused with a reason.
+//! `scheduled` (delayed jobs that never ran) and `retries` (delayed jobs waiting to run again)
+//! are the remote lanes' delayed jobs: `requeue` makes them ready now, `discard` and `clear`
+//! delete them, `kill` moves them to the failed store unrun (`QueueBackend::act_on_delayed`,
+//! which the Redis queue does not have yet: there these targets are refused with a reason).
 
 use serde_json::Value;
 
-use conveyor_core::backend::{FailedJob, Page, MAX_DEPTH};
+use conveyor_core::backend::{DelayedAction, JobFilter, Page, MAX_DEPTH};
+use conveyor_core::job::JobState;
 use conveyor_core::{lane, JobId};
 
 use super::conn::backend_error;
@@ -49,18 +52,18 @@ impl Filter {
         Ok(Filter { jobtype: text("jobtype")?, jids: jids.filter(|j| !j.is_empty()), glob: text("regexp")? })
     }
 
-    fn matches(&self, f: &FailedJob) -> bool {
-        if self.jobtype.as_ref().is_some_and(|t| *t != f.kind) {
+    fn matches(&self, id: JobId, kind: &str, payload: &Value) -> bool {
+        if self.jobtype.as_ref().is_some_and(|t| t != kind) {
             return false;
         }
         if let Some(jids) = &self.jids {
-            let jid = f.payload.get("jid").and_then(Value::as_str).map_or_else(|| f.id.to_string(), str::to_string);
+            let jid = payload.get("jid").and_then(Value::as_str).map_or_else(|| id.to_string(), str::to_string);
             if !jids.contains(&jid) {
                 return false;
             }
         }
         match &self.glob {
-            Some(g) => glob(g.as_bytes(), f.payload.to_string().as_bytes()),
+            Some(g) => glob(g.as_bytes(), payload.to_string().as_bytes()),
             None => true,
         }
     }
@@ -152,14 +155,11 @@ pub(crate) async fn command(hub: &Hub, rest: &str) -> Reply {
         Ok(f) => f,
         Err(e) => return Reply::err(e),
     };
-    match o.get("target").and_then(Value::as_str).unwrap_or_default() {
-        "dead" => {}
-        "scheduled" | "retries" => {
-            return Reply::err("MUTATE: the scheduled and retries sets cannot be mutated in this version of Conveyor yet (dead can)")
-        }
-        other => return Reply::err(format!("MUTATE: unknown target {other:?} (retries, scheduled, dead)")),
+    let target = o.get("target").and_then(Value::as_str).unwrap_or_default();
+    if !matches!(target, "dead" | "scheduled" | "retries") {
+        return Reply::err(format!("MUTATE: unknown target {target:?} (retries, scheduled, dead)"));
     }
-    if cmd == "kill" {
+    if cmd == "kill" && target == "dead" {
         // Dead jobs are dead already.
         return Reply::Ok;
     }
@@ -168,28 +168,70 @@ pub(crate) async fn command(hub: &Hub, rest: &str) -> Reply {
         Ok(q) => q,
         Err(e) => return backend_error("MUTATE", e),
     };
+    // At most this many jobs in one mutation (each set is read page by page).
+    let most = MAX_DEPTH as usize * 10;
     let mut chosen: Vec<JobId> = Vec::new();
-    for q in queues.iter().filter(|q| q.failed > 0) {
+    for q in &queues {
         let lane = lane::remote(&q.queue);
         let mut page = Page::new(1, 500);
         loop {
-            let p = match backend.failed(Some(&lane), page.clone()).await {
-                Ok(p) => p,
-                Err(e) => return backend_error("MUTATE", e),
+            let next = if target == "dead" {
+                if q.failed == 0 {
+                    break;
+                }
+                match backend.failed(Some(&lane), page.clone()).await {
+                    Ok(p) => {
+                        chosen.extend(p.items.iter().filter(|f| filter.matches(f.id, &f.kind, &f.payload)).map(|f| f.id));
+                        p.next
+                    }
+                    Err(e) => return backend_error("MUTATE", e),
+                }
+            } else {
+                if q.delayed == 0 {
+                    break;
+                }
+                let f = JobFilter { queue: Some(lane.clone()), state: Some(JobState::Delayed), ..JobFilter::default() };
+                match backend.jobs(f, page.clone()).await {
+                    Ok(p) => {
+                        let retried = target == "retries";
+                        chosen.extend(
+                            p.items
+                                .iter()
+                                .filter(|j| (j.attempts > 0) == retried && filter.matches(j.id, &j.kind, &j.payload))
+                                .map(|j| j.id),
+                        );
+                        p.next
+                    }
+                    Err(e) => return backend_error("MUTATE", e),
+                }
             };
-            chosen.extend(p.items.iter().filter(|f| f.queue == q.queue && filter.matches(f)).map(|f| f.id));
-            match p.next {
-                Some(next) if chosen.len() < MAX_DEPTH as usize * 10 => page = Page::after(next, 500),
+            match next {
+                Some(next) if chosen.len() < most => page = Page::after(next, 500),
                 _ => break,
             }
         }
     }
-    let result = match cmd {
-        "requeue" => backend.retry_failed(chosen).await.map(|_| ()),
-        _ => {
+    let result = match (target, cmd) {
+        ("dead", "requeue") => backend.retry_failed(chosen).await.map(|_| ()),
+        ("dead", _) => {
             let mut r = Ok(());
             for id in chosen {
                 if let Err(e) = backend.forget_failed(id).await {
+                    r = Err(e);
+                    break;
+                }
+            }
+            r
+        }
+        (_, action) => {
+            let action = match action {
+                "requeue" => DelayedAction::RunNow,
+                "kill" => DelayedAction::Fail("killed by MUTATE before it ran".into()),
+                _ => DelayedAction::Delete,
+            };
+            let mut r = Ok(());
+            for ids in chosen.chunks(1000) {
+                if let Err(e) = backend.act_on_delayed(ids.to_vec(), action.clone()).await {
                     r = Err(e);
                     break;
                 }

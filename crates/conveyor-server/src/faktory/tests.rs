@@ -365,3 +365,28 @@ async fn an_expired_job_is_not_handed_out_and_says_why_in_the_failed_store() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutate_runs_scheduled_jobs_now_and_kills_retries() {
+    let s = server(FaktoryConfig::default()).await;
+    let mut c = Client::hello(&s, None).await;
+    let json_of = |v: &str| serde_json::from_str::<Value>(v).unwrap_or_else(|_| panic!("not JSON: {v}"));
+    let at = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1)).to_string();
+    let later = json!({ "jid": "scheduled-1", "jobtype": "py.later", "args": [], "at": at });
+    assert_eq!(c.send(&format!("PUSH {later}")).await, "+OK");
+    assert_eq!(c.send(r#"PUSH {"jid":"retried-01","jobtype":"py.flaky","args":[]}"#).await, "+OK");
+    assert_eq!(json_of(&c.send("FETCH").await)["jid"], "retried-01");
+    assert_eq!(c.send(r#"FAIL {"jid":"retried-01","message":"try later"}"#).await, "+OK");
+    eventually("the failure to be recorded", || async { s.backend.queues().await.unwrap().iter().any(|q| q.delayed == 2) }).await;
+    // Each set holds only its own jobs: a requeue of the retries does not touch the scheduled job.
+    assert_eq!(c.send(r#"MUTATE {"cmd":"kill","target":"retries","filter":{"jobtype":"py.later"}}"#).await, "+OK");
+    assert_eq!(c.send(r#"MUTATE {"cmd":"requeue","target":"scheduled","filter":{"jids":["scheduled-1"]}}"#).await, "+OK");
+    assert_eq!(json_of(&c.send("FETCH").await)["jid"], "scheduled-1", "a requeued scheduled job is ready now");
+    assert_eq!(c.send(r#"MUTATE {"cmd":"kill","target":"retries"}"#).await, "+OK");
+    let failed = s.backend.failed(None, Page::new(1, 10)).await.unwrap();
+    assert_eq!(failed.items.len(), 1);
+    assert_eq!(
+        (failed.items[0].payload["jid"].as_str(), failed.items[0].error.as_str()),
+        (Some("retried-01"), "killed by MUTATE before it ran")
+    );
+}
