@@ -25,6 +25,21 @@ pub(crate) struct RemoteWorker {
 }
 
 impl RemoteWorker {
+    /// Known from now on; `HELLO` fills in who it is.
+    fn new() -> Self {
+        RemoteWorker {
+            hostname: String::new(),
+            pid: 0,
+            labels: Vec::new(),
+            started_at: now_ms(),
+            last_beat: None,
+            interval: None,
+            reported: None,
+            queues: Vec::new(),
+            processed: 0,
+        }
+    }
+
     /// Gone: it has beaten, and missed two beats since.
     pub(super) fn gone(&self, now: Instant) -> bool {
         match self.last_beat {
@@ -38,17 +53,7 @@ impl Hub {
     /// `HELLO` of a worker process (every connection of it says hello with the same `wid`).
     pub(crate) fn hello(&self, wid: &str, hostname: &str, pid: u32, labels: Vec<String>) {
         let mut st = self.state();
-        let w = st.workers.entry(wid.to_string()).or_insert_with(|| RemoteWorker {
-            hostname: hostname.to_string(),
-            pid,
-            labels: labels.clone(),
-            started_at: now_ms(),
-            last_beat: None,
-            interval: None,
-            reported: None,
-            queues: Vec::new(),
-            processed: 0,
-        });
+        let w = st.workers.entry(wid.to_string()).or_insert_with(RemoteWorker::new);
         w.hostname = hostname.to_string();
         w.pid = pid;
         w.labels = labels;
@@ -62,17 +67,7 @@ impl Hub {
             let now = Instant::now();
             let held: Vec<String> =
                 st.held.values().filter(|h| h.wid.as_deref() == Some(wid)).map(|h| h.job.id.to_string()).take(50).collect();
-            let w = st.workers.entry(wid.to_string()).or_insert_with(|| RemoteWorker {
-                hostname: String::new(),
-                pid: 0,
-                labels: Vec::new(),
-                started_at: now_ms(),
-                last_beat: None,
-                interval: None,
-                reported: None,
-                queues: Vec::new(),
-                processed: 0,
-            });
+            let w = st.workers.entry(wid.to_string()).or_insert_with(RemoteWorker::new);
             if let Some(last) = w.last_beat {
                 let gap = now.duration_since(last);
                 // A beat sent right after another (a retry) says nothing of the interval.
