@@ -747,3 +747,59 @@ async fn a_remote_job_without_a_remote_worker_says_why_it_waits() {
     assert_eq!((job["remote"].as_bool(), job["waiting"]["reason"].as_str()), (Some(true), Some("no_worker")), "{job}");
     assert!(job["waiting"]["detail"].as_str().unwrap().contains("no Faktory worker is connected"), "{job}");
 }
+
+/// The Rust client end to end on the two scale-out stores not covered above: PostgreSQL, and
+/// RabbitMQ (its ledger in SQLite). Every job is acknowledged once, a failure lands in the
+/// failed store, and nothing is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_client_works_on_postgres_and_on_rabbitmq() {
+    let mut envs = Vec::new();
+    match TestEnv::postgres("", None) {
+        Some(env) => envs.push(("postgres", env)),
+        None if ci() => panic!("CI needs the local PostgreSQL"),
+        None => eprintln!("skipping PostgreSQL: no server"),
+    }
+    match conveyor_backends::amqp::testing::TestAmqp::create() {
+        Some(mut amqp) => {
+            amqp.cleanup.extend(["default".to_string(), "default@remote".to_string()]);
+            envs.push(("amqp", TestEnv::amqp("", amqp)));
+        }
+        None if ci() => panic!("CI needs the local RabbitMQ"),
+        None => eprintln!("skipping RabbitMQ: no broker"),
+    }
+    for (name, env) in envs {
+        let server = Server::start(&env, &tokens()).await;
+        let api = server.api();
+        let mut producer = faktory::Client::connect_to(&server.url(PUBLISH)).await.expect("HELLO");
+        let jobs: Vec<Job> = (0..20).map(|i| Job::new("rs.scale", vec![json!(i)])).collect();
+        assert_eq!(producer.enqueue_many(jobs).await.expect("PUSHB").0, 20, "{name}");
+        producer.enqueue(Job::builder("rs.fails").args(vec![json!(0)]).retry(0).build()).await.expect("PUSH");
+        let ran: Arc<Mutex<Vec<i64>>> = Arc::default();
+        let record = Arc::clone(&ran);
+        let mut worker = Worker::builder::<std::io::Error>()
+            .register_fn("rs.scale", move |job| {
+                let record = Arc::clone(&record);
+                async move {
+                    record.lock().unwrap().push(job.args()[0].as_i64().unwrap());
+                    Ok(())
+                }
+            })
+            .register_fn("rs.fails", |_| async move { Err(std::io::Error::other("no luck")) })
+            .connect_to(&server.url(WORKER))
+            .await
+            .expect("HELLO with the worker token");
+        for _ in 0..21 {
+            assert!(worker.run_one(0, &["default"]).await.expect("FETCH, then ACK or FAIL"), "{name}: a job was fetched");
+        }
+        let mut got = ran.lock().unwrap().clone();
+        got.sort();
+        assert_eq!(got, (0..20).collect::<Vec<_>>(), "{name}: every job ran once");
+        wait_for("the outcomes to be recorded", Duration::from_secs(20), || async {
+            api.jobs("rs.scale", "completed").await.len() == 20 && api.failed("rs.fails").await.len() == 1
+        })
+        .await;
+        let failed = api.failed("rs.fails").await;
+        assert!(failed[0]["error"].as_str().unwrap().contains("no luck"), "{name}: {failed:?}");
+        assert_eq!(api.queue("default").await["pending"], 0, "{name}");
+    }
+}
