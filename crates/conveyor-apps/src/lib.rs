@@ -5,9 +5,11 @@
 //!
 //! Applications are HTTP-free: the server crate maps its routes onto the functions here.
 
+pub mod kinds;
 pub mod notify;
 pub mod orders;
 pub mod outbound;
+pub mod signing;
 pub mod sync;
 
 use std::sync::Arc;
@@ -21,6 +23,8 @@ pub struct AppsConfig {
     pub payment: orders::payment::SimulatorConfig,
     pub notify: notify::NotifyConfig,
     pub sync: sync::SyncConfig,
+    /// `[[kinds]]` with a `url`.
+    pub kinds: Vec<kinds::HttpKind>,
 }
 
 /// Runs every application's migrations.
@@ -42,5 +46,6 @@ pub fn schedules(config: &AppsConfig) -> Vec<conveyor_core::scheduler::Schedule>
 pub fn register(registry: &mut Registry, backend: Arc<dyn QueueBackend>, config: &AppsConfig) -> Result<(), String> {
     orders::register(registry, backend.clone(), config.payment.clone());
     sync::register(registry, backend.clone(), config.sync.clone());
-    notify::register(registry, backend, config.notify.clone())
+    notify::register(registry, backend.clone(), config.notify.clone())?;
+    kinds::register(registry, backend, &config.kinds)
 }

@@ -237,6 +237,22 @@ impl Client {
     }
 }
 
+/// The longest `Retry-After` honoured: a partner, an HTTP kind's endpoint or whoever answers at
+/// a URL an API caller gave cannot park a job for days.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// `Retry-After` as seconds or an HTTP date, at most [`MAX_RETRY_AFTER`].
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER));
+    }
+    // An HTTP date (IMF-fixdate is RFC 2822 with `GMT`).
+    let at = jiff::fmt::rfc2822::parse(v).ok()?.timestamp().as_millisecond();
+    let ms = at - conveyor_core::clock::now_ms();
+    Some(Duration::from_millis(ms.max(0) as u64).min(MAX_RETRY_AFTER))
+}
+
 /// Reads a body chunk by chunk and stops past `limit` bytes, so a huge or endless answer costs
 /// at most `limit` of memory.
 pub async fn read_capped(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, OutboundError> {
@@ -273,6 +289,11 @@ pub async fn excerpt(resp: reqwest::Response, limit: usize, chars: usize) -> Str
 /// can change). Returns why not.
 pub fn validate_caller_url(url: &str, policy: &Policy) -> Result<(), OutboundError> {
     check_url(url, Trust::Caller, policy).map(|_| ())
+}
+
+/// Checks a URL the operator configured (an HTTP kind's): http(s) with a host.
+pub fn check_operator_url(url: &str) -> Result<(), OutboundError> {
+    check_url(url, Trust::Operator, &Policy::default()).map(|_| ())
 }
 
 fn check_url(url: &str, trust: Trust, policy: &Policy) -> Result<Url, OutboundError> {

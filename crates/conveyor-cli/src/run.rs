@@ -45,6 +45,7 @@ pub(crate) async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn QueueB
     let backend = open_backend(config)?;
     conveyor_apps::migrate(backend.as_ref()).await.context("migrating the applications' tables")?;
     conveyor_server::access::migrate(backend.as_ref()).await.context("migrating the server's tables")?;
+    conveyor_apps::kinds::prepare(backend.as_ref(), &config.apps.kinds).await.context("giving the HTTP kinds their signing secrets")?;
     Ok(backend)
 }
 
@@ -52,6 +53,9 @@ pub(crate) async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn QueueB
 pub(crate) fn registry(config: &Config, backend: &Arc<dyn QueueBackend>) -> anyhow::Result<conveyor_core::Registry> {
     let mut r = kinds::registry();
     conveyor_apps::register(&mut r, backend.clone(), &config.apps).map_err(|e| anyhow::anyhow!(e))?;
+    for q in &config.kind_queues {
+        r.kind_queue(&q.kind, &q.queue);
+    }
     Ok(r)
 }
 
@@ -80,7 +84,8 @@ fn worker_config(config: &Config, args: Option<&WorkArgs>) -> anyhow::Result<Wor
             if let Some(l) = lease {
                 s.lease = l;
             }
-            supervisors = vec![s];
+            // The queues named are all this process works: no HTTP kind's supervisor is added.
+            return Ok(WorkerConfig { supervisors: vec![s], shutdown_grace: config.shutdown_grace, ..WorkerConfig::default() });
         } else if let Some(c) = a.concurrency {
             if c == 0 {
                 bail!("--concurrency: must be at least 1");
@@ -91,6 +96,10 @@ fn worker_config(config: &Config, args: Option<&WorkArgs>) -> anyhow::Result<Wor
             }
         }
     }
+    // HTTP kinds wait on the network: their queues get supervisors of their own unless a
+    // configured one names them.
+    let http = conveyor_apps::kinds::supervisors(&config.apps.kinds, &supervisors);
+    supervisors.extend(http);
     Ok(WorkerConfig { supervisors, shutdown_grace: config.shutdown_grace, ..WorkerConfig::default() })
 }
 
@@ -186,7 +195,8 @@ pub(crate) async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()>
     conveyor_apps::outbound::install_api_policy(config.apps.notify.outbound.clone());
     let state = conveyor_server::AppState::new(conveyor.clone(), config.access(local))
         .with_schedules(scheduler.as_ref().map(Scheduler::info))
-        .with_sync(config.apps.sync.clone());
+        .with_sync(config.apps.sync.clone())
+        .with_kinds(config.apps.kinds.clone());
     let http = tokio::spawn(conveyor_server::serve_with(listener, state, shutdown.clone(), config.http_max_connections));
     let faktory = start_faktory(&config, &conveyor, &shutdown).await?;
     let scheduler = scheduler.map(|s| tokio::spawn(s.run(shutdown.clone())));

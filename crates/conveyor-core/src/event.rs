@@ -77,8 +77,19 @@ pub type ListenerGuard = Arc<dyn Fn(&mut dyn Tx, &str) -> Result<bool> + Send + 
 
 #[derive(Clone)]
 pub(crate) enum Listener {
-    Inline { name: String, run: InlineFn },
-    Queued { name: String, queue: String, kind: String, guard: Option<ListenerGuard> },
+    Inline {
+        name: String,
+        run: InlineFn,
+    },
+    /// `bare`: the job's payload is the event's payload itself rather than an
+    /// [`EventEnvelope`] (a kind routed to an event, see [`Registry::route_event`]).
+    Queued {
+        name: String,
+        queue: String,
+        kind: String,
+        guard: Option<ListenerGuard>,
+        bare: bool,
+    },
 }
 
 impl Registry {
@@ -120,6 +131,21 @@ impl Registry {
             queue: queue.to_string(),
             kind,
             guard,
+            bare: false,
+        });
+        self
+    }
+
+    /// Makes each `event` one job of the already registered `kind` on `queue`, whose payload
+    /// is the event's payload, enqueued in the emitting transaction (a queued listener that is
+    /// an existing kind: an HTTP kind's `listen`).
+    pub fn route_event(&mut self, event: &str, kind: &str, queue: &str) -> &mut Self {
+        self.listeners.entry(event.to_string()).or_default().push(Listener::Queued {
+            name: kind.to_string(),
+            queue: queue.to_string(),
+            kind: kind.to_string(),
+            guard: None,
+            bare: true,
         });
         self
     }
@@ -160,14 +186,21 @@ impl Conveyor {
         for l in self.registry().listeners_of(&event.name) {
             match l {
                 Listener::Inline { name, .. } => runs.push(ListenerRun { listener: name.clone(), mode: "inline".into(), job_id: None }),
-                Listener::Queued { name, queue, kind, guard } => {
+                Listener::Queued { name, queue, kind, guard, bare } => {
                     if let Some(guard) = guard {
                         if !guard(tx, &event.name)? {
                             continue;
                         }
                     }
-                    let env = EventEnvelope { event_id: id.clone(), event: event.name.clone(), payload: &event.payload };
-                    let job = NewJob::new(kind.clone(), &env).queue(queue.clone()).tag(format!("event:{id}"));
+                    let job = if *bare {
+                        NewJob::new(kind.clone(), &event.payload)
+                    } else {
+                        NewJob::new(
+                            kind.clone(),
+                            &EventEnvelope { event_id: id.clone(), event: event.name.clone(), payload: &event.payload },
+                        )
+                    };
+                    let job = job.queue(queue.clone()).tag(format!("event:{id}"));
                     runs.push(ListenerRun { listener: name.clone(), mode: "queued".into(), job_id: Some(job.id.to_string()) });
                     jobs.push(job);
                 }

@@ -71,8 +71,9 @@ impl Conveyor {
     }
 
     /// Enqueues many jobs in one backend call (one transaction / one round trip).
-    pub async fn dispatch_many(&self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>, BackendError> {
-        for job in &jobs {
+    pub async fn dispatch_many(&self, mut jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>, BackendError> {
+        for job in &mut jobs {
+            self.inner.registry.route(job);
             job.validate().map_err(BackendError::Invalid)?;
         }
         self.inner.backend.enqueue(jobs).await

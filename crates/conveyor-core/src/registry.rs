@@ -152,6 +152,8 @@ pub struct Registry {
     handlers: HashMap<String, ErasedHandler>,
     pub(crate) listeners: HashMap<String, Vec<crate::event::Listener>>,
     middleware: HashMap<String, Vec<crate::middleware::Middleware>>,
+    /// Kinds whose jobs go to a queue of their own when they name only the default queue.
+    queues: HashMap<String, String>,
 }
 
 impl Registry {
@@ -180,6 +182,19 @@ impl Registry {
         self
     }
 
+    /// Registers `handler` for `kind` with the payload as the JSON text it was stored as, for a
+    /// handler that passes it on untouched (an HTTP kind posts it without parsing it).
+    pub fn register_raw<F, Fut>(&mut self, kind: &str, handler: F) -> &mut Self
+    where
+        F: Fn(String, JobContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = JobResult> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let erased: ErasedHandler = Arc::new(move |job: &Job, ctx: JobContext| Box::pin(handler(job.payload.clone(), ctx)) as BoxFuture);
+        self.handlers.insert(kind.to_string(), erased);
+        self
+    }
+
     /// Whether this registry runs `kind` (a local kind; see [`crate::lane`]).
     pub fn contains(&self, kind: &str) -> bool {
         self.handlers.contains_key(kind)
@@ -191,6 +206,22 @@ impl Registry {
 
     pub(crate) fn get(&self, kind: &str) -> Option<&ErasedHandler> {
         self.handlers.get(kind)
+    }
+
+    /// Makes `queue` the queue of `kind`'s jobs that name no queue but the default one (an HTTP
+    /// kind's own queue, so its jobs wait on the network apart from the CPU-bound kinds).
+    pub fn kind_queue(&mut self, kind: &str, queue: &str) -> &mut Self {
+        self.queues.insert(kind.to_string(), queue.to_string());
+        self
+    }
+
+    /// Moves a job that names only the default queue to its kind's queue, if the kind has one.
+    pub fn route(&self, job: &mut NewJob) {
+        if job.queue == crate::job::DEFAULT_QUEUE {
+            if let Some(q) = self.queues.get(&job.kind) {
+                job.queue.clone_from(q);
+            }
+        }
     }
 
     /// Adds middleware to a job kind; they apply in the order added.

@@ -241,6 +241,9 @@ fn parse_job(s: &AppState, who: &Principal, o: &Map<String, Value>, prefix: &str
     if o.get("id").is_some_and(|v| !v.is_null()) {
         return Err(bad("id", "is chosen by Conveyor (use unique_key to deduplicate)"));
     }
+    // A kind with a queue of its own (an HTTP kind, `[[kinds]] queue`) goes there unless the
+    // job names another queue than `default`.
+    s.conveyor.registry().route(&mut job);
     if remote {
         job.queue = conveyor_core::lane::remote(&job.queue);
     }

@@ -12,6 +12,7 @@ mod admin;
 mod dashboard;
 mod health;
 mod jobs;
+mod kinds;
 mod notify;
 mod openapi;
 mod orchestration;
@@ -49,15 +50,22 @@ pub struct AppState {
     pub(crate) schedules: Option<Arc<Vec<ScheduleInfo>>>,
     /// The product sync's settings (its partners), when the process has them.
     pub(crate) sync: Option<Arc<conveyor_apps::sync::SyncConfig>>,
+    /// The HTTP kinds this process runs (`[[kinds]]`).
+    pub(crate) kinds: Arc<Vec<conveyor_apps::kinds::HttpKind>>,
 }
 
 impl AppState {
     pub fn new(conveyor: Conveyor, access: AccessConfig) -> Self {
-        AppState { conveyor, access: Arc::new(access::Access::new(access)), schedules: None, sync: None }
+        AppState { conveyor, access: Arc::new(access::Access::new(access)), schedules: None, sync: None, kinds: Arc::default() }
     }
 
     pub fn with_sync(mut self, config: conveyor_apps::sync::SyncConfig) -> Self {
         self.sync = Some(Arc::new(config));
+        self
+    }
+
+    pub fn with_kinds(mut self, kinds: Vec<conveyor_apps::kinds::HttpKind>) -> Self {
+        self.kinds = Arc::new(kinds);
         self
     }
 
@@ -80,6 +88,7 @@ pub fn router(state: AppState) -> Router {
         .merge(orders::routes())
         .merge(notify::routes())
         .merge(secrets::routes())
+        .merge(kinds::routes())
         .merge(sync::routes())
         .merge(dashboard::routes())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })

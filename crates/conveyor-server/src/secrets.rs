@@ -51,7 +51,7 @@ fn id_of(raw: &str, what: &str) -> Result<i64, ApiError> {
 }
 
 /// `{previous_valid_for?: seconds}` (an empty body is fine).
-fn overlap(body: &Bytes) -> Result<i64, ApiError> {
+pub(crate) fn overlap(body: &Bytes) -> Result<i64, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(DEFAULT_OVERLAP_S);
     }

@@ -8,16 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{json, Value};
-use sha2::Sha256;
-
-use base64::Engine as _;
 
 use conveyor_core::backend::{BackendError, QueueBackend, Tx};
 use conveyor_core::clock::now_ms;
 
-use super::secrets;
 use crate::outbound::{self, Client, OutboundError, Trust};
 
 /// One notification to deliver.
@@ -146,7 +141,7 @@ async fn http_outcome(client: &Client, req: Result<reqwest::RequestBuilder, Outb
     if status.is_success() {
         return Ok(resp);
     }
-    let retry_after = crate::sync::connector::retry_after(resp.headers());
+    let retry_after = outbound::retry_after(resp.headers());
     let body = outbound::excerpt(resp, 4096, 300).await;
     let error = format!("HTTP {}: {}", status.as_u16(), body);
     if status.as_u16() == 408 || status.as_u16() == 429 || status.is_server_error() {
@@ -202,14 +197,14 @@ impl Webhook {
 
     async fn keys(&self, owner: Option<&str>) -> Result<Arc<Vec<Option<String>>>, BackendError> {
         let key = owner.unwrap_or_default().to_string();
-        let rotations = secrets::ROTATIONS.load(std::sync::atomic::Ordering::Relaxed);
+        let rotations = crate::signing::ROTATIONS.load(std::sync::atomic::Ordering::Relaxed);
         // The std mutex is never held across an await: looked up, dropped, then the store.
         if let Some((at, seen, keys)) = self.keys.lock().expect("keys lock").get(&key) {
             if at.elapsed() < KEYS_FRESH && *seen == rotations {
                 return Ok(keys.clone());
             }
         }
-        let keys = Arc::new(secrets::signing(self.backend.as_ref(), owner).await?);
+        let keys = Arc::new(crate::signing::signing(self.backend.as_ref(), owner).await?);
         let mut cache = self.keys.lock().expect("keys lock");
         if cache.len() >= 10_000 {
             cache.retain(|_, (at, _, _)| at.elapsed() < KEYS_FRESH);
@@ -219,71 +214,7 @@ impl Webhook {
     }
 }
 
-/// A Standard Webhooks signature: `v1,<base64 HMAC-SHA256(key, "{id}.{timestamp}.{body}")>`.
-pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
-    mac.update(format!("{id}.{timestamp}.").as_bytes());
-    mac.update(body);
-    format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes()))
-}
-
-/// Checks a delivery as a Standard Webhooks receiver does: `webhook-id`, `webhook-timestamp`
-/// within `tolerance_s` seconds of `now_s`, and any of the space-separated `webhook-signature`
-/// entries matching `secret` (`whsec_…`), compared in constant time.
-pub fn verify(secret: &str, headers: &reqwest::header::HeaderMap, body: &[u8], now_s: i64, tolerance_s: i64) -> bool {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let (Some(id), Some(ts), Some(sigs), Some(key)) =
-        (header("webhook-id"), header("webhook-timestamp"), header("webhook-signature"), secrets::key_of(secret))
-    else {
-        return false;
-    };
-    let Ok(ts) = ts.trim().parse::<i64>() else { return false };
-    if (now_s - ts).abs() > tolerance_s {
-        return false;
-    }
-    let mac = {
-        let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(&key).expect("HMAC takes any key length");
-        m.update(format!("{id}.{ts}.").as_bytes());
-        m.update(body);
-        m
-    };
-    sigs.split(' ')
-        .filter_map(|s| s.strip_prefix("v1,"))
-        .filter_map(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
-        .any(|given| mac.clone().verify_slice(&given).is_ok())
-}
-
-/// The old header (sent alongside for one release): `t=<unix>,v1=<hex HMAC-SHA256(secret,
-/// "<t>.<body>")>`.
-pub fn legacy_signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
-    mac.update(timestamp.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    format!("t={timestamp},v1={}", hex::encode(mac.finalize().into_bytes()))
-}
-
-/// Checks the old `X-Conveyor-Signature` header (constant time), within `tolerance_s` seconds.
-pub fn verify_legacy(secret: &str, header: &str, body: &[u8], now_s: i64, tolerance_s: i64) -> bool {
-    let mut t = None;
-    let mut v1 = None;
-    for part in header.split(',') {
-        match part.split_once('=') {
-            Some(("t", v)) => t = v.parse::<i64>().ok(),
-            Some(("v1", v)) => v1 = hex::decode(v).ok(),
-            _ => {}
-        }
-    }
-    let (Some(t), Some(v1)) = (t, v1) else { return false };
-    if (now_s - t).abs() > tolerance_s {
-        return false;
-    }
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
-    mac.update(t.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    mac.verify_slice(&v1).is_ok()
-}
+pub use crate::signing::{legacy_signature, sign, verify, verify_legacy};
 
 #[async_trait]
 impl Channel for Webhook {
@@ -309,7 +240,7 @@ impl Channel for Webhook {
         let signatures: Vec<String> = keys
             .iter()
             .filter_map(|k| match k {
-                Some(s) => secrets::key_of(s),
+                Some(s) => crate::signing::key_of(s),
                 None => Some(legacy.as_bytes().to_vec()),
             })
             .map(|key| sign(&key, &msg.id, now, &body))
@@ -509,22 +440,22 @@ mod tests {
         let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
         let body = br#"{"test": 2432232314}"#;
         assert_eq!(
-            sign(&secrets::key_of(secret).unwrap(), "msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, body),
+            sign(&crate::signing::key_of(secret).unwrap(), "msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, body),
             "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
         );
-        let other = secrets::generate();
+        let other = crate::signing::generate();
         let mut h = HeaderMap::new();
         h.insert("webhook-id", HeaderValue::from_static("msg_p5jXN8AQM9LWM0D4loKWxJek"));
         h.insert("webhook-timestamp", HeaderValue::from_static("1614265330"));
         let both = format!(
             "{} {}",
-            sign(&secrets::key_of(&other).unwrap(), "msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, body),
-            sign(&secrets::key_of(secret).unwrap(), "msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, body)
+            sign(&crate::signing::key_of(&other).unwrap(), "msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, body),
+            sign(&crate::signing::key_of(secret).unwrap(), "msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, body)
         );
         h.insert("webhook-signature", HeaderValue::from_str(&both).unwrap());
         assert!(verify(secret, &h, body, 1_614_265_330 + 10, 300), "the second signature matches");
         assert!(verify(&other, &h, body, 1_614_265_330, 300), "the first too");
-        assert!(!verify(&secrets::generate(), &h, body, 1_614_265_330, 300), "a third secret");
+        assert!(!verify(&crate::signing::generate(), &h, body, 1_614_265_330, 300), "a third secret");
         assert!(!verify(secret, &h, b"{}", 1_614_265_330, 300), "another body");
         assert!(!verify(secret, &h, body, 1_614_265_330 + 301, 300), "too old");
         assert!(!verify(secret, &h, body, 1_614_265_330 - 301, 300), "too new");

@@ -263,22 +263,8 @@ fn client(timeout: Duration) -> Client {
     Client::new(Trust::Operator, outbound::Policy::default(), settings)
 }
 
-/// The longest `Retry-After` honoured: a partner (or whoever answers at a URL an API caller
-/// gave) cannot park a job for days.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
-
-/// `Retry-After` as seconds or an HTTP date (shared with the notification channels), at most
-/// [`MAX_RETRY_AFTER`].
-pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER));
-    }
-    // An HTTP date.
-    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
-    let ms = at.timestamp_millis() - chrono::Utc::now().timestamp_millis();
-    Some(Duration::from_millis(ms.max(0) as u64).min(MAX_RETRY_AFTER))
-}
+use crate::outbound::retry_after;
+pub use crate::outbound::MAX_RETRY_AFTER;
 
 /// Sends a request and classifies the answer; the audit record is filled in either way.
 async fn call(

@@ -13,7 +13,10 @@ use conveyor_core::scheduler::{Missed, Schedule};
 use conveyor_core::worker::SupervisorConfig;
 use conveyor_core::NewJob;
 
+mod kinds;
 mod source;
+
+pub(crate) use kinds::KindQueue;
 
 pub(crate) use source::parse_duration;
 use source::{scalar_text, Source};
@@ -57,6 +60,8 @@ pub(crate) struct Config {
     pub(crate) retention_metrics: Duration,
     pub(crate) log_format: String,
     pub(crate) apps: conveyor_apps::AppsConfig,
+    /// `[[kinds]]` entries without `url`: the queue of another kind.
+    pub(crate) kind_queues: Vec<KindQueue>,
 }
 
 impl Config {
@@ -106,6 +111,7 @@ impl Config {
             (Some(_), None) => bail!("CONVEYOR_FAKTORY_TLS_CERT needs CONVEYOR_FAKTORY_TLS_KEY (the certificate's private key)"),
             (None, Some(_)) => bail!("CONVEYOR_FAKTORY_TLS_KEY needs CONVEYOR_FAKTORY_TLS_CERT"),
         };
+        let (http_kinds, kind_queues) = kinds::kinds(&src.file)?;
         let log_format = src.string("log", "format", "text");
         if !matches!(log_format.as_str(), "text" | "json") {
             bail!("CONVEYOR_LOG_FORMAT: expected text or json, got {log_format:?}");
@@ -135,7 +141,8 @@ impl Config {
             retention_completed: src.parsed("retention", "completed", 1_000usize, "a number of jobs")?,
             retention_metrics: src.duration("retention", "metrics", Duration::from_secs(24 * 3600))?,
             log_format,
-            apps: apps(src)?,
+            apps: conveyor_apps::AppsConfig { kinds: http_kinds, ..apps(src)? },
+            kind_queues,
         }
         .with_schedules(schedules(&src.file)?))
     }
@@ -160,6 +167,9 @@ impl Config {
         }
         if let Some(slack) = &n.slack_webhook {
             conveyor_core::redact::register_whole(slack.clone());
+        }
+        for s in self.apps.kinds.iter().flat_map(|k| &k.secrets) {
+            register(s.clone());
         }
         let sync = &self.apps.sync;
         for s in sync.source.iter().flat_map(|s| s.token.iter().chain([&s.url])) {
@@ -230,6 +240,7 @@ fn apps(src: &Source) -> anyhow::Result<conveyor_apps::AppsConfig> {
         payment: conveyor_apps::orders::payment::SimulatorConfig { success_rate: rate, seed, latency: Duration::from_millis(latency) },
         notify: notify(src)?,
         sync: sync(src)?,
+        kinds: Vec::new(),
     })
 }
 

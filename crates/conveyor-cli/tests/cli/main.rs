@@ -7,6 +7,7 @@ mod browser;
 mod commands;
 mod faktory;
 mod http;
+mod http_kinds;
 mod jobs;
 mod orders;
 mod partners;

@@ -58,7 +58,7 @@ server.serve_forever()
 
 /// A Python with `standardwebhooks`, in a virtual environment kept under the target directory
 /// (installed with pip on first use, as `scripts/fuzz-api.sh` installs its tools).
-fn reference_python() -> Result<PathBuf, String> {
+pub(crate) fn reference_python() -> Result<PathBuf, String> {
     let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("standardwebhooks-venv");
     let python = venv.join("bin").join("python");
     let has_it = |py: &Path| Command::new(py).args(["-c", "import standardwebhooks"]).output().is_ok_and(|o| o.status.success());

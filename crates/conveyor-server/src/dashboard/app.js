@@ -151,7 +151,7 @@ function overview() {
   return {
     frame: '<h1>Overview</h1>',
     async data() {
-      const [stats, queues, workers, breakers] = await Promise.all([api('/api/stats'), api('/api/queues'), api('/api/workers'), api('/api/breakers')]);
+      const [stats, queues, workers, breakers, kinds] = await Promise.all([api('/api/stats'), api('/api/queues'), api('/api/workers'), api('/api/breakers'), api('/api/kinds')]);
       const s = stats.data;
       const wait = s.queues.max_wait ? `${s.queues.max_wait.seconds.toFixed(1)} s` : '0 s';
       let html = `<div class="grid">
@@ -188,6 +188,19 @@ function overview() {
           ? `<div class="actions"><button data-action="quiet" onclick="act('/api/workers/${encodeURIComponent(w.id)}/quiet', null, 'Worker told to go quiet')">Quiet</button>
              <button class="danger" data-action="stop" onclick="act('/api/workers/${encodeURIComponent(w.id)}/stop', 'Stop this worker process?', 'Worker told to stop')">Stop</button></div>` : '') },
       ], sups, 'No worker has reported in the last 30 s.');
+      // Kinds run elsewhere: HTTP kinds (called by Conveyor) and remote kinds (fetched over Faktory).
+      const outside = kinds.data.filter((k) => k.type === 'http' || k.type === 'remote');
+      if (outside.length) {
+        html += '<h2>HTTP and remote kinds</h2>' + table([
+          { title: 'Kind', cell: (k) => `<span class="mono">${esc(k.name)}</span> ${pill(k.type)}` },
+          { title: 'Queue', cell: (k) => esc(k.queue) },
+          { title: 'Runs at', cell: (k) => (k.http ? `<span class="mono">${esc(k.http.url)}</span>` : 'remote workers (Faktory)') },
+          { title: 'Concurrency', num: 1, cell: (k) => (k.http ? num(k.http.concurrency) : '') },
+          { title: 'Rate limit', cell: (k) => esc(k.http?.rate_limit || '') },
+          { title: 'Listens to', cell: (k) => esc((k.http?.listen || []).join(', ')) },
+          { title: 'Breaker', cell: (k) => (k.http ? pill(k.http.breaker_state) : '') },
+        ], outside);
+      }
       if (breakers.data.length) {
         html += '<h2>Circuit breakers</h2>' + table([
           { title: 'Breaker', cell: (b) => esc(b.name) },

@@ -423,7 +423,10 @@ impl Hub {
     /// Enqueues pushed jobs, and when a `FETCH` wants their queues (see
     /// [`Hub::lanes_wanted`]), reserves for it in the same commit (one push batch at a time, so
     /// this cannot storm the store as FETCHes could).
-    async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>, BackendError> {
+    async fn enqueue(&self, mut jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>, BackendError> {
+        for job in &mut jobs {
+            self.conveyor.registry().route(job);
+        }
         let lanes = self.lanes_wanted(&jobs);
         if lanes.is_empty() {
             return self.conveyor.dispatch_many(jobs).await;

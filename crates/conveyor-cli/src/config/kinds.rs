@@ -1,0 +1,156 @@
+//! `[[kinds]]` tables: HTTP kinds (with `url`), and entries without one that set the queue of
+//! another kind (built-in, Rust or remote).
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use conveyor_apps::kinds::HttpKind;
+use conveyor_core::ratelimit::RateLimit;
+
+use super::source::{parse_duration, scalar_text};
+
+/// A kind's queue set without a URL: its jobs that name only `default` go there.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct KindQueue {
+    pub(crate) kind: String,
+    pub(crate) queue: String,
+}
+
+const HTTP_KEYS: &[&str] =
+    &["name", "url", "queue", "timeout", "secret", "listen", "concurrency", "rate_limit", "breaker_failures", "breaker_open_for"];
+
+/// Keys the SPEC gives `[[kinds]]` that arrive with flow control and per-kind job options.
+const NOT_YET: &[&str] = &["concurrency_key", "concurrency_limit", "fairness_key", "max_attempts"];
+
+pub(crate) fn kinds(file: &toml::Table) -> anyhow::Result<(Vec<HttpKind>, Vec<KindQueue>)> {
+    let Some(list) = file.get("kinds") else { return Ok((Vec::new(), Vec::new())) };
+    let list = list.as_array().context("kinds: expected [[kinds]] tables")?;
+    let (mut http, mut queues) = (Vec::new(), Vec::<KindQueue>::new());
+    for (i, item) in list.iter().enumerate() {
+        let t = item.as_table().with_context(|| format!("kinds[{i}]: expected a table"))?;
+        for key in t.keys() {
+            if NOT_YET.contains(&key.as_str()) {
+                bail!("kinds[{i}].{key}: not supported by this version yet");
+            }
+            if !HTTP_KEYS.contains(&key.as_str()) {
+                bail!("kinds[{i}].{key}: unknown key (expected one of {})", HTTP_KEYS.join(", "));
+            }
+        }
+        let text = |key: &str| -> anyhow::Result<Option<String>> {
+            match t.get(key) {
+                None => Ok(None),
+                Some(v) => v.as_str().map(|s| Some(s.to_string())).with_context(|| format!("kinds[{i}].{key}: expected a string")),
+            }
+        };
+        let name = text("name")?.with_context(|| format!("kinds[{i}].name: required"))?;
+        let Some(url) = text("url")? else {
+            let queue = text("queue")?.with_context(|| format!("kinds[{i}]: without url, an entry sets queue (and nothing else yet)"))?;
+            conveyor_core::job::validate_queue_name(&queue).map_err(|e| anyhow::anyhow!("kinds[{i}].queue: {e}"))?;
+            if let Some(key) = t.keys().find(|k| !["name", "queue"].contains(&k.as_str())) {
+                bail!("kinds[{i}].{key}: only an HTTP kind (with url) has it");
+            }
+            if queues.iter().any(|q| q.kind == name) {
+                bail!("kinds[{i}].name: {name:?} is declared twice");
+            }
+            queues.push(KindQueue { kind: name, queue });
+            continue;
+        };
+        let mut k = HttpKind::new(name, url);
+        if let Some(q) = text("queue")? {
+            k.queue = q;
+        }
+        if let Some(v) = t.get("timeout") {
+            k.timeout = parse_duration(&scalar_text(v)).with_context(|| format!("kinds[{i}].timeout: expected a duration like 30s"))?;
+        }
+        if let Some(v) = t.get("breaker_open_for") {
+            k.breaker_open_for =
+                parse_duration(&scalar_text(v)).with_context(|| format!("kinds[{i}].breaker_open_for: expected a duration like 30s"))?;
+        }
+        k.secrets = match t.get("secret") {
+            None => Vec::new(),
+            Some(toml::Value::String(s)) => vec![s.clone()],
+            Some(toml::Value::Array(a)) => a
+                .iter()
+                .map(|s| s.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .with_context(|| format!("kinds[{i}].secret: expected a string or a list of strings"))?,
+            Some(_) => bail!("kinds[{i}].secret: expected a string or a list of strings"),
+        };
+        k.listen = match t.get("listen") {
+            None => Vec::new(),
+            Some(v) => v
+                .as_array()
+                .and_then(|a| a.iter().map(|s| s.as_str().map(str::to_string)).collect::<Option<Vec<_>>>())
+                .with_context(|| format!("kinds[{i}].listen: expected a list of event names"))?,
+        };
+        let int = |key: &str| -> anyhow::Result<Option<i64>> {
+            match t.get(key) {
+                None => Ok(None),
+                Some(v) => {
+                    v.as_integer().filter(|n| *n >= 1).map(Some).with_context(|| format!("kinds[{i}].{key}: expected a positive integer"))
+                }
+            }
+        };
+        if let Some(n) = int("concurrency")? {
+            k.concurrency = n as usize;
+        }
+        if let Some(n) = int("breaker_failures")? {
+            k.breaker_failures = n.min(u32::MAX as i64) as u32;
+        }
+        if let Some(v) = t.get("rate_limit") {
+            k.rate_limit = Some(RateLimit::parse(&scalar_text(v)).map_err(|e| anyhow::anyhow!("kinds[{i}].rate_limit: {e}"))?);
+        }
+        k.timeout = k.timeout.max(Duration::from_millis(1));
+        k.validate().map_err(|e| anyhow::anyhow!("kinds[{i}].{e}"))?;
+        http.push(k);
+    }
+    for (i, k) in http.iter().enumerate() {
+        if http[..i].iter().any(|o| o.name == k.name) || queues.iter().any(|q| q.kind == k.name) {
+            bail!("kinds: {:?} is declared twice", k.name);
+        }
+    }
+    Ok((http, queues))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> anyhow::Result<(Vec<HttpKind>, Vec<KindQueue>)> {
+        kinds(&text.parse().unwrap())
+    }
+
+    #[test]
+    fn http_kinds_read_with_their_defaults_and_errors_name_the_field() {
+        let (http, queues) = parse(
+            "[[kinds]]\nname = \"send_receipt\"\nurl = \"http://127.0.0.1:9000/jobs\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\nlisten = [\"order.placed\"]\nrate_limit = \"50/1\"\ntimeout = \"5s\"\n\
+             [[kinds]]\nname = \"resize\"\nqueue = \"images\"\n",
+        )
+        .unwrap();
+        assert_eq!(http.len(), 1);
+        let k = &http[0];
+        assert_eq!((k.name.as_str(), k.queue.as_str(), k.concurrency), ("send_receipt", "send_receipt", 64));
+        assert_eq!(k.timeout, Duration::from_secs(5));
+        assert_eq!(k.listen, vec!["order.placed"]);
+        assert_eq!(k.rate_limit.unwrap().limit, 50);
+        assert_eq!(queues, vec![KindQueue { kind: "resize".into(), queue: "images".into() }]);
+
+        for (text, field) in [
+            ("[[kinds]]\nurl = \"http://x\"\n", "kinds[0].name"),
+            ("[[kinds]]\nname = \"a\"\nurl = \"ftp://x\"\n", "kinds[0].url"),
+            ("[[kinds]]\nname = \"a\"\nurl = \"http://x\"\nsecret = \"hunter2\"\n", "kinds[0].secret[0]"),
+            ("[[kinds]]\nname = \"a\"\nurl = \"http://x\"\nconcurrency = 0\n", "kinds[0].concurrency"),
+            ("[[kinds]]\nname = \"a\"\nurl = \"http://x\"\ntimeout = \"soon\"\n", "kinds[0].timeout"),
+            ("[[kinds]]\nname = \"a\"\nurl = \"http://x\"\nrate_limit = \"fast\"\n", "kinds[0].rate_limit"),
+            ("[[kinds]]\nname = \"a\"\nurl = \"http://x\"\nretries = 3\n", "kinds[0].retries: unknown key"),
+            ("[[kinds]]\nname = \"a\"\nurl = \"http://x\"\nconcurrency_key = \"c\"\n", "kinds[0].concurrency_key"),
+            ("[[kinds]]\nname = \"a\"\nqueue = \"q\"\ntimeout = \"5s\"\n", "kinds[0].timeout: only an HTTP kind"),
+            ("[[kinds]]\nname = \"a\"\n", "kinds[0]: without url"),
+            ("[[kinds]]\nname = \"conveyor.x\"\nurl = \"http://x\"\n", "kinds[0].name"),
+            ("[[kinds]]\nname = \"a\"\nurl = \"http://x\"\n[[kinds]]\nname = \"a\"\nurl = \"http://y\"\n", "declared twice"),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(field), "{text:?}: {e}");
+        }
+    }
+}
