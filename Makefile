@@ -1,7 +1,7 @@
 # Everyday targets; CI runs .ci/run, which runs the same commands.
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/conveyor-target
 
-.PHONY: test lint fmt bench bench-redis bench-amqp bench-peers bench-criterion bench-orders bench-notify bench-sync run fuzz-api
+.PHONY: test lint fmt bench bench-redis bench-amqp bench-peers bench-criterion bench-orders bench-notify bench-http bench-sync run fuzz-api
 
 test:
 	cargo test --workspace
@@ -62,3 +62,8 @@ bench-notify:
 	cargo build --release -p conveyor-cli
 	rm -f /tmp/conveyor-bench-notify.db*
 	CONVEYOR_LOG=warn CONVEYOR_DATABASE_URL=sqlite:///tmp/conveyor-bench-notify.db $(CARGO_TARGET_DIR)/release/conveyor bench --webhooks --jobs 100000 --concurrency 128
+
+bench-http:
+	cargo build --release -p conveyor-cli
+	rm -f /tmp/conveyor-bench-http.db*
+	CONVEYOR_LOG=warn CONVEYOR_FAKTORY_ADDR=off CONVEYOR_DATABASE_URL=sqlite:///tmp/conveyor-bench-http.db $(CARGO_TARGET_DIR)/release/conveyor bench --http-kinds --jobs 100000

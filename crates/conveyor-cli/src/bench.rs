@@ -53,6 +53,10 @@ pub(crate) struct BenchArgs {
     /// receiver on loopback
     #[arg(long)]
     webhooks: bool,
+    /// Benchmark an HTTP kind instead: --jobs jobs, each a signed POST to a receiver on
+    /// loopback that verifies it
+    #[arg(long)]
+    http_kinds: bool,
 }
 
 #[derive(Deserialize)]
@@ -75,6 +79,9 @@ fn now_us() -> u64 {
 pub(crate) async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
     if args.webhooks {
         return crate::bench_notify::run(config, args.jobs, args.concurrency).await;
+    }
+    if args.http_kinds {
+        return crate::bench_http::run(config, args.jobs, args.concurrency).await;
     }
     if args.jobs == 0 || args.concurrency == 0 || args.batch == 0 {
         bail!("--jobs, --concurrency and --batch must be at least 1");

@@ -8,6 +8,7 @@
 
 mod admin;
 mod bench;
+mod bench_http;
 mod bench_notify;
 mod config;
 mod dev;

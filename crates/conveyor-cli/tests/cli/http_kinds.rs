@@ -18,9 +18,9 @@ use crate::{sigterm, wait_exit, wait_for, Proc, TestEnv};
 /// Verifies each call with the secrets in `secrets.json` (label → secret, re-read per request),
 /// answers by path, and appends `{path, id, body, results: {label: "OK" | "FAIL: why"}}`.
 /// `/later` answers 429 with `Retry-After: 1` to a job's first call, `/flaky` 500; both 200
-/// after. `/reject` answers 422 with a reason.
+/// after. `/reject` answers 422 with a reason; `/slow` takes 2 s.
 const RECEIVER: &str = r#"
-import http.server, json, sys, threading
+import http.server, json, sys, threading, time
 from standardwebhooks import Webhook
 
 secrets_path, results_path = sys.argv[1], sys.argv[2]
@@ -51,6 +51,8 @@ class Receiver(http.server.BaseHTTPRequestHandler):
             record = {"path": self.path, "id": wid, "call": n, "body": json.loads(body), "results": results}
             with open(results_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.path == "/slow":
+            time.sleep(2)
         status, headers, text = 200, {}, b"ok"
         if self.path == "/later" and n == 1:
             status, headers = 429, {"Retry-After": "1"}
@@ -145,6 +147,7 @@ async fn http_kinds_call_a_standard_webhooks_receiver_and_map_its_answers() {
          [[kinds]]\nname = \"later\"\nurl = \"{r}/later\"\nqueue = \"partner\"\n\
          [[kinds]]\nname = \"flaky\"\nurl = \"{r}/flaky\"\nqueue = \"partner\"\nsecret = \"{configured}\"\n\
          [[kinds]]\nname = \"reject\"\nurl = \"{r}/reject\"\nconcurrency = 2\n\
+         [[kinds]]\nname = \"slow\"\nurl = \"{r}/slow\"\nconcurrency = 2\n\
          [[kinds]]\nname = \"down\"\nurl = \"http://127.0.0.1:{down}/\"\nbreaker_failures = 3\nbreaker_open_for = \"1h\"\n"
     ));
     let (mut child, url) = serve(&env, &[("CONVEYOR_API_TOKEN", ADMIN)]);
@@ -263,6 +266,27 @@ async fn http_kinds_call_a_standard_webhooks_receiver_and_map_its_answers() {
     };
     assert!(attempts <= 40, "attempts spent while the breaker was open: {attempts} for 20 jobs");
 
+    // A slow endpoint holds its own executors only: while 20 two-second calls queue behind its
+    // concurrency of 2, jobs of the CPU-bound kinds run at once.
+    for _ in 0..20 {
+        enqueue("slow", json!({})).await;
+    }
+    let mut quick = Vec::new();
+    for _ in 0..20 {
+        quick.push(data(post("/api/jobs", json!({ "kind": "conveyor.noop" })).await.unwrap()).await["id"].as_str().unwrap().to_string());
+    }
+    wait_for("the noop jobs to complete", Duration::from_secs(15), || async {
+        let mut done = true;
+        for id in &quick {
+            done &= data(get(&format!("/api/jobs/{id}")).await.unwrap()).await["state"] == "completed";
+        }
+        done
+    })
+    .await;
+    let slow = data(get("/api/queues").await.unwrap()).await;
+    let slow = slow.as_array().unwrap().iter().find(|q| q["queue"] == "slow").cloned().unwrap();
+    assert!(slow["pending"].as_i64().unwrap() > 0, "the slow kind's calls are still queued: {slow}");
+
     // Each HTTP kind's queue has a supervisor of its own.
     wait_for("the HTTP kinds' supervisors to report", Duration::from_secs(15), || async {
         let workers = data(get("/api/workers").await.unwrap()).await;
@@ -272,7 +296,7 @@ async fn http_kinds_call_a_standard_webhooks_receiver_and_map_its_answers() {
             .iter()
             .flat_map(|w| w["supervisors"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_string()))
             .collect();
-        ["http:receipt", "http:partner", "http:reject", "http:down"].iter().all(|n| names.iter().any(|x| x == n))
+        ["http:receipt", "http:partner", "http:reject", "http:slow", "http:down"].iter().all(|n| names.iter().any(|x| x == n))
     })
     .await;
 
