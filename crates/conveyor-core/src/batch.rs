@@ -241,6 +241,13 @@ fn info(r: &crate::backend::Row) -> BatchInfo {
     }
 }
 
+impl Conveyor {
+    /// A batch's counts and status (`None`: no such batch).
+    pub async fn batch(&self, id: &str) -> Result<Option<BatchInfo>> {
+        find(self.backend().as_ref(), id).await
+    }
+}
+
 pub async fn find(backend: &dyn QueueBackend, id: &str) -> Result<Option<BatchInfo>> {
     let rows = backend.query(&format!("SELECT {COLS} FROM batches WHERE id = $1"), vec![id.into()]).await?;
     Ok(rows.first().map(info))

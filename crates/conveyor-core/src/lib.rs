@@ -10,6 +10,7 @@
 //!
 //! The engine depends on no database driver, HTTP stack or broker client.
 
+pub mod args;
 pub mod backend;
 pub mod balance;
 pub mod batch;
@@ -36,7 +37,9 @@ pub mod workflow;
 
 use std::sync::Arc;
 
+pub use args::JobArgs;
 pub use backend::{BackendError, QueueBackend, QueueBackendExt, Tx, TxFn};
+pub use event::{DomainEvent, Event};
 pub use job::{Backoff, Completion, EnqueueOutcome, Job, JobId, NewJob, Outcome};
 pub use registry::{JobContext, JobError, JobResult, Registry};
 

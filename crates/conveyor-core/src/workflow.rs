@@ -453,6 +453,13 @@ fn step_info(r: &Row) -> StepInfo {
     }
 }
 
+impl Conveyor {
+    /// A workflow's status and timeline (`None`: no such workflow).
+    pub async fn workflow(&self, id: &str) -> Result<Option<WorkflowInfo>> {
+        find(self.backend().as_ref(), id).await
+    }
+}
+
 pub async fn find(backend: &dyn QueueBackend, id: &str) -> Result<Option<WorkflowInfo>> {
     let rows = backend
         .query(

@@ -14,8 +14,8 @@ use conveyor_core::scheduler::Scheduler;
 use conveyor_core::worker::{self, SupervisorConfig, WorkerConfig};
 use conveyor_core::{Conveyor, QueueBackend};
 
-use crate::config::Config;
-use crate::kinds;
+use crate::cli::config::Config;
+use crate::cli::kinds;
 
 #[derive(Args)]
 pub(crate) struct ServeArgs {
@@ -49,14 +49,33 @@ pub(crate) async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn QueueB
     Ok(backend)
 }
 
-/// Every job kind this binary runs: the built-in ones and the applications'.
+/// Every job kind this process runs: the built-in ones, the applications' (HTTP kinds
+/// included) and those of the application embedding Conveyor ([`crate::App`]), which may not
+/// take a name already taken.
 pub(crate) fn registry(config: &Config, backend: &Arc<dyn QueueBackend>) -> anyhow::Result<conveyor_core::Registry> {
     let mut r = kinds::registry();
     conveyor_apps::register(&mut r, backend.clone(), &config.apps).map_err(|e| anyhow::anyhow!(e))?;
+    let mut mine = conveyor_core::Registry::new();
+    for f in &config.app.registrations {
+        f(&mut mine);
+    }
+    if let Some(k) = mine.kinds().find(|k| r.contains(k)) {
+        bail!("the application registers kind {k:?}, which is already a built-in kind or an HTTP kind of the configuration");
+    }
+    for f in &config.app.registrations {
+        f(&mut r);
+    }
     for q in &config.kind_queues {
         r.kind_queue(&q.kind, &q.queue);
     }
     Ok(r)
+}
+
+/// The store opened and migrated, and a handle with every kind ([`crate::App::connect`]).
+pub(crate) async fn connect(config: &Config) -> anyhow::Result<Conveyor> {
+    let backend = open_store(config).await?;
+    let registry = registry(config, &backend)?;
+    Ok(Conveyor::new(backend, registry))
 }
 
 pub(crate) fn open_backend(config: &Config) -> anyhow::Result<Arc<dyn QueueBackend>> {

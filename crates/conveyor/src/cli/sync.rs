@@ -10,8 +10,8 @@ use conveyor_apps::sync;
 use conveyor_core::worker::SupervisorConfig;
 use conveyor_core::Conveyor;
 
-use crate::config::Config;
-use crate::run::{open_store, registry};
+use crate::cli::config::Config;
+use crate::cli::run::{open_store, registry};
 
 #[derive(Subcommand)]
 pub(crate) enum SyncCommand {
@@ -172,7 +172,7 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
-    crate::run::with_local_workers(conveyor, sync_supervisor(), wait).await
+    crate::cli::run::with_local_workers(conveyor, sync_supervisor(), wait).await
 }
 
 /// The sync queue's supervisor: pushes wait on the partner, not on the CPU; a short lease so a

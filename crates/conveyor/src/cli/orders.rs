@@ -12,8 +12,8 @@ use conveyor_core::clock::now_ms;
 use conveyor_core::worker::SupervisorConfig;
 use conveyor_core::Conveyor;
 
-use crate::config::Config;
-use crate::run::{open_store, registry};
+use crate::cli::config::Config;
+use crate::cli::run::{open_store, registry};
 
 #[derive(Subcommand)]
 pub(crate) enum OrdersCommand {
@@ -106,7 +106,7 @@ async fn settle(conveyor: &Conveyor, since: i64) -> anyhow::Result<(u64, u64, i6
     let backend = conveyor.backend().clone();
     let mut sup = SupervisorConfig::new("orders", vec![orders::QUEUE.into()], 64);
     sup.prefetch = 64;
-    crate::run::with_local_workers(conveyor, sup, || async {
+    crate::cli::run::with_local_workers(conveyor, sup, || async {
         let started = Instant::now();
         let mut last = Instant::now();
         let result = loop {

@@ -62,11 +62,19 @@ pub(crate) struct Config {
     pub(crate) apps: conveyor_apps::AppsConfig,
     /// `[[kinds]]` entries without `url`: the queue of another kind.
     pub(crate) kind_queues: Vec<KindQueue>,
+    /// What the application embedding Conveyor adds ([`crate::App`]).
+    pub(crate) app: crate::Parts,
 }
 
 impl Config {
-    pub(crate) fn load() -> anyhow::Result<Config> {
+    /// The configuration from `file` when given (an [`crate::App::config_file`]), else from
+    /// `CONVEYOR_CONFIG` or `./conveyor.toml`; the environment wins over either.
+    pub(crate) fn load(file: Option<&Path>) -> anyhow::Result<Config> {
         let _ = dotenvy::dotenv();
+        if let Some(f) = file {
+            let table = read_file(f).with_context(|| format!("the application's configuration file {}", f.display()))?;
+            return Self::from_source(&Source { file: table });
+        }
         let path = std::env::var("CONVEYOR_CONFIG").ok();
         let file = match &path {
             Some(p) => read_file(Path::new(p)).with_context(|| format!("CONVEYOR_CONFIG: cannot read {p}"))?,
@@ -143,6 +151,7 @@ impl Config {
             log_format,
             apps: conveyor_apps::AppsConfig { kinds: http_kinds, ..apps(src)? },
             kind_queues,
+            app: crate::Parts::default(),
         }
         .with_schedules(schedules(&src.file)?))
     }
@@ -212,6 +221,17 @@ impl Config {
             hash_iterations: None,
             tls,
         })
+    }
+
+    /// The application's kinds and schedules (a configured schedule of the same name wins).
+    pub(crate) fn with_app(mut self, app: crate::Parts) -> Config {
+        for s in &app.schedules {
+            if !self.schedules.iter().any(|c| c.name == s.name) {
+                self.schedules.push(s.clone());
+            }
+        }
+        self.app = app;
+        self
     }
 
     fn with_schedules(mut self, configured: Vec<Schedule>) -> Config {
@@ -368,7 +388,7 @@ fn supervisors(file: &toml::Table) -> anyhow::Result<Vec<SupervisorConfig>> {
             SupervisorConfig::new("default", vec!["default".into()], 8),
             SupervisorConfig::new("orders", vec![conveyor_apps::orders::QUEUE.into()], 64),
             SupervisorConfig::new("notify", conveyor_apps::notify::queues(), 64),
-            crate::sync::sync_supervisor(),
+            crate::cli::sync::sync_supervisor(),
         ]);
     };
     let list = list.as_array().context("supervisors: expected [[supervisors]] tables")?;

@@ -19,8 +19,8 @@ use conveyor_core::event::Event;
 use conveyor_core::worker::{self, SupervisorConfig, WorkerConfig};
 use conveyor_core::{Conveyor, Registry};
 
-use crate::config::Config;
-use crate::run::open_store;
+use crate::cli::config::Config;
+use crate::cli::run::open_store;
 
 pub(crate) async fn run(config: Config, deliveries: u64, concurrency: usize) -> anyhow::Result<()> {
     if deliveries == 0 || concurrency == 0 {

@@ -9,8 +9,8 @@ use clap::{Args, Subcommand};
 use conveyor_core::backend::{FailedJob, Page, QueueStats};
 use conveyor_core::job::{validate_queue_name, JobId};
 
-use crate::config::Config;
-use crate::run::open_backend;
+use crate::cli::config::Config;
+use crate::cli::run::open_backend;
 
 #[derive(Subcommand)]
 pub(crate) enum QueueCommand {
@@ -66,7 +66,7 @@ pub(crate) struct JsonFlag {
 
 pub(crate) async fn migrate(config: &Config) -> anyhow::Result<()> {
     // Opening the store applies the engine's migrations; then the applications' own.
-    let backend = crate::run::open_store(config).await?;
+    let backend = crate::cli::run::open_store(config).await?;
     backend.ping().await?;
     println!("migrated: {} store at {} is up to date", backend.name(), conveyor_core::redact::url(&config.database_url));
     Ok(())

@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use conveyor_core::worker::{self, SupervisorConfig, WorkerConfig};
 use conveyor_core::{Conveyor, JobContext, JobResult, NewJob, QueueBackend, Registry};
 
-use crate::config::Config;
-use crate::run::open_backend;
+use crate::cli::config::Config;
+use crate::cli::run::open_backend;
 
 const QUEUE: &str = "bench";
 const KIND: &str = "bench.job";
@@ -78,10 +78,10 @@ fn now_us() -> u64 {
 
 pub(crate) async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
     if args.webhooks {
-        return crate::bench_notify::run(config, args.jobs, args.concurrency).await;
+        return crate::cli::bench_notify::run(config, args.jobs, args.concurrency).await;
     }
     if args.http_kinds {
-        return crate::bench_http::run(config, args.jobs, args.concurrency).await;
+        return crate::cli::bench_http::run(config, args.jobs, args.concurrency).await;
     }
     if args.jobs == 0 || args.concurrency == 0 || args.batch == 0 {
         bail!("--jobs, --concurrency and --batch must be at least 1");

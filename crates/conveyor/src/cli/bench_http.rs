@@ -17,8 +17,8 @@ use conveyor_apps::signing;
 use conveyor_core::worker::{self, WorkerConfig};
 use conveyor_core::{Conveyor, NewJob, Registry};
 
-use crate::config::Config;
-use crate::run::open_store;
+use crate::cli::config::Config;
+use crate::cli::run::open_store;
 
 pub(crate) async fn run(config: Config, jobs: u64, concurrency: usize) -> anyhow::Result<()> {
     if jobs == 0 || concurrency == 0 {
