@@ -145,6 +145,10 @@ pub struct NewJob {
     pub batch_id: Option<String>,
     /// Set by the workflow engine on step and compensation jobs.
     pub workflow: Option<String>,
+    /// Whether `max_attempts` was chosen for this job (else its kind's default may apply, see
+    /// [`crate::Registry::route`]).
+    #[serde(skip)]
+    attempts_set: bool,
 }
 
 /// While a job holding this key is pending, delayed or running (and at most `ttl`), another
@@ -176,7 +180,13 @@ impl NewJob {
             tags: Vec::new(),
             batch_id: None,
             workflow: None,
+            attempts_set: false,
         }
+    }
+
+    /// Whether [`NewJob::max_attempts`] was called.
+    pub fn attempts_set(&self) -> bool {
+        self.attempts_set
     }
 
     pub fn queue(mut self, queue: impl Into<String>) -> Self {
@@ -189,6 +199,7 @@ impl NewJob {
     }
     pub fn max_attempts(mut self, n: u32) -> Self {
         self.max_attempts = n.max(1);
+        self.attempts_set = true;
         self
     }
     pub fn backoff(mut self, backoff: Backoff) -> Self {

@@ -41,7 +41,7 @@ pub use args::JobArgs;
 pub use backend::{BackendError, QueueBackend, QueueBackendExt, Tx, TxFn};
 pub use event::{DomainEvent, Event};
 pub use job::{Backoff, Completion, EnqueueOutcome, Job, JobId, NewJob, Outcome};
-pub use registry::{JobContext, JobError, JobResult, Registry};
+pub use registry::{JobContext, JobError, JobResult, KindOptions, Registry};
 
 /// The handle applications hold: dispatch jobs, reach the backend. Cheap to clone.
 #[derive(Clone)]

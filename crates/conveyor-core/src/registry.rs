@@ -152,8 +152,20 @@ pub struct Registry {
     handlers: HashMap<String, ErasedHandler>,
     pub(crate) listeners: HashMap<String, Vec<crate::event::Listener>>,
     middleware: HashMap<String, Vec<crate::middleware::Middleware>>,
-    /// Kinds whose jobs go to a queue of their own when they name only the default queue.
-    queues: HashMap<String, String>,
+    /// Per-kind defaults of the jobs that do not choose for themselves.
+    options: HashMap<String, KindOptions>,
+}
+
+/// A kind's defaults for its jobs (`[[kinds]]` in the configuration, an HTTP kind, a typed
+/// kind's queue).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KindOptions {
+    /// For jobs that name no queue but the default one.
+    pub queue: Option<String>,
+    /// For jobs that did not set their attempts.
+    pub max_attempts: Option<u32>,
+    /// For jobs without a timeout of their own.
+    pub timeout: Option<Duration>,
 }
 
 impl Registry {
@@ -211,16 +223,39 @@ impl Registry {
     /// Makes `queue` the queue of `kind`'s jobs that name no queue but the default one (an HTTP
     /// kind's own queue, so its jobs wait on the network apart from the CPU-bound kinds).
     pub fn kind_queue(&mut self, kind: &str, queue: &str) -> &mut Self {
-        self.queues.insert(kind.to_string(), queue.to_string());
+        self.options.entry(kind.to_string()).or_default().queue = Some(queue.to_string());
         self
     }
 
-    /// Moves a job that names only the default queue to its kind's queue, if the kind has one.
+    /// Sets `kind`'s defaults (the fields given replace those set before).
+    pub fn kind_options(&mut self, kind: &str, options: KindOptions) -> &mut Self {
+        let o = self.options.entry(kind.to_string()).or_default();
+        o.queue = options.queue.or(o.queue.take());
+        o.max_attempts = options.max_attempts.or(o.max_attempts);
+        o.timeout = options.timeout.or(o.timeout);
+        self
+    }
+
+    /// `kind`'s defaults, if it has any.
+    pub fn options_of(&self, kind: &str) -> Option<&KindOptions> {
+        self.options.get(kind)
+    }
+
+    /// Applies the kind's defaults to a job about to be enqueued: its queue when the job names
+    /// only the default queue, its attempts when the job did not set them, its timeout when
+    /// the job has none.
     pub fn route(&self, job: &mut NewJob) {
+        let Some(o) = self.options.get(&job.kind) else { return };
         if job.queue == crate::job::DEFAULT_QUEUE {
-            if let Some(q) = self.queues.get(&job.kind) {
+            if let Some(q) = &o.queue {
                 job.queue.clone_from(q);
             }
+        }
+        if let (Some(n), false) = (o.max_attempts, job.attempts_set()) {
+            job.max_attempts = n.max(1);
+        }
+        if job.timeout.is_none() {
+            job.timeout = o.timeout;
         }
     }
 

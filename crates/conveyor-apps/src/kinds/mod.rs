@@ -24,7 +24,7 @@ use conveyor_core::breaker::BreakerConfig;
 use conveyor_core::middleware::Middleware;
 use conveyor_core::ratelimit::{RateLimit, RateLimiter};
 use conveyor_core::worker::SupervisorConfig;
-use conveyor_core::Registry;
+use conveyor_core::{KindOptions, Registry};
 use serde::Serialize;
 
 use crate::outbound;
@@ -60,6 +60,8 @@ pub struct HttpKind {
     pub breaker_failures: u32,
     /// How long the breaker stays open before a probe.
     pub breaker_open_for: Duration,
+    /// Attempts of its jobs that do not set their own (default: the engine's).
+    pub max_attempts: Option<u32>,
 }
 
 impl HttpKind {
@@ -77,6 +79,7 @@ impl HttpKind {
             rate_limit: None,
             breaker_failures: DEFAULT_BREAKER_FAILURES,
             breaker_open_for: Duration::from_secs(30),
+            max_attempts: None,
         }
     }
 
@@ -114,6 +117,9 @@ impl HttpKind {
         }
         if !(1..=10_000).contains(&self.concurrency) {
             return Err("concurrency: must be a whole number from 1 to 10000".into());
+        }
+        if self.max_attempts.is_some_and(|n| !(1..=1000).contains(&n)) {
+            return Err("max_attempts: must be a whole number from 1 to 1000".into());
         }
         if self.breaker_failures == 0 {
             return Err("breaker_failures: must be at least 1".into());
@@ -159,7 +165,7 @@ pub fn register(registry: &mut Registry, backend: Arc<dyn QueueBackend>, kinds: 
     for k in kinds {
         let runner = Arc::new(call::Runner::new(k.clone(), client.clone()));
         registry.register_raw(&k.name, move |payload, ctx| runner.clone().run(payload, ctx));
-        registry.kind_queue(&k.name, &k.queue);
+        registry.kind_options(&k.name, KindOptions { queue: Some(k.queue.clone()), max_attempts: k.max_attempts, timeout: None });
         if let Some(limit) = k.rate_limit {
             let limiter = RateLimiter::new(backend.clone(), k.owner(), limit);
             registry.middleware(&k.name, Middleware::rate_limit(limiter, |_| String::new()));

@@ -65,8 +65,8 @@ pub(crate) fn registry(config: &Config, backend: &Arc<dyn QueueBackend>) -> anyh
     for f in &config.app.registrations {
         f(&mut r);
     }
-    for q in &config.kind_queues {
-        r.kind_queue(&q.kind, &q.queue);
+    for d in &config.kind_defaults {
+        r.kind_options(&d.kind, d.options.clone());
     }
     Ok(r)
 }

@@ -1,31 +1,46 @@
-//! `[[kinds]]` tables: HTTP kinds (with `url`), and entries without one that set the queue of
-//! another kind (built-in, Rust or remote).
+//! `[[kinds]]` tables: HTTP kinds (with `url`), and entries without one that set the defaults
+//! (queue, attempts, timeout) of another kind's jobs (built-in, Rust or remote).
 
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use conveyor_apps::kinds::HttpKind;
 use conveyor_core::ratelimit::RateLimit;
+use conveyor_core::KindOptions;
 
 use super::source::{parse_duration, scalar_text};
 
-/// A kind's queue set without a URL: its jobs that name only `default` go there.
+/// Defaults set without a URL for another kind's jobs ([`conveyor_core::Registry::route`]).
 #[derive(Clone, Debug, PartialEq)]
-pub(crate) struct KindQueue {
+pub(crate) struct KindDefaults {
     pub(crate) kind: String,
-    pub(crate) queue: String,
+    pub(crate) options: KindOptions,
 }
 
-const HTTP_KEYS: &[&str] =
-    &["name", "url", "queue", "timeout", "secret", "listen", "concurrency", "rate_limit", "breaker_failures", "breaker_open_for"];
+const HTTP_KEYS: &[&str] = &[
+    "name",
+    "url",
+    "queue",
+    "timeout",
+    "secret",
+    "listen",
+    "concurrency",
+    "rate_limit",
+    "breaker_failures",
+    "breaker_open_for",
+    "max_attempts",
+];
 
-/// Keys the SPEC gives `[[kinds]]` that arrive with flow control and per-kind job options.
-const NOT_YET: &[&str] = &["concurrency_key", "concurrency_limit", "fairness_key", "max_attempts"];
+/// The keys of an entry without `url`.
+const DEFAULT_KEYS: &[&str] = &["name", "queue", "max_attempts", "timeout"];
 
-pub(crate) fn kinds(file: &toml::Table) -> anyhow::Result<(Vec<HttpKind>, Vec<KindQueue>)> {
+/// Keys the SPEC gives `[[kinds]]` that arrive with flow control.
+const NOT_YET: &[&str] = &["concurrency_key", "concurrency_limit", "fairness_key"];
+
+pub(crate) fn kinds(file: &toml::Table) -> anyhow::Result<(Vec<HttpKind>, Vec<KindDefaults>)> {
     let Some(list) = file.get("kinds") else { return Ok((Vec::new(), Vec::new())) };
     let list = list.as_array().context("kinds: expected [[kinds]] tables")?;
-    let (mut http, mut queues) = (Vec::new(), Vec::<KindQueue>::new());
+    let (mut http, mut queues) = (Vec::new(), Vec::<KindDefaults>::new());
     for (i, item) in list.iter().enumerate() {
         let t = item.as_table().with_context(|| format!("kinds[{i}]: expected a table"))?;
         for key in t.keys() {
@@ -43,19 +58,39 @@ pub(crate) fn kinds(file: &toml::Table) -> anyhow::Result<(Vec<HttpKind>, Vec<Ki
             }
         };
         let name = text("name")?.with_context(|| format!("kinds[{i}].name: required"))?;
+        let attempts = match t.get("max_attempts") {
+            None => None,
+            Some(v) => Some(
+                v.as_integer()
+                    .filter(|n| (1..=1000).contains(n))
+                    .with_context(|| format!("kinds[{i}].max_attempts: expected a whole number from 1 to 1000"))? as u32,
+            ),
+        };
         let Some(url) = text("url")? else {
-            let queue = text("queue")?.with_context(|| format!("kinds[{i}]: without url, an entry sets queue (and nothing else yet)"))?;
-            conveyor_core::job::validate_queue_name(&queue).map_err(|e| anyhow::anyhow!("kinds[{i}].queue: {e}"))?;
-            if let Some(key) = t.keys().find(|k| !["name", "queue"].contains(&k.as_str())) {
+            if let Some(key) = t.keys().find(|k| !DEFAULT_KEYS.contains(&k.as_str())) {
                 bail!("kinds[{i}].{key}: only an HTTP kind (with url) has it");
+            }
+            let queue = text("queue")?;
+            if let Some(q) = &queue {
+                conveyor_core::job::validate_queue_name(q).map_err(|e| anyhow::anyhow!("kinds[{i}].queue: {e}"))?;
+            }
+            let timeout = match t.get("timeout") {
+                None => None,
+                Some(v) => {
+                    Some(parse_duration(&scalar_text(v)).with_context(|| format!("kinds[{i}].timeout: expected a duration like 30s"))?)
+                }
+            };
+            if queue.is_none() && attempts.is_none() && timeout.is_none() {
+                bail!("kinds[{i}]: without url, an entry sets queue, max_attempts or timeout for the kind's jobs");
             }
             if queues.iter().any(|q| q.kind == name) {
                 bail!("kinds[{i}].name: {name:?} is declared twice");
             }
-            queues.push(KindQueue { kind: name, queue });
+            queues.push(KindDefaults { kind: name, options: KindOptions { queue, max_attempts: attempts, timeout } });
             continue;
         };
         let mut k = HttpKind::new(name, url);
+        k.max_attempts = attempts;
         if let Some(q) = text("queue")? {
             k.queue = q;
         }
@@ -116,7 +151,7 @@ pub(crate) fn kinds(file: &toml::Table) -> anyhow::Result<(Vec<HttpKind>, Vec<Ki
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> anyhow::Result<(Vec<HttpKind>, Vec<KindQueue>)> {
+    fn parse(text: &str) -> anyhow::Result<(Vec<HttpKind>, Vec<KindDefaults>)> {
         kinds(&text.parse().unwrap())
     }
 
@@ -124,7 +159,7 @@ mod tests {
     fn http_kinds_read_with_their_defaults_and_errors_name_the_field() {
         let (http, queues) = parse(
             "[[kinds]]\nname = \"send_receipt\"\nurl = \"http://127.0.0.1:9000/jobs\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\nlisten = [\"order.placed\"]\nrate_limit = \"50/1\"\ntimeout = \"5s\"\n\
-             [[kinds]]\nname = \"resize\"\nqueue = \"images\"\n",
+             [[kinds]]\nname = \"resize\"\nqueue = \"images\"\nmax_attempts = 7\ntimeout = \"2m\"\n",
         )
         .unwrap();
         assert_eq!(http.len(), 1);
@@ -133,7 +168,8 @@ mod tests {
         assert_eq!(k.timeout, Duration::from_secs(5));
         assert_eq!(k.listen, vec!["order.placed"]);
         assert_eq!(k.rate_limit.unwrap().limit, 50);
-        assert_eq!(queues, vec![KindQueue { kind: "resize".into(), queue: "images".into() }]);
+        let options = KindOptions { queue: Some("images".into()), max_attempts: Some(7), timeout: Some(Duration::from_secs(120)) };
+        assert_eq!(queues, vec![KindDefaults { kind: "resize".into(), options }]);
 
         for (text, field) in [
             ("[[kinds]]\nurl = \"http://x\"\n", "kinds[0].name"),
@@ -144,7 +180,8 @@ mod tests {
             ("[[kinds]]\nname = \"a\"\nurl = \"http://x\"\nrate_limit = \"fast\"\n", "kinds[0].rate_limit"),
             ("[[kinds]]\nname = \"a\"\nurl = \"http://x\"\nretries = 3\n", "kinds[0].retries: unknown key"),
             ("[[kinds]]\nname = \"a\"\nurl = \"http://x\"\nconcurrency_key = \"c\"\n", "kinds[0].concurrency_key"),
-            ("[[kinds]]\nname = \"a\"\nqueue = \"q\"\ntimeout = \"5s\"\n", "kinds[0].timeout: only an HTTP kind"),
+            ("[[kinds]]\nname = \"a\"\nqueue = \"q\"\nlisten = [\"e\"]\n", "kinds[0].listen: only an HTTP kind"),
+            ("[[kinds]]\nname = \"a\"\nmax_attempts = 0\n", "kinds[0].max_attempts"),
             ("[[kinds]]\nname = \"a\"\n", "kinds[0]: without url"),
             ("[[kinds]]\nname = \"conveyor.x\"\nurl = \"http://x\"\n", "kinds[0].name"),
             ("[[kinds]]\nname = \"a\"\nurl = \"http://x\"\n[[kinds]]\nname = \"a\"\nurl = \"http://y\"\n", "declared twice"),

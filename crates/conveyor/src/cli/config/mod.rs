@@ -16,7 +16,7 @@ use conveyor_core::NewJob;
 mod kinds;
 mod source;
 
-pub(crate) use kinds::KindQueue;
+pub(crate) use kinds::KindDefaults;
 
 pub(crate) use source::parse_duration;
 use source::{scalar_text, Source};
@@ -60,8 +60,8 @@ pub(crate) struct Config {
     pub(crate) retention_metrics: Duration,
     pub(crate) log_format: String,
     pub(crate) apps: conveyor_apps::AppsConfig,
-    /// `[[kinds]]` entries without `url`: the queue of another kind.
-    pub(crate) kind_queues: Vec<KindQueue>,
+    /// `[[kinds]]` entries without `url`: another kind's defaults.
+    pub(crate) kind_defaults: Vec<KindDefaults>,
     /// What the application embedding Conveyor adds ([`crate::App`]).
     pub(crate) app: crate::Parts,
 }
@@ -119,7 +119,7 @@ impl Config {
             (Some(_), None) => bail!("CONVEYOR_FAKTORY_TLS_CERT needs CONVEYOR_FAKTORY_TLS_KEY (the certificate's private key)"),
             (None, Some(_)) => bail!("CONVEYOR_FAKTORY_TLS_KEY needs CONVEYOR_FAKTORY_TLS_CERT"),
         };
-        let (http_kinds, kind_queues) = kinds::kinds(&src.file)?;
+        let (http_kinds, kind_defaults) = kinds::kinds(&src.file)?;
         let log_format = src.string("log", "format", "text");
         if !matches!(log_format.as_str(), "text" | "json") {
             bail!("CONVEYOR_LOG_FORMAT: expected text or json, got {log_format:?}");
@@ -150,7 +150,7 @@ impl Config {
             retention_metrics: src.duration("retention", "metrics", Duration::from_secs(24 * 3600))?,
             log_format,
             apps: conveyor_apps::AppsConfig { kinds: http_kinds, ..apps(src)? },
-            kind_queues,
+            kind_defaults,
             app: crate::Parts::default(),
         }
         .with_schedules(schedules(&src.file)?))
