@@ -16,11 +16,14 @@ use crate::backend::{BackendError, QueueBackend, Tx};
 use crate::job::{Completion, Job, JobId, NewJob, Outcome};
 use crate::Conveyor;
 
-/// Why an attempt did not succeed, and what the engine should do about it.
+/// Why an attempt did not succeed, and what the engine should do about it. The message is what
+/// the job keeps and the API shows; the cause, when there is one, is the error the handler hit,
+/// for middleware (`retry_on`) and logs that look past the text.
 #[derive(Debug)]
 pub struct JobError {
     pub message: String,
     pub action: ErrorAction,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -36,17 +39,33 @@ pub enum ErrorAction {
 }
 
 impl JobError {
+    pub fn new(message: impl fmt::Display, action: ErrorAction) -> Self {
+        JobError { message: message.to_string(), action, source: None }
+    }
     pub fn retry(message: impl fmt::Display) -> Self {
-        JobError { message: message.to_string(), action: ErrorAction::Retry }
+        JobError::new(message, ErrorAction::Retry)
     }
     pub fn retry_after(message: impl fmt::Display, after: Duration) -> Self {
-        JobError { message: message.to_string(), action: ErrorAction::RetryAfter(after) }
+        JobError::new(message, ErrorAction::RetryAfter(after))
     }
     pub fn abort(message: impl fmt::Display) -> Self {
-        JobError { message: message.to_string(), action: ErrorAction::Abort }
+        JobError::new(message, ErrorAction::Abort)
     }
     pub fn release(after: Duration) -> Self {
-        JobError { message: String::new(), action: ErrorAction::Release(after) }
+        JobError::new("", ErrorAction::Release(after))
+    }
+
+    /// Keeps `source` as the error behind this one (the message stays as it is).
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Arc::new(source));
+        self
+    }
+
+    /// The error the handler hit, when it gave one. Named `cause` rather than `source`:
+    /// `JobError` cannot implement [`std::error::Error`] (the blanket `From<E: Error>` below
+    /// would then overlap with `From<JobError> for JobError`).
+    pub fn cause(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        self.source.as_deref()
     }
 }
 
@@ -56,10 +75,11 @@ impl fmt::Display for JobError {
     }
 }
 
-/// Any error converts into a retryable failure, so handlers can use `?`.
+/// Any error converts into a retryable failure that keeps it as its cause, so handlers can use
+/// `?`.
 impl<E: std::error::Error + Send + Sync + 'static> From<E> for JobError {
     fn from(e: E) -> Self {
-        JobError::retry(e)
+        JobError::retry(&e).with_source(e)
     }
 }
 
@@ -274,5 +294,33 @@ impl Registry {
         let named = self.listeners.get(event).map_or(&[][..], Vec::as_slice);
         let any = if event == "*" { &[][..] } else { self.listeners.get("*").map_or(&[][..], Vec::as_slice) };
         named.iter().chain(any)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(path: &str) -> JobResult {
+        std::fs::read(path)?;
+        Ok(())
+    }
+
+    #[test]
+    fn question_mark_keeps_the_error_as_its_cause() {
+        let e = read("/no/such/conveyor/file").unwrap_err();
+        assert_eq!(e.action, ErrorAction::Retry);
+        let io = e.cause().and_then(|c| c.downcast_ref::<std::io::Error>()).expect("the io::Error is the cause");
+        assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
+        assert_eq!(e.message, io.to_string(), "the message is the error's text, as before");
+    }
+
+    #[test]
+    fn constructors_have_no_cause_until_given_one() {
+        assert!(JobError::abort("bad payload").cause().is_none());
+        let e = JobError::abort("bad payload").with_source(std::io::Error::other("disk full"));
+        assert_eq!(e.message, "bad payload");
+        assert_eq!(e.action, ErrorAction::Abort);
+        assert_eq!(e.cause().map(|c| c.to_string()).as_deref(), Some("disk full"));
     }
 }

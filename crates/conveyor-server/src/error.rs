@@ -44,7 +44,7 @@ impl From<BackendError> for ApiError {
         match e {
             BackendError::Invalid(m) => ApiError::BadRequest(m),
             BackendError::NotFound(m) => ApiError::NotFound(m),
-            BackendError::Unavailable(m) => ApiError::Unavailable(m),
+            BackendError::Unavailable(cause) => ApiError::Unavailable(cause.to_string()),
             other => ApiError::Internal(other.to_string()),
         }
     }

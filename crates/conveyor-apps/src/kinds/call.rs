@@ -111,7 +111,7 @@ impl Runner {
                 return Err(JobError::release(Duration::from_secs(1)));
             }
         }
-        let keys = self.keys(&ctx).await.map_err(|message| JobError { message, action: ErrorAction::Release(Duration::from_secs(1)) })?;
+        let keys = self.keys(&ctx).await.map_err(|message| JobError::new(message, ErrorAction::Release(Duration::from_secs(1))))?;
         let body = body(&ctx, &payload);
         let id = ctx.id.to_string();
         let now = now_ms() / 1000;

@@ -27,7 +27,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use conveyor_core::backend::{BackendError, QueueBackend, QueueBackendExt, RowExt, Tx};
+use conveyor_core::backend::{BackendError, Cause, QueueBackend, QueueBackendExt, RowExt, Tx};
 use conveyor_core::breaker::{Breaker, BreakerConfig, ClosedCache, Permit};
 use conveyor_core::clock::now_ms;
 use conveyor_core::event::{Event, EventEnvelope};
@@ -340,15 +340,11 @@ pub async fn ingest(conveyor: &Conveyor, name: &str, payload: Value, key: Option
             })
             .await;
         match r {
-            Err(BackendError::Storage(m)) if attempt == 0 && is_unique_violation(&m) => continue,
+            Err(e) if attempt == 0 && e.is_unique() => continue,
             other => return Ok(other?),
         }
     }
     unreachable!("the loop returns on its second pass")
-}
-
-pub(crate) fn is_unique_violation(message: &str) -> bool {
-    message.contains("UNIQUE constraint failed") || message.starts_with("23505")
 }
 
 impl Notifier {
@@ -759,7 +755,7 @@ async fn render_all(work: Vec<(RuleRow, Value)>) -> Result<Prerendered, BackendE
         renders
     })
     .await
-    .map_err(|e| BackendError::Storage(format!("rendering stopped: {e}")))?;
+    .map_err(|e| BackendError::Storage(Cause::new(format!("rendering stopped: {e}")).with_source(e)))?;
     Ok(renders)
 }
 

@@ -137,9 +137,7 @@ pub async fn register_user(conveyor: &Conveyor, body: &Value, policy: &Policy) -
     match r {
         Ok(Some(done)) => Ok(done),
         Ok(None) => Err(ModelError::Conflict("a user with this email exists".into())),
-        Err(BackendError::Storage(m)) if super::is_unique_violation(&m) => {
-            Err(ModelError::Conflict("a user with this email exists".into()))
-        }
+        Err(BackendError::Unique(_)) => Err(ModelError::Conflict("a user with this email exists".into())),
         Err(e) => Err(e.into()),
     }
 }
@@ -627,9 +625,7 @@ pub async fn save(backend: &dyn QueueBackend, kind: Kind, id: Option<i64>, body:
             Ok(row)
         }
         Ok(None) => Err(ModelError::NotFound(format!("no {} {}", kind.noun(), id.unwrap_or_default()))),
-        Err(BackendError::Storage(m)) if super::is_unique_violation(&m) => {
-            Err(ModelError::Conflict(format!("an {} with this name exists", kind.noun())))
-        }
+        Err(BackendError::Unique(_)) => Err(ModelError::Conflict(format!("an {} with this name exists", kind.noun()))),
         Err(e) => Err(e.into()),
     }
 }

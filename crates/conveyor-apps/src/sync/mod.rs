@@ -237,7 +237,7 @@ pub async fn start(conveyor: &Conveyor, full: bool) -> Result<Started, SyncError
         match created {
             Ok(s) => return Ok(s),
             // Another start won the race for the one running slot: join it.
-            Err(e) if crate::notify::is_unique_violation(&e.to_string()) => continue,
+            Err(e) if e.is_unique() => continue,
             Err(e) => return Err(e.into()),
         }
     }

@@ -2,6 +2,7 @@
 //! PostgreSQL (each test on a database of its own; without a PostgreSQL server the PostgreSQL
 //! runs skip outside CI and fail under it).
 
+mod conflicts;
 mod notify;
 mod orders;
 mod outbound;
@@ -81,6 +82,7 @@ on_every_store!(
     outbound::callers_urls_never_reach_loopback_in_any_spelling,
     outbound::allowed_destinations_get_deliveries_but_no_redirects,
     notify::a_hostile_template_is_a_recorded_failure_not_a_hang,
+    conflicts::taken_keys_fail_as_unique_violations,
 );
 
 pub(crate) async fn wait_for<F, Fut>(what: &str, limit: Duration, mut cond: F)

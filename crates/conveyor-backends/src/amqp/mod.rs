@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch, Notify};
 
 use conveyor_core::backend::{
-    BackendError, DispatchHook, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats, ReadyJob, ReserveRequest,
+    BackendError, Cause, DispatchHook, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats, ReadyJob, ReserveRequest,
     Result, Row, RowExt, SqlValue, TxFn, WorkerInfo,
 };
 use conveyor_core::clock::now_ms;
@@ -698,7 +698,7 @@ async fn ack_all(msgs: Vec<Msg>) {
 }
 
 fn unavailable(e: lapin::Error) -> BackendError {
-    BackendError::Unavailable(format!("RabbitMQ: {e}"))
+    BackendError::Unavailable(Cause::new(format!("RabbitMQ: {e}")).with_source(e))
 }
 
 /// Longest one broker round trip may take. lapin waits for a reply as long as its connection
@@ -711,7 +711,7 @@ const BROKER_CALL: Duration = Duration::from_secs(10);
 async fn bounded<T>(call: impl std::future::Future<Output = lapin::Result<T>>) -> Result<T> {
     match tokio::time::timeout(BROKER_CALL, call).await {
         Ok(r) => r.map_err(unavailable),
-        Err(_) => Err(BackendError::Unavailable(format!("RabbitMQ did not answer within {} s", BROKER_CALL.as_secs()))),
+        Err(_) => Err(BackendError::Unavailable(format!("RabbitMQ did not answer within {} s", BROKER_CALL.as_secs()).into())),
     }
 }
 

@@ -9,7 +9,7 @@ use std::error::Error;
 use postgres::types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
 use postgres::Row as PgRow;
 
-use conveyor_core::backend::{BackendError, Result, Row, SqlValue};
+use conveyor_core::backend::{BackendError, Cause, Result, Row, SqlValue};
 
 type BoxError = Box<dyn Error + Sync + Send>;
 
@@ -188,13 +188,15 @@ pub(crate) fn row(r: &PgRow) -> Result<Row> {
     (0..r.len()).map(|i| cell(r, i).map_err(pg_err)).collect()
 }
 
-/// A driver error as the engine's: a lost connection is `Unavailable` (retry later), anything
-/// else `Storage` with the server's message.
+/// A driver error as the engine's, the driver's error kept as the source: a lost connection is
+/// `Unavailable` (retry later), a unique violation (SQLSTATE 23505) `Unique`, anything else
+/// `Storage` with the server's message.
 pub(crate) fn pg_err(e: postgres::Error) -> BackendError {
     if e.is_closed() {
-        return BackendError::Unavailable(format!("PostgreSQL connection lost: {e}"));
+        let msg = format!("PostgreSQL connection lost: {e}");
+        return BackendError::Unavailable(Cause::new(msg).with_source(e));
     }
-    match e.as_db_error() {
+    let (kind, msg): (fn(Cause) -> BackendError, String) = match e.as_db_error() {
         Some(db) => {
             let mut msg = format!("{}: {}", db.code().code(), db.message());
             if let Some(d) = db.detail() {
@@ -203,20 +205,26 @@ pub(crate) fn pg_err(e: postgres::Error) -> BackendError {
             // Errors a new connection cures: the server shutting down or restarting, a lost
             // link, a database gone, a read-only (demoted) server after a failover.
             let code = db.code().code();
-            if code.starts_with("08") || code.starts_with("57P") || code == "25006" || code == "53300" {
-                return BackendError::Unavailable(msg);
-            }
-            BackendError::Storage(msg)
+            let kind: fn(Cause) -> BackendError = if code == "23505" {
+                BackendError::Unique
+            } else if code.starts_with("08") || code.starts_with("57P") || code == "25006" || code == "53300" {
+                BackendError::Unavailable
+            } else {
+                BackendError::Storage
+            };
+            (kind, msg)
         }
         None => {
             let text = with_causes(&e);
-            if e.source().is_some_and(|s| s.is::<std::io::Error>()) || text.contains("connection") {
-                BackendError::Unavailable(format!("PostgreSQL: {text}"))
+            let kind: fn(Cause) -> BackendError = if e.source().is_some_and(|s| s.is::<std::io::Error>()) || text.contains("connection") {
+                BackendError::Unavailable
             } else {
-                BackendError::Storage(format!("PostgreSQL: {text}"))
-            }
+                BackendError::Storage
+            };
+            (kind, format!("PostgreSQL: {text}"))
         }
-    }
+    };
+    kind(Cause::new(msg).with_source(e))
 }
 
 /// The driver's message followed by its causes: the driver says only "error performing TLS

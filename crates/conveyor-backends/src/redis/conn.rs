@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use redis::{Connection, RedisError, RedisResult, Value};
 
-use conveyor_core::backend::{BackendError, Result};
+use conveyor_core::backend::{BackendError, Cause, Result};
 use conveyor_core::wakeup::Wakeup;
 
 /// Idle connections kept for reuse.
@@ -85,9 +85,9 @@ impl Pool {
 
     pub(crate) fn error(&self, e: RedisError) -> BackendError {
         if broken(&e) || matches!(e.kind(), redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)) {
-            BackendError::Unavailable(format!("Redis at {}: {e}", self.shown))
+            BackendError::Unavailable(Cause::new(format!("Redis at {}: {e}", self.shown)).with_source(e))
         } else {
-            BackendError::Storage(format!("Redis: {e}"))
+            BackendError::Storage(Cause::new(format!("Redis: {e}")).with_source(e))
         }
     }
 }

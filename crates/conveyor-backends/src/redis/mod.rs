@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
 use conveyor_core::backend::{
-    in_chunks, insert_many, BackendError, Cursor, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats,
+    in_chunks, insert_many, BackendError, Cause, Cursor, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats,
     ReserveRequest, Result, Row, SqlValue, Tx, TxFn, WorkerInfo,
 };
 use conveyor_core::clock::now_ms;
@@ -401,7 +401,7 @@ impl RedisBackend {
     pub fn open(options: RedisOptions, store: Arc<dyn QueueBackend>) -> Result<Self> {
         let pool = Arc::new(Pool::new(&options.url)?);
         pool.with(|c| redis::cmd("PING").query::<String>(c))
-            .map_err(|e| BackendError::Unavailable(format!("cannot reach Redis at {}: {e}", pool.shown)))?;
+            .map_err(|e| BackendError::Unavailable(Cause::new(format!("cannot reach Redis at {}: {e}", pool.shown)).with_source(e)))?;
         let settings = pool.with(durability::read)?;
         let warnings = durability::judge(&settings, &pool.shown)?;
         for w in &warnings {

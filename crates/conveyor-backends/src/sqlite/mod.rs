@@ -17,8 +17,8 @@ use async_trait::async_trait;
 use rusqlite::Connection;
 
 use conveyor_core::backend::{
-    in_chunks, BackendError, DispatchHook, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats, ReserveRequest,
-    Result, Row, SqlValue, TxFn, WorkerInfo,
+    in_chunks, BackendError, Cause, DispatchHook, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats,
+    ReserveRequest, Result, Row, SqlValue, TxFn, WorkerInfo,
 };
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::{Completion, EnqueueOutcome, Job, JobId, JobInfo, NewJob};
@@ -58,7 +58,8 @@ impl SqliteBackend {
                 "the SQLite backend needs a file path (an in-memory database cannot be shared by its connections)".into(),
             ));
         }
-        let mut conn = open_connection(&options.path).map_err(|e| BackendError::Storage(format!("cannot open {}: {e}", options.path)))?;
+        let mut conn = open_connection(&options.path)
+            .map_err(|e| BackendError::Storage(Cause::new(format!("cannot open {}: {e}", options.path)).with_source(e)))?;
         schema::migrate(&mut conn).map_err(storage_err)?;
         let wakeup = Arc::new(Wakeup::default());
         let dispatch = Arc::new(OnceLock::new());
@@ -93,8 +94,20 @@ pub(crate) fn open_connection(path: &str) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// A driver error as the engine's, the driver's error kept as the source: a primary key or
+/// unique index refusing a row is `Unique` (told by SQLite's extended result code, not by the
+/// message), anything else `Storage`.
 pub(crate) fn storage_err(e: rusqlite::Error) -> BackendError {
-    BackendError::Storage(e.to_string())
+    let unique = e.sqlite_error().is_some_and(|f| {
+        f.code == rusqlite::ErrorCode::ConstraintViolation
+            && matches!(f.extended_code, rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE | rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
+    });
+    let cause = Cause::new(e.to_string()).with_source(e);
+    if unique {
+        BackendError::Unique(cause)
+    } else {
+        BackendError::Storage(cause)
+    }
 }
 
 #[async_trait]

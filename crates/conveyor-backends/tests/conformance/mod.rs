@@ -106,6 +106,7 @@ macro_rules! conformance_suite {
                 transactional_completion_is_atomic,
                 panicking_transaction_closure_leaves_backend_usable,
                 insert_many_inserts_every_row_in_chunks_and_returns_them,
+                unique_violations_are_a_kind_with_the_driver_error_as_source,
                 // worker runtime
                 runtime_runs_every_job_exactly_once,
                 runtime_retries_panics_timeouts_and_errors_then_fails,

@@ -255,3 +255,57 @@ pub async fn insert_many_inserts_every_row_in_chunks_and_returns_them(b: Backend
     assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");
     assert!(b.transact(move |tx| insert_many(tx, "INSERT INTO nowhere (n)", &[], "")).await.unwrap().is_empty(), "no rows, no SQL");
 }
+
+/// A primary key or a unique index refusing a row fails as [`ErrorKind::Unique`], told by the
+/// driver's code rather than its message, with the driver's own error as the source of its
+/// cause; the failed transaction commits nothing, and other constraints are not `Unique`.
+pub async fn unique_violations_are_a_kind_with_the_driver_error_as_source(b: Backend) {
+    use conveyor_core::backend::ErrorKind;
+    use std::error::Error;
+
+    let table = table_name();
+    let t = table.clone();
+    b.transact(move |tx| {
+        tx.execute(&format!("CREATE TABLE {t} (id BIGINT PRIMARY KEY, email TEXT NOT NULL)"), &[])?;
+        tx.execute(&format!("CREATE UNIQUE INDEX {t}_by_email ON {t}(email)"), &[])?;
+        tx.execute(&format!("INSERT INTO {t} (id, email) VALUES (1, 'a@example.com')"), &[])
+    })
+    .await
+    .expect("create and fill the table");
+
+    let insert = format!("INSERT INTO {table} (id, email) VALUES ($1, $2)");
+    for (id, email, what) in [(1i64, "b@example.com", "a duplicate primary key"), (2, "a@example.com", "a duplicate unique index")] {
+        let sql = insert.clone();
+        let err = b.transact(move |tx| tx.execute(&sql, &[id.into(), email.into()])).await.expect_err(what);
+        assert_eq!(err.kind(), ErrorKind::Unique, "{what}: {err:?}");
+        assert!(err.is_unique(), "{what}");
+        let cause = err.source().expect("the cause is the error's source");
+        let driver = cause.source().expect("the driver's error is the cause's source");
+        assert!(is_driver_error(driver), "{what}: the source is the driver's own error: {driver:?}");
+        // PostgreSQL's driver says "db error" and keeps the server's message as its own source.
+        let text = std::iter::successors(Some(driver), |&e| e.source()).map(|e| e.to_string()).collect::<Vec<_>>().join(": ");
+        assert!(
+            text.contains("UNIQUE constraint failed") || text.contains("duplicate key value violates unique constraint"),
+            "{what}: the driver's message: {text}"
+        );
+    }
+    let rows = b.query(&format!("SELECT count(*) FROM {table}"), vec![]).await.expect("count rows");
+    assert_eq!(rows[0][0].as_i64(), Some(1), "the refused rows were not committed");
+
+    let sql = format!("INSERT INTO {table} (id) VALUES (3)");
+    let err = b.transact(move |tx| tx.execute(&sql, &[])).await.expect_err("a NOT NULL column left out");
+    assert_eq!(err.kind(), ErrorKind::Storage, "a NOT NULL violation is not a unique one: {err:?}");
+}
+
+/// Whether `e` is an error of one of the relational drivers (every backend keeps its SQL in one).
+fn is_driver_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    #[cfg(feature = "sqlite")]
+    if e.is::<rusqlite::Error>() {
+        return true;
+    }
+    #[cfg(feature = "postgres")]
+    if e.is::<postgres::Error>() {
+        return true;
+    }
+    false
+}

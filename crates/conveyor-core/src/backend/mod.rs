@@ -16,27 +16,11 @@ use crate::job::{Completion, EnqueueOutcome, Job, JobId, JobInfo, JobState, NewJ
 use crate::metrics::MetricsRow;
 use crate::wakeup::Wakeup;
 
+mod error;
 mod page;
 
+pub use error::{BackendError, Cause, ErrorKind};
 pub use page::{count_sql, Cursor, Page, Paged, MAX_DEPTH};
-
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum BackendError {
-    #[error("invalid job: {0}")]
-    Invalid(String),
-    #[error("not found: {0}")]
-    NotFound(String),
-    /// The reservation this operation relied on is gone (the lease expired and the job was
-    /// handed to someone else, or it was already acknowledged).
-    #[error("lease lost for job {0}")]
-    LeaseLost(JobId),
-    #[error("storage error: {0}")]
-    Storage(String),
-    #[error("backend unavailable: {0}")]
-    Unavailable(String),
-    #[error("{0}")]
-    Other(String),
-}
 
 pub type Result<T, E = BackendError> = std::result::Result<T, E>;
 
