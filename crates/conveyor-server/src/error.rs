@@ -45,6 +45,9 @@ impl From<BackendError> for ApiError {
             BackendError::Invalid(m) => ApiError::BadRequest(m),
             BackendError::NotFound(m) => ApiError::NotFound(m),
             BackendError::Unavailable(cause) => ApiError::Unavailable(cause.to_string()),
+            // The constraint's own text names tables and columns: the caller learns what it
+            // needs, not the schema.
+            BackendError::Unique(_) => ApiError::Conflict("a record with the same unique value already exists".into()),
             other => ApiError::Internal(other.to_string()),
         }
     }

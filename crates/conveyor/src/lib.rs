@@ -45,7 +45,7 @@ use std::future::Future;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-pub use conveyor_core::backend::BackendError;
+pub use conveyor_core::backend::{BackendError, Cause, ErrorKind};
 pub use conveyor_core::batch::{Batch, BatchInfo};
 pub use conveyor_core::event::{DomainEvent, Event, EventEnvelope};
 pub use conveyor_core::job::{Backoff, EnqueueOutcome, JobId, NewJob};
@@ -198,8 +198,7 @@ pub struct SetupError(anyhow::Error);
 
 impl std::fmt::Display for SetupError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let chain: Vec<String> = self.0.chain().map(ToString::to_string).collect();
-        f.write_str(&chain.join(": "))
+        f.write_str(&cli::one_line(&self.0))
     }
 }
 

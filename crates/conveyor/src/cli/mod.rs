@@ -111,10 +111,25 @@ pub(crate) fn main(app: App, args: Vec<std::ffi::OsString>) -> ExitCode {
 }
 
 fn fail(e: &anyhow::Error) -> ExitCode {
-    // One line: the chain of causes joined, outermost first.
-    let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-    eprintln!("error: {}", conveyor_core::redact::scrub(&msg.join(": ")));
+    eprintln!("error: {}", conveyor_core::redact::scrub(&one_line(e)));
     ExitCode::FAILURE
+}
+
+/// The chain of causes joined, outermost first, each said once: an error whose text is already
+/// part of what came before (a `BackendError`'s cause repeats its message) adds nothing.
+pub(crate) fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// Buffers one log record and writes it to stderr with every configured secret masked
