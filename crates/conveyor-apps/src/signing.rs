@@ -25,6 +25,24 @@ pub const DEFAULT_OVERLAP_S: i64 = 24 * 3600;
 
 const PREFIX: &str = "whsec_";
 
+/// The secrets' table, for a build without the notifications (which create the same table in
+/// their own first migration; both say `IF NOT EXISTS`, so either may come first).
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE IF NOT EXISTS notify_secrets (
+    id          TEXT PRIMARY KEY,
+    owner       TEXT NOT NULL,
+    secret      TEXT,
+    created_at  BIGINT NOT NULL,
+    expires_at  BIGINT
+);
+CREATE INDEX IF NOT EXISTS notify_secrets_by_owner ON notify_secrets(owner, created_at);
+"#];
+
+/// Creates the secrets' table where the notifications have not.
+pub async fn migrate(backend: &dyn QueueBackend) -> Result<(), BackendError> {
+    conveyor_core::migrate::apply(backend, "signing", MIGRATIONS).await.map(|_| ())
+}
+
 /// A fresh secret: `whsec_` + base64 of 24 random bytes.
 pub fn generate() -> String {
     format!("{PREFIX}{}", base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 24]>()))

@@ -104,7 +104,10 @@ pub(crate) async fn health(State(s): State<AppState>, Extension(who): Extension<
             "checks": checks,
         }
     });
+    #[cfg(not(feature = "sync"))]
+    let _ = &uri;
     // `GET /health` adds the product sync's state when the sync is configured.
+    #[cfg(feature = "sync")]
     if uri.path() == "/health" {
         if let Some(config) = s.sync.as_deref().filter(|c| c.is_configured()) {
             match conveyor_apps::sync::health(backend.as_ref(), config).await {

@@ -1,4 +1,4 @@
-//! `GET /api/kinds`: every kind the server knows — built-in, listener, HTTP kind (with its
+//! `GET /api/kinds`: every kind the server knows — local (built in or the application's), listener, HTTP kind (with its
 //! settings and breaker, never its secret) and remote (run by workers in other languages, as
 //! seen in the last 24 hours) — and the admin's view of an HTTP kind's signing secret.
 
@@ -30,7 +30,7 @@ pub(crate) fn routes() -> Router<AppState> {
 }
 
 #[utoipa::path(get, path = "/api/kinds", tag = "jobs",
-    responses((status = 200, description = "[{name, type: builtin|listener|http|remote, queue?, http?: {url, queue, timeout_s, concurrency, rate_limit, listen, secret_source, breaker, breaker_state}}], by name; remote kinds are those seen in the last 24 hours", body = Envelope<Vec<Object>>)))]
+    responses((status = 200, description = "[{name, type: local|listener|http|remote (local: a kind this server runs in Rust, built in or the application's), queue?, http?: {url, queue, timeout_s, concurrency, rate_limit, listen, secret_source, breaker, breaker_state}}], by name; remote kinds are those seen in the last 24 hours", body = Envelope<Vec<Object>>)))]
 pub(crate) async fn list(State(s): State<AppState>) -> Result<Response, ApiError> {
     let registry = s.conveyor.registry();
     let mut out: BTreeMap<String, Value> = BTreeMap::new();
@@ -45,7 +45,7 @@ pub(crate) async fn list(State(s): State<AppState>) -> Result<Response, ApiError
                 json!({ "name": kind, "type": "http", "queue": k.queue, "http": http })
             }
             None if kind.starts_with("listener:") => json!({ "name": kind, "type": "listener" }),
-            None => json!({ "name": kind, "type": "builtin" }),
+            None => json!({ "name": kind, "type": "local" }),
         };
         out.insert(kind.to_string(), entry);
     }
@@ -113,6 +113,21 @@ pub(crate) async fn rotate(
             "kind {name:?} is signed with the secret in its configuration: change `secret` there (a list, new first, keeps the old one valid)"
         )));
     }
-    let overlap = crate::secrets::overlap(&body)?;
+    let overlap = overlap(&body)?;
     Ok(ok(signing::rotate(s.conveyor.backend().as_ref(), &k.owner(), overlap).await?))
+}
+
+/// `{previous_valid_for?: seconds}` (an empty body is fine).
+pub(crate) fn overlap(body: &Bytes) -> Result<i64, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(signing::DEFAULT_OVERLAP_S);
+    }
+    let v: Value = serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("the body is not JSON: {e}")))?;
+    match v.get("previous_valid_for") {
+        None | Some(Value::Null) => Ok(signing::DEFAULT_OVERLAP_S),
+        Some(n) => n
+            .as_i64()
+            .filter(|n| (0..=30 * 86_400).contains(n))
+            .ok_or_else(|| ApiError::field("previous_valid_for", "must be a whole number of seconds from 0 to 2592000")),
+    }
 }

@@ -13,14 +13,19 @@ mod dashboard;
 mod health;
 mod jobs;
 mod kinds;
+#[cfg(feature = "notify")]
 mod notify;
 mod openapi;
 mod orchestration;
+#[cfg(feature = "orders")]
 mod orders;
+#[cfg(feature = "sync")]
 pub mod partners;
 mod prometheus;
+#[cfg(feature = "notify")]
 mod secrets;
 mod stats;
+#[cfg(feature = "sync")]
 mod sync;
 
 use std::sync::Arc;
@@ -49,6 +54,7 @@ pub struct AppState {
     /// The schedules this process fires, if it runs a scheduler.
     pub(crate) schedules: Option<Arc<Vec<ScheduleInfo>>>,
     /// The product sync's settings (its partners), when the process has them.
+    #[cfg(feature = "sync")]
     pub(crate) sync: Option<Arc<conveyor_apps::sync::SyncConfig>>,
     /// The HTTP kinds this process runs (`[[kinds]]`).
     pub(crate) kinds: Arc<Vec<conveyor_apps::kinds::HttpKind>>,
@@ -56,9 +62,17 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(conveyor: Conveyor, access: AccessConfig) -> Self {
-        AppState { conveyor, access: Arc::new(access::Access::new(access)), schedules: None, sync: None, kinds: Arc::default() }
+        AppState {
+            conveyor,
+            access: Arc::new(access::Access::new(access)),
+            schedules: None,
+            #[cfg(feature = "sync")]
+            sync: None,
+            kinds: Arc::default(),
+        }
     }
 
+    #[cfg(feature = "sync")]
     pub fn with_sync(mut self, config: conveyor_apps::sync::SyncConfig) -> Self {
         self.sync = Some(Arc::new(config));
         self
@@ -76,7 +90,7 @@ impl AppState {
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let app = Router::new()
         .route("/api/health", get(health::health))
         .route("/health", get(health::health))
         .route("/metrics", get(prometheus::metrics))
@@ -85,19 +99,28 @@ pub fn router(state: AppState) -> Router {
         .merge(admin::routes())
         .merge(jobs::routes())
         .merge(orchestration::routes())
-        .merge(orders::routes())
-        .merge(notify::routes())
-        .merge(secrets::routes())
         .merge(kinds::routes())
-        .merge(sync::routes())
-        .merge(dashboard::routes())
-        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .merge(dashboard::routes());
+    // The applications this build has (cargo features).
+    #[cfg(feature = "orders")]
+    let app = app.merge(orders::routes());
+    #[cfg(feature = "notify")]
+    let app = app.merge(notify::routes()).merge(secrets::routes());
+    #[cfg(feature = "sync")]
+    let app = app.merge(sync::routes());
+    app.fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn(envelope_errors))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(state.clone(), access::guard))
         .with_state(state)
 }
+
+/// The largest CSV order import accepted (it streams, so it may be far larger than JSON).
+#[cfg(feature = "orders")]
+const MAX_IMPORT: usize = orders::MAX_IMPORT;
+#[cfg(not(feature = "orders"))]
+const MAX_IMPORT: usize = MAX_BODY;
 
 /// The largest request body accepted (CSV imports stream through their own limit).
 pub const MAX_BODY: usize = 2 * 1024 * 1024;
@@ -113,7 +136,7 @@ async fn envelope_errors(req: Request, next: Next) -> Response {
     let import = req.uri().path() == "/api/orders/import";
     let bulk = matches!(req.uri().path(), "/api/jobs/bulk" | "/api/batches");
     let limit = if import {
-        orders::MAX_IMPORT
+        MAX_IMPORT
     } else if bulk {
         jobs::MAX_BULK_BODY
     } else {

@@ -140,54 +140,9 @@ pub(crate) struct Health {
         crate::orchestration::breakers,
         crate::orchestration::event_log,
         crate::orchestration::schedules,
-        crate::orders::products,
-        crate::orders::list_orders,
-        crate::orders::show_order,
-        crate::orders::create_order,
-        crate::orders::import_orders,
-        crate::orders::kpis_daily,
-        crate::orders::kpis_range,
-        crate::orders::kpis_realtime,
-        crate::orders::top_customers,
-        crate::orders::customer_rank,
-        crate::orders::top_products,
-        crate::orders::rebuild_leaderboards,
-        crate::notify::post_event,
-        crate::notify::register,
-        crate::notify::logs,
-        crate::notify::get_preferences,
-        crate::notify::put_preferences,
-        crate::notify::inbox,
-        crate::notify::mark_read,
-        crate::notify::list_sources,
-        crate::notify::create_source,
-        crate::notify::show_source,
-        crate::notify::update_source,
-        crate::notify::delete_source,
-        crate::notify::list_templates,
-        crate::notify::create_template,
-        crate::notify::show_template,
-        crate::notify::update_template,
-        crate::notify::delete_template,
-        crate::notify::preview,
-        crate::notify::list_rules,
-        crate::notify::create_rule,
-        crate::notify::show_rule,
-        crate::notify::update_rule,
-        crate::notify::delete_rule,
-        crate::secrets::reveal_rule,
-        crate::secrets::rotate_rule,
-        crate::secrets::reveal_user,
-        crate::secrets::rotate_user,
         crate::kinds::list,
         crate::kinds::reveal,
         crate::kinds::rotate,
-        crate::sync::start,
-        crate::sync::trigger,
-        crate::sync::runs,
-        crate::sync::run,
-        crate::sync::health,
-        crate::sync::retry_failures,
     ),
     components(schemas(
         QueueStats,
@@ -216,6 +171,85 @@ pub(crate) struct Health {
 )]
 pub(crate) struct ApiDoc;
 
+/// The order processing's operations (feature `orders`).
+#[cfg(feature = "orders")]
+#[derive(OpenApi)]
+#[openapi(paths(
+    crate::orders::products,
+    crate::orders::list_orders,
+    crate::orders::show_order,
+    crate::orders::create_order,
+    crate::orders::import_orders,
+    crate::orders::kpis_daily,
+    crate::orders::kpis_range,
+    crate::orders::kpis_realtime,
+    crate::orders::top_customers,
+    crate::orders::customer_rank,
+    crate::orders::top_products,
+    crate::orders::rebuild_leaderboards,
+))]
+struct OrdersDoc;
+
+/// The notifications' operations (feature `notify`).
+#[cfg(feature = "notify")]
+#[derive(OpenApi)]
+#[openapi(paths(
+    crate::notify::post_event,
+    crate::notify::register,
+    crate::notify::logs,
+    crate::notify::get_preferences,
+    crate::notify::put_preferences,
+    crate::notify::inbox,
+    crate::notify::mark_read,
+    crate::notify::list_sources,
+    crate::notify::create_source,
+    crate::notify::show_source,
+    crate::notify::update_source,
+    crate::notify::delete_source,
+    crate::notify::list_templates,
+    crate::notify::create_template,
+    crate::notify::show_template,
+    crate::notify::update_template,
+    crate::notify::delete_template,
+    crate::notify::preview,
+    crate::notify::list_rules,
+    crate::notify::create_rule,
+    crate::notify::show_rule,
+    crate::notify::update_rule,
+    crate::notify::delete_rule,
+    crate::secrets::reveal_rule,
+    crate::secrets::rotate_rule,
+    crate::secrets::reveal_user,
+    crate::secrets::rotate_user,
+))]
+struct NotifyDoc;
+
+/// The product sync's operations (feature `sync`).
+#[cfg(feature = "sync")]
+#[derive(OpenApi)]
+#[openapi(paths(
+    crate::sync::start,
+    crate::sync::trigger,
+    crate::sync::runs,
+    crate::sync::run,
+    crate::sync::health,
+    crate::sync::retry_failures,
+))]
+struct SyncDoc;
+
+/// The document: the engine's operations and those of the applications this build has.
+pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
+    #[allow(unused_mut)]
+    let mut doc = ApiDoc::openapi();
+    #[cfg(feature = "orders")]
+    doc.merge(OrdersDoc::openapi());
+    #[cfg(feature = "notify")]
+    doc.merge(NotifyDoc::openapi());
+    #[cfg(feature = "sync")]
+    doc.merge(SyncDoc::openapi());
+    doc
+}
+
 pub(crate) async fn document() -> axum::response::Response {
-    Json(ApiDoc::openapi()).into_response()
+    Json(openapi()).into_response()
 }

@@ -7,9 +7,10 @@ use axum::extract::{Path, State};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Extension, Router};
-use serde_json::Value;
 
-use conveyor_apps::notify::secrets::{self, Owner, DEFAULT_OVERLAP_S};
+use conveyor_apps::notify::secrets::{self, Owner};
+
+use crate::kinds::overlap;
 
 use crate::access::{Principal, Role};
 use crate::error::{ok, ApiError};
@@ -48,21 +49,6 @@ async fn rotate(s: &AppState, who: &Principal, owner: Owner, body: &Bytes) -> Re
 
 fn id_of(raw: &str, what: &str) -> Result<i64, ApiError> {
     raw.parse::<i64>().ok().filter(|v| *v > 0).ok_or_else(|| ApiError::NotFound(format!("no {what} {raw}")))
-}
-
-/// `{previous_valid_for?: seconds}` (an empty body is fine).
-pub(crate) fn overlap(body: &Bytes) -> Result<i64, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(DEFAULT_OVERLAP_S);
-    }
-    let v: Value = serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("the body is not JSON: {e}")))?;
-    match v.get("previous_valid_for") {
-        None | Some(Value::Null) => Ok(DEFAULT_OVERLAP_S),
-        Some(n) => n
-            .as_i64()
-            .filter(|n| (0..=30 * 86_400).contains(n))
-            .ok_or_else(|| ApiError::field("previous_valid_for", "must be a whole number of seconds from 0 to 2592000")),
-    }
 }
 
 #[utoipa::path(get, path = "/api/rules/{id}/secret", tag = "notifications", params(("id" = i64, Path)),

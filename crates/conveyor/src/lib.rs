@@ -64,10 +64,17 @@ pub mod unstable {
     pub use conveyor_core::lane;
 }
 
-/// Conveyor's built-in applications (order processing, notifications, product sync), which
-/// every [`App`] runs beside its own kinds.
+/// Conveyor's built-in applications, each a cargo feature of this crate (`orders`, `notify`,
+/// `sync`; all on by default): an [`App`] runs those it was built with beside its own kinds —
+/// their kinds, tables, schedules, routes, dashboard pages and commands.
 pub mod apps {
-    pub use conveyor_apps::{kinds, notify, orders, sync};
+    pub use conveyor_apps::kinds;
+    #[cfg(feature = "notify")]
+    pub use conveyor_apps::notify;
+    #[cfg(feature = "orders")]
+    pub use conveyor_apps::orders;
+    #[cfg(feature = "sync")]
+    pub use conveyor_apps::sync;
 }
 
 /// A registration an application adds to every registry the command line builds.

@@ -97,7 +97,7 @@ pub async fn register_user(conveyor: &Conveyor, body: &Value, policy: &Policy) -
     }
     let name = text(body, "name", 200, true)?.expect("required");
     let email = text(body, "email", 254, true)?.expect("required").to_lowercase();
-    if !crate::orders::import::valid_email(&email) {
+    if !crate::email::valid_email(&email) {
         return Err(invalid("email", "is not an email address"));
     }
     let phone = text(body, "phone", 32, false)?;

@@ -134,13 +134,13 @@ CREATE UNIQUE INDEX notify_digests_open ON notify_digests(rule_id, recipient, di
 -- Webhook signing secrets per destination owner ('rule:<id>', 'user:<id>'): the current one
 -- (expires_at NULL) and rotated-out ones until they expire. secret NULL stands for the legacy
 -- CONVEYOR_WEBHOOK_SECRET, kept valid for a while when an owner that had no secret rotates.
-CREATE TABLE notify_secrets (
+CREATE TABLE IF NOT EXISTS notify_secrets (
     id          TEXT PRIMARY KEY,
     owner       TEXT NOT NULL,
     secret      TEXT,
     created_at  BIGINT NOT NULL,
     expires_at  BIGINT
 );
-CREATE INDEX notify_secrets_by_owner ON notify_secrets(owner, created_at);
+CREATE INDEX IF NOT EXISTS notify_secrets_by_owner ON notify_secrets(owner, created_at);
 "#,
 ];

@@ -7,6 +7,7 @@
 //! line 1) and rejects its whole order; an order id already in the store (or earlier in the file)
 //! counts as a duplicate and is skipped, so re-importing a file creates nothing twice.
 
+use crate::email::valid_email;
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::time::{Duration, Instant};
@@ -460,16 +461,6 @@ fn parse_line(
         line_numbers: Vec::new(),
     };
     Ok((head, Line { sku: sku.to_string(), quantity, unit_price, at: 0 }))
-}
-
-pub(crate) fn valid_email(e: &str) -> bool {
-    let Some((user, domain)) = e.split_once('@') else { return false };
-    !user.is_empty()
-        && domain.contains('.')
-        && !domain.starts_with('.')
-        && !domain.ends_with('.')
-        && !e.contains(char::is_whitespace)
-        && e.len() <= 254
 }
 
 /// An ISO 8601 date (`2026-11-23`) or date-time (with `Z`, an offset, or none = UTC) → the

@@ -2,7 +2,8 @@
 //! (see [`workflow`]), and the read side the API and CLI use.
 
 pub mod import;
-pub mod money;
+/// Integer cents (shared with the product sync, so it lives beside the applications).
+pub use crate::money;
 pub mod payment;
 pub mod reports;
 mod schema;
@@ -291,7 +292,7 @@ pub async fn create_order(conveyor: &conveyor_core::Conveyor, body: &serde_json:
         .ok_or_else(|| invalid("customer_id", "must be a positive integer"))?;
     let name = text("customer_name", 200)?;
     let email = text("customer_email", 254)?;
-    if !import::valid_email(&email) {
+    if !crate::email::valid_email(&email) {
         return Err(invalid("customer_email", "is not an email address"));
     }
     let (order_date, order_day) =

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::orders::money;
+use crate::money;
 use crate::outbound::{self, Client, OutboundError, Trust};
 
 /// Where the source's fields are, as dotted paths into its JSON.

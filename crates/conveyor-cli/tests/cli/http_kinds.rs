@@ -175,7 +175,7 @@ async fn http_kinds_call_a_standard_webhooks_receiver_and_map_its_answers() {
     assert_eq!(kind("later")["queue"], "partner");
     assert_eq!(kind("flaky")["http"]["secret_source"], "configuration");
     assert_eq!(kind("receipt")["http"]["listen"], json!(["order.paid"]));
-    assert_eq!(kind("conveyor.noop")["type"], "builtin");
+    assert_eq!(kind("conveyor.noop")["type"], "local");
 
     // The store's secret of a kind without one configured: the admin's only.
     let hidden = http.get(format!("{url}/api/kinds/receipt/secret")).send().await.unwrap();

@@ -33,7 +33,17 @@ async fn index(Extension(p): Extension<Principal>) -> Response {
     // The role decides which buttons the page shows; the API enforces it either way.
     let role = p.role.map_or("read", Role::as_str);
     let signed_in = if p.tokens { "1" } else { "" };
-    let html = include_str!("index.html").replace("data-role=\"\"", &format!("data-role=\"{role}\" data-session=\"{signed_in}\""));
+    #[allow(unused_mut)]
+    let mut html = include_str!("index.html").replace("data-role=\"\"", &format!("data-role=\"{role}\" data-session=\"{signed_in}\""));
+    // Pages of applications this build does not have are left out of the navigation.
+    #[cfg(not(feature = "orders"))]
+    {
+        html = html.replace("<a href=\"#/orders\">Orders</a>", "");
+    }
+    #[cfg(not(feature = "notify"))]
+    {
+        html = html.replace("<a href=\"#/notifications\">Notifications</a>", "");
+    }
     ([(header::CACHE_CONTROL, "no-cache")], Html(html)).into_response()
 }
 

@@ -78,7 +78,10 @@ fn now_us() -> u64 {
 
 pub(crate) async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
     if args.webhooks {
+        #[cfg(feature = "notify")]
         return crate::cli::bench_notify::run(config, args.jobs, args.concurrency).await;
+        #[cfg(not(feature = "notify"))]
+        bail!("--webhooks benchmarks the notifications, which this build does not have (feature notify)");
     }
     if args.http_kinds {
         return crate::cli::bench_http::run(config, args.jobs, args.concurrency).await;

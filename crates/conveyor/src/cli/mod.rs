@@ -9,12 +9,16 @@
 mod admin;
 mod bench;
 mod bench_http;
+#[cfg(feature = "notify")]
 mod bench_notify;
 pub(crate) mod config;
+#[cfg(feature = "sync")]
 mod dev;
 mod kinds;
+#[cfg(feature = "orders")]
 mod orders;
 pub(crate) mod run;
+#[cfg(feature = "sync")]
 mod sync;
 
 use std::process::ExitCode;
@@ -48,23 +52,30 @@ enum Command {
     Failed(admin::FailedCommand),
     /// Measure throughput and latency on the configured backend
     Bench(bench::BenchArgs),
+    #[cfg(feature = "orders")]
     /// Orders: import a CSV and run the order workflow
     #[command(subcommand)]
     Orders(orders::OrdersCommand),
+    #[cfg(feature = "orders")]
     /// Products: import a CSV
     #[command(subcommand)]
     Products(orders::ProductsCommand),
+    #[cfg(feature = "orders")]
     /// KPIs: compute them now
     #[command(subcommand)]
     Kpis(orders::KpisCommand),
+    #[cfg(feature = "orders")]
     /// Leaderboards: rebuild them from the store
     #[command(subcommand)]
     Leaderboard(orders::LeaderboardCommand),
+    #[cfg(feature = "sync")]
     /// Product sync: run it, replay failures, show its health
     #[command(subcommand)]
     Sync(sync::SyncCommand),
-    /// Load sample products and orders, and print what to try next
+    /// Load sample products and orders, and print what to try next (needs every application)
+    #[cfg(all(feature = "orders", feature = "notify", feature = "sync"))]
     Demo,
+    #[cfg(feature = "sync")]
     /// Development tools: the partner simulator
     #[command(subcommand)]
     Dev(dev::DevCommand),
@@ -95,12 +106,19 @@ pub(crate) fn main(app: App, args: Vec<std::ffi::OsString>) -> ExitCode {
             Command::Queue(cmd) => admin::queue(&config, cmd).await,
             Command::Failed(cmd) => admin::failed(&config, cmd).await,
             Command::Bench(args) => bench::run(config, args).await,
+            #[cfg(feature = "orders")]
             Command::Orders(cmd) => orders::orders(&config, cmd).await,
+            #[cfg(feature = "orders")]
             Command::Products(cmd) => orders::products(&config, cmd).await,
+            #[cfg(feature = "orders")]
             Command::Kpis(cmd) => orders::kpis(&config, cmd).await,
+            #[cfg(feature = "orders")]
             Command::Leaderboard(cmd) => orders::leaderboard(&config, cmd).await,
+            #[cfg(feature = "sync")]
             Command::Sync(cmd) => sync::run(&config, cmd).await,
+            #[cfg(all(feature = "orders", feature = "notify", feature = "sync"))]
             Command::Demo => orders::demo(&config).await,
+            #[cfg(feature = "sync")]
             Command::Dev(cmd) => dev::run(cmd).await,
         }
     });

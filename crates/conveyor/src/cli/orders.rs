@@ -189,6 +189,7 @@ pub(crate) async fn leaderboard(config: &Config, cmd: LeaderboardCommand) -> any
 }
 
 /// Loads sample products and orders and starts their workflows.
+#[cfg(all(feature = "notify", feature = "sync"))]
 pub(crate) async fn demo(config: &Config) -> anyhow::Result<()> {
     let backend = open_store(config).await?;
     let conveyor = Conveyor::new(backend.clone(), registry(config, &backend)?);
@@ -245,6 +246,7 @@ pub(crate) async fn demo(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[cfg(all(feature = "notify", feature = "sync"))]
 /// Wires the product sync to the partner simulator: writes `.env` (which every command reads)
 /// when the sync is not configured and there is no `.env` yet, and says how to run it.
 fn demo_sync(config: &Config) -> anyhow::Result<()> {
@@ -267,6 +269,7 @@ fn demo_sync(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[cfg(all(feature = "notify", feature = "sync"))]
 /// A demo user (welcomed by the default rules), and an `order_shipped` source with a schema, an
 /// in-app template and its rule. Running the demo again reuses what exists.
 async fn demo_notifications(conveyor: &Conveyor) -> anyhow::Result<i64> {

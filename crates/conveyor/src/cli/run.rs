@@ -2,7 +2,6 @@
 //! on SIGINT / SIGTERM through one shared cancellation token.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -211,11 +210,12 @@ pub(crate) async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()>
     let conveyor = Conveyor::new(backend.clone(), registry(&config, &backend)?);
     let scheduler = (!args.no_scheduler).then(|| Scheduler::new(conveyor.clone(), config.schedules.clone()));
     // The API checks callers' URLs against the same allow list deliveries use.
-    conveyor_apps::outbound::install_api_policy(config.apps.notify.outbound.clone());
+    conveyor_apps::outbound::install_api_policy(config.apps.outbound.clone());
     let state = conveyor_server::AppState::new(conveyor.clone(), config.access(local))
         .with_schedules(scheduler.as_ref().map(Scheduler::info))
-        .with_sync(config.apps.sync.clone())
         .with_kinds(config.apps.kinds.clone());
+    #[cfg(feature = "sync")]
+    let state = state.with_sync(config.apps.sync.clone());
     let http = tokio::spawn(conveyor_server::serve_with(listener, state, shutdown.clone(), config.http_max_connections));
     let faktory = start_faktory(&config, &conveyor, &shutdown).await?;
     let scheduler = scheduler.map(|s| tokio::spawn(s.run(shutdown.clone())));
@@ -271,6 +271,7 @@ pub(crate) async fn schedule(config: Config) -> anyhow::Result<()> {
 /// start as soon as no live worker (heard from in the last 15 s) serves them, re-checked every
 /// second — a worker killed a moment ago still looks alive for a while — and stop when `wait`
 /// returns.
+#[cfg(any(feature = "orders", feature = "sync"))]
 pub(crate) async fn with_local_workers<T, F, Fut>(conveyor: &Conveyor, supervisor: SupervisorConfig, wait: F) -> anyhow::Result<T>
 where
     F: FnOnce() -> Fut,
@@ -281,7 +282,7 @@ where
         let (conveyor, shutdown) = (conveyor.clone(), shutdown.clone());
         tokio::spawn(async move {
             loop {
-                let workers = conveyor.backend().workers(Duration::from_secs(15)).await.unwrap_or_default();
+                let workers = conveyor.backend().workers(std::time::Duration::from_secs(15)).await.unwrap_or_default();
                 let serving = workers
                     .iter()
                     .flat_map(|w| &w.supervisors)
@@ -299,7 +300,7 @@ where
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
                 }
             }
         })

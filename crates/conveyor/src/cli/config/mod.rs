@@ -13,6 +13,7 @@ use conveyor_core::scheduler::{Missed, Schedule};
 use conveyor_core::worker::SupervisorConfig;
 use conveyor_core::NewJob;
 
+mod apps;
 mod kinds;
 mod source;
 
@@ -149,7 +150,7 @@ impl Config {
             retention_completed: src.parsed("retention", "completed", 1_000usize, "a number of jobs")?,
             retention_metrics: src.duration("retention", "metrics", Duration::from_secs(24 * 3600))?,
             log_format,
-            apps: conveyor_apps::AppsConfig { kinds: http_kinds, ..apps(src)? },
+            apps: conveyor_apps::AppsConfig { kinds: http_kinds, ..apps::apps(src)? },
             kind_defaults,
             app: crate::Parts::default(),
         }
@@ -167,26 +168,7 @@ impl Config {
             register(t.0.clone());
         }
         register(self.database_url.clone());
-        let n = &self.apps.notify;
-        if let conveyor_apps::notify::channels::Mailer::Smtp(urls) = &n.mailer {
-            urls.iter().for_each(|u| register(u.clone()));
-        }
-        for s in n.sms_urls.iter().chain(&n.sms_token).chain(&n.webhook_secret) {
-            register(s.clone());
-        }
-        if let Some(slack) = &n.slack_webhook {
-            conveyor_core::redact::register_whole(slack.clone());
-        }
-        for s in self.apps.kinds.iter().flat_map(|k| &k.secrets) {
-            register(s.clone());
-        }
-        let sync = &self.apps.sync;
-        for s in sync.source.iter().flat_map(|s| s.token.iter().chain([&s.url])) {
-            register(s.clone());
-        }
-        for s in sync.target.iter().flat_map(|t| t.key.iter().chain([&t.url])) {
-            register(s.clone());
-        }
+        apps::register_secrets(&self.apps);
     }
 
     /// The HTTP server's access settings, for a server bound to `bound`.
@@ -245,139 +227,6 @@ fn read_file(path: &Path) -> anyhow::Result<toml::Table> {
     text.parse::<toml::Table>().map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().lines().next().unwrap_or_default()))
 }
 
-/// The applications' settings: `[payment] success_rate, seed, latency_ms`.
-fn apps(src: &Source) -> anyhow::Result<conveyor_apps::AppsConfig> {
-    let rate: f64 = src.parsed("payment", "success_rate", 0.9, "a number from 0 to 1")?;
-    if !(0.0..=1.0).contains(&rate) {
-        bail!("CONVEYOR_PAYMENT_SUCCESS_RATE: expected a number from 0 to 1, got {rate}");
-    }
-    let seed: u64 = match src.get("payment", "seed") {
-        None => rand_seed(),
-        Some((v, name)) => v.trim().parse().map_err(|_| anyhow::anyhow!("{name}: expected a whole number, got {v:?}"))?,
-    };
-    let latency: u64 = src.parsed("payment", "latency_ms", 0, "a number of milliseconds")?;
-    Ok(conveyor_apps::AppsConfig {
-        payment: conveyor_apps::orders::payment::SimulatorConfig { success_rate: rate, seed, latency: Duration::from_millis(latency) },
-        notify: notify(src)?,
-        sync: sync(src)?,
-        kinds: Vec::new(),
-    })
-}
-
-/// `[sync]`: the partners (`source_url`, `source_token`, `target_url`, `target_key`), the
-/// limit and interval, and what a real partner needs changed: `source_path`, `page_size`,
-/// `source_fields` (`name=path,…`), `target_key_header`, `target_variant_path`,
-/// `target_price_path`, `target_stock_path`, `timeout`, `max_attempts`, `breaker_window`,
-/// `breaker_open_for`.
-fn sync(src: &Source) -> anyhow::Result<conveyor_apps::sync::SyncConfig> {
-    use conveyor_apps::sync::connector::{SourceConfig, TargetConfig};
-    let mut c = conveyor_apps::sync::SyncConfig::default();
-    let url = |key: &str| -> anyhow::Result<Option<String>> {
-        match src.get("sync", key) {
-            None => Ok(None),
-            Some((v, name)) => {
-                let u = reqwest_like_url(&v).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-                Ok(Some(u))
-            }
-        }
-    };
-    let timeout = src.duration("sync", "timeout", Duration::from_secs(10))?;
-    if let Some(u) = url("source_url")? {
-        let mut s = SourceConfig::new(u, src.optional("sync", "source_token"));
-        s.products_path = src.string("sync", "source_path", &s.products_path);
-        s.page_size = src.parsed("sync", "page_size", s.page_size, "a whole number from 1 to 1000")?;
-        if !(1..=1000).contains(&s.page_size) {
-            bail!("CONVEYOR_SYNC_PAGE_SIZE: expected a whole number from 1 to 1000, got {}", s.page_size);
-        }
-        if let Some((v, name)) = src.get("sync", "source_fields") {
-            s.fields.parse_overrides(&v).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-        }
-        s.timeout = timeout;
-        c.source = Some(s);
-    }
-    if let Some(u) = url("target_url")? {
-        let mut t = TargetConfig::new(u, src.optional("sync", "target_key"));
-        t.key_header = src.string("sync", "target_key_header", &t.key_header);
-        t.variant_path = src.string("sync", "target_variant_path", &t.variant_path);
-        t.price_path = src.string("sync", "target_price_path", &t.price_path);
-        t.stock_path = src.string("sync", "target_stock_path", &t.stock_path);
-        t.timeout = timeout;
-        c.target = Some(t);
-    }
-    c.target_rps = src.parsed("sync", "target_rps", c.target_rps, "a whole number of requests per second from 1")?;
-    if c.target_rps == 0 {
-        bail!("CONVEYOR_SYNC_TARGET_RPS: expected a whole number of requests per second from 1, got 0");
-    }
-    c.interval = src.duration("sync", "interval", c.interval)?;
-    c.max_attempts = src.parsed("sync", "max_attempts", c.max_attempts, "a whole number of tries from 1")?.max(1);
-    c.breaker.window = src.duration("sync", "breaker_window", c.breaker.window)?;
-    c.breaker.open_for = src.duration("sync", "breaker_open_for", c.breaker.open_for)?;
-    Ok(c)
-}
-
-/// An `http(s)://` URL, or why not.
-fn reqwest_like_url(text: &str) -> Result<String, String> {
-    let t = text.trim().trim_end_matches('/');
-    let rest = t.strip_prefix("http://").or_else(|| t.strip_prefix("https://")).ok_or("expected an http:// or https:// URL")?;
-    if rest.is_empty() || rest.starts_with('/') {
-        return Err("the URL has no host".into());
-    }
-    Ok(t.to_string())
-}
-
-/// `CONVEYOR_MAILER`, `CONVEYOR_SMTP_URL`, `CONVEYOR_MAIL_FROM`, `CONVEYOR_SMS_*`,
-/// `CONVEYOR_SLACK_WEBHOOK`, `CONVEYOR_WEBHOOK_SECRET`, `CONVEYOR_NOTIFY_*`, and
-/// `CONVEYOR_OUTBOUND_ALLOW` (`[outbound] allow`: where callers' URLs may lead although private).
-fn notify(src: &Source) -> anyhow::Result<conveyor_apps::notify::NotifyConfig> {
-    use conveyor_apps::notify::channels::Mailer;
-    let mut c = conveyor_apps::notify::NotifyConfig::default();
-    c.mailer = match src.string("", "mailer", "log").as_str() {
-        "log" => Mailer::Log,
-        "smtp" => Mailer::Smtp(
-            src.optional("smtp", "url")
-                .ok_or_else(|| anyhow::anyhow!("CONVEYOR_MAILER=smtp needs CONVEYOR_SMTP_URL"))?
-                .split(',')
-                .map(|u| u.trim().to_string())
-                .filter(|u| !u.is_empty())
-                .collect(),
-        ),
-        other => bail!("CONVEYOR_MAILER: expected log or smtp, got {other:?}"),
-    };
-    c.mail_from = src.string("mail", "from", &c.mail_from);
-    conveyor_apps::notify::channels::Email::providers(&c.mailer, &c.mail_from).map_err(|e| anyhow::anyhow!(e))?;
-    // Several gateways, comma-separated, are tried in order (each behind its own breaker).
-    c.sms_urls = src
-        .optional("sms", "url")
-        .map(|u| u.split(',').map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect())
-        .unwrap_or_default();
-    c.sms_token = src.optional("sms", "token");
-    c.sms_from = src.string("sms", "from", &c.sms_from);
-    c.slack_webhook = src.optional("slack", "webhook");
-    c.webhook_secret = src.optional("webhook", "secret");
-    if let Some((v, name)) = src.get("outbound", "allow") {
-        c.outbound = conveyor_apps::outbound::Policy::parse(&v).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-    }
-    c.max_attempts = src.parsed("notify", "max_attempts", 3u32, "a whole number of tries from 1")?;
-    if c.max_attempts == 0 {
-        bail!("CONVEYOR_NOTIFY_MAX_ATTEMPTS: expected a whole number of tries from 1, got 0");
-    }
-    if let Some((v, name)) = src.get("notify", "backoff") {
-        c.backoff = v
-            .split(',')
-            .map(|s| s.trim().parse::<u64>().map(Duration::from_secs))
-            .collect::<Result<_, _>>()
-            .map_err(|_| anyhow::anyhow!("{name}: expected seconds separated by commas like 60,300,900, got {v:?}"))?;
-    }
-    if let Some((v, name)) = src.get("notify", "rate_limit") {
-        c.rate_limit = conveyor_core::ratelimit::RateLimit::parse(&v).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-    }
-    Ok(c)
-}
-
-fn rand_seed() -> u64 {
-    conveyor_apps::orders::payment::SimulatorConfig::default().seed
-}
-
 /// `[[supervisors]]` tables: `name`, `queues`, `concurrency` (or `max_workers`), `prefetch`,
 /// `lease`, `balance` (`off`, `simple`, `auto`), `min_workers`.
 fn supervisors(file: &toml::Table) -> anyhow::Result<Vec<SupervisorConfig>> {
@@ -386,8 +235,11 @@ fn supervisors(file: &toml::Table) -> anyhow::Result<Vec<SupervisorConfig>> {
         // elsewhere never starves them; deliveries wait on providers, not on the CPU.
         return Ok(vec![
             SupervisorConfig::new("default", vec!["default".into()], 8),
+            #[cfg(feature = "orders")]
             SupervisorConfig::new("orders", vec![conveyor_apps::orders::QUEUE.into()], 64),
+            #[cfg(feature = "notify")]
             SupervisorConfig::new("notify", conveyor_apps::notify::queues(), 64),
+            #[cfg(feature = "sync")]
             crate::cli::sync::sync_supervisor(),
         ]);
     };
@@ -541,7 +393,9 @@ mod tests {
     #[test]
     fn the_outbound_allow_list_is_read_from_the_file_and_checked() {
         let c = Config::from_source(&src("[outbound]\nallow = \"127.0.0.1/32, receiver.internal\"\n")).unwrap();
-        assert_eq!(c.apps.notify.outbound, conveyor_apps::outbound::Policy::parse("receiver.internal,127.0.0.1/32").unwrap());
+        assert_eq!(c.apps.outbound, conveyor_apps::outbound::Policy::parse("receiver.internal,127.0.0.1/32").unwrap());
+        #[cfg(feature = "notify")]
+        assert_eq!(c.apps.notify.outbound, c.apps.outbound);
         let e = Config::from_source(&src("[outbound]\nallow = \"10.0.0.0/99\"\n")).unwrap_err().to_string();
         assert!(e.contains("[outbound] allow"), "{e}");
     }
