@@ -157,8 +157,40 @@ impl App {
     }
 
     /// Opens the configured store (migrating it) and returns the handle to dispatch jobs and
-    /// emit events from your own code, with every kind registered (workers are
-    /// [`worker::run`]'s).
+    /// emit events from your own code, with every kind registered; [`Workers`] run them.
+    ///
+    /// ```
+    /// use conveyor::{App, JobArgs, JobContext, JobResult, Workers};
+    ///
+    /// #[derive(serde::Serialize, serde::Deserialize)]
+    /// struct Ping {
+    ///     n: u32,
+    /// }
+    ///
+    /// impl JobArgs for Ping {
+    ///     const KIND: &'static str = "ping";
+    /// }
+    ///
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let file = dir.path().join("app.toml");
+    /// # std::fs::write(&file, format!("[database]\nurl = \"sqlite://{}/app.db\"\n", dir.path().display()))?;
+    /// let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    /// let app = App::new().config_file(file).job(move |p: Ping, _ctx: JobContext| {
+    ///     let tx = tx.clone();
+    ///     async move {
+    ///         tx.send(p.n).ok();
+    ///         JobResult::Ok(())
+    ///     }
+    /// });
+    /// let conveyor = app.connect().await?;
+    /// conveyor.enqueue(&Ping { n: 7 }).await?;
+    /// let workers = Workers::on(&conveyor, &["default"], 2);
+    /// assert_eq!(rx.recv().await, Some(7));
+    /// let report = workers.stop().await;
+    /// assert_eq!(report.completed, 1);
+    /// # Ok(()) }
+    /// ```
     pub async fn connect(&self) -> Result<Conveyor, SetupError> {
         let config = cli::config::Config::load(self.parts.config_file.as_deref()).map_err(SetupError)?.with_app(self.parts());
         cli::run::connect(&config).await.map_err(SetupError)
