@@ -294,4 +294,39 @@ impl RedisBackend {
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }
+
+    /// `act_on_delayed`: each delayed job is leased by id (one script per chunk), then given
+    /// the action's outcome through the completion script, so the failed store, the history,
+    /// unique keys and the store's hooks (a batch counts a killed or deleted job as failed, a
+    /// workflow compensates) behave as for any outcome. Run now is a release (its attempt given
+    /// back); fail keeps the attempts the job had; delete fails it, then forgets it.
+    pub(super) async fn delayed_by_id(&self, ids: Vec<JobId>, action: DelayedAction) -> Result<Vec<JobId>> {
+        let mut done = Vec::new();
+        for chunk in ids.chunks(PER_CALL) {
+            let now = now_ms();
+            let token: i64 = rand::random::<i64>() & i64::MAX;
+            let bump = if matches!(action, DelayedAction::RunNow) { "1" } else { "" };
+            let mut args = vec![now.to_string(), (now + 60_000).to_string(), token.to_string(), "mutate".to_string(), bump.to_string()];
+            args.extend(chunk.iter().map(JobId::to_string));
+            let jobs = leased_jobs(items(self.script(|s| &s.lease_delayed, args).await?), now, token);
+            let outcome = match &action {
+                DelayedAction::RunNow => Outcome::Release { at: now },
+                DelayedAction::Fail(error) => Outcome::Failed { error: error.clone() },
+                DelayedAction::Delete => Outcome::Failed { error: "deleted".into() },
+            };
+            let completions: Vec<Completion> =
+                jobs.iter().map(|j| Completion { wait_ms: 0, ..Completion::of(j, outcome.clone()) }).collect();
+            let applied = self.apply_outcomes(&completions, true).await?;
+            for (c, ok) in completions.iter().zip(applied) {
+                if !ok {
+                    continue;
+                }
+                if action == DelayedAction::Delete {
+                    self.forget_failed(c.id).await?;
+                }
+                done.push(c.id);
+            }
+        }
+        Ok(done)
+    }
 }

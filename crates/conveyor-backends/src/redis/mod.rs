@@ -45,8 +45,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
 use conveyor_core::backend::{
-    in_chunks, insert_many, BackendError, Cause, Cursor, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats,
-    ReserveRequest, Result, Row, SqlValue, Tx, TxFn, WorkerInfo,
+    in_chunks, insert_many, BackendError, Cause, Cursor, DelayedAction, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend,
+    QueueStats, ReserveRequest, Result, Row, SqlValue, Tx, TxFn, WorkerInfo,
 };
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::{payload_value, Backoff, Completion, EnqueueOutcome, Job, JobId, JobInfo, JobState, NewJob, Outcome};
@@ -99,6 +99,7 @@ struct Scripts {
     metrics: Script,
     lock_acquire: Script,
     lock_release: Script,
+    lease_delayed: Script,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -114,6 +115,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     metrics: Script::new(&scripts::metrics()),
     lock_acquire: Script::new(&scripts::lock_acquire()),
     lock_release: Script::new(&scripts::lock_release()),
+    lease_delayed: Script::new(&scripts::lease_delayed()),
 });
 
 /// Most jobs one script call takes (Lua's `unpack` takes at most 8,000 values).
@@ -211,6 +213,38 @@ async fn run_script(pool: Arc<Pool>, tag: String, pick: fn(&Scripts) -> &Script,
     .await
 }
 
+/// The jobs a reserving script returned (4 values each: id, attempt, available at, packed
+/// data), leased at `now` under `token`.
+fn leased_jobs(res: Vec<Value>, now: i64, token: i64) -> Vec<Job> {
+    let mut jobs = Vec::with_capacity(res.len() / 4);
+    for v in res.chunks_exact(4) {
+        let Ok(id) = text(&v[0]).parse::<JobId>() else { continue };
+        let Some(stored) = Stored::parse(&text(&v[3])) else { continue };
+        let available_at = if text(&v[2]).is_empty() { stored.created_at } else { int(&v[2]) };
+        let d = stored.data;
+        jobs.push(Job {
+            id,
+            queue: stored.queue,
+            kind: d.k,
+            payload: d.p,
+            attempt: int(&v[1]) as u32,
+            max_attempts: stored.max_attempts,
+            backoff: d.b,
+            timeout: d.to.map(Duration::from_millis),
+            priority: stored.priority,
+            tags: d.tg,
+            unique_key: stored.unique,
+            batch_id: d.bt,
+            workflow: d.wf,
+            created_at: stored.created_at,
+            available_at,
+            reserved_at: now,
+            lease_token: token,
+        });
+    }
+    jobs
+}
+
 #[async_trait]
 impl QueueBackend for RedisBackend {
     fn name(&self) -> &'static str {
@@ -242,33 +276,11 @@ impl QueueBackend for RedisBackend {
             vec![now.to_string(), (now + req.lease.as_millis() as i64).to_string(), token.to_string(), req.worker.clone(), max.to_string()];
         args.extend(req.queues.iter().cloned());
         let res = items(self.script(|s| &s.reserve, args).await?);
-        let mut jobs = Vec::with_capacity(res.len() / 4);
-        for v in res.chunks_exact(4) {
-            let Ok(id) = text(&v[0]).parse::<JobId>() else { continue };
-            let Some(stored) = Stored::parse(&text(&v[3])) else { continue };
-            let available_at = if text(&v[2]).is_empty() { stored.created_at } else { int(&v[2]) };
-            let d = stored.data;
-            jobs.push(Job {
-                id,
-                queue: stored.queue,
-                kind: d.k,
-                payload: d.p,
-                attempt: int(&v[1]) as u32,
-                max_attempts: stored.max_attempts,
-                backoff: d.b,
-                timeout: d.to.map(Duration::from_millis),
-                priority: stored.priority,
-                tags: d.tg,
-                unique_key: stored.unique,
-                batch_id: d.bt,
-                workflow: d.wf,
-                created_at: stored.created_at,
-                available_at,
-                reserved_at: now,
-                lease_token: token,
-            });
-        }
-        Ok(jobs)
+        Ok(leased_jobs(res, now, token))
+    }
+
+    async fn act_on_delayed(&self, ids: Vec<JobId>, action: DelayedAction) -> Result<Vec<JobId>> {
+        self.delayed_by_id(ids, action).await
     }
 
     async fn complete(&self, completions: Vec<Completion>) -> Result<()> {

@@ -151,6 +151,42 @@ return out
     )
 }
 
+/// Leases delayed jobs by id, so that an outcome can be applied to them (`act_on_delayed`:
+/// run now = release, fail = failed, delete = failed then forgotten). ARGV: tag, now, lease
+/// end, token, worker, bump ('1': count an attempt, as a reservation does — a release gives it
+/// back; '': leave the attempts as they are), ids…. A job that is not in its queue's delayed set
+/// is left alone. Returns, flat, 4 values per leased job, as `reserve` does: id, attempt,
+/// available at, packed data.
+pub(crate) fn lease_delayed() -> String {
+    with_prelude(
+        r#"
+local now, lease, token, worker, bump = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6] == '1'
+local out = {}
+for i = 7, #ARGV do
+  local id = ARGV[i]
+  local d = redis.call('HGET', T..':d', id)
+  if d then
+    local q = string.match(d, '^([^\31]*)')
+    local qk = T..':q:'..q
+    if redis.call('ZREM', qk..':d', id) == 1 then
+      local a, av = 0, ''
+      local s = redis.call('HGET', T..':s', id)
+      if s then
+        a, av = string.match(s, '^([^\31]*)\31([^\31]*)')
+        a = tonumber(a)
+      end
+      if bump then a = a + 1 end
+      redis.call('HSET', T..':s', id, a..'\31'..av..'\31'..token..'\31'..now..'\31'..worker)
+      redis.call('ZADD', qk..':l', lease, id)
+      out[#out+1] = id; out[#out+1] = a; out[#out+1] = av; out[#out+1] = d
+    end
+  end
+end
+return out
+"#,
+    )
+}
+
 /// Applies outcomes. ARGV: tag, now, history size, then 10 per completion: id, token, type
 /// (`c` completed, `r` retry, `f` failed, `l` release), at (retry / release time), error,
 /// record (the outcome as JSON for the store's hooks, or ''), runtime ms, wait ms, queue, unique

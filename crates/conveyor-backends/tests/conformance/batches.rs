@@ -24,7 +24,7 @@ const THEN: &str = "conformance.batch.then";
 const CATCH: &str = "conformance.batch.catch";
 const FINALLY: &str = "conformance.batch.finally";
 
-async fn batch_info(b: &Backend, id: &str) -> BatchInfo {
+pub(crate) async fn batch_info(b: &Backend, id: &str) -> BatchInfo {
     batch::find(b.as_ref(), id).await.expect("batch::find").unwrap_or_else(|| panic!("batch {id} is not stored"))
 }
 
