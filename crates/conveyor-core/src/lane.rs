@@ -237,6 +237,9 @@ impl QueueBackend for Lanes {
             None => self.inner.retry_all_failed(queue).await,
         }
     }
+    async fn release_unique(&self, key: &str, holder: JobId) -> Result<()> {
+        self.inner.release_unique(key, holder).await
+    }
     async fn act_on_delayed(&self, ids: Vec<JobId>, action: crate::backend::DelayedAction) -> Result<Vec<JobId>> {
         self.inner.act_on_delayed(ids, action).await
     }

@@ -100,6 +100,7 @@ struct Scripts {
     lock_acquire: Script,
     lock_release: Script,
     lease_delayed: Script,
+    unique_release: Script,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -116,6 +117,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     lock_acquire: Script::new(&scripts::lock_acquire()),
     lock_release: Script::new(&scripts::lock_release()),
     lease_delayed: Script::new(&scripts::lease_delayed()),
+    unique_release: Script::new(&scripts::unique_release()),
 });
 
 /// Most jobs one script call takes (Lua's `unpack` takes at most 8,000 values).
@@ -277,6 +279,10 @@ impl QueueBackend for RedisBackend {
         args.extend(req.queues.iter().cloned());
         let res = items(self.script(|s| &s.reserve, args).await?);
         Ok(leased_jobs(res, now, token))
+    }
+
+    async fn release_unique(&self, key: &str, holder: JobId) -> Result<()> {
+        self.script(|s| &s.unique_release, vec![key.to_string(), holder.to_string()]).await.map(|_| ())
     }
 
     async fn act_on_delayed(&self, ids: Vec<JobId>, action: DelayedAction) -> Result<Vec<JobId>> {

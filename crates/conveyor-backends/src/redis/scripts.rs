@@ -187,6 +187,11 @@ return out
     )
 }
 
+/// Frees a unique key if the given job holds it. ARGV: tag, key, job id.
+pub(crate) fn unique_release() -> String {
+    with_prelude("release_unique(ARGV[2], ARGV[3])\nreturn 1")
+}
+
 /// Applies outcomes. ARGV: tag, now, history size, then 10 per completion: id, token, type
 /// (`c` completed, `r` retry, `f` failed, `l` release), at (retry / release time), error,
 /// record (the outcome as JSON for the store's hooks, or ''), runtime ms, wait ms, queue, unique

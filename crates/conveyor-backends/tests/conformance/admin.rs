@@ -46,6 +46,27 @@ pub async fn unique_key_refuses_duplicates_until_job_ends(b: Backend) {
     enqueue_one(&b, new_job(&q, KIND, 7).unique(unique_name("other"), ttl)).await;
 }
 
+/// A key freed while its job runs (Faktory's `unique_until: "start"`): a new job may take it,
+/// and freeing it again in the first job's name leaves the new holder's key alone.
+pub async fn unique_key_freed_by_its_holder_only(b: Backend) {
+    let q = queue_name();
+    let key = unique_name("start");
+    let ttl = Duration::from_secs(600);
+    let first = enqueue_one(&b, new_job(&q, KIND, 1).unique(&key, ttl)).await;
+    let job = reserve_one(&b, &q).await;
+    assert_eq!(job.id, first);
+    b.release_unique(&key, first).await.unwrap();
+    let second = enqueue_one(&b, new_job(&q, KIND, 2).unique(&key, ttl)).await;
+    assert_ne!(second, first, "the freed key is taken by a new job");
+    b.release_unique(&key, first).await.unwrap();
+    let out = b.enqueue(vec![new_job(&q, KIND, 3).unique(&key, ttl)]).await.unwrap();
+    assert_eq!(out, vec![EnqueueOutcome::Duplicate { existing: second }], "the new holder keeps its key");
+    // The first job finishing does not free the new holder's key either.
+    complete(&b, &job, Outcome::Completed).await;
+    let out = b.enqueue(vec![new_job(&q, KIND, 4).unique(&key, ttl)]).await.unwrap();
+    assert_eq!(out, vec![EnqueueOutcome::Duplicate { existing: second }]);
+}
+
 pub async fn unique_key_ttl_expires(b: Backend) {
     let q = queue_name();
     let key = unique_name("ttl");

@@ -95,6 +95,7 @@ macro_rules! conformance_suite {
                 // administration
                 unique_key_refuses_duplicates_until_job_ends,
                 unique_key_ttl_expires,
+                unique_key_freed_by_its_holder_only,
                 unique_key_holds_under_concurrent_enqueues,
                 failed_store_retry_forget_flush,
                 failed_cursor_pages_list_every_job_once,

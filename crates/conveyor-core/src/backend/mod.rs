@@ -215,6 +215,21 @@ pub trait QueueBackend: Send + Sync + 'static {
     async fn forget_failed(&self, id: JobId) -> Result<bool>;
     async fn flush_failed(&self, queue: Option<&str>) -> Result<u64>;
 
+    /// Frees the unique key `key` if `holder` still holds it, before the job finishes (Faktory's
+    /// `unique_until: "start"`): a job with the same key may then be enqueued while this one
+    /// runs. A key another job holds is left alone. The default is the relational stores'
+    /// (`unique_locks`, also a RabbitMQ transport's ledger); a queue that keeps its unique keys
+    /// elsewhere overrides it.
+    async fn release_unique(&self, key: &str, holder: JobId) -> Result<()> {
+        let (key, id) = (key.to_string(), holder.as_bytes().to_vec());
+        self.transaction(Box::new(move |tx| {
+            tx.execute("DELETE FROM unique_locks WHERE key = $1 AND job_id = $2", &[SqlValue::Text(key), SqlValue::Blob(id)])
+                .map(|n| Box::new(n) as Box<dyn std::any::Any + Send>)
+        }))
+        .await
+        .map(|_| ())
+    }
+
     /// Acts on delayed jobs (scheduled, or waiting to retry) by id; jobs that are not delayed
     /// are left alone. Returns the ids acted on. The default refuses: a backend that cannot.
     async fn act_on_delayed(&self, _ids: Vec<JobId>, _action: DelayedAction) -> Result<Vec<JobId>> {

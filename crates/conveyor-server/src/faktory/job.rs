@@ -134,9 +134,9 @@ pub(crate) fn parse(v: Value, local: impl Fn(&str) -> bool) -> Result<Pushed, St
         // Rails sends numbers as strings unless the application converts them.
         let secs = u.as_f64().or_else(|| u.as_str().and_then(|s| s.trim().parse().ok()));
         let secs = secs.filter(|s| s.is_finite() && *s >= 1.0 && *s <= 366.0 * 86400.0).ok_or("custom.unique_for must be seconds")?;
-        if let Some(until) = custom.get("unique_until").and_then(Value::as_str) {
-            if until != "success" {
-                return Err(format!("custom.unique_until: {until:?} is not supported (only \"success\")"));
+        if let Some(until) = custom.get("unique_until").filter(|v| !v.is_null()) {
+            if !matches!(until.as_str(), Some("success" | "start")) {
+                return Err(format!("custom.unique_until: {until} must be \"success\" or \"start\""));
             }
         }
         // The lock lasts until the job runs, plus unique_for (Faktory's rule).
@@ -149,6 +149,12 @@ pub(crate) fn parse(v: Value, local: impl Fn(&str) -> bool) -> Result<Pushed, St
     }
     job.validate()?;
     Ok(Pushed { jid, job })
+}
+
+/// Whether a fetched job's unique key is to be freed when a worker takes it
+/// (`custom.unique_until: "start"`; the default, `success`, keeps it until the job succeeds).
+pub(crate) fn unique_until_start(job: &Value) -> bool {
+    job.get("custom").and_then(|c| c.get("unique_until")).and_then(Value::as_str) == Some("start")
 }
 
 /// When a fetched job (its Faktory JSON) expired, if it did: it is not handed out then.

@@ -367,6 +367,28 @@ async fn an_expired_job_is_not_handed_out_and_says_why_in_the_failed_store() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unique_job_frees_its_key_at_start_or_at_success_as_it_says() {
+    let s = server(FaktoryConfig::default()).await;
+    let mut c = Client::hello(&s, None).await;
+    let job = |jid: &str, until: &str| json!({ "jid": jid, "jobtype": "py.unique", "args": [until], "queue": until, "custom": { "unique_for": 600, "unique_until": until } });
+    for until in ["start", "success"] {
+        assert_eq!(c.send(&format!("PUSH {}", job(&format!("{until}-first-01"), until))).await, "+OK");
+        let dup = c.send(&format!("PUSH {}", job(&format!("{until}-again-01"), until))).await;
+        assert!(dup.starts_with("-NOTUNIQUE"), "while it waits the key is held ({until}): {dup}");
+        let got: Value = serde_json::from_str(&c.send(&format!("FETCH {until}")).await).unwrap();
+        assert_eq!(got["jid"], format!("{until}-first-01"));
+        let running = c.send(&format!("PUSH {}", job(&format!("{until}-while-01"), until))).await;
+        if until == "start" {
+            assert_eq!(running, "+OK", "unique_until start: the key is free once a worker has the job");
+        } else {
+            assert!(running.starts_with("-NOTUNIQUE"), "unique_until success: held while it runs: {running}");
+        }
+    }
+    let bad = c.send(&format!("PUSH {}", job("bad-until-01", "later"))).await;
+    assert!(bad.starts_with("-ERR") && bad.contains("unique_until"), "{bad}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutate_runs_scheduled_jobs_now_and_kills_retries() {
     let s = server(FaktoryConfig::default()).await;
     let mut c = Client::hello(&s, None).await;

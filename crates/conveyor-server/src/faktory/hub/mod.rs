@@ -316,6 +316,12 @@ impl Hub {
             }
             return None;
         }
+        // `unique_until: "start"`: the key is free once a worker has the job.
+        if let Some(key) = job.unique_key.as_deref().filter(|_| job::unique_until_start(&value)) {
+            if let Err(e) = self.conveyor.backend().release_unique(key, job.id).await {
+                warn!(jid = %jid, error = %e, "freeing the unique key of a started job failed; it expires with its TTL");
+            }
+        }
         let now = Instant::now();
         let held = Held { job, wid: wid.map(str::to_string), fetched: now, deadline: now + Duration::from_secs(reserve_for) };
         if let Some(old) = self.state().held.insert(jid.clone(), held) {
