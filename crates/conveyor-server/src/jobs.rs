@@ -258,7 +258,7 @@ fn seconds(v: &Value, min: f64, max: f64) -> Option<Duration> {
 /// Unix milliseconds of an RFC 3339 time or of unix seconds.
 fn timestamp_ms(v: &Value) -> Option<i64> {
     match v {
-        Value::String(t) => chrono::DateTime::parse_from_rfc3339(t).ok().map(|t| t.timestamp_millis()),
+        Value::String(t) => conveyor_core::clock::parse_rfc3339_ms(t),
         Value::Number(n) => n.as_f64().filter(|s| s.is_finite() && *s >= 0.0 && *s < 1e11).map(|s| (s * 1000.0) as i64),
         _ => None,
     }
@@ -277,5 +277,30 @@ fn backoff(v: &Value) -> Option<Backoff> {
             (base > Duration::ZERO && max >= base).then(|| Backoff::exponential(base, max))
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::timestamp_ms;
+
+    #[test]
+    fn run_at_is_rfc3339_or_unix_seconds() {
+        assert_eq!(timestamp_ms(&json!("2026-11-23T10:00:00Z")), Some(1_795_428_000_000));
+        assert_eq!(timestamp_ms(&json!("2026-11-23T12:00:00.250+02:00")), Some(1_795_428_000_250));
+        assert_eq!(timestamp_ms(&json!(1_795_428_000.5)), Some(1_795_428_000_500));
+        for v in [
+            json!("2026-11-23"),
+            json!("2026-11-23T10:00:00"),
+            json!("2026-11-23T10:00:00+0200"),
+            json!(" 2026-11-23T10:00:00Z"),
+            json!(-1),
+            json!(1e11),
+            json!(true),
+        ] {
+            assert_eq!(timestamp_ms(&v), None, "{v}");
+        }
     }
 }

@@ -112,7 +112,7 @@ pub(crate) struct DailyQuery {
               (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
 pub(crate) async fn kpis_daily(State(s): State<AppState>, Query(q): Query<DailyQuery>) -> Result<Response, ApiError> {
     let day = match q.date.as_deref() {
-        None | Some("") => chrono::Utc::now().date_naive(),
+        None | Some("") => reports::today(),
         Some(d) => reports::parse_day("date", d).map_err(|e| ApiError::field("date", e))?,
     };
     Ok(ok(reports::daily(s.conveyor.backend().clone(), day).await?))
@@ -128,7 +128,7 @@ pub(crate) struct RangeQuery {
     params(("start_date" = String, Query, description = "YYYY-MM-DD"), ("end_date" = String, Query, description = "YYYY-MM-DD, at most 366 days after start_date")),
     responses((status = 200, description = "{start_date, end_date, days, totals}", body = Envelope<Object>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
 pub(crate) async fn kpis_range(State(s): State<AppState>, Query(q): Query<RangeQuery>) -> Result<Response, ApiError> {
-    let day = |name: &str, v: &Option<String>| -> Result<chrono::NaiveDate, ApiError> {
+    let day = |name: &str, v: &Option<String>| -> Result<jiff::civil::Date, ApiError> {
         let v = v.as_deref().filter(|v| !v.is_empty()).ok_or_else(|| ApiError::field(name, "is required (YYYY-MM-DD)"))?;
         reports::parse_day(name, v).map_err(|e| ApiError::field(name, e))
     };
@@ -136,7 +136,7 @@ pub(crate) async fn kpis_range(State(s): State<AppState>, Query(q): Query<RangeQ
     if end < start {
         return Err(ApiError::field("end_date", "must not be before start_date"));
     }
-    if (end - start).num_days() > 366 {
+    if (end - start).get_days() > 366 {
         return Err(ApiError::field("end_date", "the range is at most 366 days"));
     }
     Ok(ok(reports::range(s.conveyor.backend().clone(), start, end).await?))

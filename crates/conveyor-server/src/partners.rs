@@ -26,6 +26,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use conveyor_core::clock::{format_rfc3339_ms, now_ms, parse_rfc3339_ms};
+
 /// The knobs of `conveyor dev partners`.
 #[derive(Clone, Debug)]
 pub struct PartnerConfig {
@@ -98,7 +100,7 @@ struct Catalogue {
 }
 
 fn iso(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    format_rfc3339_ms(ms).unwrap_or_else(|| "1970-01-01T00:00:00.000Z".into())
 }
 
 impl Sim {
@@ -111,7 +113,7 @@ impl Sim {
             state ^= state >> 27;
             state.wrapping_mul(0x2545_f491_4f6c_dd1d)
         };
-        let base = chrono::Utc::now().timestamp_millis() - 86_400_000;
+        let base = now_ms() - 86_400_000;
         let mut products = Catalogue::default();
         let mut target = HashMap::new();
         for i in 0..config.products {
@@ -154,7 +156,7 @@ impl Sim {
 
     /// Counts a target request in its second; returns whether the rate limit refuses it.
     fn count_target(&self) -> bool {
-        let now_s = (chrono::Utc::now().timestamp_millis() / 1000) as u64;
+        let now_s = (now_ms() / 1000) as u64;
         let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
         if w.0 != now_s {
             *w = (now_s, 0, w.2);
@@ -209,9 +211,9 @@ async fn list_products(State(sim): State<Shared>, headers: HeaderMap, Query(q): 
     }
     let since = match q.updated_since.as_deref().filter(|s| !s.is_empty()) {
         None => i64::MIN,
-        Some(s) => match chrono::DateTime::parse_from_rfc3339(s) {
-            Ok(t) => t.timestamp_millis(),
-            Err(_) => return error(StatusCode::BAD_REQUEST, "updated_since must be an RFC 3339 time"),
+        Some(s) => match parse_rfc3339_ms(s) {
+            Some(ms) => ms,
+            None => return error(StatusCode::BAD_REQUEST, "updated_since must be an RFC 3339 time"),
         },
     };
     let (page, per_page) = (q.page.unwrap_or(1).max(1), q.per_page.unwrap_or(100).clamp(1, 1000));
@@ -252,7 +254,7 @@ async fn touch(State(sim): State<Shared>, Path(id): Path<String>, body: Option<J
         v.2 = t.stock.unwrap_or(v.2 + 1);
     }
     order.remove(&(p.updated_at, p.id.clone()));
-    p.updated_at = chrono::Utc::now().timestamp_millis().max(p.updated_at + 1);
+    p.updated_at = now_ms().max(p.updated_at + 1);
     order.insert((p.updated_at, p.id.clone()));
     Json(json!({ "id": p.id, "updated_at": iso(p.updated_at) })).into_response()
 }

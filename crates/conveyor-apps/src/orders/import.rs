@@ -12,6 +12,9 @@ use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::time::{Duration, Instant};
 
+use jiff::civil::{Date, DateTime, Time};
+use jiff::tz::TimeZone;
+use jiff::Timestamp;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -466,20 +469,26 @@ fn parse_line(
 /// An ISO 8601 date (`2026-11-23`) or date-time (with `Z`, an offset, or none = UTC) → the
 /// normalized RFC 3339 UTC text and the UTC day.
 pub(crate) fn parse_date(text: &str) -> Option<(String, String)> {
-    use chrono::{DateTime, NaiveDate, NaiveDateTime, SecondsFormat, Utc};
     let t = text.trim();
-    let utc: DateTime<Utc> = if let Ok(d) = NaiveDate::parse_from_str(t, "%Y-%m-%d") {
-        d.and_hms_opt(0, 0, 0)?.and_utc()
-    } else if let Ok(dt) = DateTime::parse_from_rfc3339(t) {
-        dt.with_timezone(&Utc)
-    } else if let Ok(dt) =
-        NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S%.f").or_else(|_| NaiveDateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S%.f"))
-    {
-        dt.and_utc()
+    let utc = if let Ok(day) = Date::strptime("%Y-%m-%d", t) {
+        day.to_datetime(Time::midnight())
+    } else if let Some(ms) = conveyor_core::clock::parse_rfc3339_ms(t) {
+        // The text keeps whole seconds, so reading milliseconds loses nothing.
+        TimeZone::UTC.to_datetime(Timestamp::from_millisecond(ms).ok()?)
     } else {
-        return None;
+        naive_date_time(t)?
     };
-    Some((utc.to_rfc3339_opts(SecondsFormat::Secs, true), utc.format("%Y-%m-%d").to_string()))
+    Some((format!("{utc:.0}Z"), utc.date().to_string()))
+}
+
+/// `2026-11-23T10:00:00` or `2026-11-23 10:00:00.5`: a date-time without a zone.
+fn naive_date_time(t: &str) -> Option<DateTime> {
+    // Fractional digits past the ninth are dropped, as they are in a time with a zone.
+    let t = match t.rsplit_once('.') {
+        Some((_, fraction)) if fraction.len() > 9 && fraction.bytes().all(|b| b.is_ascii_digit()) => &t[..t.len() - (fraction.len() - 9)],
+        _ => t,
+    };
+    DateTime::strptime("%Y-%m-%dT%H:%M:%S%.f", t).or_else(|_| DateTime::strptime("%Y-%m-%d %H:%M:%S%.f", t)).ok()
 }
 
 /// The line of `order` that `item` (with its order fields `head`) repeats exactly, if any.
@@ -679,6 +688,45 @@ pub async fn import_products<R: Read + Send + 'static>(conveyor: &Conveyor, inpu
 #[cfg(test)]
 mod tests {
     use std::io::Read;
+
+    use super::parse_date;
+
+    #[test]
+    fn order_dates_become_utc_text_and_day() {
+        for (text, at, day) in [
+            ("2026-11-23", "2026-11-23T00:00:00Z", "2026-11-23"),
+            (" 2026-1-5 ", "2026-01-05T00:00:00Z", "2026-01-05"),
+            ("9999-12-31", "9999-12-31T00:00:00Z", "9999-12-31"),
+            ("2026-11-23T10:00:00Z", "2026-11-23T10:00:00Z", "2026-11-23"),
+            ("2026-11-23t10:00:00z", "2026-11-23T10:00:00Z", "2026-11-23"),
+            ("2026-11-23 10:00:00+02:00", "2026-11-23T08:00:00Z", "2026-11-23"),
+            // The day is the UTC day, not the sender's.
+            ("2026-11-23T00:30:00+01:00", "2026-11-22T23:30:00Z", "2026-11-22"),
+            ("2026-11-23T23:30:00-01:00", "2026-11-24T00:30:00Z", "2026-11-24"),
+            // Fractions are cut, not rounded.
+            ("2026-11-23T10:00:00.987654Z", "2026-11-23T10:00:00Z", "2026-11-23"),
+            // No zone is UTC.
+            ("2026-11-23T10:00:00", "2026-11-23T10:00:00Z", "2026-11-23"),
+            ("2026-11-23 10:00:00.5", "2026-11-23T10:00:00Z", "2026-11-23"),
+            ("2026-11-23T10:00:00.1234567891", "2026-11-23T10:00:00Z", "2026-11-23"),
+            ("2026-11-23T1:2:3", "2026-11-23T01:02:03Z", "2026-11-23"),
+        ] {
+            assert_eq!(parse_date(text), Some((at.to_string(), day.to_string())), "{text:?}");
+        }
+        for text in [
+            "",
+            "tomorrow",
+            "23/11/2026",
+            "2026-02-30",
+            "2026-11-23T10:00",
+            "2026-11-23T25:00:00",
+            "2026-11-23T10:00:00.Z",
+            "2026-11-23T10:00:00+0200",
+            "2026-11-23T10:00:00Z[UTC]",
+        ] {
+            assert_eq!(parse_date(text), None, "{text:?}");
+        }
+    }
 
     #[test]
     fn crlf_becomes_lf_and_lone_crs_stay() {

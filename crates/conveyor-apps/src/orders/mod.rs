@@ -46,7 +46,7 @@ pub fn register(registry: &mut Registry, backend: Arc<dyn QueueBackend>, payment
 pub fn register_with_gateway(registry: &mut Registry, gateway: Arc<dyn PaymentGateway>) {
     workflow::register(registry, gateway);
     registry.register(KPIS_JOB, |_: serde_json::Value, ctx: conveyor_core::JobContext| async move {
-        reports::generate(ctx.backend().clone(), chrono::Utc::now().date_naive()).await?;
+        reports::generate(ctx.backend().clone(), reports::today()).await?;
         Ok(())
     });
 }
@@ -189,9 +189,7 @@ pub async fn order(backend: &dyn QueueBackend, id: &str) -> Result<Option<Order>
     let mut steps = Vec::new();
     if let Some(wf) = &order.workflow_id {
         if let Some(info) = conveyor_core::workflow::find(backend, wf).await? {
-            let ts = |ms: Option<i64>| {
-                ms.and_then(chrono::DateTime::from_timestamp_millis).map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-            };
+            let ts = |ms: Option<i64>| ms.and_then(conveyor_core::clock::format_rfc3339_ms);
             steps = info
                 .steps
                 .into_iter()

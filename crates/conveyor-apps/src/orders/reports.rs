@@ -8,6 +8,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use jiff::civil::Date;
+use jiff::tz::TimeZone;
+use jiff::{Span, Timestamp};
 use serde::{Deserialize, Serialize};
 
 use conveyor_core::backend::{BackendError, QueueBackend, Result, RowExt};
@@ -56,7 +59,12 @@ pub struct RealtimeKpis {
 }
 
 fn now_text() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    format!("{:.0}", Timestamp::now())
+}
+
+/// Today in UTC, the calendar KPIs count by.
+pub fn today() -> Date {
+    TimeZone::UTC.to_datetime(Timestamp::now()).date()
 }
 
 fn avg(revenue: i64, n: i64) -> f64 {
@@ -67,10 +75,9 @@ fn avg(revenue: i64, n: i64) -> f64 {
     }
 }
 
-/// `YYYY-MM-DD`, or an error naming the parameter.
-pub fn parse_day(field: &str, text: &str) -> std::result::Result<chrono::NaiveDate, String> {
-    chrono::NaiveDate::parse_from_str(text.trim(), "%Y-%m-%d")
-        .map_err(|_| format!("{field}: expected a date like 2026-11-23, got {text:?}"))
+/// `YYYY-MM-DD` (a month or day may have one digit), or an error naming the parameter.
+pub fn parse_day(field: &str, text: &str) -> std::result::Result<Date, String> {
+    Date::strptime("%Y-%m-%d", text.trim()).map_err(|_| format!("{field}: expected a date like 2026-11-23, got {text:?}"))
 }
 
 async fn compute_daily(backend: &dyn QueueBackend, day: &str) -> Result<DailyKpis> {
@@ -91,22 +98,22 @@ async fn compute_daily(backend: &dyn QueueBackend, day: &str) -> Result<DailyKpi
     })
 }
 
-pub async fn daily(backend: Arc<dyn QueueBackend>, day: chrono::NaiveDate) -> Result<DailyKpis> {
-    let key = day.format("%Y-%m-%d").to_string();
+pub async fn daily(backend: Arc<dyn QueueBackend>, day: Date) -> Result<DailyKpis> {
+    let key = day.to_string();
     let b = backend.clone();
     Cache::new(backend)
         .remember(&format!("{KPI_CACHE_PREFIX}daily:{key}"), Some(DAILY_TTL), || async move { compute_daily(b.as_ref(), &key).await })
         .await
 }
 
-pub async fn range(backend: Arc<dyn QueueBackend>, start: chrono::NaiveDate, end: chrono::NaiveDate) -> Result<RangeKpis> {
+pub async fn range(backend: Arc<dyn QueueBackend>, start: Date, end: Date) -> Result<RangeKpis> {
     let key = format!("{KPI_CACHE_PREFIX}range:{start}:{end}");
     let b = backend.clone();
     Cache::new(backend)
         .remember(&key, Some(RANGE_TTL), || async move {
             let mut days = Vec::new();
-            for d in start.iter_days().take_while(|d| *d <= end) {
-                days.push(compute_daily(b.as_ref(), &d.format("%Y-%m-%d").to_string()).await?);
+            for d in start.series(Span::new().days(1)).take_while(|d| *d <= end) {
+                days.push(compute_daily(b.as_ref(), &d.to_string()).await?);
             }
             let r = b
                 .query(
@@ -131,7 +138,7 @@ pub async fn realtime(backend: Arc<dyn QueueBackend>) -> Result<RealtimeKpis> {
     let b = backend.clone();
     Cache::new(backend)
         .remember(&format!("{KPI_CACHE_PREFIX}realtime"), Some(REALTIME_TTL), || async move {
-            let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+            let today = today().to_string();
             let rows = b
                 .query(
                     "SELECT status, count(*), coalesce(sum(total_cents), 0) FROM orders
@@ -158,7 +165,7 @@ pub async fn realtime(backend: Arc<dyn QueueBackend>) -> Result<RealtimeKpis> {
 }
 
 /// Recomputes today's KPIs now (the scheduler's `kpis.generate`), replacing cached ones.
-pub async fn generate(backend: Arc<dyn QueueBackend>, day: chrono::NaiveDate) -> Result<DailyKpis> {
+pub async fn generate(backend: Arc<dyn QueueBackend>, day: Date) -> Result<DailyKpis> {
     Cache::new(backend.clone()).forget_prefix(KPI_CACHE_PREFIX).await?;
     let _ = realtime(backend.clone()).await?;
     daily(backend, day).await
@@ -259,4 +266,40 @@ pub async fn rebuild(backend: Arc<dyn QueueBackend>) -> Result<()> {
         .rebuild(prod.iter().map(|r| (r.text(0).unwrap_or_default().to_string(), r.int(2) as f64)).collect())
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days_read_as_year_month_day() {
+        for (text, day) in [
+            ("2026-11-23", "2026-11-23"),
+            (" 2026-11-23 ", "2026-11-23"),
+            ("2026-1-5", "2026-01-05"),
+            ("2026- 1- 5", "2026-01-05"),
+            ("26-11-23", "0026-11-23"),
+            ("+2026-11-23", "2026-11-23"),
+            ("2024-02-29", "2024-02-29"),
+            ("0000-01-01", "0000-01-01"),
+            ("9999-12-31", "9999-12-31"),
+        ] {
+            assert_eq!(parse_day("date", text).map(|d| d.to_string()), Ok(day.to_string()), "{text:?}");
+        }
+        for text in ["", "2026-02-29", "2026-13-01", "2026/11/23", "20261123", "23-11-2026", "2026-11-23T00:00:00", "2026-11-23 x"] {
+            assert!(parse_day("date", text).is_err(), "{text:?}");
+        }
+        assert_eq!(parse_day("start_date", "soon"), Err("start_date: expected a date like 2026-11-23, got \"soon\"".into()));
+    }
+
+    #[test]
+    fn generated_at_is_utc_to_the_second_and_today_is_its_day() {
+        let before = today();
+        let t = now_text();
+        let after = today();
+        assert_eq!((t.len(), &t[10..11], &t[19..]), (20, "T", "Z"), "{t}");
+        assert!(conveyor_core::clock::parse_rfc3339_ms(&t).is_some(), "{t}");
+        assert!([before.to_string(), after.to_string()].contains(&t[..10].to_string()), "{t}");
+    }
 }

@@ -317,7 +317,7 @@ async fn json_body(client: &Client, resp: reqwest::Response) -> Result<Value, St
 }
 
 fn audit(partner: &'static str, method: &'static str, url: &str) -> Audit {
-    Audit { partner, method, url: redact_url(url), status: None, duration_ms: 0, error: None, at: chrono::Utc::now().timestamp_millis() }
+    Audit { partner, method, url: redact_url(url), status: None, duration_ms: 0, error: None, at: conveyor_core::clock::now_ms() }
 }
 
 /// A value at a dotted path (`meta.has_more`).
@@ -422,9 +422,9 @@ pub fn product(f: &SourceFields, raw: &Value) -> Result<Product, String> {
     let title = at(raw, &f.title).and_then(Value::as_str).unwrap_or_default().to_string();
     let (updated_at, updated_ms) = match at(raw, &f.updated_at) {
         Some(Value::String(s)) => {
-            let t = chrono::DateTime::parse_from_rfc3339(s.trim())
-                .map_err(|_| format!("{}: expected an RFC 3339 time, got {s:?}", f.updated_at))?;
-            (s.trim().to_string(), t.timestamp_millis())
+            let ms = conveyor_core::clock::parse_rfc3339_ms(s.trim())
+                .ok_or_else(|| format!("{}: expected an RFC 3339 time, got {s:?}", f.updated_at))?;
+            (s.trim().to_string(), ms)
         }
         Some(Value::Number(n)) if n.as_i64().is_some_and(|n| n >= 0) => {
             let n = n.as_i64().unwrap_or_default();
@@ -578,7 +578,8 @@ mod tests {
         };
         assert_eq!(of("120"), Some(Duration::from_secs(120)));
         assert_eq!(of("99999999999"), Some(MAX_RETRY_AFTER));
-        let far = (chrono::Utc::now() + chrono::Duration::days(30)).to_rfc2822();
+        let far = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(30 * 24);
+        let far = jiff::fmt::rfc2822::to_string(&far.to_zoned(jiff::tz::TimeZone::UTC)).unwrap();
         assert_eq!(of(&far), Some(MAX_RETRY_AFTER));
         assert_eq!(of("soon"), None);
     }

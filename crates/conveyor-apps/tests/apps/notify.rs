@@ -181,7 +181,7 @@ pub(crate) async fn slack_webhook_and_sms_reach_their_receivers_with_conditions_
     let hooks = of("hook");
     assert_eq!(hooks.len(), 1);
     let (headers, body) = (&hooks[0].1, &hooks[0].2);
-    let now = chrono::Utc::now().timestamp();
+    let now = jiff::Timestamp::now().as_second();
     let header_map: axum::http::HeaderMap = headers
         .iter()
         .map(|(k, v)| (k.parse::<axum::http::HeaderName>().unwrap(), v.parse::<axum::http::HeaderValue>().unwrap()))
@@ -398,9 +398,8 @@ pub(crate) async fn digests_delays_and_quiet_hours_defer_without_dropping(s: Sto
         e.logs(LogFilter { user_id: Some(quinn), status: Some("sent".into()), ..Default::default() }).await.len() == 2
     })
     .await;
-    let now = chrono::Utc::now();
-    let (start, end) =
-        ((now - chrono::Duration::hours(1)).format("%H:%M").to_string(), (now + chrono::Duration::hours(2)).format("%H:%M").to_string());
+    let (now, hour) = (jiff::Timestamp::now(), jiff::SignedDuration::from_hours(1));
+    let (start, end) = ((now - hour).strftime("%H:%M").to_string(), (now + 2 * hour).strftime("%H:%M").to_string());
     model::set_preferences(b.as_ref(), quinn, &json!({ "timezone": "UTC", "quiet_hours": { "start": start, "end": end } })).await.unwrap();
     let hush = e.template("hush", "database", Some("Hush"), "hush").await;
     e.rule(json!({ "event": "hush", "template_id": hush, "channel": "database" })).await;

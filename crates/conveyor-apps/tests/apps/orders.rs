@@ -129,7 +129,7 @@ pub(crate) async fn every_order_settles_and_stock_money_and_leaderboards_add_up(
     assert_eq!(counts.iter().map(|r| r.score).sum::<f64>() as u64, completed);
 
     // KPIs: daily revenue over the file's days, and the range, add up to the completed orders'.
-    let day = |d: u32| chrono::NaiveDate::from_ymd_opt(2026, 11, d).unwrap();
+    let day = |d: i8| jiff::civil::date(2026, 11, d);
     let mut daily_cents = 0i64;
     for d in 1..=20 {
         daily_cents += (orders::reports::daily(s.backend.clone(), day(d)).await.unwrap().total_revenue * 100.0).round() as i64;

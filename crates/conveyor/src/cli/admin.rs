@@ -241,5 +241,18 @@ fn print_failed(items: &[FailedJob], total: u64) {
 }
 
 fn fmt_ms(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms).map(|d| d.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_default()
+    jiff::Timestamp::from_millisecond(ms).map(|t| t.strftime("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fmt_ms;
+
+    #[test]
+    fn failed_at_reads_as_utc_to_the_second() {
+        assert_eq!(fmt_ms(0), "1970-01-01 00:00:00");
+        assert_eq!(fmt_ms(-1), "1969-12-31 23:59:59");
+        assert_eq!(fmt_ms(1_767_323_045_678), "2026-01-02 03:04:05");
+        assert_eq!(fmt_ms(i64::MAX), "");
+    }
 }

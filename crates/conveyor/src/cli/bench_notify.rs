@@ -64,7 +64,7 @@ pub(crate) async fn run(config: Config, deliveries: u64, concurrency: usize) -> 
         axum::routing::post(move |headers: HeaderMap, body: Bytes| {
             let (v, i, s) = (v.clone(), i.clone(), s.clone());
             async move {
-                let now = chrono::Utc::now().timestamp();
+                let now = jiff::Timestamp::now().as_second();
                 if channels::verify(&s, &headers, &body, now, 300) {
                     v.fetch_add(1, Ordering::Relaxed);
                     StatusCode::OK

@@ -170,7 +170,7 @@ pub(crate) enum LeaderboardCommand {
 pub(crate) async fn kpis(config: &Config, cmd: KpisCommand) -> anyhow::Result<()> {
     let KpisCommand::Generate { date } = cmd;
     let day = match date {
-        None => chrono::Utc::now().date_naive(),
+        None => orders::reports::today(),
         Some(d) => orders::reports::parse_day("--date", &d).map_err(|e| anyhow::anyhow!(e))?,
     };
     let backend = open_store(config).await?;
@@ -211,13 +211,13 @@ pub(crate) async fn demo(config: &Config) -> anyhow::Result<()> {
     }
     let p = import::import_products(&conveyor, std::io::Cursor::new(products.into_bytes())).await?;
     let mut orders_csv = String::from("order_id,customer_id,customer_name,customer_email,sku,quantity,unit_price,order_date\n");
-    let today = chrono::Utc::now().date_naive();
+    let today = orders::reports::today();
     let stamp = now_ms();
     for i in 0..500u64 {
         let c = 1 + (i * 7919) % 60;
         for l in 0..(1 + i % 3) {
             let sku = (i * 31 + l * 7) % names.len() as u64;
-            let day = today - chrono::Days::new(i % 7);
+            let day = today - jiff::Span::new().days((i % 7) as i64);
             orders_csv.push_str(&format!(
                 "DEMO-{stamp}-{i:04},{c},Demo customer {c},customer{c}@example.com,DEMO-{sku:02},{},{}.{:02},{day}\n",
                 1 + (i + l) % 3,
