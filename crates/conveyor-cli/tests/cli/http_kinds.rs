@@ -4,16 +4,13 @@
 //! records what it got; a kind whose endpoint is down opens its breaker instead of spending its
 //! jobs' attempts. Without python3 and pip the test is skipped outside CI and fails under CI.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use crate::http::serve;
-use crate::webhooks::reference_python;
-use crate::{sigterm, wait_exit, wait_for, Proc, TestEnv};
+use crate::webhooks::{reference_python, Receiver};
+use crate::{sigterm, wait_exit, wait_for, TestEnv};
 
 /// Verifies each call with the secrets in `secrets.json` (label → secret, re-read per request),
 /// answers by path, and appends `{path, id, body, results: {label: "OK" | "FAIL: why"}}`.
@@ -75,53 +72,15 @@ print(server.server_address[1], flush=True)
 server.serve_forever()
 "#;
 
-struct Receiver {
-    _proc: Proc,
-    url: String,
-    secrets: PathBuf,
-    results: PathBuf,
+/// The calls made for job `id`, in order.
+fn calls(receiver: &Receiver, id: &str) -> Vec<Value> {
+    receiver.records().into_iter().filter(|r| r["id"] == id).collect()
 }
 
-impl Receiver {
-    fn start(python: &Path, dir: &Path) -> Receiver {
-        let script = dir.join("kinds_receiver.py");
-        std::fs::write(&script, RECEIVER).unwrap();
-        let (secrets, results) = (dir.join("kind_secrets.json"), dir.join("kind_results.jsonl"));
-        let mut child = Command::new(python)
-            .arg(&script)
-            .arg(&secrets)
-            .arg(&results)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting the Python receiver");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let port: u16 = line.trim().parse().unwrap_or_else(|_| panic!("the receiver printed its port, not {line:?}"));
-        Receiver { _proc: Proc(child), url: format!("http://127.0.0.1:{port}"), secrets, results }
-    }
-
-    fn expect(&self, secrets: Value) {
-        let tmp = self.secrets.with_extension("tmp");
-        std::fs::write(&tmp, secrets.to_string()).unwrap();
-        std::fs::rename(tmp, &self.secrets).unwrap();
-    }
-
-    /// The calls made for job `id`, in order.
-    fn calls(&self, id: &str) -> Vec<Value> {
-        std::fs::read_to_string(&self.results)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|r| r["id"] == id)
-            .collect()
-    }
-
-    async fn wait_calls(&self, id: &str, n: usize) -> Vec<Value> {
-        wait_for(&format!("{n} call(s) of job {id} at the receiver"), Duration::from_secs(30), || async { self.calls(id).len() >= n })
-            .await;
-        self.calls(id)
-    }
+async fn wait_calls(receiver: &Receiver, id: &str, n: usize) -> Vec<Value> {
+    wait_for(&format!("{n} call(s) of job {id} at the receiver"), Duration::from_secs(30), || async { calls(receiver, id).len() >= n })
+        .await;
+    calls(receiver, id)
 }
 
 const ADMIN: &str = "admin-token-for-http-kinds";
@@ -137,7 +96,7 @@ async fn http_kinds_call_a_standard_webhooks_receiver_and_map_its_answers() {
         }
     };
     let dir = tempfile::tempdir().unwrap();
-    let receiver = Receiver::start(&python, dir.path());
+    let receiver = Receiver::with_script(&python, dir.path(), RECEIVER);
     // A port nothing listens on: the endpoint of a kind that is down.
     let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let configured = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -189,7 +148,7 @@ async fn http_kinds_call_a_standard_webhooks_receiver_and_map_its_answers() {
 
     // 2xx completes; the call carries the job as the SPEC says, signed with the kind's secret.
     let id = enqueue("receipt", json!({ "tags": ["t1"] })).await;
-    let calls = receiver.wait_calls(&id, 1).await;
+    let calls = wait_calls(&receiver, &id, 1).await;
     let b = &calls[0]["body"];
     assert_eq!(
         (b["id"].as_str(), b["kind"].as_str(), b["attempt"].as_i64(), b["queue"].as_str()),
@@ -206,18 +165,18 @@ async fn http_kinds_call_a_standard_webhooks_receiver_and_map_its_answers() {
 
     // 429 + Retry-After: released without spending an attempt, then done.
     let id = enqueue("later", json!({})).await;
-    let calls = receiver.wait_calls(&id, 2).await;
+    let calls = wait_calls(&receiver, &id, 2).await;
     assert_eq!(calls.iter().map(|c| c["body"]["attempt"].as_i64().unwrap()).collect::<Vec<_>>(), vec![1, 1]);
     assert_eq!(calls[0]["body"]["queue"], "partner");
     // 500: retried with the job's backoff, as attempt 2; signed with the configured secret.
     let id = enqueue("flaky", json!({ "backoff": 0 })).await;
-    let calls = receiver.wait_calls(&id, 2).await;
+    let calls = wait_calls(&receiver, &id, 2).await;
     assert_eq!(calls.iter().map(|c| c["body"]["attempt"].as_i64().unwrap()).collect::<Vec<_>>(), vec![1, 2]);
     assert_eq!(calls[1]["results"]["configured"], "OK", "{}", calls[1]);
     assert_eq!(calls[0]["id"], calls[1]["id"], "webhook-id is the job id on every attempt");
     // Another 4xx: failed at once with the answer's reason, attempts left or not.
     let id = enqueue("reject", json!({ "max_attempts": 5 })).await;
-    receiver.wait_calls(&id, 1).await;
+    wait_calls(&receiver, &id, 1).await;
     wait_for("the rejected job in the failed store", Duration::from_secs(20), || async {
         get(&format!("/api/jobs/failed/{id}")).await.unwrap().status().is_success()
     })
@@ -232,7 +191,7 @@ async fn http_kinds_call_a_standard_webhooks_receiver_and_map_its_answers() {
     let ev = log.as_array().unwrap().iter().find(|e| e["id"] == ev["event_id"]).cloned().unwrap_or_else(|| panic!("{ev} in {log}"));
     let job = ev["listeners"].as_array().and_then(|l| l.iter().find(|l| l["listener"] == "receipt")).cloned().unwrap_or(ev.clone());
     let job_id = job["job_id"].as_str().unwrap_or_else(|| panic!("the event queued a receipt job: {ev}")).to_string();
-    let calls = receiver.wait_calls(&job_id, 1).await;
+    let calls = wait_calls(&receiver, &job_id, 1).await;
     assert_eq!(calls[0]["body"]["payload"], json!({ "order": 42 }));
 
     // A rotation: the next call is signed with the new secret and the previous one.
@@ -240,7 +199,7 @@ async fn http_kinds_call_a_standard_webhooks_receiver_and_map_its_answers() {
     let second = rotated["secret"].as_str().unwrap().to_string();
     receiver.expect(json!({ "old": first, "new": second }));
     let id = enqueue("receipt", json!({})).await;
-    let calls = receiver.wait_calls(&id, 1).await;
+    let calls = wait_calls(&receiver, &id, 1).await;
     assert_eq!((calls[0]["results"]["old"].as_str(), calls[0]["results"]["new"].as_str()), (Some("OK"), Some("OK")), "{}", calls[0]);
 
     // A kind whose endpoint is down: its breaker opens after 3 failures, and its jobs then wait

@@ -82,17 +82,23 @@ pub(crate) fn reference_python() -> Result<PathBuf, String> {
     }
 }
 
-struct Receiver {
+/// A Python receiver on loopback: `script` gets the secrets file and the results file as its
+/// arguments and prints its port (the HTTP kinds' test runs one of its own with this).
+pub(crate) struct Receiver {
     _proc: Proc,
-    url: String,
+    pub(crate) url: String,
     secrets: PathBuf,
     results: PathBuf,
 }
 
 impl Receiver {
     fn start(python: &Path, dir: &Path) -> Receiver {
+        Receiver::with_script(python, dir, RECEIVER)
+    }
+
+    pub(crate) fn with_script(python: &Path, dir: &Path, source: &str) -> Receiver {
         let script = dir.join("receiver.py");
-        std::fs::write(&script, RECEIVER).unwrap();
+        std::fs::write(&script, source).unwrap();
         let (secrets, results) = (dir.join("secrets.json"), dir.join("results.jsonl"));
         let mut child = Command::new(python)
             .arg(&script)
@@ -109,13 +115,13 @@ impl Receiver {
     }
 
     /// The secrets the receiver checks each delivery with, by label.
-    fn expect(&self, secrets: Value) {
+    pub(crate) fn expect(&self, secrets: Value) {
         let tmp = self.secrets.with_extension("tmp");
         std::fs::write(&tmp, secrets.to_string()).unwrap();
         std::fs::rename(tmp, &self.secrets).unwrap();
     }
 
-    fn records(&self) -> Vec<Value> {
+    pub(crate) fn records(&self) -> Vec<Value> {
         std::fs::read_to_string(&self.results).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
     }
 
