@@ -134,4 +134,7 @@ pub(crate) const ENGINE_MIGRATIONS: &[&str] = &[
     // one member of its parent, finished when the child finishes).
     "ALTER TABLE batches ADD COLUMN holds BIGINT NOT NULL DEFAULT 0;
      ALTER TABLE batches ADD COLUMN parent_id TEXT;",
+    // 3: a workflow step that ended in a business failure (a declined payment): its job
+    // completed, the workflow takes the failure path with this reason.
+    "ALTER TABLE workflow_steps ADD COLUMN declined TEXT;",
 ];

@@ -96,6 +96,8 @@ pub struct JobContext {
     pub max_attempts: u32,
     pub tags: Vec<String>,
     pub batch_id: Option<String>,
+    /// `"<workflow id>:<seq>"` for a workflow's step, compensation or rollback job.
+    pub workflow: Option<String>,
     /// Cancelled when the worker must stop before the job finished (shutdown grace over).
     pub cancel: CancellationToken,
     pub conveyor: Conveyor,
@@ -121,6 +123,29 @@ impl JobContext {
     /// Dispatches more work.
     pub async fn dispatch(&self, job: NewJob) -> Result<JobId, BackendError> {
         self.conveyor.dispatch(job).await
+    }
+
+    /// Ends this job in a **business failure** (a declined payment, an item out of stock):
+    /// `work` and the acknowledgement commit in one transaction as with [`complete_with`], the
+    /// job counts as completed (the failed store keeps faults only), and when the job is a
+    /// workflow step the workflow fails with `reason` and runs its compensations. Outside a
+    /// workflow it is a completion with `work`.
+    ///
+    /// [`complete_with`]: JobContext::complete_with
+    pub async fn decline<F>(&self, reason: impl Into<String>, work: F) -> Result<(), BackendError>
+    where
+        F: FnOnce(&mut dyn Tx) -> Result<(), BackendError> + Send + 'static,
+    {
+        let (reason, workflow) = (reason.into(), self.workflow.clone());
+        tracing::info!(reason = %reason, "job declined: a business outcome, not a fault");
+        self.complete_with(move |tx| {
+            work(tx)?;
+            match &workflow {
+                Some(w) => crate::workflow::decline_in(tx, w, &reason),
+                None => Ok(()),
+            }
+        })
+        .await
     }
 
     /// Commits `work` together with this job's acknowledgement, in one transaction: the effect

@@ -428,6 +428,7 @@ impl JobTask {
             max_attempts: job.max_attempts,
             tags: job.tags.clone(),
             batch_id: job.batch_id.clone(),
+            workflow: job.workflow.clone(),
             cancel: self.hard_stop.child_token(),
             conveyor: self.conveyor.clone(),
             completion: slot,

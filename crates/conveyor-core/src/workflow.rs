@@ -358,11 +358,24 @@ pub fn record_outcome(tx: &mut dyn Tx, c: &Completion) -> Result<()> {
         "UPDATE workflow_steps SET status = $3, attempts = attempts + 1, error = $4,
                 started_at = coalesce(started_at, $5), finished_at = $6
          WHERE workflow_id = $1 AND seq = $2 AND status = 'queued'
-         RETURNING role, step",
+         RETURNING role, step, declined",
         &[wf.into(), seq.into(), status.into(), error.into(), started.into(), finished.into()],
     )?;
     let Some(r) = rows.first() else { return Ok(()) };
     let (role, step) = (r.text(0).unwrap_or_default().to_string(), r.int(1));
+    // A business failure (see [`decline_in`]): the job completed — nothing for the failed
+    // store — but the workflow fails with the reason and compensates.
+    let declined = r.text(2).filter(|_| role == "step" && status == "completed").map(str::to_string);
+    let (status, error) = match &declined {
+        Some(reason) => {
+            tx.execute(
+                "UPDATE workflow_steps SET status = 'declined', error = $3 WHERE workflow_id = $1 AND seq = $2",
+                &[wf.into(), seq.into(), reason.as_str().into()],
+            )?;
+            ("failed", Some(reason.as_str()))
+        }
+        None => (status, error),
+    };
     if status == "queued" {
         return Ok(());
     }
@@ -451,6 +464,20 @@ fn step_info(r: &Row) -> StepInfo {
         finished_at: r.opt_int(6),
         error: r.text(7).map(str::to_string),
     }
+}
+
+/// Marks the step that `workflow` (a job's `"<workflow id>:<seq>"`) names as ended in a
+/// business failure: when its job's acknowledgement commits in the same transaction, the step
+/// shows `declined` with `reason` and the workflow fails with it, running its compensations —
+/// without a job in the failed store, which keeps faults only. See `JobContext::decline`.
+pub fn decline_in(tx: &mut dyn Tx, workflow: &str, reason: &str) -> Result<()> {
+    let Some((wf, seq)) = workflow.rsplit_once(':') else { return Err(BackendError::Invalid(format!("not a workflow step: {workflow}"))) };
+    let seq: i64 = seq.parse().map_err(|_| BackendError::Invalid(format!("not a workflow step: {workflow}")))?;
+    tx.execute(
+        "UPDATE workflow_steps SET declined = $3 WHERE workflow_id = $1 AND seq = $2 AND status = 'queued'",
+        &[wf.into(), seq.into(), reason.into()],
+    )?;
+    Ok(())
 }
 
 impl Conveyor {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use conveyor_core::backend::{insert_many, BackendError, QueueBackendExt, RowExt, SqlValue, Tx};
+use conveyor_core::backend::{insert_many, BackendError, RowExt, SqlValue, Tx};
 use conveyor_core::cache::{add_in, forget_prefix_in};
 use conveyor_core::clock::now_ms;
 use conveyor_core::workflow::{Starts, Workflow};
@@ -69,7 +69,13 @@ pub(crate) fn prepare_many<'a>(order_ids: impl Iterator<Item = &'a str>) -> Resu
 
 pub(crate) fn register(registry: &mut Registry, gateway: Arc<dyn PaymentGateway>) {
     registry.register(RESERVE, |o: OrderRef, ctx: JobContext| async move {
-        settle(ctx.complete_with(move |tx| reserve(tx, &o.order_id)).await)
+        let id = o.order_id.clone();
+        match ctx.complete_with(move |tx| reserve(tx, &id)).await {
+            // Out of stock: nothing was reserved (the step rolled back); the order fails as a
+            // business outcome, not as a fault of the job.
+            Err(BackendError::Invalid(reason)) => settle(ctx.decline(reason, |_| Ok(())).await),
+            r => settle(r),
+        }
     });
     let g = gateway.clone();
     registry.register(PAY, move |o: OrderRef, ctx: JobContext| {
@@ -136,8 +142,7 @@ async fn pay(gateway: Arc<dyn PaymentGateway>, o: OrderRef, ctx: JobContext) -> 
     if charge.approved {
         return settle(ctx.complete_with(move |tx| record_payment(tx, &id, "charged", total, &reference)).await);
     }
-    ctx.backend().transact(move |tx| record_payment(tx, &id, "declined", total, &reference)).await?;
-    Err(JobError::abort("payment declined"))
+    settle(ctx.decline("payment declined", move |tx| record_payment(tx, &id, "declined", total, &reference)).await)
 }
 
 /// Records a payment event once per (order, status); the order id is its idempotency key.

@@ -132,6 +132,7 @@ macro_rules! conformance_suite {
                 workflow_runs_steps_in_order_and_completes,
                 workflow_compensation_survives_a_dead_worker,
                 workflow_definition_is_shared_and_input_reaches_every_job,
+                a_declined_step_fails_its_workflow_without_a_fault,
                 // events
                 event_listeners_get_each_emit_once_inline_after_commit,
                 event_emitted_in_a_rolled_back_transaction_is_neither_logged_nor_delivered,

@@ -321,3 +321,46 @@ pub async fn workflow_definition_is_shared_and_input_reaches_every_job(b: Backen
         ]
     );
 }
+
+/// A step that ends in a business failure (`JobContext::decline`): its job completes (the
+/// failed store keeps faults only), the workflow fails with the reason and compensates, and its
+/// on-failure job runs.
+pub async fn a_declined_step_fails_its_workflow_without_a_fault(b: Backend) {
+    let q = queue_name();
+    let mut registry = Registry::new();
+    for kind in [RESERVE, UNDO_RESERVE, NOTIFY] {
+        registry.register(kind, |_: Value, _ctx: JobContext| async { Ok(()) });
+    }
+    registry.register(CHARGE, |_: Value, ctx: JobContext| async move {
+        ctx.decline("card declined", |_| Ok(())).await.map_err(JobError::retry)
+    });
+    let cv = conveyor_of(&b, &registry);
+    let id = Workflow::new(unique_name("declines"))
+        .step("reserve", job_of(&q, RESERVE))
+        .compensate(job_of(&q, UNDO_RESERVE))
+        .step("charge", job_of(&q, CHARGE))
+        .on_failure("notify", job_of(&q, NOTIFY))
+        .start(&cv)
+        .await
+        .unwrap();
+    let w = start(&b, registry, config(&q, 2, Duration::from_secs(5)));
+    wait_until("the workflow settled", Duration::from_secs(10), || async {
+        workflow_info(&b, &id).await.status == "failed" && drained(&b, &q).await
+    })
+    .await;
+    let report = w.stop().await;
+    let info = workflow_info(&b, &id).await;
+    assert_eq!(info.error.as_deref(), Some("card declined"), "{info:?}");
+    assert_eq!(
+        rows(&info),
+        [
+            ("reserve", "step", "compensated", 1),
+            ("charge", "step", "declined", 1),
+            ("compensate reserve", "compensation", "completed", 1),
+            ("notify", "rollback", "completed", 1)
+        ]
+    );
+    assert_eq!(report.failed, 0, "a decline is not a failure: {report:?}");
+    assert!(b.failed(Some(&q), Page::default()).await.unwrap().items.is_empty(), "nothing in the failed store");
+    assert_counts(&b, &q, [0, 0, 0, 0], "after the workflow").await;
+}

@@ -97,6 +97,24 @@ async fn the_order_api_creates_validates_and_reports() {
         .unwrap();
     let report: Value = r.json().await.unwrap();
     assert_eq!((report["data"]["orders"].clone(), report["data"]["duplicates"].clone()), (1.into(), 1.into()), "{report}");
+
+    // More than the stock: a business outcome. The order fails with its reason on the declined
+    // step, and nothing lands in the failed store (it keeps faults only).
+    let mut big = order.clone();
+    big["order_id"] = "W-4".into();
+    big["items"][0]["quantity"] = 5000.into();
+    assert_eq!(http.post(format!("{url}/api/orders")).json(&big).send().await.unwrap().status(), 201);
+    crate::wait_for("the order to fail", std::time::Duration::from_secs(30), || async {
+        let o: Value = http.get(format!("{url}/api/orders/W-4")).send().await.unwrap().json().await.unwrap();
+        o["data"]["status"] == "failed"
+    })
+    .await;
+    let o: Value = http.get(format!("{url}/api/orders/W-4")).send().await.unwrap().json().await.unwrap();
+    let reserve = &o["data"]["steps"][0];
+    assert_eq!((reserve["name"].as_str(), reserve["status"].as_str()), (Some("ReserveStock"), Some("declined")), "{o}");
+    assert!(reserve["error"].as_str().unwrap_or_default().contains("insufficient stock for A"), "{o}");
+    let failed: Value = http.get(format!("{url}/api/jobs/failed")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(failed["data"], serde_json::json!([]), "{failed}");
     crate::sigterm(&server);
     assert!(crate::wait_exit(&mut server, std::time::Duration::from_secs(30)).await.success());
 }
