@@ -51,7 +51,7 @@ pub use conveyor_core::event::{DomainEvent, Event, EventEnvelope};
 pub use conveyor_core::job::{Backoff, EnqueueOutcome, JobId, NewJob};
 pub use conveyor_core::middleware::Middleware;
 pub use conveyor_core::ratelimit::{RateLimit, RateLimiter};
-pub use conveyor_core::registry::{ErrorAction, JobContext, JobError, JobResult, Registry};
+pub use conveyor_core::registry::{ErrorAction, JobContext, JobError, JobResult, KindOptions, Registry};
 pub use conveyor_core::scheduler::{Missed, Schedule};
 pub use conveyor_core::workflow::{StepInfo, Workflow, WorkflowInfo};
 pub use conveyor_core::{breaker, cron, worker, Conveyor, JobArgs};
