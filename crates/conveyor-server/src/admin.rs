@@ -141,24 +141,48 @@ pub(crate) async fn list_jobs(State(s): State<AppState>, Query(q): Query<JobsQue
     Ok(page(jobs, &p))
 }
 
-#[utoipa::path(get, path = "/api/jobs/{id}", tag = "jobs", params(("id" = String, Path, description = "job id")), responses((status = 200, description = "the job in any state", body = Envelope<JobInfo>), (status = 404, description = "not found", body = ErrorEnvelope)))]
+#[utoipa::path(get, path = "/api/jobs/{id}", tag = "jobs", params(("id" = String, Path, description = "job id")), responses((status = 200, description = "the job in any state; a waiting one has `waiting: {reason: paused|no_worker|scheduled, detail}`", body = Envelope<JobInfo>), (status = 404, description = "not found", body = ErrorEnvelope)))]
 pub(crate) async fn show_job(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = job_id(&id)?;
     let Some(job) = s.conveyor.backend().job(id).await? else { return Err(ApiError::NotFound(format!("no job {id}"))) };
     let remote = !s.conveyor.registry().contains(&job.kind);
     let mut v = serde_json::to_value(&job).map_err(|e| ApiError::Internal(e.to_string()))?;
     v["remote"] = serde_json::json!(remote);
-    // A remote job waiting while no worker in another language is connected says so.
-    if remote && matches!(job.state, JobState::Pending) {
-        let workers = s.conveyor.backend().workers(Duration::from_secs(60)).await?;
-        if !workers.iter().any(|w| w.supervisors.iter().any(|sup| sup.name.starts_with("faktory"))) {
-            v["waiting"] = serde_json::json!({
-                "reason": "no_worker",
-                "detail": format!("{:?} is not a kind this server runs, and no Faktory worker is connected to fetch it", job.kind),
-            });
-        }
+    if let Some(w) = waiting(&s, &job, remote).await? {
+        v["waiting"] = w;
     }
     Ok(ok(v))
+}
+
+/// Why a job that has not run yet waits, when the store can say (SPEC "Flow control"): its
+/// queue is paused, it is a remote job no worker is connected to fetch, or it is scheduled (a
+/// delay, or a retry's backoff). `None` for a job that is simply next in line, or not waiting.
+async fn waiting(s: &AppState, job: &conveyor_core::job::JobInfo, remote: bool) -> Result<Option<serde_json::Value>, ApiError> {
+    if !matches!(job.state, JobState::Pending | JobState::Delayed) {
+        return Ok(None);
+    }
+    let queues = s.conveyor.backend().queues().await?;
+    if queues.iter().any(|q| q.queue == job.queue && q.paused) {
+        return Ok(Some(serde_json::json!({ "reason": "paused", "detail": format!("queue {:?} is paused", job.queue) })));
+    }
+    if remote && job.state == JobState::Pending {
+        let workers = s.conveyor.backend().workers(Duration::from_secs(60)).await?;
+        if !workers.iter().any(|w| w.supervisors.iter().any(|sup| sup.name.starts_with("faktory"))) {
+            let detail = format!("{:?} is not a kind this server runs, and no Faktory worker is connected to fetch it", job.kind);
+            return Ok(Some(serde_json::json!({ "reason": "no_worker", "detail": detail })));
+        }
+    }
+    let now = conveyor_core::clock::now_ms();
+    if let Some(at) = job.available_at.filter(|at| job.state == JobState::Delayed && *at > now) {
+        let when = conveyor_core::clock::format_rfc3339_ms(at).unwrap_or_default();
+        let secs = (at - now + 999) / 1000;
+        let detail = match &job.error {
+            Some(_) if job.attempts > 0 => format!("its next attempt is due at {when} (in {secs} s), after its backoff"),
+            _ => format!("it is scheduled to run at {when} (in {secs} s)"),
+        };
+        return Ok(Some(serde_json::json!({ "reason": "scheduled", "detail": detail })));
+    }
+    Ok(None)
 }
 
 #[derive(Deserialize)]

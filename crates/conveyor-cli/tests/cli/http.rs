@@ -44,9 +44,21 @@ async fn the_api_answers_health_and_queue_administration() {
     })
     .await;
 
-    env.backend.enqueue(vec![NewJob::new("conveyor.noop", &json!({})).queue("reports")]).await.unwrap();
+    let held = env.backend.enqueue(vec![NewJob::new("conveyor.noop", &json!({})).queue("reports")]).await.unwrap()[0].id();
+    let later = env.backend.enqueue(vec![NewJob::new("conveyor.noop", &json!({})).delay(Duration::from_secs(3600))]).await.unwrap()[0].id();
     let r = http.post(format!("{url}/api/queues/reports/pause")).send().await.unwrap();
     assert_eq!(r.status(), 200);
+    // A waiting job says why: its queue is paused, or it is scheduled.
+    let job = |id: conveyor_core::JobId| {
+        let http = http.clone();
+        let url = url.clone();
+        async move { http.get(format!("{url}/api/jobs/{id}")).send().await.unwrap().json::<Value>().await.unwrap()["data"].clone() }
+    };
+    let j = job(held).await;
+    assert_eq!(j["waiting"]["reason"], "paused", "{j}");
+    let j = job(later).await;
+    assert_eq!(j["waiting"]["reason"], "scheduled", "{j}");
+    assert!(j["waiting"]["detail"].as_str().unwrap().contains("scheduled to run at"), "{j}");
     let queues: Value = http.get(format!("{url}/api/queues")).send().await.unwrap().json().await.unwrap();
     let reports = queues["data"].as_array().unwrap().iter().find(|q| q["queue"] == "reports").unwrap().clone();
     assert_eq!(reports["paused"], true);
