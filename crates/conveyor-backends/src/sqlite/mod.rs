@@ -4,6 +4,8 @@
 //! reads use their own connections ([`read`]). WAL mode with `synchronous=FULL`: an enqueue or
 //! acknowledgement is answered only once its transaction is on disk.
 
+mod admin;
+mod lifecycle;
 mod read;
 mod schema;
 mod tx;
