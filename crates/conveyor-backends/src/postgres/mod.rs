@@ -6,6 +6,8 @@
 //! fallback. Acknowledgements apply batch and workflow transitions in their own transaction, as
 //! on SQLite.
 
+mod admin;
+mod outcomes;
 mod pool;
 mod read;
 mod schema;

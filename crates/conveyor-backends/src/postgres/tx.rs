@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use postgres::types::ToSql;
 use postgres::{Statement, Transaction};
 
-use conveyor_core::backend::{BackendError, DelayedAction, ReadyJob, Result, Row, SqlValue, Tx};
+use conveyor_core::backend::{BackendError, ReadyJob, Result, Row, SqlValue, Tx};
 use conveyor_core::clock::now_ms;
-use conveyor_core::job::{Backoff, Completion, EnqueueOutcome, Job, JobId, NewJob, Outcome};
-use conveyor_core::metrics::{minute_of, MetricsAccumulator, BUCKETS};
+use conveyor_core::job::{Backoff, EnqueueOutcome, Job, JobId, NewJob};
+use conveyor_core::metrics::{MetricsAccumulator, BUCKETS};
 
 use super::value::{params, pg_err, refs, row};
 
@@ -31,7 +31,7 @@ pub(crate) const ONE_OFF: usize = 4096;
 pub(crate) type Statements = HashMap<String, Statement>;
 
 /// The columns of `jobs` that make a reserved [`Job`], in the order `job_from_row` reads them.
-const JOB_COLS: &str = "id, queue, kind, payload, attempts, max_attempts, backoff, timeout_ms, priority, tags, \
+pub(super) const JOB_COLS: &str = "id, queue, kind, payload, attempts, max_attempts, backoff, timeout_ms, priority, tags, \
                         unique_key, batch_id, created_at, available_at, reserved_at, lease_token, workflow";
 
 pub(crate) struct PgTx<'c, 't> {
@@ -40,13 +40,13 @@ pub(crate) struct PgTx<'c, 't> {
     shard: i64,
     /// Pending / reserved / delayed / failed deltas per queue.
     counts: BTreeMap<String, [i64; 4]>,
-    metrics: MetricsAccumulator,
+    pub(super) metrics: MetricsAccumulator,
     /// Ready work was committed: wake the workers (here and, by NOTIFY, elsewhere).
     pub(crate) wake: bool,
     /// The first statement that failed: the transaction cannot commit.
     failed: Option<BackendError>,
     /// Completed-job history rows kept (0 = none).
-    history: usize,
+    pub(super) history: usize,
     pub(crate) history_inserts: usize,
     /// Jobs made ready, for the dispatch hook (gathered only when one is set).
     pub(crate) ready: Vec<ReadyJob>,
@@ -71,13 +71,13 @@ impl<'c, 't> PgTx<'c, 't> {
     }
 
     /// Notes a job that became pending, for the dispatch hook (when one is set).
-    fn ready(&mut self, id: JobId, queue: &str, priority: i32) {
+    pub(super) fn ready(&mut self, id: JobId, queue: &str, priority: i32) {
         if self.collect_ready {
             self.ready.push(ReadyJob { id, queue: queue.to_string(), priority });
         }
     }
 
-    fn prepare(&mut self, sql: &str) -> Result<Statement> {
+    pub(super) fn prepare(&mut self, sql: &str) -> Result<Statement> {
         if let Some(st) = self.stmts.get(sql) {
             return Ok(st.clone());
         }
@@ -94,13 +94,13 @@ impl<'c, 't> PgTx<'c, 't> {
         Ok(st)
     }
 
-    fn run(&mut self, sql: &str, p: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+    pub(super) fn run(&mut self, sql: &str, p: &[&(dyn ToSql + Sync)]) -> Result<u64> {
         let st = self.prepare(sql)?;
         let r = self.tx.execute(&st, p).map_err(pg_err);
         self.note(sql, r)
     }
 
-    fn rows(&mut self, sql: &str, p: &[&(dyn ToSql + Sync)]) -> Result<Vec<postgres::Row>> {
+    pub(super) fn rows(&mut self, sql: &str, p: &[&(dyn ToSql + Sync)]) -> Result<Vec<postgres::Row>> {
         let st = self.prepare(sql)?;
         let r = self.tx.query(&st, p).map_err(pg_err);
         self.note(sql, r)
@@ -156,7 +156,7 @@ impl<'c, 't> PgTx<'c, 't> {
 
     /// Writes the counter and metric deltas gathered so far, last in the transaction and in one
     /// order (queues and metric rows sorted), so transactions never lock them crosswise.
-    fn flush(&mut self) -> Result<()> {
+    pub(super) fn flush(&mut self) -> Result<()> {
         let counts = std::mem::take(&mut self.counts);
         for (q, d) in counts {
             if d.iter().all(|v| *v == 0) {
@@ -378,390 +378,6 @@ impl<'c, 't> PgTx<'c, 't> {
         }
         Ok(jobs)
     }
-
-    /// Applies many completions: plain successes (no batch, no workflow) in one statement, the
-    /// rest one by one.
-    pub(crate) fn complete(&mut self, completions: Vec<Completion>) -> Result<()> {
-        let now = now_ms();
-        let (plain, other): (Vec<Completion>, Vec<Completion>) =
-            completions.into_iter().partition(|c| matches!(c.outcome, Outcome::Completed) && !conveyor_core::hooks::wants(c));
-        if !plain.is_empty() {
-            self.complete_plain(plain, now)?;
-        }
-        // Hook rows (batches, workflows) are locked in one order by every transaction.
-        let mut other = other;
-        other.sort_by(|a, b| (&a.batch_id, &a.workflow, a.id).cmp(&(&b.batch_id, &b.workflow, b.id)));
-        for c in other {
-            self.complete_one(c, now)?;
-        }
-        Ok(())
-    }
-
-    fn complete_plain(&mut self, plain: Vec<Completion>, now: i64) -> Result<()> {
-        let ids: Vec<Vec<u8>> = plain.iter().map(|c| c.id.as_bytes().to_vec()).collect();
-        let tokens: Vec<i64> = plain.iter().map(|c| c.lease_token).collect();
-        let runtimes: Vec<i64> = plain.iter().map(|c| c.runtime_ms as i64).collect();
-        let waits: Vec<i64> = plain.iter().map(|c| c.wait_ms as i64).collect();
-        let done = if self.history == 0 {
-            self.rows(
-                "WITH t AS (SELECT * FROM unnest($1::bytea[], $2::bigint[]) AS t(id, token)),
-                 l AS (SELECT j.id FROM jobs j JOIN t ON j.id = t.id AND j.state = 1 AND j.lease_token = t.token ORDER BY j.id FOR UPDATE OF j)
-                 DELETE FROM jobs j USING l WHERE j.id = l.id RETURNING j.id",
-                &[&ids, &tokens],
-            )?
-        } else {
-            let rows = self.rows(
-                "WITH t AS (SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[]) AS t(id, token, runtime_ms, wait_ms)),
-                 l AS (SELECT j.id, t.runtime_ms, t.wait_ms FROM jobs j JOIN t ON j.id = t.id AND j.state = 1 AND j.lease_token = t.token
-                       ORDER BY j.id FOR UPDATE OF j),
-                 d AS (DELETE FROM jobs j USING l WHERE j.id = l.id
-                       RETURNING j.id, j.queue, j.kind, j.payload, j.priority, j.attempts, j.max_attempts, j.tags, j.batch_id,
-                                 j.created_at, j.reserved_at, j.worker, l.runtime_ms, l.wait_ms)
-                 INSERT INTO completed_jobs (id, queue, kind, payload, priority, attempts, max_attempts, tags, batch_id,
-                                             created_at, reserved_at, finished_at, runtime_ms, wait_ms, worker)
-                 SELECT id, queue, kind, payload, priority, attempts, max_attempts, tags, batch_id,
-                        created_at, coalesce(reserved_at, $5), $5, runtime_ms, wait_ms, worker FROM d
-                 RETURNING id",
-                &[&ids, &tokens, &runtimes, &waits, &now],
-            )?;
-            self.history_inserts += rows.len();
-            rows
-        };
-        let mut applied: std::collections::HashSet<Vec<u8>> = done.iter().map(|r| r.get::<_, Vec<u8>>(0)).collect();
-        for c in plain {
-            if !applied.remove(&c.id.as_bytes()[..]) {
-                continue;
-            }
-            self.release_unique(c.unique_key.as_deref(), &c.id.as_bytes()[..])?;
-            self.count(&c.queue, RESERVED, -1);
-            self.metrics.record(minute_of(now), &c);
-        }
-        Ok(())
-    }
-
-    /// Applies one completion; returns false when the reservation it names is gone.
-    pub(crate) fn complete_one(&mut self, c: Completion, now: i64) -> Result<bool> {
-        let id = c.id.as_bytes().to_vec();
-        let applied = match &c.outcome {
-            Outcome::Completed => {
-                let done = self.delete_completed(&id, c.lease_token, now, &c)?;
-                if done {
-                    self.release_unique(c.unique_key.as_deref(), &id)?;
-                    self.count(&c.queue, RESERVED, -1);
-                }
-                done
-            }
-            Outcome::Failed { error } => {
-                let runtime = c.runtime_ms as i64;
-                let rows = self.rows(
-                    "WITH d AS (DELETE FROM jobs WHERE id = $1 AND state = 1 AND lease_token = $2 RETURNING *)
-                     INSERT INTO failed_jobs (id, queue, kind, payload, priority, attempts, max_attempts, backoff, timeout_ms,
-                                              unique_key, tags, batch_id, created_at, failed_at, runtime_ms, error, workflow)
-                     SELECT id, queue, kind, payload, priority, attempts, max_attempts, backoff, timeout_ms,
-                            unique_key, tags, batch_id, created_at, $3, $4, $5, workflow FROM d
-                     ON CONFLICT (id) DO UPDATE SET queue = excluded.queue, kind = excluded.kind, payload = excluded.payload,
-                        priority = excluded.priority, attempts = excluded.attempts, max_attempts = excluded.max_attempts,
-                        backoff = excluded.backoff, timeout_ms = excluded.timeout_ms, unique_key = excluded.unique_key,
-                        tags = excluded.tags, batch_id = excluded.batch_id, created_at = excluded.created_at,
-                        failed_at = excluded.failed_at, runtime_ms = excluded.runtime_ms, error = excluded.error,
-                        workflow = excluded.workflow
-                     RETURNING queue, unique_key",
-                    &[&id, &c.lease_token, &now, &runtime, error],
-                )?;
-                if let Some(r) = rows.first() {
-                    let (queue, key): (String, Option<String>) = (r.get(0), r.get(1));
-                    self.release_unique(key.as_deref(), &id)?;
-                    self.count(&queue, RESERVED, -1);
-                    self.count(&queue, FAILED, 1);
-                }
-                !rows.is_empty()
-            }
-            Outcome::Retry { at, error } => self.requeue(&id, c.lease_token, &c.queue, *at, Some(error), 0, now)?,
-            Outcome::Release { at } => self.requeue(&id, c.lease_token, &c.queue, *at, None, 1, now)?,
-        };
-        if applied {
-            if conveyor_core::hooks::wants(&c) {
-                conveyor_core::hooks::after_outcome(self, &c)?;
-            }
-            self.metrics.record(minute_of(now), &c);
-        }
-        Ok(applied)
-    }
-
-    fn delete_completed(&mut self, id: &Vec<u8>, token: i64, now: i64, c: &Completion) -> Result<bool> {
-        if self.history == 0 {
-            return Ok(self.run("DELETE FROM jobs WHERE id = $1 AND state = 1 AND lease_token = $2", &[id, &token])? == 1);
-        }
-        let (runtime, wait) = (c.runtime_ms as i64, c.wait_ms as i64);
-        let n = self.run(
-            "WITH d AS (DELETE FROM jobs WHERE id = $1 AND state = 1 AND lease_token = $2 RETURNING *)
-             INSERT INTO completed_jobs (id, queue, kind, payload, priority, attempts, max_attempts, tags, batch_id,
-                                         created_at, reserved_at, finished_at, runtime_ms, wait_ms, worker)
-             SELECT id, queue, kind, payload, priority, attempts, max_attempts, tags, batch_id,
-                    created_at, coalesce(reserved_at, $3), $3, $4, $5, worker FROM d",
-            &[id, &token, &now, &runtime, &wait],
-        )?;
-        self.history_inserts += n as usize;
-        Ok(n == 1)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn requeue(&mut self, id: &Vec<u8>, token: i64, queue: &str, at: i64, error: Option<&str>, give_back: i64, now: i64) -> Result<bool> {
-        let state = if at > now { DELAYED } else { PENDING };
-        let rows = self.rows(
-            "UPDATE jobs SET state = $1, available_at = $2, attempts = attempts - $3, last_error = coalesce($4, last_error),
-                             lease_until = NULL, lease_token = NULL, worker = NULL
-             WHERE id = $5 AND state = 1 AND lease_token = $6
-             RETURNING priority",
-            &[&(state as i64), &at, &give_back, &error, id, &token],
-        )?;
-        let Some(r) = rows.first() else { return Ok(false) };
-        let priority = r.get::<_, i64>(0) as i32;
-        self.count(queue, RESERVED, -1);
-        self.count(queue, state, 1);
-        if state == PENDING {
-            self.wake = true;
-            if let Some(job_id) = JobId::from_slice(id) {
-                self.ready(job_id, queue, priority);
-            }
-        }
-        Ok(true)
-    }
-
-    /// Runs, deletes or fails delayed jobs by id (see `QueueBackend::act_on_delayed`).
-    pub(crate) fn act_on_delayed(&mut self, ids: &[JobId], action: &DelayedAction) -> Result<Vec<JobId>> {
-        let now = now_ms();
-        let mut done = Vec::new();
-        for id in ids {
-            let key = id.as_bytes().to_vec();
-            if let DelayedAction::RunNow = action {
-                let rows = self.rows(
-                    "UPDATE jobs SET state = 0, available_at = $2 WHERE id = $1 AND state = 2 RETURNING queue, priority",
-                    &[&key, &now],
-                )?;
-                if let Some(r) = rows.first() {
-                    let (queue, priority): (String, i64) = (r.get(0), r.get(1));
-                    self.count(&queue, DELAYED, -1);
-                    self.count(&queue, PENDING, 1);
-                    self.wake = true;
-                    self.ready(*id, &queue, priority as i32);
-                    done.push(*id);
-                }
-                continue;
-            }
-            let (rows, error) = match action {
-                DelayedAction::Fail(error) => (
-                    self.rows(
-                        "WITH d AS (DELETE FROM jobs WHERE id = $1 AND state = 2 RETURNING *)
-                         INSERT INTO failed_jobs (id, queue, kind, payload, priority, attempts, max_attempts, backoff, timeout_ms,
-                                                  unique_key, tags, batch_id, created_at, failed_at, runtime_ms, error, workflow)
-                         SELECT id, queue, kind, payload, priority, attempts, max_attempts, backoff, timeout_ms,
-                                unique_key, tags, batch_id, created_at, $2, 0, $3, workflow FROM d
-                         ON CONFLICT (id) DO UPDATE SET queue = excluded.queue, kind = excluded.kind, payload = excluded.payload,
-                            attempts = excluded.attempts, max_attempts = excluded.max_attempts, unique_key = excluded.unique_key,
-                            batch_id = excluded.batch_id, failed_at = excluded.failed_at, error = excluded.error,
-                            workflow = excluded.workflow
-                         RETURNING queue, kind, unique_key, batch_id, workflow",
-                        &[&key, &now, error],
-                    )?,
-                    error.clone(),
-                ),
-                _ => (
-                    self.rows(
-                        "DELETE FROM jobs WHERE id = $1 AND state = 2 RETURNING queue, kind, unique_key, batch_id, workflow",
-                        &[&key],
-                    )?,
-                    "deleted before it ran".to_string(),
-                ),
-            };
-            let Some(r) = rows.first() else { continue };
-            let (queue, kind, unique_key, batch_id, workflow): (String, String, Option<String>, Option<String>, Option<String>) =
-                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
-            self.count(&queue, DELAYED, -1);
-            if matches!(action, DelayedAction::Fail(_)) {
-                self.count(&queue, FAILED, 1);
-            }
-            self.release_unique(unique_key.as_deref(), &key)?;
-            let c = Completion {
-                id: *id,
-                lease_token: 0,
-                queue,
-                kind,
-                unique_key,
-                batch_id,
-                workflow,
-                outcome: Outcome::Failed { error },
-                wait_ms: 0,
-                runtime_ms: 0,
-            };
-            if conveyor_core::hooks::wants(&c) {
-                conveyor_core::hooks::after_outcome(self, &c)?;
-            }
-            done.push(*id);
-        }
-        Ok(done)
-    }
-
-    fn release_unique(&mut self, key: Option<&str>, id: &[u8]) -> Result<()> {
-        if let Some(key) = key {
-            let id = id.to_vec();
-            self.run("DELETE FROM unique_locks WHERE key = $1 AND job_id = $2", &[&key, &id])?;
-        }
-        Ok(())
-    }
-
-    /// Trims the completed-job history to its bound (called after enough inserts).
-    pub(crate) fn trim_history(&mut self) -> Result<()> {
-        let keep = self.history as i64;
-        self.run("DELETE FROM completed_jobs WHERE seq <= (SELECT max(seq) FROM completed_jobs) - $1", &[&keep])?;
-        Ok(())
-    }
-
-    pub(crate) fn extend_leases(&mut self, leases: &[(JobId, i64)], lease_ms: i64) -> Result<()> {
-        let until = now_ms() + lease_ms;
-        let ids: Vec<Vec<u8>> = leases.iter().map(|(id, _)| id.as_bytes().to_vec()).collect();
-        let tokens: Vec<i64> = leases.iter().map(|(_, t)| *t).collect();
-        // Rows locked by someone else are being acknowledged or reaped right now: skipped, so a
-        // heartbeat never waits behind an acknowledgement (nor deadlocks with one).
-        self.run(
-            "UPDATE jobs j SET lease_until = $1 FROM unnest($2::bytea[], $3::bigint[]) AS t(id, token)
-             WHERE j.id = t.id AND j.state = 1 AND j.lease_token = t.token
-               AND j.id IN (SELECT id FROM jobs WHERE id = ANY($2) ORDER BY id FOR UPDATE SKIP LOCKED)",
-            &[&until, &ids, &tokens],
-        )?;
-        Ok(())
-    }
-
-    /// Returns expired reservations to the queue (or the failed store) through the outcome path.
-    pub(crate) fn reap_expired(&mut self) -> Result<u64> {
-        let now = now_ms();
-        let rows = self.rows(
-            "SELECT id, attempts, max_attempts, queue, lease_token, kind, unique_key, batch_id, workflow, available_at, reserved_at
-             FROM jobs WHERE state = 1 AND lease_until < $1 ORDER BY lease_until LIMIT 1000 FOR UPDATE SKIP LOCKED",
-            &[&now],
-        )?;
-        let expired: Vec<Completion> = rows
-            .iter()
-            .map(|r| {
-                let (attempts, max_attempts): (i64, i64) = (r.get(1), r.get(2));
-                let error = format!("lease expired: the worker running attempt {attempts} stopped responding");
-                let outcome = if attempts >= max_attempts { Outcome::Failed { error } } else { Outcome::Retry { at: now, error } };
-                let (available_at, reserved_at): (i64, Option<i64>) = (r.get(9), r.get(10));
-                Completion {
-                    id: JobId::from_slice(&r.get::<_, Vec<u8>>(0)).unwrap_or_default(),
-                    lease_token: r.get(4),
-                    queue: r.get(3),
-                    kind: r.get(5),
-                    unique_key: r.get(6),
-                    batch_id: r.get(7),
-                    workflow: r.get(8),
-                    outcome,
-                    wait_ms: reserved_at.map_or(0, |t| (t - available_at).max(0) as u64),
-                    runtime_ms: reserved_at.map_or(0, |t| (now - t).max(0) as u64),
-                }
-            })
-            .collect();
-        let n = expired.len() as u64;
-        let mut expired = expired;
-        expired.sort_by(|a, b| (&a.batch_id, &a.workflow, a.id).cmp(&(&b.batch_id, &b.workflow, b.id)));
-        for c in expired {
-            self.complete_one(c, now)?;
-        }
-        Ok(n)
-    }
-
-    pub(crate) fn set_paused(&mut self, queue: &str, paused: bool) -> Result<()> {
-        let p = paused as i64;
-        self.run(
-            "INSERT INTO queues (name, paused) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET paused = excluded.paused",
-            &[&queue, &p],
-        )?;
-        if !paused {
-            self.wake = true;
-        }
-        Ok(())
-    }
-
-    pub(crate) fn clear_chunk(&mut self, queue: &str, limit: i64) -> Result<u64> {
-        let rows = self.rows(
-            "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE queue = $1 AND state IN (0, 2) LIMIT $2 FOR UPDATE SKIP LOCKED)
-             RETURNING state, unique_key, id",
-            &[&queue, &limit],
-        )?;
-        for r in &rows {
-            let (state, key, id): (i64, Option<String>, Vec<u8>) = (r.get(0), r.get(1), r.get(2));
-            self.count(queue, state as usize, -1);
-            self.release_unique(key.as_deref(), &id)?;
-        }
-        Ok(rows.len() as u64)
-    }
-
-    pub(crate) fn retry_failed(&mut self, ids: &[Vec<u8>]) -> Result<Vec<JobId>> {
-        let now = now_ms();
-        let mut retried = Vec::new();
-        for id in ids {
-            let rows = self.rows(
-                "WITH f AS (DELETE FROM failed_jobs WHERE id = $1 RETURNING *)
-                 INSERT INTO jobs (id, queue, kind, payload, state, priority, attempts, max_attempts, backoff, timeout_ms,
-                                   available_at, created_at, unique_key, tags, batch_id, workflow)
-                 SELECT id, queue, kind, payload, 0, priority, 0, max_attempts, backoff, timeout_ms, $2, created_at,
-                        unique_key, tags, batch_id, workflow FROM f
-                 RETURNING queue, batch_id, priority",
-                &[id, &now],
-            )?;
-            let Some(r) = rows.first() else { continue };
-            let (queue, batch, priority): (String, Option<String>, i32) = (r.get(0), r.get(1), r.get::<_, i64>(2) as i32);
-            self.count(&queue, FAILED, -1);
-            self.count(&queue, PENDING, 1);
-            self.wake = true;
-            if let Some(job_id) = JobId::from_slice(id) {
-                self.ready(job_id, &queue, priority);
-            }
-            if let Some(batch) = &batch {
-                conveyor_core::hooks::after_failed_retry(self, batch)?;
-            }
-            if let Some(job_id) = JobId::from_slice(id) {
-                retried.push(job_id);
-            }
-        }
-        Ok(retried)
-    }
-
-    pub(crate) fn failed_ids(&mut self, queue: Option<&str>, limit: i64) -> Result<Vec<Vec<u8>>> {
-        Ok(self
-            .rows("SELECT id FROM failed_jobs WHERE ($1::text IS NULL OR queue = $1) ORDER BY failed_at LIMIT $2", &[&queue, &limit])?
-            .iter()
-            .map(|r| r.get(0))
-            .collect())
-    }
-
-    pub(crate) fn forget_failed(&mut self, ids: &[Vec<u8>]) -> Result<u64> {
-        let ids = ids.to_vec();
-        let rows = self.rows("DELETE FROM failed_jobs WHERE id = ANY($1) RETURNING queue", &[&ids])?;
-        for r in &rows {
-            let q: String = r.get(0);
-            self.count(&q, FAILED, -1);
-        }
-        Ok(rows.len() as u64)
-    }
-
-    pub(crate) fn worker_heartbeat(&mut self, id: &str, last_seen: i64, info: &str) -> Result<()> {
-        self.run(
-            "INSERT INTO workers (id, last_seen, info) VALUES ($1, $2, $3)
-             ON CONFLICT (id) DO UPDATE SET last_seen = excluded.last_seen, info = excluded.info",
-            &[&id, &last_seen, &info],
-        )?;
-        Ok(())
-    }
-
-    pub(crate) fn prune(&mut self, before: i64) -> Result<()> {
-        let now = now_ms();
-        let gone = now - 86_400_000;
-        self.run("DELETE FROM job_metrics WHERE minute < $1", &[&before])?;
-        self.run("DELETE FROM workers WHERE last_seen < $1", &[&gone])?;
-        self.run("DELETE FROM unique_locks WHERE expires_at < $1", &[&now])?;
-        Ok(())
-    }
 }
 
 impl Tx for PgTx<'_, '_> {
@@ -794,7 +410,7 @@ impl Tx for PgTx<'_, '_> {
     }
 }
 
-fn job_from_row(r: &postgres::Row) -> Job {
+pub(super) fn job_from_row(r: &postgres::Row) -> Job {
     let backoff: Option<String> = r.get(6);
     let tags: Option<String> = r.get(9);
     let timeout_ms: Option<i64> = r.get(7);
