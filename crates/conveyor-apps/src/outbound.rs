@@ -223,7 +223,12 @@ impl Client {
     }
 
     /// Sends; a 3xx is [`OutboundError::Redirect`], other statuses are the caller's to judge.
+    /// A call made in a trace (a job's attempt) passes it on as W3C `traceparent`.
     pub async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, OutboundError> {
+        let req = match conveyor_core::trace::current() {
+            Some(ctx) => req.header("traceparent", ctx.traceparent()),
+            None => req,
+        };
         let resp = req.send().await.map_err(|e| classify(&e))?;
         if resp.status().is_redirection() {
             return Err(OutboundError::Redirect(resp.status().as_u16()));

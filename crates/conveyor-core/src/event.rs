@@ -219,6 +219,9 @@ impl Conveyor {
         if !jobs.is_empty() {
             tx.enqueue(jobs)?;
         }
+        if let Some(t) = tx.telemetry() {
+            t.event(&event.name);
+        }
         Ok(id)
     }
 

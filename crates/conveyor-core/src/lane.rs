@@ -13,6 +13,11 @@
 //! the queue without the suffix, and pausing, resuming or clearing a queue acts on both lanes.
 //! Reservations are not folded: the worker names the local lane, the Faktory server the remote
 //! one.
+//!
+//! Being where every connected backend is entered, [`Lanes`] also counts what this process did
+//! for [`crate::telemetry`]: enqueues and events once their transaction committed, outcomes of
+//! attempts once recorded; and it puts the jobs enqueued into the current trace
+//! ([`crate::trace`]), with a producer span each when spans are exported.
 
 use std::any::Any;
 use std::cmp::Ordering;
@@ -28,6 +33,7 @@ use crate::backend::{
 use crate::job::{Completion, EnqueueOutcome, Job, JobId, JobInfo, NewJob};
 use crate::metrics::MetricsRow;
 use crate::wakeup::Wakeup;
+use crate::{telemetry, trace};
 
 /// What follows a queue's name in the backend for its remote lane.
 pub const REMOTE_SUFFIX: &str = "@remote";
@@ -145,20 +151,40 @@ impl QueueBackend for Lanes {
     fn name(&self) -> &'static str {
         self.inner.name()
     }
-    async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>> {
-        self.inner.enqueue(jobs).await
+    async fn enqueue(&self, mut jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>> {
+        let labels = telemetry::EnqueueLabels::of(&jobs);
+        let spans = trace::producer(&mut jobs);
+        let out = self.inner.enqueue(jobs).await?;
+        labels.enqueued(&out);
+        trace::producer_done(spans);
+        Ok(out)
     }
     async fn reserve(&self, req: ReserveRequest) -> Result<Vec<Job>> {
         self.inner.reserve(req).await
     }
-    async fn enqueue_and_reserve(&self, jobs: Vec<NewJob>, reserve: ReserveRequest) -> Result<(Vec<EnqueueOutcome>, Vec<Job>)> {
-        self.inner.enqueue_and_reserve(jobs, reserve).await
+    async fn enqueue_and_reserve(&self, mut jobs: Vec<NewJob>, reserve: ReserveRequest) -> Result<(Vec<EnqueueOutcome>, Vec<Job>)> {
+        let labels = telemetry::EnqueueLabels::of(&jobs);
+        let spans = trace::producer(&mut jobs);
+        let out = self.inner.enqueue_and_reserve(jobs, reserve).await?;
+        labels.enqueued(&out.0);
+        trace::producer_done(spans);
+        Ok(out)
     }
     async fn complete(&self, completions: Vec<Completion>) -> Result<()> {
-        self.inner.complete(completions).await
+        // Counted once recorded: an acknowledgement that fails is retried or the lease returns
+        // the job, and neither is an outcome yet.
+        let counts = telemetry::Outcomes::of(&completions);
+        self.inner.complete(completions).await?;
+        counts.record();
+        Ok(())
     }
     async fn complete_with(&self, completion: Completion, work: TxFn) -> Result<Box<dyn Any + Send>> {
-        self.inner.complete_with(completion, work).await
+        let counts = telemetry::Outcomes::of(std::slice::from_ref(&completion));
+        let (work, pending) = telemetry::counting(work);
+        let out = self.inner.complete_with(completion, work).await?;
+        counts.record();
+        telemetry::committed(&pending);
+        Ok(out)
     }
     async fn extend_leases(&self, leases: Vec<(JobId, i64)>, lease: Duration) -> Result<()> {
         self.inner.extend_leases(leases, lease).await
@@ -316,7 +342,10 @@ impl QueueBackend for Lanes {
         self.inner.query(sql, params).await
     }
     async fn transaction(&self, work: TxFn) -> Result<Box<dyn Any + Send>> {
-        self.inner.transaction(work).await
+        let (work, pending) = telemetry::counting(work);
+        let out = self.inner.transaction(work).await?;
+        telemetry::committed(&pending);
+        Ok(out)
     }
 }
 

@@ -31,6 +31,8 @@ pub mod redact;
 pub mod registry;
 pub mod scheduler;
 pub mod state;
+pub mod telemetry;
+pub mod trace;
 pub mod wakeup;
 pub mod worker;
 pub mod workflow;

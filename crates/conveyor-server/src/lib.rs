@@ -111,9 +111,17 @@ pub fn router(state: AppState) -> Router {
     app.fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn(envelope_errors))
+        .layer(middleware::from_fn(trace_context))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(state.clone(), access::guard))
         .with_state(state)
+}
+
+/// Runs the request in the trace of its W3C `traceparent` header, if it has a valid one: the
+/// jobs and events it creates join that trace ([`conveyor_core::trace`]).
+async fn trace_context(req: Request, next: Next) -> Response {
+    let ctx = req.headers().get("traceparent").and_then(|v| v.to_str().ok()).and_then(conveyor_core::trace::TraceContext::parse);
+    conveyor_core::trace::in_context(ctx, next.run(req)).await
 }
 
 /// The largest CSV order import accepted (it streams, so it may be far larger than JSON).
@@ -188,10 +196,27 @@ pub async fn serve_with(
     shutdown: CancellationToken,
     max_connections: usize,
 ) -> std::io::Result<()> {
+    serve_app(listener, router(state), shutdown, max_connections).await
+}
+
+/// Only `GET /metrics` and `/health`, with the same access rules, for a process that runs
+/// workers without the API (`conveyor work` with `CONVEYOR_METRICS_ADDR`): its counters are its
+/// own, so Prometheus scrapes it too.
+pub async fn serve_metrics(listener: TcpListener, state: AppState, shutdown: CancellationToken) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(prometheus::metrics))
+        .route("/health", get(health::health))
+        .fallback(|| async { ApiError::NotFound("this port serves /metrics and /health only".into()) })
+        .layer(middleware::from_fn(envelope_errors))
+        .layer(middleware::from_fn_with_state(state.clone(), access::guard))
+        .with_state(state);
+    serve_app(listener, app, shutdown, 64).await
+}
+
+async fn serve_app(listener: TcpListener, app: Router, shutdown: CancellationToken, max_connections: usize) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
 
-    let app = router(state);
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {

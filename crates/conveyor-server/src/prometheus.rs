@@ -1,4 +1,6 @@
-//! `GET /metrics` in the Prometheus text format, from the same numbers as the dashboard.
+//! `GET /metrics` in the Prometheus text format. Counters and histograms are this process's
+//! ([`conveyor_core::telemetry`]: they only grow, and `sum()` over instances gives the cluster);
+//! gauges read the store, so every instance shows the same (`max()`).
 
 use std::fmt::Write;
 use std::time::Duration;
@@ -7,9 +9,8 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
-use conveyor_core::backend::MetricsQuery;
-use conveyor_core::clock::now_ms;
-use conveyor_core::metrics::{MetricsRow, BUCKETS, BUCKET_BOUNDS_MS};
+use conveyor_core::metrics::{BUCKETS, BUCKET_BOUNDS_MS};
+use conveyor_core::telemetry::{self, Histogram};
 
 use crate::error::ApiError;
 use crate::AppState;
@@ -18,7 +19,6 @@ pub(crate) async fn metrics(State(s): State<AppState>) -> Result<Response, ApiEr
     let backend = s.conveyor.backend();
     let queues = backend.queues().await?;
     let workers = backend.workers(Duration::from_secs(30)).await?;
-    let rows = backend.metrics(MetricsQuery { since: now_ms() - 3_600_000, ..Default::default() }).await?;
     let mut out = String::with_capacity(4096);
     out.push_str("# HELP conveyor_queue_jobs Jobs in a queue by state.\n# TYPE conveyor_queue_jobs gauge\n");
     for q in &queues {
@@ -65,35 +65,54 @@ pub(crate) async fn metrics(State(s): State<AppState>) -> Result<Response, ApiEr
         let _ = writeln!(out, "conveyor_breaker_failure_rate{{breaker=\"{}\"}} {}", esc(&b.name), b.failure_rate);
     }
 
-    // Per queue and kind over the last hour: attempts by outcome and runtime / wait histograms.
-    let mut by_key: std::collections::BTreeMap<(String, String), MetricsRow> = Default::default();
-    for r in &rows {
-        by_key.entry((r.queue.clone(), r.kind.clone())).or_default().merge(r);
-    }
-    out.push_str("# HELP conveyor_jobs_last_hour Attempts finished in the last hour by outcome.\n# TYPE conveyor_jobs_last_hour gauge\n");
-    for ((q, k), r) in &by_key {
-        for (outcome, n) in [("completed", r.completed), ("retried", r.retried), ("failed", r.failed)] {
-            let _ = writeln!(out, "conveyor_jobs_last_hour{{queue=\"{}\",kind=\"{}\",outcome=\"{outcome}\"}} {n}", esc(q), esc(k));
+    let _ = write!(
+        out,
+        "# HELP conveyor_build_info The running build.\n# TYPE conveyor_build_info gauge\nconveyor_build_info{{version=\"{}\"}} 1\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    counters(&mut out);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out).into_response())
+}
+
+/// This process's counters and histograms.
+fn counters(out: &mut String) {
+    let jobs = telemetry::jobs();
+    out.push_str(
+        "# HELP conveyor_jobs_total Attempts whose outcome this process recorded, by queue, kind and outcome.\n# TYPE conveyor_jobs_total counter\n",
+    );
+    for (q, k, c) in &jobs {
+        for (outcome, n) in [("completed", c.completed), ("retried", c.retried), ("failed", c.failed), ("released", c.released)] {
+            let _ = writeln!(out, "conveyor_jobs_total{{queue=\"{}\",kind=\"{}\",outcome=\"{outcome}\"}} {n}", esc(q), esc(k));
         }
     }
+    out.push_str("# HELP conveyor_jobs_enqueued_total Jobs this process enqueued (duplicates of unique jobs not counted).\n# TYPE conveyor_jobs_enqueued_total counter\n");
+    for (q, k, c) in &jobs {
+        let _ = writeln!(out, "conveyor_jobs_enqueued_total{{queue=\"{}\",kind=\"{}\"}} {}", esc(q), esc(k), c.enqueued);
+    }
     for (name, help, pick) in [
-        ("conveyor_job_runtime_seconds", "Job run time over the last hour.", 0),
-        ("conveyor_job_wait_seconds", "Time from available to reserved over the last hour.", 1),
+        ("conveyor_job_duration_seconds", "Run time of attempts (completed, retried or failed).", 0),
+        ("conveyor_job_wait_seconds", "Time from available to reserved, of attempts that ran.", 1),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for ((q, k), r) in &by_key {
-            let (hist, sum) = if pick == 0 { (&r.runtime_hist, r.runtime_sum_ms) } else { (&r.wait_hist, r.wait_sum_ms) };
+        for (q, k, c) in &jobs {
+            let h: &Histogram = if pick == 0 { &c.duration } else { &c.wait };
             let labels = format!("queue=\"{}\",kind=\"{}\"", esc(q), esc(k));
             let mut cumulative = 0u64;
-            for (i, n) in hist.iter().enumerate().take(BUCKETS) {
+            for (i, n) in h.buckets.iter().enumerate().take(BUCKETS) {
                 cumulative += n;
                 let le = BUCKET_BOUNDS_MS.get(i).map_or("+Inf".to_string(), |b| format!("{}", *b as f64 / 1000.0));
                 let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
             }
-            let _ = writeln!(out, "{name}_sum{{{labels}}} {}\n{name}_count{{{labels}}} {cumulative}", sum as f64 / 1000.0);
+            let _ = writeln!(out, "{name}_sum{{{labels}}} {}\n{name}_count{{{labels}}} {cumulative}", h.sum_ms as f64 / 1000.0);
         }
     }
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+    for family in telemetry::families() {
+        let _ = writeln!(out, "# HELP {0} {1}\n# TYPE {0} counter", family.name, family.help);
+        for (values, n) in family.values() {
+            let labels: Vec<String> = family.labels.iter().zip(&values).map(|(l, v)| format!("{l}=\"{}\"", esc(v))).collect();
+            let _ = writeln!(out, "{}{{{}}} {n}", family.name, labels.join(","));
+        }
+    }
 }
 
 fn esc(v: &str) -> String {

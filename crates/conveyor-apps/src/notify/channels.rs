@@ -394,9 +394,12 @@ impl Channel for Email {
             msg.recipient.parse().map_err(|e| SendError::Permanent(format!("bad address {:?}: {e}", msg.recipient)))?;
         let message_id = format!("<{}@conveyor>", msg.id);
         let html = msg.html.clone().unwrap_or_else(|| msg.body.clone()).replace('\n', "<br>\n");
-        let email = lettre::Message::builder()
-            .from(self.from.parse().map_err(|e| SendError::Permanent(format!("bad sender: {e}")))?)
-            .to(to)
+        let mut builder =
+            lettre::Message::builder().from(self.from.parse().map_err(|e| SendError::Permanent(format!("bad sender: {e}")))?).to(to);
+        if let Some(ctx) = conveyor_core::trace::current() {
+            builder = builder.header(Traceparent(ctx.traceparent()));
+        }
+        let email = builder
             .subject(msg.subject.clone().unwrap_or_default())
             .message_id(Some(message_id.clone()))
             .multipart(
@@ -414,6 +417,25 @@ impl Channel for Email {
             Err(e) if e.is_permanent() => Err(SendError::Permanent(format!("SMTP: {e}"))),
             Err(e) => Err(SendError::Retry { error: format!("SMTP: {e}"), retry_after: None }),
         }
+    }
+}
+
+/// The trace a mail was sent in, as the W3C `traceparent` header (mail servers keep unknown
+/// headers, so a receiving system can join the trace).
+#[derive(Clone)]
+struct Traceparent(String);
+
+impl lettre::message::header::Header for Traceparent {
+    fn name() -> lettre::message::header::HeaderName {
+        lettre::message::header::HeaderName::new_from_ascii_str("traceparent")
+    }
+
+    fn parse(s: &str) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(Traceparent(s.to_string()))
+    }
+
+    fn display(&self) -> lettre::message::header::HeaderValue {
+        lettre::message::header::HeaderValue::new(Self::name(), self.0.clone())
     }
 }
 

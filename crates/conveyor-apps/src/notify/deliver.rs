@@ -2,6 +2,7 @@
 //! its log row marked in the acknowledgement.
 
 use super::*;
+use conveyor_core::telemetry::DELIVERIES;
 
 /// A delivery job's payload: the rendered message, so a first attempt reads nothing.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -90,6 +91,9 @@ impl Notifier {
                     if p.guarded {
                         self.breakers.succeeded(&format!("notify:{}", p.name));
                     }
+                    if result.is_ok() {
+                        DELIVERIES.inc(&[&channel_name, "sent"]);
+                    }
                     return match result {
                         Ok(()) | Err(BackendError::LeaseLost(_)) => Ok(()),
                         Err(e) => Err(JobError::retry(e)),
@@ -137,6 +141,9 @@ impl Notifier {
                 )
             })
             .await?;
+        if last {
+            DELIVERIES.inc(&[&channel_name, "failed"]);
+        }
         Err(match e {
             SendError::Permanent(m) => JobError::abort(m),
             SendError::Retry { error, retry_after: Some(after) } => JobError::retry_after(error, after),

@@ -141,6 +141,13 @@ impl LogRow {
     }
 
     pub(super) fn insert(self, tx: &mut dyn Tx) -> Result<(), BackendError> {
+        // Ends here unsent (skipped, or failed before any send): counted as such. The others
+        // are counted by their delivery job.
+        if self.status != "pending" {
+            if let Some(t) = tx.telemetry() {
+                t.count(&conveyor_core::telemetry::DELIVERIES, &[&self.channel, self.status]);
+            }
+        }
         // The log is read through the API: a URL recipient is kept without its credentials
         // (user info, secret query parameters). The delivery job has the URL as given.
         let recipient =

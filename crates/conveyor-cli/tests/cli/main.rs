@@ -13,6 +13,7 @@ mod orders;
 mod partners;
 mod postgres;
 mod process;
+mod prometheus;
 mod redis;
 mod scheduler;
 mod secrets;

@@ -101,3 +101,40 @@ async fn an_auto_balanced_supervisor_moves_workers_to_the_waiting_queue() {
     sigterm(&worker);
     assert!(wait_exit(&mut worker, Duration::from_secs(30)).await.success());
 }
+
+/// A worker-only process serves its own counters on `CONVEYOR_METRICS_ADDR`, behind the read
+/// token: what it ran is counted there, once per job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_process_serves_its_counters_on_the_metrics_port() {
+    use std::io::{BufRead, BufReader};
+    let env = TestEnv::new("");
+    let total = 250u64;
+    let jobs: Vec<NewJob> = (0..total).map(|i| NewJob::new("conveyor.noop", &json!({ "n": i })).queue("counted")).collect();
+    env.backend.enqueue(jobs).await.unwrap();
+    let mut cmd = env.conveyor(&["work", "--queue", "counted"]);
+    cmd.env("CONVEYOR_METRICS_ADDR", "127.0.0.1:0").env("CONVEYOR_API_TOKEN", "admin-token").env("CONVEYOR_READ_TOKEN", "read-token");
+    let mut child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("work printed its metrics address").unwrap();
+        if let Some(rest) = line.split("metrics on ").nth(1) {
+            break rest.trim().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let child = crate::Proc(child);
+    let http = reqwest::Client::new();
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 401, "/metrics needs a token");
+    let series = r#"conveyor_jobs_total{queue="counted",kind="conveyor.noop",outcome="completed"} "#;
+    let count = || async {
+        let text = http.get(&url).bearer_auth("read-token").send().await.unwrap().text().await.unwrap();
+        text.lines().find_map(|l| l.strip_prefix(series)).map(|n| n.parse::<u64>().unwrap()).unwrap_or(0)
+    };
+    wait_for("the worker's counter to reach every job", Duration::from_secs(60), || async { count().await == total }).await;
+    assert_eq!(env.queue("counted").await.pending, 0);
+    let api = url.replace("/metrics", "/api/queues");
+    assert_eq!(http.get(&api).bearer_auth("admin-token").send().await.unwrap().status(), 404, "the metrics port serves no API");
+    sigterm(&child);
+    let mut child = child;
+    assert!(wait_exit(&mut child, Duration::from_secs(30)).await.success());
+}

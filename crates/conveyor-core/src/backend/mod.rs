@@ -448,6 +448,11 @@ pub trait Tx {
     fn shared_state(&mut self) -> Option<&mut dyn crate::state::TxShared> {
         None
     }
+    /// What this transaction did, for the process's counters once it commits
+    /// ([`crate::telemetry`]); `None` outside [`crate::lane::Lanes`] (tests on a bare backend).
+    fn telemetry(&mut self) -> Option<&mut crate::telemetry::Pending> {
+        None
+    }
 }
 
 /// A unit of transactional work; an `Err` rolls back everything it did.

@@ -34,7 +34,9 @@ impl JobTask {
             }
             let started = Instant::now();
             let slot = Arc::new(Mutex::new(CompletionSlot { template: template.clone(), reserved_at: now_ms(), done: false, lost: false }));
-            let outcome = self.execute(&job, slot.clone()).await;
+            // The attempt runs in the job's trace: what it enqueues and calls is part of it.
+            let attempt = crate::trace::Attempt::begin(&job);
+            let outcome = crate::trace::in_context(attempt.as_ref().map(|a| a.ctx), self.execute(&job, slot.clone())).await;
             let runtime_ms = started.elapsed().as_millis() as u64;
             self.sup.processed.fetch_add(1, Ordering::Relaxed);
             let (done, lost) = {
@@ -48,7 +50,19 @@ impl JobTask {
                 if !lost {
                     self.count(&Outcome::Completed);
                 }
+                if let Some(a) = attempt {
+                    a.end(if lost { "lease_lost" } else { "completed" }, None);
+                }
                 return;
+            }
+            if let Some(a) = attempt {
+                let (name, error) = match &outcome {
+                    Outcome::Completed => ("completed", None),
+                    Outcome::Retry { error, .. } => ("retried", Some(error.clone())),
+                    Outcome::Failed { error } => ("failed", Some(error.clone())),
+                    Outcome::Release { .. } => ("released", None),
+                };
+                a.end(name, error);
             }
             self.finish(Completion { outcome, runtime_ms, ..template });
         }

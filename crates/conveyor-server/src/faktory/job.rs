@@ -147,6 +147,10 @@ pub(crate) fn parse(v: Value, local: impl Fn(&str) -> bool) -> Result<Pushed, St
         let bid = bid.as_str().ok_or("custom.bid must be a string")?;
         job = job.batch(bid);
     }
+    // The producer's trace (W3C); a malformed value is ignored, as a tracer ignores a bad header.
+    if let Some(tp) = custom.get("traceparent").and_then(Value::as_str) {
+        job = job.traceparent(tp);
+    }
     job.validate()?;
     Ok(Pushed { jid, job })
 }
@@ -270,6 +274,15 @@ mod tests {
     fn a_local_kind_takes_its_payload_from_args() {
         let p = parse(json!({ "jid": "abcdefgh1234", "jobtype": "conveyor.noop", "args": [{ "n": 1 }] }), |_| true).unwrap();
         assert_eq!((p.job.queue.as_str(), p.job.payload.as_str()), ("default", r#"{"n":1}"#));
+    }
+
+    #[test]
+    fn custom_traceparent_puts_the_job_in_that_trace() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let p = parse(json!({ "jid": "abcdefgh1234", "jobtype": "x", "custom": { "traceparent": tp } }), remote).unwrap();
+        assert_eq!(conveyor_core::trace::of_tags(&p.job.tags).unwrap().traceparent(), tp);
+        let p = parse(json!({ "jid": "abcdefgh1234", "jobtype": "x", "custom": { "traceparent": "junk" } }), remote).unwrap();
+        assert!(conveyor_core::trace::of_tags(&p.job.tags).is_none());
     }
 
     #[test]

@@ -182,12 +182,29 @@ pub(crate) async fn work(config: Config, args: WorkArgs) -> anyhow::Result<()> {
         true => Some(start_faktory(&config, &conveyor, &shutdown).await?.context("--faktory: CONVEYOR_FAKTORY_ADDR is off")?),
         false => None,
     };
+    let metrics = match config.metrics_addr {
+        Some(addr) => {
+            if !addr.ip().is_loopback() && config.api_token.is_none() {
+                bail!("refusing to serve /metrics on {addr} without CONVEYOR_API_TOKEN (CONVEYOR_METRICS_ADDR)");
+            }
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (CONVEYOR_METRICS_ADDR)"))?;
+            let local = listener.local_addr()?;
+            eprintln!("conveyor metrics on http://{local}/metrics");
+            let state = conveyor_server::AppState::new(conveyor.clone(), config.access(local));
+            Some(tokio::spawn(conveyor_server::serve_metrics(listener, state, shutdown.clone())))
+        }
+        None => None,
+    };
     for s in &wc.supervisors {
         info!(supervisor = %s.name, queues = ?s.queues, concurrency = s.concurrency, "supervisor ready");
     }
     worker::run(conveyor, wc, shutdown).await;
     if let Some(f) = faktory {
         f.await.context("Faktory server task")?.context("Faktory server")?;
+    }
+    if let Some(m) = metrics {
+        m.await.context("metrics server task")?.context("metrics server")?;
     }
     let _ = pruner.await;
     Ok(())

@@ -271,6 +271,7 @@ fn client(timeout: Duration) -> Client {
 
 use crate::outbound::retry_after;
 pub use crate::outbound::MAX_RETRY_AFTER;
+use conveyor_core::telemetry::SYNC_REQUESTS;
 
 /// Sends a request and classifies the answer; the audit record is filled in either way.
 async fn call(
@@ -294,11 +295,14 @@ async fn call(
             if let OutboundError::Redirect(status) = e {
                 audit.status = Some(status);
             }
+            let status = audit.status.map_or_else(|| "error".to_string(), |s| s.to_string());
+            SYNC_REQUESTS.inc(&[audit.partner, &status]);
             return Err(if e.is_transient() { CallError::Transient { error, retry_after: None } } else { CallError::Permanent(error) });
         }
     };
     let status = resp.status();
     audit.status = Some(status.as_u16());
+    SYNC_REQUESTS.inc(&[audit.partner, status.as_str()]);
     if status.is_success() {
         return Ok(resp);
     }

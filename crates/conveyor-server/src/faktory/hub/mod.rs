@@ -79,6 +79,8 @@ struct Held {
     wid: Option<String>,
     fetched: Instant,
     deadline: Instant,
+    /// The attempt's span, ended by `ACK` or `FAIL` (see [`conveyor_core::trace`]).
+    attempt: Option<conveyor_core::trace::Attempt>,
 }
 
 #[derive(Default)]
@@ -322,8 +324,18 @@ impl Hub {
                 warn!(jid = %jid, error = %e, "freeing the unique key of a started job failed; it expires with its TTL");
             }
         }
+        // The remote attempt is a consumer span like a local one; the worker gets its context
+        // as `custom.traceparent`, so what it does joins the trace.
+        let attempt = conveyor_core::trace::Attempt::begin(&job);
+        let mut value = value;
+        if let (Some(a), Some(o)) = (&attempt, value.as_object_mut()) {
+            let custom = o.entry("custom").or_insert_with(|| Value::Object(Default::default()));
+            if let Some(c) = custom.as_object_mut() {
+                c.insert("traceparent".into(), Value::String(a.ctx.traceparent()));
+            }
+        }
         let now = Instant::now();
-        let held = Held { job, wid: wid.map(str::to_string), fetched: now, deadline: now + Duration::from_secs(reserve_for) };
+        let held = Held { job, wid: wid.map(str::to_string), fetched: now, deadline: now + Duration::from_secs(reserve_for), attempt };
         if let Some(old) = self.state().held.insert(jid.clone(), held) {
             // Two jobs under one jid: the older reservation is left to its deadline.
             warn!(jid = %jid, job = %old.job.id, "FETCH handed out a second job with the same jid");
@@ -335,7 +347,10 @@ impl Hub {
     /// `jid` (finished, expired and retried, or held by another process): clients re-send
     /// acknowledgements, so that is not an error.
     pub(crate) async fn ack(&self, jid: &str) -> Result<Option<Job>, BackendError> {
-        let Some(held) = self.release_held(jid) else { return Ok(None) };
+        let Some(mut held) = self.release_held(jid) else { return Ok(None) };
+        if let Some(a) = held.attempt.take() {
+            a.end("completed", None);
+        }
         let mut c = Completion::of(&held.job, Outcome::Completed);
         c.runtime_ms = held.fetched.elapsed().as_millis() as u64;
         self.stats.processed.fetch_add(1, Ordering::Relaxed);
@@ -345,11 +360,14 @@ impl Hub {
     /// `FAIL`: the attempt failed with `error`; retried after Faktory's backoff while attempts
     /// are left, else the job goes to the failed store. Returns the job and whether it is dead.
     pub(crate) async fn fail(&self, jid: &str, error: String) -> Result<Option<(Job, bool)>, BackendError> {
-        let Some(held) = self.release_held(jid) else { return Ok(None) };
+        let Some(mut held) = self.release_held(jid) else { return Ok(None) };
         self.stats.failures.fetch_add(1, Ordering::Relaxed);
         let delay = job::backoff(held.job.attempt.saturating_sub(1));
         let outcome = failure(&held.job, error, delay);
         let dead = matches!(outcome, Outcome::Failed { .. });
+        if let Some(a) = held.attempt.take() {
+            a.end(if dead { "failed" } else { "retried" }, Some(error_of(&outcome)));
+        }
         let mut c = Completion::of(&held.job, outcome);
         c.runtime_ms = held.fetched.elapsed().as_millis() as u64;
         self.record(c).await.map(|()| Some((held.job, dead)))
@@ -544,6 +562,13 @@ fn failure(job: &Job, error: String, delay: Duration) -> Outcome {
         Outcome::Retry { at: now_ms() + delay.as_millis() as i64, error }
     } else {
         Outcome::Failed { error }
+    }
+}
+
+fn error_of(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Retry { error, .. } | Outcome::Failed { error } => error.clone(),
+        _ => String::new(),
     }
 }
 

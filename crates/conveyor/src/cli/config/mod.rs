@@ -41,6 +41,8 @@ pub(crate) struct Config {
     pub(crate) amqp_url: Option<Secret>,
     pub(crate) amqp_prefix: String,
     pub(crate) http_addr: SocketAddr,
+    /// `/metrics` and `/health` of a `conveyor work` process (`CONVEYOR_METRICS_ADDR`).
+    pub(crate) metrics_addr: Option<SocketAddr>,
     pub(crate) api_token: Option<Secret>,
     /// `CONVEYOR_READ_TOKEN`, `CONVEYOR_PUBLISH_TOKEN`, `CONVEYOR_WORKER_TOKEN` (`[api] read_token`, …).
     pub(crate) read_token: Option<Secret>,
@@ -99,6 +101,10 @@ impl Config {
             bail!("CONVEYOR_QUEUE=amqp needs CONVEYOR_AMQP_URL");
         }
         let http_addr = src.parsed("http", "addr", SocketAddr::from(([127, 0, 0, 1], 8000)), "an address like 127.0.0.1:8000")?;
+        let metrics_addr = match src.optional("metrics", "addr") {
+            None => None,
+            Some(_) => Some(src.parsed("metrics", "addr", SocketAddr::from(([127, 0, 0, 1], 9464)), "an address like 127.0.0.1:9464")?),
+        };
         let shutdown_grace = src.duration("shutdown", "grace", Duration::from_secs(30))?;
         let api_token = src.optional("api", "token").map(Secret);
         let role_token = |key: &str| -> anyhow::Result<Option<Secret>> {
@@ -133,6 +139,7 @@ impl Config {
             amqp_url,
             amqp_prefix: src.string("amqp", "prefix", "conveyor"),
             http_addr,
+            metrics_addr,
             api_token,
             read_token,
             publish_token,
