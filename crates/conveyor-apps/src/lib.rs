@@ -6,7 +6,8 @@
 //! Applications are HTTP-free: the server crate maps its routes onto the functions here.
 //!
 //! Each application is a cargo feature (`orders`, `notify`, `sync`; all on by default). What
-//! every build has: [`kinds`] (HTTP kinds), [`signing`], [`outbound`], [`money`], [`email`].
+//! every build has: [`kinds`] (HTTP kinds), [`signing`], [`outbound`], [`money`], [`email`], and
+//! [`otlp`] (trace export).
 
 pub mod email;
 pub mod kinds;
@@ -15,6 +16,7 @@ pub mod money;
 pub mod notify;
 #[cfg(feature = "orders")]
 pub mod orders;
+pub mod otlp;
 pub mod outbound;
 pub mod signing;
 #[cfg(feature = "sync")]

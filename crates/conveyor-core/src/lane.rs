@@ -156,7 +156,7 @@ impl QueueBackend for Lanes {
         let spans = trace::producer(&mut jobs);
         let out = self.inner.enqueue(jobs).await?;
         labels.enqueued(&out);
-        trace::producer_done(spans);
+        spans.done(&out);
         Ok(out)
     }
     async fn reserve(&self, req: ReserveRequest) -> Result<Vec<Job>> {
@@ -167,7 +167,7 @@ impl QueueBackend for Lanes {
         let spans = trace::producer(&mut jobs);
         let out = self.inner.enqueue_and_reserve(jobs, reserve).await?;
         labels.enqueued(&out.0);
-        trace::producer_done(spans);
+        spans.done(&out.0);
         Ok(out)
     }
     async fn complete(&self, completions: Vec<Completion>) -> Result<()> {

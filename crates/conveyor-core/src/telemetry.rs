@@ -192,7 +192,7 @@ impl Pending {
         for (family, values) in &self.counts {
             family.inc(&values.iter().map(String::as_str).collect::<Vec<_>>());
         }
-        crate::trace::producer_done(self.spans);
+        crate::trace::export_committed(self.spans);
     }
 }
 
@@ -218,7 +218,7 @@ impl Tx for CountingTx<'_> {
         let spans = crate::trace::producer_in(self.pending.context, &mut jobs);
         let out = self.inner.enqueue(jobs)?;
         self.pending.enqueued(&labels, &out);
-        self.pending.spans.extend(spans);
+        self.pending.spans.extend(spans.enqueued(&out));
         Ok(out)
     }
     fn serialize_migrations(&mut self) -> Result<(), BackendError> {

@@ -121,6 +121,18 @@ pub fn attempt_span_id(job: JobId, attempt: u32) -> [u8; 8] {
     id
 }
 
+/// The trace of a job that came in none: derived from its id, sampled.
+fn job_root(job: JobId) -> TraceContext {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(job.to_string().as_bytes());
+    let mut trace_id = [0u8; 16];
+    trace_id.copy_from_slice(&d[..16]);
+    if trace_id == [0; 16] {
+        trace_id[15] = 1;
+    }
+    TraceContext { trace_id, span_id: attempt_span_id(job, 0), sampled: true }
+}
+
 /// The trace context a job was created in, from its tags.
 pub fn of_tags(tags: &[String]) -> Option<TraceContext> {
     tags.iter().find_map(|t| t.strip_prefix(TAG_PREFIX)).and_then(TraceContext::parse)
@@ -234,28 +246,70 @@ pub fn now_ns() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
+/// The producer spans of one enqueue, each with the index of its job, exported once the jobs
+/// are committed ([`Produced::done`]).
+#[derive(Default)]
+pub struct Produced(Vec<(usize, Span)>);
+
+impl Produced {
+    /// Exports the spans of the jobs that were enqueued (not duplicates of a unique job), ended
+    /// now.
+    pub fn done(self, outcomes: &[crate::job::EnqueueOutcome]) {
+        if self.0.is_empty() {
+            return;
+        }
+        let end = now_ns();
+        for (i, mut s) in self.0 {
+            if matches!(outcomes.get(i), Some(crate::job::EnqueueOutcome::Enqueued { .. })) {
+                s.end_ns = end.max(s.start_ns);
+                export(s, true);
+            }
+        }
+    }
+
+    /// Keeps the spans of the jobs enqueued, for a transaction to export once it commits.
+    pub fn enqueued(self, outcomes: &[crate::job::EnqueueOutcome]) -> Vec<Span> {
+        self.0
+            .into_iter()
+            .filter(|(i, _)| matches!(outcomes.get(*i), Some(crate::job::EnqueueOutcome::Enqueued { .. })))
+            .map(|(_, s)| s)
+            .collect()
+    }
+}
+
+/// Exports the producer spans of a transaction that committed, ended now.
+pub fn export_committed(spans: Vec<Span>) {
+    let end = now_ns();
+    for mut s in spans {
+        s.end_ns = end.max(s.start_ns);
+        export(s, true);
+    }
+}
+
 /// Gives each job of an enqueue its trace context and, when spans are exported, records a
 /// producer span per job: the job's context is then that span's (the attempts become its
 /// children), and the span's parent is the context the job came with or the current one. Jobs
 /// with neither keep no context and get no span, unless spans are exported, in which case they
-/// start a trace of their own.
-pub fn producer(jobs: &mut [NewJob]) -> Vec<Span> {
+/// start a trace of their own. A context that is not sampled is passed on as it is, with no
+/// span.
+pub fn producer(jobs: &mut [NewJob]) -> Produced {
     producer_in(current(), jobs)
 }
 
 /// [`producer`] under `current`, for work that runs away from the task that started it (a
 /// transaction's closure on the store's thread).
-pub fn producer_in(current: Option<TraceContext>, jobs: &mut [NewJob]) -> Vec<Span> {
+pub fn producer_in(current: Option<TraceContext>, jobs: &mut [NewJob]) -> Produced {
     let exporting = enabled();
     let mut spans = Vec::new();
     if !exporting && current.is_none() {
-        return spans;
+        return Produced(spans);
     }
     let now = now_ns();
-    for job in jobs.iter_mut() {
-        let parent = of_tags(&job.tags).or(current);
-        if !exporting {
-            if let (None, Some(c)) = (of_tags(&job.tags), current) {
+    for (i, job) in jobs.iter_mut().enumerate() {
+        let own = of_tags(&job.tags);
+        let parent = own.or(current);
+        if !exporting || parent.is_some_and(|p| !p.sampled) {
+            if let (None, Some(c)) = (own, parent) {
                 job.set_trace(c);
             }
             continue;
@@ -264,39 +318,31 @@ pub fn producer_in(current: Option<TraceContext>, jobs: &mut [NewJob]) -> Vec<Sp
             Some(p) => p.child(new_span_id()),
             None => TraceContext::root(),
         };
-        spans.push(Span {
-            trace_id: ctx.trace_id,
-            span_id: ctx.span_id,
-            parent_span_id: parent.map(|p| p.span_id),
-            name: format!("publish {}", crate::lane::base(&job.queue)),
-            kind: SpanKind::Producer,
-            start_ns: now,
-            end_ns: now,
-            attributes: vec![
-                ("messaging.system", Value::Str("conveyor".into())),
-                ("messaging.operation.type", Value::Str("send".into())),
-                ("messaging.destination.name", Value::Str(crate::lane::base(&job.queue).to_string())),
-                ("messaging.message.id", Value::Str(job.id.to_string())),
-                ("conveyor.job.kind", Value::Str(job.kind.clone())),
-            ],
-            links: Vec::new(),
-            error: None,
-        });
+        let queue = crate::lane::base(&job.queue).to_string();
+        spans.push((
+            i,
+            Span {
+                trace_id: ctx.trace_id,
+                span_id: ctx.span_id,
+                parent_span_id: parent.map(|p| p.span_id),
+                name: format!("publish {queue}"),
+                kind: SpanKind::Producer,
+                start_ns: now,
+                end_ns: now,
+                attributes: vec![
+                    ("messaging.system", Value::Str("conveyor".into())),
+                    ("messaging.operation.type", Value::Str("send".into())),
+                    ("messaging.destination.name", Value::Str(queue)),
+                    ("messaging.message.id", Value::Str(job.id.to_string())),
+                    ("conveyor.job.kind", Value::Str(job.kind.clone())),
+                ],
+                links: Vec::new(),
+                error: None,
+            },
+        ));
         job.set_trace(ctx);
     }
-    spans
-}
-
-/// Exports the producer spans of an enqueue that committed, ended now.
-pub fn producer_done(spans: Vec<Span>) {
-    if spans.is_empty() {
-        return;
-    }
-    let end = now_ns();
-    for mut s in spans {
-        s.end_ns = end.max(s.start_ns);
-        export(s, true);
-    }
+    Produced(spans)
 }
 
 /// The span of one attempt of a job, begun when it starts running.
@@ -319,7 +365,9 @@ impl Attempt {
             // it calls is the child of a span that exists.
             return parent.map(|ctx| Attempt { ctx, parent, start_ns: 0, name: String::new(), attributes: Vec::new(), links: Vec::new() });
         }
-        let base = parent.unwrap_or_else(TraceContext::root);
+        // A job that came in no trace (enqueued before export was on, or not through `Lanes`)
+        // gets one derived from its id, the same for every attempt, so retries link within it.
+        let base = parent.unwrap_or_else(|| job_root(job.id));
         let ctx = base.child(attempt_span_id(job.id, job.attempt));
         let links = if job.attempt > 1 { vec![base.child(attempt_span_id(job.id, job.attempt - 1))] } else { Vec::new() };
         let queue = crate::lane::base(&job.queue).to_string();
@@ -345,6 +393,11 @@ impl Attempt {
     pub fn end(mut self, outcome: &str, error: Option<String>) {
         if !enabled() {
             return;
+        }
+        if outcome == "released" {
+            // The attempt was given back and runs again under the same number, whose span
+            // takes the derived id (the one the next attempt links to): this run gets its own.
+            self.ctx.span_id = new_span_id();
         }
         self.attributes.push(("conveyor.job.outcome", Value::Str(outcome.to_string())));
         export(
@@ -407,10 +460,10 @@ mod tests {
         let mut jobs = vec![NewJob::raw("k", "{}".into())];
         // No exporter in this test binary: no span, the job joins the current context as is.
         let spans = in_context(Some(ctx), async { producer(&mut jobs) }).await;
-        assert!(spans.is_empty());
+        assert!(spans.0.is_empty());
         assert_eq!(of_tags(&jobs[0].tags), Some(ctx));
         let mut outside = vec![NewJob::raw("k", "{}".into())];
-        assert!(producer(&mut outside).is_empty());
+        assert!(producer(&mut outside).0.is_empty());
         assert!(of_tags(&outside[0].tags).is_none());
     }
 

@@ -12,6 +12,7 @@ use conveyor_apps::notify::{self, NotifyConfig};
 use conveyor_apps::outbound::Policy;
 use conveyor_core::backend::Page;
 use conveyor_core::ratelimit::RateLimit;
+use conveyor_core::trace;
 use conveyor_core::worker::{self, SupervisorConfig, WorkerConfig};
 use conveyor_core::{Conveyor, Registry};
 
@@ -59,9 +60,11 @@ pub(crate) async fn env_with(s: Store, rate_limit: RateLimit, outbound: Policy) 
         outbound,
         ..NotifyConfig::default()
     };
+    // As `conveyor serve` sees the store: through `Lanes` (telemetry and trace context).
+    let backend = conveyor_core::lane::Lanes::wrap(s.backend.clone());
     let mut registry = Registry::new();
-    notify::register(&mut registry, s.backend.clone(), config).unwrap();
-    let cv = Conveyor::new(s.backend.clone(), registry);
+    notify::register(&mut registry, backend.clone(), config).unwrap();
+    let cv = Conveyor::new(backend, registry);
     let stop = CancellationToken::new();
     let sup = SupervisorConfig::new("notify", QUEUES.iter().map(|q| q.to_string()).collect(), 8);
     let config = WorkerConfig { supervisors: vec![sup], poll_interval: Duration::from_millis(20), ..WorkerConfig::default() };
@@ -115,12 +118,16 @@ impl Env {
 
 pub(crate) async fn registration_sends_the_welcome_email_and_an_inbox_message(s: Store) {
     let e = env(s, RateLimit::per(5, Duration::from_secs(60))).await;
-    let r = notify::register_user(&e.cv, &json!({ "name": "Ada", "email": "ada@example.com" }), &Policy::default()).await.unwrap();
+    // Registered in a trace (a request's traceparent): the mail carries it on.
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let (ada, policy) = (json!({ "name": "Ada", "email": "ada@example.com" }), Policy::default());
+    let r = trace::in_context(trace::TraceContext::parse(tp), notify::register_user(&e.cv, &ada, &policy)).await.unwrap();
     let (user, event) = (r.user_id, r.event_id);
     assert_eq!(r.webhook_secret, None, "no webhook, no secret");
     e.wait_settled().await;
     let mails = e.mails.lock().unwrap().clone();
     assert_eq!(mails.len(), 1, "one welcome email: {mails:?}");
+    assert!(mails[0].contains(&format!("traceparent: {tp}")), "the mail is in the registration's trace: {}", mails[0]);
     assert!(mails[0].contains("Subject: Welcome, Ada!"), "{}", mails[0]);
     assert!(mails[0].contains("To: ada@example.com"), "{}", mails[0]);
     assert!(mails[0].contains("Hi Ada,"), "the text part: {}", mails[0]);
@@ -164,10 +171,9 @@ pub(crate) async fn slack_webhook_and_sms_reach_their_receivers_with_conditions_
     let shown = model::get(e.cv.backend().as_ref(), Kind::Rules, hook_rule["id"].as_i64().unwrap()).await.unwrap();
     assert!(shown.get("secret").is_none(), "never in a get: {shown}");
     e.rule(json!({ "event": "order_shipped", "template_id": sms, "channel": "sms" })).await;
-    let first =
-        notify::ingest(&e.cv, "order_shipped", json!({ "user_id": user, "order": { "id": "A1", "total": 150, "city": "Paris" } }), None)
-            .await
-            .unwrap();
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let a1 = json!({ "user_id": user, "order": { "id": "A1", "total": 150, "city": "Paris" } });
+    let first = trace::in_context(trace::TraceContext::parse(tp), notify::ingest(&e.cv, "order_shipped", a1, None)).await.unwrap();
     // Below the Slack threshold and outside the webhook's cities: only the SMS.
     notify::ingest(&e.cv, "order_shipped", json!({ "user_id": user, "order": { "id": "A2", "total": 20, "city": "Oslo" } }), None)
         .await
@@ -199,9 +205,15 @@ pub(crate) async fn slack_webhook_and_sms_reach_their_receivers_with_conditions_
     assert_eq!(hook["payload"]["order"]["city"], "Paris");
     assert!(hook["notification_id"].is_string());
     assert_eq!(headers["webhook-id"], hook["notification_id"].as_str().unwrap_or_default(), "the id is the notification's: {headers:?}");
+    // The event was published in a trace: each call made for it passes the trace on; the
+    // second event was in none.
+    assert_eq!(headers.get("traceparent").map(String::as_str), Some(tp), "{headers:?}");
+    assert_eq!(slack_msgs[0].1.get("traceparent").map(String::as_str), Some(tp));
     let texts = of("sms/Messages");
     assert_eq!(texts.len(), 2);
     assert_eq!(texts[0].1["authorization"], "Bearer sms-token");
+    let traced: Vec<bool> = texts.iter().map(|t| t.1.get("traceparent").map(String::as_str) == Some(tp)).collect();
+    assert_eq!(traced.iter().filter(|t| **t).count(), 1, "one text in the trace, one in none: {texts:?}");
     let forms: Vec<String> = texts.iter().map(|t| t.2.clone()).collect();
     assert!(
         forms.iter().any(|f| f.contains("To=%2B15551234") && f.contains("From=%2B15550000") && f.contains("order+A1+is+on+its+way")),
@@ -463,9 +475,11 @@ async fn sms_env(
         },
         ..NotifyConfig::default()
     };
+    // As `conveyor serve` sees the store: through `Lanes` (telemetry and trace context).
+    let backend = conveyor_core::lane::Lanes::wrap(s.backend.clone());
     let mut registry = Registry::new();
-    notify::register(&mut registry, s.backend.clone(), config).unwrap();
-    let cv = Conveyor::new(s.backend.clone(), registry);
+    notify::register(&mut registry, backend.clone(), config).unwrap();
+    let cv = Conveyor::new(backend, registry);
     let stop = CancellationToken::new();
     let sup = SupervisorConfig::new("notify", QUEUES.iter().map(|q| q.to_string()).collect(), executors);
     let wc = WorkerConfig { supervisors: vec![sup], poll_interval: Duration::from_millis(20), ..WorkerConfig::default() };

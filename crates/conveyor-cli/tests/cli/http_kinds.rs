@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::http::serve;
-use crate::webhooks::{reference_python, Receiver};
+use crate::webhooks::{python_or_skip, Receiver};
 use crate::{sigterm, wait_exit, wait_for, TestEnv};
 
 /// Verifies each call with the secrets in `secrets.json` (label → secret, re-read per request),
@@ -45,7 +45,8 @@ class Receiver(http.server.BaseHTTPRequestHandler):
         with lock:
             n = seen.get(wid, 0) + 1
             seen[wid] = n
-            record = {"path": self.path, "id": wid, "call": n, "body": json.loads(body), "results": results}
+            record = {"path": self.path, "id": wid, "call": n, "body": json.loads(body), "results": results,
+                      "traceparent": self.headers.get("traceparent")}
             with open(results_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if self.path == "/slow":
@@ -87,14 +88,7 @@ const ADMIN: &str = "admin-token-for-http-kinds";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_kinds_call_a_standard_webhooks_receiver_and_map_its_answers() {
-    let python = match reference_python() {
-        Ok(p) => p,
-        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => panic!("CI needs python3 with pip for this test: {e}"),
-        Err(e) => {
-            eprintln!("skipping: no Python with standardwebhooks ({e})");
-            return;
-        }
-    };
+    let Some(python) = python_or_skip("standardwebhooks", "standardwebhooks") else { return };
     let dir = tempfile::tempdir().unwrap();
     let receiver = Receiver::with_script(&python, dir.path(), RECEIVER);
     // A port nothing listens on: the endpoint of a kind that is down.
@@ -162,6 +156,18 @@ async fn http_kinds_call_a_standard_webhooks_receiver_and_map_its_answers() {
         data(get(&format!("/api/jobs/{id}")).await.unwrap()).await["state"] == "completed"
     })
     .await;
+
+    assert_eq!(calls[0]["traceparent"], Value::Null, "a job in no trace passes none on");
+
+    // A job enqueued in a trace (W3C traceparent on the request) passes it on to the endpoint
+    // (no exporter here, so the context goes on as it came).
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let r = http.post(format!("{url}/api/jobs")).bearer_auth(ADMIN).header("traceparent", tp).json(&json!({ "kind": "receipt" })).send();
+    let traced = data(r.await.unwrap()).await["id"].as_str().unwrap().to_string();
+    let calls = wait_calls(&receiver, &traced, 1).await;
+    assert_eq!(calls[0]["traceparent"], tp, "{}", calls[0]);
+    let job = data(get(&format!("/api/jobs/{traced}")).await.unwrap()).await;
+    assert!(job["tags"].as_array().unwrap().iter().any(|t| t == &json!(format!("traceparent:{tp}"))), "{job}");
 
     // 429 + Retry-After: released without spending an attempt, then done.
     let id = enqueue("later", json!({})).await;

@@ -10,6 +10,7 @@ mod http;
 mod http_kinds;
 mod jobs;
 mod orders;
+mod otel;
 mod partners;
 mod postgres;
 mod process;

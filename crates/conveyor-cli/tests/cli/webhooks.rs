@@ -7,6 +7,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -56,12 +57,16 @@ print(server.server_address[1], flush=True)
 server.serve_forever()
 "#;
 
-/// A Python with `standardwebhooks`, in a virtual environment kept under the target directory
-/// (installed with pip on first use, as `scripts/fuzz-api.sh` installs its tools).
-pub(crate) fn reference_python() -> Result<PathBuf, String> {
-    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("standardwebhooks-venv");
+/// A Python with the PyPI package `package` (imported as `module`), in a virtual environment of
+/// its own kept under the target directory (installed with pip on first use, as
+/// `scripts/fuzz-api.sh` installs its tools).
+pub(crate) fn reference_python(package: &str, module: &str) -> Result<PathBuf, String> {
+    // Tests run in parallel: one creates a venv while the others wait for it.
+    static INSTALLING: Mutex<()> = Mutex::new(());
+    let _one = INSTALLING.lock().unwrap_or_else(PoisonError::into_inner);
+    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{package}-venv"));
     let python = venv.join("bin").join("python");
-    let has_it = |py: &Path| Command::new(py).args(["-c", "import standardwebhooks"]).output().is_ok_and(|o| o.status.success());
+    let has_it = |py: &Path| Command::new(py).args(["-c", &format!("import {module}")]).output().is_ok_and(|o| o.status.success());
     if has_it(&python) {
         return Ok(python);
     }
@@ -74,11 +79,24 @@ pub(crate) fn reference_python() -> Result<PathBuf, String> {
         }
     };
     run(Command::new("python3").args(["-m", "venv"]).arg(&venv), "python3 -m venv")?;
-    run(Command::new(&python).args(["-m", "pip", "install", "--quiet", "standardwebhooks"]), "pip install standardwebhooks")?;
+    run(Command::new(&python).args(["-m", "pip", "install", "--quiet", package]), &format!("pip install {package}"))?;
     if has_it(&python) {
         Ok(python)
     } else {
-        Err("standardwebhooks does not import after installing it".into())
+        Err(format!("{module} does not import after installing {package}"))
+    }
+}
+
+/// [`reference_python`], or `None` (the test is skipped) when there is no Python with pip —
+/// except under `CI=true`, where that fails the test.
+pub(crate) fn python_or_skip(package: &str, module: &str) -> Option<PathBuf> {
+    match reference_python(package, module) {
+        Ok(p) => Some(p),
+        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => panic!("CI needs python3 with pip for this test: {e}"),
+        Err(e) => {
+            eprintln!("skipping: no Python with {package} ({e})");
+            None
+        }
     }
 }
 
@@ -136,14 +154,7 @@ const LEGACY: &str = "legacy-secret-from-config";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_verify_with_the_reference_standard_webhooks_library() {
-    let python = match reference_python() {
-        Ok(p) => p,
-        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => panic!("CI needs python3 with pip for this test: {e}"),
-        Err(e) => {
-            eprintln!("skipping: no Python with standardwebhooks ({e})");
-            return;
-        }
-    };
+    let Some(python) = python_or_skip("standardwebhooks", "standardwebhooks") else { return };
     let env = TestEnv::new("[outbound]\nallow = \"127.0.0.1/32\"\n");
     let receiver = Receiver::start(&python, env.dir.path());
     let (mut child, url) =

@@ -196,6 +196,24 @@ async fn fetch_hands_out_remote_jobs_in_queue_order_and_never_local_ones() {
     assert!(retried.available_at.unwrap() >= conveyor_core::clock::now_ms() + 13_000, "Faktory's backoff: 15 s and more");
 }
 
+/// A job pushed in a trace (`custom.traceparent`) is fetched in it: the worker continues the
+/// trace (no exporter in this test, so the context comes back as it went in).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_trace_context_reaches_the_worker_that_fetches_the_job() {
+    let s = server(FaktoryConfig::default()).await;
+    let mut c = Client::hello(&s, None).await;
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let job = json!({ "jid": "traced-job-1", "jobtype": "py.work", "args": [], "queue": "traced", "custom": { "traceparent": tp } });
+    assert_eq!(c.send(&format!("PUSH {job}")).await, "+OK");
+    let plain = json!({ "jid": "plain-job-1", "jobtype": "py.work", "args": [], "queue": "traced" });
+    assert_eq!(c.send(&format!("PUSH {plain}")).await, "+OK");
+    let fetched: Value = serde_json::from_str(&c.send("FETCH traced").await).unwrap();
+    assert_eq!((fetched["jid"].as_str(), fetched["custom"]["traceparent"].as_str()), (Some("traced-job-1"), Some(tp)), "{fetched}");
+    let fetched: Value = serde_json::from_str(&c.send("FETCH traced").await).unwrap();
+    assert_eq!(fetched["jid"], "plain-job-1");
+    assert!(fetched.get("custom").is_none_or(|c| c.get("traceparent").is_none()), "a job in no trace gets none: {fetched}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_decide_who_may_say_what() {
     let config = FaktoryConfig {

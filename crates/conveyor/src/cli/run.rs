@@ -172,8 +172,23 @@ fn spawn_pruner(backend: Arc<dyn QueueBackend>, keep: std::time::Duration, stop:
     })
 }
 
+/// The OTLP trace exporter when `OTEL_EXPORTER_OTLP_ENDPOINT` (or its traces variant) is set.
+fn start_tracing() -> anyhow::Result<Option<conveyor_apps::otlp::Flush>> {
+    Ok(conveyor_apps::otlp::install_from_env()?)
+}
+
+/// Sends the spans still queued before the process exits.
+async fn stop_tracing(flush: Option<conveyor_apps::otlp::Flush>) {
+    if let Some(f) = flush {
+        if !f.flush(std::time::Duration::from_secs(5)).await {
+            tracing::warn!("some spans were not exported before exit");
+        }
+    }
+}
+
 pub(crate) async fn work(config: Config, args: WorkArgs) -> anyhow::Result<()> {
     let wc = worker_config(&config, Some(&args))?;
+    let tracing_flush = start_tracing()?;
     let backend = open_store(&config).await?;
     let shutdown = shutdown_on_signals();
     let pruner = spawn_pruner(backend.clone(), config.retention_metrics, shutdown.clone());
@@ -207,6 +222,7 @@ pub(crate) async fn work(config: Config, args: WorkArgs) -> anyhow::Result<()> {
         m.await.context("metrics server task")?.context("metrics server")?;
     }
     let _ = pruner.await;
+    stop_tracing(tracing_flush).await;
     Ok(())
 }
 
@@ -216,6 +232,7 @@ pub(crate) async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()>
         bail!("refusing to serve on {addr} without CONVEYOR_API_TOKEN: set a token or bind a loopback address");
     }
     let wc = worker_config(&config, None)?;
+    let tracing_flush = start_tracing()?;
     let backend = open_store(&config).await?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (CONVEYOR_HTTP_ADDR)"))?;
     let local = listener.local_addr()?;
@@ -250,6 +267,7 @@ pub(crate) async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()>
         let _ = s.await;
     }
     let _ = pruner.await;
+    stop_tracing(tracing_flush).await;
     Ok(())
 }
 
