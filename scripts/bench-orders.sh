@@ -2,9 +2,15 @@
 # Orders throughput on the configured store (SQLite in a scratch file by default):
 # imports ORDERS generated orders (1-3 lines each, 50 products, stock for 60% of demand), then
 # settles them with WORKERS executors. Prints rows/s imported and orders/s settled.
+#
+# SERVE=1 settles with `conveyor serve` instead of `work`. KILLS=N (default 0) does too, and
+# SIGKILLs it N times while it
+# settles (when 1/(N+1), 2/(N+1)… of the orders are done), restarting it at once: the jobs the
+# killed process held must come back in seconds (issue: crash recovery), not after their lease.
 set -euo pipefail
 ORDERS=${ORDERS:-50000}
 WORKERS=${WORKERS:-64}
+KILLS=${KILLS:-0}
 BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release/conveyor}
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
@@ -12,14 +18,35 @@ python3 "$(dirname "$0")/gen-orders.py" "$dir" "$ORDERS"
 export CONVEYOR_DATABASE_URL=${CONVEYOR_DATABASE_URL:-sqlite://$dir/bench.db}
 "$BIN" products import "$dir/products.csv" >/dev/null
 "$BIN" orders import "$dir/orders.csv" 2>&1 | grep '^read'
+if [ "$KILLS" -gt 0 ] || [ "${SERVE:-0}" = 1 ]; then
+  # serve's one supervisor over every queue, as an operator runs it; the API on a free port.
+  printf '[[supervisors]]\nname = "orders"\nqueues = ["orders"]\nconcurrency = %s\n' "$WORKERS" >"$dir/conveyor.toml"
+  export CONVEYOR_CONFIG="$dir/conveyor.toml" CONVEYOR_HTTP_ADDR=127.0.0.1:0 CONVEYOR_FAKTORY_ADDR=off
+  start_worker() { "$BIN" serve --no-scheduler >/dev/null 2>&1 & worker=$!; }
+else
+  start_worker() { "$BIN" work --concurrency "$WORKERS" --queue orders >/dev/null 2>&1 & worker=$!; }
+fi
 start=$(date +%s.%N)
-"$BIN" work --concurrency "$WORKERS" --queue orders >/dev/null 2>&1 &
-worker=$!
+start_worker
 trap 'kill $worker 2>/dev/null; rm -rf "$dir"' EXIT
 # The next step is enqueued in the transaction that acknowledges the last one, so the queue is
 # empty only once every workflow has finished (rollbacks included).
 open() { "$BIN" queue list --json | python3 -c 'import json,sys; print(sum(q["pending"]+q["delayed"]+q["reserved"] for q in json.load(sys.stdin) if q["queue"]=="orders"))'; }
-while [ "$(open)" != 0 ]; do sleep 0.2; done
+killed=0
+while :; do
+  left=$(open)
+  [ "$left" = 0 ] && break
+  if [ "$killed" -lt "$KILLS" ]; then
+    # One step is queued per order not yet settled: the open jobs count the orders left.
+    if [ "$left" -le $((ORDERS - ORDERS * (killed + 1) / (KILLS + 1))) ]; then
+      kill -KILL $worker; wait $worker 2>/dev/null || true
+      killed=$((killed + 1))
+      echo "killed the worker ($killed of $KILLS) with $left jobs open; restarted at once"
+      start_worker
+    fi
+  fi
+  sleep 0.2
+done
 end=$(date +%s.%N)
 kill -TERM $worker; wait $worker || true
-python3 -c "import sys; s=$end-$start; print(f'settled $ORDERS orders in {s:.2f}s: {$ORDERS/s:.0f} orders/s with $WORKERS workers')"
+python3 -c "import sys; s=$end-$start; print(f'settled $ORDERS orders in {s:.2f}s: {$ORDERS/s:.0f} orders/s with $WORKERS workers, $KILLS kills')"

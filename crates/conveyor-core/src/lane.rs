@@ -192,6 +192,12 @@ impl QueueBackend for Lanes {
     async fn reap_expired(&self) -> Result<u64> {
         self.inner.reap_expired().await
     }
+    async fn holders(&self) -> Result<Vec<String>> {
+        self.inner.holders().await
+    }
+    async fn expire_leases_of(&self, holders: Vec<String>) -> Result<u64> {
+        self.inner.expire_leases_of(holders).await
+    }
     fn wakeup(&self) -> Arc<Wakeup> {
         self.inner.wakeup()
     }

@@ -22,6 +22,7 @@ pub mod event;
 pub mod hooks;
 pub mod job;
 pub mod lane;
+pub mod liveness;
 pub mod lock;
 pub mod metrics;
 pub mod middleware;

@@ -293,6 +293,14 @@ impl QueueBackend for PgBackend {
         self.tx(|t| t.reap_expired()).await
     }
 
+    async fn holders(&self) -> Result<Vec<String>> {
+        self.read(read::holders).await
+    }
+
+    async fn expire_leases_of(&self, holders: Vec<String>) -> Result<u64> {
+        self.tx(move |t| t.expire_leases_of(&holders)).await
+    }
+
     fn wakeup(&self) -> Arc<Wakeup> {
         self.wakeup.clone()
     }

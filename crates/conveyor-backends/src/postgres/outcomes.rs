@@ -197,6 +197,12 @@ impl PgTx<'_, '_> {
     }
 
     /// Returns expired reservations to the queue (or the failed store) through the outcome path.
+    /// Ends the leases of dead holders: the next reap returns their jobs.
+    pub(crate) fn expire_leases_of(&mut self, holders: &[String]) -> Result<u64> {
+        let holders: Vec<&str> = holders.iter().map(String::as_str).collect();
+        self.run("UPDATE jobs SET lease_until = 0 WHERE state = 1 AND worker = ANY($1)", &[&holders])
+    }
+
     pub(crate) fn reap_expired(&mut self) -> Result<u64> {
         let now = now_ms();
         let rows = self.rows(

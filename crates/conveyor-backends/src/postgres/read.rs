@@ -175,6 +175,12 @@ pub(crate) fn failed_job(c: &mut Conn, id: JobId) -> Result<Option<FailedJob>> {
     Ok(c.rows(&sql, &[&id.as_bytes().to_vec()])?.first().map(failed_from_row))
 }
 
+/// The processes holding reservations.
+pub(crate) fn holders(c: &mut Conn) -> Result<Vec<String>> {
+    let rows = c.rows("SELECT DISTINCT worker FROM jobs WHERE state = 1 AND worker IS NOT NULL", &[])?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 pub(crate) fn metrics(c: &mut Conn, q: &MetricsQuery) -> Result<Vec<MetricsRow>> {
     let hist: String = (0..BUCKETS).map(|i| format!(", sum(r{i})::bigint, sum(w{i})::bigint")).collect();
     let sql = format!(

@@ -391,6 +391,16 @@ impl WriteCtx {
 
     /// Returns expired reservations to the queue, or to the failed store when no attempt is left,
     /// through the same path as a worker's outcome (so batches and workflows see it too).
+    /// Ends the leases of dead holders: the next reap returns their jobs.
+    pub(crate) fn expire_leases_of(&mut self, holders: &[String]) -> Result<u64> {
+        let mut n = 0;
+        let mut st = self.conn.prepare_cached("UPDATE jobs SET lease_until = 0 WHERE state = 1 AND worker = ?1").map_err(storage_err)?;
+        for h in holders {
+            n += st.execute([h]).map_err(storage_err)? as u64;
+        }
+        Ok(n)
+    }
+
     pub(crate) fn reap_expired(&mut self) -> Result<u64> {
         let now = now_ms();
         let expired: Vec<Completion> = self

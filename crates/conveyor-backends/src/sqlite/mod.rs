@@ -175,6 +175,14 @@ impl QueueBackend for SqliteBackend {
         self.writer.call(|w| w.reap_expired()).await
     }
 
+    async fn holders(&self) -> Result<Vec<String>> {
+        self.readers.with(read::holders).await
+    }
+
+    async fn expire_leases_of(&self, holders: Vec<String>) -> Result<u64> {
+        self.writer.call(move |w| w.expire_leases_of(&holders)).await
+    }
+
     fn wakeup(&self) -> Arc<Wakeup> {
         self.wakeup.clone()
     }

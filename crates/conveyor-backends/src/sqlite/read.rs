@@ -281,6 +281,13 @@ pub(crate) fn metrics(conn: &Connection, q: &MetricsQuery) -> Result<Vec<Metrics
     rows.collect::<rusqlite::Result<Vec<_>>>().map_err(storage_err)
 }
 
+/// The processes holding reservations (from the leased jobs' partial index).
+pub(crate) fn holders(conn: &Connection) -> Result<Vec<String>> {
+    conn.prepare_cached("SELECT DISTINCT worker FROM jobs WHERE state = 1 AND worker IS NOT NULL")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .map_err(storage_err)
+}
+
 pub(crate) fn workers(conn: &Connection, since: i64) -> Result<Vec<WorkerInfo>> {
     let mut st = conn.prepare_cached("SELECT info FROM workers WHERE last_seen >= ?1 ORDER BY id").map_err(storage_err)?;
     let rows = st.query_map([since], |r| r.get::<_, String>(0)).map_err(storage_err)?;

@@ -138,3 +138,84 @@ async fn a_worker_process_serves_its_counters_on_the_metrics_port() {
     let mut child = child;
     assert!(wait_exit(&mut child, Duration::from_secs(30)).await.success());
 }
+
+/// A lease far longer than the test: only the liveness check can bring jobs back in time.
+const LONG_LEASE: &str =
+    "[[supervisors]]\nname = \"default\"\nqueues = [\"default\"]\nconcurrency = 8\nlease = \"120s\"\n\n[retention]\ncompleted = 100000\n";
+
+/// The jobs a SIGKILLed worker held run again within seconds (its process is gone, which the
+/// reapers of this machine see), not when its 120 s lease expires; each completes once.
+pub(crate) async fn a_dead_workers_jobs_run_again_within_seconds(env: TestEnv) {
+    let total = 40u64;
+    let jobs: Vec<NewJob> = (0..total).map(|i| NewJob::new("conveyor.sleep", &json!({ "ms": 400, "n": i }))).collect();
+    let ids: Vec<_> = env.backend.enqueue(jobs).await.unwrap().iter().map(|o| o.id()).collect();
+    let mut first = env.spawn(&["work"]);
+    wait_for("the first worker to hold jobs", Duration::from_secs(30), || async { env.queue("default").await.reserved >= 8 }).await;
+    first.kill().expect("SIGKILL the worker");
+    first.wait().unwrap();
+    let killed = std::time::Instant::now();
+    let mut second = env.spawn(&["work"]);
+    wait_for("every job to finish, well within the lease", Duration::from_secs(30), || async {
+        let q = env.queue("default").await;
+        q.pending + q.reserved + q.delayed == 0
+    })
+    .await;
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    sigterm(&second);
+    assert!(wait_exit(&mut second, Duration::from_secs(30)).await.success());
+    let done = env.backend.jobs(JobFilter { state: Some(JobState::Completed), ..Default::default() }, Page::new(1, 1000)).await.unwrap();
+    let mut times: HashMap<_, u32> = HashMap::new();
+    for j in &done.items {
+        *times.entry(j.id).or_default() += 1;
+    }
+    assert!(ids.iter().all(|id| times.get(id) == Some(&1)), "each job completed exactly once: {times:?}");
+    assert!(done.items.iter().any(|j| j.attempts == 2), "the dead worker's jobs ran again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_workers_jobs_run_again_within_seconds_on_sqlite() {
+    a_dead_workers_jobs_run_again_within_seconds(TestEnv::new(LONG_LEASE)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_workers_jobs_run_again_within_seconds_on_postgres() {
+    let Some(env) = TestEnv::postgres(LONG_LEASE, None) else { return };
+    a_dead_workers_jobs_run_again_within_seconds(env).await;
+}
+
+/// A worker that is stopped (SIGSTOP: alive, but runs nothing) is not robbed: its jobs stay
+/// reserved while another worker runs, and it finishes them once continued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_but_living_worker_keeps_its_jobs() {
+    let env = TestEnv::new(LONG_LEASE);
+    let held: Vec<NewJob> = (0..8).map(|i| NewJob::new("conveyor.sleep", &json!({ "ms": 300, "n": i }))).collect();
+    env.backend.enqueue(held).await.unwrap();
+    let mut stalled = env.spawn(&["work"]);
+    wait_for("the worker to hold the 8 jobs", Duration::from_secs(30), || async { env.queue("default").await.reserved == 8 }).await;
+    // SAFETY: kill(2) on a child we spawned and have not reaped.
+    assert_eq!(unsafe { libc::kill(stalled.id() as libc::pid_t, libc::SIGSTOP) }, 0);
+    let mut other = env.spawn(&["work"]);
+    // The other worker runs new jobs (so its reaper has run several times)…
+    let more: Vec<NewJob> = (0..8).map(|i| NewJob::new("conveyor.sleep", &json!({ "ms": 10, "n": 100 + i }))).collect();
+    env.backend.enqueue(more).await.unwrap();
+    wait_for("the other worker to run the new jobs", Duration::from_secs(30), || async {
+        env.backend.jobs(JobFilter { state: Some(JobState::Completed), ..Default::default() }, Page::default()).await.unwrap().total >= 8
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // three more reaper rounds: nothing may change
+    assert_eq!(env.queue("default").await.reserved, 8, "the stopped worker's jobs are still its own");
+    assert_eq!(unsafe { libc::kill(stalled.id() as libc::pid_t, libc::SIGCONT) }, 0);
+    wait_for("the continued worker to finish its jobs", Duration::from_secs(30), || async {
+        let q = env.queue("default").await;
+        q.pending + q.reserved + q.delayed == 0
+    })
+    .await;
+    let done = env.backend.jobs(JobFilter { state: Some(JobState::Completed), ..Default::default() }, Page::default()).await.unwrap();
+    assert_eq!(done.total, 16);
+    assert!(done.items.iter().all(|j| j.attempts == 1), "nothing ran twice");
+    for w in [&mut stalled, &mut other] {
+        sigterm(w);
+        assert!(wait_exit(w, Duration::from_secs(30)).await.success());
+    }
+}

@@ -187,6 +187,17 @@ pub trait QueueBackend: Send + Sync + 'static {
     /// Returns jobs whose lease expired to the queue (or to the failed store when their attempts
     /// are spent). Returns how many were reclaimed.
     async fn reap_expired(&self) -> Result<u64>;
+    /// The processes holding reservations now (the `worker` of their `reserve`), so that the
+    /// reaper can find dead ones ([`crate::liveness`]). Empty where the backend does not keep
+    /// them (a broker's reservations end with its connection).
+    async fn holders(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+    /// Ends the leases of `holders`, processes known to be dead, so that the next
+    /// [`QueueBackend::reap_expired`] returns their jobs. Returns the reservations ended.
+    async fn expire_leases_of(&self, _holders: Vec<String>) -> Result<u64> {
+        Ok(0)
+    }
 
     /// The signal workers sleep on when the queue is empty. A backend wakes it after committing
     /// ready work in this process (or on a LISTEN / pub-sub message from another); workers also

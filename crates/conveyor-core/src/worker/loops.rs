@@ -101,18 +101,48 @@ pub(super) fn snapshot(worker_id: &str, started_at: i64, supervisors: &[Arc<Supe
     }
 }
 
+/// Returns expired reservations every `every`, and every second those of processes of this
+/// machine that died ([`crate::liveness`]), so their jobs run again within seconds.
 pub(super) async fn reap_loop(conveyor: Conveyor, every: Duration, stop: CancellationToken) {
     let backend = conveyor.backend().clone();
     let mut tick = tokio::time::interval(every);
+    let mut dead_tick = tokio::time::interval(DEAD_HOLDERS_EVERY.min(every));
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tick.tick() => match backend.reap_expired().await {
-                Ok(0) => {}
-                Ok(n) => info!(jobs = n, "reclaimed jobs whose lease expired"),
-                Err(e) => warn!(error = %e, "reaper failed"),
+            _ = tick.tick() => reap(backend.as_ref(), "reclaimed jobs whose lease expired").await,
+            _ = dead_tick.tick() => {
+                let dead: Vec<String> = match backend.holders().await {
+                    Ok(h) => h.into_iter().filter(|h| crate::liveness::is_dead(h)).collect(),
+                    Err(e) => {
+                        warn!(error = %e, "listing reservation holders failed");
+                        continue;
+                    }
+                };
+                if dead.is_empty() {
+                    continue;
+                }
+                match backend.expire_leases_of(dead.clone()).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        info!(jobs = n, holders = ?dead, "the processes holding these jobs died; running them again");
+                        reap(backend.as_ref(), "reclaimed the jobs of dead processes").await;
+                    }
+                    Err(e) => warn!(error = %e, "ending dead processes' leases failed"),
+                }
             }
         }
+    }
+}
+
+/// How often the reaper looks for reservations held by dead processes of this machine.
+const DEAD_HOLDERS_EVERY: Duration = Duration::from_secs(1);
+
+async fn reap(backend: &dyn crate::QueueBackend, what: &str) {
+    match backend.reap_expired().await {
+        Ok(0) => {}
+        Ok(n) => info!(jobs = n, "{what}"),
+        Err(e) => warn!(error = %e, "reaper failed"),
     }
 }
 

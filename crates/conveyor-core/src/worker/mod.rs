@@ -154,7 +154,9 @@ struct Supervisor {
 
 /// Runs workers until `shutdown` is cancelled, then drains them gracefully.
 pub async fn run(conveyor: Conveyor, config: WorkerConfig, shutdown: CancellationToken) -> WorkerReport {
-    let worker_id = format!("{}:{}:{}", hostname(), std::process::id(), &JobId::new().to_string()[24..]);
+    // `<host>:<pid>:<machine>.<random>`: if this process dies, the reapers of this machine see
+    // it ([`crate::liveness`]) and its jobs run again at once.
+    let worker_id = crate::liveness::holder(&hostname(), Some(&JobId::new().to_string()[30..]));
     let backend = conveyor.backend().clone();
     let counters = Arc::new(Counters::default());
     let (done_tx, done_rx) = mpsc::unbounded_channel::<Completion>();

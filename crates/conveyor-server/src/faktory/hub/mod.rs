@@ -135,7 +135,7 @@ impl Hub {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
         let hub = Arc::new(Hub {
             conveyor,
-            owner: format!("faktory@{host}:{}", std::process::id()),
+            owner: conveyor_core::liveness::holder(&format!("faktory@{host}"), None),
             started: Instant::now(),
             state: Mutex::new(State::default()),
             refill: tokio::sync::Mutex::new(()),
