@@ -6,7 +6,26 @@ use super::*;
 /// Per queue its counts, paused flag and oldest wait; the last minutes' metric hashes.
 type QueueReads = (Vec<(Vec<i64>, bool, Option<i64>)>, Vec<Vec<(String, Value)>>);
 
+/// Most leased jobs per queue the holder scripts look at (in flight, not the backlog).
+const HOLDERS_PER_QUEUE: usize = 50_000;
+
 impl RedisBackend {
+    /// The processes holding reservations, from the lease sets.
+    pub(super) async fn lease_holders(&self) -> Result<Vec<String>> {
+        let v = self.script(|s| &s.holders, vec![HOLDERS_PER_QUEUE.to_string()]).await?;
+        Ok(items(v).iter().map(text).collect())
+    }
+
+    /// Ends the leases of dead holders: the next reap returns their jobs.
+    pub(super) async fn expire_holders(&self, holders: Vec<String>) -> Result<u64> {
+        if holders.is_empty() {
+            return Ok(0);
+        }
+        let mut args = vec![HOLDERS_PER_QUEUE.to_string()];
+        args.extend(holders);
+        Ok(int(&self.script(|s| &s.expire_holders, args).await?).max(0) as u64)
+    }
+
     pub(super) async fn queue_stats(&self) -> Result<Vec<QueueStats>> {
         let names = self.queue_names().await?;
         let now = now_ms();

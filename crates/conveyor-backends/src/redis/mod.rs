@@ -91,6 +91,8 @@ struct Scripts {
     reserve: Script,
     complete: Script,
     holds: Script,
+    holders: Script,
+    expire_holders: Script,
     extend: Script,
     reap: Script,
     retry_failed: Script,
@@ -108,6 +110,8 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     reserve: Script::new(&scripts::reserve()),
     complete: Script::new(&scripts::complete()),
     holds: Script::new(&scripts::holds()),
+    holders: Script::new(&scripts::holders()),
+    expire_holders: Script::new(&scripts::expire_holders()),
     extend: Script::new(&scripts::extend()),
     reap: Script::new(&scripts::reap()),
     retry_failed: Script::new(&scripts::retry_failed()),
@@ -342,6 +346,14 @@ impl QueueBackend for RedisBackend {
             self.script(|s| &s.extend, args).await?;
         }
         Ok(())
+    }
+
+    async fn holders(&self) -> Result<Vec<String>> {
+        self.lease_holders().await
+    }
+
+    async fn expire_leases_of(&self, holders: Vec<String>) -> Result<u64> {
+        self.expire_holders(holders).await
     }
 
     async fn reap_expired(&self) -> Result<u64> {

@@ -311,6 +311,55 @@ return 0
     )
 }
 
+/// The leased jobs of every queue (at most `limit` per queue, from the lease sets: bounded by
+/// what is in flight, not by the backlog), each passed with its holder to `f`, 1,000 per HMGET.
+const EACH_LEASED: &str = r#"
+local function each_leased(limit, f)
+  for _, q in ipairs(redis.call('SMEMBERS', T..':queues')) do
+    local lk = T..':q:'..q..':l'
+    local ids = redis.call('ZRANGE', lk, 0, limit - 1)
+    for from = 1, #ids, 1000 do
+      local chunk = {unpack(ids, from, math.min(from + 999, #ids))}
+      local ss = redis.call('HMGET', T..':s', unpack(chunk))
+      for n, id in ipairs(chunk) do
+        if ss[n] then
+          local _, _, t, _, w = string.match(ss[n], S)
+          if t and t ~= '' and w ~= '' then f(lk, id, w) end
+        end
+      end
+    end
+  end
+end
+"#;
+
+/// The processes holding reservations. ARGV: tag, limit per queue. Returns their names.
+pub(crate) fn holders() -> String {
+    with_prelude(&format!(
+        r#"{EACH_LEASED}
+local seen, out = {{}}, {{}}
+each_leased(tonumber(ARGV[2]), function(_, _, w)
+  if not seen[w] then seen[w] = true; out[#out+1] = w end
+end)
+return out
+"#
+    ))
+}
+
+/// Ends the leases of dead holders (the reaper returns their jobs next). ARGV: tag, limit per
+/// queue, holders. Returns the leases ended.
+pub(crate) fn expire_holders() -> String {
+    with_prelude(&format!(
+        r#"{EACH_LEASED}
+local dead, n = {{}}, 0
+for i = 3, #ARGV do dead[ARGV[i]] = true end
+each_leased(tonumber(ARGV[2]), function(lk, id, w)
+  if dead[w] then redis.call('ZADD', lk, 'XX', 0, id); n = n + 1 end
+end)
+return n
+"#
+    ))
+}
+
 /// Extends leases. ARGV: tag, lease end, then pairs of id, token.
 pub(crate) fn extend() -> String {
     with_prelude(

@@ -106,3 +106,39 @@ pub async fn extended_lease_is_not_reaped(b: Backend) {
     complete(&b, keep_job, Outcome::Completed).await;
     assert_eq!(state_of(&b, keep).await, Some(JobState::Completed), "the holder of an extended lease can still complete");
 }
+
+/// The reservations of a process that died are found by their holder and end at once; a
+/// living holder's stay. (With the queue on RabbitMQ the broker returns a dead consumer's
+/// messages itself: the store keeps no holders.)
+pub async fn a_dead_holders_leases_end_at_once(b: Backend) {
+    if b.name() == "amqp" {
+        assert!(b.holders().await.unwrap().is_empty());
+        return;
+    }
+    let q = queue_name();
+    let dead_id = enqueue_one(&b, new_job(&q, KIND, 1).max_attempts(3)).await;
+    let live_id = enqueue_one(&b, new_job(&q, KIND, 2).max_attempts(3)).await;
+    // A process of this machine that ran and was waited for: its pid is free.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    let dead = format!("host:{pid}:{}.abc", conveyor_core::liveness::machine());
+    let living = conveyor_core::liveness::holder("host", Some("def"));
+    let reserve_as =
+        |worker: &str| ReserveRequest { queues: vec![q.clone()], max: 1, lease: Duration::from_secs(60), worker: worker.into() };
+    let first = b.reserve(reserve_as(&dead)).await.unwrap();
+    let second = b.reserve(reserve_as(&living)).await.unwrap();
+    assert_eq!((first[0].id, second[0].id), (dead_id, live_id));
+
+    let holders = b.holders().await.unwrap();
+    assert!(holders.contains(&dead) && holders.contains(&living), "{holders:?}");
+    assert_eq!(b.expire_leases_of(vec![dead.clone()]).await.unwrap(), 1);
+    reap_until(&b, "returned the dead holder's job", || async { state_of(&b, dead_id).await == Some(JobState::Pending) }).await;
+    assert_eq!(state_of(&b, live_id).await, Some(JobState::Reserved), "a living holder keeps its job");
+    assert!(!b.holders().await.unwrap().contains(&dead));
+    let again = reserve_one(&b, &q).await;
+    assert_eq!((again.id, again.attempt), (dead_id, 2), "the dead holder's attempt counts");
+    // The dead process's late acknowledgement changes nothing: its token is stale.
+    b.complete(vec![completion(&first[0], Outcome::Completed)]).await.unwrap();
+    assert_eq!(state_of(&b, dead_id).await, Some(JobState::Reserved));
+}

@@ -92,6 +92,7 @@ macro_rules! conformance_suite {
                 expired_lease_returns_job_to_queue,
                 expired_lease_without_attempts_left_fails_job,
                 extended_lease_is_not_reaped,
+                a_dead_holders_leases_end_at_once,
                 // administration
                 unique_key_refuses_duplicates_until_job_ends,
                 unique_key_ttl_expires,

@@ -184,6 +184,13 @@ async fn a_dead_workers_jobs_run_again_within_seconds_on_postgres() {
     a_dead_workers_jobs_run_again_within_seconds(env).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_workers_jobs_run_again_within_seconds_with_the_queue_on_redis() {
+    let Some(redis) = conveyor_backends::redis::testing::TestRedis::create() else { return };
+    let (url, prefix) = (redis.url.clone(), redis.prefix.clone());
+    a_dead_workers_jobs_run_again_within_seconds(TestEnv::redis(LONG_LEASE, &url, &prefix, Some(redis))).await;
+}
+
 /// A worker that is stopped (SIGSTOP: alive, but runs nothing) is not robbed: its jobs stay
 /// reserved while another worker runs, and it finishes them once continued.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
