@@ -1,7 +1,7 @@
 # Everyday targets; CI runs .ci/run, which runs the same commands.
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/conveyor-target
 
-.PHONY: test lint fmt bench bench-redis bench-amqp bench-peers bench-criterion bench-orders bench-notify bench-http bench-sync run fuzz-api
+.PHONY: test lint fmt bench bench-redis bench-amqp bench-amqp-broker bench-peers bench-criterion bench-orders bench-notify bench-http bench-sync run fuzz-api
 
 test:
 	cargo test --workspace
@@ -34,6 +34,11 @@ bench-redis:
 bench-amqp:
 	cargo build --release -p conveyor-cli
 	BIN=$(CARGO_TARGET_DIR)/release/conveyor bash scripts/bench-amqp.sh
+
+# What RabbitMQ itself carries with a plain client (persistent, confirmed, manual acks): the
+# yardstick for bench-amqp.
+bench-amqp-broker:
+	cargo run --release -p conveyor-backends --example amqp_broker -- $${JOBS:-100000} 4 4
 
 # BullMQ on this machine, for comparison with bench-redis (../shared/peers/).
 bench-peers:

@@ -226,3 +226,32 @@ async fn a_stalled_but_living_worker_keeps_its_jobs() {
         assert!(wait_exit(w, Duration::from_secs(30)).await.success());
     }
 }
+
+/// `conveyor schedule` serves its counters too: the jobs it enqueued show there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_process_serves_its_counters_on_the_metrics_port() {
+    use std::io::{BufRead, BufReader};
+    let env = TestEnv::new("[[schedule]]\nname = \"tick\"\ncron = \"@every 1s\"\njob = \"conveyor.noop\"\nqueue = \"ticks\"\n");
+    let mut cmd = env.conveyor(&["schedule"]);
+    cmd.env("CONVEYOR_METRICS_ADDR", "127.0.0.1:0");
+    let mut child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("schedule printed its metrics address").unwrap();
+        if let Some(rest) = line.split("metrics on ").nth(1) {
+            break rest.trim().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let mut child = crate::Proc(child);
+    let series = r#"conveyor_jobs_enqueued_total{queue="ticks",kind="conveyor.noop"} "#;
+    let enqueued = || async {
+        let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        text.lines().find_map(|l| l.strip_prefix(series)).map(|n| n.parse::<u64>().unwrap()).unwrap_or(0)
+    };
+    wait_for("the scheduler's enqueues to be counted", Duration::from_secs(30), || async { enqueued().await >= 2 }).await;
+    let stored = env.queue("ticks").await;
+    assert!(stored.pending + stored.reserved + stored.delayed >= enqueued().await.min(2), "{stored:?}");
+    sigterm(&child);
+    assert!(wait_exit(&mut child, Duration::from_secs(30)).await.success());
+}

@@ -197,20 +197,7 @@ pub(crate) async fn work(config: Config, args: WorkArgs) -> anyhow::Result<()> {
         true => Some(start_faktory(&config, &conveyor, &shutdown).await?.context("--faktory: CONVEYOR_FAKTORY_ADDR is off")?),
         false => None,
     };
-    let metrics = match config.metrics_addr {
-        Some(addr) => {
-            if !addr.ip().is_loopback() && config.api_token.is_none() {
-                bail!("refusing to serve /metrics on {addr} without CONVEYOR_API_TOKEN (CONVEYOR_METRICS_ADDR)");
-            }
-            let listener =
-                tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (CONVEYOR_METRICS_ADDR)"))?;
-            let local = listener.local_addr()?;
-            eprintln!("conveyor metrics on http://{local}/metrics");
-            let state = conveyor_server::AppState::new(conveyor.clone(), config.access(local));
-            Some(tokio::spawn(conveyor_server::serve_metrics(listener, state, shutdown.clone())))
-        }
-        None => None,
-    };
+    let metrics = start_metrics(&config, &conveyor, &shutdown).await?;
     for s in &wc.supervisors {
         info!(supervisor = %s.name, queues = ?s.queues, concurrency = s.concurrency, "supervisor ready");
     }
@@ -295,11 +282,33 @@ pub(crate) async fn schedule(config: Config) -> anyhow::Result<()> {
     let backend = open_store(&config).await?;
     let shutdown = shutdown_on_signals();
     let conveyor = Conveyor::new(backend.clone(), registry(&config, &backend)?);
+    let metrics = start_metrics(&config, &conveyor, &shutdown).await?;
     for s in &config.schedules {
         info!(schedule = %s.name, cron = %s.cron, job = %s.job.kind, "scheduled");
     }
     Scheduler::new(conveyor, config.schedules.clone()).run(shutdown).await;
+    if let Some(m) = metrics {
+        m.await.context("metrics server task")?.context("metrics server")?;
+    }
     Ok(())
+}
+
+/// `/metrics` and `/health` on `CONVEYOR_METRICS_ADDR`, for the processes without the API
+/// (`work`, `schedule`): their counters are their own.
+async fn start_metrics(
+    config: &Config,
+    conveyor: &Conveyor,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<std::io::Result<()>>>> {
+    let Some(addr) = config.metrics_addr else { return Ok(None) };
+    if !addr.ip().is_loopback() && config.api_token.is_none() {
+        bail!("refusing to serve /metrics on {addr} without CONVEYOR_API_TOKEN (CONVEYOR_METRICS_ADDR)");
+    }
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (CONVEYOR_METRICS_ADDR)"))?;
+    let local = listener.local_addr()?;
+    eprintln!("conveyor metrics on http://{local}/metrics");
+    let state = conveyor_server::AppState::new(conveyor.clone(), config.access(local));
+    Ok(Some(tokio::spawn(conveyor_server::serve_metrics(listener, state, shutdown.clone()))))
 }
 
 /// Runs `wait` while making sure someone works `supervisor`'s queues: workers of this process
