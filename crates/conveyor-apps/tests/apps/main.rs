@@ -4,6 +4,7 @@
 
 mod conflicts;
 mod notify;
+mod notify_failover;
 mod orders;
 mod outbound;
 mod receivers;
@@ -77,8 +78,8 @@ on_every_store!(
     notify::a_failing_provider_is_retried_then_failed_with_its_error,
     notify::rules_and_templates_are_validated_and_previewed,
     notify::digests_delays_and_quiet_hours_defer_without_dropping,
-    notify::sms_fails_over_and_a_dead_gateways_breaker_opens,
-    notify::with_every_provider_down_deliveries_wait_without_spending_attempts,
+    notify_failover::sms_fails_over_and_a_dead_gateways_breaker_opens,
+    notify_failover::with_every_provider_down_deliveries_wait_without_spending_attempts,
     outbound::callers_urls_never_reach_loopback_in_any_spelling,
     outbound::allowed_destinations_get_deliveries_but_no_redirects,
     notify::a_hostile_template_is_a_recorded_failure_not_a_hang,

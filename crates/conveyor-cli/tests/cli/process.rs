@@ -102,27 +102,38 @@ async fn an_auto_balanced_supervisor_moves_workers_to_the_waiting_queue() {
     assert!(wait_exit(&mut worker, Duration::from_secs(30)).await.success());
 }
 
-/// A worker-only process serves its own counters on `CONVEYOR_METRICS_ADDR`, behind the read
-/// token: what it ran is counted there, once per job.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_process_serves_its_counters_on_the_metrics_port() {
+/// Spawns `conveyor args…` with `CONVEYOR_METRICS_ADDR` on a free port; returns it with the
+/// URL of its `/metrics`.
+fn spawn_with_metrics(env: &TestEnv, args: &[&str], extra_env: &[(&str, &str)]) -> (crate::Proc, String) {
     use std::io::{BufRead, BufReader};
-    let env = TestEnv::new("");
-    let total = 250u64;
-    let jobs: Vec<NewJob> = (0..total).map(|i| NewJob::new("conveyor.noop", &json!({ "n": i })).queue("counted")).collect();
-    env.backend.enqueue(jobs).await.unwrap();
-    let mut cmd = env.conveyor(&["work", "--queue", "counted"]);
-    cmd.env("CONVEYOR_METRICS_ADDR", "127.0.0.1:0").env("CONVEYOR_API_TOKEN", "admin-token").env("CONVEYOR_READ_TOKEN", "read-token");
+    let mut cmd = env.conveyor(args);
+    cmd.env("CONVEYOR_METRICS_ADDR", "127.0.0.1:0").envs(extra_env.iter().copied());
     let mut child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let url = loop {
-        let line = lines.next().expect("work printed its metrics address").unwrap();
+        let line = lines.next().expect("the process printed its metrics address").unwrap();
         if let Some(rest) = line.split("metrics on ").nth(1) {
             break rest.trim().to_string();
         }
     };
+    // Keep draining stderr so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    let child = crate::Proc(child);
+    (crate::Proc(child), url)
+}
+
+/// A worker-only process serves its own counters on `CONVEYOR_METRICS_ADDR`, behind the read
+/// token: what it ran is counted there, once per job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_process_serves_its_counters_on_the_metrics_port() {
+    let env = TestEnv::new("");
+    let total = 250u64;
+    let jobs: Vec<NewJob> = (0..total).map(|i| NewJob::new("conveyor.noop", &json!({ "n": i })).queue("counted")).collect();
+    env.backend.enqueue(jobs).await.unwrap();
+    let (mut child, url) = spawn_with_metrics(
+        &env,
+        &["work", "--queue", "counted"],
+        &[("CONVEYOR_API_TOKEN", "admin-token"), ("CONVEYOR_READ_TOKEN", "read-token")],
+    );
     let http = reqwest::Client::new();
     assert_eq!(http.get(&url).send().await.unwrap().status(), 401, "/metrics needs a token");
     let series = r#"conveyor_jobs_total{queue="counted",kind="conveyor.noop",outcome="completed"} "#;
@@ -135,7 +146,6 @@ async fn a_worker_process_serves_its_counters_on_the_metrics_port() {
     let api = url.replace("/metrics", "/api/queues");
     assert_eq!(http.get(&api).bearer_auth("admin-token").send().await.unwrap().status(), 404, "the metrics port serves no API");
     sigterm(&child);
-    let mut child = child;
     assert!(wait_exit(&mut child, Duration::from_secs(30)).await.success());
 }
 
@@ -230,20 +240,8 @@ async fn a_stalled_but_living_worker_keeps_its_jobs() {
 /// `conveyor schedule` serves its counters too: the jobs it enqueued show there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_scheduler_process_serves_its_counters_on_the_metrics_port() {
-    use std::io::{BufRead, BufReader};
     let env = TestEnv::new("[[schedule]]\nname = \"tick\"\ncron = \"@every 1s\"\njob = \"conveyor.noop\"\nqueue = \"ticks\"\n");
-    let mut cmd = env.conveyor(&["schedule"]);
-    cmd.env("CONVEYOR_METRICS_ADDR", "127.0.0.1:0");
-    let mut child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let url = loop {
-        let line = lines.next().expect("schedule printed its metrics address").unwrap();
-        if let Some(rest) = line.split("metrics on ").nth(1) {
-            break rest.trim().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    let mut child = crate::Proc(child);
+    let (mut child, url) = spawn_with_metrics(&env, &["schedule"], &[]);
     let series = r#"conveyor_jobs_enqueued_total{queue="ticks",kind="conveyor.noop"} "#;
     let enqueued = || async {
         let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
