@@ -137,4 +137,7 @@ pub(crate) const ENGINE_MIGRATIONS: &[&str] = &[
     // 3: a workflow step that ended in a business failure (a declined payment): its job
     // completed, the workflow takes the failure path with this reason.
     "ALTER TABLE workflow_steps ADD COLUMN declined TEXT;",
+    // 4: the latest clock reading a rate limit's key has seen, so that its clock never runs
+    // back (callers read their clocks before they reach the key, in any order).
+    "ALTER TABLE rate_limits ADD COLUMN seen BIGINT NOT NULL DEFAULT 0;",
 ];

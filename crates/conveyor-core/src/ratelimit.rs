@@ -85,14 +85,20 @@ impl RateLimiter {
     /// Takes `n` units at once (a job about to make `n` calls), all or none. `n` above the
     /// burst can never pass and is an error.
     pub async fn check_n(&self, key: &str, n: u32) -> Result<Decision> {
+        self.check_n_at(key, n, now_us()).await
+    }
+
+    /// [`check_n`](Self::check_n) by a caller whose clock read `now_us` before it reached the
+    /// key: for tests of callers whose readings arrive out of order.
+    #[doc(hidden)]
+    pub async fn check_n_at(&self, key: &str, n: u32, now: i64) -> Result<Decision> {
         if let Some(st) = self.backend.shared_state() {
             let (k, t, tolerance) = self.cost(key, n)?;
-            let now = now_us();
-            let (allowed, tat) = blocking(st, move |s| s.rate_take(&k, now, t, tolerance)).await?;
+            let (allowed, tat, now) = blocking(st, move |s| s.rate_take(&k, now, t, tolerance)).await?;
             return Ok(self.decision(allowed, tat, now, t, tolerance));
         }
         let (this, key) = (self.clone(), key.to_string());
-        self.backend.transact(move |tx| this.check_n_in(tx, &key, n)).await
+        self.backend.transact(move |tx| this.take_in(tx, &key, n, now)).await
     }
 
     /// The stored key, the cost of `n` units and the tolerance, in µs.
@@ -115,29 +121,38 @@ impl RateLimiter {
 
     /// `n` units inside the caller's transaction.
     pub fn check_n_in(&self, tx: &mut dyn Tx, key: &str, n: u32) -> Result<Decision> {
+        self.take_in(tx, key, n, now_us())
+    }
+
+    fn take_in(&self, tx: &mut dyn Tx, key: &str, n: u32, now: i64) -> Result<Decision> {
         let (k, t, tolerance) = self.cost(key, n)?;
-        let now = now_us();
         if let Some(sh) = tx.shared_state() {
             // Taken at once on the shared state, given back if the transaction rolls back.
-            let (allowed, tat) = sh.state().rate_take(&k, now, t, tolerance)?;
+            let (allowed, tat, now) = sh.state().rate_take(&k, now, t, tolerance)?;
             if allowed {
                 sh.on_rollback(Deferred::RateRefund { key: k, t });
             }
             return Ok(self.decision(allowed, tat, now, t, tolerance));
         }
-        // Allowed when max(tat, now) + n*T - now <= burst * T; then tat moves on by n*T.
+        // Allowed when max(tat, now) + n*T - now <= burst * T; then tat moves on by n*T. The
+        // key's clock never runs back: `now` is at least the `seen` of the call before (see
+        // `SharedState::rate_take`). In the SET list every column reads the row's old values.
+        let now_sql = "(CASE WHEN rate_limits.seen > $2 THEN rate_limits.seen ELSE $2 END)";
+        let base_sql = format!("(CASE WHEN rate_limits.tat > {now_sql} THEN rate_limits.tat ELSE {now_sql} END)");
+        let ok_sql = format!("{base_sql} + $3 - {now_sql} <= $4");
         let rows = tx.query(
-            "INSERT INTO rate_limits (key, tat, allowed) VALUES ($1, $5, 1)
-             ON CONFLICT (key) DO UPDATE SET
-               allowed = CASE WHEN (CASE WHEN rate_limits.tat > $2 THEN rate_limits.tat ELSE $2 END) + $3 - $2 <= $4 THEN 1 ELSE 0 END,
-               tat = CASE WHEN (CASE WHEN rate_limits.tat > $2 THEN rate_limits.tat ELSE $2 END) + $3 - $2 <= $4
-                          THEN (CASE WHEN rate_limits.tat > $2 THEN rate_limits.tat ELSE $2 END) + $3
-                          ELSE rate_limits.tat END
-             RETURNING allowed, tat",
+            &format!(
+                "INSERT INTO rate_limits (key, tat, allowed, seen) VALUES ($1, $5, 1, $2)
+                 ON CONFLICT (key) DO UPDATE SET
+                   allowed = CASE WHEN {ok_sql} THEN 1 ELSE 0 END,
+                   tat = CASE WHEN {ok_sql} THEN {base_sql} + $3 ELSE rate_limits.tat END,
+                   seen = {now_sql}
+                 RETURNING allowed, tat, seen"
+            ),
             &[k.into(), now.into(), t.into(), tolerance.into(), (now + t).into()],
         )?;
         let r = rows.first().ok_or_else(|| BackendError::Other("rate limit upsert returned no row".into()))?;
-        Ok(self.decision(r.int(0) == 1, r.int(1), now, t, tolerance))
+        Ok(self.decision(r.int(0) == 1, r.int(1), r.int(2), t, tolerance))
     }
 
     fn decision(&self, allowed: bool, tat: i64, now: i64, t: i64, tolerance: i64) -> Decision {

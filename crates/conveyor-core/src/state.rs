@@ -95,8 +95,11 @@ pub trait SharedState: Send + Sync {
 
     // --- rate limits (GCRA): `key`'s theoretical arrival time, in µs ---
     /// Takes `t` µs of `key`'s budget if `max(tat, now) + t - now <= tolerance`; returns
-    /// whether it did and the tat after.
-    fn rate_take(&self, key: &str, now_us: i64, t: i64, tolerance: i64) -> Result<(bool, i64)>;
+    /// whether it did, the tat after and the `now` it used. A key's clock never runs back:
+    /// `now` is at least the latest `now` the key has seen (callers read their clocks before
+    /// they reach the key, in any order), or a caller whose reading is a little older than the
+    /// last one's would be refused within the burst.
+    fn rate_take(&self, key: &str, now_us: i64, t: i64, tolerance: i64) -> Result<(bool, i64, i64)>;
 
     // --- circuit breakers ---
     fn breaker_allow(&self, name: &str, now: i64, rules: &BreakerRules) -> Result<BreakerDecision>;

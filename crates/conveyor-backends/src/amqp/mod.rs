@@ -219,6 +219,25 @@ impl AmqpBackend {
         Ok(())
     }
 
+    /// The queues (as indexes into `queues`) whose buffers a take of `max` would empty before
+    /// it is filled: a delivery of theirs may still be on its way, and taking past them (into a
+    /// later queue, or returning short) without a barrier would break the queues' order.
+    fn short_queues(&self, queues: &[String], max: usize) -> Vec<usize> {
+        let generation = self.shared.generation.load(Ordering::SeqCst);
+        let buffers = self.shared.buffers.lock().expect("buffers lock");
+        let mut remaining = max;
+        let mut short = Vec::new();
+        for (i, q) in queues.iter().enumerate() {
+            let n = buffers.get(q).map_or(0, |b| b.iter().filter(|m| m.generation == generation).count());
+            if n >= remaining {
+                break;
+            }
+            remaining -= n;
+            short.push(i);
+        }
+        short
+    }
+
     /// Takes up to `max` buffered deliveries, from the first queue before the second, highest
     /// priority first within a queue.
     fn take(&self, queues: &[String], max: usize) -> Vec<Msg> {
@@ -280,13 +299,15 @@ impl QueueBackend for AmqpBackend {
                 }
             }
         }
-        let mut taken = self.take(&queues, req.max);
-        if taken.len() < req.max {
-            // Fewer buffered than asked for. A get on each consumer's own channel is a barrier:
-            // RabbitMQ answers it after any delivery it already sent on that channel, so once
-            // it returns, what was published before this call is either in its answer or
-            // already received by lapin — and draining the consumers here brings it in.
-            for (q, (ch, feed)) in queues.iter().zip(&channels) {
+        let short = self.short_queues(&queues, req.max);
+        if !short.is_empty() {
+            // A queue has fewer buffered than this take would use. A get on its consumer's own
+            // channel is a barrier: RabbitMQ answers it after any delivery it already sent on
+            // that channel, so once it returns, what was published before this call is either
+            // in its answer or already received by lapin — and draining the consumer here
+            // brings it in. Only then may the take go on to a later queue or return short.
+            for i in short {
+                let (q, (ch, feed)) = (&queues[i], &channels[i]);
                 match bounded(ch.basic_get(broker_queue(&self.shared.options.prefix, q).into(), BasicGetOptions::default())).await {
                     Ok(Some(got)) => self.shared.received(q, got.delivery, link.generation),
                     Ok(None) => {}
@@ -302,9 +323,8 @@ impl QueueBackend for AmqpBackend {
                     break;
                 }
             }
-            let more = self.take(&queues, req.max - taken.len());
-            taken.extend(more);
         }
+        let taken = self.take(&queues, req.max);
         if taken.is_empty() {
             return Ok(Vec::new());
         }

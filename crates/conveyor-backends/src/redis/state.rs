@@ -6,7 +6,7 @@
 //! - `T:z:<set>` — a sorted set, stored with negated scores, so that Redis' order (score
 //!   ascending, ties by member ascending) is the API's (score descending, ties by member);
 //! - `T:rl:<key>` — a rate limiter's theoretical arrival time in µs, expiring when it no
-//!   longer matters;
+//!   longer matters, and `T:rls:<key>` — the latest clock reading the key has seen;
 //! - `T:b:<name>` — a breaker (hash: state, opened_at, probes, probe_successes, changed_at),
 //!   `T:bc:<name>` — its calls per time bucket (`s<bucket>` / `f<bucket>`), `T:breakers` —
 //!   the names;
@@ -79,18 +79,23 @@ return {#gone, off + 500 - #gone}
 "#,
     ),
     // ARGV: tag, key, now µs, cost µs, tolerance µs. GCRA: allowed when
-    // max(tat, now) + cost - now <= tolerance; then tat moves on by cost. Returns {allowed, tat}.
+    // max(tat, now) + cost - now <= tolerance; then tat moves on by cost. `now` is at least the
+    // latest the key has seen (kept beside it, `:rls:`). Returns {allowed, tat, now}.
     rate_take: script(
         r#"
-local k, now, t, tol = T..':rl:'..ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local k, ks, now, t, tol = T..':rl:'..ARGV[2], T..':rls:'..ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+now = math.max(now, tonumber(redis.call('GET', ks) or '') or 0)
 local tat = tonumber(redis.call('GET', k) or '') or now
 local base = math.max(tat, now)
+local allowed = 0
 if base + t - now <= tol then
   tat = base + t
-  redis.call('SET', k, fmt(tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
-  return {1, fmt(tat)}
+  allowed = 1
 end
-return {0, fmt(tat)}
+local ttl = math.ceil((math.max(tat, now) - now) / 1000) + 1000
+redis.call('SET', ks, fmt(now), 'PX', ttl)
+if allowed == 1 then redis.call('SET', k, fmt(tat), 'PX', ttl) end
+return {allowed, fmt(tat), fmt(now)}
 "#,
     ),
     // ARGV: tag, now ms, then 5 per operation: id, op, a, b, c. Applies each deferred
@@ -385,9 +390,9 @@ impl SharedState for RedisState {
         })
     }
 
-    fn rate_take(&self, key: &str, now_us: i64, t: i64, tolerance: i64) -> Result<(bool, i64)> {
+    fn rate_take(&self, key: &str, now_us: i64, t: i64, tolerance: i64) -> Result<(bool, i64, i64)> {
         let r = items(self.run(&SCRIPTS.rate_take, &[key.to_string(), now_us.to_string(), t.to_string(), tolerance.to_string()])?);
-        Ok((r.first().map_or(0, int) == 1, r.get(1).map_or(now_us, int)))
+        Ok((r.first().map_or(0, int) == 1, r.get(1).map_or(now_us, int), r.get(2).map_or(now_us, int)))
     }
 
     fn breaker_allow(&self, name: &str, now: i64, rules: &BreakerRules) -> Result<BreakerDecision> {

@@ -70,6 +70,24 @@ pub async fn rate_limiter_admits_exactly_the_limit_under_concurrency(b: Backend)
     assert!(fast.check("k").await.unwrap().is_allowed(), "allowed again after retry_after");
 }
 
+pub async fn rate_limiter_clock_readings_out_of_order_keep_the_burst(b: Backend) {
+    // Callers read their clocks before they reach the key, and reach it in any order: a reading
+    // a little older than the one before must not be refused within the burst.
+    let limiter = RateLimiter::new(b.clone(), unique_name("limiter"), RateLimit::per(5, 60 * MINUTE));
+    let t0 = now_ms() * 1000;
+    let readings = [t0, t0 - 900, t0 - 400, t0 - 2_000, t0 - 1];
+    for (i, now) in readings.iter().enumerate() {
+        let d = limiter.check_n_at("k", 1, *now).await.unwrap();
+        assert!(d.is_allowed(), "check {} of the burst of 5, read at t0 - {} µs: {d:?}", i + 1, t0 - now);
+    }
+    match limiter.check_n_at("k", 1, t0 - 3_000).await.unwrap() {
+        Decision::Limited { retry_after } => {
+            assert!(retry_after > Duration::from_secs(11 * 60), "the next unit is a fifth of the hour away: {retry_after:?}")
+        }
+        d => panic!("the sixth check within the hour is refused: {d:?}"),
+    }
+}
+
 pub async fn rate_limit_middleware_releases_jobs_over_the_limit(b: Backend) {
     const KIND: &str = "conformance.limits.api_call";
     let q = queue_name();

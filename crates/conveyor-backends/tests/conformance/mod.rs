@@ -146,6 +146,7 @@ macro_rules! conformance_suite {
                 // rate limits and breakers
                 rate_limiter_admits_exactly_the_limit_under_concurrency,
                 rate_limit_middleware_releases_jobs_over_the_limit,
+                rate_limiter_clock_readings_out_of_order_keep_the_burst,
                 breaker_opens_probes_and_closes,
                 breaker_with_a_lost_probe_lets_another_probe_through,
                 breaker_middleware_releases_jobs_while_open,
