@@ -140,4 +140,24 @@ pub(crate) const ENGINE_MIGRATIONS: &[&str] = &[
     // 4: the latest clock reading a rate limit's key has seen, so that its clock never runs
     // back (callers read their clocks before they reach the key, in any order).
     "ALTER TABLE rate_limits ADD COLUMN seen BIGINT NOT NULL DEFAULT 0;",
+    // 5: per-key concurrency (`conveyor_core::flow`): a row per busy key (its limit; the row
+    // every step of the key locks first), the slots held by running jobs, the parked jobs in
+    // line for a slot.
+    "CREATE TABLE concurrency_keys (
+         key  TEXT PRIMARY KEY,
+         lim  BIGINT NOT NULL
+     );
+     CREATE TABLE concurrency_slots (
+         key         TEXT NOT NULL,
+         job_id      TEXT NOT NULL,
+         expires_at  BIGINT NOT NULL,
+         PRIMARY KEY (key, job_id)
+     );
+     CREATE TABLE concurrency_waiters (
+         key     TEXT NOT NULL,
+         job_id  TEXT NOT NULL,
+         since   BIGINT NOT NULL,
+         PRIMARY KEY (key, job_id)
+     );
+     CREATE INDEX concurrency_waiters_in_line ON concurrency_waiters(key, since, job_id);",
 ];

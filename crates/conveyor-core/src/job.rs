@@ -226,6 +226,13 @@ impl NewJob {
         self.tags.push(tag.into());
         self
     }
+    /// At most `c.limit` jobs with `c.key` run at once (see [`crate::flow`]); replaces a key
+    /// set before.
+    pub fn concurrency(mut self, c: crate::flow::Concurrency) -> Self {
+        self.tags.retain(|t| !t.starts_with(crate::flow::TAG));
+        self.tags.push(c.tag());
+        self
+    }
     pub fn batch(mut self, batch_id: impl Into<String>) -> Self {
         self.batch_id = Some(batch_id.into());
         self

@@ -199,6 +199,8 @@ pub struct Registry {
     middleware: HashMap<String, Vec<crate::middleware::Middleware>>,
     /// Per-kind defaults of the jobs that do not choose for themselves.
     options: HashMap<String, KindOptions>,
+    /// Per-kind concurrency keys (see [`crate::flow`]).
+    concurrency: HashMap<String, crate::flow::Rule>,
 }
 
 /// A kind's defaults for its jobs (`[[kinds]]` in the configuration, an HTTP kind, a typed
@@ -308,6 +310,18 @@ impl Registry {
     pub fn middleware(&mut self, kind: &str, mw: crate::middleware::Middleware) -> &mut Self {
         self.middleware.entry(kind.to_string()).or_default().push(mw);
         self
+    }
+
+    /// At most `rule.limit` jobs of `kind` with the same key (the payload's value at
+    /// `rule.path`) run at once, across every worker sharing the store; this limit wins over
+    /// the one a job carries (see [`crate::flow`]).
+    pub fn concurrency(&mut self, kind: &str, rule: crate::flow::Rule) -> &mut Self {
+        self.concurrency.insert(kind.to_string(), rule);
+        self
+    }
+
+    pub(crate) fn concurrency_of(&self, kind: &str) -> Option<&crate::flow::Rule> {
+        self.concurrency.get(kind)
     }
 
     pub(crate) fn middleware_of(&self, kind: &str) -> &[crate::middleware::Middleware] {

@@ -109,6 +109,25 @@ pub trait SharedState: Send + Sync {
     fn breaker_state(&self, name: &str, from_bucket: i64) -> Result<Option<BreakerState>>;
     fn breaker_names(&self) -> Result<Vec<String>>;
 
+    // --- per-key concurrency (see `flow`); job ids as text, times in unix ms ---
+    /// Takes a slot of `key` for `job` if fewer than the key's limit hold one (slots whose
+    /// `expires_at` passed no longer count). The key's limit is set by the first call while the
+    /// key is idle, and by every `authoritative` one. Returns whether it took one (or already
+    /// held one), the slots held after, and the limit.
+    fn slot_acquire(&self, key: &str, job: &str, limit: i64, authoritative: bool, now: i64, expires_at: i64) -> Result<(bool, i64, i64)>;
+    /// Puts `job` in line for `key` if the key is still at its limit; `false` (not in line):
+    /// a slot is free now.
+    fn slot_wait(&self, key: &str, job: &str, now: i64) -> Result<bool>;
+    /// Gives back `job`'s slot (if `job` is not empty) and, when a slot is free, takes the
+    /// first job in line out of it and returns it.
+    fn slot_release(&self, key: &str, job: &str, now: i64) -> Result<Option<String>>;
+    /// Moves the slots' expiry on (jobs still running).
+    fn slot_extend(&self, slots: &[(String, String)], expires_at: i64) -> Result<()>;
+    /// The keys with the most slots held or jobs in line: (key, limit, running, waiting).
+    fn slot_keys(&self, max: usize, now: i64) -> Result<Vec<(String, i64, i64, i64)>>;
+    /// Whether `job` is in line for `key`, and the key's (limit, running).
+    fn slot_waiting(&self, key: &str, job: &str, now: i64) -> Result<Option<(i64, i64)>>;
+
     /// Applies a deferred operation (the caller makes sure it runs once).
     fn apply(&self, op: &Deferred) -> Result<()>;
 }

@@ -23,6 +23,7 @@ mod admin;
 mod conn;
 mod durability;
 mod enqueue;
+mod flow;
 mod model;
 mod outbox;
 mod outcomes;

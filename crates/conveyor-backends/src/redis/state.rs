@@ -10,6 +10,7 @@
 //! - `T:b:<name>` — a breaker (hash: state, opened_at, probes, probe_successes, changed_at),
 //!   `T:bc:<name>` — its calls per time bucket (`s<bucket>` / `f<bucket>`), `T:breakers` —
 //!   the names;
+//! - `T:fk:` / `T:fs:` / `T:fw:` / `T:fkeys` — per-key concurrency (see `flow.rs`);
 //! - `T:applied` — ids of deferred operations applied (zset by time, kept 10 minutes), so an
 //!   operation relayed twice from the store's outbox applies once.
 //!
@@ -46,7 +47,7 @@ local function refund(key, t, now)
 end
 "#;
 
-fn script(body: &str) -> Script {
+pub(super) fn script(body: &str) -> Script {
     Script::new(&format!("{PRELUDE}{body}"))
 }
 
@@ -241,7 +242,15 @@ impl RedisState {
         RedisState { pool, tag }
     }
 
-    fn run(&self, s: &Script, args: &[String]) -> Result<Value> {
+    pub(super) fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    pub(super) fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub(super) fn run(&self, s: &Script, args: &[String]) -> Result<Value> {
         let key = format!("{}:queues", self.tag);
         self.pool.with(|c| {
             let mut inv = s.key(&key);
@@ -393,6 +402,30 @@ impl SharedState for RedisState {
     fn rate_take(&self, key: &str, now_us: i64, t: i64, tolerance: i64) -> Result<(bool, i64, i64)> {
         let r = items(self.run(&SCRIPTS.rate_take, &[key.to_string(), now_us.to_string(), t.to_string(), tolerance.to_string()])?);
         Ok((r.first().map_or(0, int) == 1, r.get(1).map_or(now_us, int), r.get(2).map_or(now_us, int)))
+    }
+
+    fn slot_acquire(&self, key: &str, job: &str, limit: i64, authoritative: bool, now: i64, expires_at: i64) -> Result<(bool, i64, i64)> {
+        self.flow_acquire(key, job, limit, authoritative, now, expires_at)
+    }
+
+    fn slot_wait(&self, key: &str, job: &str, now: i64) -> Result<bool> {
+        self.flow_wait(key, job, now)
+    }
+
+    fn slot_release(&self, key: &str, job: &str, now: i64) -> Result<Option<String>> {
+        self.flow_release(key, job, now)
+    }
+
+    fn slot_extend(&self, slots: &[(String, String)], expires_at: i64) -> Result<()> {
+        self.flow_extend(slots, expires_at)
+    }
+
+    fn slot_keys(&self, max: usize, now: i64) -> Result<Vec<(String, i64, i64, i64)>> {
+        self.flow_keys(max, now)
+    }
+
+    fn slot_waiting(&self, key: &str, job: &str, now: i64) -> Result<Option<(i64, i64)>> {
+        self.flow_waiting(key, job, now)
     }
 
     fn breaker_allow(&self, name: &str, now: i64, rules: &BreakerRules) -> Result<BreakerDecision> {

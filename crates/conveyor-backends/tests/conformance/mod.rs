@@ -37,6 +37,7 @@ mod admin;
 mod batches;
 mod cache;
 mod events;
+mod flow;
 mod leases;
 mod lifecycle;
 mod limits;
@@ -51,6 +52,7 @@ pub use admin::*;
 pub use batches::*;
 pub use cache::*;
 pub use events::*;
+pub use flow::*;
 pub use leases::*;
 pub use lifecycle::*;
 pub use limits::*;
@@ -147,6 +149,10 @@ macro_rules! conformance_suite {
                 rate_limiter_admits_exactly_the_limit_under_concurrency,
                 rate_limit_middleware_releases_jobs_over_the_limit,
                 rate_limiter_clock_readings_out_of_order_keep_the_burst,
+                // flow control
+                concurrency_keys_limit_running_jobs_across_workers,
+                a_key_at_its_limit_holds_up_no_other_job,
+                a_crashed_workers_slot_comes_back_with_its_lease,
                 breaker_opens_probes_and_closes,
                 breaker_with_a_lost_probe_lets_another_probe_through,
                 breaker_middleware_releases_jobs_while_open,

@@ -59,6 +59,12 @@ pub(super) async fn heartbeat_loop(
                     if let Err(e) = backend.extend_leases(leases, sup.config.lease).await {
                         warn!(error = %e, "extending leases failed");
                     }
+                    let slots: Vec<(String, JobId)> =
+                        sup.slots.lock().expect("slots poisoned").iter().map(|(id, key)| (key.clone(), *id)).collect();
+                    let until = now_ms() + sup.config.lease.as_millis() as i64;
+                    if let Err(e) = crate::flow::extend(backend.as_ref(), slots, until).await {
+                        warn!(error = %e, "extending concurrency slots failed");
+                    }
                 }
             }
             _ = registry_tick.tick() => {
@@ -112,6 +118,9 @@ pub(super) async fn reap_loop(conveyor: Conveyor, every: Duration, stop: Cancell
             _ = stop.cancelled() => return,
             _ = tick.tick() => reap(backend.as_ref(), "reclaimed jobs whose lease expired").await,
             _ = dead_tick.tick() => {
+                if let Err(e) = crate::flow::sweep(backend.as_ref()).await {
+                    warn!(error = %e, "handing expired concurrency slots on failed");
+                }
                 let dead: Vec<String> = match backend.holders().await {
                     Ok(h) => h.into_iter().filter(|h| crate::liveness::is_dead(h)).collect(),
                     Err(e) => {

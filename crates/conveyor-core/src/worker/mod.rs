@@ -148,6 +148,8 @@ struct Supervisor {
     config: SupervisorConfig,
     pools: Vec<Arc<Pool>>,
     leases: Leases,
+    /// The concurrency key of each running job that holds a slot (see `crate::flow`).
+    slots: Arc<Mutex<HashMap<JobId, String>>>,
     processed: AtomicU64,
     cancelled: Arc<CancelledBatches>,
 }
@@ -173,6 +175,7 @@ pub async fn run(conveyor: Conveyor, config: WorkerConfig, shutdown: Cancellatio
                 config: s.clone(),
                 pools: pools_of(s),
                 leases: Arc::default(),
+                slots: Arc::default(),
                 processed: AtomicU64::new(0),
                 cancelled: cancelled.clone(),
             })

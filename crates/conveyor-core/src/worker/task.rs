@@ -29,6 +29,26 @@ impl JobTask {
                 self.finish(Completion { outcome: Outcome::Release { at: now_ms() }, ..template });
                 return;
             };
+            // A keyed job takes its key's slot now that it starts; at the key's limit it is
+            // parked instead (see `crate::flow`).
+            let key_slot = match crate::flow::Concurrency::of_job(self.conveyor.registry(), &job) {
+                None => None,
+                Some(c) => {
+                    let expires_at = now_ms() + self.sup.config.lease.as_millis() as i64;
+                    match crate::flow::acquire(self.conveyor.backend().as_ref(), &c, job.id, expires_at).await {
+                        Ok(true) => Some(c.key),
+                        Ok(false) => return self.park(template, c.key).await,
+                        Err(e) => {
+                            warn!(error = %e, key = %c.key, "concurrency slots unavailable; released");
+                            self.finish(Completion { outcome: Outcome::Release { at: now_ms() + 1000 }, ..template });
+                            return;
+                        }
+                    }
+                }
+            };
+            if let Some(key) = &key_slot {
+                self.sup.slots.lock().expect("slots poisoned").insert(job.id, key.clone());
+            }
             if let Some(entry) = self.sup.leases.lock().expect("leases poisoned").get_mut(&job.id) {
                 entry.1 = true;
             }
@@ -39,6 +59,12 @@ impl JobTask {
             let outcome = crate::trace::in_context(attempt.as_ref().map(|a| a.ctx), self.execute(&job, slot.clone())).await;
             let runtime_ms = started.elapsed().as_millis() as u64;
             self.sup.processed.fetch_add(1, Ordering::Relaxed);
+            if let Some(key) = key_slot {
+                self.sup.slots.lock().expect("slots poisoned").remove(&job.id);
+                if let Err(e) = crate::flow::release(self.conveyor.backend().as_ref(), &key, job.id).await {
+                    warn!(error = %e, %key, "giving back a concurrency slot failed; it expires with the lease");
+                }
+            }
             let (done, lost) = {
                 let slot = slot.lock().expect("completion slot poisoned");
                 (slot.done, slot.lost)
@@ -151,6 +177,26 @@ impl JobTask {
             _ => {}
         }
         outcome
+    }
+
+    /// Parks a job whose key is at its limit: released at once (no attempt spent) to run again
+    /// after [`crate::flow::PARK_RECHECK`], then put in line for the key's next free slot.
+    async fn park(&self, template: Completion, key: String) {
+        debug!(%key, "concurrency key at its limit; parked");
+        let id = template.id;
+        let at = now_ms() + crate::flow::PARK_RECHECK.as_millis() as i64;
+        let completion = Completion { outcome: Outcome::Release { at }, ..template };
+        let backend = self.conveyor.backend();
+        // Committed here, not by the flusher: the job joins the line only once it is parked.
+        if let Err(e) = backend.complete(vec![completion.clone()]).await {
+            warn!(error = %e, %key, "parking a job failed; the flusher retries");
+            return self.finish(completion);
+        }
+        self.sup.leases.lock().expect("leases poisoned").remove(&id);
+        self.count(&completion.outcome);
+        if let Err(e) = crate::flow::wait(backend.as_ref(), &key, id).await {
+            warn!(error = %e, %key, "joining a concurrency key's line failed; the job runs again at its recheck");
+        }
     }
 
     pub(super) fn finish(&self, completion: Completion) {
