@@ -82,14 +82,23 @@ impl Concurrency {
     /// The job's key: its kind's rule (a dotted path into the payload) wins over its tag. A
     /// payload without the rule's path has no key.
     pub fn of_job(registry: &crate::registry::Registry, job: &Job) -> Option<Self> {
-        if let Some(rule) = registry.concurrency_of(&job.kind) {
-            let payload: serde_json::Value = serde_json::from_str(&job.payload).ok()?;
-            let key = rule.key_of(&payload)?;
+        Concurrency::of(registry, &job.kind, || serde_json::from_str(&job.payload).ok(), &job.tags)
+    }
+
+    /// The same from a job's parts (`payload` is read only when the kind has a rule).
+    pub fn of(
+        registry: &crate::registry::Registry,
+        kind: &str,
+        payload: impl FnOnce() -> Option<serde_json::Value>,
+        tags: &[String],
+    ) -> Option<Self> {
+        if let Some(rule) = registry.concurrency_of(kind) {
+            let key = rule.key_of(&payload()?)?;
             let mut c = Concurrency::new(key, rule.limit).ok()?;
             c.authoritative = true;
             return Some(c);
         }
-        Concurrency::of_tags(&job.tags)
+        Concurrency::of_tags(tags)
     }
 }
 
@@ -132,6 +141,7 @@ impl Rule {
 
 /// One key's figures, for the dashboard.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct KeyStats {
     pub key: String,
     pub limit: i64,

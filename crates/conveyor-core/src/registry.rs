@@ -213,6 +213,8 @@ pub struct KindOptions {
     pub max_attempts: Option<u32>,
     /// For jobs without a timeout of their own.
     pub timeout: Option<Duration>,
+    /// At most `limit` jobs of the kind with the same key run at once (see [`crate::flow`]).
+    pub concurrency: Option<crate::flow::Rule>,
 }
 
 impl Registry {
@@ -321,7 +323,7 @@ impl Registry {
     }
 
     pub(crate) fn concurrency_of(&self, kind: &str) -> Option<&crate::flow::Rule> {
-        self.concurrency.get(kind)
+        self.concurrency.get(kind).or_else(|| self.options.get(kind).and_then(|o| o.concurrency.as_ref()))
     }
 
     pub(crate) fn middleware_of(&self, kind: &str) -> &[crate::middleware::Middleware] {

@@ -141,7 +141,7 @@ pub(crate) async fn list_jobs(State(s): State<AppState>, Query(q): Query<JobsQue
     Ok(page(jobs, &p))
 }
 
-#[utoipa::path(get, path = "/api/jobs/{id}", tag = "jobs", params(("id" = String, Path, description = "job id")), responses((status = 200, description = "the job in any state; a waiting one has `waiting: {reason: paused|no_worker|scheduled, detail}`", body = Envelope<JobInfo>), (status = 404, description = "not found", body = ErrorEnvelope)))]
+#[utoipa::path(get, path = "/api/jobs/{id}", tag = "jobs", params(("id" = String, Path, description = "job id")), responses((status = 200, description = "the job in any state; a waiting one has `waiting: {reason: paused|key_limit|no_worker|scheduled, detail}`", body = Envelope<JobInfo>), (status = 404, description = "not found", body = ErrorEnvelope)))]
 pub(crate) async fn show_job(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = job_id(&id)?;
     let Some(job) = s.conveyor.backend().job(id).await? else { return Err(ApiError::NotFound(format!("no job {id}"))) };
@@ -155,8 +155,8 @@ pub(crate) async fn show_job(State(s): State<AppState>, Path(id): Path<String>) 
 }
 
 /// Why a job that has not run yet waits, when the store can say (SPEC "Flow control"): its
-/// queue is paused, it is a remote job no worker is connected to fetch, or it is scheduled (a
-/// delay, or a retry's backoff). `None` for a job that is simply next in line, or not waiting.
+/// queue is paused, its concurrency key is at its limit, it is a remote job no worker is
+/// connected to fetch, or it is scheduled (a delay, or a retry's backoff). `None` for a job that is simply next in line, or not waiting.
 async fn waiting(s: &AppState, job: &conveyor_core::job::JobInfo, remote: bool) -> Result<Option<serde_json::Value>, ApiError> {
     if !matches!(job.state, JobState::Pending | JobState::Delayed) {
         return Ok(None);
@@ -164,6 +164,16 @@ async fn waiting(s: &AppState, job: &conveyor_core::job::JobInfo, remote: bool) 
     let queues = s.conveyor.backend().queues().await?;
     if queues.iter().any(|q| q.queue == job.queue && q.paused) {
         return Ok(Some(serde_json::json!({ "reason": "paused", "detail": format!("queue {:?} is paused", job.queue) })));
+    }
+    if job.state == JobState::Delayed {
+        let c = conveyor_core::flow::Concurrency::of(s.conveyor.registry(), &job.kind, || Some(job.payload.clone()), &job.tags);
+        if let Some(c) = c {
+            if let Some((limit, running)) = conveyor_core::flow::waiting(s.conveyor.backend().as_ref(), &c.key, job.id).await? {
+                let detail =
+                    format!("its concurrency key {:?} is at its limit ({running} of {limit} running); it runs when a slot frees", c.key);
+                return Ok(Some(serde_json::json!({ "reason": "key_limit", "detail": detail })));
+            }
+        }
     }
     if remote && job.state == JobState::Pending {
         let workers = s.conveyor.backend().workers(Duration::from_secs(60)).await?;

@@ -141,7 +141,9 @@ fn parse_jobs(s: &AppState, who: &Principal, v: Option<&Value>, path: &str) -> R
 fn parse_job(s: &AppState, who: &Principal, o: &Map<String, Value>, prefix: &str) -> Result<NewJob, ApiError> {
     let at = |field: &str| if prefix.is_empty() { field.to_string() } else { format!("{prefix}.{field}") };
     let bad = |field: &str, why: &str| ApiError::Validation(BTreeMap::from([(at(field), why.to_string())]));
-    const KNOWN: [&str; 13] = [
+    const KNOWN: [&str; 15] = [
+        "concurrency_key",
+        "concurrency_limit",
         "kind",
         "payload",
         "queue",
@@ -156,7 +158,7 @@ fn parse_job(s: &AppState, who: &Principal, o: &Map<String, Value>, prefix: &str
         "tags",
         "id",
     ];
-    const LATER: [&str; 3] = ["concurrency_key", "concurrency_limit", "fairness_key"];
+    const LATER: [&str; 1] = ["fairness_key"];
     for k in o.keys() {
         if LATER.contains(&k.as_str()) {
             return Err(bad(k, "flow control is not available in this version"));
@@ -237,6 +239,26 @@ fn parse_job(s: &AppState, who: &Principal, o: &Map<String, Value>, prefix: &str
                 .ok_or_else(|| bad(&format!("tags[{i}]"), "must be 1 to 200 characters"))?;
             job = job.tag(tag);
         }
+    }
+    match (o.get("concurrency_key").filter(|v| !v.is_null()), o.get("concurrency_limit").filter(|v| !v.is_null())) {
+        (None, Some(_)) => return Err(bad("concurrency_limit", "needs concurrency_key")),
+        (Some(_), _) if remote => {
+            return Err(bad(
+                "concurrency_key",
+                "applies to kinds Conveyor's own workers run; workers that fetch over the Faktory protocol take no slots yet",
+            ))
+        }
+        (Some(k), limit) => {
+            let k = k.as_str().ok_or_else(|| bad("concurrency_key", "must be a string"))?;
+            let limit = match limit {
+                None => 1,
+                Some(l) => l.as_u64().filter(|l| (1..=conveyor_core::flow::MAX_LIMIT as u64).contains(l)).ok_or_else(|| {
+                    bad("concurrency_limit", &format!("must be a whole number from 1 to {}", conveyor_core::flow::MAX_LIMIT))
+                })? as u32,
+            };
+            job = job.concurrency(conveyor_core::flow::Concurrency::new(k, limit).map_err(|e| bad("concurrency_key", &e))?);
+        }
+        (None, None) => {}
     }
     if o.get("id").is_some_and(|v| !v.is_null()) {
         return Err(bad("id", "is chosen by Conveyor (use unique_key to deduplicate)"));

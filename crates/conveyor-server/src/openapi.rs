@@ -138,6 +138,7 @@ pub(crate) struct Health {
         crate::orchestration::cancel_batch,
         crate::orchestration::show_workflow,
         crate::orchestration::breakers,
+        crate::orchestration::concurrency_keys,
         crate::orchestration::event_log,
         crate::orchestration::schedules,
         crate::kinds::list,
@@ -166,7 +167,8 @@ pub(crate) struct Health {
         PageMeta,
         crate::admin::Series,
         crate::admin::Point,
-        crate::orchestration::BatchDetail
+        crate::orchestration::BatchDetail,
+        conveyor_core::flow::KeyStats
     ))
 )]
 pub(crate) struct ApiDoc;

@@ -37,6 +37,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/api/batches/{id}/cancel", post(cancel_batch))
         .route("/api/workflows/{id}", get(show_workflow))
         .route("/api/breakers", get(breakers))
+        .route("/api/concurrency", get(concurrency_keys))
         .route("/api/events/log", get(event_log))
         .route("/api/schedules", get(schedules))
 }
@@ -80,6 +81,20 @@ pub(crate) async fn show_workflow(State(s): State<AppState>, Path(id): Path<Stri
 #[utoipa::path(get, path = "/api/breakers", tag = "breakers", responses((status = 200, description = "circuit breakers", body = Envelope<Vec<BreakerInfo>>)))]
 pub(crate) async fn breakers(State(s): State<AppState>) -> Result<Response, ApiError> {
     Ok(ok(breaker::list(s.conveyor.backend().as_ref(), Duration::from_secs(60)).await?))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct KeysQuery {
+    limit: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/api/concurrency", tag = "breakers", params(("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "how many keys, default 20")), responses((status = 200, description = "the busiest concurrency keys (most running plus waiting), with their limits", body = Envelope<Vec<conveyor_core::flow::KeyStats>>), (status = 422, description = "a parameter is invalid", body = ErrorEnvelope)))]
+pub(crate) async fn concurrency_keys(State(s): State<AppState>, Query(q): Query<KeysQuery>) -> Result<Response, ApiError> {
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::Validation(std::collections::BTreeMap::from([("limit".to_string(), "must be 1 to 1000".to_string())])));
+    }
+    Ok(ok(conveyor_core::flow::keys(s.conveyor.backend().as_ref(), limit).await?))
 }
 
 #[derive(Deserialize)]

@@ -62,6 +62,8 @@ pub struct HttpKind {
     pub breaker_open_for: Duration,
     /// Attempts of its jobs that do not set their own (default: the engine's).
     pub max_attempts: Option<u32>,
+    /// At most `limit` calls with the same key (a payload path) at once, across workers.
+    pub concurrency_key: Option<conveyor_core::flow::Rule>,
 }
 
 impl HttpKind {
@@ -80,6 +82,7 @@ impl HttpKind {
             breaker_failures: DEFAULT_BREAKER_FAILURES,
             breaker_open_for: Duration::from_secs(30),
             max_attempts: None,
+            concurrency_key: None,
         }
     }
 
@@ -165,7 +168,15 @@ pub fn register(registry: &mut Registry, backend: Arc<dyn QueueBackend>, kinds: 
     for k in kinds {
         let runner = Arc::new(call::Runner::new(k.clone(), client.clone()));
         registry.register_raw(&k.name, move |payload, ctx| runner.clone().run(payload, ctx));
-        registry.kind_options(&k.name, KindOptions { queue: Some(k.queue.clone()), max_attempts: k.max_attempts, timeout: None });
+        registry.kind_options(
+            &k.name,
+            KindOptions {
+                queue: Some(k.queue.clone()),
+                max_attempts: k.max_attempts,
+                timeout: None,
+                concurrency: k.concurrency_key.clone(),
+            },
+        );
         if let Some(limit) = k.rate_limit {
             let limiter = RateLimiter::new(backend.clone(), k.owner(), limit);
             registry.middleware(&k.name, Middleware::rate_limit(limiter, |_| String::new()));

@@ -6,6 +6,7 @@ mod amqp;
 mod browser;
 mod commands;
 mod faktory;
+mod flow;
 mod http;
 mod http_kinds;
 mod jobs;

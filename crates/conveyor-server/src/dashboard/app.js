@@ -151,7 +151,7 @@ function overview() {
   return {
     frame: '<h1>Overview</h1>',
     async data() {
-      const [stats, queues, workers, breakers, kinds] = await Promise.all([api('/api/stats'), api('/api/queues'), api('/api/workers'), api('/api/breakers'), api('/api/kinds')]);
+      const [stats, queues, workers, breakers, kinds, keys] = await Promise.all([api('/api/stats'), api('/api/queues'), api('/api/workers'), api('/api/breakers'), api('/api/kinds'), api('/api/concurrency')]);
       const s = stats.data;
       const wait = s.queues.max_wait ? `${s.queues.max_wait.seconds.toFixed(1)} s` : '0 s';
       let html = `<div class="grid">
@@ -209,6 +209,14 @@ function overview() {
           { title: 'Calls', num: 1, cell: (b) => num(b.calls) },
           { title: 'Opened', cell: (b) => ago(b.opened_at) },
         ], breakers.data);
+      }
+      if (keys.data.length) {
+        html += '<h2>Concurrency keys</h2>' + table([
+          { title: 'Key', cell: (k) => `<span class="mono">${esc(k.key)}</span>` },
+          { title: 'Running', num: 1, cell: (k) => num(k.running) },
+          { title: 'Limit', num: 1, cell: (k) => num(k.limit) },
+          { title: 'Waiting', num: 1, cell: (k) => num(k.waiting) },
+        ], keys.data);
       }
       return html;
     },

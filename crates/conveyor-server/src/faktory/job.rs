@@ -109,10 +109,8 @@ pub(crate) fn parse(v: Value, local: impl Fn(&str) -> bool) -> Result<Pushed, St
     if let Some(at) = custom.get("expires_at").filter(|v| !v.is_null()) {
         at.as_str().and_then(rfc3339_ms).ok_or("custom.expires_at must be an RFC 3339 time")?;
     }
-    for key in ["concurrency_key", "concurrency_limit", "fairness_key"] {
-        if custom.contains_key(key) {
-            return Err(format!("custom.{key}: flow control is not available in this version"));
-        }
+    if custom.contains_key("fairness_key") {
+        return Err("custom.fairness_key: fair queueing is not available in this version".into());
     }
 
     let remote = !local(&kind);
@@ -146,6 +144,36 @@ pub(crate) fn parse(v: Value, local: impl Fn(&str) -> bool) -> Result<Pushed, St
     if let Some(bid) = custom.get("bid").filter(|v| !v.is_null()) {
         let bid = bid.as_str().ok_or("custom.bid must be a string")?;
         job = job.batch(bid);
+    }
+    match (custom.get("concurrency_key").filter(|v| !v.is_null()), custom.get("concurrency_limit").filter(|v| !v.is_null())) {
+        (None, None) => {}
+        (None, Some(_)) => return Err("custom.concurrency_limit needs custom.concurrency_key".into()),
+        (Some(_), _) if remote => {
+            return Err(
+                "custom.concurrency_key: applies to kinds Conveyor's own workers run; jobs fetched over this protocol take no slots yet"
+                    .into(),
+            )
+        }
+        (Some(k), limit) => {
+            // Rails sends numbers as strings unless the application converts them.
+            let key = k
+                .as_str()
+                .map(str::to_string)
+                .or_else(|| k.as_i64().map(|n| n.to_string()))
+                .ok_or("custom.concurrency_key must be a string")?;
+            let limit = match limit {
+                None => 1,
+                Some(l) => l
+                    .as_u64()
+                    .or_else(|| l.as_str().and_then(|s| s.trim().parse().ok()))
+                    .filter(|n| (1..=conveyor_core::flow::MAX_LIMIT as u64).contains(n))
+                    .ok_or_else(|| {
+                        format!("custom.concurrency_limit must be a whole number from 1 to {}", conveyor_core::flow::MAX_LIMIT)
+                    })? as u32,
+            };
+            let c = conveyor_core::flow::Concurrency::new(key, limit).map_err(|e| format!("custom.concurrency_key: {e}"))?;
+            job = job.concurrency(c);
+        }
     }
     // The producer's trace (W3C); a malformed value is ignored, as a tracer ignores a bad header.
     if let Some(tp) = custom.get("traceparent").and_then(Value::as_str) {
@@ -274,6 +302,21 @@ mod tests {
     fn a_local_kind_takes_its_payload_from_args() {
         let p = parse(json!({ "jid": "abcdefgh1234", "jobtype": "conveyor.noop", "args": [{ "n": 1 }] }), |_| true).unwrap();
         assert_eq!((p.job.queue.as_str(), p.job.payload.as_str()), ("default", r#"{"n":1}"#));
+    }
+
+    #[test]
+    fn custom_concurrency_key_limits_a_local_kind() {
+        let job = |custom: Value| json!({ "jid": "abcdefgh1234", "jobtype": "conveyor.noop", "args": [{}], "custom": custom });
+        let p = parse(job(json!({ "concurrency_key": "shop-7", "concurrency_limit": "3" })), |_| true).unwrap();
+        assert!(p.job.tags.contains(&"concurrency:3:shop-7".to_string()), "{:?}", p.job.tags);
+        let p = parse(job(json!({ "concurrency_key": 42 })), |_| true).unwrap();
+        assert!(p.job.tags.contains(&"concurrency:1:42".to_string()), "the limit is 1 unless given: {:?}", p.job.tags);
+        let e = |custom: Value, local: bool| parse(job(custom), move |_| local).err().unwrap();
+        assert!(e(json!({ "concurrency_limit": 2 }), true).contains("needs custom.concurrency_key"));
+        assert!(e(json!({ "concurrency_key": "k", "concurrency_limit": 0 }), true).contains("custom.concurrency_limit"));
+        assert!(e(json!({ "concurrency_key": "" }), true).contains("custom.concurrency_key"));
+        assert!(e(json!({ "concurrency_key": "k" }), false).contains("take no slots yet"), "remote kinds: not yet");
+        assert!(e(json!({ "fairness_key": "k" }), true).contains("custom.fairness_key"));
     }
 
     #[test]

@@ -29,13 +29,15 @@ const HTTP_KEYS: &[&str] = &[
     "breaker_failures",
     "breaker_open_for",
     "max_attempts",
+    "concurrency_key",
+    "concurrency_limit",
 ];
 
 /// The keys of an entry without `url`.
-const DEFAULT_KEYS: &[&str] = &["name", "queue", "max_attempts", "timeout"];
+const DEFAULT_KEYS: &[&str] = &["name", "queue", "max_attempts", "timeout", "concurrency_key", "concurrency_limit"];
 
-/// Keys the SPEC gives `[[kinds]]` that arrive with flow control.
-const NOT_YET: &[&str] = &["concurrency_key", "concurrency_limit", "fairness_key"];
+/// Keys the SPEC gives `[[kinds]]` that arrive with fair queueing.
+const NOT_YET: &[&str] = &["fairness_key"];
 
 pub(crate) fn kinds(file: &toml::Table) -> anyhow::Result<(Vec<HttpKind>, Vec<KindDefaults>)> {
     let Some(list) = file.get("kinds") else { return Ok((Vec::new(), Vec::new())) };
@@ -66,6 +68,20 @@ pub(crate) fn kinds(file: &toml::Table) -> anyhow::Result<(Vec<HttpKind>, Vec<Ki
                     .with_context(|| format!("kinds[{i}].max_attempts: expected a whole number from 1 to 1000"))? as u32,
             ),
         };
+        // `concurrency_key`: a dotted path into the payload; `concurrency_limit`: 1 unless set.
+        let rule = match (text("concurrency_key")?, t.get("concurrency_limit")) {
+            (None, None) => None,
+            (None, Some(_)) => bail!("kinds[{i}].concurrency_limit: needs concurrency_key"),
+            (Some(path), limit) => {
+                let limit = match limit {
+                    None => 1,
+                    Some(v) => v.as_integer().filter(|n| (1..=conveyor_core::flow::MAX_LIMIT as i64).contains(n)).with_context(|| {
+                        format!("kinds[{i}].concurrency_limit: expected a whole number from 1 to {}", conveyor_core::flow::MAX_LIMIT)
+                    })? as u32,
+                };
+                Some(conveyor_core::flow::Rule::new(path, limit).map_err(|e| anyhow::anyhow!("kinds[{i}].concurrency_key: {e}"))?)
+            }
+        };
         let Some(url) = text("url")? else {
             if let Some(key) = t.keys().find(|k| !DEFAULT_KEYS.contains(&k.as_str())) {
                 bail!("kinds[{i}].{key}: only an HTTP kind (with url) has it");
@@ -80,17 +96,18 @@ pub(crate) fn kinds(file: &toml::Table) -> anyhow::Result<(Vec<HttpKind>, Vec<Ki
                     Some(parse_duration(&scalar_text(v)).with_context(|| format!("kinds[{i}].timeout: expected a duration like 30s"))?)
                 }
             };
-            if queue.is_none() && attempts.is_none() && timeout.is_none() {
-                bail!("kinds[{i}]: without url, an entry sets queue, max_attempts or timeout for the kind's jobs");
+            if queue.is_none() && attempts.is_none() && timeout.is_none() && rule.is_none() {
+                bail!("kinds[{i}]: without url, an entry sets queue, max_attempts, timeout or concurrency_key for the kind's jobs");
             }
             if queues.iter().any(|q| q.kind == name) {
                 bail!("kinds[{i}].name: {name:?} is declared twice");
             }
-            queues.push(KindDefaults { kind: name, options: KindOptions { queue, max_attempts: attempts, timeout } });
+            queues.push(KindDefaults { kind: name, options: KindOptions { queue, max_attempts: attempts, timeout, concurrency: rule } });
             continue;
         };
         let mut k = HttpKind::new(name, url);
         k.max_attempts = attempts;
+        k.concurrency_key = rule;
         if let Some(q) = text("queue")? {
             k.queue = q;
         }
@@ -168,8 +185,19 @@ mod tests {
         assert_eq!(k.timeout, Duration::from_secs(5));
         assert_eq!(k.listen, vec!["order.placed"]);
         assert_eq!(k.rate_limit.unwrap().limit, 50);
-        let options = KindOptions { queue: Some("images".into()), max_attempts: Some(7), timeout: Some(Duration::from_secs(120)) };
+        let options =
+            KindOptions { queue: Some("images".into()), max_attempts: Some(7), timeout: Some(Duration::from_secs(120)), concurrency: None };
         assert_eq!(queues, vec![KindDefaults { kind: "resize".into(), options }]);
+
+        // A concurrency key on an HTTP kind and on another kind's defaults; the limit is 1
+        // unless set.
+        let (http, queues) = parse(
+            "[[kinds]]\nname = \"call\"\nurl = \"http://127.0.0.1:9000/\"\nconcurrency_key = \"shop.id\"\nconcurrency_limit = 3\n\
+             [[kinds]]\nname = \"resize\"\nconcurrency_key = \"customer_id\"\n",
+        )
+        .unwrap();
+        assert_eq!(http[0].concurrency_key, Some(conveyor_core::flow::Rule::new("shop.id", 3).unwrap()));
+        assert_eq!(queues[0].options.concurrency, Some(conveyor_core::flow::Rule::new("customer_id", 1).unwrap()));
 
         for (text, field) in [
             ("[[kinds]]\nurl = \"http://x\"\n", "kinds[0].name"),
@@ -179,7 +207,10 @@ mod tests {
             ("[[kinds]]\nname = \"a\"\nurl = \"http://x\"\ntimeout = \"soon\"\n", "kinds[0].timeout"),
             ("[[kinds]]\nname = \"a\"\nurl = \"http://x\"\nrate_limit = \"fast\"\n", "kinds[0].rate_limit"),
             ("[[kinds]]\nname = \"a\"\nurl = \"http://x\"\nretries = 3\n", "kinds[0].retries: unknown key"),
-            ("[[kinds]]\nname = \"a\"\nurl = \"http://x\"\nconcurrency_key = \"c\"\n", "kinds[0].concurrency_key"),
+            ("[[kinds]]\nname = \"a\"\nurl = \"http://x\"\nconcurrency_key = \"c..d\"\n", "kinds[0].concurrency_key"),
+            ("[[kinds]]\nname = \"a\"\nurl = \"http://x\"\nconcurrency_limit = 2\n", "kinds[0].concurrency_limit: needs concurrency_key"),
+            ("[[kinds]]\nname = \"a\"\nconcurrency_key = \"c\"\nconcurrency_limit = 0\n", "kinds[0].concurrency_limit"),
+            ("[[kinds]]\nname = \"a\"\nurl = \"http://x\"\nfairness_key = \"c\"\n", "kinds[0].fairness_key: not supported"),
             ("[[kinds]]\nname = \"a\"\nqueue = \"q\"\nlisten = [\"e\"]\n", "kinds[0].listen: only an HTTP kind"),
             ("[[kinds]]\nname = \"a\"\nmax_attempts = 0\n", "kinds[0].max_attempts"),
             ("[[kinds]]\nname = \"a\"\n", "kinds[0]: without url"),
