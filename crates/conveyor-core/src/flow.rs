@@ -300,6 +300,8 @@ mod sql {
             "INSERT INTO concurrency_slots (key, job_id, expires_at) VALUES ($1, $2, $3)",
             &[text(key), text(job), expires_at.into()],
         )?;
+        // A parked job that got its slot at its recheck leaves the line.
+        tx.execute("DELETE FROM concurrency_waiters WHERE key = $1 AND job_id = $2", &[text(key), text(job)])?;
         Ok(true)
     }
 

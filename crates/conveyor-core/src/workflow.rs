@@ -361,7 +361,15 @@ pub fn record_outcome(tx: &mut dyn Tx, c: &Completion) -> Result<()> {
          RETURNING role, step, declined",
         &[wf.into(), seq.into(), status.into(), error.into(), started.into(), finished.into()],
     )?;
-    let Some(r) = rows.first() else { return Ok(()) };
+    let Some(r) = rows.first() else {
+        if matches!(c.outcome, Outcome::Retry { .. }) {
+            // A retried attempt recorded after the step's next attempt already ended (a queue
+            // whose reaper records outcomes after it made the job ready again, under load): it
+            // still counts as an attempt, and changes nothing else.
+            tx.execute("UPDATE workflow_steps SET attempts = attempts + 1 WHERE workflow_id = $1 AND seq = $2", &[wf.into(), seq.into()])?;
+        }
+        return Ok(());
+    };
     let (role, step) = (r.text(0).unwrap_or_default().to_string(), r.int(1));
     // A business failure (see [`decline_in`]): the job completed — nothing for the failed
     // store — but the workflow fails with the reason and compensates.

@@ -41,6 +41,7 @@ end
 local n = redis.call('ZCARD', ks)
 if n >= lim then return {0, n, lim} end
 redis.call('ZADD', ks, exp, job)
+redis.call('ZREM', T..':fw:'..key, job)
 return {1, n + 1, lim}
 "#,
     ),
