@@ -4,8 +4,13 @@
 //! Phase 1 enqueues N jobs in batches (several batches in flight, as concurrent producers
 //! would), then processes them. Phase 2 enqueues at a steady 1,000 jobs/s for 5 s while the
 //! workers run and measures enqueue-to-finish (handler end) latency.
+//!
+//! With `--keys N`, job `n` carries the concurrency key `k<n mod N>` with `--key-limit`
+//! (default: the executors, a limit never reached): the cost of keys, and with a low limit how
+//! close the workers come to what the limits allow. The jobs count how many of each key run at
+//! once and the report says the most seen.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -49,6 +54,12 @@ pub(crate) struct BenchArgs {
     /// Jobs per second in the latency phase
     #[arg(long, default_value_t = 1_000)]
     rate: u64,
+    /// Concurrency keys over the jobs (job n has key n mod KEYS); 0: no keys
+    #[arg(long, default_value_t = 0)]
+    keys: u64,
+    /// Each key's concurrency limit (default: --concurrency, never reached)
+    #[arg(long)]
+    key_limit: Option<u32>,
     /// Benchmark notifications instead: --jobs events, each delivered to a signed webhook
     /// receiver on loopback
     #[arg(long)]
@@ -64,12 +75,24 @@ struct Payload {
     /// Enqueue time in unix microseconds (latency phase only).
     #[serde(default)]
     t: Option<u64>,
+    /// The job's key (with --keys).
+    #[serde(default)]
+    k: Option<usize>,
 }
 
 struct Shared {
     done: AtomicU64,
     latencies_us: Mutex<Vec<u64>>,
     work: Duration,
+    /// Per key: (running now, most at once), counted by the jobs.
+    per_key: Vec<(AtomicU32, AtomicU32)>,
+}
+
+/// The keys of a run: (count, limit); `None` without keys.
+#[derive(Clone, Copy)]
+struct Keys {
+    count: u64,
+    limit: u32,
 }
 
 fn now_us() -> u64 {
@@ -89,19 +112,39 @@ pub(crate) async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
     if args.jobs == 0 || args.concurrency == 0 || args.batch == 0 {
         bail!("--jobs, --concurrency and --batch must be at least 1");
     }
+    let limit = args.key_limit.unwrap_or(args.concurrency.min(conveyor_core::flow::MAX_LIMIT as usize) as u32);
+    if args.keys > 0 {
+        conveyor_core::flow::Concurrency::new("k0", limit).map_err(|e| anyhow::anyhow!("--key-limit: {e}"))?;
+    } else if args.key_limit.is_some() {
+        bail!("--key-limit needs --keys");
+    }
+    let keys = (args.keys > 0).then_some(Keys { count: args.keys, limit });
     let backend = open_backend(&config)?;
     let leftover = backend.clear(QUEUE).await?;
     if leftover > 0 {
         eprintln!("bench: removed {leftover} jobs left on queue {QUEUE} by an earlier run");
     }
-    let shared = Arc::new(Shared { done: AtomicU64::new(0), latencies_us: Mutex::default(), work: Duration::from_millis(args.work_ms) });
+    let shared = Arc::new(Shared {
+        done: AtomicU64::new(0),
+        latencies_us: Mutex::default(),
+        work: Duration::from_millis(args.work_ms),
+        per_key: (0..args.keys).map(|_| (AtomicU32::new(0), AtomicU32::new(0))).collect(),
+    });
     let mut registry = Registry::new();
     let s = shared.clone();
     registry.register(KIND, move |p: Payload, _ctx: JobContext| {
         let s = s.clone();
         async move {
+            let key = p.k.and_then(|k| s.per_key.get(k));
+            if let Some((running, most)) = key {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+            }
             if !s.work.is_zero() {
                 tokio::time::sleep(s.work).await;
+            }
+            if let Some((running, _)) = key {
+                running.fetch_sub(1, Ordering::SeqCst);
             }
             if let Some(t) = p.t {
                 let lat = now_us().saturating_sub(t);
@@ -127,7 +170,7 @@ pub(crate) async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
             let mut i = p * batch;
             while i < jobs {
                 let end = (i + batch).min(jobs);
-                let batch_jobs: Vec<NewJob> = (i..end).map(|n| job(n, &pad, None)).collect();
+                let batch_jobs: Vec<NewJob> = (i..end).map(|n| job(n, &pad, None, keys)).collect();
                 conveyor.dispatch_many(batch_jobs).await?;
                 i += producers * batch;
             }
@@ -172,7 +215,7 @@ pub(crate) async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
                 continue;
             }
             let t = now_us();
-            conveyor.dispatch_many((0..n).map(|i| job(sent + i, &pad, Some(t))).collect()).await?;
+            conveyor.dispatch_many((0..n).map(|i| job(sent + i, &pad, Some(t), keys)).collect()).await?;
             sent += n;
         }
         wait_drained(&backend, &shared, before + total, "latency").await?;
@@ -184,8 +227,15 @@ pub(crate) async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
     };
     shutdown.cancel();
     workers.await.context("worker task")?;
+    let keyed = match keys {
+        None => String::new(),
+        Some(k) => {
+            let most = shared.per_key.iter().map(|(_, m)| m.load(Ordering::SeqCst)).max().unwrap_or(0);
+            format!(" keys={} key_limit={} most_running_per_key={most}", k.count, k.limit)
+        }
+    };
     println!(
-        "bench: backend={} jobs={} concurrency={} enqueue_per_s={:.0} process_per_s={:.0} p50_ms={:.2} p99_ms={:.2}",
+        "bench: backend={} jobs={} concurrency={} enqueue_per_s={:.0} process_per_s={:.0} p50_ms={:.2} p99_ms={:.2}{keyed}",
         backend.name(),
         args.jobs,
         args.concurrency,
@@ -197,14 +247,24 @@ pub(crate) async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn job(n: u64, pad: &str, t: Option<u64>) -> NewJob {
-    let payload = match (t, pad.is_empty()) {
-        (Some(t), true) => format!("{{\"i\":{n},\"t\":{t}}}"),
-        (Some(t), false) => format!("{{\"i\":{n},\"t\":{t},\"pad\":\"{pad}\"}}"),
-        (None, true) => format!("{{\"i\":{n}}}"),
-        (None, false) => format!("{{\"i\":{n},\"pad\":\"{pad}\"}}"),
-    };
-    NewJob::raw(KIND, payload).queue(QUEUE)
+fn job(n: u64, pad: &str, t: Option<u64>, keys: Option<Keys>) -> NewJob {
+    let mut fields = format!("\"i\":{n}");
+    if let Some(t) = t {
+        fields.push_str(&format!(",\"t\":{t}"));
+    }
+    if let Some(k) = keys {
+        fields.push_str(&format!(",\"k\":{}", n % k.count));
+    }
+    if !pad.is_empty() {
+        fields.push_str(&format!(",\"pad\":\"{pad}\""));
+    }
+    let job = NewJob::raw(KIND, format!("{{{fields}}}")).queue(QUEUE);
+    match keys {
+        None => job,
+        Some(k) => job.concurrency(
+            conveyor_core::flow::Concurrency::new(format!("k{}", n % k.count), k.limit).expect("the limit was checked at start"),
+        ),
+    }
 }
 
 fn pct(sorted_us: &[u64], q: f64) -> f64 {
