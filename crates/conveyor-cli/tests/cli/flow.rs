@@ -91,3 +91,65 @@ async fn jobs_of_one_concurrency_key_run_one_at_a_time_and_say_why_they_wait() {
     sigterm(&child);
     assert!(wait_exit(&mut child, Duration::from_secs(30)).await.success());
 }
+
+/// A worker SIGKILLed while two jobs of a key (limit 2) hold its slots and four wait in line:
+/// the killed jobs run again within seconds in another worker, taking back their own slots (the
+/// 120 s lease does not have to pass), the waiting ones follow, every job completes once, and no
+/// more than 2 ever ran at once.
+async fn a_worker_killed_holding_a_keys_slots_loses_nothing(env: TestEnv) {
+    use conveyor_core::backend::{JobFilter, Page};
+    use conveyor_core::job::{JobState, NewJob};
+    const MS: i64 = 1500;
+    let key = format!("shop-{}", conveyor_core::job::JobId::new());
+    let c = conveyor_core::flow::Concurrency::new(&key, 2).unwrap();
+    let jobs: Vec<NewJob> = (0..6).map(|i| NewJob::new("conveyor.sleep", &json!({ "ms": MS, "n": i })).concurrency(c.clone())).collect();
+    let ids: Vec<_> = env.backend.enqueue(jobs).await.unwrap().iter().map(|o| o.id()).collect();
+    let mut first = env.spawn(&["work"]);
+    let busy = || async {
+        conveyor_core::flow::keys(env.backend.as_ref(), 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|k| k.key == key)
+            .map(|k| (k.running, k.waiting))
+    };
+    crate::wait_for("two jobs running with the key's slots, four in line", Duration::from_secs(30), || async {
+        busy().await == Some((2, 4))
+    })
+    .await;
+    first.kill().expect("SIGKILL the worker");
+    first.wait().unwrap();
+    let mut second = env.spawn(&["work"]);
+    crate::wait_for("every job to finish, well within the 120 s lease", Duration::from_secs(40), || async {
+        let q = env.queue("default").await;
+        q.pending + q.reserved + q.delayed == 0
+    })
+    .await;
+    sigterm(&second);
+    assert!(wait_exit(&mut second, Duration::from_secs(30)).await.success());
+    let done = env.backend.jobs(JobFilter { state: Some(JobState::Completed), ..Default::default() }, Page::new(1, 100)).await.unwrap();
+    let mut starts = Vec::new();
+    for id in &ids {
+        let runs: Vec<_> = done.items.iter().filter(|j| j.id == *id).collect();
+        assert_eq!(runs.len(), 1, "job {id} completed exactly once");
+        starts.push(runs[0].reserved_at.unwrap());
+    }
+    assert_eq!(done.items.iter().filter(|j| j.attempts == 2).count(), 2, "the two killed jobs ran again (attempt 2)");
+    // A job runs MS after its (last) reservation; at no start were more than 2 running.
+    for s in &starts {
+        let running = starts.iter().filter(|o| *o <= s && *s < *o + MS).count();
+        assert!(running <= 2, "3 jobs of the key ran at once (starts {starts:?})");
+    }
+    assert_eq!(busy().await, None, "the key is idle and forgotten");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_holding_a_keys_slots_loses_nothing_on_sqlite() {
+    a_worker_killed_holding_a_keys_slots_loses_nothing(TestEnv::new(crate::process::LONG_LEASE)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_holding_a_keys_slots_loses_nothing_on_postgres() {
+    let Some(env) = TestEnv::postgres(crate::process::LONG_LEASE, None) else { return };
+    a_worker_killed_holding_a_keys_slots_loses_nothing(env).await;
+}

@@ -150,7 +150,7 @@ async fn a_worker_process_serves_its_counters_on_the_metrics_port() {
 }
 
 /// A lease far longer than the test: only the liveness check can bring jobs back in time.
-const LONG_LEASE: &str =
+pub(crate) const LONG_LEASE: &str =
     "[[supervisors]]\nname = \"default\"\nqueues = [\"default\"]\nconcurrency = 8\nlease = \"120s\"\n\n[retention]\ncompleted = 100000\n";
 
 /// The jobs a SIGKILLed worker held run again within seconds (its process is gone, which the
