@@ -116,6 +116,28 @@ pub(crate) async fn before(conveyor: &Conveyor, job: &Job, chain: &[Middleware])
     Ok(guard)
 }
 
+/// Why a job of `kind` that a middleware released may be waiting, as `(reason, detail)`: one of
+/// its chain's breakers is open (`breaker_open`), else its chain has a rate limit
+/// (`rate_limit`). `None` when its chain has neither. For `GET /api/jobs/{id}` (SPEC "Flow
+/// control"): the release itself records no reason, so this reads the chain's state now.
+pub async fn release_cause(conveyor: &Conveyor, kind: &str) -> Option<(&'static str, String)> {
+    let chain = conveyor.registry().middleware_of(kind);
+    for mw in chain {
+        if let Middleware::Breaker(b) = mw {
+            if b.info().await.is_ok_and(|i| i.state == "open") {
+                return Some(("breaker_open", format!("the circuit breaker {:?} is open", b.name())));
+            }
+        }
+    }
+    chain.iter().find_map(|mw| match mw {
+        Middleware::RateLimit { limiter, .. } => {
+            let l = limiter.limit();
+            Some(("rate_limit", format!("its kind's rate limit ({} per {} s) released it", l.limit, l.period.as_secs_f64())))
+        }
+        _ => None,
+    })
+}
+
 /// The result `after` gets for a job a middleware stopped: a release, which is no verdict on
 /// any breaker's dependency (the call never happened).
 fn not_run() -> JobResult {

@@ -141,7 +141,7 @@ pub(crate) async fn list_jobs(State(s): State<AppState>, Query(q): Query<JobsQue
     Ok(page(jobs, &p))
 }
 
-#[utoipa::path(get, path = "/api/jobs/{id}", tag = "jobs", params(("id" = String, Path, description = "job id")), responses((status = 200, description = "the job in any state; a waiting one has `waiting: {reason: paused|key_limit|no_worker|scheduled, detail}`", body = Envelope<JobInfo>), (status = 404, description = "not found", body = ErrorEnvelope)))]
+#[utoipa::path(get, path = "/api/jobs/{id}", tag = "jobs", params(("id" = String, Path, description = "job id")), responses((status = 200, description = "the job in any state; a waiting one has `waiting: {reason: paused|key_limit|rate_limit|breaker_open|no_worker|scheduled, detail}`", body = Envelope<JobInfo>), (status = 404, description = "not found", body = ErrorEnvelope)))]
 pub(crate) async fn show_job(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = job_id(&id)?;
     let Some(job) = s.conveyor.backend().job(id).await? else { return Err(ApiError::NotFound(format!("no job {id}"))) };
@@ -156,7 +156,8 @@ pub(crate) async fn show_job(State(s): State<AppState>, Path(id): Path<String>) 
 
 /// Why a job that has not run yet waits, when the store can say (SPEC "Flow control"): its
 /// queue is paused, its concurrency key is at its limit, it is a remote job no worker is
-/// connected to fetch, or it is scheduled (a delay, or a retry's backoff). `None` for a job that is simply next in line, or not waiting.
+/// connected to fetch, a breaker or rate limit of its kind released it, or it is scheduled (a
+/// delay, or a retry's backoff). `None` for a job that is simply next in line, or not waiting.
 async fn waiting(s: &AppState, job: &conveyor_core::job::JobInfo, remote: bool) -> Result<Option<serde_json::Value>, ApiError> {
     if !matches!(job.state, JobState::Pending | JobState::Delayed) {
         return Ok(None);
@@ -186,6 +187,13 @@ async fn waiting(s: &AppState, job: &conveyor_core::job::JobInfo, remote: bool) 
     if let Some(at) = job.available_at.filter(|at| job.state == JobState::Delayed && *at > now) {
         let when = conveyor_core::clock::format_rfc3339_ms(at).unwrap_or_default();
         let secs = (at - now + 999) / 1000;
+        // Reserved before, delayed now without an error: released by a middleware.
+        if job.reserved_at.is_some() && job.error.is_none() {
+            if let Some((reason, why)) = conveyor_core::middleware::release_cause(&s.conveyor, &job.kind).await {
+                let detail = format!("{why}; it runs again at {when} (in {secs} s)");
+                return Ok(Some(serde_json::json!({ "reason": reason, "detail": detail })));
+            }
+        }
         let detail = match &job.error {
             Some(_) if job.attempts > 0 => format!("its next attempt is due at {when} (in {secs} s), after its backoff"),
             _ => format!("it is scheduled to run at {when} (in {secs} s)"),

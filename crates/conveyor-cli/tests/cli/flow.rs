@@ -153,3 +153,40 @@ async fn a_worker_killed_holding_a_keys_slots_loses_nothing_on_postgres() {
     let Some(env) = TestEnv::postgres(crate::process::LONG_LEASE, None) else { return };
     a_worker_killed_holding_a_keys_slots_loses_nothing(env).await;
 }
+
+/// A job its kind's rate limit released says so: `waiting.reason` is `rate_limit`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_released_by_its_kinds_rate_limit_says_so() {
+    // Nothing listens on the discard port: the one call the limit allows fails and retries.
+    let env = TestEnv::new("[[kinds]]\nname = \"limited_call\"\nurl = \"http://127.0.0.1:9/\"\nrate_limit = \"1/3600\"\n");
+    let admin = "admin-token-flow-2";
+    let (mut child, url) = serve(&env, &[("CONVEYOR_API_TOKEN", admin)]);
+    let http = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for n in 0..2 {
+        let r = http
+            .post(format!("{url}/api/jobs"))
+            .bearer_auth(admin)
+            .json(&json!({ "kind": "limited_call", "payload": { "n": n } }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        ids.push(r.json::<Value>().await.unwrap()["data"]["id"].as_str().unwrap().to_string());
+    }
+    crate::wait_for("one job released by the rate limit, the other retrying", Duration::from_secs(30), || async {
+        let mut reasons = Vec::new();
+        for id in &ids {
+            let j: Value = http.get(format!("{url}/api/jobs/{id}")).bearer_auth(admin).send().await.unwrap().json().await.unwrap();
+            reasons.push(j["data"]["waiting"]["reason"].as_str().unwrap_or_default().to_string());
+            if j["data"]["waiting"]["reason"] == "rate_limit" {
+                assert!(j["data"]["waiting"]["detail"].as_str().unwrap().contains("1 per 3600 s"), "{j}");
+            }
+        }
+        reasons.sort();
+        reasons == ["rate_limit", "scheduled"]
+    })
+    .await;
+    sigterm(&child);
+    assert!(wait_exit(&mut child, Duration::from_secs(30)).await.success());
+}
