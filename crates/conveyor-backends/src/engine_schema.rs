@@ -160,4 +160,18 @@ pub(crate) const ENGINE_MIGRATIONS: &[&str] = &[
          PRIMARY KEY (key, job_id)
      );
      CREATE INDEX concurrency_waiters_in_line ON concurrency_waiters(key, since, job_id);",
+    // 6: fair queueing (`conveyor_core::fair`): each ready job's turn (0 without a fairness
+    // key), served by (priority, turn, id) — the queue table's change, the same on both
+    // backends — and each key's last turn per queue and priority.
+    "ALTER TABLE jobs ADD COLUMN fair BIGINT NOT NULL DEFAULT 0;
+     DROP INDEX jobs_ready;
+     CREATE INDEX jobs_ready ON jobs(queue, priority DESC, fair, id) WHERE state = 0;
+     CREATE TABLE fair_keys (
+         queue     TEXT NOT NULL,
+         priority  BIGINT NOT NULL,
+         key       TEXT NOT NULL,
+         last      BIGINT NOT NULL,
+         PRIMARY KEY (queue, priority, key)
+     );
+     CREATE INDEX fair_keys_by_turn ON fair_keys(queue, priority, last);",
 ];

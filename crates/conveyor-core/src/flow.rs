@@ -122,20 +122,26 @@ impl Rule {
     /// The key in `payload`: a string as it is, a number or boolean as written; `None` when the
     /// path is missing, null, or an object or array.
     pub fn key_of(&self, payload: &serde_json::Value) -> Option<String> {
-        let mut v = payload;
-        for part in self.path.split('.') {
-            v = match v {
-                serde_json::Value::Object(o) => o.get(part)?,
-                serde_json::Value::Array(a) => a.get(part.parse::<usize>().ok()?)?,
-                _ => return None,
-            };
-        }
-        match v {
-            serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
-            serde_json::Value::Number(n) => Some(n.to_string()),
-            serde_json::Value::Bool(b) => Some(b.to_string()),
-            _ => None,
-        }
+        value_at(&self.path, payload)
+    }
+}
+
+/// The value at a dotted `path` in `payload` as a key: a string as it is, a number or boolean
+/// as written; `None` when the path is missing, null, or an object or array.
+pub fn value_at(path: &str, payload: &serde_json::Value) -> Option<String> {
+    let mut v = payload;
+    for part in path.split('.') {
+        v = match v {
+            serde_json::Value::Object(o) => o.get(part)?,
+            serde_json::Value::Array(a) => a.get(part.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    match v {
+        serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
     }
 }
 

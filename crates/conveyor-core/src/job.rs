@@ -233,6 +233,13 @@ impl NewJob {
         self.tags.push(c.tag());
         self
     }
+    /// Reserved round-robin with the other keys' jobs of its queue and priority (see
+    /// [`crate::fair`]); replaces a key set before.
+    pub fn fairness(mut self, key: impl Into<String>) -> Self {
+        self.tags.retain(|t| !t.starts_with(crate::fair::TAG));
+        self.tags.push(crate::fair::tag(&key.into()));
+        self
+    }
     pub fn batch(mut self, batch_id: impl Into<String>) -> Self {
         self.batch_id = Some(batch_id.into());
         self
@@ -248,7 +255,15 @@ impl NewJob {
         if self.max_attempts == 0 {
             return Err("max_attempts must be at least 1".into());
         }
+        if let Some(key) = self.tags.iter().find_map(|t| t.strip_prefix(crate::fair::TAG)) {
+            crate::fair::check_key(key)?;
+        }
         Ok(())
+    }
+
+    /// The fairness key this job carries (see [`crate::fair`]).
+    pub fn fairness_key(&self) -> Option<&str> {
+        crate::fair::key_of(&self.tags)
     }
 }
 

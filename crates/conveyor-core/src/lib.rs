@@ -19,6 +19,7 @@ pub mod cache;
 pub mod clock;
 pub mod cron;
 pub mod event;
+pub mod fair;
 pub mod flow;
 pub mod hooks;
 pub mod job;

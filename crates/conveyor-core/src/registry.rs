@@ -215,6 +215,9 @@ pub struct KindOptions {
     pub timeout: Option<Duration>,
     /// At most `limit` jobs of the kind with the same key run at once (see [`crate::flow`]).
     pub concurrency: Option<crate::flow::Rule>,
+    /// A dotted path into the payload whose value is the fairness key of jobs that carry none
+    /// (see [`crate::fair`]).
+    pub fairness: Option<String>,
 }
 
 impl Registry {
@@ -282,6 +285,8 @@ impl Registry {
         o.queue = options.queue.or(o.queue.take());
         o.max_attempts = options.max_attempts.or(o.max_attempts);
         o.timeout = options.timeout.or(o.timeout);
+        o.concurrency = options.concurrency.or(o.concurrency.take());
+        o.fairness = options.fairness.or(o.fairness.take());
         self
     }
 
@@ -292,7 +297,7 @@ impl Registry {
 
     /// Applies the kind's defaults to a job about to be enqueued: its queue when the job names
     /// only the default queue, its attempts when the job did not set them, its timeout when
-    /// the job has none.
+    /// the job has none, its fairness key (from the payload) when the job has none.
     pub fn route(&self, job: &mut NewJob) {
         let Some(o) = self.options.get(&job.kind) else { return };
         if job.queue == crate::job::DEFAULT_QUEUE {
@@ -305,6 +310,12 @@ impl Registry {
         }
         if job.timeout.is_none() {
             job.timeout = o.timeout;
+        }
+        if let (Some(path), None) = (&o.fairness, job.fairness_key()) {
+            let key = serde_json::from_str(&job.payload).ok().and_then(|p| crate::flow::value_at(path, &p));
+            if let Some(key) = key.filter(|k| crate::fair::check_key(k).is_ok()) {
+                job.tags.push(crate::fair::tag(&key));
+            }
         }
     }
 
@@ -363,5 +374,31 @@ mod tests {
         assert_eq!(e.message, "bad payload");
         assert_eq!(e.action, ErrorAction::Abort);
         assert_eq!(e.cause().map(|c| c.to_string()).as_deref(), Some("disk full"));
+    }
+
+    #[test]
+    fn a_kinds_fairness_path_keys_its_jobs_that_carry_none() {
+        let mut r = Registry::new();
+        r.kind_options("sync", KindOptions { fairness: Some("shop.id".into()), ..KindOptions::default() });
+        let routed = |job: NewJob| {
+            let mut job = job;
+            r.route(&mut job);
+            job.fairness_key().map(str::to_string)
+        };
+        assert_eq!(routed(NewJob::raw("sync", r#"{"shop":{"id":7}}"#.into())), Some("7".into()));
+        assert_eq!(routed(NewJob::raw("sync", r#"{"shop":{"id":7}}"#.into()).fairness("mine")), Some("mine".into()), "the job's own wins");
+        assert_eq!(routed(NewJob::raw("sync", r#"{"shop":{}}"#.into())), None, "no value at the path: no key");
+        assert_eq!(routed(NewJob::raw("other", r#"{"shop":{"id":7}}"#.into())), None);
+    }
+
+    #[test]
+    fn kind_options_keep_every_option_given() {
+        let mut r = Registry::new();
+        let rule = crate::flow::Rule::new("customer_id", 2).unwrap();
+        r.kind_options("k", KindOptions { concurrency: Some(rule.clone()), ..KindOptions::default() });
+        r.kind_options("k", KindOptions { queue: Some("q".into()), fairness: Some("shop".into()), ..KindOptions::default() });
+        assert_eq!(r.concurrency_of("k"), Some(&rule));
+        let o = r.options_of("k").unwrap();
+        assert_eq!((o.queue.as_deref(), o.fairness.as_deref()), (Some("q"), Some("shop")));
     }
 }

@@ -141,9 +141,10 @@ fn parse_jobs(s: &AppState, who: &Principal, v: Option<&Value>, path: &str) -> R
 fn parse_job(s: &AppState, who: &Principal, o: &Map<String, Value>, prefix: &str) -> Result<NewJob, ApiError> {
     let at = |field: &str| if prefix.is_empty() { field.to_string() } else { format!("{prefix}.{field}") };
     let bad = |field: &str, why: &str| ApiError::Validation(BTreeMap::from([(at(field), why.to_string())]));
-    const KNOWN: [&str; 15] = [
+    const KNOWN: [&str; 16] = [
         "concurrency_key",
         "concurrency_limit",
+        "fairness_key",
         "kind",
         "payload",
         "queue",
@@ -158,11 +159,7 @@ fn parse_job(s: &AppState, who: &Principal, o: &Map<String, Value>, prefix: &str
         "tags",
         "id",
     ];
-    const LATER: [&str; 1] = ["fairness_key"];
     for k in o.keys() {
-        if LATER.contains(&k.as_str()) {
-            return Err(bad(k, "flow control is not available in this version"));
-        }
         if !KNOWN.contains(&k.as_str()) {
             return Err(bad(k, "unknown field"));
         }
@@ -259,6 +256,11 @@ fn parse_job(s: &AppState, who: &Principal, o: &Map<String, Value>, prefix: &str
             job = job.concurrency(conveyor_core::flow::Concurrency::new(k, limit).map_err(|e| bad("concurrency_key", &e))?);
         }
         (None, None) => {}
+    }
+    if let Some(k) = o.get("fairness_key").filter(|v| !v.is_null()) {
+        let k = k.as_str().ok_or_else(|| bad("fairness_key", "must be a string"))?;
+        conveyor_core::fair::check_key(k).map_err(|e| bad("fairness_key", &e))?;
+        job = job.fairness(k);
     }
     if o.get("id").is_some_and(|v| !v.is_null()) {
         return Err(bad("id", "is chosen by Conveyor (use unique_key to deduplicate)"));

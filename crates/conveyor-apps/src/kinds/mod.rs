@@ -64,6 +64,8 @@ pub struct HttpKind {
     pub max_attempts: Option<u32>,
     /// At most `limit` calls with the same key (a payload path) at once, across workers.
     pub concurrency_key: Option<conveyor_core::flow::Rule>,
+    /// The fairness key of its jobs: a payload path (see `conveyor_core::fair`).
+    pub fairness_key: Option<String>,
 }
 
 impl HttpKind {
@@ -83,6 +85,7 @@ impl HttpKind {
             breaker_open_for: Duration::from_secs(30),
             max_attempts: None,
             concurrency_key: None,
+            fairness_key: None,
         }
     }
 
@@ -175,6 +178,7 @@ pub fn register(registry: &mut Registry, backend: Arc<dyn QueueBackend>, kinds: 
                 max_attempts: k.max_attempts,
                 timeout: None,
                 concurrency: k.concurrency_key.clone(),
+                fairness: k.fairness_key.clone(),
             },
         );
         if let Some(limit) = k.rate_limit {

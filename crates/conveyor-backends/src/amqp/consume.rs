@@ -145,7 +145,7 @@ impl AmqpBackend {
             let rows = self
                 .store
                 .query(
-                    "SELECT id, priority FROM jobs WHERE queue = $1 AND state = 0 AND available_at <= $2 ORDER BY priority DESC, id LIMIT 1000",
+                    "SELECT id, priority FROM jobs WHERE queue = $1 AND state = 0 AND available_at <= $2 ORDER BY priority DESC, fair, id LIMIT 1000",
                     vec![SqlValue::from(stats.queue.clone()), SqlValue::from(now_ms() - ORPHAN_AGE_MS)],
                 )
                 .await?;

@@ -30,7 +30,8 @@ pub(crate) fn queues(c: &mut Conn) -> Result<Vec<QueueStats>> {
     for r in rows {
         let queue: String = r.get(0);
         let (paused, pending, delayed, reserved, failed): (i64, i64, i64, i64, i64) = (r.get(1), r.get(2), r.get(3), r.get(4), r.get(5));
-        let head = c.rows("SELECT available_at FROM jobs WHERE queue = $1 AND state = 0 ORDER BY priority DESC, id LIMIT 1", &[&queue])?;
+        let head =
+            c.rows("SELECT available_at FROM jobs WHERE queue = $1 AND state = 0 ORDER BY priority DESC, fair, id LIMIT 1", &[&queue])?;
         let oldest: Option<i64> = head.first().map(|r| r.get(0));
         out.push(QueueStats {
             per_minute: rates.get(&queue).copied().unwrap_or(0.0).round() as u64,

@@ -244,6 +244,7 @@ impl<'c, 't> PgTx<'c, 't> {
             return Ok(out);
         }
         let n = bulk.len();
+        let fairs = conveyor_core::fair::turns(self, &bulk)?;
         let mut ids = Vec::with_capacity(n);
         let (mut queues, mut kinds, mut payloads) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
         let (mut states, mut priorities, mut max_attempts) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
@@ -275,13 +276,14 @@ impl<'c, 't> PgTx<'c, 't> {
         }
         self.run(
             "INSERT INTO jobs (id, queue, kind, payload, state, priority, max_attempts, backoff, timeout_ms,
-                               available_at, created_at, unique_key, tags, batch_id, workflow)
+                               available_at, created_at, unique_key, tags, batch_id, workflow, fair)
              SELECT id, queue, kind, payload, state, priority, max_attempts, backoff, timeout_ms, available_at, $15,
-                    unique_key, tags, batch_id, workflow
+                    unique_key, tags, batch_id, workflow, fair
              FROM unnest($1::bytea[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[],
-                         $8::text[], $9::bigint[], $10::bigint[], $11::text[], $12::text[], $13::text[], $14::text[])
+                         $8::text[], $9::bigint[], $10::bigint[], $11::text[], $12::text[], $13::text[], $14::text[],
+                         $16::bigint[])
                   AS t(id, queue, kind, payload, state, priority, max_attempts, backoff, timeout_ms, available_at,
-                       unique_key, tags, batch_id, workflow)",
+                       unique_key, tags, batch_id, workflow, fair)",
             &[
                 &ids,
                 &queues,
@@ -298,6 +300,7 @@ impl<'c, 't> PgTx<'c, 't> {
                 &batches,
                 &workflows,
                 &now,
+                &fairs,
             ],
         )?;
         Ok(out)
@@ -353,8 +356,8 @@ impl<'c, 't> PgTx<'c, 't> {
         let token: i64 = rand::random::<i64>() & i64::MAX;
         let sql = format!(
             "UPDATE jobs SET state = 1, attempts = attempts + 1, reserved_at = $1, lease_until = $2, lease_token = $3, worker = $4
-             WHERE id IN (SELECT id FROM jobs WHERE queue = $5 AND state = 0 ORDER BY priority DESC, id LIMIT $6 FOR UPDATE SKIP LOCKED)
-             RETURNING {JOB_COLS}"
+             WHERE id IN (SELECT id FROM jobs WHERE queue = $5 AND state = 0 ORDER BY priority DESC, fair, id LIMIT $6 FOR UPDATE SKIP LOCKED)
+             RETURNING {JOB_COLS}, fair"
         );
         let mut jobs = Vec::new();
         for queue in queues {
@@ -366,15 +369,16 @@ impl<'c, 't> PgTx<'c, 't> {
             }
             let want = (max - jobs.len()) as i64;
             let until = now + lease_ms;
-            let got: Vec<Job> = self.rows(&sql, &[&now, &until, &token, &worker, queue, &want])?.iter().map(job_from_row).collect();
+            let mut got: Vec<(Job, i64)> =
+                self.rows(&sql, &[&now, &until, &token, &worker, queue, &want])?.iter().map(|r| (job_from_row(r), r.get(17))).collect();
             let n = got.len() as i64;
             if n > 0 {
                 self.count(queue, PENDING, -n);
                 self.count(queue, RESERVED, n);
             }
-            let start = jobs.len();
-            jobs.extend(got);
-            jobs[start..].sort_by(|a, b| b.priority.cmp(&a.priority).then(a.id.cmp(&b.id)));
+            // RETURNING keeps no order: the queue's, by priority, fair-queueing turn and id.
+            got.sort_by(|(a, fa), (b, fb)| b.priority.cmp(&a.priority).then(fa.cmp(fb)).then(a.id.cmp(&b.id)));
+            jobs.extend(got.into_iter().map(|(j, _)| j));
         }
         Ok(jobs)
     }

@@ -1,4 +1,5 @@
-//! Pushing jobs into Redis: plain jobs by script in chunks, unique and relayed ones one by one.
+//! Pushing jobs into Redis: plain jobs in one MULTI per chunk; unique, relayed and keyed
+//! (fair-queueing) ones through the enqueue script.
 
 use super::*;
 
@@ -62,12 +63,12 @@ impl RedisBackend {
         let mut out = Vec::with_capacity(jobs.len());
         let mut ready_any = false;
         for chunk in jobs.chunks(PER_CALL) {
-            if !relayed && chunk.iter().all(|j| j.unique.is_none()) {
+            if !relayed && chunk.iter().all(|j| j.unique.is_none() && j.fairness_key().is_none()) {
                 ready_any |= self.push_plain(chunk, now).await?;
                 out.extend(chunk.iter().map(|j| EnqueueOutcome::Enqueued { id: j.id }));
                 continue;
             }
-            let mut args = Vec::with_capacity(1 + chunk.len() * 10);
+            let mut args = Vec::with_capacity(1 + chunk.len() * 11);
             args.push(now.to_string());
             for job in chunk {
                 job.validate().map_err(BackendError::Invalid)?;
@@ -90,6 +91,7 @@ impl RedisBackend {
                     }
                 }
                 args.push(if relayed { "1" } else { "" }.into());
+                args.push(job.fairness_key().unwrap_or_default().to_string());
             }
             let res = items(self.script(|s| &s.enqueue, args).await?);
             for (job, r) in chunk.iter().zip(res) {

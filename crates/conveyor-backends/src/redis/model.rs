@@ -40,7 +40,8 @@ impl Stored {
         }
         Some(Stored {
             queue: f[0].to_string(),
-            priority: -f[1].parse::<i64>().unwrap_or(0) as i32,
+            // −priority, plus a fair-queueing turn below 1 for a job with a fairness key.
+            priority: -f[1].parse::<f64>().map_or(0.0, f64::floor) as i32,
             max_attempts: f[2].parse().unwrap_or(0),
             created_at: f[3].parse().unwrap_or(0),
             unique: Some(f[4].to_string()).filter(|u| !u.is_empty()),

@@ -49,19 +49,46 @@ fn with_prelude(body: &str) -> String {
     format!("{PRELUDE}{body}")
 }
 
-/// Enqueues jobs that need a check first: a unique key, or an outbox id that may have been
-/// relayed already (the rest go in one MULTI, see `RedisBackend::push`). ARGV: tag, now, then
-/// 10 per job: id, queue, score, packed data, packed state ('' for a job available since its creation: no state until
-/// its first reservation), ready ('1' or ''), due time, unique key ('' = none), unique TTL ms, relayed ('1' when the job
-/// comes from the store's outbox and may already have been relayed). Returns, per job, '' when
-/// it was enqueued or the id of the job holding its unique key.
+/// Enqueues jobs that need a check first: a unique key, an outbox id that may have been
+/// relayed already, or a fairness key (the rest go in one MULTI, see `RedisBackend::push`).
+/// ARGV: tag, now, then 11 per job: id, queue, score, packed data, packed state ('' for a job
+/// available since its creation: no state until its first reservation), ready ('1' or ''),
+/// due time, unique key ('' = none), unique TTL ms, relayed ('1' when the job comes from the
+/// store's outbox and may already have been relayed), fairness key ('' = none). Returns, per
+/// job, '' when it was enqueued or the id of the job holding its unique key.
+///
+/// A job with a fairness key gets its turn (`conveyor_core::fair`) here: its score becomes
+/// −priority + turn / 2³³ (exact while |priority| < 2²⁰ and turns < 2³³), in the ready set
+/// and in its packed data, so a retry or a promotion keeps it. `T:q:<queue>:fk` holds each
+/// key's last turn (field `<−priority>␟<key>`), `T:q:<queue>:ft` the highest turn handed out
+/// per priority (the queue's current turn when no keyed job of the priority is ready).
 pub(crate) fn enqueue() -> String {
     with_prelude(
         r#"
 local now = ARGV[2]
 local res, dh, sh, ready, delayed, known, wake = {}, {}, {}, {}, {}, {}, false
-for i = 3, #ARGV, 10 do
+local floors, TURN = {}, 8589934592
+-- The key's next turn: after its last, and not before the queue's current turn.
+local function turn(q, score, fk)
+  local qk, base = T..':q:'..q, tonumber(score)
+  local fq = q..'\31'..score
+  local floor = floors[fq]
+  if not floor then
+    local h = redis.call('ZRANGEBYSCORE', qk..':r', '('..score, '('..(base + 1), 'WITHSCORES', 'LIMIT', 0, 1)
+    if h[2] then floor = math.floor((tonumber(h[2]) - base) * TURN + 0.5) - 1
+    else floor = tonumber(redis.call('HGET', qk..':ft', score) or '0') end
+    floors[fq] = floor
+  end
+  local last = tonumber(redis.call('HGET', qk..':fk', score..'\31'..fk) or '0')
+  if last < floor then last = floor end
+  last = last + 1
+  redis.call('HSET', qk..':fk', score..'\31'..fk, last)
+  if last > tonumber(redis.call('HGET', qk..':ft', score) or '0') then redis.call('HSET', qk..':ft', score, last) end
+  return string.format('%.17g', base + last / TURN)
+end
+for i = 3, #ARGV, 11 do
   local id, q, score, d, s, r, due, u, uttl, rel = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4], ARGV[i+5], ARGV[i+6], ARGV[i+7], ARGV[i+8], ARGV[i+9]
+  local fk = ARGV[i+10]
   local dup = nil
   if rel == '1' and redis.call('ZSCORE', T..':relayed', id) then dup = '' end
   if not dup and u ~= '' then
@@ -71,6 +98,11 @@ for i = 3, #ARGV, 10 do
   if dup then
     res[#res+1] = dup
   else
+    if fk ~= '' then
+      local turned = turn(q, score, fk)
+      d = q..'\31'..turned..string.sub(d, #q + #score + 2)
+      score = turned
+    end
     dh[#dh+1] = id; dh[#dh+1] = d
     if s ~= '' then sh[#sh+1] = id; sh[#sh+1] = s end
     if r == '1' then push(ready, q, score, id); wake = true else push(delayed, q, due, id) end

@@ -14,19 +14,20 @@ impl WriteCtx {
     pub(crate) fn enqueue(&mut self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>> {
         let now = now_ms();
         let mut out = Vec::with_capacity(jobs.len());
+        let turns = conveyor_core::fair::turns(&mut super::tx::SqliteTx { ctx: self }, &jobs)?;
         let mut insert = self
             .conn
             .prepare_cached(
                 "INSERT INTO jobs (id, queue, kind, payload, state, priority, max_attempts, backoff, timeout_ms,
-                                   available_at, created_at, unique_key, tags, batch_id, workflow)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                                   available_at, created_at, unique_key, tags, batch_id, workflow, fair)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             )
             .map_err(storage_err)?;
         let mut counts: Vec<(String, usize)> = Vec::with_capacity(jobs.len());
         // Ready jobs for the dispatch hook, only when a broker transport listens.
         let dispatching = self.dispatch.get().is_some();
         let mut ready: Vec<(JobId, i32)> = Vec::new();
-        for job in jobs {
+        for (job, turn) in jobs.into_iter().zip(turns) {
             if let Some(u) = &job.unique {
                 let held: Option<(Vec<u8>, i64)> = self
                     .conn
@@ -66,6 +67,7 @@ impl WriteCtx {
                     tags,
                     job.batch_id,
                     job.workflow,
+                    turn,
                 ])
                 .map_err(storage_err)?;
             if state == PENDING && dispatching {
@@ -160,8 +162,8 @@ impl WriteCtx {
         let mut jobs = Vec::new();
         let sql = format!(
             "UPDATE jobs SET state = 1, attempts = attempts + 1, reserved_at = ?1, lease_until = ?2, lease_token = ?3, worker = ?4
-             WHERE id IN (SELECT id FROM jobs WHERE queue = ?5 AND state = 0 ORDER BY priority DESC, id LIMIT ?6)
-             RETURNING {JOB_COLS}"
+             WHERE id IN (SELECT id FROM jobs WHERE queue = ?5 AND state = 0 ORDER BY priority DESC, fair, id LIMIT ?6)
+             RETURNING {JOB_COLS}, fair"
         );
         for queue in queues {
             if jobs.len() >= max {
@@ -172,8 +174,8 @@ impl WriteCtx {
             }
             let want = (max - jobs.len()) as i64;
             let mut st = self.conn.prepare_cached(&sql).map_err(storage_err)?;
-            let got: Vec<Job> = st
-                .query_map(params![now, now + lease_ms, token, worker, queue, want], job_from_row)
+            let mut got: Vec<(Job, i64)> = st
+                .query_map(params![now, now + lease_ms, token, worker, queue, want], |r| Ok((job_from_row(r)?, r.get(17)?)))
                 .map_err(storage_err)?
                 .collect::<rusqlite::Result<_>>()
                 .map_err(storage_err)?;
@@ -183,9 +185,9 @@ impl WriteCtx {
                 self.count(queue, PENDING, -n);
                 self.count(queue, RESERVED, n);
             }
-            let start = jobs.len();
-            jobs.extend(got);
-            jobs[start..].sort_by(|a, b| b.priority.cmp(&a.priority).then(a.id.cmp(&b.id)));
+            // RETURNING keeps no order: the queue's, by priority, fair-queueing turn and id.
+            got.sort_by(|(a, fa), (b, fb)| b.priority.cmp(&a.priority).then(fa.cmp(fb)).then(a.id.cmp(&b.id)));
+            jobs.extend(got.into_iter().map(|(j, _)| j));
         }
         Ok(jobs)
     }

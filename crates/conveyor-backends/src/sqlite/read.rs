@@ -84,7 +84,7 @@ pub(crate) fn queues(conn: &Connection) -> Result<Vec<QueueStats>> {
         })
         .map_err(storage_err)?;
     let mut head = conn
-        .prepare_cached("SELECT available_at FROM jobs WHERE queue = ?1 AND state = 0 ORDER BY priority DESC, id LIMIT 1")
+        .prepare_cached("SELECT available_at FROM jobs WHERE queue = ?1 AND state = 0 ORDER BY priority DESC, fair, id LIMIT 1")
         .map_err(storage_err)?;
     for row in rows {
         let (queue, paused, pending, delayed, reserved, failed) = row.map_err(storage_err)?;

@@ -37,6 +37,7 @@ mod admin;
 mod batches;
 mod cache;
 mod events;
+mod fair;
 mod flow;
 mod leases;
 mod lifecycle;
@@ -52,6 +53,7 @@ pub use admin::*;
 pub use batches::*;
 pub use cache::*;
 pub use events::*;
+pub use fair::*;
 pub use flow::*;
 pub use leases::*;
 pub use lifecycle::*;
@@ -153,6 +155,8 @@ macro_rules! conformance_suite {
                 concurrency_keys_limit_running_jobs_across_workers,
                 a_key_at_its_limit_holds_up_no_other_job,
                 a_crashed_workers_slot_comes_back_with_its_lease,
+                fairness_keys_take_turns_within_a_queue_and_priority,
+                fairness_holds_for_keys_enqueued_concurrently,
                 breaker_opens_probes_and_closes,
                 breaker_with_a_lost_probe_lets_another_probe_through,
                 breaker_middleware_releases_jobs_while_open,

@@ -79,12 +79,21 @@ async fn jobs_of_one_concurrency_key_run_one_at_a_time_and_say_why_they_wait() {
         (json!({ "kind": "conveyor.noop", "concurrency_key": "" }), "concurrency_key"),
         (json!({ "kind": "conveyor.noop", "concurrency_key": 5 }), "concurrency_key"),
         (json!({ "kind": "no.such.kind", "concurrency_key": "k" }), "concurrency_key"),
-        (json!({ "kind": "conveyor.noop", "fairness_key": "k" }), "fairness_key"),
+        (json!({ "kind": "conveyor.noop", "fairness_key": "" }), "fairness_key"),
+        (json!({ "kind": "conveyor.noop", "fairness_key": 7 }), "fairness_key"),
     ] {
         let r = post(body.clone()).await.unwrap();
         assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY, "{body}");
         let e: Value = r.json().await.unwrap();
         assert!(e["error"]["details"]["fields"][field].is_string(), "{body}: {e}");
+    }
+    // A fairness key is kept with the job (as its tag), for a local kind and a remote one.
+    for kind in ["conveyor.noop", "no.such.kind"] {
+        let r = post(json!({ "kind": kind, "fairness_key": "tenant-9", "delay_s": 3600 })).await.unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED, "{kind}");
+        let id = r.json::<Value>().await.unwrap()["data"]["id"].as_str().unwrap().to_string();
+        let j = get(format!("{url}/api/jobs/{id}")).await;
+        assert!(j["data"]["tags"].as_array().unwrap().contains(&json!("fairness:tenant-9")), "{j}");
     }
     let r = http.get(format!("{url}/api/concurrency?limit=0")).bearer_auth(admin).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);

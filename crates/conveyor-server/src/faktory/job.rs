@@ -109,9 +109,6 @@ pub(crate) fn parse(v: Value, local: impl Fn(&str) -> bool) -> Result<Pushed, St
     if let Some(at) = custom.get("expires_at").filter(|v| !v.is_null()) {
         at.as_str().and_then(rfc3339_ms).ok_or("custom.expires_at must be an RFC 3339 time")?;
     }
-    if custom.contains_key("fairness_key") {
-        return Err("custom.fairness_key: fair queueing is not available in this version".into());
-    }
 
     let remote = !local(&kind);
     let mut job = if remote {
@@ -140,6 +137,13 @@ pub(crate) fn parse(v: Value, local: impl Fn(&str) -> bool) -> Result<Pushed, St
         // The lock lasts until the job runs, plus unique_for (Faktory's rule).
         let wait = run_at.map_or(0, |t| (t - now).max(0)) as u64;
         job = job.unique(unique_key(&kind, &args, &queue), Duration::from_secs_f64(secs) + Duration::from_millis(wait));
+    }
+    if let Some(k) = custom.get("fairness_key").filter(|v| !v.is_null()) {
+        // Rails sends numbers as strings unless the application converts them.
+        let key =
+            k.as_str().map(str::to_string).or_else(|| k.as_i64().map(|n| n.to_string())).ok_or("custom.fairness_key must be a string")?;
+        conveyor_core::fair::check_key(&key).map_err(|e| format!("custom.fairness_key: {e}"))?;
+        job = job.fairness(key);
     }
     if let Some(bid) = custom.get("bid").filter(|v| !v.is_null()) {
         let bid = bid.as_str().ok_or("custom.bid must be a string")?;
@@ -316,7 +320,20 @@ mod tests {
         assert!(e(json!({ "concurrency_key": "k", "concurrency_limit": 0 }), true).contains("custom.concurrency_limit"));
         assert!(e(json!({ "concurrency_key": "" }), true).contains("custom.concurrency_key"));
         assert!(e(json!({ "concurrency_key": "k" }), false).contains("take no slots yet"), "remote kinds: not yet");
-        assert!(e(json!({ "fairness_key": "k" }), true).contains("custom.fairness_key"));
+    }
+
+    #[test]
+    fn custom_fairness_key_orders_local_and_remote_kinds() {
+        let job = |custom: Value| json!({ "jid": "abcdefgh1234", "jobtype": "x", "args": [{}], "custom": custom });
+        for local in [true, false] {
+            let p = parse(job(json!({ "fairness_key": "tenant-7" })), move |_| local).unwrap();
+            assert_eq!(p.job.fairness_key(), Some("tenant-7"), "{:?}", p.job.tags);
+        }
+        let p = parse(job(json!({ "fairness_key": 42 })), |_| true).unwrap();
+        assert_eq!(p.job.fairness_key(), Some("42"));
+        let e = |custom: Value| parse(job(custom), |_| true).err().unwrap();
+        assert!(e(json!({ "fairness_key": "" })).contains("custom.fairness_key"));
+        assert!(e(json!({ "fairness_key": {} })).contains("custom.fairness_key must be a string"));
     }
 
     #[test]

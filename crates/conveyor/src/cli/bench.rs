@@ -60,6 +60,13 @@ pub(crate) struct BenchArgs {
     /// Each key's concurrency limit (default: --concurrency, never reached)
     #[arg(long)]
     key_limit: Option<u32>,
+    /// Benchmark fair queueing instead: tenant A enqueues --jobs jobs of --work-ms, then
+    /// tenant B 100; reports B's wait (use --prefetch to change the worker's default)
+    #[arg(long)]
+    fairness: bool,
+    /// With --fairness: the same without fairness keys, first in first out, for comparison
+    #[arg(long, requires = "fairness")]
+    fifo: bool,
     /// Benchmark notifications instead: --jobs events, each delivered to a signed webhook
     /// receiver on loopback
     #[arg(long)]
@@ -105,6 +112,9 @@ pub(crate) async fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
         return crate::cli::bench_notify::run(config, args.jobs, args.concurrency).await;
         #[cfg(not(feature = "notify"))]
         bail!("--webhooks benchmarks the notifications, which this build does not have (feature notify)");
+    }
+    if args.fairness {
+        return crate::cli::bench_fair::run(config, args.jobs, args.concurrency, args.work_ms, args.prefetch, args.fifo).await;
     }
     if args.http_kinds {
         return crate::cli::bench_http::run(config, args.jobs, args.concurrency).await;

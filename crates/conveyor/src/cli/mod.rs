@@ -8,6 +8,7 @@
 
 mod admin;
 mod bench;
+mod bench_fair;
 mod bench_http;
 #[cfg(feature = "notify")]
 mod bench_notify;

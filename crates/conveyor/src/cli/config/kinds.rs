@@ -31,13 +31,11 @@ const HTTP_KEYS: &[&str] = &[
     "max_attempts",
     "concurrency_key",
     "concurrency_limit",
+    "fairness_key",
 ];
 
 /// The keys of an entry without `url`.
-const DEFAULT_KEYS: &[&str] = &["name", "queue", "max_attempts", "timeout", "concurrency_key", "concurrency_limit"];
-
-/// Keys the SPEC gives `[[kinds]]` that arrive with fair queueing.
-const NOT_YET: &[&str] = &["fairness_key"];
+const DEFAULT_KEYS: &[&str] = &["name", "queue", "max_attempts", "timeout", "concurrency_key", "concurrency_limit", "fairness_key"];
 
 pub(crate) fn kinds(file: &toml::Table) -> anyhow::Result<(Vec<HttpKind>, Vec<KindDefaults>)> {
     let Some(list) = file.get("kinds") else { return Ok((Vec::new(), Vec::new())) };
@@ -46,9 +44,6 @@ pub(crate) fn kinds(file: &toml::Table) -> anyhow::Result<(Vec<HttpKind>, Vec<Ki
     for (i, item) in list.iter().enumerate() {
         let t = item.as_table().with_context(|| format!("kinds[{i}]: expected a table"))?;
         for key in t.keys() {
-            if NOT_YET.contains(&key.as_str()) {
-                bail!("kinds[{i}].{key}: not supported by this version yet");
-            }
             if !HTTP_KEYS.contains(&key.as_str()) {
                 bail!("kinds[{i}].{key}: unknown key (expected one of {})", HTTP_KEYS.join(", "));
             }
@@ -82,6 +77,13 @@ pub(crate) fn kinds(file: &toml::Table) -> anyhow::Result<(Vec<HttpKind>, Vec<Ki
                 Some(conveyor_core::flow::Rule::new(path, limit).map_err(|e| anyhow::anyhow!("kinds[{i}].concurrency_key: {e}"))?)
             }
         };
+        // `fairness_key`: a dotted path into the payload (`conveyor_core::fair`).
+        let fairness = text("fairness_key")?;
+        if let Some(path) = &fairness {
+            if path.is_empty() || path.split('.').any(str::is_empty) {
+                bail!("kinds[{i}].fairness_key: expected a dotted path into the payload such as customer_id, got {path:?}");
+            }
+        }
         let Some(url) = text("url")? else {
             if let Some(key) = t.keys().find(|k| !DEFAULT_KEYS.contains(&k.as_str())) {
                 bail!("kinds[{i}].{key}: only an HTTP kind (with url) has it");
@@ -96,18 +98,24 @@ pub(crate) fn kinds(file: &toml::Table) -> anyhow::Result<(Vec<HttpKind>, Vec<Ki
                     Some(parse_duration(&scalar_text(v)).with_context(|| format!("kinds[{i}].timeout: expected a duration like 30s"))?)
                 }
             };
-            if queue.is_none() && attempts.is_none() && timeout.is_none() && rule.is_none() {
-                bail!("kinds[{i}]: without url, an entry sets queue, max_attempts, timeout or concurrency_key for the kind's jobs");
+            if queue.is_none() && attempts.is_none() && timeout.is_none() && rule.is_none() && fairness.is_none() {
+                bail!(
+                    "kinds[{i}]: without url, an entry sets queue, max_attempts, timeout, concurrency_key or fairness_key for the kind's jobs"
+                );
             }
             if queues.iter().any(|q| q.kind == name) {
                 bail!("kinds[{i}].name: {name:?} is declared twice");
             }
-            queues.push(KindDefaults { kind: name, options: KindOptions { queue, max_attempts: attempts, timeout, concurrency: rule } });
+            queues.push(KindDefaults {
+                kind: name,
+                options: KindOptions { queue, max_attempts: attempts, timeout, concurrency: rule, fairness },
+            });
             continue;
         };
         let mut k = HttpKind::new(name, url);
         k.max_attempts = attempts;
         k.concurrency_key = rule;
+        k.fairness_key = fairness;
         if let Some(q) = text("queue")? {
             k.queue = q;
         }
@@ -185,8 +193,13 @@ mod tests {
         assert_eq!(k.timeout, Duration::from_secs(5));
         assert_eq!(k.listen, vec!["order.placed"]);
         assert_eq!(k.rate_limit.unwrap().limit, 50);
-        let options =
-            KindOptions { queue: Some("images".into()), max_attempts: Some(7), timeout: Some(Duration::from_secs(120)), concurrency: None };
+        let options = KindOptions {
+            queue: Some("images".into()),
+            max_attempts: Some(7),
+            timeout: Some(Duration::from_secs(120)),
+            concurrency: None,
+            fairness: None,
+        };
         assert_eq!(queues, vec![KindDefaults { kind: "resize".into(), options }]);
 
         // A concurrency key on an HTTP kind and on another kind's defaults; the limit is 1
@@ -199,6 +212,15 @@ mod tests {
         assert_eq!(http[0].concurrency_key, Some(conveyor_core::flow::Rule::new("shop.id", 3).unwrap()));
         assert_eq!(queues[0].options.concurrency, Some(conveyor_core::flow::Rule::new("customer_id", 1).unwrap()));
 
+        // A fairness key (a payload path) on an HTTP kind and on another kind's defaults.
+        let (http, queues) = parse(
+            "[[kinds]]\nname = \"call\"\nurl = \"http://127.0.0.1:9000/\"\nfairness_key = \"shop.id\"\n\
+             [[kinds]]\nname = \"resize\"\nfairness_key = \"customer_id\"\n",
+        )
+        .unwrap();
+        assert_eq!(http[0].fairness_key.as_deref(), Some("shop.id"));
+        assert_eq!(queues[0].options.fairness.as_deref(), Some("customer_id"));
+
         for (text, field) in [
             ("[[kinds]]\nurl = \"http://x\"\n", "kinds[0].name"),
             ("[[kinds]]\nname = \"a\"\nurl = \"ftp://x\"\n", "kinds[0].url"),
@@ -210,7 +232,7 @@ mod tests {
             ("[[kinds]]\nname = \"a\"\nurl = \"http://x\"\nconcurrency_key = \"c..d\"\n", "kinds[0].concurrency_key"),
             ("[[kinds]]\nname = \"a\"\nurl = \"http://x\"\nconcurrency_limit = 2\n", "kinds[0].concurrency_limit: needs concurrency_key"),
             ("[[kinds]]\nname = \"a\"\nconcurrency_key = \"c\"\nconcurrency_limit = 0\n", "kinds[0].concurrency_limit"),
-            ("[[kinds]]\nname = \"a\"\nurl = \"http://x\"\nfairness_key = \"c\"\n", "kinds[0].fairness_key: not supported"),
+            ("[[kinds]]\nname = \"a\"\nurl = \"http://x\"\nfairness_key = \"c.\"\n", "kinds[0].fairness_key: expected a dotted path"),
             ("[[kinds]]\nname = \"a\"\nqueue = \"q\"\nlisten = [\"e\"]\n", "kinds[0].listen: only an HTTP kind"),
             ("[[kinds]]\nname = \"a\"\nmax_attempts = 0\n", "kinds[0].max_attempts"),
             ("[[kinds]]\nname = \"a\"\n", "kinds[0]: without url"),
