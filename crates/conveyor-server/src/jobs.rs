@@ -239,12 +239,6 @@ fn parse_job(s: &AppState, who: &Principal, o: &Map<String, Value>, prefix: &str
     }
     match (o.get("concurrency_key").filter(|v| !v.is_null()), o.get("concurrency_limit").filter(|v| !v.is_null())) {
         (None, Some(_)) => return Err(bad("concurrency_limit", "needs concurrency_key")),
-        (Some(_), _) if remote => {
-            return Err(bad(
-                "concurrency_key",
-                "applies to kinds Conveyor's own workers run; workers that fetch over the Faktory protocol take no slots yet",
-            ))
-        }
         (Some(k), limit) => {
             let k = k.as_str().ok_or_else(|| bad("concurrency_key", "must be a string"))?;
             let limit = match limit {

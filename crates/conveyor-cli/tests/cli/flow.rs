@@ -78,7 +78,6 @@ async fn jobs_of_one_concurrency_key_run_one_at_a_time_and_say_why_they_wait() {
         (json!({ "kind": "conveyor.noop", "concurrency_key": "k", "concurrency_limit": 0 }), "concurrency_limit"),
         (json!({ "kind": "conveyor.noop", "concurrency_key": "" }), "concurrency_key"),
         (json!({ "kind": "conveyor.noop", "concurrency_key": 5 }), "concurrency_key"),
-        (json!({ "kind": "no.such.kind", "concurrency_key": "k" }), "concurrency_key"),
         (json!({ "kind": "conveyor.noop", "fairness_key": "" }), "fairness_key"),
         (json!({ "kind": "conveyor.noop", "fairness_key": 7 }), "fairness_key"),
     ] {

@@ -152,12 +152,6 @@ pub(crate) fn parse(v: Value, local: impl Fn(&str) -> bool) -> Result<Pushed, St
     match (custom.get("concurrency_key").filter(|v| !v.is_null()), custom.get("concurrency_limit").filter(|v| !v.is_null())) {
         (None, None) => {}
         (None, Some(_)) => return Err("custom.concurrency_limit needs custom.concurrency_key".into()),
-        (Some(_), _) if remote => {
-            return Err(
-                "custom.concurrency_key: applies to kinds Conveyor's own workers run; jobs fetched over this protocol take no slots yet"
-                    .into(),
-            )
-        }
         (Some(k), limit) => {
             // Rails sends numbers as strings unless the application converts them.
             let key = k
@@ -319,7 +313,8 @@ mod tests {
         assert!(e(json!({ "concurrency_limit": 2 }), true).contains("needs custom.concurrency_key"));
         assert!(e(json!({ "concurrency_key": "k", "concurrency_limit": 0 }), true).contains("custom.concurrency_limit"));
         assert!(e(json!({ "concurrency_key": "" }), true).contains("custom.concurrency_key"));
-        assert!(e(json!({ "concurrency_key": "k" }), false).contains("take no slots yet"), "remote kinds: not yet");
+        let p = parse(job(json!({ "concurrency_key": "k" })), |_| false).unwrap();
+        assert!(p.job.tags.contains(&"concurrency:1:k".to_string()), "remote kinds too: {:?}", p.job.tags);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! its handlers in child processes), killed with the group when the test ends; its output goes to
 //! a file in the test's directory and is printed when the test fails, as is the server's log.
 
+mod flow;
 mod support;
 
 use std::collections::BTreeSet;

@@ -11,7 +11,9 @@
 //! store's lease. If this process dies, the store's lease runs out and the reaper returns
 //! the jobs. Jobs left in a buffer for [`BUFFER_TTL`] are released (their attempt given
 //! back), so they do not wait here while another process has idle workers; a queue paused
-//! anywhere releases its buffer at the next `FETCH`.
+//! anywhere releases its buffer at the next `FETCH`. A job with a concurrency key takes its
+//! slot when it is handed out, not when buffered ([`slots`]); the background duties are in
+//! [`upkeep`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +34,8 @@ use conveyor_core::{lane, BackendError, Completion, Conveyor, Job, NewJob};
 use super::job;
 
 mod batchers;
+mod slots;
+mod upkeep;
 mod workers;
 
 use workers::RemoteWorker;
@@ -81,6 +85,8 @@ struct Held {
     deadline: Instant,
     /// The attempt's span, ended by `ACK` or `FAIL` (see [`conveyor_core::trace`]).
     attempt: Option<conveyor_core::trace::Attempt>,
+    /// The concurrency key whose slot the job holds.
+    slot: Option<String>,
 }
 
 #[derive(Default)]
@@ -147,7 +153,7 @@ impl Hub {
         });
         tokio::spawn(batchers::flusher(hub.conveyor.clone(), rx));
         tokio::spawn(batchers::pusher(hub.clone(), push_rx));
-        tokio::spawn(maintain(hub.clone(), shutdown));
+        tokio::spawn(upkeep::maintain(hub.clone(), shutdown));
         hub
     }
 
@@ -305,7 +311,8 @@ impl Hub {
 
     /// Records `job` as held by `wid` until its `reserve_for` and returns what the worker gets;
     /// `None` when the job expired (`custom.expires_at`): it goes to the failed store unrun,
-    /// saying so, and the caller looks for another.
+    /// saying so, or when its concurrency key is at its limit (it is parked, see [`slots`]);
+    /// the caller looks for another.
     async fn hand_out(&self, job: Job, wid: Option<&str>) -> Option<Value> {
         let (jid, value, reserve_for) = job::fetched(&job);
         if let Some(at) = job::expired_at(&value, now_ms()) {
@@ -318,6 +325,11 @@ impl Hub {
             }
             return None;
         }
+        let slot = match self.take_slot(&job).await {
+            slots::Slot::Free => None,
+            slots::Slot::Held(key) => Some(key),
+            slots::Slot::Parked => return None,
+        };
         // `unique_until: "start"`: the key is free once a worker has the job.
         if let Some(key) = job.unique_key.as_deref().filter(|_| job::unique_until_start(&value)) {
             if let Err(e) = self.conveyor.backend().release_unique(key, job.id).await {
@@ -335,7 +347,8 @@ impl Hub {
             }
         }
         let now = Instant::now();
-        let held = Held { job, wid: wid.map(str::to_string), fetched: now, deadline: now + Duration::from_secs(reserve_for), attempt };
+        let held =
+            Held { job, wid: wid.map(str::to_string), fetched: now, deadline: now + Duration::from_secs(reserve_for), attempt, slot };
         if let Some(old) = self.state().held.insert(jid.clone(), held) {
             // Two jobs under one jid: the older reservation is left to its deadline.
             warn!(jid = %jid, job = %old.job.id, "FETCH handed out a second job with the same jid");
@@ -348,6 +361,7 @@ impl Hub {
     /// acknowledgements, so that is not an error.
     pub(crate) async fn ack(&self, jid: &str) -> Result<Option<Job>, BackendError> {
         let Some(mut held) = self.release_held(jid) else { return Ok(None) };
+        self.give_slot(held.slot.as_deref(), &held.job).await;
         if let Some(a) = held.attempt.take() {
             a.end("completed", None);
         }
@@ -361,6 +375,7 @@ impl Hub {
     /// are left, else the job goes to the failed store. Returns the job and whether it is dead.
     pub(crate) async fn fail(&self, jid: &str, error: String) -> Result<Option<(Job, bool)>, BackendError> {
         let Some(mut held) = self.release_held(jid) else { return Ok(None) };
+        self.give_slot(held.slot.as_deref(), &held.job).await;
         self.stats.failures.fetch_add(1, Ordering::Relaxed);
         let delay = job::backoff(held.job.attempt.saturating_sub(1));
         let outcome = failure(&held.job, error, delay);
@@ -486,74 +501,6 @@ impl Hub {
     pub(crate) fn reserves(&self) -> u64 {
         self.refills.load(Ordering::Relaxed)
     }
-
-    /// One pass of the background duties (see the module docs); `extend` also renews the
-    /// store's leases.
-    async fn tick(&self, extend: bool) {
-        let now = Instant::now();
-        let (expired, stale, leases) = {
-            let mut st = self.state();
-            let gone: HashSet<String> = st.workers.iter().filter(|(_, w)| w.gone(now)).map(|(id, _)| id.clone()).collect();
-            let mut expired = Vec::new();
-            st.held.retain(|_, h| {
-                let dead = h.wid.as_ref().is_some_and(|w| gone.contains(w));
-                if dead || now >= h.deadline {
-                    expired.push((h.job.clone(), dead, h.wid.clone()));
-                    return false;
-                }
-                true
-            });
-            // Forget workers silent for 10 minutes that hold nothing (a worker that never beats,
-            // counted from its HELLO).
-            let holding: HashSet<String> = st.held.values().filter_map(|h| h.wid.clone()).collect();
-            let forget = now_ms() - 600_000;
-            st.workers.retain(|id, w| {
-                let seen = w.last_beat.map_or(w.started_at, |b| now_ms() - now.duration_since(b).as_millis() as i64);
-                holding.contains(id) || seen > forget
-            });
-            let mut stale = Vec::new();
-            for buf in st.buffers.values_mut() {
-                while buf.front().is_some_and(|b| now.duration_since(b.since) >= BUFFER_TTL) {
-                    stale.extend(buf.pop_front().map(|b| b.job));
-                }
-            }
-            let leases: Vec<_> = if extend {
-                st.held
-                    .values()
-                    .map(|h| &h.job)
-                    .chain(st.buffers.values().flatten().map(|b| &b.job))
-                    .map(|j| (j.id, j.lease_token))
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            (expired, stale, leases)
-        };
-        for (job, dead, wid) in expired {
-            let (error, delay) = if dead {
-                (format!("worker {} stopped sending BEAT while holding this job", wid.unwrap_or_default()), Duration::ZERO)
-            } else {
-                ("the reservation expired (reserve_for) before ACK or FAIL".to_string(), job::backoff(job.attempt.saturating_sub(1)))
-            };
-            debug!(job = %job.id, %error, "Faktory reservation taken back");
-            let c = Completion::of(&job, failure(&job, error, delay));
-            if let Err(e) = self.record(c).await {
-                warn!(error = %e, "taking back a Faktory reservation failed; the store's lease will");
-            }
-        }
-        self.give_back(stale).await;
-        if !leases.is_empty() {
-            if let Err(e) = self.conveyor.backend().extend_leases(leases, STORE_LEASE).await {
-                warn!(error = %e, "extending the leases of Faktory jobs failed");
-            }
-        }
-    }
-
-    /// Gives every buffered job back (shutdown).
-    async fn drain(&self) {
-        let jobs: Vec<Job> = self.state().buffers.drain().flat_map(|(_, b)| b.into_iter().map(|b| b.job)).collect();
-        self.give_back(jobs).await;
-    }
 }
 
 /// The outcome of a failed attempt: a retry after `delay` while attempts are left.
@@ -570,20 +517,4 @@ fn error_of(outcome: &Outcome) -> String {
         Outcome::Retry { error, .. } | Outcome::Failed { error } => error.clone(),
         _ => String::new(),
     }
-}
-
-async fn maintain(hub: Arc<Hub>, shutdown: CancellationToken) {
-    let mut last_extend = Instant::now();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-        let extend = last_extend.elapsed() >= EXTEND_EVERY;
-        if extend {
-            last_extend = Instant::now();
-        }
-        hub.tick(extend).await;
-    }
-    hub.drain().await;
 }
