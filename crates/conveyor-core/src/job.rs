@@ -233,6 +233,13 @@ impl NewJob {
         self.tags.push(c.tag());
         self
     }
+    /// Of a burst of jobs with `d.key`, only the last runs, once the key was quiet for
+    /// `d.window` (see [`crate::debounce`]); replaces a debounce set before.
+    pub fn debounce(mut self, d: crate::debounce::Debounce) -> Self {
+        self.tags.retain(|t| !t.starts_with(crate::debounce::TAG));
+        self.tags.push(d.tag());
+        self
+    }
     /// Reserved round-robin with the other keys' jobs of its queue and priority (see
     /// [`crate::fair`]); replaces a key set before.
     pub fn fairness(mut self, key: impl Into<String>) -> Self {

@@ -18,6 +18,7 @@ pub mod breaker;
 pub mod cache;
 pub mod clock;
 pub mod cron;
+pub mod debounce;
 pub mod event;
 pub mod fair;
 pub mod flow;
@@ -80,10 +81,23 @@ impl Conveyor {
 
     /// Enqueues many jobs in one backend call (one transaction / one round trip).
     pub async fn dispatch_many(&self, mut jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>, BackendError> {
+        let mut debounced = Vec::new();
         for job in &mut jobs {
             self.inner.registry.route(job);
             job.validate().map_err(BackendError::Invalid)?;
+            if let Some(d) = debounce::Debounce::of_tags(&job.tags) {
+                debounce::delay(job);
+                debounced.push((d.key, job.id));
+            }
         }
-        self.inner.backend.enqueue(jobs).await
+        let out = self.inner.backend.enqueue(jobs).await?;
+        if !debounced.is_empty() {
+            let enqueued: Vec<(String, JobId)> = debounced
+                .into_iter()
+                .filter(|(_, id)| out.iter().any(|o| matches!(o, EnqueueOutcome::Enqueued { id: e } if e == id)))
+                .collect();
+            debounce::record(&self.inner.backend, &enqueued).await?;
+        }
+        Ok(out)
     }
 }

@@ -39,7 +39,7 @@ pub(crate) fn routes() -> Router<AppState> {
 }
 
 #[utoipa::path(post, path = "/api/jobs", tag = "jobs",
-    request_body(content = Object, description = "{kind, payload, queue?, delay_s?|run_at?, priority?, max_attempts?, backoff?, timeout_s?, unique_key?, unique_ttl_s?, tags?}"),
+    request_body(content = Object, description = "{kind, payload, queue?, delay_s?|run_at?, priority?, max_attempts?, backoff?, timeout_s?, unique_key?, unique_ttl_s?, tags?, concurrency_key?, concurrency_limit?, fairness_key?, debounce_key?, debounce_s?}"),
     responses((status = 201, description = "{id}: enqueued", body = Envelope<Object>),
               (status = 200, description = "{id, duplicate: true}: the unique key is held by this job", body = Envelope<Object>),
               (status = 403, description = "a built-in kind without the admin token", body = ErrorEnvelope),
@@ -141,7 +141,9 @@ fn parse_jobs(s: &AppState, who: &Principal, v: Option<&Value>, path: &str) -> R
 fn parse_job(s: &AppState, who: &Principal, o: &Map<String, Value>, prefix: &str) -> Result<NewJob, ApiError> {
     let at = |field: &str| if prefix.is_empty() { field.to_string() } else { format!("{prefix}.{field}") };
     let bad = |field: &str, why: &str| ApiError::Validation(BTreeMap::from([(at(field), why.to_string())]));
-    const KNOWN: [&str; 16] = [
+    const KNOWN: [&str; 18] = [
+        "debounce_key",
+        "debounce_s",
         "concurrency_key",
         "concurrency_limit",
         "fairness_key",
@@ -250,6 +252,16 @@ fn parse_job(s: &AppState, who: &Principal, o: &Map<String, Value>, prefix: &str
             job = job.concurrency(conveyor_core::flow::Concurrency::new(k, limit).map_err(|e| bad("concurrency_key", &e))?);
         }
         (None, None) => {}
+    }
+    match (o.get("debounce_key").filter(|v| !v.is_null()), o.get("debounce_s").filter(|v| !v.is_null())) {
+        (None, None) => {}
+        (None, Some(_)) => return Err(bad("debounce_s", "needs debounce_key")),
+        (Some(_), None) => return Err(bad("debounce_s", "is required with debounce_key (the quiet time, in seconds)")),
+        (Some(k), Some(w)) => {
+            let k = k.as_str().ok_or_else(|| bad("debounce_key", "must be a string"))?;
+            let w = seconds(w, 0.001, 86400.0).ok_or_else(|| bad("debounce_s", "must be seconds from 0.001 to a day"))?;
+            job = job.debounce(conveyor_core::debounce::Debounce::new(k, w).map_err(|e| bad("debounce_key", &e))?);
+        }
     }
     if let Some(k) = o.get("fairness_key").filter(|v| !v.is_null()) {
         let k = k.as_str().ok_or_else(|| bad("fairness_key", "must be a string"))?;

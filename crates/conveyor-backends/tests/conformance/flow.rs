@@ -185,3 +185,48 @@ pub async fn a_crashed_workers_slot_comes_back_with_its_lease(b: Backend) {
     let report = w.stop().await;
     assert_eq!((report.completed, report.released), (1, 1), "parked once, then ran: {report:?}");
 }
+
+pub async fn only_the_last_job_of_a_debounced_burst_runs(b: Backend) {
+    use conveyor_core::debounce::Debounce;
+    const KIND: &str = "conformance.flow.debounced";
+    let q = queue_name();
+    let key = unique_name("product");
+    let ran: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let mut registry = Registry::new();
+    {
+        let ran = ran.clone();
+        registry.register(KIND, move |p: Value, _ctx: JobContext| {
+            let ran = ran.clone();
+            async move {
+                ran.lock().unwrap().push(p["n"].as_u64().unwrap());
+                Ok(())
+            }
+        });
+    }
+    let conveyor = conveyor_core::Conveyor::new(b.clone(), Registry::new());
+    let w = start(&b, registry, config(&q, 4, Duration::from_secs(5)));
+    let window = Duration::from_millis(400);
+    // A burst of five, one enqueue at a time, then one more of another key.
+    let started = std::time::Instant::now();
+    let mut ids = Vec::new();
+    for n in 1..=5 {
+        let job = NewJob::new(KIND, &json!({ "n": n })).queue(&q).debounce(Debounce::new(&key, window).unwrap());
+        ids.push(conveyor.dispatch(job).await.unwrap());
+    }
+    let other = unique_name("product");
+    conveyor.dispatch(NewJob::new(KIND, &json!({ "n": 9 })).queue(&q).debounce(Debounce::new(&other, window).unwrap())).await.unwrap();
+    // Each waits for its window from its enqueue.
+    let info = b.job(ids[4]).await.unwrap().unwrap();
+    assert!(info.available_at.unwrap() >= info.created_at + 399, "the job waits for its window: {info:?}");
+    wait_until("the burst is done", Duration::from_secs(30), || drained(&b, &q)).await;
+    assert!(started.elapsed() >= window);
+    let mut got = ran.lock().unwrap().clone();
+    got.sort();
+    assert_eq!(got, [5, 9], "only the last job of each key's burst ran");
+    for id in ids {
+        let info = b.job(id).await.unwrap().unwrap();
+        assert_eq!(info.state, JobState::Completed, "superseded jobs complete unrun: {info:?}");
+    }
+    let report = w.stop().await;
+    assert_eq!(report.completed, 6);
+}

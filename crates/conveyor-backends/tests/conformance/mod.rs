@@ -157,6 +157,7 @@ macro_rules! conformance_suite {
                 a_crashed_workers_slot_comes_back_with_its_lease,
                 fairness_keys_take_turns_within_a_queue_and_priority,
                 fairness_holds_for_keys_enqueued_concurrently,
+                only_the_last_job_of_a_debounced_burst_runs,
                 breaker_opens_probes_and_closes,
                 breaker_with_a_lost_probe_lets_another_probe_through,
                 breaker_middleware_releases_jobs_while_open,

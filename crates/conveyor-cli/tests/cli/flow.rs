@@ -80,6 +80,10 @@ async fn jobs_of_one_concurrency_key_run_one_at_a_time_and_say_why_they_wait() {
         (json!({ "kind": "conveyor.noop", "concurrency_key": 5 }), "concurrency_key"),
         (json!({ "kind": "conveyor.noop", "fairness_key": "" }), "fairness_key"),
         (json!({ "kind": "conveyor.noop", "fairness_key": 7 }), "fairness_key"),
+        (json!({ "kind": "conveyor.noop", "debounce_s": 2 }), "debounce_s"),
+        (json!({ "kind": "conveyor.noop", "debounce_key": "k" }), "debounce_s"),
+        (json!({ "kind": "conveyor.noop", "debounce_key": "k", "debounce_s": 0 }), "debounce_s"),
+        (json!({ "kind": "conveyor.noop", "debounce_key": "", "debounce_s": 1 }), "debounce_key"),
     ] {
         let r = post(body.clone()).await.unwrap();
         assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY, "{body}");
@@ -94,6 +98,26 @@ async fn jobs_of_one_concurrency_key_run_one_at_a_time_and_say_why_they_wait() {
         let j = get(format!("{url}/api/jobs/{id}")).await;
         assert!(j["data"]["tags"].as_array().unwrap().contains(&json!("fairness:tenant-9")), "{j}");
     }
+    // A debounced job waits for its window, and only the last of a burst runs.
+    let mut burst = Vec::new();
+    for n in 0..3 {
+        let r =
+            post(json!({ "kind": "conveyor.noop", "payload": { "n": n }, "debounce_key": "product-3", "debounce_s": 1 })).await.unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        burst.push(r.json::<Value>().await.unwrap()["data"]["id"].as_str().unwrap().to_string());
+    }
+    let last = get(format!("{url}/api/jobs/{}", burst[2])).await;
+    assert!(last["data"]["tags"].as_array().unwrap().contains(&json!("debounce:1000:product-3")), "{last}");
+    crate::wait_for("the burst to complete", Duration::from_secs(30), || async {
+        let mut done = 0;
+        for id in &burst {
+            if get(format!("{url}/api/jobs/{id}")).await["data"]["state"] == "completed" {
+                done += 1;
+            }
+        }
+        done == 3
+    })
+    .await;
     let r = http.get(format!("{url}/api/concurrency?limit=0")).bearer_auth(admin).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     sigterm(&child);

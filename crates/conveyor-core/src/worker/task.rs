@@ -29,6 +29,18 @@ impl JobTask {
                 self.finish(Completion { outcome: Outcome::Release { at: now_ms() }, ..template });
                 return;
             };
+            // A debounced job that a later one of its key superseded completes unrun.
+            match crate::debounce::superseded(self.conveyor.backend(), &job).await {
+                Ok(false) => {}
+                Ok(true) => {
+                    debug!(job = %job.id, "superseded by a later job of its debounce key; not run");
+                    return self.finish(template);
+                }
+                Err(e) => {
+                    warn!(error = %e, "reading a debounce key failed; released");
+                    return self.finish(Completion { outcome: Outcome::Release { at: now_ms() + 1000 }, ..template });
+                }
+            }
             // A keyed job takes its key's slot now that it starts; at the key's limit it is
             // parked instead (see `crate::flow`).
             let key_slot = match crate::flow::Concurrency::of_job(self.conveyor.registry(), &job) {

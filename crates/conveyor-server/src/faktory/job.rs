@@ -138,6 +138,27 @@ pub(crate) fn parse(v: Value, local: impl Fn(&str) -> bool) -> Result<Pushed, St
         let wait = run_at.map_or(0, |t| (t - now).max(0)) as u64;
         job = job.unique(unique_key(&kind, &args, &queue), Duration::from_secs_f64(secs) + Duration::from_millis(wait));
     }
+    match (custom.get("debounce_key").filter(|v| !v.is_null()), custom.get("debounce_for").filter(|v| !v.is_null())) {
+        (None, None) => {}
+        (None, Some(_)) => return Err("custom.debounce_for needs custom.debounce_key".into()),
+        (Some(_), None) => return Err("custom.debounce_key needs custom.debounce_for (the quiet time, in seconds)".into()),
+        (Some(k), Some(w)) => {
+            let key = k
+                .as_str()
+                .map(str::to_string)
+                .or_else(|| k.as_i64().map(|n| n.to_string()))
+                .ok_or("custom.debounce_key must be a string")?;
+            // Rails sends numbers as strings unless the application converts them.
+            let secs = w
+                .as_f64()
+                .or_else(|| w.as_str().and_then(|s| s.trim().parse().ok()))
+                .filter(|s| s.is_finite() && *s >= 0.001 && *s <= 86400.0)
+                .ok_or("custom.debounce_for must be seconds from 0.001 to a day")?;
+            let d = conveyor_core::debounce::Debounce::new(key, Duration::from_secs_f64(secs))
+                .map_err(|e| format!("custom.debounce_key: {e}"))?;
+            job = job.debounce(d);
+        }
+    }
     if let Some(k) = custom.get("fairness_key").filter(|v| !v.is_null()) {
         // Rails sends numbers as strings unless the application converts them.
         let key =
@@ -315,6 +336,18 @@ mod tests {
         assert!(e(json!({ "concurrency_key": "" }), true).contains("custom.concurrency_key"));
         let p = parse(job(json!({ "concurrency_key": "k" })), |_| false).unwrap();
         assert!(p.job.tags.contains(&"concurrency:1:k".to_string()), "remote kinds too: {:?}", p.job.tags);
+    }
+
+    #[test]
+    fn custom_debounce_key_and_window() {
+        let job = |custom: Value| json!({ "jid": "abcdefgh1234", "jobtype": "x", "args": [{}], "custom": custom });
+        let p = parse(job(json!({ "debounce_key": "product-7", "debounce_for": "2.5" })), |_| true).unwrap();
+        assert!(p.job.tags.contains(&"debounce:2500:product-7".to_string()), "{:?}", p.job.tags);
+        let e = |custom: Value| parse(job(custom), |_| true).err().unwrap();
+        assert!(e(json!({ "debounce_for": 2 })).contains("needs custom.debounce_key"));
+        assert!(e(json!({ "debounce_key": "k" })).contains("needs custom.debounce_for"));
+        assert!(e(json!({ "debounce_key": "k", "debounce_for": 0 })).contains("custom.debounce_for"));
+        assert!(e(json!({ "debounce_key": "", "debounce_for": 1 })).contains("custom.debounce_key"));
     }
 
     #[test]

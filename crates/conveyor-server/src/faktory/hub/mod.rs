@@ -311,8 +311,9 @@ impl Hub {
 
     /// Records `job` as held by `wid` until its `reserve_for` and returns what the worker gets;
     /// `None` when the job expired (`custom.expires_at`): it goes to the failed store unrun,
-    /// saying so, or when its concurrency key is at its limit (it is parked, see [`slots`]);
-    /// the caller looks for another.
+    /// saying so, when a later job of its debounce key superseded it (it completes unrun), or
+    /// when its concurrency key is at its limit (it is parked, see [`slots`]); the caller looks
+    /// for another.
     async fn hand_out(&self, job: Job, wid: Option<&str>) -> Option<Value> {
         let (jid, value, reserve_for) = job::fetched(&job);
         if let Some(at) = job::expired_at(&value, now_ms()) {
@@ -322,6 +323,14 @@ impl Hub {
             let c = Completion::of(&job, Outcome::Failed { error });
             if let Err(e) = self.record(c).await {
                 warn!(error = %e, "recording an expired Faktory job failed; its lease will return it");
+            }
+            return None;
+        }
+        // A debounced job that a later one of its key superseded completes unrun.
+        if conveyor_core::debounce::superseded(self.conveyor.backend(), &job).await.unwrap_or(false) {
+            debug!(jid = %jid, "superseded by a later job of its debounce key; not handed out");
+            if let Err(e) = self.record(Completion::of(&job, Outcome::Completed)).await {
+                warn!(error = %e, "recording a superseded Faktory job failed; its lease will return it");
             }
             return None;
         }
@@ -467,7 +476,8 @@ impl Hub {
             self.conveyor.registry().route(job);
         }
         let lanes = self.lanes_wanted(&jobs);
-        if lanes.is_empty() {
+        // Debounced jobs are delayed and recorded by `dispatch_many` (`conveyor_core::debounce`).
+        if lanes.is_empty() || jobs.iter().any(|j| conveyor_core::debounce::Debounce::of_tags(&j.tags).is_some()) {
             return self.conveyor.dispatch_many(jobs).await;
         }
         for job in &jobs {
