@@ -118,18 +118,18 @@ pub fn assign(tx: &mut dyn Tx, jobs: &[Entry<'_>]) -> Result<Vec<i64>> {
 }
 
 /// The turn just below the queue's next keyed job at `priority`, or the highest turn handed out
-/// when none is ready.
+/// when none is ready. One statement, so both are read from one snapshot: on PostgreSQL a
+/// concurrent enqueue's jobs and its keys' turns become visible together, never one without
+/// the other (which would start this enqueue's keys behind jobs it cannot see).
 fn current_turn(tx: &mut dyn Tx, queue: &str, priority: i32) -> Result<i64> {
-    let (q, p) = (SqlValue::Text(queue.into()), SqlValue::from(priority as i64));
-    let head = tx.query(
-        "SELECT fair FROM jobs WHERE queue = $1 AND priority = $2 AND state = 0 AND fair > 0 ORDER BY fair, id LIMIT 1",
-        &[q.clone(), p.clone()],
-    )?;
-    if let Some(r) = head.first() {
-        return Ok(r.int(0) - 1);
-    }
     Ok(tx
-        .query("SELECT max(last) FROM fair_keys WHERE queue = $1 AND priority = $2", &[q, p])?
+        .query(
+            "SELECT coalesce(
+               (SELECT fair - 1 FROM jobs WHERE queue = $1 AND priority = $2 AND state = 0 AND fair > 0 ORDER BY fair, id LIMIT 1),
+               (SELECT max(last) FROM fair_keys WHERE queue = $1 AND priority = $2),
+               0)",
+            &[SqlValue::Text(queue.into()), SqlValue::from(priority as i64)],
+        )?
         .first()
         .and_then(|r| r.opt_int(0))
         .unwrap_or(0))
