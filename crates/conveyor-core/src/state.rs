@@ -125,6 +125,8 @@ pub trait SharedState: Send + Sync {
     fn slot_extend(&self, slots: &[(String, String)], expires_at: i64) -> Result<()>;
     /// The keys with the most slots held or jobs in line: (key, limit, running, waiting).
     fn slot_keys(&self, max: usize, now: i64) -> Result<Vec<(String, i64, i64, i64)>>;
+    /// The keys that have jobs in line.
+    fn slot_waited(&self) -> Result<Vec<String>>;
     /// Whether `job` is in line for `key`, and the key's (limit, running).
     fn slot_waiting(&self, key: &str, job: &str, now: i64) -> Result<Option<(i64, i64)>>;
 

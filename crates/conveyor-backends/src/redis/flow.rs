@@ -4,7 +4,8 @@
 //! - `T:fk:<key>` — the key's limit, while the key is busy;
 //! - `T:fs:<key>` — the slots held (zset: job id → expiry, unix ms);
 //! - `T:fw:<key>` — the parked jobs in line (zset: job id → since), first in line first;
-//! - `T:fkeys` — the busy keys, for the dashboard.
+//! - `T:fkeys` — the busy keys, for the dashboard;
+//! - `T:fwkeys` — the keys with jobs in line, for the sweep.
 
 use redis::{Script, Value};
 
@@ -41,7 +42,9 @@ end
 local n = redis.call('ZCARD', ks)
 if n >= lim then return {0, n, lim} end
 redis.call('ZADD', ks, exp, job)
-redis.call('ZREM', T..':fw:'..key, job)
+if redis.call('ZREM', T..':fw:'..key, job) == 1 and redis.call('EXISTS', T..':fw:'..key) == 0 then
+  redis.call('SREM', T..':fwkeys', key)
+end
 return {1, n + 1, lim}
 "#,
     ),
@@ -55,6 +58,7 @@ local ks = T..':fs:'..key
 redis.call('ZREMRANGEBYSCORE', ks, '-inf', now)
 if redis.call('ZCARD', ks) < lim then return 0 end
 redis.call('ZADD', T..':fw:'..key, 'NX', now, job)
+redis.call('SADD', T..':fwkeys', key)
 return 1
 "#,
     ),
@@ -72,9 +76,11 @@ if n < lim then
   local first = redis.call('ZRANGE', kw, 0, 0)
   if #first > 0 then
     redis.call('ZREM', kw, first[1])
+    if redis.call('EXISTS', kw) == 0 then redis.call('SREM', T..':fwkeys', key) end
     redis.call('ZADD', ks, ARGV[5], first[1])
     return first[1]
   end
+  redis.call('SREM', T..':fwkeys', key)
   if n == 0 then
     redis.call('DEL', kk)
     redis.call('SREM', T..':fkeys', key)
@@ -129,6 +135,11 @@ impl RedisState {
             Value::Nil => None,
             v => Some(text(&v)).filter(|t| !t.is_empty()),
         })
+    }
+
+    pub(super) fn flow_waited(&self) -> Result<Vec<String>> {
+        let key = format!("{}:fwkeys", self.tag());
+        self.pool().with(|c| redis::cmd("SMEMBERS").arg(&key).query::<Vec<String>>(c))
     }
 
     pub(super) fn flow_extend(&self, slots: &[(String, String)], expires_at: i64) -> Result<()> {

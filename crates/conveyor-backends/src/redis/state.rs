@@ -428,6 +428,10 @@ impl SharedState for RedisState {
         self.flow_waiting(key, job, now)
     }
 
+    fn slot_waited(&self) -> Result<Vec<String>> {
+        self.flow_waited()
+    }
+
     fn breaker_allow(&self, name: &str, now: i64, rules: &BreakerRules) -> Result<BreakerDecision> {
         let r = items(
             self.run(&SCRIPTS.breaker_allow, &[name.to_string(), now.to_string(), rules.open_ms.to_string(), rules.probes.to_string()])?,

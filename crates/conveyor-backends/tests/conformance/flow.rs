@@ -186,6 +186,51 @@ pub async fn a_crashed_workers_slot_comes_back_with_its_lease(b: Backend) {
     assert_eq!((report.completed, report.released), (1, 1), "parked once, then ran: {report:?}");
 }
 
+pub async fn a_kept_slot_serves_its_workers_next_job_and_goes_back_when_another_waits(b: Backend) {
+    const KIND: &str = "conformance.flow.kept";
+    let (qa, qb) = (queue_name(), queue_name());
+    let key = unique_name("key");
+    let c = Concurrency::new(&key, 1).unwrap();
+    let log = Log::default();
+    let registry = || {
+        let mut r = Registry::new();
+        log_ok(&mut r, KIND, &log);
+        r
+    };
+    let held =
+        || async { flow::keys(b.as_ref(), 10_000).await.unwrap().into_iter().find(|k| k.key == key).map(|k| (k.running, k.waiting)) };
+    // Worker A runs a job of the key on its queue and keeps the slot for the key's next job
+    // (for a minute here, so that the test does not race the second it is kept by default).
+    let a = start(
+        &b,
+        registry(),
+        conveyor_core::worker::WorkerConfig { keep_slots: Duration::from_secs(60), ..config(&qa, 2, Duration::from_secs(5)) },
+    );
+    enqueue_one(&b, new_job(&qa, KIND, 1).concurrency(c.clone())).await;
+    wait_until("A's first job ran", Duration::from_secs(30), || async { log.len() == 1 }).await;
+    wait_until("A's job is done", Duration::from_secs(30), || drained(&b, &qa)).await;
+    assert_eq!(held().await, Some((1, 0)), "A keeps the slot (the store counts it)");
+    // A's next job of the key reuses it.
+    enqueue_one(&b, new_job(&qa, KIND, 2).concurrency(c.clone())).await;
+    wait_until("A's second job ran", Duration::from_secs(30), || async { log.len() == 2 }).await;
+    // A job of the key on worker B's queue finds the key full (A's kept slot), parks, and gets
+    // the slot from A's next sweep (about a second), not from its own 10 s recheck.
+    let b_worker = start(&b, registry(), config(&qb, 2, Duration::from_secs(5)));
+    let parked_at = std::time::Instant::now();
+    let id = enqueue_one(&b, new_job(&qb, KIND, 3).concurrency(c.clone())).await;
+    wait_until("B's job ran with the slot A gave back", Duration::from_secs(30), || async { log.len() == 3 }).await;
+    assert!(parked_at.elapsed() < flow::PARK_RECHECK, "given back by the sweep, after {:?}", parked_at.elapsed());
+    let info = b.job(id).await.unwrap().unwrap();
+    assert!(info.attempts <= 1, "waiting spent no attempt: {info:?}");
+    wait_until("B's job is done", Duration::from_secs(30), || drained(&b, &qb)).await;
+    let rb = b_worker.stop().await;
+    assert_eq!((rb.completed, rb.released), (1, 1), "B's job parked behind A's kept slot once, then ran: {rb:?}");
+    // A worker that stops gives its kept slots back: the key is idle and forgotten.
+    let ra = a.stop().await;
+    assert_eq!(ra.completed, 2, "{ra:?}");
+    assert_eq!(held().await, None, "the key is idle and forgotten");
+}
+
 pub async fn only_the_last_job_of_a_debounced_burst_runs(b: Backend) {
     use conveyor_core::debounce::Debounce;
     const KIND: &str = "conformance.flow.debounced";

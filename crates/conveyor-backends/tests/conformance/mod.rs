@@ -155,6 +155,7 @@ macro_rules! conformance_suite {
                 concurrency_keys_limit_running_jobs_across_workers,
                 a_key_at_its_limit_holds_up_no_other_job,
                 a_crashed_workers_slot_comes_back_with_its_lease,
+                a_kept_slot_serves_its_workers_next_job_and_goes_back_when_another_waits,
                 fairness_keys_take_turns_within_a_queue_and_priority,
                 fairness_holds_for_keys_enqueued_concurrently,
                 only_the_last_job_of_a_debounced_burst_runs,

@@ -22,6 +22,7 @@ pub(super) fn config(queue: &str, concurrency: usize, grace: Duration) -> Worker
         reap_interval: Duration::from_millis(100),
         heartbeat_interval: Duration::from_millis(100),
         flush_max: 1024,
+        keep_slots: conveyor_core::flow::KEEP_IDLE,
     }
 }
 

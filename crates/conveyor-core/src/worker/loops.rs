@@ -59,11 +59,17 @@ pub(super) async fn heartbeat_loop(
                     if let Err(e) = backend.extend_leases(leases, sup.config.lease).await {
                         warn!(error = %e, "extending leases failed");
                     }
-                    let slots: Vec<(String, JobId)> =
-                        sup.slots.lock().expect("slots poisoned").iter().map(|(id, key)| (key.clone(), *id)).collect();
+                    let slots: Vec<(String, String)> = sup.slots.lock().expect("slots poisoned").values().cloned().collect();
                     let until = now_ms() + sup.config.lease.as_millis() as i64;
-                    if let Err(e) = crate::flow::extend(backend.as_ref(), slots, until).await {
+                    if let Err(e) = crate::flow::extend_named(backend.as_ref(), slots, until).await {
                         warn!(error = %e, "extending concurrency slots failed");
+                    }
+                }
+                // Kept slots (shared by the supervisors) live as long as the longest lease.
+                if let Some(lease) = supervisors.iter().map(|s| s.config.lease).max() {
+                    let kept = supervisors[0].bank.kept();
+                    if let Err(e) = crate::flow::extend_named(backend.as_ref(), kept, now_ms() + lease.as_millis() as i64).await {
+                        warn!(error = %e, "extending kept concurrency slots failed");
                     }
                 }
             }
@@ -109,7 +115,7 @@ pub(super) fn snapshot(worker_id: &str, started_at: i64, supervisors: &[Arc<Supe
 
 /// Returns expired reservations every `every`, and every second those of processes of this
 /// machine that died ([`crate::liveness`]), so their jobs run again within seconds.
-pub(super) async fn reap_loop(conveyor: Conveyor, every: Duration, stop: CancellationToken) {
+pub(super) async fn reap_loop(conveyor: Conveyor, bank: Arc<crate::flow::Bank>, keep: Duration, every: Duration, stop: CancellationToken) {
     let backend = conveyor.backend().clone();
     let mut tick = tokio::time::interval(every);
     let mut dead_tick = tokio::time::interval(DEAD_HOLDERS_EVERY.min(every));
@@ -118,8 +124,9 @@ pub(super) async fn reap_loop(conveyor: Conveyor, every: Duration, stop: Cancell
             _ = stop.cancelled() => return,
             _ = tick.tick() => reap(backend.as_ref(), "reclaimed jobs whose lease expired").await,
             _ = dead_tick.tick() => {
-                if let Err(e) = crate::flow::sweep(backend.as_ref()).await {
-                    warn!(error = %e, "handing expired concurrency slots on failed");
+                match crate::flow::sweep(backend.as_ref()).await {
+                    Ok(waited) => give_back_kept(backend.as_ref(), &bank, &waited, keep).await,
+                    Err(e) => warn!(error = %e, "handing expired concurrency slots on failed"),
                 }
                 let dead: Vec<String> = match backend.holders().await {
                     Ok(h) => h.into_iter().filter(|h| crate::liveness::is_dead(h)).collect(),
@@ -184,6 +191,21 @@ pub(super) async fn balance_loop(conveyor: Conveyor, sup: Arc<Supervisor>, stop:
                 debug!(supervisor = %sup.config.name, queue = %pool.queues[0], workers = n, "rebalanced");
                 pool.resize(n);
             }
+        }
+    }
+}
+
+/// Gives back the kept slots of keys that jobs wait for (anywhere), and those unused for `keep`.
+async fn give_back_kept(backend: &dyn crate::QueueBackend, bank: &crate::flow::Bank, waited: &[String], keep: Duration) {
+    let keeping = bank.keeping();
+    let mut back: Vec<(String, String)> = Vec::new();
+    for key in waited.iter().filter(|k| keeping.contains(k)) {
+        back.extend(bank.contend(key, crate::flow::PARK_RECHECK).into_iter().map(|n| (key.clone(), n)));
+    }
+    back.extend(bank.idle(keep));
+    for (key, name) in back {
+        if let Err(e) = crate::flow::release_named(backend, &key, &name).await {
+            warn!(error = %e, %key, "giving back a kept concurrency slot failed; it expires with the lease");
         }
     }
 }

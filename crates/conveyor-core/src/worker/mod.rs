@@ -84,6 +84,9 @@ pub struct WorkerConfig {
     pub heartbeat_interval: Duration,
     /// The most completions acknowledged in one backend call.
     pub flush_max: usize,
+    /// How long a concurrency slot a job ended with is kept for its key's next job while
+    /// nobody waits for the key (see `crate::flow::Bank`).
+    pub keep_slots: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -95,6 +98,7 @@ impl Default for WorkerConfig {
             reap_interval: Duration::from_secs(5),
             heartbeat_interval: Duration::from_secs(5),
             flush_max: 1024,
+            keep_slots: crate::flow::KEEP_IDLE,
         }
     }
 }
@@ -148,8 +152,11 @@ struct Supervisor {
     config: SupervisorConfig,
     pools: Vec<Arc<Pool>>,
     leases: Leases,
-    /// The concurrency key of each running job that holds a slot (see `crate::flow`).
-    slots: Arc<Mutex<HashMap<JobId, String>>>,
+    /// The concurrency key and slot name of each running job that holds a slot (see
+    /// `crate::flow`).
+    slots: Arc<Mutex<HashMap<JobId, (String, String)>>>,
+    /// The process's kept slots, shared by its supervisors.
+    bank: Arc<crate::flow::Bank>,
     processed: AtomicU64,
     cancelled: Arc<CancelledBatches>,
 }
@@ -167,6 +174,7 @@ pub async fn run(conveyor: Conveyor, config: WorkerConfig, shutdown: Cancellatio
     let started_at = now_ms();
 
     let cancelled = Arc::new(CancelledBatches::default());
+    let bank = Arc::new(crate::flow::Bank::default());
     let supervisors: Vec<Arc<Supervisor>> = config
         .supervisors
         .iter()
@@ -176,6 +184,7 @@ pub async fn run(conveyor: Conveyor, config: WorkerConfig, shutdown: Cancellatio
                 pools: pools_of(s),
                 leases: Arc::default(),
                 slots: Arc::default(),
+                bank: bank.clone(),
                 processed: AtomicU64::new(0),
                 cancelled: cancelled.clone(),
             })
@@ -194,7 +203,7 @@ pub async fn run(conveyor: Conveyor, config: WorkerConfig, shutdown: Cancellatio
         shutdown.clone(),
         background.clone(),
     ));
-    let reaper = tokio::spawn(reap_loop(conveyor.clone(), config.reap_interval, background.clone()));
+    let reaper = tokio::spawn(reap_loop(conveyor.clone(), bank.clone(), config.keep_slots, config.reap_interval, background.clone()));
 
     let mut fetchers = Vec::new();
     let mut balancers = Vec::new();
@@ -235,6 +244,12 @@ pub async fn run(conveyor: Conveyor, config: WorkerConfig, shutdown: Cancellatio
     }
     // Every job task has sent its completion and dropped its sender: the flusher drains and ends.
     let _ = flusher.await;
+    // Kept concurrency slots go back to their keys (and to the jobs in line).
+    for (key, name) in bank.idle(Duration::ZERO) {
+        if let Err(e) = crate::flow::release_named(backend.as_ref(), &key, &name).await {
+            warn!(error = %e, %key, "giving back a kept concurrency slot failed; it expires with the lease");
+        }
+    }
     background.cancel();
     let _ = heartbeat.await;
     let _ = reaper.await;

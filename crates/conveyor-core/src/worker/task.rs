@@ -43,23 +43,31 @@ impl JobTask {
             }
             // A keyed job takes its key's slot now that it starts; at the key's limit it is
             // parked instead (see `crate::flow`).
+            // A slot this worker kept from the key's last job comes first (`crate::flow::Bank`).
             let key_slot = match crate::flow::Concurrency::of_job(self.conveyor.registry(), &job) {
                 None => None,
-                Some(c) => {
-                    let expires_at = now_ms() + self.sup.config.lease.as_millis() as i64;
-                    match crate::flow::acquire(self.conveyor.backend().as_ref(), &c, job.id, expires_at).await {
-                        Ok(true) => Some(c.key),
-                        Ok(false) => return self.park(template, c.key).await,
-                        Err(e) => {
-                            warn!(error = %e, key = %c.key, "concurrency slots unavailable; released");
-                            self.finish(Completion { outcome: Outcome::Release { at: now_ms() + 1000 }, ..template });
-                            return;
+                Some(c) => match self.sup.bank.take(&c.key) {
+                    Some(name) => Some((c.key, name)),
+                    None => {
+                        let expires_at = now_ms() + self.sup.config.lease.as_millis() as i64;
+                        let name = self.sup.bank.fresh_name(&c.key, &job.id.to_string());
+                        match crate::flow::acquire_as(self.conveyor.backend().as_ref(), &c, &name, expires_at).await {
+                            Ok(true) => {
+                                self.sup.bank.taken(&c.key, &name);
+                                Some((c.key, name))
+                            }
+                            Ok(false) => return self.park(template, c.key).await,
+                            Err(e) => {
+                                warn!(error = %e, key = %c.key, "concurrency slots unavailable; released");
+                                self.finish(Completion { outcome: Outcome::Release { at: now_ms() + 1000 }, ..template });
+                                return;
+                            }
                         }
                     }
-                }
+                },
             };
-            if let Some(key) = &key_slot {
-                self.sup.slots.lock().expect("slots poisoned").insert(job.id, key.clone());
+            if let Some(slot) = &key_slot {
+                self.sup.slots.lock().expect("slots poisoned").insert(job.id, slot.clone());
             }
             if let Some(entry) = self.sup.leases.lock().expect("leases poisoned").get_mut(&job.id) {
                 entry.1 = true;
@@ -71,10 +79,13 @@ impl JobTask {
             let outcome = crate::trace::in_context(attempt.as_ref().map(|a| a.ctx), self.execute(&job, slot.clone())).await;
             let runtime_ms = started.elapsed().as_millis() as u64;
             self.sup.processed.fetch_add(1, Ordering::Relaxed);
-            if let Some(key) = key_slot {
+            if let Some((key, name)) = key_slot {
                 self.sup.slots.lock().expect("slots poisoned").remove(&job.id);
-                if let Err(e) = crate::flow::release(self.conveyor.backend().as_ref(), &key, job.id).await {
-                    warn!(error = %e, %key, "giving back a concurrency slot failed; it expires with the lease");
+                // Kept for the key's next job, unless jobs wait for the key.
+                if !self.sup.bank.ended(&key, &name) {
+                    if let Err(e) = crate::flow::release_named(self.conveyor.backend().as_ref(), &key, &name).await {
+                        warn!(error = %e, %key, "giving back a concurrency slot failed; it expires with the lease");
+                    }
                 }
             }
             let (done, lost) = {
@@ -196,6 +207,12 @@ impl JobTask {
     async fn park(&self, template: Completion, key: String) {
         debug!(%key, "concurrency key at its limit; parked");
         let id = template.id;
+        // Jobs wait for the key here: this worker keeps none of its slots for a while.
+        for name in self.sup.bank.contend(&key, crate::flow::PARK_RECHECK) {
+            if let Err(e) = crate::flow::release_named(self.conveyor.backend().as_ref(), &key, &name).await {
+                warn!(error = %e, %key, "giving back a kept concurrency slot failed; it expires with the lease");
+            }
+        }
         let at = now_ms() + crate::flow::PARK_RECHECK.as_millis() as i64;
         let completion = Completion { outcome: Outcome::Release { at }, ..template };
         let backend = self.conveyor.backend();

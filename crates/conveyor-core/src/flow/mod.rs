@@ -21,6 +21,10 @@
 //! queue), and a parked job does not poll: the recheck is a safety net for a job whose wake-up
 //! was lost with a crashed process.
 
+mod bank;
+
+pub use bank::{Bank, KEEP_IDLE};
+
 use std::time::Duration;
 
 use serde::Serialize;
@@ -151,14 +155,22 @@ pub fn value_at(path: &str, payload: &serde_json::Value) -> Option<String> {
 pub struct KeyStats {
     pub key: String,
     pub limit: i64,
+    /// Slots held: by running jobs, and kept by workers for the key's next job ([`Bank`]).
     pub running: i64,
+    /// Jobs parked in line for a slot.
     pub waiting: i64,
 }
 
 /// Takes a slot of `c.key` for `job` until `expires_at` (unix ms); `false`: the key is at its
 /// limit.
 pub async fn acquire(backend: &dyn QueueBackend, c: &Concurrency, job: JobId, expires_at: i64) -> Result<bool> {
-    let (key, id, limit, auth, now) = (c.key.clone(), job.to_string(), c.limit as i64, c.authoritative, now_ms());
+    acquire_as(backend, c, &job.to_string(), expires_at).await
+}
+
+/// [`acquire`] under a slot name of the caller's choosing (a job's id, or one a [`Bank`] chose);
+/// a slot already held under that name is extended and counts as taken.
+pub async fn acquire_as(backend: &dyn QueueBackend, c: &Concurrency, name: &str, expires_at: i64) -> Result<bool> {
+    let (key, id, limit, auth, now) = (c.key.clone(), name.to_string(), c.limit as i64, c.authoritative, now_ms());
     if let Some(st) = backend.shared_state() {
         return Ok(blocking(st, move |s| s.slot_acquire(&key, &id, limit, auth, now, expires_at)).await?.0);
     }
@@ -185,15 +197,25 @@ pub async fn release(backend: &dyn QueueBackend, key: &str, job: JobId) -> Resul
     hand_over(backend, key, job.to_string()).await
 }
 
+/// [`release`] of the slot held under `name`.
+pub async fn release_named(backend: &dyn QueueBackend, key: &str, name: &str) -> Result<()> {
+    hand_over(backend, key, name.to_string()).await
+}
+
 /// Hands the slots that expired (their holder crashed) to the jobs in line: for every key with
-/// jobs in line and a free slot. The workers' reapers call it every second.
-pub async fn sweep(backend: &dyn QueueBackend) -> Result<()> {
-    for k in keys(backend, 1_000).await? {
-        if k.waiting > 0 && k.running < k.limit {
-            hand_over(backend, &k.key, String::new()).await?;
-        }
+/// jobs in line and a free slot. The workers' reapers call it every second. Returns the keys
+/// that have jobs in line, whose kept slots ([`Bank`]) should go back. Costs a read of the
+/// keys with jobs in line, not of every busy key.
+pub async fn sweep(backend: &dyn QueueBackend) -> Result<Vec<String>> {
+    let waited = match backend.shared_state() {
+        Some(st) => blocking(st, |s| s.slot_waited()).await?,
+        None => backend.transact(sql::waited).await?,
+    };
+    for key in &waited {
+        // Hands nothing on while the key is full.
+        hand_over(backend, key, String::new()).await?;
     }
-    Ok(())
+    Ok(waited)
 }
 
 /// Gives back `job`'s slot (none when empty) and hands free slots on.
@@ -228,10 +250,14 @@ async fn hand_over(backend: &dyn QueueBackend, key: &str, job: String) -> Result
 
 /// Moves the expiry of running jobs' slots on to `expires_at`.
 pub async fn extend(backend: &dyn QueueBackend, slots: Vec<(String, JobId)>, expires_at: i64) -> Result<()> {
+    extend_named(backend, slots.into_iter().map(|(k, id)| (k, id.to_string())).collect(), expires_at).await
+}
+
+/// [`extend`] of slots by (key, name).
+pub async fn extend_named(backend: &dyn QueueBackend, slots: Vec<(String, String)>, expires_at: i64) -> Result<()> {
     if slots.is_empty() {
         return Ok(());
     }
-    let slots: Vec<(String, String)> = slots.into_iter().map(|(k, id)| (k, id.to_string())).collect();
     match backend.shared_state() {
         Some(st) => blocking(st, move |s| s.slot_extend(&slots, expires_at)).await,
         None => backend.transact(move |tx| sql::extend(tx, &slots, expires_at)).await,
@@ -343,6 +369,11 @@ mod sql {
             }
         }
         Ok(None)
+    }
+
+    pub(super) fn waited(tx: &mut dyn Tx) -> Result<Vec<String>> {
+        let rows = tx.query("SELECT DISTINCT key FROM concurrency_waiters", &[])?;
+        Ok(rows.iter().filter_map(|r| r.text(0).map(str::to_string)).collect())
     }
 
     pub(super) fn extend(tx: &mut dyn Tx, slots: &[(String, String)], expires_at: i64) -> Result<()> {
