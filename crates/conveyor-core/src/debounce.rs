@@ -19,8 +19,6 @@ use crate::job::{Job, JobId, NewJob};
 
 /// The tag that carries a job's key: `debounce:<window ms>:<key>`.
 pub const TAG: &str = "debounce:";
-/// The longest key, in bytes.
-pub const MAX_KEY: usize = 200;
 /// The longest window.
 pub const MAX_WINDOW: Duration = Duration::from_secs(86_400);
 /// How long the latest job of a key is remembered after its window.
@@ -37,12 +35,7 @@ impl Debounce {
     /// Checks a key and window from a caller; the error names what is wrong.
     pub fn new(key: impl Into<String>, window: Duration) -> std::result::Result<Self, String> {
         let key = key.into();
-        if key.is_empty() || key.len() > MAX_KEY {
-            return Err(format!("the debounce key must be 1 to {MAX_KEY} bytes"));
-        }
-        if key.chars().any(char::is_control) {
-            return Err("the debounce key may not hold control characters".into());
-        }
+        crate::flow::check_key("debounce", &key)?;
         if window.is_zero() || window > MAX_WINDOW {
             return Err("the debounce window must be more than 0 and at most a day".into());
         }

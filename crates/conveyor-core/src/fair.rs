@@ -30,18 +30,10 @@ use crate::job::NewJob;
 
 /// The tag that carries a job's fairness key: `fairness:<key>`.
 pub const TAG: &str = "fairness:";
-/// The longest key, in bytes.
-pub const MAX_KEY: usize = 200;
 
 /// Checks a fairness key from a caller; the error names what is wrong.
 pub fn check_key(key: &str) -> std::result::Result<(), String> {
-    if key.is_empty() || key.len() > MAX_KEY {
-        return Err(format!("the fairness key must be 1 to {MAX_KEY} bytes"));
-    }
-    if key.chars().any(char::is_control) {
-        return Err("the fairness key may not hold control characters".into());
-    }
-    Ok(())
+    crate::flow::check_key("fairness", key)
 }
 
 /// The job's tag for `key`.
@@ -142,7 +134,7 @@ mod tests {
     #[test]
     fn keys_are_checked_and_read_back_from_tags() {
         assert!(check_key("").is_err());
-        assert!(check_key(&"x".repeat(MAX_KEY + 1)).is_err());
+        assert!(check_key(&"x".repeat(crate::flow::MAX_KEY + 1)).is_err());
         assert!(check_key("a\nb").is_err());
         assert!(check_key("tenant-7").is_ok());
         let tags = vec!["other".to_string(), tag("tenant-7")];

@@ -54,16 +54,23 @@ pub struct Concurrency {
     pub authoritative: bool,
 }
 
+/// Checks a flow-control key from a caller (`what`: "concurrency", "fairness", "debounce"):
+/// 1 to [`MAX_KEY`] bytes, no control characters.
+pub fn check_key(what: &str, key: &str) -> std::result::Result<(), String> {
+    if key.is_empty() || key.len() > MAX_KEY {
+        return Err(format!("the {what} key must be 1 to {MAX_KEY} bytes"));
+    }
+    if key.chars().any(char::is_control) {
+        return Err(format!("the {what} key may not hold control characters"));
+    }
+    Ok(())
+}
+
 impl Concurrency {
     /// Checks a key and limit from a caller; the error names what is wrong.
     pub fn new(key: impl Into<String>, limit: u32) -> std::result::Result<Self, String> {
         let key = key.into();
-        if key.is_empty() || key.len() > MAX_KEY {
-            return Err(format!("the concurrency key must be 1 to {MAX_KEY} bytes"));
-        }
-        if key.chars().any(char::is_control) {
-            return Err("the concurrency key may not hold control characters".into());
-        }
+        check_key("concurrency", &key)?;
         if limit == 0 || limit > MAX_LIMIT {
             return Err(format!("the concurrency limit must be 1 to {MAX_LIMIT}"));
         }
