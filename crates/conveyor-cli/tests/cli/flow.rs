@@ -186,6 +186,13 @@ async fn a_worker_killed_holding_a_keys_slots_loses_nothing_on_postgres() {
     a_worker_killed_holding_a_keys_slots_loses_nothing(env).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_holding_a_keys_slots_loses_nothing_with_the_queue_on_redis() {
+    let Some(redis) = conveyor_backends::redis::testing::TestRedis::create() else { return };
+    let (url, prefix) = (redis.url.clone(), redis.prefix.clone());
+    a_worker_killed_holding_a_keys_slots_loses_nothing(TestEnv::redis(crate::process::LONG_LEASE, &url, &prefix, Some(redis))).await;
+}
+
 /// A job its kind's rate limit released says so: `waiting.reason` is `rate_limit`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_released_by_its_kinds_rate_limit_says_so() {
