@@ -32,7 +32,8 @@ fuzz() {
   local mode=$1 port token=fuzz-admin-token-0123456789 auth=()
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   rm -f "$work"/fuzz.db*
-  local envs=(CONVEYOR_DATABASE_URL="sqlite://$work/fuzz.db" CONVEYOR_HTTP_ADDR="127.0.0.1:$port" CONVEYOR_LOG=warn
+  # The Faktory port is off: the fuzzing is of the HTTP API, and a fixed port may be taken.
+  local envs=(CONVEYOR_DATABASE_URL="sqlite://$work/fuzz.db" CONVEYOR_HTTP_ADDR="127.0.0.1:$port" CONVEYOR_FAKTORY_ADDR=off CONVEYOR_LOG=warn
     CONVEYOR_SYNC_SOURCE_URL="$sim_url/source" CONVEYOR_SYNC_SOURCE_TOKEN=src
     CONVEYOR_SYNC_TARGET_URL="$sim_url/target" CONVEYOR_SYNC_TARGET_KEY=tgt
     CONVEYOR_OUTBOUND_ALLOW="127.0.0.1/32")
