@@ -48,16 +48,7 @@ async fn jobs_of_one_concurrency_key_run_one_at_a_time_and_say_why_they_wait() {
     let shop = keys["data"].as_array().unwrap().iter().find(|k| k["key"] == "shop-1").cloned().expect("the key is listed");
     assert_eq!((shop["running"].as_i64(), shop["limit"].as_i64(), shop["waiting"].as_i64()), (Some(1), Some(1), Some(2)), "{keys}");
 
-    crate::wait_for("all three ran", Duration::from_secs(30), || async {
-        let mut done = 0;
-        for id in &ids {
-            if get(format!("{url}/api/jobs/{id}")).await["data"]["state"] == "completed" {
-                done += 1;
-            }
-        }
-        done == 3
-    })
-    .await;
+    crate::wait_for("all three ran", Duration::from_secs(30), || all_completed(&http, &url, admin, &ids)).await;
     // One at a time: each run was reserved (for the last time) only after the one before had
     // slept its 1.2 s. (`finished_at` is when the outcome was recorded, after the slot was
     // given back, so it may pass the next run's start by a little.)
@@ -108,20 +99,22 @@ async fn jobs_of_one_concurrency_key_run_one_at_a_time_and_say_why_they_wait() {
     }
     let last = get(format!("{url}/api/jobs/{}", burst[2])).await;
     assert!(last["data"]["tags"].as_array().unwrap().contains(&json!("debounce:1000:product-3")), "{last}");
-    crate::wait_for("the burst to complete", Duration::from_secs(30), || async {
-        let mut done = 0;
-        for id in &burst {
-            if get(format!("{url}/api/jobs/{id}")).await["data"]["state"] == "completed" {
-                done += 1;
-            }
-        }
-        done == 3
-    })
-    .await;
+    crate::wait_for("the burst to complete", Duration::from_secs(30), || all_completed(&http, &url, admin, &burst)).await;
     let r = http.get(format!("{url}/api/concurrency?limit=0")).bearer_auth(admin).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     sigterm(&child);
     assert!(wait_exit(&mut child, Duration::from_secs(30)).await.success());
+}
+
+/// Whether every job of `ids` has completed, as `GET /api/jobs/{id}` says.
+async fn all_completed(http: &reqwest::Client, url: &str, token: &str, ids: &[String]) -> bool {
+    for id in ids {
+        let j: Value = http.get(format!("{url}/api/jobs/{id}")).bearer_auth(token).send().await.unwrap().json().await.unwrap();
+        if j["data"]["state"] != "completed" {
+            return false;
+        }
+    }
+    true
 }
 
 /// A worker SIGKILLed while two jobs of a key (limit 2) hold its slots and four wait in line:
