@@ -31,7 +31,7 @@ use serde::Serialize;
 
 use crate::backend::{DelayedAction, QueueBackend, QueueBackendExt, Result, RowExt, SqlValue, Tx};
 use crate::clock::now_ms;
-use crate::job::{Job, JobId, JobState};
+use crate::job::{Completion, Job, JobId, JobState, Outcome};
 use crate::state::blocking;
 
 /// The tag that carries a job's key: `concurrency:<limit>:<key>`.
@@ -182,6 +182,26 @@ pub async fn acquire_as(backend: &dyn QueueBackend, c: &Concurrency, name: &str,
         return Ok(blocking(st, move |s| s.slot_acquire(&key, &id, limit, auth, now, expires_at)).await?.0);
     }
     backend.transact(move |tx| sql::acquire(tx, &key, &id, limit, auth, now, expires_at)).await
+}
+
+/// Parks a job whose key is at its limit: commits its release (no attempt spent; it runs again
+/// after [`PARK_RECHECK`] at the latest), then puts it in line for `key` ([`wait`]). The release
+/// is committed here, not batched with other outcomes, because the job may join the line only
+/// once it is released. A failed commit gives the release back for the caller to record.
+pub async fn park(
+    backend: &dyn QueueBackend,
+    template: Completion,
+    key: &str,
+) -> std::result::Result<Completion, (Completion, crate::backend::BackendError)> {
+    let at = now_ms() + PARK_RECHECK.as_millis() as i64;
+    let release = Completion { outcome: Outcome::Release { at }, ..template };
+    if let Err(e) = backend.complete(vec![release.clone()]).await {
+        return Err((release, e));
+    }
+    if let Err(e) = wait(backend, key, release.id).await {
+        tracing::warn!(error = %e, %key, "joining a concurrency key's line failed; the job runs again at its recheck");
+    }
+    Ok(release)
 }
 
 /// Puts the parked `job` in line for `key`; if a slot is free by now, makes the job ready at once

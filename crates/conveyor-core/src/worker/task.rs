@@ -213,18 +213,15 @@ impl JobTask {
                 warn!(error = %e, %key, "giving back a kept concurrency slot failed; it expires with the lease");
             }
         }
-        let at = now_ms() + crate::flow::PARK_RECHECK.as_millis() as i64;
-        let completion = Completion { outcome: Outcome::Release { at }, ..template };
-        let backend = self.conveyor.backend();
-        // Committed here, not by the flusher: the job joins the line only once it is parked.
-        if let Err(e) = backend.complete(vec![completion.clone()]).await {
-            warn!(error = %e, %key, "parking a job failed; the flusher retries");
-            return self.finish(completion);
-        }
-        self.sup.leases.lock().expect("leases poisoned").remove(&id);
-        self.count(&completion.outcome);
-        if let Err(e) = crate::flow::wait(backend.as_ref(), &key, id).await {
-            warn!(error = %e, %key, "joining a concurrency key's line failed; the job runs again at its recheck");
+        match crate::flow::park(self.conveyor.backend().as_ref(), template, &key).await {
+            Ok(release) => {
+                self.sup.leases.lock().expect("leases poisoned").remove(&id);
+                self.count(&release.outcome);
+            }
+            Err((release, e)) => {
+                warn!(error = %e, %key, "parking a job failed; the flusher retries");
+                self.finish(release);
+            }
         }
     }
 

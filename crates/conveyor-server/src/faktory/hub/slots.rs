@@ -33,14 +33,8 @@ impl Hub {
             Ok(true) => Slot::Held(c.key),
             Ok(false) => {
                 debug!(key = %c.key, job = %job.id, "concurrency key at its limit; parked before FETCH");
-                let at = now_ms() + flow::PARK_RECHECK.as_millis() as i64;
-                // Committed here, not by the flusher: the job joins the line only once parked.
-                if let Err(e) = backend.complete(vec![Completion::of(job, Outcome::Release { at })]).await {
+                if let Err((_, e)) = flow::park(backend.as_ref(), Completion::of(job, Outcome::Completed), &c.key).await {
                     warn!(error = %e, key = %c.key, "parking a job failed; the store's lease returns it");
-                    return Slot::Parked;
-                }
-                if let Err(e) = flow::wait(backend.as_ref(), &c.key, job.id).await {
-                    warn!(error = %e, key = %c.key, "joining a concurrency key's line failed; the job runs again at its recheck");
                 }
                 Slot::Parked
             }
