@@ -12,23 +12,33 @@ use tokio::sync::Notify;
 /// not make the other look for work it cannot find.
 #[derive(Default)]
 pub struct Wakeup {
-    local: Signal,
-    remote: Signal,
+    local: Bell,
+    remote: Bell,
 }
 
+/// One signal: a sequence number and a [`Notify`]. Each lane of [`Wakeup`] is one; a component
+/// with a wake-up of its own (the Faktory server's buffers) uses one too.
 #[derive(Default)]
-struct Signal {
+pub struct Bell {
     seq: AtomicU64,
     notify: Notify,
 }
 
-impl Signal {
-    fn wake(&self) {
+impl Bell {
+    /// Bumps the sequence and wakes every waiter.
+    pub fn wake(&self) {
         self.seq.fetch_add(1, Ordering::Release);
         self.notify.notify_waiters();
     }
 
-    async fn wait(&self, mark: u64, timeout: Duration) {
+    /// The sequence, to pass to [`Bell::wait`].
+    pub fn mark(&self) -> u64 {
+        self.seq.load(Ordering::Acquire)
+    }
+
+    /// Returns once the sequence differs from `mark` (at once if it already does), or after
+    /// `timeout`.
+    pub async fn wait(&self, mark: u64, timeout: Duration) {
         let notified = self.notify.notified();
         tokio::pin!(notified);
         // Registering before re-checking the sequence closes the window in which a wake

@@ -28,7 +28,6 @@ impl WriteCtx {
                     if let Some((queue, priority)) = hit {
                         self.count(&queue, DELAYED, -1);
                         self.count(&queue, PENDING, 1);
-                        self.wake = true;
                         self.ready(*id, &queue, priority);
                         done.push(*id);
                     }
@@ -147,7 +146,6 @@ impl WriteCtx {
                 .map_err(storage_err)?;
             self.count(&row.queue, FAILED, -1);
             self.count(&row.queue, PENDING, 1);
-            self.wake = true;
             if let Some(job_id) = JobId::from_slice(id) {
                 self.ready(job_id, &row.queue, row.priority as i32);
             }

@@ -81,7 +81,6 @@ impl WriteCtx {
         for (q, state) in counts {
             self.count(&q, state, 1);
             if state == PENDING {
-                self.wake = true;
                 if let Some((id, priority)) = ready.next() {
                     self.ready(id, &q, priority);
                 }
@@ -114,9 +113,6 @@ impl WriteCtx {
             if let Some(id) = JobId::from_slice(&id) {
                 self.ready(id, &q, priority);
             }
-        }
-        if n > 0 {
-            self.wake = true;
         }
         Ok(n)
     }
@@ -303,7 +299,6 @@ impl WriteCtx {
         self.count(queue, RESERVED, -1);
         self.count(queue, state, 1);
         if state == PENDING {
-            self.wake = true;
             if let Some(id) = JobId::from_slice(id) {
                 self.ready(id, queue, priority);
             }

@@ -181,12 +181,13 @@ fn run(mut ctx: WriteCtx, rx: mpsc::Receiver<Work>, wakeup: Arc<Wakeup>) {
                 for reply in replies.drain(..) {
                     reply(Ok(()));
                 }
+                // The lanes whose queues have more pending jobs than before (an enqueue whose
+                // jobs were reserved in the same request wakes nobody); both when a queue
+                // resumed.
                 if ctx.wake {
-                    // The lanes whose queues got pending jobs; both when none is known.
-                    match (ctx.wake_local, ctx.wake_remote) {
-                        (false, false) => wakeup.wake(),
-                        (local, remote) => wakeup.wake_lanes(local, remote),
-                    }
+                    wakeup.wake();
+                } else {
+                    wakeup.wake_lanes(ctx.wake_local, ctx.wake_remote);
                 }
             }
             Err(e) => {
@@ -224,8 +225,10 @@ pub(crate) struct WriteCtx {
     pub(crate) insert_sql: HashMap<u64, Vec<(InsertKey, String)>>,
     pub(super) history: usize,
     pub(super) history_inserts: usize,
+    /// A queue resumed: wake both lanes.
     pub(super) wake: bool,
-    /// Which lanes got pending jobs in this group (`crate::lane`).
+    /// Which lanes have queues whose pending count grew in this group (`crate::lane`), from the
+    /// requests' counts.
     pub(super) wake_local: bool,
     pub(super) wake_remote: bool,
     pub(super) op_counts: Counts,

@@ -10,12 +10,28 @@ use conveyor_core::{Completion, Conveyor};
 
 use super::{Hub, Pushes, PUSH_BATCH};
 
+/// How long the flusher gathers outcomes before it records them.
+const FLUSH_DELAY: std::time::Duration = std::time::Duration::from_millis(5);
+/// Outcomes of one commit at most.
+const FLUSH_MAX: usize = 1000;
+
 /// Records completions in batches: whatever accumulated while the last batch was written goes
 /// in the next one. A batch that cannot be written leaves its jobs reserved: their leases
 /// return them.
 pub(super) async fn flusher(conveyor: Conveyor, mut rx: mpsc::Receiver<Completion>) {
-    let mut batch = Vec::with_capacity(1000);
-    while rx.recv_many(&mut batch, 1000).await > 0 {
+    let mut batch = Vec::with_capacity(FLUSH_MAX);
+    while rx.recv_many(&mut batch, FLUSH_MAX).await > 0 {
+        // Outcomes are answered when queued, so nobody waits for this commit: gather for
+        // FLUSH_DELAY (or up to FLUSH_MAX) and spend one commit on all of them, instead of a
+        // commit per few that would hold up the pushes waiting for theirs.
+        let until = tokio::time::Instant::now() + FLUSH_DELAY;
+        while batch.len() < FLUSH_MAX {
+            let room = FLUSH_MAX - batch.len();
+            match tokio::time::timeout_at(until, rx.recv_many(&mut batch, room)).await {
+                Ok(n) if n > 0 => continue,
+                _ => break,
+            }
+        }
         if let Err(e) = conveyor.backend().complete(std::mem::take(&mut batch)).await {
             warn!(error = %e, "recording Faktory acknowledgements failed; the jobs run again when their leases expire");
         }

@@ -29,6 +29,7 @@ use conveyor_core::backend::ReserveRequest;
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::EnqueueOutcome;
 use conveyor_core::job::Outcome;
+use conveyor_core::wakeup::Bell;
 use conveyor_core::{lane, BackendError, Completion, Conveyor, Job, NewJob};
 
 use super::job;
@@ -126,6 +127,9 @@ pub(crate) struct Hub {
     refill: tokio::sync::Mutex<()>,
     /// Reserves made, so that a `FETCH` knows whether one happened while it waited.
     refills: AtomicU64,
+    /// Rung when jobs are put in a buffer: a push reserved in its own commit wakes no store
+    /// waiter (nothing is left pending), so a waiting `FETCH` hears of it here.
+    buffered: Bell,
     flush: mpsc::Sender<Completion>,
     pushes: mpsc::Sender<Pushes>,
     paused: tokio::sync::Mutex<(Option<Instant>, HashSet<String>)>,
@@ -146,6 +150,7 @@ impl Hub {
             state: Mutex::new(State::default()),
             refill: tokio::sync::Mutex::new(()),
             refills: AtomicU64::new(0),
+            buffered: Bell::default(),
             flush: tx,
             pushes: push_tx,
             paused: tokio::sync::Mutex::new((None, HashSet::new())),
@@ -173,6 +178,7 @@ impl Hub {
         }
         loop {
             let mark = wake.mark_remote();
+            let rung = self.buffered.mark();
             let mut open = Vec::with_capacity(queues.len());
             for q in queues {
                 if !self.is_paused(q).await? {
@@ -194,10 +200,11 @@ impl Hub {
                             lease: STORE_LEASE,
                             worker: hub.owner.clone(),
                         };
+                        let max = req.max;
                         let jobs = hub.conveyor.backend().reserve(req).await;
                         hub.refills.fetch_add(1, Ordering::AcqRel);
                         match jobs {
-                            Ok(jobs) => hub.buffer(jobs, &behind.iter().map(String::as_str).collect::<Vec<_>>(), mark),
+                            Ok(jobs) => hub.buffer(jobs, max, &behind.iter().map(String::as_str).collect::<Vec<_>>(), mark),
                             Err(e) => debug!(error = %e, "reserving ahead for FETCH failed"),
                         }
                     });
@@ -217,7 +224,11 @@ impl Hub {
             if now >= deadline {
                 return Ok(None);
             }
-            wake.wait_remote(mark, POLL.min(deadline - now)).await;
+            let wait = POLL.min(deadline - now);
+            tokio::select! {
+                _ = wake.wait_remote(mark, wait) => {}
+                _ = self.buffered.wait(rung, wait) => {}
+            }
         }
     }
 
@@ -302,9 +313,10 @@ impl Hub {
                 lease: STORE_LEASE,
                 worker: self.owner.clone(),
             };
+            let max = req.max;
             let jobs = backend.reserve(req).await;
             self.refills.fetch_add(1, Ordering::AcqRel);
-            self.buffer(jobs?, &needed, mark);
+            self.buffer(jobs?, max, &needed, mark);
         }
         Ok(self.pop_first(queues))
     }
@@ -483,27 +495,42 @@ impl Hub {
         for job in &jobs {
             job.validate().map_err(BackendError::Invalid)?;
         }
-        let req = ReserveRequest { max: BATCH * lanes.len(), queues: lanes, lease: STORE_LEASE, worker: self.owner.clone() };
+        let req_max = BATCH * lanes.len();
+        let req = ReserveRequest { max: req_max, queues: lanes.clone(), lease: STORE_LEASE, worker: self.owner.clone() };
         let mark = self.conveyor.backend().wakeup().mark_remote();
         let result = self.conveyor.backend().enqueue_and_reserve(jobs, req).await;
         self.refills.fetch_add(1, Ordering::AcqRel);
         let (out, reserved) = result?;
-        self.buffer(reserved, &[], mark);
+        // When the commit left nothing pending in these lanes it did not move the mark, so
+        // what `buffer` notes empty stays known empty.
+        let asked: Vec<&str> = lanes.iter().map(|l| lane::base(l)).collect();
+        self.buffer(reserved, req_max, &asked, mark);
         Ok(out)
     }
 
-    /// Puts reserved jobs in their queues' buffers; `asked` queues that got none are noted
-    /// empty as of `mark`.
-    fn buffer(&self, jobs: Vec<Job>, asked: &[&str], mark: u64) {
+    /// Puts the jobs a reserve of up to `max` jobs over the `asked` queues brought into their
+    /// buffers. When it brought fewer than `max`, the store has no pending job of the asked
+    /// queues left (as of `mark`): they are noted empty, so a `FETCH` does not reserve again
+    /// for them until the mark moves. When it brought `max`, those that got none are noted
+    /// empty, as before, and those that got some may have more.
+    fn buffer(&self, jobs: Vec<Job>, max: usize, asked: &[&str], mark: u64) {
         let now = Instant::now();
+        let got = !jobs.is_empty();
+        let drained = jobs.len() < max;
         let mut st = self.state();
-        for q in asked {
-            st.empty.insert(q.to_string(), (mark, now));
-        }
         for job in jobs {
             let q = lane::base(&job.queue).to_string();
             st.empty.remove(&q);
             st.buffers.entry(q).or_default().push_back(Buffered { job, since: now });
+        }
+        for q in asked {
+            if drained || st.buffers.get(*q).is_none_or(VecDeque::is_empty) {
+                st.empty.insert(q.to_string(), (mark, now));
+            }
+        }
+        drop(st);
+        if got {
+            self.buffered.wake();
         }
     }
 
