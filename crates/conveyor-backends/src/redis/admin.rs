@@ -200,7 +200,9 @@ impl RedisBackend {
 
     pub(super) async fn metric_rows(&self, query: MetricsQuery) -> Result<Vec<MetricsRow>> {
         drop(self.metrics_writes.write().await);
-        let since = query.since;
+        // The minute that holds `since` counts, as on the relational stores: its rows are keyed
+        // by the minute's start, which is before `since`.
+        let since = conveyor_core::metrics::minute_of(query.since);
         let minutes: Vec<(i64, Vec<(String, Value)>)> = self
             .redis(move |c, tag| {
                 let ms: Vec<i64> = redis::cmd("ZRANGEBYSCORE").arg(format!("{tag}:mi")).arg(since).arg("+inf").query(c)?;

@@ -217,6 +217,23 @@ pub async fn pause_resume_and_clear(b: Backend) {
     assert_eq!(reserve(&b, &fresh, 10).await.len(), 1);
 }
 
+/// `since` counts the minute that holds it: a metric recorded after `since` is in a minute that
+/// starts at or before it, and must be returned. (The Redis queue read only minutes starting
+/// after `since`, which lost the first minute of any window and made a test that crossed a
+/// minute boundary fail.)
+pub async fn metrics_since_counts_the_minute_that_holds_it(b: Backend) {
+    let q = queue_name();
+    let kind = "conformance.metrics.since";
+    let since = now_ms() + 1;
+    enqueue_one(&b, new_job(&q, kind, 1)).await;
+    let jobs = reserve(&b, &q, 10).await;
+    assert_eq!(jobs.len(), 1);
+    b.complete(vec![completion(&jobs[0], Outcome::Completed)]).await.unwrap();
+    let rows = b.metrics(MetricsQuery { queue: Some(q.clone()), kind: None, since }).await.unwrap();
+    let m = conveyor_core::metrics::summarize(rows.iter());
+    assert_eq!(m.completed, 1, "the completion, recorded after `since`, in the minute that holds it: {rows:?}");
+}
+
 pub async fn metrics_count_every_processed_attempt(b: Backend) {
     let q = queue_name();
     let (kind_a, kind_b) = ("conformance.metrics.a", "conformance.metrics.b");

@@ -106,6 +106,7 @@ macro_rules! conformance_suite {
                 failed_cursor_pages_list_every_job_once,
                 pause_resume_and_clear,
                 metrics_count_every_processed_attempt,
+                metrics_since_counts_the_minute_that_holds_it,
                 worker_registry_heartbeat_and_gone,
                 // transactions
                 transactional_enqueue_commits_or_rolls_back_with_the_sql,
