@@ -261,8 +261,7 @@ pub fn forget_prefix_in(tx: &mut dyn crate::backend::Tx, prefix: &str) -> Result
     if let Some(sh) = tx.shared_state() {
         return sh.after_commit(Deferred::CacheForgetPrefix { prefix: prefix.to_string() });
     }
-    tx.execute("DELETE FROM cache WHERE substr(key, 1, $2) = $1", &[prefix.into(), (prefix.chars().count() as i64).into()])?;
-    Ok(())
+    tx.defer("DELETE FROM cache WHERE substr(key, 1, $2) = $1", &[prefix.into(), (prefix.chars().count() as i64).into()])
 }
 
 /// Adds `delta` to a member's score inside the caller's transaction without reading the new
@@ -272,12 +271,11 @@ pub fn add_in(tx: &mut dyn crate::backend::Tx, set: &str, member: &str, delta: f
     if let Some(sh) = tx.shared_state() {
         return sh.after_commit(Deferred::ZIncr { set: set.to_string(), member: member.to_string(), delta });
     }
-    tx.execute(
+    tx.defer(
         "INSERT INTO zsets (zset, member, score) VALUES ($1, $2, $3)
          ON CONFLICT (zset, member) DO UPDATE SET score = zsets.score + excluded.score",
         &[set.into(), member.into(), SqlValue::Real(delta)],
-    )?;
-    Ok(())
+    )
 }
 
 /// `incr` inside the caller's transaction (e.g. with the order that earned the points); returns

@@ -210,6 +210,9 @@ impl Tx for CountingTx<'_> {
     fn query(&mut self, sql: &str, params: &[SqlValue]) -> Result<Vec<Row>, BackendError> {
         self.inner.query(sql, params)
     }
+    fn defer(&mut self, sql: &str, params: &[SqlValue]) -> Result<(), BackendError> {
+        self.inner.defer(sql, params)
+    }
     fn execute_script(&mut self, sql: &str) -> Result<(), BackendError> {
         self.inner.execute_script(sql)
     }

@@ -254,7 +254,7 @@ impl Starts {
     /// their ids. The rows stay with `self` (for the caller to drop outside the transaction).
     pub fn start_in(&mut self, tx: &mut dyn Tx) -> Result<Vec<String>> {
         for p in &self.plans {
-            tx.execute(
+            tx.defer(
                 "INSERT INTO workflow_plans (id, plan, created_at) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
                 &[p.id.clone().into(), p.json.clone().into(), self.now.into()],
             )?;
@@ -326,7 +326,7 @@ fn enqueue_row(tx: &mut dyn Tx, wf: &str, input: Option<&str>, seq: i64, name: &
     let job = step_job(wf, input, seq, job);
     let job_id = job.id.to_string();
     tx.enqueue(vec![job])?;
-    tx.execute(
+    tx.defer(
         "INSERT INTO workflow_steps (workflow_id, seq, name, role, step, status, job_id) VALUES ($1, $2, $3, $4, $5, 'queued', $6)",
         &[wf.into(), seq.into(), name.into(), role.into(), step.into(), job_id.into()],
     )?;
@@ -366,7 +366,7 @@ pub fn record_outcome(tx: &mut dyn Tx, c: &Completion) -> Result<()> {
             // A retried attempt recorded after the step's next attempt already ended (a queue
             // whose reaper records outcomes after it made the job ready again, under load): it
             // still counts as an attempt, and changes nothing else.
-            tx.execute("UPDATE workflow_steps SET attempts = attempts + 1 WHERE workflow_id = $1 AND seq = $2", &[wf.into(), seq.into()])?;
+            tx.defer("UPDATE workflow_steps SET attempts = attempts + 1 WHERE workflow_id = $1 AND seq = $2", &[wf.into(), seq.into()])?;
         }
         return Ok(());
     };
@@ -376,7 +376,7 @@ pub fn record_outcome(tx: &mut dyn Tx, c: &Completion) -> Result<()> {
     let declined = r.text(2).filter(|_| role == "step" && status == "completed").map(str::to_string);
     let (status, error) = match &declined {
         Some(reason) => {
-            tx.execute(
+            tx.defer(
                 "UPDATE workflow_steps SET status = 'declined', error = $3 WHERE workflow_id = $1 AND seq = $2",
                 &[wf.into(), seq.into(), reason.as_str().into()],
             )?;
@@ -397,32 +397,32 @@ pub fn record_outcome(tx: &mut dyn Tx, c: &Completion) -> Result<()> {
                 let next = &w.plan.steps[(step + 1) as usize];
                 enqueue_row(tx, wf, w.input.as_deref(), seq + 1, &next.name, "step", step + 1, &next.job)?;
             } else {
-                tx.execute("UPDATE workflows SET status = 'completed', finished_at = $2 WHERE id = $1", &[wf.into(), now.into()])?;
+                tx.defer("UPDATE workflows SET status = 'completed', finished_at = $2 WHERE id = $1", &[wf.into(), now.into()])?;
             }
         }
         ("step", "failed") => {
-            tx.execute(
+            tx.defer(
                 "UPDATE workflows SET status = 'compensating', error = $2 WHERE id = $1 AND status = 'running'",
                 &[wf.into(), error.unwrap_or_default().into()],
             )?;
             compensate_next(tx, wf, &w, step, now)?;
         }
         ("compensation", "completed") => {
-            tx.execute(
+            tx.defer(
                 "UPDATE workflow_steps SET status = 'compensated' WHERE workflow_id = $1 AND role = 'step' AND step = $2",
                 &[wf.into(), step.into()],
             )?;
             compensate_next(tx, wf, &w, step, now)?;
         }
         ("rollback", _) => {
-            tx.execute(
+            tx.defer(
                 "UPDATE workflows SET status = 'failed', finished_at = $2 WHERE id = $1 AND status = 'compensating'",
                 &[wf.into(), now.into()],
             )?;
         }
         ("compensation", "failed") => {
             // A compensation that cannot succeed is recorded; the earlier ones still run.
-            tx.execute(
+            tx.defer(
                 "UPDATE workflows SET error = coalesce(error, '') || $2 WHERE id = $1",
                 &[wf.into(), format!("; compensation of step {step} failed: {}", error.unwrap_or_default()).into()],
             )?;
@@ -445,7 +445,7 @@ fn compensate_next(tx: &mut dyn Tx, wf: &str, w: &Instance, before: i64, now: i6
     if let Some(step) = next {
         let s = &w.plan.steps[step as usize];
         // The step itself is marked so a second failure path cannot compensate it twice.
-        tx.execute(
+        tx.defer(
             "UPDATE workflow_steps SET status = 'compensating' WHERE workflow_id = $1 AND role = 'step' AND step = $2",
             &[wf.into(), step.into()],
         )?;
@@ -455,7 +455,7 @@ fn compensate_next(tx: &mut dyn Tx, wf: &str, w: &Instance, before: i64, now: i6
     match &w.plan.on_failure {
         Some(r) => enqueue_row(tx, wf, w.input.as_deref(), seq, &r.name, "rollback", seq, &r.job),
         None => {
-            tx.execute("UPDATE workflows SET status = 'failed', finished_at = $2 WHERE id = $1", &[wf.into(), now.into()])?;
+            tx.defer("UPDATE workflows SET status = 'failed', finished_at = $2 WHERE id = $1", &[wf.into(), now.into()])?;
             Ok(())
         }
     }
@@ -481,7 +481,7 @@ fn step_info(r: &Row) -> StepInfo {
 pub fn decline_in(tx: &mut dyn Tx, workflow: &str, reason: &str) -> Result<()> {
     let Some((wf, seq)) = workflow.rsplit_once(':') else { return Err(BackendError::Invalid(format!("not a workflow step: {workflow}"))) };
     let seq: i64 = seq.parse().map_err(|_| BackendError::Invalid(format!("not a workflow step: {workflow}")))?;
-    tx.execute(
+    tx.defer(
         "UPDATE workflow_steps SET declined = $3 WHERE workflow_id = $1 AND seq = $2 AND status = 'queued'",
         &[wf.into(), seq.into(), reason.into()],
     )?;

@@ -84,7 +84,7 @@ impl PaymentGateway for Simulator {
         let status = if approved { "charged" } else { "declined" };
         self.backend
             .transact(move |tx| {
-                tx.execute(
+                tx.defer(
                     "INSERT INTO payment_gateway_charges (idempotency_key, reference, amount_cents, status, created_at)
                      VALUES ($1, $2, $3, $4, $5) ON CONFLICT (idempotency_key) DO NOTHING",
                     &[key.clone().into(), reference.into(), amount_cents.into(), status.into(), now_ms().into()],
@@ -104,7 +104,7 @@ impl PaymentGateway for Simulator {
         let key = key.to_string();
         self.backend
             .transact(move |tx| {
-                tx.execute(
+                tx.defer(
                     "UPDATE payment_gateway_charges SET status = 'refunded' WHERE idempotency_key = $1 AND status = 'charged'",
                     &[key.clone().into()],
                 )?;

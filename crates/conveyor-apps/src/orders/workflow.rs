@@ -109,7 +109,7 @@ fn reserve(tx: &mut dyn Tx, order_id: &str) -> Result<(), BackendError> {
         return Ok(());
     }
     let items = tx.query("SELECT sku, sum(quantity) FROM order_items WHERE order_id = $1 GROUP BY sku ORDER BY sku", &[order_id.into()])?;
-    tx.execute("UPDATE orders SET status = 'processing' WHERE id = $1 AND status = 'pending'", &[order_id.into()])?;
+    tx.defer("UPDATE orders SET status = 'processing' WHERE id = $1 AND status = 'pending'", &[order_id.into()])?;
     let rows: Vec<Vec<SqlValue>> =
         items.iter().map(|it| vec![order_id.into(), it[0].clone(), it.int(1).into(), "reserved".into(), now.into()]).collect();
     insert_many(tx, "INSERT INTO stock_reservations (order_id, sku, quantity, status, updated_at)", &rows, "")?;
@@ -147,7 +147,7 @@ async fn pay(gateway: Arc<dyn PaymentGateway>, o: OrderRef, ctx: JobContext) -> 
 
 /// Records a payment event once per (order, status); the order id is its idempotency key.
 fn record_payment(tx: &mut dyn Tx, order_id: &str, status: &str, amount_cents: i64, reference: &str) -> Result<(), BackendError> {
-    tx.execute(
+    tx.defer(
         "INSERT INTO payments (order_id, status, amount_cents, reference, idempotency_key, created_at)
          VALUES ($1, $2, $3, $4, $1, $5) ON CONFLICT (order_id, status) DO NOTHING",
         &[order_id.into(), status.into(), amount_cents.into(), reference.into(), now_ms().into()],
@@ -168,11 +168,11 @@ fn finalize(tx: &mut dyn Tx, order_id: &str) -> Result<(), BackendError> {
         "SELECT sku, quantity FROM stock_reservations WHERE order_id = $1 AND status = 'reserved' ORDER BY sku",
         &[order_id.into()],
     )?;
-    tx.execute(
+    tx.defer(
         "UPDATE stock_reservations SET status = 'committed', updated_at = $2 WHERE order_id = $1 AND status = 'reserved'",
         &[order_id.into(), now.into()],
     )?;
-    tx.execute("UPDATE orders SET status = 'completed', settled_at = $2 WHERE id = $1", &[order_id.into(), now.into()])?;
+    tx.defer("UPDATE orders SET status = 'completed', settled_at = $2 WHERE id = $1", &[order_id.into(), now.into()])?;
     let items = tx.query(
         "SELECT sku, sum(quantity), sum(quantity * unit_price_cents) FROM order_items WHERE order_id = $1 GROUP BY sku ORDER BY sku",
         &[order_id.into()],
@@ -181,7 +181,7 @@ fn finalize(tx: &mut dyn Tx, order_id: &str) -> Result<(), BackendError> {
     // order (by SKU), so concurrent orders hold them briefly and never deadlock.
     for r in &held {
         let (sku, qty) = (r.text(0).unwrap_or_default().to_string(), r.int(1));
-        tx.execute("UPDATE products SET reserved = reserved - $2, updated_at = $3 WHERE sku = $1", &[sku.into(), qty.into(), now.into()])?;
+        tx.defer("UPDATE products SET reserved = reserved - $2, updated_at = $3 WHERE sku = $1", &[sku.into(), qty.into(), now.into()])?;
     }
     add_in(tx, leaderboard::CUSTOMERS_SPENT, &customer, total as f64)?;
     add_in(tx, leaderboard::CUSTOMERS_ORDERS, &customer, 1.0)?;
@@ -209,7 +209,7 @@ async fn rollback(gateway: Arc<dyn PaymentGateway>, o: OrderRef, ctx: JobContext
                 "SELECT sku, quantity FROM stock_reservations WHERE order_id = $1 AND status = 'reserved' ORDER BY sku",
                 &[id.as_str().into()],
             )?;
-            tx.execute(
+            tx.defer(
                 "UPDATE stock_reservations SET status = 'released', updated_at = $2 WHERE order_id = $1 AND status = 'reserved'",
                 &[id.as_str().into(), now.into()],
             )?;
@@ -218,14 +218,14 @@ async fn rollback(gateway: Arc<dyn PaymentGateway>, o: OrderRef, ctx: JobContext
                 record_payment(tx, &id, "charged", *amount, reference)?;
                 record_payment(tx, &id, "refunded", *amount, reference)?;
             }
-            tx.execute(
+            tx.defer(
                 "UPDATE orders SET status = 'failed', settled_at = $2 WHERE id = $1 AND status IN ('pending', 'processing')",
                 &[id.as_str().into(), now.into()],
             )?;
             // The shared rows last, by SKU (see `reserve`).
             for r in &held {
                 let (sku, qty) = (r.text(0).unwrap_or_default().to_string(), r.int(1));
-                tx.execute(
+                tx.defer(
                     "UPDATE products SET stock = stock + $2, reserved = reserved - $2, updated_at = $3 WHERE sku = $1",
                     &[sku.into(), qty.into(), now.into()],
                 )?;

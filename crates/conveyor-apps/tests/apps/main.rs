@@ -69,6 +69,7 @@ on_every_store!(
     orders::every_order_settles_and_stock_money_and_leaderboards_add_up,
     orders::bad_csv_lines_are_reported_by_line_and_good_orders_imported,
     orders::split_rejected_and_oversized_orders_never_store_a_part,
+    orders::an_order_split_across_batches_keeps_its_first_lines,
     orders::rejected_lines_are_listed_up_to_the_cap_and_counted_beyond,
     orders::the_simulated_gateway_charges_and_refunds_once_per_key,
     notify::registration_sends_the_welcome_email_and_an_inbox_message,

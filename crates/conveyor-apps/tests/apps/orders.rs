@@ -241,6 +241,41 @@ pub(crate) async fn split_rejected_and_oversized_orders_never_store_a_part(s: St
     assert_eq!(orders::order(s.backend.as_ref(), "S1").await.unwrap().unwrap().items.len(), 1);
 }
 
+/// Batches are written two at a time: orders whose lines come back in the next batch (split
+/// within the file, here two of them in crossed order) still keep their first lines and reject
+/// the later ones, and every other order of both batches is stored once.
+pub(crate) async fn an_order_split_across_batches_keeps_its_first_lines(s: Store) {
+    let c = conveyor(&s, 1.0);
+    import_products(&c, "sku,name,price,stock\nA,Alpha,1.00,100000\n".into()).await;
+    let mut csv = String::from("order_id,customer_id,customer_name,customer_email,sku,quantity,unit_price,order_date\n");
+    let line = |id: &str, customer: usize, qty: u32| format!("{id},{customer},C,c{customer}@example.com,A,{qty},1.00,2026-11-01\n");
+    let others = |csv: &mut String, range: std::ops::Range<usize>| {
+        for n in range {
+            csv.push_str(&line(&format!("O{n}"), n % 50 + 3, 1));
+        }
+    };
+    // The first batch (500 orders): SPLIT_A first, SPLIT_B near its end; the next batch has
+    // SPLIT_B's second part first and SPLIT_A's last.
+    csv.push_str(&line("SPLIT_A", 1, 1));
+    others(&mut csv, 0..298);
+    csv.push_str(&line("SPLIT_B", 2, 1));
+    others(&mut csv, 298..498);
+    csv.push_str(&line("SPLIT_B", 2, 7));
+    others(&mut csv, 498..598);
+    csv.push_str(&line("SPLIT_A", 1, 5));
+    let report = import::import_orders(&c, std::io::Cursor::new(csv.into_bytes()), |_| {}).await.unwrap();
+    assert_eq!(report.orders, 600, "{report:?}");
+    let lines: Vec<u64> = report.rejected.iter().map(|r| r.line).collect();
+    assert_eq!(lines, [502, 603], "the later lines are the ones rejected: {report:?}");
+    assert!(report.rejected.iter().all(|r| r.reason.contains("not contiguous")), "{report:?}");
+    for id in ["SPLIT_A", "SPLIT_B"] {
+        let split = orders::order(s.backend.as_ref(), id).await.unwrap().unwrap();
+        assert_eq!((split.items.len(), split.items[0].quantity), (1, 1), "{id}: the first line was stored");
+    }
+    let stored = s.backend.query("SELECT count(*) FROM orders", vec![]).await.unwrap();
+    assert_eq!(stored[0][0].as_i64(), Some(600));
+}
+
 pub(crate) async fn the_simulated_gateway_charges_and_refunds_once_per_key(s: Store) {
     use conveyor_apps::orders::payment::{PaymentGateway, Simulator};
     let g = Simulator::new(s.backend.clone(), SimulatorConfig { success_rate: 1.0, seed: 1, latency: Duration::ZERO });

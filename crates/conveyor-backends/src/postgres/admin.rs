@@ -6,7 +6,7 @@ use conveyor_core::backend::{DelayedAction, Result};
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::{Completion, JobId, Outcome};
 
-impl PgTx<'_, '_> {
+impl PgTx<'_> {
     /// Runs, deletes or fails delayed jobs by id (see `QueueBackend::act_on_delayed`).
     pub(crate) fn act_on_delayed(&mut self, ids: &[JobId], action: &DelayedAction) -> Result<Vec<JobId>> {
         let now = now_ms();

@@ -8,6 +8,7 @@
 
 mod admin;
 mod outcomes;
+mod pipe;
 mod pool;
 mod read;
 mod schema;
@@ -115,7 +116,7 @@ impl PgBackend {
     async fn tx<R, F>(&self, f: F) -> Result<R>
     where
         R: Send + 'static,
-        F: FnOnce(&mut PgTx<'_, '_>) -> Result<R> + Send + 'static,
+        F: FnOnce(&mut PgTx<'_>) -> Result<R> + Send + 'static,
     {
         let (history, inserts, wakeup, last_notify, owed) =
             (self.history, self.history_inserts.clone(), self.wakeup.clone(), self.last_notify.clone(), self.owed_notify.clone());
@@ -123,8 +124,7 @@ impl PgBackend {
         self.pool
             .with(move |c| {
                 let shard = c.shard;
-                let tx = c.client.transaction().map_err(pg_err)?;
-                let mut t = PgTx::new(tx, &mut c.stmts, shard, history);
+                let mut t = PgTx::new(&mut c.client, &mut c.stmts, shard, history);
                 t.collect_ready = dispatch.get().is_some();
                 let out = f(&mut t)?;
                 if t.history_inserts > 0 && inserts.fetch_add(t.history_inserts, Ordering::Relaxed) + t.history_inserts >= TRIM_EVERY {

@@ -7,7 +7,7 @@ use conveyor_core::clock::now_ms;
 use conveyor_core::job::{Completion, JobId, Outcome};
 use conveyor_core::metrics::minute_of;
 
-impl PgTx<'_, '_> {
+impl PgTx<'_> {
     /// Applies many completions: plain successes (no batch, no workflow) in one statement, the
     /// rest one by one.
     pub(crate) fn complete(&mut self, completions: Vec<Completion>) -> Result<()> {

@@ -10,6 +10,8 @@ use postgres::types::ToSql;
 use postgres::Client;
 use tokio::sync::Semaphore;
 
+use super::pipe::PgClient;
+
 use conveyor_core::backend::{BackendError, Result};
 
 use super::schema::SHARDS;
@@ -18,7 +20,7 @@ use super::tx::Statements;
 use super::value::pg_err;
 
 pub(crate) struct Conn {
-    pub(crate) client: Client,
+    pub(crate) client: PgClient,
     pub(crate) stmts: Statements,
     pub(crate) shard: i64,
 }
@@ -49,7 +51,7 @@ impl Conn {
 }
 
 pub(crate) struct Pool {
-    config: postgres::Config,
+    config: tokio_postgres::Config,
     /// TLS as the URL's `sslmode` asks (plain TCP for `disable`, and for `prefer` when the
     /// server has no TLS).
     tls: Connector,
@@ -59,15 +61,15 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
-    pub(crate) fn new(config: postgres::Config, tls: Connector, size: usize) -> Arc<Pool> {
+    pub(crate) fn new(config: tokio_postgres::Config, tls: Connector, size: usize) -> Arc<Pool> {
         // Processes start at different shards, so their first connections do not share one.
         let first = rand::random::<u16>() as i64 % SHARDS;
         Arc::new(Pool { config, tls, idle: Mutex::default(), permits: Semaphore::new(size.max(1)), next_shard: AtomicI64::new(first) })
     }
 
-    /// Opens a connection (blocking).
+    /// Opens a plain synchronous connection (blocking), for the LISTEN thread and migrations.
     pub(crate) fn connect(&self) -> Result<Client> {
-        self.config.connect(self.tls.clone()).map_err(|e| match pg_err(e) {
+        postgres::Config::from(self.config.clone()).connect(self.tls.clone()).map_err(|e| match pg_err(e) {
             BackendError::Storage(m) => BackendError::Unavailable(m),
             other => other,
         })
@@ -82,7 +84,7 @@ impl Pool {
                 None => break,
             }
         }
-        let client = self.connect()?;
+        let client = PgClient::connect(&self.config, self.tls.clone())?;
         let shard = self.next_shard.fetch_add(1, Ordering::Relaxed) % SHARDS;
         Ok(Conn { client, stmts: Statements::new(), shard })
     }
@@ -128,7 +130,7 @@ impl Pool {
 }
 
 /// Connection settings from a `postgres://` URL, with a connect timeout, and its TLS.
-pub(crate) fn config(url: &str) -> Result<(postgres::Config, Connector)> {
+pub(crate) fn config(url: &str) -> Result<(tokio_postgres::Config, Connector)> {
     let (mut config, tls) = super::tls::parse(url)?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(5));

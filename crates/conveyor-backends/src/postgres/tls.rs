@@ -22,10 +22,10 @@ use conveyor_core::backend::{BackendError, Result};
 use crate::tls::{client_config, Verify};
 
 /// The driver's settings (without Conveyor's parameters) and the connector for them.
-pub(crate) fn parse(url: &str) -> Result<(postgres::Config, Connector)> {
+pub(crate) fn parse(url: &str) -> Result<(tokio_postgres::Config, Connector)> {
     let (url, mode) = crate::tls::take_param(url, "sslmode");
     let (url, root) = crate::tls::take_param(&url, "sslrootcert");
-    let mut config: postgres::Config = url.parse().map_err(|e| {
+    let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
         BackendError::Invalid(format!("CONVEYOR_DATABASE_URL {}: {}", conveyor_core::redact::url(&url), super::value::with_causes(&e)))
     })?;
     // "system" is libpq's name for the platform's roots; ours are the webpki roots.

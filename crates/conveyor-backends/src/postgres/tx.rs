@@ -7,14 +7,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use postgres::types::ToSql;
-use postgres::{Statement, Transaction};
+use postgres::Statement;
 
 use conveyor_core::backend::{BackendError, ReadyJob, Result, Row, SqlValue, Tx};
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::{Backoff, EnqueueOutcome, Job, JobId, NewJob};
 use conveyor_core::metrics::{MetricsAccumulator, BUCKETS};
 
-use super::value::{params, pg_err, refs, row};
+use super::pipe::{Owned, PgClient, Queued};
+use super::value::{params, pg_err, refs, row, OwnedParam};
 
 pub(crate) const PENDING: usize = 0;
 pub(crate) const RESERVED: usize = 1;
@@ -23,6 +24,9 @@ pub(crate) const FAILED: usize = 3;
 
 /// The shortest interval between two `NOTIFY`s of one process.
 pub(crate) const NOTIFY_EVERY_MS: i64 = 20;
+
+/// Statements queued at most before they are sent anyway (their answers read).
+const QUEUED_MAX: usize = 256;
 
 /// SQL longer than this is not kept in the statement cache.
 pub(crate) const ONE_OFF: usize = 4096;
@@ -34,9 +38,16 @@ pub(crate) type Statements = HashMap<String, Statement>;
 pub(super) const JOB_COLS: &str = "id, queue, kind, payload, attempts, max_attempts, backoff, timeout_ms, priority, tags, \
                         unique_key, batch_id, created_at, available_at, reserved_at, lease_token, workflow";
 
-pub(crate) struct PgTx<'c, 't> {
-    pub(crate) tx: Transaction<'t>,
+/// One transaction on a pipelining connection. `BEGIN` and the statements whose answers nobody
+/// waits for ([`PgTx::defer`]) are queued and go out with the next statement that is waited for,
+/// so they cost no round trip of their own; the commit sends whatever is still queued with the
+/// `COMMIT`. A transaction dropped without a commit is rolled back.
+pub(crate) struct PgTx<'c> {
+    client: &'c mut PgClient,
     stmts: &'c mut Statements,
+    queued: Vec<Queued>,
+    /// `BEGIN` has gone out and no `COMMIT` or `ROLLBACK` yet.
+    open: bool,
     shard: i64,
     /// Pending / reserved / delayed / failed deltas per queue.
     counts: BTreeMap<String, [i64; 4]>,
@@ -53,11 +64,25 @@ pub(crate) struct PgTx<'c, 't> {
     pub(crate) collect_ready: bool,
 }
 
-impl<'c, 't> PgTx<'c, 't> {
-    pub(crate) fn new(tx: Transaction<'t>, stmts: &'c mut Statements, shard: i64, history: usize) -> Self {
+impl Drop for PgTx<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            // A failed rollback leaves a connection the pool drops (it checks `is_closed`), or
+            // one whose server ends the transaction when the session ends.
+            if let Err(e) = self.client.batch_execute("ROLLBACK") {
+                tracing::debug!(error = %e, "rolling back a PostgreSQL transaction failed");
+            }
+        }
+    }
+}
+
+impl<'c> PgTx<'c> {
+    pub(crate) fn new(client: &'c mut PgClient, stmts: &'c mut Statements, shard: i64, history: usize) -> Self {
         PgTx {
-            tx,
+            client,
             stmts,
+            queued: vec![Queued::Simple("BEGIN")],
+            open: false,
             shard,
             counts: BTreeMap::new(),
             metrics: MetricsAccumulator::default(),
@@ -77,11 +102,37 @@ impl<'c, 't> PgTx<'c, 't> {
         }
     }
 
+    /// Sends what is queued and the request `last` makes, in one round trip, and returns
+    /// `last`'s answer — or the first queued statement's error, since PostgreSQL then aborted
+    /// the transaction and `last` failed only because of it.
+    fn send<'a, T, F>(&'a mut self, last: impl FnOnce(&'a tokio_postgres::Client) -> F) -> Result<T>
+    where
+        F: std::future::Future<Output = std::result::Result<T, postgres::Error>> + 'a,
+    {
+        let queued = std::mem::take(&mut self.queued);
+        self.open = true;
+        let (outcomes, out) = self.client.pipeline(&queued, last);
+        let mut first = None;
+        for (q, o) in queued.iter().zip(outcomes) {
+            if let Err(e) = o {
+                self.stmts.remove(q.sql());
+                first.get_or_insert_with(|| pg_err(e));
+            }
+        }
+        if let Some(e) = first {
+            if self.failed.is_none() {
+                self.failed = Some(e.clone());
+            }
+            return Err(e);
+        }
+        out.map_err(pg_err)
+    }
+
     pub(super) fn prepare(&mut self, sql: &str) -> Result<Statement> {
         if let Some(st) = self.stmts.get(sql) {
             return Ok(st.clone());
         }
-        let st = self.tx.prepare(sql).map_err(pg_err);
+        let st = self.send(|c| c.prepare(sql));
         let st = self.note(sql, st)?;
         if sql.len() > ONE_OFF {
             // Generated multi-row statements rarely repeat: prepared for this use only.
@@ -96,13 +147,31 @@ impl<'c, 't> PgTx<'c, 't> {
 
     pub(super) fn run(&mut self, sql: &str, p: &[&(dyn ToSql + Sync)]) -> Result<u64> {
         let st = self.prepare(sql)?;
-        let r = self.tx.execute(&st, p).map_err(pg_err);
+        let r = self.send(|c| c.execute(&st, p));
         self.note(sql, r)
     }
 
     pub(super) fn rows(&mut self, sql: &str, p: &[&(dyn ToSql + Sync)]) -> Result<Vec<postgres::Row>> {
         let st = self.prepare(sql)?;
-        let r = self.tx.query(&st, p).map_err(pg_err);
+        let r = self.send(|c| c.query(&st, p));
+        self.note(sql, r)
+    }
+
+    /// Queues a statement whose answer nobody waits for: it goes out with the next statement
+    /// that is waited for, or with the commit. If it fails, that statement or the commit fails
+    /// with its error, and nothing of the transaction is committed.
+    pub(super) fn defer(&mut self, sql: &str, params: Vec<Owned>) -> Result<()> {
+        let st = self.prepare(sql)?;
+        self.queued.push(Queued::Prepared { sql: sql.to_string(), st, params });
+        if self.queued.len() >= QUEUED_MAX {
+            self.send(|_| std::future::ready(Ok(())))?;
+        }
+        Ok(())
+    }
+
+    /// Runs a parameterless script (several statements) after what is queued.
+    fn script(&mut self, sql: &str) -> Result<()> {
+        let r = self.send(|c| c.batch_execute(sql));
         self.note(sql, r)
     }
 
@@ -145,12 +214,21 @@ impl<'c, 't> PgTx<'c, 't> {
             let now = now_ms();
             let last = last_notify.load(Ordering::Relaxed);
             if now - last >= NOTIFY_EVERY_MS && last_notify.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
-                self.run("NOTIFY conveyor_jobs", &[])?;
+                self.queued.push(Queued::Simple("NOTIFY conveyor_jobs"));
                 notified = true;
             }
         }
         let wake = self.wake;
-        self.tx.commit().map_err(pg_err)?;
+        if !self.open && self.queued.len() == 1 {
+            // Nothing but the queued `BEGIN`: nothing to commit, no round trip.
+            self.queued.clear();
+            return Ok((wake, notified));
+        }
+        let r = self.send(|c| c.batch_execute("COMMIT"));
+        // Whatever the answer, the transaction is over: committed, or (after an error, which
+        // PostgreSQL answers `COMMIT` with a rollback for) rolled back.
+        self.open = false;
+        r?;
         Ok((wake, notified))
     }
 
@@ -163,12 +241,12 @@ impl<'c, 't> PgTx<'c, 't> {
                 continue;
             }
             let shard = self.shard;
-            self.run(
+            self.defer(
                 "INSERT INTO queue_counts (queue, shard, pending, reserved, delayed, failed) VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (queue, shard) DO UPDATE SET pending = queue_counts.pending + excluded.pending,
                     reserved = queue_counts.reserved + excluded.reserved, delayed = queue_counts.delayed + excluded.delayed,
                     failed = queue_counts.failed + excluded.failed",
-                &[&q, &shard, &d[PENDING], &d[RESERVED], &d[DELAYED], &d[FAILED]],
+                vec![Box::new(q), Box::new(shard), Box::new(d[PENDING]), Box::new(d[RESERVED]), Box::new(d[DELAYED]), Box::new(d[FAILED])],
             )?;
         }
         if !self.metrics.is_empty() {
@@ -203,9 +281,9 @@ impl<'c, 't> PgTx<'c, 't> {
                     values.push(r.runtime_hist[i] as i64);
                     values.push(r.wait_hist[i] as i64);
                 }
-                let mut p: Vec<&(dyn ToSql + Sync)> = vec![&values[0], &r.queue, &r.kind];
-                p.extend(values[1..].iter().map(|v| v as &(dyn ToSql + Sync)));
-                self.run(&sql, &p)?;
+                let mut p: Vec<Owned> = vec![Box::new(values[0]), Box::new(r.queue), Box::new(r.kind)];
+                p.extend(values[1..].iter().map(|v| Box::new(*v) as Owned));
+                self.defer(&sql, p)?;
             }
         }
         Ok(())
@@ -274,7 +352,8 @@ impl<'c, 't> PgTx<'c, 't> {
             batches.push(job.batch_id);
             workflows.push(job.workflow);
         }
-        self.run(
+        // Nothing reads this statement's answer: it goes out with the next one.
+        self.defer(
             "INSERT INTO jobs (id, queue, kind, payload, state, priority, max_attempts, backoff, timeout_ms,
                                available_at, created_at, unique_key, tags, batch_id, workflow, fair)
              SELECT id, queue, kind, payload, state, priority, max_attempts, backoff, timeout_ms, available_at, $15,
@@ -284,23 +363,23 @@ impl<'c, 't> PgTx<'c, 't> {
                          $16::bigint[])
                   AS t(id, queue, kind, payload, state, priority, max_attempts, backoff, timeout_ms, available_at,
                        unique_key, tags, batch_id, workflow, fair)",
-            &[
-                &ids,
-                &queues,
-                &kinds,
-                &payloads,
-                &states,
-                &priorities,
-                &max_attempts,
-                &backoffs,
-                &timeouts,
-                &available,
-                &uniques,
-                &tags,
-                &batches,
-                &workflows,
-                &now,
-                &fairs,
+            vec![
+                Box::new(ids),
+                Box::new(queues),
+                Box::new(kinds),
+                Box::new(payloads),
+                Box::new(states),
+                Box::new(priorities),
+                Box::new(max_attempts),
+                Box::new(backoffs),
+                Box::new(timeouts),
+                Box::new(available),
+                Box::new(uniques),
+                Box::new(tags),
+                Box::new(batches),
+                Box::new(workflows),
+                Box::new(now),
+                Box::new(fairs),
             ],
         )?;
         Ok(out)
@@ -384,7 +463,7 @@ impl<'c, 't> PgTx<'c, 't> {
     }
 }
 
-impl Tx for PgTx<'_, '_> {
+impl Tx for PgTx<'_> {
     fn execute(&mut self, sql: &str, values: &[SqlValue]) -> Result<u64> {
         let p = params(values);
         self.run(sql, &refs(&p))
@@ -396,10 +475,43 @@ impl Tx for PgTx<'_, '_> {
     }
 
     fn execute_script(&mut self, sql: &str) -> Result<()> {
-        let r = self.tx.batch_execute(sql).map_err(pg_err);
+        let r = self.script(sql);
         // A schema change may invalidate cached plans.
         self.stmts.clear();
-        self.note(sql, r)
+        r
+    }
+
+    /// One statement whatever the number of rows: the values go as one array per column
+    /// (`INSERT … SELECT … FROM unnest($1::int8[], $2::text[], …)`), so its text depends only on
+    /// the table and is prepared once per connection — a multi-row `VALUES` list is a new
+    /// statement for each row count, parsed and planned with thousands of parameters.
+    fn insert_rows(&mut self, head: &str, rows: &[Vec<SqlValue>], tail: &str) -> Result<Vec<Row>> {
+        let Some(width) = rows.first().map(Vec::len) else { return Ok(Vec::new()) };
+        if rows.len() == 1 {
+            return conveyor_core::backend::multi_row_insert(self, head, rows, tail);
+        }
+        // The columns' types, as PostgreSQL infers them for a one-row insert (prepared once).
+        let one: Vec<String> = (1..=width).map(|i| format!("${i}")).collect();
+        let types = self.prepare(&format!("{head} VALUES ({})", one.join(", ")))?.params().to_vec();
+        if types.iter().any(|t| t.schema() != "pg_catalog") {
+            // A type of the application's own (an enum, say): the plain multi-row form.
+            return conveyor_core::backend::multi_row_insert(self, head, rows, tail);
+        }
+        let arrays: Vec<String> = types.iter().enumerate().map(|(i, t)| format!("${}::{}[]", i + 1, t.name())).collect();
+        let cols: Vec<String> = (1..=width).map(|i| format!("c{i}")).collect();
+        let sql =
+            format!("{head} SELECT {cols} FROM unnest({arrays}) AS t({cols}) {tail}", cols = cols.join(", "), arrays = arrays.join(", "));
+        let columns: Vec<Vec<OwnedParam>> =
+            (0..width).map(|c| rows.iter().map(|r| OwnedParam(r.get(c).cloned().unwrap_or(SqlValue::Null))).collect()).collect();
+        if tail.to_ascii_uppercase().contains("RETURNING") {
+            let p: Vec<&(dyn ToSql + Sync)> = columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+            return self.rows(&sql, &p)?.iter().map(row).collect();
+        }
+        PgTx::defer(self, &sql, columns.into_iter().map(|c| Box::new(c) as Owned).collect()).map(|_| Vec::new())
+    }
+
+    fn defer(&mut self, sql: &str, values: &[SqlValue]) -> Result<()> {
+        PgTx::defer(self, sql, values.iter().map(|v| Box::new(OwnedParam(v.clone())) as Owned).collect())
     }
 
     fn enqueue(&mut self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>> {
@@ -410,7 +522,7 @@ impl Tx for PgTx<'_, '_> {
     }
 
     fn serialize_migrations(&mut self) -> Result<()> {
-        self.tx.batch_execute(super::schema::LOCK_SQL).map_err(pg_err)
+        self.script(super::schema::LOCK_SQL)
     }
 }
 

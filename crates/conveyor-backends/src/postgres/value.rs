@@ -66,6 +66,22 @@ impl ToSql for Param<'_> {
     to_sql_checked!();
 }
 
+/// A parameter that owns its value, for a statement queued to go out later (see [`super::pipe`]).
+#[derive(Debug)]
+pub(crate) struct OwnedParam(pub(crate) SqlValue);
+
+impl ToSql for OwnedParam {
+    fn to_sql(&self, ty: &Type, out: &mut postgres::types::private::BytesMut) -> std::result::Result<IsNull, BoxError> {
+        Param(&self.0).to_sql(ty, out)
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
+}
+
 fn int(v: &SqlValue) -> Option<i64> {
     match v {
         SqlValue::Int(i) => Some(*i),

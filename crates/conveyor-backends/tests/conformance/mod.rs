@@ -113,6 +113,7 @@ macro_rules! conformance_suite {
                 transactional_completion_is_atomic,
                 panicking_transaction_closure_leaves_backend_usable,
                 insert_many_inserts_every_row_in_chunks_and_returns_them,
+                deferred_statements_run_in_order_and_their_failure_fails_the_transaction,
                 unique_violations_are_a_kind_with_the_driver_error_as_source,
                 // worker runtime
                 runtime_runs_every_job_exactly_once,

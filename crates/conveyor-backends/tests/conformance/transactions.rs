@@ -247,6 +247,27 @@ pub async fn insert_many_inserts_every_row_in_chunks_and_returns_them(b: Backend
     let stored = b.query(&format!("SELECT count(*), sum(n) FROM {table}"), vec![]).await.unwrap();
     assert_eq!((stored[0].int(0), stored[0].int(1)), (25_010, (0..25_010i64).sum::<i64>()));
 
+    // Columns of other types, NULLs among the values, no RETURNING: stored as given.
+    let typed = table_name();
+    let t = typed.clone();
+    b.transact(move |tx| {
+        tx.execute(&format!("CREATE TABLE {t} (n BIGINT PRIMARY KEY, small INTEGER, score DOUBLE PRECISION, note TEXT)"), &[])?;
+        let rows: Vec<Vec<SqlValue>> = (0..3i64)
+            .map(|n| {
+                let note = if n == 1 { SqlValue::Null } else { format!("note {n}").into() };
+                let small = if n == 2 { SqlValue::Null } else { (n * 10).into() };
+                vec![n.into(), small, SqlValue::Real(n as f64 + 0.5), note]
+            })
+            .collect();
+        insert_many(tx, &format!("INSERT INTO {t} (n, small, score, note)"), &rows, "")
+    })
+    .await
+    .expect("insert rows of several types");
+    let stored = b.query(&format!("SELECT n, small, score, note FROM {typed} ORDER BY n"), vec![]).await.unwrap();
+    let read: Vec<(i64, Option<i64>, f64, Option<String>)> =
+        stored.iter().map(|r| (r.int(0), r.opt_int(1), r.real(2), r.text(3).map(str::to_string))).collect();
+    assert_eq!(read, [(0, Some(0), 0.5, Some("note 0".to_string())), (1, Some(10), 1.5, None), (2, None, 2.5, Some("note 2".to_string()))]);
+
     let t = table.clone();
     let err = b
         .transact(move |tx| insert_many(tx, &format!("INSERT INTO {t} (n, label)"), &[vec![1.into()], vec![2.into(), "x".into()]], ""))
@@ -254,6 +275,85 @@ pub async fn insert_many_inserts_every_row_in_chunks_and_returns_them(b: Backend
         .expect_err("rows of different widths");
     assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");
     assert!(b.transact(move |tx| insert_many(tx, "INSERT INTO nowhere (n)", &[], "")).await.unwrap().is_empty(), "no rows, no SQL");
+}
+
+/// `Tx::defer`: deferred writes run in order before the transaction's next statement (which
+/// sees them) and commit with it; a deferred statement that fails fails the transaction with its
+/// own error — from the next statement that is awaited, or from the commit when the closure
+/// returns `Ok` — and nothing of that transaction is committed. On PostgreSQL they are pipelined
+/// (sent with the next statement), elsewhere they run at once: the outcome is the same.
+pub async fn deferred_statements_run_in_order_and_their_failure_fails_the_transaction(b: Backend) {
+    use conveyor_core::backend::{ErrorKind, RowExt};
+    let table = table_name();
+    let t = table.clone();
+    b.transact(move |tx| tx.execute(&format!("CREATE TABLE {t} (id BIGINT PRIMARY KEY, label TEXT NOT NULL)"), &[]))
+        .await
+        .expect("create the table");
+    let (insert, update, select) = (
+        format!("INSERT INTO {table} (id, label) VALUES ($1, $2)"),
+        format!("UPDATE {table} SET label = $2 WHERE id = $1"),
+        format!("SELECT label FROM {table} WHERE id = $1"),
+    );
+
+    let (i, u, s) = (insert.clone(), update.clone(), select.clone());
+    let seen = b
+        .transact(move |tx| {
+            tx.defer(&i, &[1.into(), "one".into()])?;
+            tx.defer(&u, &[1.into(), "first".into()])?;
+            let rows = tx.query(&s, &[1.into()])?;
+            // Left queued when the closure returns: it goes out with the commit.
+            tx.defer(&i, &[2.into(), "two".into()])?;
+            Ok(rows.first().and_then(|r| r.text(0)).map(str::to_string))
+        })
+        .await
+        .expect("a transaction of deferred writes");
+    assert_eq!(seen.as_deref(), Some("first"), "the read saw both earlier deferred writes, in order");
+    let read_all = format!("SELECT id, label FROM {table} ORDER BY id");
+    let labels = |b: Backend| {
+        let sql = read_all.clone();
+        async move {
+            b.query(&sql, vec![])
+                .await
+                .expect("read the table")
+                .iter()
+                .map(|r| (r.int(0), r.text(1).unwrap_or_default().to_string()))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(labels(b.clone()).await, [(1, "first".to_string()), (2, "two".to_string())], "the last deferred write was committed");
+
+    // A duplicate key, deferred, and the closure returns Ok: the commit fails with it.
+    let i = insert.clone();
+    let err = b
+        .transact(move |tx| {
+            tx.execute(&i, &[3.into(), "three".into()])?;
+            tx.defer(&i, &[1.into(), "again".into()])?;
+            tx.defer(&i, &[4.into(), "four".into()])?;
+            Ok(())
+        })
+        .await
+        .expect_err("a deferred duplicate fails the transaction");
+    assert_eq!(err.kind(), ErrorKind::Unique, "the deferred statement's own error: {err:?}");
+
+    // The same followed by a read: the read fails with the deferred statement's error, not
+    // with "the transaction is aborted".
+    let (i, s) = (insert.clone(), select.clone());
+    let err = b
+        .transact(move |tx| {
+            tx.defer(&i, &[5.into(), "five".into()])?;
+            tx.defer(&i, &[2.into(), "again".into()])?;
+            tx.query(&s, &[5.into()])?;
+            Ok(())
+        })
+        .await
+        .expect_err("a deferred duplicate fails the next read");
+    assert_eq!(err.kind(), ErrorKind::Unique, "the deferred statement's own error: {err:?}");
+    assert_eq!(labels(b.clone()).await, [(1, "first".to_string()), (2, "two".to_string())], "the failed transactions committed nothing");
+
+    // The backend is still usable (the connection's transaction was ended).
+    let i = insert.clone();
+    b.transact(move |tx| tx.defer(&i, &[6.into(), "six".into()])).await.expect("a later transaction");
+    assert_eq!(labels(b.clone()).await.len(), 3);
 }
 
 /// A primary key or a unique index refusing a row fails as [`ErrorKind::Unique`], told by the

@@ -438,6 +438,14 @@ impl RowExt for Row {
 pub trait Tx {
     fn execute(&mut self, sql: &str, params: &[SqlValue]) -> Result<u64>;
     fn query(&mut self, sql: &str, params: &[SqlValue]) -> Result<Vec<Row>>;
+    /// Runs a statement whose answer the caller does not need, as soon as the backend likes but
+    /// before the transaction commits and before any later statement of it runs. If it fails,
+    /// the transaction fails (a later statement or the commit returns its error). PostgreSQL
+    /// sends it with the next statement whose answer is awaited (no round trip of its own);
+    /// the default runs it at once.
+    fn defer(&mut self, sql: &str, params: &[SqlValue]) -> Result<()> {
+        self.execute(sql, params).map(|_| ())
+    }
     /// Runs several statements separated by `;`, without parameters (schema migrations).
     fn execute_script(&mut self, sql: &str) -> Result<()>;
     /// Enqueues in this transaction: the jobs exist if and only if it commits.
@@ -530,7 +538,7 @@ pub fn multi_row_insert<T: Tx + ?Sized>(tx: &mut T, head: &str, rows: &[Vec<SqlV
         if tail.to_ascii_uppercase().contains("RETURNING") {
             out.extend(tx.query(&sql, &params)?);
         } else {
-            tx.execute(&sql, &params)?;
+            tx.defer(&sql, &params)?;
         }
     }
     Ok(out)

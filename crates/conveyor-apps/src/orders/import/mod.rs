@@ -19,7 +19,7 @@ pub use products::import_products;
 use store::*;
 
 use crate::email::valid_email;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Read;
 use std::time::{Duration, Instant};
 
@@ -168,18 +168,25 @@ where
 
     let mut report = ImportReport::default();
     let mut rejections = Rejections::default();
+    // Two batches in flight, so a server such as PostgreSQL writes one while the next is sent
+    // (one connection each). A batch that shares an order id with one in flight (an order split
+    // within the file) waits for it first: the earlier lines are the ones stored, as when the
+    // batches go one by one, and the two never lock each other's orders.
+    let mut in_flight: VecDeque<(HashSet<String>, tokio::task::JoinHandle<StoreResult>)> = VecDeque::new();
     while let Some(batch) = rx.recv().await {
         match batch {
             Batch::Orders(rows) => {
-                // Rows are built by the parser and dropped here, so the store's writer only
-                // writes.
-                let (stored, duplicates, split, rows) = backend.transact(move |tx| store_orders(tx, rows, run)).await?;
-                drop(rows);
-                report.orders += stored;
-                report.duplicates += duplicates;
-                for r in split {
-                    rejections.push(r);
+                let ids: HashSet<String> = rows.orders.iter().map(|o| o.id.clone()).collect();
+                let shared = in_flight.iter().any(|(other, _)| !other.is_disjoint(&ids));
+                while !in_flight.is_empty() && (shared || in_flight.len() >= IN_FLIGHT) {
+                    let (_, done) = in_flight.pop_front().expect("not empty");
+                    tally(done.await, &mut report, &mut rejections)?;
                 }
+                let backend = backend.clone();
+                // Rows are built by the parser and dropped after the transaction, so the
+                // store's writer only writes.
+                let store = tokio::spawn(async move { backend.transact(move |tx| store_orders(tx, rows, run)).await });
+                in_flight.push_back((ids, store));
             }
             Batch::Done { rows, rejected } => {
                 report.rows = rows;
@@ -188,9 +195,34 @@ where
             Batch::Failed(e) => return Err(e),
         }
     }
+    for (_, done) in in_flight {
+        tally(done.await, &mut report, &mut rejections)?;
+    }
     parser.await.map_err(|e| ImportError::Read(e.to_string()))?;
     rejections.report(&mut report);
     Ok(report)
+}
+
+/// Batches of orders being written at once.
+const IN_FLIGHT: usize = 2;
+
+type StoreResult = Result<(u64, u64, Vec<Rejected>, OrderRows), BackendError>;
+
+/// Adds a stored batch's outcome to the report.
+fn tally(
+    done: Result<StoreResult, tokio::task::JoinError>,
+    report: &mut ImportReport,
+    rejections: &mut Rejections,
+) -> Result<(), ImportError> {
+    let (stored, duplicates, split, rows) =
+        done.map_err(|e| ImportError::Store(BackendError::Other(format!("an import batch failed: {e}"))))??;
+    drop(rows);
+    report.orders += stored;
+    report.duplicates += duplicates;
+    for r in split {
+        rejections.push(r);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -101,13 +101,16 @@ pub(super) fn store_orders(tx: &mut dyn Tx, mut b: OrderRows, run: i64) -> Resul
         });
         b.dependent_rows();
     }
+    insert_many(tx, "INSERT INTO order_items (order_id, line, sku, quantity, unit_price_cents)", &b.items, "")?;
+    b.workflows.start_in(tx)?;
+    // The customers last (sorted by id): batches in flight together share customers, and the
+    // upsert locks their rows until the commit, so the next batch writes everything else
+    // before it waits for them.
     insert_many(
         tx,
         "INSERT INTO customers (id, name, email)",
         &b.customers,
         "ON CONFLICT (id) DO UPDATE SET name = excluded.name, email = excluded.email",
     )?;
-    insert_many(tx, "INSERT INTO order_items (order_id, line, sku, quantity, unit_price_cents)", &b.items, "")?;
-    b.workflows.start_in(tx)?;
     Ok((b.orders.len() as u64, duplicates, split, b))
 }
