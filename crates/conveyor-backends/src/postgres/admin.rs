@@ -1,86 +1,65 @@
-//! Administration in a PostgreSQL transaction: delayed jobs acted on by id, pause / resume /
-//! clear, the failed store (retry, forget), the worker registry and pruning.
+//! Administration in a PostgreSQL transaction: the statements of the administrative
+//! transitions (`crate::relational::admin`), pause / resume, the failed store's ids, the worker
+//! registry and pruning.
 
+use super::dialect::INTO_FAILED;
 use super::tx::*;
-use conveyor_core::backend::{DelayedAction, Result};
+use crate::relational::admin::{AdminDialect, Cleared, Removed};
+use conveyor_core::backend::Result;
 use conveyor_core::clock::now_ms;
-use conveyor_core::job::{Completion, JobId, Outcome};
 
-impl PgTx<'_> {
-    /// Runs, deletes or fails delayed jobs by id (see `QueueBackend::act_on_delayed`).
-    pub(crate) fn act_on_delayed(&mut self, ids: &[JobId], action: &DelayedAction) -> Result<Vec<JobId>> {
-        let now = now_ms();
-        let mut done = Vec::new();
-        for id in ids {
-            let key = id.as_bytes().to_vec();
-            if let DelayedAction::RunNow = action {
-                let rows = self.rows(
-                    "UPDATE jobs SET state = 0, available_at = $2 WHERE id = $1 AND state = 2 RETURNING queue, priority",
-                    &[&key, &now],
-                )?;
-                if let Some(r) = rows.first() {
-                    let (queue, priority): (String, i64) = (r.get(0), r.get(1));
-                    self.count(&queue, DELAYED, -1);
-                    self.count(&queue, PENDING, 1);
-                    self.wake = true;
-                    self.ready(*id, &queue, priority as i32);
-                    done.push(*id);
-                }
-                continue;
-            }
-            let (rows, error) = match action {
-                DelayedAction::Fail(error) => (
-                    self.rows(
-                        "WITH d AS (DELETE FROM jobs WHERE id = $1 AND state = 2 RETURNING *)
-                         INSERT INTO failed_jobs (id, queue, kind, payload, priority, attempts, max_attempts, backoff, timeout_ms,
-                                                  unique_key, tags, batch_id, created_at, failed_at, runtime_ms, error, workflow)
-                         SELECT id, queue, kind, payload, priority, attempts, max_attempts, backoff, timeout_ms,
-                                unique_key, tags, batch_id, created_at, $2, 0, $3, workflow FROM d
-                         ON CONFLICT (id) DO UPDATE SET queue = excluded.queue, kind = excluded.kind, payload = excluded.payload,
-                            attempts = excluded.attempts, max_attempts = excluded.max_attempts, unique_key = excluded.unique_key,
-                            batch_id = excluded.batch_id, failed_at = excluded.failed_at, error = excluded.error,
-                            workflow = excluded.workflow
-                         RETURNING queue, kind, unique_key, batch_id, workflow",
-                        &[&key, &now, error],
-                    )?,
-                    error.clone(),
-                ),
-                _ => (
-                    self.rows(
-                        "DELETE FROM jobs WHERE id = $1 AND state = 2 RETURNING queue, kind, unique_key, batch_id, workflow",
-                        &[&key],
-                    )?,
-                    "deleted before it ran".to_string(),
-                ),
-            };
-            let Some(r) = rows.first() else { continue };
-            let (queue, kind, unique_key, batch_id, workflow): (String, String, Option<String>, Option<String>, Option<String>) =
-                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
-            self.count(&queue, DELAYED, -1);
-            if matches!(action, DelayedAction::Fail(_)) {
-                self.count(&queue, FAILED, 1);
-            }
-            self.release_unique(unique_key.as_deref(), &key)?;
-            let c = Completion {
-                id: *id,
-                lease_token: 0,
-                queue,
-                kind,
-                unique_key,
-                batch_id,
-                workflow,
-                outcome: Outcome::Failed { error },
-                wait_ms: 0,
-                runtime_ms: 0,
-            };
-            if conveyor_core::hooks::wants(&c) {
-                conveyor_core::hooks::after_outcome(self, &c)?;
-            }
-            done.push(*id);
-        }
-        Ok(done)
+impl AdminDialect for PgTx<'_> {
+    fn run_delayed_now(&mut self, id: &[u8], now: i64) -> Result<Option<(String, i32)>> {
+        let id = id.to_vec();
+        let rows =
+            self.rows("UPDATE jobs SET state = 0, available_at = $2 WHERE id = $1 AND state = 2 RETURNING queue, priority", &[&id, &now])?;
+        Ok(rows.first().map(|r| (r.get(0), r.get::<_, i64>(1) as i32)))
     }
 
+    fn remove_delayed(&mut self, id: &[u8], fail: Option<&str>, now: i64) -> Result<Option<Removed>> {
+        let id = id.to_vec();
+        let rows = match fail {
+            Some(error) => {
+                let sql = format!("WITH d AS (DELETE FROM jobs WHERE id = $1 AND state = 2 RETURNING *) {INTO_FAILED}");
+                self.rows(&sql, &[&id, &now, &0i64, &error])?
+            }
+            None => {
+                self.rows("DELETE FROM jobs WHERE id = $1 AND state = 2 RETURNING queue, unique_key, kind, batch_id, workflow", &[&id])?
+            }
+        };
+        Ok(rows.first().map(|r| Removed { queue: r.get(0), unique_key: r.get(1), kind: r.get(2), batch_id: r.get(3), workflow: r.get(4) }))
+    }
+
+    fn clear_rows(&mut self, queue: &str, limit: i64) -> Result<Vec<Cleared>> {
+        let rows = self.rows(
+            "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE queue = $1 AND state IN (0, 2) LIMIT $2 FOR UPDATE SKIP LOCKED)
+             RETURNING state, unique_key, id",
+            &[&queue, &limit],
+        )?;
+        Ok(rows.iter().map(|r| (r.get::<_, i64>(0) as usize, r.get(1), r.get(2))).collect())
+    }
+
+    fn unfail_row(&mut self, id: &[u8], now: i64) -> Result<Option<(String, Option<String>, i32)>> {
+        let id = id.to_vec();
+        let rows = self.rows(
+            "WITH f AS (DELETE FROM failed_jobs WHERE id = $1 RETURNING *)
+             INSERT INTO jobs (id, queue, kind, payload, state, priority, attempts, max_attempts, backoff, timeout_ms,
+                               available_at, created_at, unique_key, tags, batch_id, workflow)
+             SELECT id, queue, kind, payload, 0, priority, 0, max_attempts, backoff, timeout_ms, $2, created_at,
+                    unique_key, tags, batch_id, workflow FROM f
+             RETURNING queue, batch_id, priority",
+            &[&id, &now],
+        )?;
+        Ok(rows.first().map(|r| (r.get(0), r.get(1), r.get::<_, i64>(2) as i32)))
+    }
+
+    fn forget_rows(&mut self, ids: &[Vec<u8>]) -> Result<Vec<String>> {
+        let ids = ids.to_vec();
+        Ok(self.rows("DELETE FROM failed_jobs WHERE id = ANY($1) RETURNING queue", &[&ids])?.iter().map(|r| r.get(0)).collect())
+    }
+}
+
+impl PgTx<'_> {
     pub(crate) fn set_paused(&mut self, queue: &str, paused: bool) -> Result<()> {
         let p = paused as i64;
         self.run(
@@ -93,67 +72,12 @@ impl PgTx<'_> {
         Ok(())
     }
 
-    pub(crate) fn clear_chunk(&mut self, queue: &str, limit: i64) -> Result<u64> {
-        let rows = self.rows(
-            "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE queue = $1 AND state IN (0, 2) LIMIT $2 FOR UPDATE SKIP LOCKED)
-             RETURNING state, unique_key, id",
-            &[&queue, &limit],
-        )?;
-        for r in &rows {
-            let (state, key, id): (i64, Option<String>, Vec<u8>) = (r.get(0), r.get(1), r.get(2));
-            self.count(queue, state as usize, -1);
-            self.release_unique(key.as_deref(), &id)?;
-        }
-        Ok(rows.len() as u64)
-    }
-
-    pub(crate) fn retry_failed(&mut self, ids: &[Vec<u8>]) -> Result<Vec<JobId>> {
-        let now = now_ms();
-        let mut retried = Vec::new();
-        for id in ids {
-            let rows = self.rows(
-                "WITH f AS (DELETE FROM failed_jobs WHERE id = $1 RETURNING *)
-                 INSERT INTO jobs (id, queue, kind, payload, state, priority, attempts, max_attempts, backoff, timeout_ms,
-                                   available_at, created_at, unique_key, tags, batch_id, workflow)
-                 SELECT id, queue, kind, payload, 0, priority, 0, max_attempts, backoff, timeout_ms, $2, created_at,
-                        unique_key, tags, batch_id, workflow FROM f
-                 RETURNING queue, batch_id, priority",
-                &[id, &now],
-            )?;
-            let Some(r) = rows.first() else { continue };
-            let (queue, batch, priority): (String, Option<String>, i32) = (r.get(0), r.get(1), r.get::<_, i64>(2) as i32);
-            self.count(&queue, FAILED, -1);
-            self.count(&queue, PENDING, 1);
-            self.wake = true;
-            if let Some(job_id) = JobId::from_slice(id) {
-                self.ready(job_id, &queue, priority);
-            }
-            if let Some(batch) = &batch {
-                conveyor_core::hooks::after_failed_retry(self, batch)?;
-            }
-            if let Some(job_id) = JobId::from_slice(id) {
-                retried.push(job_id);
-            }
-        }
-        Ok(retried)
-    }
-
     pub(crate) fn failed_ids(&mut self, queue: Option<&str>, limit: i64) -> Result<Vec<Vec<u8>>> {
         Ok(self
             .rows("SELECT id FROM failed_jobs WHERE ($1::text IS NULL OR queue = $1) ORDER BY failed_at LIMIT $2", &[&queue, &limit])?
             .iter()
             .map(|r| r.get(0))
             .collect())
-    }
-
-    pub(crate) fn forget_failed(&mut self, ids: &[Vec<u8>]) -> Result<u64> {
-        let ids = ids.to_vec();
-        let rows = self.rows("DELETE FROM failed_jobs WHERE id = ANY($1) RETURNING queue", &[&ids])?;
-        for r in &rows {
-            let q: String = r.get(0);
-            self.count(&q, FAILED, -1);
-        }
-        Ok(rows.len() as u64)
     }
 
     pub(crate) fn worker_heartbeat(&mut self, id: &str, last_seen: i64, info: &str) -> Result<()> {

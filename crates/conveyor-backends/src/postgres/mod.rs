@@ -7,7 +7,7 @@
 //! on SQLite.
 
 mod admin;
-mod outcomes;
+mod dialect;
 mod pipe;
 mod pool;
 mod read;
@@ -34,6 +34,7 @@ use conveyor_core::job::{Completion, EnqueueOutcome, Job, JobId, JobInfo, NewJob
 use conveyor_core::metrics::MetricsRow;
 use conveyor_core::wakeup::Wakeup;
 
+use crate::relational::{admin as queue_admin, lifecycle};
 use pool::Pool;
 use tx::PgTx;
 use value::{params, pg_err, refs, row};
@@ -225,7 +226,7 @@ impl QueueBackend for PgBackend {
         for job in &jobs {
             job.validate().map_err(BackendError::Invalid)?;
         }
-        self.tx(move |t| t.enqueue(jobs)).await
+        self.tx(move |t| lifecycle::enqueue(t, jobs)).await
     }
 
     async fn reserve(&self, req: ReserveRequest) -> Result<Vec<Job>> {
@@ -233,14 +234,14 @@ impl QueueBackend for PgBackend {
             return Ok(Vec::new());
         }
         let lease_ms = req.lease.as_millis() as i64;
-        self.tx(move |t| t.reserve(&req.queues, req.max, lease_ms, &req.worker)).await
+        self.tx(move |t| lifecycle::reserve(t, &req.queues, req.max, lease_ms, &req.worker)).await
     }
 
     async fn act_on_delayed(&self, ids: Vec<JobId>, action: conveyor_core::backend::DelayedAction) -> Result<Vec<JobId>> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        self.tx(move |t| t.act_on_delayed(&ids, &action)).await
+        self.tx(move |t| queue_admin::act_on_delayed(t, &ids, &action)).await
     }
 
     /// One transaction, so one commit: both happen or neither.
@@ -250,11 +251,11 @@ impl QueueBackend for PgBackend {
         }
         let lease_ms = req.lease.as_millis() as i64;
         self.tx(move |t| {
-            let out = if jobs.is_empty() { Vec::new() } else { t.enqueue(jobs)? };
+            let out = if jobs.is_empty() { Vec::new() } else { lifecycle::enqueue(t, jobs)? };
             if req.max == 0 || req.queues.is_empty() {
                 return Ok((out, Vec::new()));
             }
-            let reserved = t.reserve(&req.queues, req.max, lease_ms, &req.worker)?;
+            let reserved = lifecycle::reserve(t, &req.queues, req.max, lease_ms, &req.worker)?;
             Ok((out, reserved))
         })
         .await
@@ -264,21 +265,13 @@ impl QueueBackend for PgBackend {
         if completions.is_empty() {
             return Ok(());
         }
-        self.tx(move |t| t.complete(completions)).await
+        self.tx(move |t| lifecycle::complete(t, completions)).await
     }
 
     async fn complete_with(&self, completion: Completion, work: TxFn) -> Result<Box<dyn Any + Send>> {
         // `work` first, as on SQLite: it sees the job's batch still open, and the outcome's
         // hooks see what it wrote. A lost lease rolls both back.
-        self.tx(move |t| {
-            let id = completion.id;
-            let out = work(t)?;
-            if !t.complete_one(completion, now_ms())? {
-                return Err(BackendError::LeaseLost(id));
-            }
-            Ok(out)
-        })
-        .await
+        self.tx(move |t| lifecycle::complete_with(t, completion, work)).await
     }
 
     async fn extend_leases(&self, leases: Vec<(JobId, i64)>, lease: Duration) -> Result<()> {
@@ -286,11 +279,11 @@ impl QueueBackend for PgBackend {
             return Ok(());
         }
         let lease_ms = lease.as_millis() as i64;
-        self.tx(move |t| t.extend_leases(&leases, lease_ms)).await
+        self.tx(move |t| lifecycle::extend_leases(t, &leases, lease_ms)).await
     }
 
     async fn reap_expired(&self) -> Result<u64> {
-        self.tx(|t| t.reap_expired()).await
+        self.tx(|t| lifecycle::reap_expired(t)).await
     }
 
     async fn holders(&self) -> Result<Vec<String>> {
@@ -298,7 +291,7 @@ impl QueueBackend for PgBackend {
     }
 
     async fn expire_leases_of(&self, holders: Vec<String>) -> Result<u64> {
-        self.tx(move |t| t.expire_leases_of(&holders)).await
+        self.tx(move |t| lifecycle::expire_leases_of(t, &holders)).await
     }
 
     fn wakeup(&self) -> Arc<Wakeup> {
@@ -314,11 +307,11 @@ impl QueueBackend for PgBackend {
             return Ok(Vec::new());
         }
         let (lease_ms, worker) = (lease.as_millis() as i64, worker.to_string());
-        self.tx(move |t| t.claim(&ids, lease_ms, &worker)).await
+        self.tx(move |t| lifecycle::claim(t, &ids, lease_ms, &worker)).await
     }
 
     async fn promote_due(&self) -> Result<u64> {
-        self.tx(|t| t.promote_due(now_ms())).await
+        self.tx(|t| lifecycle::promote_due(t, now_ms())).await
     }
 
     async fn queues(&self) -> Result<Vec<QueueStats>> {
@@ -338,7 +331,7 @@ impl QueueBackend for PgBackend {
     async fn clear(&self, queue: &str) -> Result<u64> {
         in_chunks(|| {
             let q = queue.to_string();
-            self.tx(move |t| t.clear_chunk(&q, 5_000))
+            self.tx(move |t| queue_admin::clear_chunk(t, &q, 5_000))
         })
         .await
     }
@@ -367,7 +360,7 @@ impl QueueBackend for PgBackend {
 
     async fn retry_failed(&self, ids: Vec<JobId>) -> Result<Vec<JobId>> {
         let ids: Vec<Vec<u8>> = ids.iter().map(|id| id.as_bytes().to_vec()).collect();
-        self.tx(move |t| t.retry_failed(&ids)).await
+        self.tx(move |t| queue_admin::retry_failed(t, &ids)).await
     }
 
     async fn retry_all_failed(&self, queue: Option<&str>) -> Result<u64> {
@@ -375,7 +368,7 @@ impl QueueBackend for PgBackend {
             let q = queue.map(str::to_string);
             self.tx(move |t| {
                 let ids = t.failed_ids(q.as_deref(), 1_000)?;
-                Ok(t.retry_failed(&ids)?.len() as u64)
+                Ok(queue_admin::retry_failed(t, &ids)?.len() as u64)
             })
         })
         .await
@@ -383,7 +376,7 @@ impl QueueBackend for PgBackend {
 
     async fn forget_failed(&self, id: JobId) -> Result<bool> {
         let ids = vec![id.as_bytes().to_vec()];
-        Ok(self.tx(move |t| t.forget_failed(&ids)).await? == 1)
+        Ok(self.tx(move |t| queue_admin::forget_failed(t, &ids)).await? == 1)
     }
 
     async fn flush_failed(&self, queue: Option<&str>) -> Result<u64> {
@@ -391,7 +384,7 @@ impl QueueBackend for PgBackend {
             let q = queue.map(str::to_string);
             self.tx(move |t| {
                 let ids = t.failed_ids(q.as_deref(), 5_000)?;
-                t.forget_failed(&ids)
+                queue_admin::forget_failed(t, &ids)
             })
         })
         .await

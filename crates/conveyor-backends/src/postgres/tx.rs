@@ -11,16 +11,13 @@ use postgres::Statement;
 
 use conveyor_core::backend::{BackendError, ReadyJob, Result, Row, SqlValue, Tx};
 use conveyor_core::clock::now_ms;
-use conveyor_core::job::{Backoff, EnqueueOutcome, Job, JobId, NewJob};
+use conveyor_core::job::{EnqueueOutcome, NewJob};
 use conveyor_core::metrics::{MetricsAccumulator, BUCKETS};
 
 use super::pipe::{Owned, PgClient, Queued};
 use super::value::{params, pg_err, refs, row, OwnedParam};
 
-pub(crate) const PENDING: usize = 0;
-pub(crate) const RESERVED: usize = 1;
-pub(crate) const DELAYED: usize = 2;
-pub(crate) const FAILED: usize = 3;
+pub(crate) use crate::relational::{DELAYED, FAILED, JOB_COLS, PENDING, RESERVED};
 
 /// The shortest interval between two `NOTIFY`s of one process.
 pub(crate) const NOTIFY_EVERY_MS: i64 = 20;
@@ -34,10 +31,6 @@ pub(crate) const ONE_OFF: usize = 4096;
 /// Prepared statements of one connection, by SQL text.
 pub(crate) type Statements = HashMap<String, Statement>;
 
-/// The columns of `jobs` that make a reserved [`Job`], in the order `job_from_row` reads them.
-pub(super) const JOB_COLS: &str = "id, queue, kind, payload, attempts, max_attempts, backoff, timeout_ms, priority, tags, \
-                        unique_key, batch_id, created_at, available_at, reserved_at, lease_token, workflow";
-
 /// One transaction on a pipelining connection. `BEGIN` and the statements whose answers nobody
 /// waits for ([`PgTx::defer`]) are queued and go out with the next statement that is waited for,
 /// so they cost no round trip of their own; the commit sends whatever is still queued with the
@@ -50,7 +43,7 @@ pub(crate) struct PgTx<'c> {
     open: bool,
     shard: i64,
     /// Pending / reserved / delayed / failed deltas per queue.
-    counts: BTreeMap<String, [i64; 4]>,
+    pub(super) counts: BTreeMap<String, [i64; 4]>,
     pub(super) metrics: MetricsAccumulator,
     /// Ready work was committed: wake the workers (here and, by NOTIFY, elsewhere).
     pub(crate) wake: bool,
@@ -92,13 +85,6 @@ impl<'c> PgTx<'c> {
             history_inserts: 0,
             ready: Vec::new(),
             collect_ready: false,
-        }
-    }
-
-    /// Notes a job that became pending, for the dispatch hook (when one is set).
-    pub(super) fn ready(&mut self, id: JobId, queue: &str, priority: i32) {
-        if self.collect_ready {
-            self.ready.push(ReadyJob { id, queue: queue.to_string(), priority });
         }
     }
 
@@ -186,17 +172,6 @@ impl<'c> PgTx<'c> {
             }
         }
         r
-    }
-
-    pub(crate) fn count(&mut self, queue: &str, state: usize, delta: i64) {
-        match self.counts.get_mut(queue) {
-            Some(c) => c[state] += delta,
-            None => {
-                let mut c = [0i64; 4];
-                c[state] = delta;
-                self.counts.insert(queue.to_string(), c);
-            }
-        }
     }
 
     /// Writes the deltas, notifies other processes if ready work was added (at most once per
@@ -288,179 +263,6 @@ impl<'c> PgTx<'c> {
         }
         Ok(())
     }
-
-    // --- queue operations ---------------------------------------------------------------------
-
-    pub(crate) fn enqueue(&mut self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>> {
-        let now = now_ms();
-        let mut out = Vec::with_capacity(jobs.len());
-        // Jobs without a unique key go in with one statement.
-        let mut bulk: Vec<NewJob> = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            if let Some(u) = &job.unique {
-                // The insert is the check: it takes a free or expired key, or returns nothing
-                // while another job holds it (concurrent enqueues wait on the row, then see it).
-                let (key, id, until) = (u.key.clone(), job.id.as_bytes().to_vec(), now + u.ttl.as_millis() as i64);
-                let taken = self.rows(
-                    "INSERT INTO unique_locks (key, job_id, expires_at) VALUES ($1, $2, $3)
-                     ON CONFLICT (key) DO UPDATE SET job_id = excluded.job_id, expires_at = excluded.expires_at
-                     WHERE unique_locks.expires_at <= $4
-                     RETURNING job_id",
-                    &[&key, &id, &until, &now],
-                )?;
-                if taken.is_empty() {
-                    let holder = self.rows("SELECT job_id FROM unique_locks WHERE key = $1", &[&key])?;
-                    let existing = holder.first().and_then(|r| JobId::from_slice(&r.get::<_, Vec<u8>>(0))).unwrap_or(job.id);
-                    out.push(EnqueueOutcome::Duplicate { existing });
-                    continue;
-                }
-            }
-            out.push(EnqueueOutcome::Enqueued { id: job.id });
-            bulk.push(job);
-        }
-        if bulk.is_empty() {
-            return Ok(out);
-        }
-        let n = bulk.len();
-        let fairs = conveyor_core::fair::turns(self, &bulk)?;
-        let mut ids = Vec::with_capacity(n);
-        let (mut queues, mut kinds, mut payloads) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        let (mut states, mut priorities, mut max_attempts) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        let (mut backoffs, mut timeouts, mut available) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        let (mut uniques, mut tags, mut batches, mut workflows) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        for job in bulk {
-            let at = job.run_at.unwrap_or(now);
-            let state = if at > now { DELAYED } else { PENDING };
-            self.count(&job.queue, state, 1);
-            if state == PENDING {
-                self.wake = true;
-                self.ready(job.id, &job.queue, job.priority);
-            }
-            ids.push(job.id.as_bytes().to_vec());
-            queues.push(job.queue);
-            kinds.push(job.kind);
-            payloads.push(job.payload);
-            states.push(state as i64);
-            priorities.push(job.priority as i64);
-            max_attempts.push(job.max_attempts as i64);
-            backoffs.push(job.backoff.as_ref().map(|b| serde_json::to_string(b).expect("backoff serializes")));
-            timeouts.push(job.timeout.map(|t| t.as_millis() as i64));
-            available.push(at);
-            uniques.push(job.unique.map(|u| u.key));
-            tags.push((!job.tags.is_empty()).then(|| serde_json::to_string(&job.tags).expect("tags serialize")));
-            batches.push(job.batch_id);
-            workflows.push(job.workflow);
-        }
-        // Nothing reads this statement's answer: it goes out with the next one.
-        self.defer(
-            "INSERT INTO jobs (id, queue, kind, payload, state, priority, max_attempts, backoff, timeout_ms,
-                               available_at, created_at, unique_key, tags, batch_id, workflow, fair)
-             SELECT id, queue, kind, payload, state, priority, max_attempts, backoff, timeout_ms, available_at, $15,
-                    unique_key, tags, batch_id, workflow, fair
-             FROM unnest($1::bytea[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[],
-                         $8::text[], $9::bigint[], $10::bigint[], $11::text[], $12::text[], $13::text[], $14::text[],
-                         $16::bigint[])
-                  AS t(id, queue, kind, payload, state, priority, max_attempts, backoff, timeout_ms, available_at,
-                       unique_key, tags, batch_id, workflow, fair)",
-            vec![
-                Box::new(ids),
-                Box::new(queues),
-                Box::new(kinds),
-                Box::new(payloads),
-                Box::new(states),
-                Box::new(priorities),
-                Box::new(max_attempts),
-                Box::new(backoffs),
-                Box::new(timeouts),
-                Box::new(available),
-                Box::new(uniques),
-                Box::new(tags),
-                Box::new(batches),
-                Box::new(workflows),
-                Box::new(now),
-                Box::new(fairs),
-            ],
-        )?;
-        Ok(out)
-    }
-
-    /// Moves due delayed jobs to pending, a bounded number per call.
-    pub(crate) fn promote_due(&mut self, now: i64) -> Result<u64> {
-        let rows = self.rows(
-            "UPDATE jobs SET state = 0 WHERE id IN
-               (SELECT id FROM jobs WHERE state = 2 AND available_at <= $1 ORDER BY available_at LIMIT 1000 FOR UPDATE SKIP LOCKED)
-             RETURNING queue, id, priority",
-            &[&now],
-        )?;
-        let n = rows.len() as u64;
-        for r in rows {
-            let q: String = r.get(0);
-            self.count(&q, DELAYED, -1);
-            self.count(&q, PENDING, 1);
-            if let Some(id) = JobId::from_slice(&r.get::<_, Vec<u8>>(1)) {
-                self.ready(id, &q, r.get::<_, i64>(2) as i32);
-            }
-        }
-        if n > 0 {
-            self.wake = true;
-        }
-        Ok(n)
-    }
-
-    /// Reserves the given pending jobs (chosen by a broker) under one lease; paused queues and
-    /// jobs that are not pending are skipped.
-    pub(crate) fn claim(&mut self, ids: &[JobId], lease_ms: i64, worker: &str) -> Result<Vec<Job>> {
-        let now = now_ms();
-        let token: i64 = rand::random::<i64>() & i64::MAX;
-        let until = now + lease_ms;
-        let ids: Vec<Vec<u8>> = ids.iter().map(|id| id.as_bytes().to_vec()).collect();
-        let sql = format!(
-            "UPDATE jobs SET state = 1, attempts = attempts + 1, reserved_at = $1, lease_until = $2, lease_token = $3, worker = $4
-             WHERE id = ANY($5) AND state = 0 AND queue NOT IN (SELECT name FROM queues WHERE paused = 1)
-             RETURNING {JOB_COLS}"
-        );
-        let jobs: Vec<Job> = self.rows(&sql, &[&now, &until, &token, &worker, &ids])?.iter().map(job_from_row).collect();
-        for job in &jobs {
-            self.count(&job.queue, PENDING, -1);
-            self.count(&job.queue, RESERVED, 1);
-        }
-        Ok(jobs)
-    }
-
-    pub(crate) fn reserve(&mut self, queues: &[String], max: usize, lease_ms: i64, worker: &str) -> Result<Vec<Job>> {
-        let now = now_ms();
-        self.promote_due(now)?;
-        let paused: Vec<String> = self.rows("SELECT name FROM queues WHERE paused = 1", &[])?.iter().map(|r| r.get(0)).collect();
-        let token: i64 = rand::random::<i64>() & i64::MAX;
-        let sql = format!(
-            "UPDATE jobs SET state = 1, attempts = attempts + 1, reserved_at = $1, lease_until = $2, lease_token = $3, worker = $4
-             WHERE id IN (SELECT id FROM jobs WHERE queue = $5 AND state = 0 ORDER BY priority DESC, fair, id LIMIT $6 FOR UPDATE SKIP LOCKED)
-             RETURNING {JOB_COLS}, fair"
-        );
-        let mut jobs = Vec::new();
-        for queue in queues {
-            if jobs.len() >= max {
-                break;
-            }
-            if paused.iter().any(|p| p == queue) {
-                continue;
-            }
-            let want = (max - jobs.len()) as i64;
-            let until = now + lease_ms;
-            let mut got: Vec<(Job, i64)> =
-                self.rows(&sql, &[&now, &until, &token, &worker, queue, &want])?.iter().map(|r| (job_from_row(r), r.get(17))).collect();
-            let n = got.len() as i64;
-            if n > 0 {
-                self.count(queue, PENDING, -n);
-                self.count(queue, RESERVED, n);
-            }
-            // RETURNING keeps no order: the queue's, by priority, fair-queueing turn and id.
-            got.sort_by(|(a, fa), (b, fb)| b.priority.cmp(&a.priority).then(fa.cmp(fb)).then(a.id.cmp(&b.id)));
-            jobs.extend(got.into_iter().map(|(j, _)| j));
-        }
-        Ok(jobs)
-    }
 }
 
 impl Tx for PgTx<'_> {
@@ -518,35 +320,10 @@ impl Tx for PgTx<'_> {
         for job in &jobs {
             job.validate().map_err(BackendError::Invalid)?;
         }
-        PgTx::enqueue(self, jobs)
+        crate::relational::lifecycle::enqueue(self, jobs)
     }
 
     fn serialize_migrations(&mut self) -> Result<()> {
         self.script(super::schema::LOCK_SQL)
-    }
-}
-
-pub(super) fn job_from_row(r: &postgres::Row) -> Job {
-    let backoff: Option<String> = r.get(6);
-    let tags: Option<String> = r.get(9);
-    let timeout_ms: Option<i64> = r.get(7);
-    Job {
-        id: JobId::from_slice(&r.get::<_, Vec<u8>>(0)).unwrap_or_default(),
-        queue: r.get(1),
-        kind: r.get(2),
-        payload: r.get(3),
-        attempt: r.get::<_, i64>(4) as u32,
-        max_attempts: r.get::<_, i64>(5) as u32,
-        backoff: backoff.and_then(|b| serde_json::from_str::<Backoff>(&b).ok()),
-        timeout: timeout_ms.map(|ms| std::time::Duration::from_millis(ms.max(0) as u64)),
-        priority: r.get::<_, i64>(8) as i32,
-        tags: tags.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default(),
-        unique_key: r.get(10),
-        batch_id: r.get(11),
-        created_at: r.get(12),
-        available_at: r.get(13),
-        reserved_at: r.get(14),
-        lease_token: r.get(15),
-        workflow: r.get(16),
     }
 }

@@ -5,7 +5,7 @@
 //! acknowledgement is answered only once its transaction is on disk.
 
 mod admin;
-mod lifecycle;
+mod dialect;
 mod read;
 mod schema;
 mod tx;
@@ -27,6 +27,7 @@ use conveyor_core::job::{Completion, EnqueueOutcome, Job, JobId, JobInfo, NewJob
 use conveyor_core::metrics::MetricsRow;
 use conveyor_core::wakeup::Wakeup;
 
+use crate::relational::{admin as queue_admin, lifecycle};
 use read::Readers;
 use writer::Writer;
 
@@ -122,7 +123,7 @@ impl QueueBackend for SqliteBackend {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
-        self.writer.call(move |w| w.enqueue(jobs)).await
+        self.writer.call(move |w| lifecycle::enqueue(w, jobs)).await
     }
 
     async fn reserve(&self, req: ReserveRequest) -> Result<Vec<Job>> {
@@ -130,7 +131,7 @@ impl QueueBackend for SqliteBackend {
             return Ok(Vec::new());
         }
         let lease_ms = req.lease.as_millis() as i64;
-        self.writer.call(move |w| w.reserve(&req.queues, req.max, lease_ms, &req.worker)).await
+        self.writer.call(move |w| lifecycle::reserve(w, &req.queues, req.max, lease_ms, &req.worker)).await
     }
 
     /// One request to the writer, so one commit.
@@ -138,11 +139,11 @@ impl QueueBackend for SqliteBackend {
         let lease_ms = req.lease.as_millis() as i64;
         self.writer
             .call(move |w| {
-                let out = w.enqueue(jobs)?;
+                let out = lifecycle::enqueue(w, jobs)?;
                 if req.max == 0 || req.queues.is_empty() {
                     return Ok((out, Vec::new()));
                 }
-                let reserved = w.reserve(&req.queues, req.max, lease_ms, &req.worker)?;
+                let reserved = lifecycle::reserve(w, &req.queues, req.max, lease_ms, &req.worker)?;
                 Ok((out, reserved))
             })
             .await
@@ -152,27 +153,27 @@ impl QueueBackend for SqliteBackend {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        self.writer.call(move |w| w.act_on_delayed(&ids, &action)).await
+        self.writer.call(move |w| queue_admin::act_on_delayed(w, &ids, &action)).await
     }
 
     async fn complete(&self, completions: Vec<Completion>) -> Result<()> {
         if completions.is_empty() {
             return Ok(());
         }
-        self.writer.call(move |w| w.complete(completions)).await
+        self.writer.call(move |w| lifecycle::complete(w, completions)).await
     }
 
     async fn complete_with(&self, completion: Completion, work: TxFn) -> Result<Box<dyn Any + Send>> {
-        self.writer.call(move |w| w.complete_with(completion, work)).await
+        self.writer.call(move |w| lifecycle::complete_with(w, completion, work)).await
     }
 
     async fn extend_leases(&self, leases: Vec<(JobId, i64)>, lease: Duration) -> Result<()> {
         let lease_ms = lease.as_millis() as i64;
-        self.writer.call(move |w| w.extend_leases(&leases, lease_ms)).await
+        self.writer.call(move |w| lifecycle::extend_leases(w, &leases, lease_ms)).await
     }
 
     async fn reap_expired(&self) -> Result<u64> {
-        self.writer.call(|w| w.reap_expired()).await
+        self.writer.call(lifecycle::reap_expired).await
     }
 
     async fn holders(&self) -> Result<Vec<String>> {
@@ -180,7 +181,7 @@ impl QueueBackend for SqliteBackend {
     }
 
     async fn expire_leases_of(&self, holders: Vec<String>) -> Result<u64> {
-        self.writer.call(move |w| w.expire_leases_of(&holders)).await
+        self.writer.call(move |w| lifecycle::expire_leases_of(w, &holders)).await
     }
 
     fn wakeup(&self) -> Arc<Wakeup> {
@@ -196,11 +197,11 @@ impl QueueBackend for SqliteBackend {
             return Ok(Vec::new());
         }
         let (lease_ms, worker) = (lease.as_millis() as i64, worker.to_string());
-        self.writer.call(move |w| w.claim(&ids, lease_ms, &worker)).await
+        self.writer.call(move |w| lifecycle::claim(w, &ids, lease_ms, &worker)).await
     }
 
     async fn promote_due(&self) -> Result<u64> {
-        self.writer.call(|w| w.promote_due(now_ms())).await
+        self.writer.call(|w| lifecycle::promote_due(w, now_ms())).await
     }
 
     async fn queues(&self) -> Result<Vec<QueueStats>> {
@@ -221,7 +222,7 @@ impl QueueBackend for SqliteBackend {
         // In chunks, so other writers are not held up behind one huge delete.
         in_chunks(|| {
             let q = queue.to_string();
-            self.writer.call(move |w| w.clear_chunk(&q, 5_000))
+            self.writer.call(move |w| queue_admin::clear_chunk(w, &q, 5_000))
         })
         .await
     }
@@ -255,7 +256,7 @@ impl QueueBackend for SqliteBackend {
 
     async fn retry_failed(&self, ids: Vec<JobId>) -> Result<Vec<JobId>> {
         let ids: Vec<Vec<u8>> = ids.iter().map(|id| id.as_bytes().to_vec()).collect();
-        self.writer.call(move |w| w.retry_failed(&ids)).await
+        self.writer.call(move |w| queue_admin::retry_failed(w, &ids)).await
     }
 
     async fn retry_all_failed(&self, queue: Option<&str>) -> Result<u64> {
@@ -263,7 +264,7 @@ impl QueueBackend for SqliteBackend {
             let q = queue.map(str::to_string);
             self.writer.call(move |w| {
                 let ids = w.failed_ids(q.as_deref(), 1_000)?;
-                Ok(w.retry_failed(&ids)?.len() as u64)
+                Ok(queue_admin::retry_failed(w, &ids)?.len() as u64)
             })
         })
         .await
@@ -271,7 +272,7 @@ impl QueueBackend for SqliteBackend {
 
     async fn forget_failed(&self, id: JobId) -> Result<bool> {
         let ids = vec![id.as_bytes().to_vec()];
-        Ok(self.writer.call(move |w| w.forget_failed(&ids)).await? == 1)
+        Ok(self.writer.call(move |w| queue_admin::forget_failed(w, &ids)).await? == 1)
     }
 
     async fn flush_failed(&self, queue: Option<&str>) -> Result<u64> {
@@ -279,7 +280,7 @@ impl QueueBackend for SqliteBackend {
             let q = queue.map(str::to_string);
             self.writer.call(move |w| {
                 let ids = w.failed_ids(q.as_deref(), 5_000)?;
-                w.forget_failed(&ids)
+                queue_admin::forget_failed(w, &ids)
             })
         })
         .await

@@ -82,7 +82,7 @@ impl Tx for SqliteTx<'_> {
         for job in &jobs {
             job.validate().map_err(conveyor_core::BackendError::Invalid)?;
         }
-        self.ctx.enqueue(jobs)
+        crate::relational::lifecycle::enqueue(self.ctx, jobs)
     }
 }
 

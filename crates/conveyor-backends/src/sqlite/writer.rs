@@ -12,7 +12,7 @@ use rusqlite::{params, Connection};
 use tokio::sync::oneshot;
 
 use conveyor_core::backend::{BackendError, DispatchHook, ReadyJob, Result};
-use conveyor_core::job::{Completion, JobId};
+use conveyor_core::job::Completion;
 use conveyor_core::metrics::{MetricsAccumulator, BUCKETS};
 use conveyor_core::wakeup::Wakeup;
 
@@ -209,10 +209,7 @@ pub(crate) type InsertKey = (String, String, usize, usize);
 
 /// Per-queue changes: pending, delayed, reserved, failed.
 type Counts = HashMap<String, [i64; 4]>;
-pub(super) const PENDING: usize = 0;
-pub(super) const DELAYED: usize = 2;
-pub(super) const RESERVED: usize = 1;
-pub(super) const FAILED: usize = 3;
+pub(crate) use crate::relational::{DELAYED, FAILED, JOB_COLS, PENDING, RESERVED};
 
 /// The writer's connection and the deltas of the transaction being built.
 pub(crate) struct WriteCtx {
@@ -241,10 +238,6 @@ pub(crate) struct WriteCtx {
     pub(super) group_ready: Vec<ReadyJob>,
 }
 
-/// The columns of `jobs` that make a reserved [`Job`], in the order `job_from_row` reads them.
-pub(super) const JOB_COLS: &str = "id, queue, kind, payload, attempts, max_attempts, backoff, timeout_ms, priority, tags, \
-                        unique_key, batch_id, created_at, available_at, reserved_at, lease_token, workflow";
-
 impl WriteCtx {
     fn new(conn: Connection, history: usize, dispatch: Arc<OnceLock<DispatchHook>>) -> Self {
         WriteCtx {
@@ -263,23 +256,6 @@ impl WriteCtx {
             dispatch,
             op_ready: Vec::new(),
             group_ready: Vec::new(),
-        }
-    }
-
-    /// Notes a job that became pending, for the dispatch hook (when one is set).
-    pub(super) fn ready(&mut self, id: JobId, queue: &str, priority: i32) {
-        if self.dispatch.get().is_some() {
-            self.op_ready.push(ReadyJob { id, queue: queue.to_string(), priority });
-        }
-    }
-
-    pub(super) fn count(&mut self, queue: &str, state: usize, delta: i64) {
-        if let Some(c) = self.op_counts.get_mut(queue) {
-            c[state] += delta;
-        } else {
-            let mut c = [0i64; 4];
-            c[state] = delta;
-            self.op_counts.insert(queue.to_string(), c);
         }
     }
 
