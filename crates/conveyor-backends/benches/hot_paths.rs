@@ -7,9 +7,10 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 use conveyor_backends::sqlite::{SqliteBackend, SqliteOptions};
+use conveyor_core::backend::Queue;
 use conveyor_core::backend::ReserveRequest;
 use conveyor_core::job::{Completion, Outcome};
-use conveyor_core::{NewJob, QueueBackend};
+use conveyor_core::NewJob;
 
 const BATCH: usize = 500;
 

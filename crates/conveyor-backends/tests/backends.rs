@@ -105,7 +105,7 @@ async fn sqlite_and_postgres_schemas_have_the_same_tables_and_columns() {
     use conveyor_backends::postgres::testing::TestDatabase;
     use conveyor_backends::postgres::{PgBackend, PgOptions};
     use conveyor_backends::sqlite::{SqliteBackend, SqliteOptions};
-    use conveyor_core::backend::{QueueBackend, RowExt};
+    use conveyor_core::backend::{RowExt, Store};
 
     let Some(db) = TestDatabase::create() else { return };
     let pg = PgBackend::open(PgOptions::new(db.url.clone())).expect("open PostgreSQL");

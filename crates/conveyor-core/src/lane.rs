@@ -27,8 +27,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::backend::{
-    Cursor, DispatchHook, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats, ReserveRequest, Result, Row, SqlValue,
-    TxFn, WorkerInfo, MAX_DEPTH,
+    Cursor, DispatchHook, FailedJob, JobFilter, MetricsQuery, Page, Paged, Queue, QueueBackend, QueueStats, ReserveRequest, Result, Row,
+    SqlValue, Store, TxFn, WorkerInfo, MAX_DEPTH,
 };
 use crate::job::{Completion, EnqueueOutcome, Job, JobId, JobInfo, NewJob};
 use crate::metrics::MetricsRow;
@@ -147,10 +147,11 @@ fn merge<T>(a: Paged<T>, b: Paged<T>, page: &Page, cmp: impl Fn(&T, &T) -> Order
 }
 
 #[async_trait]
-impl QueueBackend for Lanes {
+impl Queue for Lanes {
     fn name(&self) -> &'static str {
         self.inner.name()
     }
+
     async fn enqueue(&self, mut jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>> {
         let labels = telemetry::EnqueueLabels::of(&jobs);
         let spans = trace::producer(&mut jobs);
@@ -159,9 +160,11 @@ impl QueueBackend for Lanes {
         spans.done(&out);
         Ok(out)
     }
+
     async fn reserve(&self, req: ReserveRequest) -> Result<Vec<Job>> {
         self.inner.reserve(req).await
     }
+
     async fn enqueue_and_reserve(&self, mut jobs: Vec<NewJob>, reserve: ReserveRequest) -> Result<(Vec<EnqueueOutcome>, Vec<Job>)> {
         let labels = telemetry::EnqueueLabels::of(&jobs);
         let spans = trace::producer(&mut jobs);
@@ -170,6 +173,7 @@ impl QueueBackend for Lanes {
         spans.done(&out.0);
         Ok(out)
     }
+
     async fn complete(&self, completions: Vec<Completion>) -> Result<()> {
         // Counted once recorded: an acknowledgement that fails is retried or the lease returns
         // the job, and neither is an outcome yet.
@@ -178,6 +182,7 @@ impl QueueBackend for Lanes {
         counts.record();
         Ok(())
     }
+
     async fn complete_with(&self, completion: Completion, work: TxFn) -> Result<Box<dyn Any + Send>> {
         let counts = telemetry::Outcomes::of(std::slice::from_ref(&completion));
         let (work, pending) = telemetry::counting(work);
@@ -186,35 +191,31 @@ impl QueueBackend for Lanes {
         telemetry::committed(&pending);
         Ok(out)
     }
+
     async fn extend_leases(&self, leases: Vec<(JobId, i64)>, lease: Duration) -> Result<()> {
         self.inner.extend_leases(leases, lease).await
     }
+
     async fn reap_expired(&self) -> Result<u64> {
         self.inner.reap_expired().await
     }
-    async fn holders(&self) -> Result<Vec<String>> {
-        self.inner.holders().await
-    }
-    async fn expire_leases_of(&self, holders: Vec<String>) -> Result<u64> {
-        self.inner.expire_leases_of(holders).await
-    }
+
     fn wakeup(&self) -> Arc<Wakeup> {
         self.inner.wakeup()
     }
 
-    async fn queues(&self) -> Result<Vec<QueueStats>> {
-        Ok(fold_stats(self.inner.queues().await?))
-    }
     async fn pause(&self, queue: &str) -> Result<()> {
         let base = base(queue);
         self.inner.pause(base).await?;
         self.inner.pause(&remote(base)).await
     }
+
     async fn resume(&self, queue: &str) -> Result<()> {
         let base = base(queue);
         self.inner.resume(base).await?;
         self.inner.resume(&remote(base)).await
     }
+
     /// A queue name clears both lanes; a lane's own name (`q@remote`) only that lane.
     async fn clear(&self, queue: &str) -> Result<u64> {
         if split(queue).1 {
@@ -223,9 +224,55 @@ impl QueueBackend for Lanes {
         Ok(self.inner.clear(queue).await? + self.inner.clear(&remote(queue)).await?)
     }
 
+    async fn retry_failed(&self, ids: Vec<JobId>) -> Result<Vec<JobId>> {
+        self.inner.retry_failed(ids).await
+    }
+
+    async fn retry_all_failed(&self, queue: Option<&str>) -> Result<u64> {
+        match queue.filter(|q| !split(q).1) {
+            Some(q) => Ok(self.inner.retry_all_failed(Some(q)).await? + self.inner.retry_all_failed(Some(&remote(q))).await?),
+            None => self.inner.retry_all_failed(queue).await,
+        }
+    }
+
+    async fn act_on_delayed(&self, ids: Vec<JobId>, action: crate::backend::DelayedAction) -> Result<Vec<JobId>> {
+        self.inner.act_on_delayed(ids, action).await
+    }
+
+    fn broker(&self) -> Option<&'static str> {
+        self.inner.broker()
+    }
+
+    async fn ping_broker(&self) -> Result<()> {
+        self.inner.ping_broker().await
+    }
+
+    async fn transaction(&self, work: TxFn) -> Result<Box<dyn Any + Send>> {
+        let (work, pending) = telemetry::counting(work);
+        let out = self.inner.transaction(work).await?;
+        telemetry::committed(&pending);
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl Store for Lanes {
+    async fn holders(&self) -> Result<Vec<String>> {
+        self.inner.holders().await
+    }
+
+    async fn expire_leases_of(&self, holders: Vec<String>) -> Result<u64> {
+        self.inner.expire_leases_of(holders).await
+    }
+
+    async fn queues(&self) -> Result<Vec<QueueStats>> {
+        Ok(fold_stats(self.inner.queues().await?))
+    }
+
     async fn job(&self, id: JobId) -> Result<Option<JobInfo>> {
         Ok(self.inner.job(id).await?.map(strip_info))
     }
+
     async fn jobs(&self, filter: JobFilter, page: Page) -> Result<Paged<JobInfo>> {
         let Some(queue) = filter.queue.clone().filter(|q| !split(q).1) else {
             let mut p = self.inner.jobs(filter, page).await?;
@@ -254,30 +301,23 @@ impl QueueBackend for Lanes {
         p.items = p.items.into_iter().map(strip_failed).collect();
         Ok(p)
     }
+
     async fn failed_job(&self, id: JobId) -> Result<Option<FailedJob>> {
         Ok(self.inner.failed_job(id).await?.map(strip_failed))
     }
+
     async fn failed_since(&self, since: i64) -> Result<u64> {
         self.inner.failed_since(since).await
     }
-    async fn retry_failed(&self, ids: Vec<JobId>) -> Result<Vec<JobId>> {
-        self.inner.retry_failed(ids).await
-    }
-    async fn retry_all_failed(&self, queue: Option<&str>) -> Result<u64> {
-        match queue.filter(|q| !split(q).1) {
-            Some(q) => Ok(self.inner.retry_all_failed(Some(q)).await? + self.inner.retry_all_failed(Some(&remote(q))).await?),
-            None => self.inner.retry_all_failed(queue).await,
-        }
-    }
+
     async fn release_unique(&self, key: &str, holder: JobId) -> Result<()> {
         self.inner.release_unique(key, holder).await
     }
-    async fn act_on_delayed(&self, ids: Vec<JobId>, action: crate::backend::DelayedAction) -> Result<Vec<JobId>> {
-        self.inner.act_on_delayed(ids, action).await
-    }
+
     async fn forget_failed(&self, id: JobId) -> Result<bool> {
         self.inner.forget_failed(id).await
     }
+
     async fn flush_failed(&self, queue: Option<&str>) -> Result<u64> {
         match queue.filter(|q| !split(q).1) {
             Some(q) => Ok(self.inner.flush_failed(Some(q)).await? + self.inner.flush_failed(Some(&remote(q))).await?),
@@ -302,59 +342,59 @@ impl QueueBackend for Lanes {
         }
         Ok(rows)
     }
+
     async fn prune(&self, metrics_before: i64) -> Result<()> {
         self.inner.prune(metrics_before).await
     }
+
     async fn worker_heartbeat(&self, info: WorkerInfo) -> Result<()> {
         self.inner.worker_heartbeat(info).await
     }
+
     async fn worker_gone(&self, id: &str) -> Result<()> {
         self.inner.worker_gone(id).await
     }
+
     async fn workers(&self, within: Duration) -> Result<Vec<WorkerInfo>> {
         self.inner.workers(within).await
     }
+
     async fn ping(&self) -> Result<()> {
         self.inner.ping().await
     }
-    fn broker(&self) -> Option<&'static str> {
-        self.inner.broker()
-    }
-    async fn ping_broker(&self) -> Result<()> {
-        self.inner.ping_broker().await
-    }
+
     fn warnings(&self) -> Vec<String> {
         self.inner.warnings()
     }
+
     fn shared_state(&self) -> Option<Arc<dyn crate::state::SharedState>> {
         self.inner.shared_state()
     }
+
     async fn lock_acquire(&self, key: &str, owner: &str, ttl: Duration) -> Result<bool> {
         self.inner.lock_acquire(key, owner, ttl).await
     }
+
     async fn lock_release(&self, key: &str, owner: &str) -> Result<bool> {
         self.inner.lock_release(key, owner).await
     }
+
     fn set_dispatch(&self, hook: DispatchHook) -> bool {
         self.inner.set_dispatch(hook)
     }
+
     async fn claim(&self, ids: Vec<JobId>, lease: Duration, worker: &str) -> Result<Vec<Job>> {
         self.inner.claim(ids, lease, worker).await
     }
+
     async fn promote_due(&self) -> Result<u64> {
         self.inner.promote_due().await
     }
+
     async fn query(&self, sql: &str, params: Vec<SqlValue>) -> Result<Vec<Row>> {
         self.inner.query(sql, params).await
     }
-    async fn transaction(&self, work: TxFn) -> Result<Box<dyn Any + Send>> {
-        let (work, pending) = telemetry::counting(work);
-        let out = self.inner.transaction(work).await?;
-        telemetry::committed(&pending);
-        Ok(out)
-    }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,7 @@
 //! Shared state outside the relational store: where the cache, sorted sets, rate limiters and
 //! circuit breakers keep their state when the queue lives in Redis (as Horizon and Sidekiq
 //! keep theirs). A backend that has such a place returns it from
-//! [`QueueBackend::shared_state`](crate::backend::QueueBackend::shared_state); otherwise these
+//! [`Store::shared_state`](crate::backend::Store::shared_state); otherwise these
 //! mechanisms are SQL on the store, as before.
 //!
 //! Every method is one atomic operation on the shared state (a Redis script or command), and

@@ -31,8 +31,9 @@
 //! The job and event types ([`JobArgs`], [`NewJob`], [`DomainEvent`], [`Event`]), handlers
 //! ([`JobContext`], [`JobError`], [`Registry`]), [`Conveyor`] (dispatching, emitting),
 //! [`Batch`], [`Workflow`], [`Middleware`], [`Schedule`], the worker runtime ([`worker`]) and
-//! [`App`]. The backend traits are in [`unstable`]: they change when the store and the queue
-//! are split apart, and depending on them may break on any release.
+//! [`App`]. The backend traits (`Queue`, `Store`, `QueueBackend`, `Tx`) are in [`unstable`]:
+//! they are young (the store and the queue were split apart only now), and depending on them
+//! may break on any release.
 //!
 //! # Configuration
 //!

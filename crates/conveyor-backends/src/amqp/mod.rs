@@ -42,12 +42,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch, Notify};
 
 use conveyor_core::backend::{
-    BackendError, Cause, DispatchHook, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats, ReadyJob, ReserveRequest,
-    Result, Row, RowExt, SqlValue, TxFn, WorkerInfo,
+    BackendError, Cause, DispatchHook, Fronts, Queue, QueueBackend, ReadyJob, ReserveRequest, Result, RowExt, SqlValue, TxFn,
 };
 use conveyor_core::clock::now_ms;
-use conveyor_core::job::{Completion, EnqueueOutcome, Job, JobId, JobInfo, NewJob, Outcome};
-use conveyor_core::metrics::MetricsRow;
+use conveyor_core::job::{Completion, EnqueueOutcome, Job, JobId, NewJob, Outcome};
 use conveyor_core::wakeup::Wakeup;
 
 use link::{ack_all, bounded, broker_queue, death_reason, declare, publisher, Body, Drained, Feed, Link, Msg};
@@ -264,8 +262,15 @@ impl AmqpBackend {
     }
 }
 
+/// Everything but how jobs move is the ledger's (`Store` through `Fronts`).
+impl Fronts for AmqpBackend {
+    fn ledger(&self) -> &Arc<dyn QueueBackend> {
+        &self.store
+    }
+}
+
 #[async_trait]
-impl QueueBackend for AmqpBackend {
+impl Queue for AmqpBackend {
     fn name(&self) -> &'static str {
         "amqp"
     }
@@ -419,10 +424,6 @@ impl QueueBackend for AmqpBackend {
         self.shared.wakeup.clone()
     }
 
-    async fn queues(&self) -> Result<Vec<QueueStats>> {
-        self.store.queues().await
-    }
-
     async fn pause(&self, queue: &str) -> Result<()> {
         self.store.pause(queue).await?;
         self.forget_paused();
@@ -451,26 +452,6 @@ impl QueueBackend for AmqpBackend {
         Ok(n)
     }
 
-    async fn job(&self, id: JobId) -> Result<Option<JobInfo>> {
-        self.store.job(id).await
-    }
-
-    async fn jobs(&self, filter: JobFilter, page: Page) -> Result<Paged<JobInfo>> {
-        self.store.jobs(filter, page).await
-    }
-
-    async fn failed(&self, queue: Option<&str>, page: Page) -> Result<Paged<FailedJob>> {
-        self.store.failed(queue, page).await
-    }
-
-    async fn failed_job(&self, id: JobId) -> Result<Option<FailedJob>> {
-        self.store.failed_job(id).await
-    }
-
-    async fn failed_since(&self, since: i64) -> Result<u64> {
-        self.store.failed_since(since).await
-    }
-
     /// In the store; jobs made ready now are published like every ready job.
     async fn act_on_delayed(&self, ids: Vec<JobId>, action: conveyor_core::backend::DelayedAction) -> Result<Vec<JobId>> {
         let out = self.store.act_on_delayed(ids, action).await?;
@@ -490,44 +471,8 @@ impl QueueBackend for AmqpBackend {
         Ok(n)
     }
 
-    async fn forget_failed(&self, id: JobId) -> Result<bool> {
-        self.store.forget_failed(id).await
-    }
-
-    async fn flush_failed(&self, queue: Option<&str>) -> Result<u64> {
-        self.store.flush_failed(queue).await
-    }
-
-    async fn metrics(&self, query: MetricsQuery) -> Result<Vec<MetricsRow>> {
-        self.store.metrics(query).await
-    }
-
-    async fn prune(&self, metrics_before: i64) -> Result<()> {
-        self.store.prune(metrics_before).await
-    }
-
-    async fn worker_heartbeat(&self, info: WorkerInfo) -> Result<()> {
-        self.store.worker_heartbeat(info).await
-    }
-
-    async fn worker_gone(&self, id: &str) -> Result<()> {
-        self.store.worker_gone(id).await
-    }
-
-    async fn workers(&self, within: Duration) -> Result<Vec<WorkerInfo>> {
-        self.store.workers(within).await
-    }
-
-    async fn ping(&self) -> Result<()> {
-        self.store.ping().await
-    }
-
     fn broker(&self) -> Option<&'static str> {
         Some("amqp")
-    }
-
-    fn warnings(&self) -> Vec<String> {
-        self.store.warnings()
     }
 
     async fn ping_broker(&self) -> Result<()> {
@@ -546,10 +491,6 @@ impl QueueBackend for AmqpBackend {
         Ok(())
     }
 
-    async fn query(&self, sql: &str, params: Vec<SqlValue>) -> Result<Vec<Row>> {
-        self.store.query(sql, params).await
-    }
-
     /// The store's transaction; jobs it enqueues are published after the commit (the store's
     /// job rows are the outbox), and this returns once RabbitMQ confirmed them.
     async fn transaction(&self, work: TxFn) -> Result<Box<dyn Any + Send>> {
@@ -558,6 +499,5 @@ impl QueueBackend for AmqpBackend {
         Ok(out)
     }
 }
-
 #[cfg(test)]
 mod tests;

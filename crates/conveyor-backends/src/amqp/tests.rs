@@ -7,7 +7,7 @@ use lapin::options::{BasicGetOptions, BasicRejectOptions, QueueDeclareOptions, Q
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 
-use conveyor_core::backend::{QueueBackend, QueueBackendExt, ReserveRequest};
+use conveyor_core::backend::{Queue, QueueBackendExt, ReserveRequest, Store};
 use conveyor_core::job::{JobState, NewJob};
 
 use super::testing::TestAmqp;

@@ -26,8 +26,8 @@ use async_trait::async_trait;
 use postgres::fallible_iterator::FallibleIterator;
 
 use conveyor_core::backend::{
-    in_chunks, BackendError, DispatchHook, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats, ReserveRequest,
-    Result, Row, SqlValue, TxFn, WorkerInfo,
+    in_chunks, BackendError, DispatchHook, FailedJob, JobFilter, MetricsQuery, Page, Paged, Queue, QueueStats, ReserveRequest, Result, Row,
+    SqlValue, Store, TxFn, WorkerInfo,
 };
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::{Completion, EnqueueOutcome, Job, JobId, JobInfo, NewJob};
@@ -214,7 +214,7 @@ fn listen(pool: Arc<Pool>, wakeup: Arc<Wakeup>, owed: Arc<AtomicBool>, stop: Arc
 }
 
 #[async_trait]
-impl QueueBackend for PgBackend {
+impl Queue for PgBackend {
     fn name(&self) -> &'static str {
         "postgres"
     }
@@ -286,16 +286,57 @@ impl QueueBackend for PgBackend {
         self.tx(|t| lifecycle::reap_expired(t)).await
     }
 
+    fn wakeup(&self) -> Arc<Wakeup> {
+        self.wakeup.clone()
+    }
+
+    async fn pause(&self, queue: &str) -> Result<()> {
+        let q = queue.to_string();
+        self.tx(move |t| t.set_paused(&q, true)).await
+    }
+
+    async fn resume(&self, queue: &str) -> Result<()> {
+        let q = queue.to_string();
+        self.tx(move |t| t.set_paused(&q, false)).await
+    }
+
+    async fn clear(&self, queue: &str) -> Result<u64> {
+        in_chunks(|| {
+            let q = queue.to_string();
+            self.tx(move |t| queue_admin::clear_chunk(t, &q, 5_000))
+        })
+        .await
+    }
+
+    async fn retry_failed(&self, ids: Vec<JobId>) -> Result<Vec<JobId>> {
+        let ids: Vec<Vec<u8>> = ids.iter().map(|id| id.as_bytes().to_vec()).collect();
+        self.tx(move |t| queue_admin::retry_failed(t, &ids)).await
+    }
+
+    async fn retry_all_failed(&self, queue: Option<&str>) -> Result<u64> {
+        in_chunks(|| {
+            let q = queue.map(str::to_string);
+            self.tx(move |t| {
+                let ids = t.failed_ids(q.as_deref(), 1_000)?;
+                Ok(queue_admin::retry_failed(t, &ids)?.len() as u64)
+            })
+        })
+        .await
+    }
+
+    async fn transaction(&self, work: TxFn) -> Result<Box<dyn Any + Send>> {
+        self.tx(move |t| work(t)).await
+    }
+}
+
+#[async_trait]
+impl Store for PgBackend {
     async fn holders(&self) -> Result<Vec<String>> {
         self.read(read::holders).await
     }
 
     async fn expire_leases_of(&self, holders: Vec<String>) -> Result<u64> {
         self.tx(move |t| lifecycle::expire_leases_of(t, &holders)).await
-    }
-
-    fn wakeup(&self) -> Arc<Wakeup> {
-        self.wakeup.clone()
     }
 
     fn set_dispatch(&self, hook: DispatchHook) -> bool {
@@ -318,24 +359,6 @@ impl QueueBackend for PgBackend {
         self.read(read::queues).await
     }
 
-    async fn pause(&self, queue: &str) -> Result<()> {
-        let q = queue.to_string();
-        self.tx(move |t| t.set_paused(&q, true)).await
-    }
-
-    async fn resume(&self, queue: &str) -> Result<()> {
-        let q = queue.to_string();
-        self.tx(move |t| t.set_paused(&q, false)).await
-    }
-
-    async fn clear(&self, queue: &str) -> Result<u64> {
-        in_chunks(|| {
-            let q = queue.to_string();
-            self.tx(move |t| queue_admin::clear_chunk(t, &q, 5_000))
-        })
-        .await
-    }
-
     async fn job(&self, id: JobId) -> Result<Option<JobInfo>> {
         self.read(move |c| read::job(c, id)).await
     }
@@ -356,22 +379,6 @@ impl QueueBackend for PgBackend {
     async fn failed_since(&self, since: i64) -> Result<u64> {
         self.read(move |c| Ok(c.rows("SELECT count(*) FROM failed_jobs WHERE failed_at >= $1", &[&since])?[0].get::<_, i64>(0) as u64))
             .await
-    }
-
-    async fn retry_failed(&self, ids: Vec<JobId>) -> Result<Vec<JobId>> {
-        let ids: Vec<Vec<u8>> = ids.iter().map(|id| id.as_bytes().to_vec()).collect();
-        self.tx(move |t| queue_admin::retry_failed(t, &ids)).await
-    }
-
-    async fn retry_all_failed(&self, queue: Option<&str>) -> Result<u64> {
-        in_chunks(|| {
-            let q = queue.map(str::to_string);
-            self.tx(move |t| {
-                let ids = t.failed_ids(q.as_deref(), 1_000)?;
-                Ok(queue_admin::retry_failed(t, &ids)?.len() as u64)
-            })
-        })
-        .await
     }
 
     async fn forget_failed(&self, id: JobId) -> Result<bool> {
@@ -426,7 +433,15 @@ impl QueueBackend for PgBackend {
         .await
     }
 
-    async fn transaction(&self, work: TxFn) -> Result<Box<dyn Any + Send>> {
-        self.tx(move |t| work(t)).await
+    async fn release_unique(&self, key: &str, holder: JobId) -> Result<()> {
+        conveyor_core::lock::release_unique_in_store(self, key, holder).await
+    }
+
+    async fn lock_acquire(&self, key: &str, owner: &str, ttl: Duration) -> Result<bool> {
+        conveyor_core::lock::acquire_in_store(self, key, owner, ttl).await
+    }
+
+    async fn lock_release(&self, key: &str, owner: &str) -> Result<bool> {
+        conveyor_core::lock::release_in_store(self, key, owner).await
     }
 }

@@ -5,7 +5,7 @@
 //! - Every queue state change is one Lua script ([`scripts`]): enqueue many, reserve many with
 //!   their leases (promoting due delayed jobs first), apply many outcomes, extend leases, reap
 //!   expired leases, retry / forget failed jobs, clear. No client-side read-modify-write.
-//! - **Transactional enqueue** (`Tx::enqueue` inside [`QueueBackend::transaction`]) writes an
+//! - **Transactional enqueue** (`Tx::enqueue` inside [`Queue::transaction`]) writes an
 //!   outbox row in the store's transaction; after the commit the jobs are relayed to Redis and
 //!   the rows deleted. Rows left by a crash are relayed by the next reaper pass; Redis remembers
 //!   relayed ids for ten minutes so a row relayed twice enqueues once.
@@ -46,8 +46,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
 use conveyor_core::backend::{
-    in_chunks, insert_many, BackendError, Cause, Cursor, DelayedAction, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend,
-    QueueStats, ReserveRequest, Result, Row, SqlValue, Tx, TxFn, WorkerInfo,
+    in_chunks, insert_many, BackendError, Cause, Cursor, DelayedAction, FailedJob, JobFilter, MetricsQuery, Page, Paged, Queue,
+    QueueBackend, QueueStats, ReserveRequest, Result, Row, SqlValue, Store, Tx, TxFn, WorkerInfo,
 };
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::{payload_value, Backoff, Completion, EnqueueOutcome, Job, JobId, JobInfo, JobState, NewJob, Outcome};
@@ -253,7 +253,7 @@ fn leased_jobs(res: Vec<Value>, now: i64, token: i64) -> Vec<Job> {
 }
 
 #[async_trait]
-impl QueueBackend for RedisBackend {
+impl Queue for RedisBackend {
     fn name(&self) -> &'static str {
         "redis"
     }
@@ -284,10 +284,6 @@ impl QueueBackend for RedisBackend {
         args.extend(req.queues.iter().cloned());
         let res = items(self.script(|s| &s.reserve, args).await?);
         Ok(leased_jobs(res, now, token))
-    }
-
-    async fn release_unique(&self, key: &str, holder: JobId) -> Result<()> {
-        self.script(|s| &s.unique_release, vec![key.to_string(), holder.to_string()]).await.map(|_| ())
     }
 
     async fn act_on_delayed(&self, ids: Vec<JobId>, action: DelayedAction) -> Result<Vec<JobId>> {
@@ -349,14 +345,6 @@ impl QueueBackend for RedisBackend {
         Ok(())
     }
 
-    async fn holders(&self) -> Result<Vec<String>> {
-        self.lease_holders().await
-    }
-
-    async fn expire_leases_of(&self, holders: Vec<String>) -> Result<u64> {
-        self.expire_holders(holders).await
-    }
-
     async fn reap_expired(&self) -> Result<u64> {
         let now = now_ms();
         let res = items(self.script(|s| &s.reap, vec![now.to_string(), "1000".into()]).await?);
@@ -404,10 +392,6 @@ impl QueueBackend for RedisBackend {
         self.wakeup.clone()
     }
 
-    async fn queues(&self) -> Result<Vec<QueueStats>> {
-        self.queue_stats().await
-    }
-
     async fn pause(&self, queue: &str) -> Result<()> {
         let q = queue.to_string();
         self.redis(move |c, tag| redis::cmd("SADD").arg(format!("{tag}:paused")).arg(&q).query::<i64>(c)).await.map(|_| ())
@@ -430,6 +414,65 @@ impl QueueBackend for RedisBackend {
             async move { Ok(int(&self.script(|s| &s.clear, args).await?).max(0) as u64) }
         })
         .await
+    }
+
+    async fn retry_failed(&self, ids: Vec<JobId>) -> Result<Vec<JobId>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut args = vec![now_ms().to_string()];
+        args.extend(ids.iter().map(JobId::to_string));
+        let mut res = items(self.script(|s| &s.retry_failed, args).await?).into_iter();
+        let retried: Vec<JobId> = res.next().map(items).unwrap_or_default().iter().filter_map(|v| text(v).parse().ok()).collect();
+        let members: Vec<String> = res.next().map(items).unwrap_or_default().iter().map(text).collect();
+        self.apply_records(members).await?;
+        if !retried.is_empty() {
+            self.wakeup.wake();
+        }
+        Ok(retried)
+    }
+
+    async fn retry_all_failed(&self, queue: Option<&str>) -> Result<u64> {
+        let key = self.failed_key(queue);
+        in_chunks(|| {
+            let key = key.clone();
+            async move {
+                let ids: Vec<JobId> = self.oldest_failed(key, 1_000).await?.iter().filter_map(|i| i.parse().ok()).collect();
+                Ok(self.retry_failed(ids).await?.len() as u64)
+            }
+        })
+        .await
+    }
+
+    fn broker(&self) -> Option<&'static str> {
+        Some("redis")
+    }
+
+    async fn ping_broker(&self) -> Result<()> {
+        self.redis(|c, _| redis::cmd("PING").query::<String>(c)).await.map(|_| ())
+    }
+
+    async fn transaction(&self, work: TxFn) -> Result<Box<dyn Any + Send>> {
+        self.store_tx(work).await
+    }
+}
+
+#[async_trait]
+impl Store for RedisBackend {
+    async fn release_unique(&self, key: &str, holder: JobId) -> Result<()> {
+        self.script(|s| &s.unique_release, vec![key.to_string(), holder.to_string()]).await.map(|_| ())
+    }
+
+    async fn holders(&self) -> Result<Vec<String>> {
+        self.lease_holders().await
+    }
+
+    async fn expire_leases_of(&self, holders: Vec<String>) -> Result<u64> {
+        self.expire_holders(holders).await
+    }
+
+    async fn queues(&self) -> Result<Vec<QueueStats>> {
+        self.queue_stats().await
     }
 
     async fn job(&self, id: JobId) -> Result<Option<JobInfo>> {
@@ -461,34 +504,6 @@ impl QueueBackend for RedisBackend {
     async fn failed_since(&self, since: i64) -> Result<u64> {
         let n: i64 = self.redis(move |c, tag| redis::cmd("ZCOUNT").arg(format!("{tag}:failed")).arg(since).arg("+inf").query(c)).await?;
         Ok(n.max(0) as u64)
-    }
-
-    async fn retry_failed(&self, ids: Vec<JobId>) -> Result<Vec<JobId>> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut args = vec![now_ms().to_string()];
-        args.extend(ids.iter().map(JobId::to_string));
-        let mut res = items(self.script(|s| &s.retry_failed, args).await?).into_iter();
-        let retried: Vec<JobId> = res.next().map(items).unwrap_or_default().iter().filter_map(|v| text(v).parse().ok()).collect();
-        let members: Vec<String> = res.next().map(items).unwrap_or_default().iter().map(text).collect();
-        self.apply_records(members).await?;
-        if !retried.is_empty() {
-            self.wakeup.wake();
-        }
-        Ok(retried)
-    }
-
-    async fn retry_all_failed(&self, queue: Option<&str>) -> Result<u64> {
-        let key = self.failed_key(queue);
-        in_chunks(|| {
-            let key = key.clone();
-            async move {
-                let ids: Vec<JobId> = self.oldest_failed(key, 1_000).await?.iter().filter_map(|i| i.parse().ok()).collect();
-                Ok(self.retry_failed(ids).await?.len() as u64)
-            }
-        })
-        .await
     }
 
     async fn forget_failed(&self, id: JobId) -> Result<bool> {
@@ -551,18 +566,10 @@ impl QueueBackend for RedisBackend {
         Some(self.shared.clone())
     }
 
-    fn broker(&self) -> Option<&'static str> {
-        Some("redis")
-    }
-
     fn warnings(&self) -> Vec<String> {
         let mut w = self.warnings.clone();
         w.extend(self.store.warnings());
         w
-    }
-
-    async fn ping_broker(&self) -> Result<()> {
-        self.redis(|c, _| redis::cmd("PING").query::<String>(c)).await.map(|_| ())
     }
 
     async fn lock_acquire(&self, key: &str, owner: &str, ttl: Duration) -> Result<bool> {
@@ -580,12 +587,7 @@ impl QueueBackend for RedisBackend {
     async fn query(&self, sql: &str, params: Vec<SqlValue>) -> Result<Vec<Row>> {
         self.store.query(sql, params).await
     }
-
-    async fn transaction(&self, work: TxFn) -> Result<Box<dyn Any + Send>> {
-        self.store_tx(work).await
-    }
 }
-
 /// The hash tag every key of a deployment starts with: `{prefix}`, or the prefix itself when it
 /// already has braces.
 pub fn tag_of(prefix: &str) -> String {

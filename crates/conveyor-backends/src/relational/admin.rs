@@ -36,7 +36,7 @@ pub(crate) trait AdminDialect: Dialect {
     fn forget_rows(&mut self, ids: &[Vec<u8>]) -> Result<Vec<String>>;
 }
 
-/// Runs, deletes or fails delayed jobs by id (see `QueueBackend::act_on_delayed`); a deleted
+/// Runs, deletes or fails delayed jobs by id (see `Queue::act_on_delayed`); a deleted
 /// or failed job's batch and workflow hear of it as a failure.
 pub(crate) fn act_on_delayed<D: AdminDialect>(d: &mut D, ids: &[JobId], action: &DelayedAction) -> Result<Vec<JobId>> {
     let now = now_ms();

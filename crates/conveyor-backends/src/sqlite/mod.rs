@@ -19,8 +19,8 @@ use async_trait::async_trait;
 use rusqlite::Connection;
 
 use conveyor_core::backend::{
-    in_chunks, BackendError, Cause, DispatchHook, FailedJob, JobFilter, MetricsQuery, Page, Paged, QueueBackend, QueueStats,
-    ReserveRequest, Result, Row, SqlValue, TxFn, WorkerInfo,
+    in_chunks, BackendError, Cause, DispatchHook, FailedJob, JobFilter, MetricsQuery, Page, Paged, Queue, QueueStats, ReserveRequest,
+    Result, Row, SqlValue, Store, TxFn, WorkerInfo,
 };
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::{Completion, EnqueueOutcome, Job, JobId, JobInfo, NewJob};
@@ -114,7 +114,7 @@ pub(crate) fn storage_err(e: rusqlite::Error) -> BackendError {
 }
 
 #[async_trait]
-impl QueueBackend for SqliteBackend {
+impl Queue for SqliteBackend {
     fn name(&self) -> &'static str {
         "sqlite"
     }
@@ -176,16 +176,58 @@ impl QueueBackend for SqliteBackend {
         self.writer.call(lifecycle::reap_expired).await
     }
 
+    fn wakeup(&self) -> Arc<Wakeup> {
+        self.wakeup.clone()
+    }
+
+    async fn pause(&self, queue: &str) -> Result<()> {
+        let q = queue.to_string();
+        self.writer.call(move |w| w.set_paused(&q, true)).await
+    }
+
+    async fn resume(&self, queue: &str) -> Result<()> {
+        let q = queue.to_string();
+        self.writer.call(move |w| w.set_paused(&q, false)).await
+    }
+
+    async fn clear(&self, queue: &str) -> Result<u64> {
+        // In chunks, so other writers are not held up behind one huge delete.
+        in_chunks(|| {
+            let q = queue.to_string();
+            self.writer.call(move |w| queue_admin::clear_chunk(w, &q, 5_000))
+        })
+        .await
+    }
+
+    async fn retry_failed(&self, ids: Vec<JobId>) -> Result<Vec<JobId>> {
+        let ids: Vec<Vec<u8>> = ids.iter().map(|id| id.as_bytes().to_vec()).collect();
+        self.writer.call(move |w| queue_admin::retry_failed(w, &ids)).await
+    }
+
+    async fn retry_all_failed(&self, queue: Option<&str>) -> Result<u64> {
+        in_chunks(|| {
+            let q = queue.map(str::to_string);
+            self.writer.call(move |w| {
+                let ids = w.failed_ids(q.as_deref(), 1_000)?;
+                Ok(queue_admin::retry_failed(w, &ids)?.len() as u64)
+            })
+        })
+        .await
+    }
+
+    async fn transaction(&self, work: TxFn) -> Result<Box<dyn Any + Send>> {
+        self.writer.call(move |w| work(&mut tx::SqliteTx { ctx: w })).await
+    }
+}
+
+#[async_trait]
+impl Store for SqliteBackend {
     async fn holders(&self) -> Result<Vec<String>> {
         self.readers.with(read::holders).await
     }
 
     async fn expire_leases_of(&self, holders: Vec<String>) -> Result<u64> {
         self.writer.call(move |w| lifecycle::expire_leases_of(w, &holders)).await
-    }
-
-    fn wakeup(&self) -> Arc<Wakeup> {
-        self.wakeup.clone()
     }
 
     fn set_dispatch(&self, hook: DispatchHook) -> bool {
@@ -206,25 +248,6 @@ impl QueueBackend for SqliteBackend {
 
     async fn queues(&self) -> Result<Vec<QueueStats>> {
         self.readers.with(read::queues).await
-    }
-
-    async fn pause(&self, queue: &str) -> Result<()> {
-        let q = queue.to_string();
-        self.writer.call(move |w| w.set_paused(&q, true)).await
-    }
-
-    async fn resume(&self, queue: &str) -> Result<()> {
-        let q = queue.to_string();
-        self.writer.call(move |w| w.set_paused(&q, false)).await
-    }
-
-    async fn clear(&self, queue: &str) -> Result<u64> {
-        // In chunks, so other writers are not held up behind one huge delete.
-        in_chunks(|| {
-            let q = queue.to_string();
-            self.writer.call(move |w| queue_admin::clear_chunk(w, &q, 5_000))
-        })
-        .await
     }
 
     async fn job(&self, id: JobId) -> Result<Option<JobInfo>> {
@@ -252,22 +275,6 @@ impl QueueBackend for SqliteBackend {
                     .map_err(storage_err)
             })
             .await
-    }
-
-    async fn retry_failed(&self, ids: Vec<JobId>) -> Result<Vec<JobId>> {
-        let ids: Vec<Vec<u8>> = ids.iter().map(|id| id.as_bytes().to_vec()).collect();
-        self.writer.call(move |w| queue_admin::retry_failed(w, &ids)).await
-    }
-
-    async fn retry_all_failed(&self, queue: Option<&str>) -> Result<u64> {
-        in_chunks(|| {
-            let q = queue.map(str::to_string);
-            self.writer.call(move |w| {
-                let ids = w.failed_ids(q.as_deref(), 1_000)?;
-                Ok(queue_admin::retry_failed(w, &ids)?.len() as u64)
-            })
-        })
-        .await
     }
 
     async fn forget_failed(&self, id: JobId) -> Result<bool> {
@@ -318,7 +325,15 @@ impl QueueBackend for SqliteBackend {
         self.readers.with(move |c| tx::query(c, &sql, &params)).await
     }
 
-    async fn transaction(&self, work: TxFn) -> Result<Box<dyn Any + Send>> {
-        self.writer.call(move |w| work(&mut tx::SqliteTx { ctx: w })).await
+    async fn release_unique(&self, key: &str, holder: JobId) -> Result<()> {
+        conveyor_core::lock::release_unique_in_store(self, key, holder).await
+    }
+
+    async fn lock_acquire(&self, key: &str, owner: &str, ttl: Duration) -> Result<bool> {
+        conveyor_core::lock::acquire_in_store(self, key, owner, ttl).await
+    }
+
+    async fn lock_release(&self, key: &str, owner: &str) -> Result<bool> {
+        conveyor_core::lock::release_in_store(self, key, owner).await
     }
 }

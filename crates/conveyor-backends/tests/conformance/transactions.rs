@@ -1,5 +1,5 @@
-//! Transactional enqueue ([`QueueBackend::transaction`]) and transactional completion
-//! ([`QueueBackend::complete_with`]): the SQL and the queue operation commit together or not at all.
+//! Transactional enqueue ([`Queue::transaction`]) and transactional completion
+//! ([`Queue::complete_with`]): the SQL and the queue operation commit together or not at all.
 
 use std::any::Any;
 

@@ -10,7 +10,7 @@ use conveyor_backends::redis::testing::TestRedisServer;
 use conveyor_backends::redis::{RedisBackend, RedisOptions};
 use conveyor_backends::sqlite::{SqliteBackend, SqliteOptions};
 use conveyor_backends::tls::testing::required;
-use conveyor_core::backend::QueueBackend;
+use conveyor_core::backend::Store;
 
 /// The queue on a redis-server of its own started with `settings`; `None` when it cannot start
 /// outside CI.

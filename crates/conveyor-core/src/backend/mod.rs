@@ -1,9 +1,10 @@
-//! The contract between the engine and a backend: the queue lifecycle, its administration,
-//! metrics and the worker registry ([`QueueBackend`]), and SQL work that must share a
-//! transaction with queue operations ([`Tx`]).
+//! The contract between the engine and a backend: the queue lifecycle ([`Queue`]), what is
+//! stored about jobs — records, failed store, metrics, worker registry — and the SQL
+//! ([`Store`]), both together as [`QueueBackend`]; and SQL work that must share a transaction
+//! with queue operations ([`Tx`]).
 //!
-//! Every backend — SQLite, PostgreSQL, Redis, RabbitMQ — implements [`QueueBackend`] and passes
-//! the same conformance suite (`conveyor-backends/src/conformance.rs`).
+//! Every backend — SQLite, PostgreSQL, Redis, RabbitMQ — is a [`QueueBackend`] and passes the
+//! same conformance suite (`conveyor-backends/tests/conformance/`).
 
 use std::any::Any;
 use std::sync::Arc;
@@ -18,9 +19,13 @@ use crate::wakeup::Wakeup;
 
 mod error;
 mod page;
+mod queue;
+mod store;
 
 pub use error::{BackendError, Cause, ErrorKind};
 pub use page::{count_sql, Cursor, Page, Paged, MAX_DEPTH};
+pub use queue::Queue;
+pub use store::{Fronts, Store};
 
 pub type Result<T, E = BackendError> = std::result::Result<T, E>;
 
@@ -34,7 +39,7 @@ pub struct ReserveRequest {
     pub worker: String,
 }
 
-/// What [`QueueBackend::act_on_delayed`] does with a job waiting for its time.
+/// What [`Queue::act_on_delayed`] does with a job waiting for its time.
 #[derive(Clone, Debug, PartialEq)]
 pub enum DelayedAction {
     /// Ready at once.
@@ -136,199 +141,12 @@ pub struct MetricsQuery {
     pub since: i64,
 }
 
-/// The job queue and everything the engine stores about jobs.
-///
-/// Implementations must keep these invariants, which the conformance suite checks:
-/// - an accepted job is pending, delayed, reserved, in the failed store, or completed —
-///   never lost, whatever crashes;
-/// - a reserved job is held by exactly one lease; completions whose `lease_token` does not
-///   match the current reservation change nothing;
-/// - `Release` never consumes an attempt; a job whose lease expired goes back to the queue
-///   (or to the failed store once its attempts are spent) with its attempt count kept.
-#[async_trait]
-pub trait QueueBackend: Send + Sync + 'static {
-    /// `sqlite`, `postgres`, `redis` or `amqp`.
-    fn name(&self) -> &'static str;
+/// A backend: the job queue ([`Queue`]) and everything the engine stores about jobs
+/// ([`Store`]). SQLite, PostgreSQL and Redis implement both; RabbitMQ implements the queue and
+/// [`Fronts`] a relational backend, which answers the store's half.
+pub trait QueueBackend: Queue + Store {}
 
-    /// Enqueues jobs durably; returns only once they are committed.
-    async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>>;
-
-    /// Reserves up to `max` ready jobs under a lease, moving due delayed jobs first.
-    async fn reserve(&self, req: ReserveRequest) -> Result<Vec<Job>>;
-
-    /// Enqueues `jobs`, then reserves up to `reserve.max` ready jobs, in one transaction where
-    /// the backend can: a process that both receives jobs and hands them to workers (the
-    /// Faktory server) then passes a pushed job on without a commit of its own. SQLite and
-    /// PostgreSQL do both in one transaction (both happen or neither); the default makes the
-    /// two calls and keeps the enqueue when the reservation fails (its jobs then wait).
-    async fn enqueue_and_reserve(&self, jobs: Vec<NewJob>, reserve: ReserveRequest) -> Result<(Vec<EnqueueOutcome>, Vec<Job>)> {
-        let out = self.enqueue(jobs).await?;
-        match self.reserve(reserve).await {
-            Ok(reserved) => Ok((out, reserved)),
-            Err(e) => {
-                tracing::warn!(error = %e, "reserving after an enqueue failed; the jobs wait for the next reserve");
-                Ok((out, Vec::new()))
-            }
-        }
-    }
-
-    /// Records the outcome of many attempts at once.
-    async fn complete(&self, completions: Vec<Completion>) -> Result<()>;
-
-    /// Runs `work` and records `completion` in one transaction: either both happen or neither.
-    /// Fails with [`BackendError::LeaseLost`] (and rolls `work` back) when the reservation is
-    /// gone. Backends whose queue lives outside the relational store implement this with a
-    /// completion marker written in the store's transaction.
-    async fn complete_with(&self, completion: Completion, work: TxFn) -> Result<Box<dyn Any + Send>>;
-
-    /// Extends the leases of jobs still running; jobs whose token no longer matches are skipped.
-    async fn extend_leases(&self, leases: Vec<(JobId, i64)>, lease: Duration) -> Result<()>;
-
-    /// Returns jobs whose lease expired to the queue (or to the failed store when their attempts
-    /// are spent). Returns how many were reclaimed.
-    async fn reap_expired(&self) -> Result<u64>;
-    /// The processes holding reservations now (the `worker` of their `reserve`), so that the
-    /// reaper can find dead ones ([`crate::liveness`]). Empty where the backend does not keep
-    /// them (a broker's reservations end with its connection).
-    async fn holders(&self) -> Result<Vec<String>> {
-        Ok(Vec::new())
-    }
-    /// Ends the leases of `holders`, processes known to be dead, so that the next
-    /// [`QueueBackend::reap_expired`] returns their jobs. Returns the reservations ended.
-    async fn expire_leases_of(&self, _holders: Vec<String>) -> Result<u64> {
-        Ok(0)
-    }
-
-    /// The signal workers sleep on when the queue is empty. A backend wakes it after committing
-    /// ready work in this process (or on a LISTEN / pub-sub message from another); workers also
-    /// poll, so work enqueued elsewhere is noticed within the poll interval.
-    fn wakeup(&self) -> Arc<Wakeup>;
-
-    // --- administration -------------------------------------------------------------------
-
-    async fn queues(&self) -> Result<Vec<QueueStats>>;
-    async fn pause(&self, queue: &str) -> Result<()>;
-    async fn resume(&self, queue: &str) -> Result<()>;
-    /// Deletes pending and delayed jobs of a queue; running jobs finish. Returns how many.
-    async fn clear(&self, queue: &str) -> Result<u64>;
-
-    async fn job(&self, id: JobId) -> Result<Option<JobInfo>>;
-    async fn jobs(&self, filter: JobFilter, page: Page) -> Result<Paged<JobInfo>>;
-
-    async fn failed(&self, queue: Option<&str>, page: Page) -> Result<Paged<FailedJob>>;
-    async fn failed_job(&self, id: JobId) -> Result<Option<FailedJob>>;
-    /// Jobs that entered the failed store at or after `since` (unix ms) and are still there.
-    async fn failed_since(&self, since: i64) -> Result<u64>;
-    /// Moves failed jobs back to their queue with a fresh attempt count; keeps their ids.
-    /// Returns the ids that were found and retried.
-    async fn retry_failed(&self, ids: Vec<JobId>) -> Result<Vec<JobId>>;
-    async fn retry_all_failed(&self, queue: Option<&str>) -> Result<u64>;
-    async fn forget_failed(&self, id: JobId) -> Result<bool>;
-    async fn flush_failed(&self, queue: Option<&str>) -> Result<u64>;
-
-    /// Frees the unique key `key` if `holder` still holds it, before the job finishes (Faktory's
-    /// `unique_until: "start"`): a job with the same key may then be enqueued while this one
-    /// runs. A key another job holds is left alone. The default is the relational stores'
-    /// (`unique_locks`, also a RabbitMQ transport's ledger); a queue that keeps its unique keys
-    /// elsewhere overrides it.
-    async fn release_unique(&self, key: &str, holder: JobId) -> Result<()> {
-        let (key, id) = (key.to_string(), holder.as_bytes().to_vec());
-        self.transaction(Box::new(move |tx| {
-            tx.execute("DELETE FROM unique_locks WHERE key = $1 AND job_id = $2", &[SqlValue::Text(key), SqlValue::Blob(id)])
-                .map(|n| Box::new(n) as Box<dyn std::any::Any + Send>)
-        }))
-        .await
-        .map(|_| ())
-    }
-
-    /// Acts on delayed jobs (scheduled, or waiting to retry) by id; jobs that are not delayed
-    /// are left alone. Returns the ids acted on. The default refuses: a backend that cannot.
-    async fn act_on_delayed(&self, _ids: Vec<JobId>, _action: DelayedAction) -> Result<Vec<JobId>> {
-        Err(BackendError::Invalid(format!("the {} queue cannot act on delayed jobs one by one yet", self.name())))
-    }
-
-    // --- metrics and workers ---------------------------------------------------------------
-
-    /// Per-minute buckets (queue × kind) since `query.since`, oldest first.
-    async fn metrics(&self, query: MetricsQuery) -> Result<Vec<MetricsRow>>;
-    /// Drops metric buckets and completed-job history older than the retention.
-    async fn prune(&self, metrics_before: i64) -> Result<()>;
-
-    async fn worker_heartbeat(&self, info: WorkerInfo) -> Result<()>;
-    async fn worker_gone(&self, id: &str) -> Result<()>;
-    /// Workers seen within `within`.
-    async fn workers(&self, within: Duration) -> Result<Vec<WorkerInfo>>;
-
-    /// A cheap round trip to the relational store, for health checks.
-    async fn ping(&self) -> Result<()>;
-
-    /// The broker holding the queue outside the relational store (`redis`, `amqp`), if any.
-    fn broker(&self) -> Option<&'static str> {
-        None
-    }
-
-    /// A cheap round trip to [`broker`](Self::broker), for health checks.
-    async fn ping_broker(&self) -> Result<()> {
-        Ok(())
-    }
-
-    /// What an operator should know about how the backend is set up, found when it was opened
-    /// (a Redis that persists nothing, say): shown by the health check, the backend still
-    /// works. A backend that wraps another forwards the inner one's.
-    fn warnings(&self) -> Vec<String> {
-        Vec::new()
-    }
-
-    /// Where the cache, sorted sets, rate limiters and breakers keep their state when it is not
-    /// the store (see [`crate::state`]); `None`: in the store, as SQL.
-    fn shared_state(&self) -> Option<std::sync::Arc<dyn crate::state::SharedState>> {
-        None
-    }
-
-    // --- named locks (see `lock`) ------------------------------------------------------------
-
-    /// Takes `key` for `owner` for `ttl` unless another owner holds it (the holder extends
-    /// it). The default keeps locks in the store's `locks` table; Redis keeps them in Redis.
-    async fn lock_acquire(&self, key: &str, owner: &str, ttl: Duration) -> Result<bool> {
-        crate::lock::acquire_in_store(self, key, owner, ttl).await
-    }
-
-    /// Releases `key` if `owner` holds it.
-    async fn lock_release(&self, key: &str, owner: &str) -> Result<bool> {
-        crate::lock::release_in_store(self, key, owner).await
-    }
-
-    // --- dispatch support for brokers that deliver the store's jobs (RabbitMQ) ---------------
-
-    /// Registers `hook`, called after every commit that made jobs ready (pending): enqueued,
-    /// promoted from the delayed set, retried or released now, reaped, retried from the failed
-    /// store. A broker transport publishes one message per ready job from it. Returns `false`
-    /// when this backend keeps no such ledger (the default).
-    fn set_dispatch(&self, _hook: DispatchHook) -> bool {
-        false
-    }
-
-    /// Reserves the given jobs under a lease if they are pending and their queue is not paused
-    /// (like [`reserve`](Self::reserve), but by id: the broker chose them). Jobs that are not
-    /// pending are left alone and missing from the answer.
-    async fn claim(&self, _ids: Vec<JobId>, _lease: Duration, _worker: &str) -> Result<Vec<Job>> {
-        Err(BackendError::Other(format!("the {} backend cannot claim jobs by id", self.name())))
-    }
-
-    /// Moves due delayed jobs to pending (a bounded number per call) and returns how many; the
-    /// dispatch hook hears of them.
-    async fn promote_due(&self) -> Result<u64> {
-        Ok(0)
-    }
-
-    /// A read-only query on the relational store, outside any write transaction (it sees what
-    /// is committed). Parameters are `$1`, `$2`, ….
-    async fn query(&self, sql: &str, params: Vec<SqlValue>) -> Result<Vec<Row>>;
-
-    /// Runs `work` in one write transaction of the relational store. `tx.enqueue` inside it is
-    /// transactional: a rolled-back transaction enqueues nothing.
-    async fn transaction(&self, work: TxFn) -> Result<Box<dyn Any + Send>>;
-}
+impl<T: Queue + Store> QueueBackend for T {}
 
 /// A job that became ready in a committed transaction of the relational store.
 #[derive(Clone, Debug, PartialEq)]

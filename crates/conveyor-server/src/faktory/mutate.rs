@@ -6,7 +6,7 @@
 //!
 //! `scheduled` (delayed jobs that never ran) and `retries` (delayed jobs waiting to run again)
 //! are the remote lanes' delayed jobs: `requeue` makes them ready now, `discard` and `clear`
-//! delete them, `kill` moves them to the failed store unrun (`QueueBackend::act_on_delayed`,
+//! delete them, `kill` moves them to the failed store unrun (`Queue::act_on_delayed`,
 //! which the Redis queue does not have yet: there these targets are refused with a reason).
 
 use serde_json::Value;
