@@ -107,3 +107,21 @@ pub async fn fairness_holds_for_keys_enqueued_concurrently(b: Backend) {
         assert!(mine.windows(2).all(|w| w[0] < w[1]), "tenant {key}'s jobs out of order: {mine:?}");
     }
 }
+
+/// A job refused as a duplicate (its unique key is held) takes no turn: its key's next job is
+/// not pushed back a round.
+pub async fn a_duplicate_takes_no_turn(b: Backend) {
+    if b.name() == "amqp" {
+        return;
+    }
+    let q = queue_name();
+    let key = unique_name("fair-unique");
+    let ttl = Duration::from_secs(60);
+    enqueue_one(&b, keyed(&q, "a", 1).unique(&key, ttl)).await;
+    let dup = b.enqueue(vec![keyed(&q, "a", 99).unique(&key, ttl)]).await.unwrap();
+    assert!(matches!(dup[..], [EnqueueOutcome::Duplicate { .. }]), "{dup:?}");
+    enqueue_one(&b, keyed(&q, "a", 2)).await;
+    b.enqueue((1..=3).map(|i| keyed(&q, "b", i)).collect()).await.unwrap();
+    // Had the duplicate taken a turn, a2 would come after b2.
+    assert_eq!(take(&b, &q, 5).await, ["a1", "b1", "a2", "b2", "b3"]);
+}

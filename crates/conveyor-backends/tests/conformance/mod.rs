@@ -160,6 +160,7 @@ macro_rules! conformance_suite {
                 a_kept_slot_serves_its_workers_next_job_and_goes_back_when_another_waits,
                 fairness_keys_take_turns_within_a_queue_and_priority,
                 fairness_holds_for_keys_enqueued_concurrently,
+                a_duplicate_takes_no_turn,
                 only_the_last_job_of_a_debounced_burst_runs,
                 breaker_opens_probes_and_closes,
                 breaker_with_a_lost_probe_lets_another_probe_through,
