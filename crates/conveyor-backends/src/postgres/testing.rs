@@ -141,6 +141,11 @@ impl TestServer {
         Ok(server)
     }
 
+    /// The directory holding the server's Unix-domain socket (`.s.PGSQL.<port>`).
+    pub fn socket_dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     /// `postgres://postgres@127.0.0.1:PORT/postgres`.
     pub fn admin_url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)

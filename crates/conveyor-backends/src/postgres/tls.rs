@@ -3,7 +3,8 @@
 //!
 //! The driver knows only `disable`, `prefer` and `require`, and no `sslrootcert`: [`parse`]
 //! takes those two parameters out of the URL and hands the driver `require` for both
-//! `verify-*` modes, the verification living in the connector instead.
+//! `verify-*` modes, the verification living in the connector instead. On Unix-domain sockets
+//! (`host=/var/run/postgresql`) `sslmode` is ignored, as libpq ignores it.
 
 use std::future::Future;
 use std::io;
@@ -44,7 +45,10 @@ pub(crate) fn parse(url: &str) -> Result<(tokio_postgres::Config, Connector)> {
             )))
         }
     };
-    config.ssl_mode(ssl_mode);
+    // As libpq, which ignores `sslmode` on Unix-domain sockets: PostgreSQL serves no TLS there,
+    // and the driver would otherwise ask the connector for a server name it cannot have.
+    let unix_only = !config.get_hosts().is_empty() && config.get_hosts().iter().all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)));
+    config.ssl_mode(if unix_only { SslMode::Disable } else { ssl_mode });
     let tls = client_config(verify, root.as_deref())?;
     Ok((config, Connector { config: Arc::new(tls) }))
 }
@@ -60,16 +64,19 @@ impl MakeTlsConnect<Socket> for Connector {
     type TlsConnect = Connect;
     type Error = rustls::pki_types::InvalidDnsNameError;
 
+    /// The driver asks for a connector for every host before it knows whether TLS is used
+    /// (with an empty name for a Unix socket): a name that is not one fails only when a TLS
+    /// handshake is attempted with it.
     fn make_tls_connect(&mut self, host: &str) -> std::result::Result<Connect, Self::Error> {
         // An IP address parses as one, so verify-full checks it against the IP SANs.
-        let name = ServerName::try_from(host.to_string())?;
+        let name = ServerName::try_from(host.to_string());
         Ok(Connect { config: self.config.clone(), name })
     }
 }
 
 pub(crate) struct Connect {
     config: Arc<rustls::ClientConfig>,
-    name: ServerName<'static>,
+    name: std::result::Result<ServerName<'static>, rustls::pki_types::InvalidDnsNameError>,
 }
 
 impl TlsConnect<Socket> for Connect {
@@ -78,7 +85,10 @@ impl TlsConnect<Socket> for Connect {
     type Future = Pin<Box<dyn Future<Output = io::Result<Stream>> + Send>>;
 
     fn connect(self, socket: Socket) -> Self::Future {
-        Box::pin(async move { tokio_rustls::TlsConnector::from(self.config).connect(self.name, socket).await.map(Stream) })
+        Box::pin(async move {
+            let name = self.name.map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            tokio_rustls::TlsConnector::from(self.config).connect(name, socket).await.map(Stream)
+        })
     }
 }
 
@@ -114,6 +124,7 @@ impl AsyncWrite for Stream {
 #[cfg(test)]
 mod tests {
     use super::parse;
+    use postgres::config::SslMode;
 
     #[test]
     fn sslmodes_are_understood_and_conveyors_parameters_taken_out() {
@@ -125,6 +136,12 @@ mod tests {
         let err =
             parse("postgres://u:pw@h/db?sslmode=verify-full&sslrootcert=/no/such/ca.pem").err().expect("a missing CA file is refused");
         assert!(err.to_string().contains("/no/such/ca.pem"), "{err}");
+        for url in ["postgresql:///db?host=/var/run/postgresql", "postgresql:///db?host=/run/pg&sslmode=verify-full"] {
+            let (config, _) = parse(url).unwrap();
+            assert_eq!(config.get_ssl_mode(), SslMode::Disable, "{url}: no TLS on a Unix socket, as libpq");
+        }
+        let (config, _) = parse("postgres://u@h/db").unwrap();
+        assert_eq!(config.get_ssl_mode(), SslMode::Prefer, "prefer is the default over TCP");
         let err = parse("postgres://u:pw@h/db?nonsense=1").err().expect("the driver still refuses what it does not know");
         assert!(!err.to_string().contains("pw"), "the password is not shown: {err}");
     }

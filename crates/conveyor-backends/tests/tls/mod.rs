@@ -53,6 +53,22 @@ mod postgres {
         assert!(!encrypted(&plain).await, "sslmode=disable does not encrypt");
     }
 
+    /// On a Unix-domain socket PostgreSQL serves no TLS, and libpq ignores `sslmode` there: so
+    /// does Conveyor, whatever the mode (the default `prefer` used to fail asking for a server
+    /// name).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_unix_socket_connects_without_tls_whatever_the_sslmode() {
+        let Some(ca) = TestCa::create() else { return };
+        let Some(server) = TestServer::start_tls(&ca) else { return };
+        let dir = server.socket_dir().display().to_string();
+        for mode in ["", "&sslmode=require", "&sslmode=verify-full"] {
+            let url = format!("postgresql:///postgres?host={dir}&port={}&user=postgres{mode}", server.port);
+            let b: Backend = Arc::new(open(url.clone()).unwrap_or_else(|e| panic!("open {url}: {e}")));
+            assert!(!encrypted(&b).await, "{url}: a Unix socket is not encrypted");
+            enqueue_reserve_complete(b).await;
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn verification_refuses_another_ca_and_another_host_name() {
         let Some(ca) = TestCa::create() else { return };
