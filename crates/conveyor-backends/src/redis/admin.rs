@@ -1,5 +1,5 @@
 //! The administration side of the Redis queue: queue numbers, job and failed pages, metrics,
-//! pruning and the worker registry (the `QueueBackend` methods delegate here).
+//! pruning and the worker registry (the `Store` methods in `store.rs` delegate here).
 
 use super::*;
 
