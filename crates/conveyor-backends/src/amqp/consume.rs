@@ -35,6 +35,7 @@ impl AmqpBackend {
             queue: queue.to_string(),
             generation: link.generation,
             shared: Arc::downgrade(&self.shared),
+            settle: Arc::default(),
         });
         let shared = Arc::downgrade(&self.shared);
         let (queue_name, generation, f) = (queue.to_string(), link.generation, feed.clone());

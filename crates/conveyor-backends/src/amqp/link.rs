@@ -16,6 +16,9 @@ pub(super) struct Msg {
     pub(super) id: JobId,
     pub(super) priority: i32,
     pub(super) acker: Acker,
+    /// The delivery's tag on its channel, and that channel's unsettled tags.
+    pub(super) tag: u64,
+    pub(super) settle: Arc<Settle>,
     pub(super) generation: u64,
 }
 
@@ -36,6 +39,8 @@ pub(super) struct Feed {
     pub(super) queue: String,
     pub(super) generation: u64,
     pub(super) shared: std::sync::Weak<Shared>,
+    /// The consuming channel's unsettled deliveries.
+    pub(super) settle: Arc<Settle>,
 }
 
 /// What one synchronous pass over a consumer found.
@@ -76,7 +81,7 @@ impl Feed {
         }
         let moved = deliveries.len();
         if let Some(shared) = self.shared.upgrade() {
-            shared.received_all(&self.queue, deliveries, self.generation);
+            shared.received_all(&self.queue, deliveries, self.generation, &self.settle);
         }
         Drained { moved, end }
     }
@@ -149,24 +154,30 @@ impl Shared {
         self.wakeup.wake();
     }
 
-    pub(super) fn received(&self, queue: &str, d: Delivery, generation: u64) {
-        self.received_all(queue, vec![d], generation);
+    pub(super) fn received(&self, queue: &str, d: Delivery, generation: u64, settle: &Arc<Settle>) {
+        self.received_all(queue, vec![d], generation, settle);
     }
 
-    pub(super) fn received_all(&self, queue: &str, deliveries: Vec<Delivery>, generation: u64) {
+    pub(super) fn received_all(&self, queue: &str, deliveries: Vec<Delivery>, generation: u64, settle: &Arc<Settle>) {
         if deliveries.is_empty() {
             return;
         }
         let mut msgs = Vec::with_capacity(deliveries.len());
         for d in deliveries {
+            settle.delivered(d.delivery_tag);
             let parsed = serde_json::from_slice::<Body>(&d.data).ok().and_then(|b| b.id.parse::<JobId>().ok().map(|id| (id, b.priority)));
             match parsed {
-                Some((id, priority)) => msgs.push(Msg { id, priority, acker: d.acker, generation }),
+                Some((id, priority)) => {
+                    msgs.push(Msg { id, priority, acker: d.acker, tag: d.delivery_tag, settle: settle.clone(), generation })
+                }
                 None => {
                     // Not a Conveyor message: dead-letter it rather than loop on it.
                     tracing::warn!(queue, "a message that is not a Conveyor job was dead-lettered");
-                    let acker = d.acker;
-                    tokio::spawn(async move { acker.nack(BasicNackOptions { requeue: false, multiple: false }).await });
+                    let (acker, tag, settle) = (d.acker, d.delivery_tag, settle.clone());
+                    tokio::spawn(async move {
+                        let _ = acker.nack(BasicNackOptions { requeue: false, multiple: false }).await;
+                        settle.settled_otherwise(tag);
+                    });
                 }
             }
         }
@@ -291,12 +302,6 @@ pub(super) fn death_reason(d: &Delivery) -> String {
 
 /// Acknowledges deliveries, all frames in flight at once (an ack on a lost channel is moot: the
 /// broker requeued the message, and its claim will find the job settled).
-pub(super) async fn ack_all(msgs: Vec<Msg>) {
-    let acks = futures_util::future::join_all(msgs.iter().map(|m| m.acker.ack(BasicAckOptions::default())));
-    // Bounded like every broker call: an ack that cannot be written is as moot as a failed one.
-    let _ = tokio::time::timeout(BROKER_CALL, acks).await;
-}
-
 pub(super) fn unavailable(e: lapin::Error) -> BackendError {
     BackendError::Unavailable(Cause::new(format!("RabbitMQ: {e}")).with_source(e))
 }

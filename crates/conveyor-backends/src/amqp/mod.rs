@@ -48,10 +48,12 @@ use conveyor_core::clock::now_ms;
 use conveyor_core::job::{Completion, EnqueueOutcome, Job, JobId, NewJob, Outcome};
 use conveyor_core::wakeup::Wakeup;
 
-use link::{ack_all, bounded, broker_queue, death_reason, declare, publisher, Body, Drained, Feed, Link, Msg};
+use link::{bounded, broker_queue, death_reason, declare, publisher, Body, Drained, Feed, Link, Msg};
+use settle::{ack_all, Settle};
 
 mod consume;
 mod link;
+mod settle;
 pub mod testing;
 
 /// How long an enqueue waits for the broker's confirms before answering anyway (the jobs are
@@ -313,16 +315,24 @@ impl Queue for AmqpBackend {
             // brings it in. Only then may the take go on to a later queue or return short.
             for i in short {
                 let (q, (ch, feed)) = (&queues[i], &channels[i]);
-                match bounded(ch.basic_get(broker_queue(&self.shared.options.prefix, q).into(), BasicGetOptions::default())).await {
-                    Ok(Some(got)) => self.shared.received(q, got.delivery, link.generation),
-                    Ok(None) => {}
+                let getting = feed.settle.get_begins();
+                let got = bounded(ch.basic_get(broker_queue(&self.shared.options.prefix, q).into(), BasicGetOptions::default())).await;
+                // What the consumer received before the answer goes in first: the answer's tag
+                // is recorded only once every lower tag is (see `settle`).
+                let drained = feed.drain_now();
+                feed.kick.notify_one();
+                let got = match got {
+                    Ok(got) => got,
                     Err(e) => {
+                        getting.recorded();
                         self.shared.lost(link.generation).await;
                         return Err(e);
                     }
+                };
+                if let Some(got) = got {
+                    self.shared.received(q, got.delivery, link.generation, &feed.settle);
                 }
-                let drained = feed.drain_now();
-                feed.kick.notify_one();
+                getting.recorded();
                 if drained.end.is_some() {
                     self.shared.lost(link.generation).await;
                     break;
@@ -340,6 +350,7 @@ impl Queue for AmqpBackend {
                 // Back to the broker: nothing was reserved.
                 for m in taken {
                     let _ = m.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+                    m.settle.settled_otherwise(m.tag);
                 }
                 return Err(e);
             }

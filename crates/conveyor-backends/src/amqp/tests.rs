@@ -117,3 +117,66 @@ async fn dead_lettered_messages_move_their_jobs_to_the_failed_store() {
     assert_eq!(b.job(id).await.unwrap().unwrap().state, JobState::Failed);
     let _ = ch.queue_delete(name.as_str().into(), QueueDeleteOptions::default()).await;
 }
+
+/// Acknowledgements go out as one `multiple` per run of settled deliveries (`settle`), and an
+/// ack naming a tag the broker no longer holds closes the channel. Four workers reserve in
+/// small takes (so barrier gets run all the time, often while others acknowledge) and finish
+/// their jobs out of order, some retried (requeued through the store): every job completes
+/// once, and the connection is never lost (a closed channel would reconnect: a new generation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_order_acknowledgements_never_close_the_channel() {
+    use conveyor_core::job::{Completion, Outcome};
+    use rand::seq::SliceRandom;
+    use std::sync::atomic::Ordering;
+
+    let Some(amqp) = TestAmqp::create() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let b = Arc::new(open(&amqp, &dir));
+    let q = "acks";
+    let total = 1_500;
+    for chunk in 0..(total / 500) {
+        let jobs: Vec<NewJob> = (0..500).map(|i| NewJob::new("k", &(chunk * 500 + i)).queue(q)).collect();
+        b.enqueue(jobs).await.unwrap();
+    }
+    let generation = b.shared.generation.load(Ordering::SeqCst);
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let (b, done) = (b.clone(), done.clone());
+        workers.push(tokio::spawn(async move {
+            let mut held = Vec::new();
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while done.load(Ordering::SeqCst) < total {
+                assert!(std::time::Instant::now() < deadline, "worker {w}: {} of {total} done", done.load(Ordering::SeqCst));
+                let req = ReserveRequest { queues: vec![q.into()], max: 7, lease: Duration::from_secs(30), worker: format!("w{w}") };
+                let got = b.reserve(req).await.unwrap();
+                let more = !got.is_empty();
+                held.extend(got);
+                // Hold up to 20 while jobs come, then finish two thirds of them, in random order.
+                if held.is_empty() || (more && held.len() < 20) {
+                    continue;
+                }
+                held.shuffle(&mut rand::thread_rng());
+                let keep = held.split_off((held.len() * 2).div_ceil(3));
+                let batch = std::mem::replace(&mut held, keep);
+                let completions: Vec<Completion> = batch
+                    .iter()
+                    .map(|j| match rand::random::<u8>() {
+                        0..=24 if j.attempt < 2 => Completion::of(j, Outcome::Retry { at: 0, error: "again".into() }),
+                        _ => Completion::of(j, Outcome::Completed),
+                    })
+                    .collect();
+                let finished = completions.iter().filter(|c| matches!(c.outcome, Outcome::Completed)).count();
+                b.complete(completions).await.unwrap();
+                done.fetch_add(finished, Ordering::SeqCst);
+            }
+        }));
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+    assert_eq!(b.shared.generation.load(Ordering::SeqCst), generation, "the connection was never lost");
+    let counts = b.queues().await.unwrap().into_iter().find(|s| s.queue == q).unwrap();
+    assert_eq!((counts.pending, counts.reserved), (0, 0), "every job completed");
+    assert_eq!(done.load(Ordering::SeqCst), total, "each job completed once");
+}
