@@ -300,8 +300,6 @@ pub(super) fn death_reason(d: &Delivery) -> String {
     "dead-lettered".into()
 }
 
-/// Acknowledges deliveries, all frames in flight at once (an ack on a lost channel is moot: the
-/// broker requeued the message, and its claim will find the job settled).
 pub(super) fn unavailable(e: lapin::Error) -> BackendError {
     BackendError::Unavailable(Cause::new(format!("RabbitMQ: {e}")).with_source(e))
 }

@@ -150,7 +150,9 @@ impl Settle {
     }
 }
 
-/// Acknowledges deliveries, each channel's in as few frames as its open tags allow.
+/// Acknowledges deliveries, each channel's in as few frames as its open tags allow (an ack on
+/// a lost channel is moot: the broker requeued the message, and its claim will find the job
+/// settled).
 pub(super) async fn ack_all(msgs: Vec<Msg>) {
     let mut by_channel: Vec<(Arc<Settle>, Vec<Msg>)> = Vec::new();
     for m in msgs {
