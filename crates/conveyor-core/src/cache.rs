@@ -278,6 +278,28 @@ pub fn add_in(tx: &mut dyn crate::backend::Tx, set: &str, member: &str, delta: f
     )
 }
 
+/// [`add_in`] for many members at once: the increments are summed per (set, member) and
+/// applied in that order (concurrent transactions take the rows in one order), with one
+/// statement per chunk.
+pub fn add_many_in(tx: &mut dyn crate::backend::Tx, increments: &[(&str, &str, f64)]) -> Result<()> {
+    let mut sum: std::collections::BTreeMap<(&str, &str), f64> = std::collections::BTreeMap::new();
+    for (set, member, delta) in increments {
+        *sum.entry((set, member)).or_default() += delta;
+    }
+    if tx.shared_state().is_some() {
+        return sum.into_iter().try_for_each(|((set, member), delta)| add_in(tx, set, member, delta));
+    }
+    let rows: Vec<Vec<SqlValue>> =
+        sum.into_iter().map(|((set, member), delta)| vec![set.into(), member.into(), SqlValue::Real(delta)]).collect();
+    crate::backend::insert_many(
+        tx,
+        "INSERT INTO zsets (zset, member, score)",
+        &rows,
+        "ON CONFLICT (zset, member) DO UPDATE SET score = zsets.score + excluded.score",
+    )
+    .map(|_| ())
+}
+
 /// `incr` inside the caller's transaction (e.g. with the order that earned the points); returns
 /// the new score. On a shared state the increment is applied once the transaction commits, and
 /// the score returned is the one read now plus this transaction's increments (another process

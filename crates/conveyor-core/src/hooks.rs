@@ -21,3 +21,13 @@ pub fn after_outcome(tx: &mut dyn Tx, c: &Completion) -> Result<()> {
     crate::batch::record_outcome(tx, c)?;
     crate::workflow::record_outcome(tx, c)
 }
+
+/// [`after_outcome`] for many applied completions of one transaction, set-wise where it can be
+/// ([`crate::workflow::record_outcomes`]).
+pub fn after_outcomes(tx: &mut dyn Tx, cs: &[&Completion]) -> Result<()> {
+    for c in cs {
+        crate::batch::record_outcome(tx, c)?;
+    }
+    let steps: Vec<&Completion> = cs.iter().copied().filter(|c| c.workflow.is_some()).collect();
+    crate::workflow::record_outcomes(tx, &steps)
+}

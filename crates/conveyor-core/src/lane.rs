@@ -27,8 +27,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::backend::{
-    Cursor, DispatchHook, FailedJob, JobFilter, MetricsQuery, Page, Paged, Queue, QueueBackend, QueueStats, ReserveRequest, Result, Row,
-    SqlValue, Store, TxFn, WorkerInfo, MAX_DEPTH,
+    Cursor, DispatchHook, FailedJob, JobFilter, ManyTxFn, MetricsQuery, Page, Paged, Queue, QueueBackend, QueueStats, ReserveRequest,
+    Result, Row, SqlValue, Store, TxFn, WorkerInfo, MAX_DEPTH,
 };
 use crate::job::{Completion, EnqueueOutcome, Job, JobId, JobInfo, NewJob};
 use crate::metrics::MetricsRow;
@@ -190,6 +190,15 @@ impl Queue for Lanes {
         counts.record();
         telemetry::committed(&pending);
         Ok(out)
+    }
+
+    async fn complete_many_with(&self, completions: Vec<Completion>, work: ManyTxFn) -> Result<(Box<dyn Any + Send>, Vec<bool>)> {
+        let (work, pending) = telemetry::counting_many(work);
+        let (out, held) = self.inner.complete_many_with(completions.clone(), work).await?;
+        let applied: Vec<Completion> = completions.into_iter().zip(&held).filter(|(_, h)| **h).map(|(c, _)| c).collect();
+        telemetry::Outcomes::of(&applied).record();
+        telemetry::committed(&pending);
+        Ok((out, held))
     }
 
     async fn extend_leases(&self, leases: Vec<(JobId, i64)>, lease: Duration) -> Result<()> {

@@ -34,6 +34,7 @@ pub mod ratelimit;
 pub mod redact;
 pub mod registry;
 pub mod scheduler;
+pub mod setwise;
 pub mod state;
 pub mod telemetry;
 pub mod trace;

@@ -158,33 +158,56 @@ impl JobContext {
         R: Send + 'static,
         F: FnOnce(&mut dyn Tx) -> Result<R, BackendError> + Send + 'static,
     {
-        let completion = {
-            let mut slot = self.completion.lock().expect("completion slot poisoned");
-            if slot.done {
-                return Err(BackendError::Other("job already completed".into()));
-            }
-            // Marked before the await so a concurrent return cannot ack twice; a failure below
-            // is reported to the handler, and the lease expiry recovers the job if needed.
-            slot.done = true;
-            let mut c = slot.template.clone();
-            c.outcome = Outcome::Completed;
-            c.runtime_ms = (crate::clock::now_ms() - slot.reserved_at).max(0) as u64;
-            c
-        };
+        let completion = self.take_completion()?;
         let out = self.backend().complete_with(completion, Box::new(move |tx| work(tx).map(|r| Box::new(r) as Box<dyn Any + Send>))).await;
         match out {
             Ok(v) => Ok(*v.downcast::<R>().expect("complete_with returns what its closure returned")),
-            Err(e) => {
-                let mut slot = self.completion.lock().expect("completion slot poisoned");
-                if matches!(e, BackendError::LeaseLost(_)) {
-                    slot.lost = true;
-                } else {
-                    // The commit did not happen: let the runtime record the attempt's outcome.
-                    slot.done = false;
-                }
-                Err(e)
-            }
+            Err(e) => Err(self.not_committed(e)),
         }
+    }
+
+    /// Commits this job's completion with the other jobs of `set`'s next transaction, whose
+    /// set-wise work acts on `item` ([`crate::setwise`]): as [`complete_with`], but one
+    /// transaction and one set of statements for many jobs. Returns whether the work completed
+    /// or declined the item (a business failure, as with [`decline`]).
+    ///
+    /// [`complete_with`]: JobContext::complete_with
+    /// [`decline`]: JobContext::decline
+    pub async fn complete_in<I: Clone + Send + 'static>(
+        &self,
+        set: &crate::setwise::SetWise<I>,
+        item: I,
+    ) -> Result<crate::setwise::Settled, BackendError> {
+        let completion = self.take_completion()?;
+        set.submit(self.backend().clone(), completion, item).await.map_err(|e| self.not_committed(e))
+    }
+
+    /// Takes over this job's acknowledgement for a transactional completion: the completion to
+    /// record, or an error when it was taken already.
+    fn take_completion(&self) -> Result<Completion, BackendError> {
+        let mut slot = self.completion.lock().expect("completion slot poisoned");
+        if slot.done {
+            return Err(BackendError::Other("job already completed".into()));
+        }
+        // Marked before the await so a concurrent return cannot ack twice; a failure below
+        // is reported to the handler, and the lease expiry recovers the job if needed.
+        slot.done = true;
+        let mut c = slot.template.clone();
+        c.outcome = Outcome::Completed;
+        c.runtime_ms = (crate::clock::now_ms() - slot.reserved_at).max(0) as u64;
+        Ok(c)
+    }
+
+    /// Notes that a transactional completion did not commit, and returns its error.
+    fn not_committed(&self, e: BackendError) -> BackendError {
+        let mut slot = self.completion.lock().expect("completion slot poisoned");
+        if matches!(e, BackendError::LeaseLost(_)) {
+            slot.lost = true;
+        } else {
+            // The commit did not happen: let the runtime record the attempt's outcome.
+            slot.done = false;
+        }
+        e
     }
 }
 

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{LazyLock, Mutex};
 
-use crate::backend::{BackendError, Row, SqlValue, Tx, TxFn};
+use crate::backend::{BackendError, ManyTxFn, Row, SqlValue, Tx, TxFn};
 use crate::job::{Completion, EnqueueOutcome, NewJob, Outcome};
 use crate::metrics::{bucket_of, BUCKETS};
 
@@ -227,6 +227,9 @@ impl Tx for CountingTx<'_> {
     fn serialize_migrations(&mut self) -> Result<(), BackendError> {
         self.inner.serialize_migrations()
     }
+    fn for_update(&self) -> &'static str {
+        self.inner.for_update()
+    }
     fn insert_rows(&mut self, head: &str, rows: &[Vec<SqlValue>], tail: &str) -> Result<Vec<Row>, BackendError> {
         self.inner.insert_rows(head, rows, tail)
     }
@@ -241,18 +244,37 @@ impl Tx for CountingTx<'_> {
 /// Runs `work` on a [`CountingTx`]; what it did is counted when `commit` is called with the
 /// pending counts after the store committed.
 pub fn counting(work: TxFn) -> (TxFn, std::sync::Arc<Mutex<Option<Pending>>>) {
+    let (counted, slot) = counter();
+    (Box::new(move |tx| counted(tx, Box::new(move |tx| work(tx)))), slot)
+}
+
+/// [`counting`] for set-wise work ([`crate::backend::Queue::complete_many_with`]).
+pub fn counting_many(work: ManyTxFn) -> (ManyTxFn, std::sync::Arc<Mutex<Option<Pending>>>) {
+    let (counted, slot) = counter();
+    (Box::new(move |tx, held| counted(tx, Box::new(move |tx| work(tx, held)))), slot)
+}
+
+type Counted<'a> = Box<dyn FnOnce(&mut dyn Tx) -> Result<Box<dyn std::any::Any + Send>, BackendError> + 'a>;
+
+/// Runs work on a [`CountingTx`] in this task's trace context, keeping what it counted in the
+/// slot when it succeeds.
+#[allow(clippy::type_complexity)]
+fn counter() -> (
+    impl FnOnce(&mut dyn Tx, Counted<'_>) -> Result<Box<dyn std::any::Any + Send>, BackendError> + Send,
+    std::sync::Arc<Mutex<Option<Pending>>>,
+) {
     let slot = std::sync::Arc::new(Mutex::new(None));
     let out = slot.clone();
     let context = crate::trace::current();
-    let work: TxFn = Box::new(move |tx| {
+    let run = move |tx: &mut dyn Tx, work: Counted<'_>| {
         let mut counting = CountingTx { inner: tx, pending: Pending { context, ..Default::default() } };
         let result = work(&mut counting);
         if result.is_ok() {
             *out.lock().expect("telemetry poisoned") = Some(counting.pending);
         }
         result
-    });
-    (work, slot)
+    };
+    (run, slot)
 }
 
 /// The outcomes of a batch of completions per (queue, kind), taken before they go to the store

@@ -55,7 +55,7 @@ pub use conveyor_core::ratelimit::{RateLimit, RateLimiter};
 pub use conveyor_core::registry::{ErrorAction, JobContext, JobError, JobResult, KindOptions, Registry};
 pub use conveyor_core::scheduler::{Missed, Schedule};
 pub use conveyor_core::workflow::{StepInfo, Workflow, WorkflowInfo};
-pub use conveyor_core::{breaker, cron, debounce, fair, flow, worker, Conveyor, JobArgs};
+pub use conveyor_core::{breaker, cron, debounce, fair, flow, setwise, worker, Conveyor, JobArgs};
 
 /// The parts of the engine whose shape will change (the store / queue split): the backend
 /// traits, transactions and the backends themselves. **Unstable**: not covered by semver.

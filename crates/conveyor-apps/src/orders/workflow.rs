@@ -1,22 +1,32 @@
 //! The order workflow: ReserveStock → ProcessPayment → FinalizeOrder, and RollbackOrder on any
-//! failure. Each step commits its rows together with its job's acknowledgement
-//! (`JobContext::complete_with`), so its effect happens once even when delivery repeats.
+//! failure. Each step commits its rows together with its job's acknowledgement, so its effect
+//! happens once even when delivery repeats. The steps are set-wise
+//! ([`conveyor_core::setwise`]): the orders whose step ends while another set's transaction runs
+//! are settled together by the next one, a few statements for all of them.
 //!
-//! - ReserveStock takes every item's quantity with one conditional update per SKU
-//!   (`stock >= quantity`): stock never goes below zero, whatever the concurrency.
-//! - ProcessPayment charges through the gateway with the order id as idempotency key.
-//! - FinalizeOrder commits the reservations, completes the order, moves the leaderboards and
+//! - ReserveStock locks the set's products (by SKU) and reads their stock, then takes each
+//!   order's items in full or declines the order (out of stock): stock never goes below zero,
+//!   whatever the concurrency.
+//! - ProcessPayment charges through the gateway with the order id as idempotency key (one call
+//!   per order), then records the payments of the set.
+//! - FinalizeOrder commits the reservations, completes the orders, moves the leaderboards and
 //!   invalidates the KPI cache, in one transaction.
 //! - RollbackOrder releases what is still reserved, refunds a charge, and fails the order; it
 //!   reads what to undo from the store, so it is right whichever step failed.
+//!
+//! Shared rows (a product's stock, a leaderboard entry) are taken last and in one order (by
+//! SKU, by member), so concurrent sets never deadlock.
 
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use conveyor_core::backend::{insert_many, BackendError, RowExt, SqlValue, Tx};
-use conveyor_core::cache::{add_in, forget_prefix_in};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use conveyor_core::backend::{in_list, insert_many, padded, BackendError, Row, RowExt, SqlValue, Tx};
+use conveyor_core::cache::{add_many_in, forget_prefix_in};
 use conveyor_core::clock::now_ms;
+use conveyor_core::setwise::{Entry, SetWise, Settled};
 use conveyor_core::workflow::{Starts, Workflow};
 use conveyor_core::{JobContext, JobError, JobResult, NewJob, Registry};
 
@@ -67,172 +77,322 @@ pub(crate) fn prepare_many<'a>(order_ids: impl Iterator<Item = &'a str>) -> Resu
     Workflow::prepare_many(order_ids.map(instance).collect())
 }
 
+/// Orders settled by one set-wise transaction at most.
+const SET: usize = 256;
+
+/// A payment to record: the gateway's answer for an order.
+#[derive(Clone)]
+struct Paid {
+    order_id: String,
+    approved: bool,
+    amount_cents: i64,
+    reference: String,
+}
+
+/// An order to roll back, with the charge the gateway refunded (amount, reference), if any.
+#[derive(Clone)]
+struct Undo {
+    order_id: String,
+    refunded: Option<(i64, String)>,
+}
+
 pub(crate) fn register(registry: &mut Registry, gateway: Arc<dyn PaymentGateway>) {
-    registry.register(RESERVE, |o: OrderRef, ctx: JobContext| async move {
-        let id = o.order_id.clone();
-        match ctx.complete_with(move |tx| reserve(tx, &id)).await {
-            // Out of stock: nothing was reserved (the step rolled back); the order fails as a
-            // business outcome, not as a fault of the job.
-            Err(BackendError::Invalid(reason)) => settle(ctx.decline(reason, |_| Ok(())).await),
-            r => settle(r),
-        }
+    let reserve = SetWise::new(SET, reserve_set);
+    registry.register(RESERVE, move |o: OrderRef, ctx: JobContext| {
+        let set = reserve.clone();
+        async move { settle(ctx.complete_in(&set, o.order_id).await) }
     });
-    let g = gateway.clone();
+    let (g, record) = (gateway.clone(), SetWise::new(SET, record_payments));
     registry.register(PAY, move |o: OrderRef, ctx: JobContext| {
-        let g = g.clone();
-        async move { pay(g, o, ctx).await }
+        let (g, set) = (g.clone(), record.clone());
+        async move { pay(g, o, ctx, set).await }
     });
-    registry.register(FINALIZE, |o: OrderRef, ctx: JobContext| async move {
-        settle(ctx.complete_with(move |tx| finalize(tx, &o.order_id)).await)
+    let finalize = SetWise::new(SET, finalize_set);
+    registry.register(FINALIZE, move |o: OrderRef, ctx: JobContext| {
+        let set = finalize.clone();
+        async move { settle(ctx.complete_in(&set, o.order_id).await) }
     });
+    let undo = SetWise::new(SET, rollback_set);
     registry.register(ROLLBACK, move |o: OrderRef, ctx: JobContext| {
-        let g = gateway.clone();
-        async move { rollback(g, o, ctx).await }
+        let (g, set) = (gateway.clone(), undo.clone());
+        async move { rollback(g, o, ctx, set).await }
     });
 }
 
-/// Maps a transactional step's result to the job's: a rule the data breaks (no stock) fails the
-/// order without retrying; a lost lease means another worker owns the job now.
-fn settle(r: Result<(), BackendError>) -> JobResult {
+/// Maps a transactional step's result to the job's: a declined order (no stock, payment
+/// declined) completes its job, its workflow fails; a rule the data breaks fails the job
+/// without retrying; a lost lease means another worker owns the job now.
+fn settle(r: Result<Settled, BackendError>) -> JobResult {
     match r {
-        Ok(()) | Err(BackendError::LeaseLost(_)) => Ok(()),
+        Ok(Settled::Completed) | Err(BackendError::LeaseLost(_)) => Ok(()),
+        Ok(Settled::Declined(reason)) => {
+            tracing::info!(%reason, "order declined: a business outcome, not a fault");
+            Ok(())
+        }
         Err(BackendError::Invalid(m)) => Err(JobError::abort(m)),
         Err(e) => Err(JobError::retry(e)),
     }
 }
 
-fn reserve(tx: &mut dyn Tx, order_id: &str) -> Result<(), BackendError> {
+/// The distinct order ids of a set, in its order.
+fn order_ids<I>(entries: &[Entry<I>], id: impl Fn(&I) -> &str) -> Vec<String> {
+    let mut seen = HashSet::new();
+    entries.iter().map(|e| id(&e.item)).filter(|i| seen.insert(*i)).map(str::to_string).collect()
+}
+
+/// `sql` with `{ids}` replaced by an `IN` list of `ids` ([`in_list`]), after the parameters
+/// `before`.
+fn in_ids(sql: &str, before: Vec<SqlValue>, ids: &[String]) -> (String, Vec<SqlValue>) {
+    let (marks, values) = in_list(before.len() + 1, ids.iter().map(|i| SqlValue::from(i.as_str())));
+    let mut params = before;
+    params.extend(values);
+    (sql.replace("{ids}", &marks), params)
+}
+
+/// Reads with [`in_ids`].
+fn with_ids(tx: &mut dyn Tx, sql: &str, before: Vec<SqlValue>, ids: &[String]) -> Result<Vec<Row>, BackendError> {
+    let (sql, params) = in_ids(sql, before, ids);
+    tx.query(&sql, &params)
+}
+
+/// Writes with [`in_ids`], without waiting for the answer ([`Tx::defer`]).
+fn defer_ids(tx: &mut dyn Tx, sql: &str, before: Vec<SqlValue>, ids: &[String]) -> Result<(), BackendError> {
+    let (sql, params) = in_ids(sql, before, ids);
+    tx.defer(&sql, &params)
+}
+
+/// `UPDATE products` of many SKUs in one statement: `set` is the assignments with `{q}` for
+/// each SKU's quantity (a `CASE` on the SKU). The rows are locked first, in SKU order.
+fn update_products(tx: &mut dyn Tx, set: &str, quantities: &BTreeMap<String, i64>, now: i64) -> Result<(), BackendError> {
+    if quantities.is_empty() {
+        return Ok(());
+    }
+    let skus: Vec<String> = quantities.keys().cloned().collect();
+    lock_products(tx, &skus)?;
+    let mut params: Vec<SqlValue> = vec![now.into()];
+    let mut case = String::from("CASE sku");
+    // Padded like the `IN` list (a repeated arm changes nothing).
+    let last = quantities.iter().next_back().expect("not empty");
+    for (sku, q) in quantities.iter().chain(std::iter::repeat(last)).take(padded(quantities.len())) {
+        case.push_str(&format!(" WHEN ${} THEN CAST(${} AS BIGINT)", params.len() + 1, params.len() + 2));
+        params.push(sku.as_str().into());
+        params.push((*q).into());
+    }
+    case.push_str(" END");
+    let (marks, values) = in_list(params.len() + 1, skus.iter().map(|s| SqlValue::from(s.as_str())));
+    let sql = format!("UPDATE products SET {}, updated_at = $1 WHERE sku IN ({marks})", set.replace("{q}", &case));
+    params.extend(values);
+    tx.defer(&sql, &params)
+}
+
+/// The orders' rows (id, status, then `cols`), locked (in id order) where transactions run side
+/// by side: the statuses read hold until the commit. Only the primary key selects them, so the
+/// plan never depends on how many orders have which status.
+fn lock_orders(tx: &mut dyn Tx, ids: &[String], cols: &str) -> Result<Vec<Row>, BackendError> {
+    let sql = format!("SELECT id, status{cols} FROM orders WHERE id IN ({{ids}}) ORDER BY id{}", tx.for_update());
+    with_ids(tx, &sql, vec![], ids)
+}
+
+/// What the orders still hold reserved: (SKU, quantity) rows.
+fn reserved_of(tx: &mut dyn Tx, ids: &[String]) -> Result<Vec<(String, i64)>, BackendError> {
+    let rows = with_ids(tx, "SELECT sku, quantity, status FROM stock_reservations WHERE order_id IN ({ids})", vec![], ids)?;
+    Ok(rows.iter().filter(|r| r.text(2) == Some("reserved")).map(|r| (r.text(0).unwrap_or_default().to_string(), r.int(1))).collect())
+}
+
+/// Locks the products' rows in SKU order (where transactions run side by side) and returns
+/// their stock.
+fn lock_products(tx: &mut dyn Tx, skus: &[String]) -> Result<HashMap<String, i64>, BackendError> {
+    let sql = format!("SELECT sku, stock FROM products WHERE sku IN ({{ids}}) ORDER BY sku{}", tx.for_update());
+    Ok(with_ids(tx, &sql, vec![], skus)?.iter().map(|r| (r.text(0).unwrap_or_default().to_string(), r.int(1))).collect())
+}
+
+/// ReserveStock for a set: each pending order takes all its items or, when one is short,
+/// nothing (declined with the first short SKU).
+fn reserve_set(tx: &mut dyn Tx, entries: &mut [Entry<String>]) -> Result<(), BackendError> {
     let now = now_ms();
     // Only a pending order reserves: a step re-run later (say, retried from the failed store
     // after the order was rolled back) must not take stock that nothing would release.
-    if !in_status(tx, order_id, "pending")? {
+    let ids = order_ids(entries, |i| i);
+    let pending: Vec<String> =
+        lock_orders(tx, &ids, "")?.iter().filter(|r| r.text(1) == Some("pending")).filter_map(|r| r.text(0).map(str::to_string)).collect();
+    if pending.is_empty() {
         return Ok(());
     }
-    let items = tx.query("SELECT sku, sum(quantity) FROM order_items WHERE order_id = $1 GROUP BY sku ORDER BY sku", &[order_id.into()])?;
-    tx.defer("UPDATE orders SET status = 'processing' WHERE id = $1 AND status = 'pending'", &[order_id.into()])?;
-    let rows: Vec<Vec<SqlValue>> =
-        items.iter().map(|it| vec![order_id.into(), it[0].clone(), it.int(1).into(), "reserved".into(), now.into()]).collect();
-    insert_many(tx, "INSERT INTO stock_reservations (order_id, sku, quantity, status, updated_at)", &rows, "")?;
-    // The products last, by SKU: concurrent orders hold these shared rows briefly and in one
-    // order (no deadlocks).
-    for it in &items {
-        let (sku, qty) = (it.text(0).unwrap_or_default().to_string(), it.int(1));
-        let taken = tx.execute(
-            "UPDATE products SET stock = stock - $2, reserved = reserved + $2, updated_at = $3 WHERE sku = $1 AND stock >= $2",
-            &[sku.clone().into(), qty.into(), now.into()],
-        )?;
-        if taken == 0 {
-            // The whole step rolls back: nothing stays reserved for this order.
-            return Err(BackendError::Invalid(format!("insufficient stock for {sku} (wanted {qty})")));
-        }
+    let mut lines: HashMap<String, Vec<(String, i64)>> = HashMap::new();
+    let mut skus = std::collections::BTreeSet::new();
+    for r in with_ids(
+        tx,
+        "SELECT order_id, sku, sum(quantity) FROM order_items WHERE order_id IN ({ids}) GROUP BY order_id, sku ORDER BY order_id, sku",
+        vec![],
+        &pending,
+    )? {
+        let sku = r.text(1).unwrap_or_default().to_string();
+        skus.insert(sku.clone());
+        lines.entry(r.text(0).unwrap_or_default().to_string()).or_default().push((sku, r.int(2)));
     }
-    Ok(())
+    let mut stock = lock_products(tx, &skus.into_iter().collect::<Vec<_>>())?;
+    let pending: HashSet<String> = pending.into_iter().collect();
+    let (mut taken, mut reserved, mut rows) = (HashSet::new(), BTreeMap::new(), Vec::new());
+    for e in entries.iter_mut() {
+        if !pending.contains(&e.item) || taken.contains(&e.item) {
+            continue;
+        }
+        let wanted = lines.get(&e.item).map(Vec::as_slice).unwrap_or_default();
+        if let Some((sku, qty)) = wanted.iter().find(|(sku, qty)| stock.get(sku).copied().unwrap_or(0) < *qty) {
+            e.decline(format!("insufficient stock for {sku} (wanted {qty})"));
+            continue;
+        }
+        for (sku, qty) in wanted {
+            *stock.get_mut(sku).expect("a SKU with stock") -= qty;
+            *reserved.entry(sku.clone()).or_insert(0) += qty;
+            rows.push(vec![e.item.as_str().into(), sku.as_str().into(), (*qty).into(), "reserved".into(), now.into()]);
+        }
+        taken.insert(e.item.clone());
+    }
+    if taken.is_empty() {
+        return Ok(());
+    }
+    let taken: Vec<String> = taken.into_iter().collect();
+    defer_ids(tx, "UPDATE orders SET status = 'processing' WHERE id IN ({ids})", vec![], &taken)?;
+    insert_many(tx, "INSERT INTO stock_reservations (order_id, sku, quantity, status, updated_at)", &rows, "")?;
+    update_products(tx, "stock = stock - {q}, reserved = reserved + {q}", &reserved, now)
 }
 
-async fn pay(gateway: Arc<dyn PaymentGateway>, o: OrderRef, ctx: JobContext) -> JobResult {
+async fn pay(gateway: Arc<dyn PaymentGateway>, o: OrderRef, ctx: JobContext, set: SetWise<Paid>) -> JobResult {
     let rows = ctx.backend().query("SELECT total_cents, status FROM orders WHERE id = $1", vec![o.order_id.clone().into()]).await?;
     let row = rows.first().ok_or_else(|| JobError::abort(format!("no order {}", o.order_id)))?;
     let total = row.int(0);
     if row.text(1) != Some("processing") {
         // Settled already (a re-run): charging now would take money for nothing.
-        return settle(ctx.complete_with(|_| Ok(())).await);
+        return settle(ctx.complete_with(|_| Ok(())).await.map(|()| Settled::Completed));
     }
     let charge = gateway.charge(&o.order_id, total).await.map_err(JobError::retry)?;
-    let (id, reference) = (o.order_id.clone(), charge.reference.clone());
-    if charge.approved {
-        return settle(ctx.complete_with(move |tx| record_payment(tx, &id, "charged", total, &reference)).await);
+    let paid = Paid { order_id: o.order_id, approved: charge.approved, amount_cents: total, reference: charge.reference };
+    settle(ctx.complete_in(&set, paid).await)
+}
+
+/// ProcessPayment for a set: one payment event per order, once per (order, status) — the order
+/// id is its idempotency key; a declined payment declines its order.
+fn record_payments(tx: &mut dyn Tx, entries: &mut [Entry<Paid>]) -> Result<(), BackendError> {
+    let mut rows = Vec::new();
+    for e in entries.iter_mut() {
+        let p = &e.item;
+        let status = if p.approved { "charged" } else { "declined" };
+        rows.push(payment_row(&p.order_id, status, p.amount_cents, &p.reference));
+        if !p.approved {
+            e.decline("payment declined");
+        }
     }
-    settle(ctx.decline("payment declined", move |tx| record_payment(tx, &id, "declined", total, &reference)).await)
+    record_payment_rows(tx, rows)
 }
 
-/// Records a payment event once per (order, status); the order id is its idempotency key.
-fn record_payment(tx: &mut dyn Tx, order_id: &str, status: &str, amount_cents: i64, reference: &str) -> Result<(), BackendError> {
-    tx.defer(
-        "INSERT INTO payments (order_id, status, amount_cents, reference, idempotency_key, created_at)
-         VALUES ($1, $2, $3, $4, $1, $5) ON CONFLICT (order_id, status) DO NOTHING",
-        &[order_id.into(), status.into(), amount_cents.into(), reference.into(), now_ms().into()],
-    )?;
-    Ok(())
+fn payment_row(order_id: &str, status: &str, amount_cents: i64, reference: &str) -> Vec<SqlValue> {
+    vec![order_id.into(), status.into(), amount_cents.into(), reference.into(), order_id.into(), now_ms().into()]
 }
 
-fn in_status(tx: &mut dyn Tx, order_id: &str, status: &str) -> Result<bool, BackendError> {
-    Ok(!tx.query("SELECT 1 FROM orders WHERE id = $1 AND status = $2", &[order_id.into(), status.into()])?.is_empty())
+/// Records payment events; an event already recorded for its (order, status) stays as it is.
+fn record_payment_rows(tx: &mut dyn Tx, mut rows: Vec<Vec<SqlValue>>) -> Result<(), BackendError> {
+    // One row per (order, status) in a statement.
+    let mut seen = HashSet::new();
+    rows.retain(|r| seen.insert((r[0].as_str().map(str::to_string), r[1].as_str().map(str::to_string))));
+    insert_many(
+        tx,
+        "INSERT INTO payments (order_id, status, amount_cents, reference, idempotency_key, created_at)",
+        &rows,
+        "ON CONFLICT (order_id, status) DO NOTHING",
+    )
+    .map(|_| ())
 }
 
-fn finalize(tx: &mut dyn Tx, order_id: &str) -> Result<(), BackendError> {
+/// FinalizeOrder for a set: the processing orders' reservations committed, the orders
+/// completed, the leaderboards moved and the KPI cache invalidated.
+fn finalize_set(tx: &mut dyn Tx, entries: &mut [Entry<String>]) -> Result<(), BackendError> {
     let now = now_ms();
-    let order = tx.query("SELECT customer_id, total_cents FROM orders WHERE id = $1 AND status = 'processing'", &[order_id.into()])?;
-    let Some(order) = order.first() else { return Ok(()) };
-    let (customer, total) = (order.int(0).to_string(), order.int(1));
-    let held = tx.query(
-        "SELECT sku, quantity FROM stock_reservations WHERE order_id = $1 AND status = 'reserved' ORDER BY sku",
-        &[order_id.into()],
-    )?;
-    tx.defer(
-        "UPDATE stock_reservations SET status = 'committed', updated_at = $2 WHERE order_id = $1 AND status = 'reserved'",
-        &[order_id.into(), now.into()],
-    )?;
-    tx.defer("UPDATE orders SET status = 'completed', settled_at = $2 WHERE id = $1", &[order_id.into(), now.into()])?;
-    let items = tx.query(
-        "SELECT sku, sum(quantity), sum(quantity * unit_price_cents) FROM order_items WHERE order_id = $1 GROUP BY sku ORDER BY sku",
-        &[order_id.into()],
-    )?;
-    // Rows many orders share (a product's stock, its leaderboard entries) come last and in one
-    // order (by SKU), so concurrent orders hold them briefly and never deadlock.
-    for r in &held {
-        let (sku, qty) = (r.text(0).unwrap_or_default().to_string(), r.int(1));
-        tx.defer("UPDATE products SET reserved = reserved - $2, updated_at = $3 WHERE sku = $1", &[sku.into(), qty.into(), now.into()])?;
+    let ids = order_ids(entries, |i| i);
+    let orders: Vec<Row> =
+        lock_orders(tx, &ids, ", customer_id, total_cents")?.into_iter().filter(|r| r.text(1) == Some("processing")).collect();
+    if orders.is_empty() {
+        return Ok(());
     }
-    add_in(tx, leaderboard::CUSTOMERS_SPENT, &customer, total as f64)?;
-    add_in(tx, leaderboard::CUSTOMERS_ORDERS, &customer, 1.0)?;
-    for it in &items {
-        let sku = it.text(0).unwrap_or_default().to_string();
-        add_in(tx, leaderboard::PRODUCTS_UNITS, &sku, it.int(1) as f64)?;
-        add_in(tx, leaderboard::PRODUCTS_REVENUE, &sku, it.int(2) as f64)?;
+    let active: Vec<String> = orders.iter().map(|r| r.text(0).unwrap_or_default().to_string()).collect();
+    let held = reserved_of(tx, &active)?;
+    defer_ids(
+        tx,
+        "UPDATE stock_reservations SET status = 'committed', updated_at = $1 WHERE status = 'reserved' AND order_id IN ({ids})",
+        vec![now.into()],
+        &active,
+    )?;
+    defer_ids(tx, "UPDATE orders SET status = 'completed', settled_at = $1 WHERE id IN ({ids})", vec![now.into()], &active)?;
+    let items = with_ids(
+        tx,
+        "SELECT sku, sum(quantity), sum(quantity * unit_price_cents) FROM order_items WHERE order_id IN ({ids}) GROUP BY sku",
+        vec![],
+        &active,
+    )?;
+    let mut reserved = BTreeMap::new();
+    for (sku, qty) in held {
+        *reserved.entry(sku).or_insert(0) += qty;
     }
-    forget_prefix_in(tx, KPI_CACHE_PREFIX)?;
-    Ok(())
+    update_products(tx, "reserved = reserved - {q}", &reserved, now)?;
+    let customers: Vec<(String, f64)> = orders.iter().map(|r| (r.int(2).to_string(), r.int(3) as f64)).collect();
+    let skus: Vec<(String, f64, f64)> =
+        items.iter().map(|r| (r.text(0).unwrap_or_default().to_string(), r.int(1) as f64, r.int(2) as f64)).collect();
+    let mut increments: Vec<(&str, &str, f64)> = Vec::new();
+    for (customer, total) in &customers {
+        increments.push((leaderboard::CUSTOMERS_SPENT, customer, *total));
+        increments.push((leaderboard::CUSTOMERS_ORDERS, customer, 1.0));
+    }
+    for (sku, units, revenue) in &skus {
+        increments.push((leaderboard::PRODUCTS_UNITS, sku, *units));
+        increments.push((leaderboard::PRODUCTS_REVENUE, sku, *revenue));
+    }
+    add_many_in(tx, &increments)?;
+    forget_prefix_in(tx, KPI_CACHE_PREFIX)
 }
 
-async fn rollback(gateway: Arc<dyn PaymentGateway>, o: OrderRef, ctx: JobContext) -> JobResult {
+async fn rollback(gateway: Arc<dyn PaymentGateway>, o: OrderRef, ctx: JobContext, set: SetWise<Undo>) -> JobResult {
     // Always ask the gateway: a worker may have died after a charge was approved and before
     // its payment row was written, so the store alone cannot say whether money was taken.
     let refunded = gateway.refund(&o.order_id).await.map_err(JobError::retry)?;
     let total = ctx.backend().query("SELECT total_cents FROM orders WHERE id = $1", vec![o.order_id.clone().into()]).await?;
     // What was charged is the order's total (ProcessPayment charges exactly that).
-    let charge = refunded.map(|c| (total.first().map_or(0, |r| r.int(0)), c.reference));
-    let id = o.order_id.clone();
-    settle(
-        ctx.complete_with(move |tx| {
-            let now = now_ms();
-            let held = tx.query(
-                "SELECT sku, quantity FROM stock_reservations WHERE order_id = $1 AND status = 'reserved' ORDER BY sku",
-                &[id.as_str().into()],
-            )?;
-            tx.defer(
-                "UPDATE stock_reservations SET status = 'released', updated_at = $2 WHERE order_id = $1 AND status = 'reserved'",
-                &[id.as_str().into(), now.into()],
-            )?;
-            if let Some((amount, reference)) = &charge {
-                // Both events: the charge (its row may be missing, see above) and the refund.
-                record_payment(tx, &id, "charged", *amount, reference)?;
-                record_payment(tx, &id, "refunded", *amount, reference)?;
-            }
-            tx.defer(
-                "UPDATE orders SET status = 'failed', settled_at = $2 WHERE id = $1 AND status IN ('pending', 'processing')",
-                &[id.as_str().into(), now.into()],
-            )?;
-            // The shared rows last, by SKU (see `reserve`).
-            for r in &held {
-                let (sku, qty) = (r.text(0).unwrap_or_default().to_string(), r.int(1));
-                tx.defer(
-                    "UPDATE products SET stock = stock + $2, reserved = reserved - $2, updated_at = $3 WHERE sku = $1",
-                    &[sku.into(), qty.into(), now.into()],
-                )?;
-            }
-            forget_prefix_in(tx, KPI_CACHE_PREFIX)?;
-            Ok(())
-        })
-        .await,
-    )
+    let refunded = refunded.map(|c| (total.first().map_or(0, |r| r.int(0)), c.reference));
+    settle(ctx.complete_in(&set, Undo { order_id: o.order_id, refunded }).await)
+}
+
+/// RollbackOrder for a set: what is still reserved released, refunds recorded, the orders
+/// failed and the KPI cache invalidated.
+fn rollback_set(tx: &mut dyn Tx, entries: &mut [Entry<Undo>]) -> Result<(), BackendError> {
+    let now = now_ms();
+    let ids = order_ids(entries, |u| &u.order_id);
+    let open: Vec<String> = lock_orders(tx, &ids, "")?
+        .iter()
+        .filter(|r| matches!(r.text(1), Some("pending" | "processing")))
+        .filter_map(|r| r.text(0).map(str::to_string))
+        .collect();
+    let held = reserved_of(tx, &ids)?;
+    defer_ids(
+        tx,
+        "UPDATE stock_reservations SET status = 'released', updated_at = $1 WHERE status = 'reserved' AND order_id IN ({ids})",
+        vec![now.into()],
+        &ids,
+    )?;
+    let mut payments = Vec::new();
+    for e in entries.iter() {
+        if let Some((amount, reference)) = &e.item.refunded {
+            // Both events: the charge (its row may be missing, see `rollback`) and the refund.
+            payments.push(payment_row(&e.item.order_id, "charged", *amount, reference));
+            payments.push(payment_row(&e.item.order_id, "refunded", *amount, reference));
+        }
+    }
+    record_payment_rows(tx, payments)?;
+    if !open.is_empty() {
+        defer_ids(tx, "UPDATE orders SET status = 'failed', settled_at = $1 WHERE id IN ({ids})", vec![now.into()], &open)?;
+    }
+    let mut released = BTreeMap::new();
+    for (sku, qty) in held {
+        *released.entry(sku).or_insert(0) += qty;
+    }
+    update_products(tx, "stock = stock + {q}, reserved = reserved - {q}", &released, now)?;
+    forget_prefix_in(tx, KPI_CACHE_PREFIX)
 }

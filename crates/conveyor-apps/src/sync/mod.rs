@@ -44,7 +44,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use conveyor_core::backend::{count_sql, insert_many, BackendError, Page, Paged, QueueBackend, QueueBackendExt, RowExt, SqlValue, Tx};
+use conveyor_core::backend::{
+    count_sql, insert_many, placeholders, BackendError, Page, Paged, QueueBackend, QueueBackendExt, RowExt, SqlValue, Tx,
+};
 use conveyor_core::batch::{self, Batch};
 use conveyor_core::breaker::{self, Breaker, BreakerConfig, BreakerInfo, ClosedCache, Permit};
 use conveyor_core::clock::now_ms;

@@ -30,10 +30,6 @@ pub(super) fn product_hash(p: &Product) -> String {
     hex_hash(&v.join("\n"))
 }
 
-pub(super) fn placeholders(from: usize, n: usize) -> String {
-    (from..from + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
-}
-
 pub(super) fn audit_rows(tx: &mut dyn Tx, run_id: Option<&str>, audits: &[Audit]) -> Result<(), BackendError> {
     let rows: Vec<Vec<SqlValue>> = audits
         .iter()

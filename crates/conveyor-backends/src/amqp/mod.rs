@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch, Notify};
 
 use conveyor_core::backend::{
-    BackendError, Cause, DispatchHook, Fronts, Queue, QueueBackend, ReadyJob, ReserveRequest, Result, RowExt, SqlValue, TxFn,
+    BackendError, Cause, DispatchHook, Fronts, ManyTxFn, Queue, QueueBackend, ReadyJob, ReserveRequest, Result, RowExt, SqlValue, TxFn,
 };
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::{Completion, EnqueueOutcome, Job, JobId, NewJob, Outcome};
@@ -393,6 +393,15 @@ impl Queue for AmqpBackend {
             self.confirmed().await;
         }
         out
+    }
+
+    async fn complete_many_with(&self, completions: Vec<Completion>, work: ManyTxFn) -> Result<(Box<dyn Any + Send>, Vec<bool>)> {
+        let done: Vec<(JobId, i64)> = completions.iter().map(|c| (c.id, c.lease_token)).collect();
+        let (out, held) = self.store.complete_many_with(completions, work).await?;
+        // Lost ones too: their deliveries are no longer this process's to hold.
+        self.settle(&done).await;
+        self.confirmed().await;
+        Ok((out, held))
     }
 
     async fn extend_leases(&self, leases: Vec<(JobId, i64)>, lease: Duration) -> Result<()> {

@@ -251,6 +251,19 @@ impl Dialect for PgTx<'_> {
 
     /// Rows locked by someone else are being acknowledged or reaped right now: skipped, so a
     /// heartbeat never waits behind an acknowledgement (nor deadlocks with one).
+    fn lock_held(&mut self, leases: &[(JobId, i64)]) -> Result<Vec<bool>> {
+        let ids: Vec<Vec<u8>> = leases.iter().map(|(id, _)| id.as_bytes().to_vec()).collect();
+        let tokens: Vec<i64> = leases.iter().map(|(_, t)| *t).collect();
+        let rows = self.rows(
+            "SELECT j.id FROM jobs j JOIN unnest($1::bytea[], $2::bigint[]) AS t(id, token)
+               ON j.id = t.id AND j.state = 1 AND j.lease_token = t.token
+             ORDER BY j.id FOR UPDATE OF j",
+            &[&ids, &tokens],
+        )?;
+        let held: HashSet<Vec<u8>> = rows.iter().map(|r| r.get::<_, Vec<u8>>(0)).collect();
+        Ok(ids.iter().map(|id| held.contains(id)).collect())
+    }
+
     fn extend_rows(&mut self, leases: &[(JobId, i64)], until: i64) -> Result<()> {
         let ids: Vec<Vec<u8>> = leases.iter().map(|(id, _)| id.as_bytes().to_vec()).collect();
         let tokens: Vec<i64> = leases.iter().map(|(_, t)| *t).collect();

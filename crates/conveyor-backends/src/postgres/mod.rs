@@ -26,8 +26,8 @@ use async_trait::async_trait;
 use postgres::fallible_iterator::FallibleIterator;
 
 use conveyor_core::backend::{
-    in_chunks, BackendError, DispatchHook, FailedJob, JobFilter, MetricsQuery, Page, Paged, Queue, QueueStats, ReserveRequest, Result, Row,
-    SqlValue, Store, TxFn, WorkerInfo,
+    in_chunks, BackendError, DispatchHook, FailedJob, JobFilter, ManyTxFn, MetricsQuery, Page, Paged, Queue, QueueStats, ReserveRequest,
+    Result, Row, SqlValue, Store, TxFn, WorkerInfo,
 };
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::{Completion, EnqueueOutcome, Job, JobId, JobInfo, NewJob};
@@ -272,6 +272,10 @@ impl Queue for PgBackend {
         // `work` first, as on SQLite: it sees the job's batch still open, and the outcome's
         // hooks see what it wrote. A lost lease rolls both back.
         self.tx(move |t| lifecycle::complete_with(t, completion, work)).await
+    }
+
+    async fn complete_many_with(&self, completions: Vec<Completion>, work: ManyTxFn) -> Result<(Box<dyn Any + Send>, Vec<bool>)> {
+        self.tx(move |t| lifecycle::complete_many_with(t, completions, work)).await
     }
 
     async fn extend_leases(&self, leases: Vec<(JobId, i64)>, lease: Duration) -> Result<()> {

@@ -326,4 +326,8 @@ impl Tx for PgTx<'_> {
     fn serialize_migrations(&mut self) -> Result<()> {
         self.script(super::schema::LOCK_SQL)
     }
+
+    fn for_update(&self) -> &'static str {
+        " FOR UPDATE"
+    }
 }

@@ -47,7 +47,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
 use conveyor_core::backend::{
-    in_chunks, insert_many, BackendError, Cause, Cursor, DelayedAction, FailedJob, JobFilter, MetricsQuery, Page, Paged, Queue,
+    in_chunks, insert_many, BackendError, Cause, Cursor, DelayedAction, FailedJob, JobFilter, ManyTxFn, MetricsQuery, Page, Paged, Queue,
     QueueBackend, QueueStats, ReserveRequest, Result, Row, SqlValue, Store, Tx, TxFn, WorkerInfo,
 };
 use conveyor_core::clock::now_ms;
@@ -300,35 +300,55 @@ impl Queue for RedisBackend {
 
     async fn complete_with(&self, completion: Completion, work: TxFn) -> Result<Box<dyn Any + Send>> {
         let id = completion.id;
-        let args = vec![id.to_string(), completion.lease_token.to_string()];
-        if int(&self.script(|s| &s.holds, args).await?) != 1 {
-            return Err(BackendError::LeaseLost(id));
+        let (out, held) = self.complete_many_with(vec![completion], Box::new(move |tx, _| work(tx))).await?;
+        if held.first() == Some(&true) {
+            Ok(out)
+        } else {
+            Err(BackendError::LeaseLost(id))
         }
-        let c = completion.clone();
+    }
+
+    async fn complete_many_with(&self, completions: Vec<Completion>, work: ManyTxFn) -> Result<(Box<dyn Any + Send>, Vec<bool>)> {
+        let mut held = Vec::with_capacity(completions.len());
+        for c in &completions {
+            let args = vec![c.id.to_string(), c.lease_token.to_string()];
+            held.push(int(&self.script(|s| &s.holds, args).await?) == 1);
+        }
+        if !held.contains(&true) {
+            return Ok((Box::new(()), held));
+        }
+        let (cs, flags) = (completions.clone(), held.clone());
         let out = self
             .store_tx(Box::new(move |tx| {
-                let fresh = tx.execute(
-                    "INSERT INTO queue_marks (id, at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
-                    &[SqlValue::Text(format!("c:{}", c.id)), SqlValue::Int(now_ms())],
-                )?;
-                if fresh == 0 {
-                    // Committed by an earlier attempt whose acknowledgement was lost.
-                    return Ok(Box::new(None::<Box<dyn Any + Send>>) as Box<dyn Any + Send>);
+                // A job whose marker exists was committed by an earlier attempt whose
+                // acknowledgement was lost: not acted on again.
+                let mut fresh = flags;
+                for (c, f) in cs.iter().zip(fresh.iter_mut()) {
+                    if *f {
+                        *f = tx.execute(
+                            "INSERT INTO queue_marks (id, at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+                            &[SqlValue::Text(format!("c:{}", c.id)), SqlValue::Int(now_ms())],
+                        )? == 1;
+                    }
                 }
-                let out = work(tx)?;
-                if conveyor_core::hooks::wants(&c) {
-                    conveyor_core::hooks::after_outcome(tx, &c)?;
+                let out = if fresh.contains(&true) { work(tx, &fresh)? } else { Box::new(()) };
+                for (c, f) in cs.iter().zip(&fresh) {
+                    if *f && conveyor_core::hooks::wants(c) {
+                        conveyor_core::hooks::after_outcome(tx, c)?;
+                    }
                 }
-                Ok(Box::new(Some(out)) as Box<dyn Any + Send>)
+                Ok(Box::new((out, fresh)) as Box<dyn Any + Send>)
             }))
             .await?;
-        let out = *out.downcast::<Option<Box<dyn Any + Send>>>().expect("complete_with's transaction returns an option");
-        // The effect is committed; the acknowledgement follows. If it is lost, the job runs
+        let (out, fresh) =
+            *out.downcast::<(Box<dyn Any + Send>, Vec<bool>)>().expect("the transaction returns its work's result and flags");
+        // The effects are committed; the acknowledgements follow. If one is lost, its job runs
         // again after its lease and is acknowledged then without a second effect.
-        if let Err(e) = self.apply_outcomes(std::slice::from_ref(&completion), false).await {
-            tracing::warn!(error = %e, job = %id, "acknowledging a committed job in Redis failed; it is acknowledged when it comes back");
+        let acked: Vec<Completion> = completions.into_iter().zip(&held).filter(|(_, h)| **h).map(|(c, _)| c).collect();
+        if let Err(e) = self.apply_outcomes(&acked, false).await {
+            tracing::warn!(error = %e, jobs = acked.len(), "acknowledging committed jobs in Redis failed; they are acknowledged when they come back");
         }
-        out.ok_or(BackendError::LeaseLost(id))
+        Ok((out, fresh))
     }
 
     async fn extend_leases(&self, leases: Vec<(JobId, i64)>, lease: Duration) -> Result<()> {

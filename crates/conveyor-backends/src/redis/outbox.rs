@@ -60,6 +60,9 @@ impl Tx for OutboxTx<'_> {
     fn serialize_migrations(&mut self) -> Result<()> {
         self.inner.serialize_migrations()
     }
+    fn for_update(&self) -> &'static str {
+        self.inner.for_update()
+    }
     fn insert_rows(&mut self, head: &str, rows: &[Vec<SqlValue>], tail: &str) -> Result<Vec<Row>> {
         self.inner.insert_rows(head, rows, tail)
     }

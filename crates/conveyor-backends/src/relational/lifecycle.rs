@@ -220,6 +220,50 @@ pub(crate) fn complete_with<D: Dialect, R>(d: &mut D, c: Completion, work: impl 
     Ok(out)
 }
 
+/// Runs one set-wise `work` for many completions and records the outcomes of those whose
+/// leases still hold, in the same transaction. The held ones are found (and on PostgreSQL
+/// locked) first, so `work` is told which jobs are still this worker's and acts on those only;
+/// then it runs, then the outcomes with their hooks, as in [`complete_with`]. Returns `work`'s
+/// result and which completions were held, in their order.
+pub(crate) fn complete_many_with<D: Dialect, R>(
+    d: &mut D,
+    cs: Vec<Completion>,
+    work: impl FnOnce(&mut dyn Tx, &[bool]) -> Result<R>,
+) -> Result<(R, Vec<bool>)> {
+    let leases: Vec<(JobId, i64)> = cs.iter().map(|c| (c.id, c.lease_token)).collect();
+    let held = d.lock_held(&leases)?;
+    let out = d.with_tx(|tx| work(tx, &held))?;
+    let now = now_ms();
+    let mut mine: Vec<Completion> = cs.into_iter().zip(&held).filter(|(_, h)| **h).map(|(c, _)| c).collect();
+    sort_for_hooks(&mut mine);
+    let changed = |id: JobId| BackendError::Other(format!("job {id}: its reservation changed inside the transaction that held it"));
+    // Successes set-wise: one delete, then the hooks over all of them.
+    let (done, other): (Vec<Completion>, Vec<Completion>) = mine.into_iter().partition(|c| matches!(c.outcome, Outcome::Completed));
+    let applied = if done.is_empty() { Vec::new() } else { d.delete_completed_many(&done, now)? };
+    if let Some(i) = applied.iter().position(|applied| !applied) {
+        return Err(changed(done[i].id));
+    }
+    for c in &done {
+        d.release_unique(c.unique_key.as_deref(), &c.id.as_bytes()[..])?;
+        d.count(&c.queue, RESERVED, -1);
+    }
+    let hooked: Vec<&Completion> = done.iter().filter(|c| conveyor_core::hooks::wants(c)).collect();
+    if !hooked.is_empty() {
+        d.with_tx(|tx| conveyor_core::hooks::after_outcomes(tx, &hooked))?;
+    }
+    for c in done {
+        d.record(minute_of(now), c);
+    }
+    for c in other {
+        let id = c.id;
+        if !complete_one(d, c, now)? {
+            return Err(changed(id));
+        }
+    }
+    d.outcomes_done()?;
+    Ok((out, held))
+}
+
 /// Extends the leases still held by their tokens by `lease_ms` from now.
 pub(crate) fn extend_leases<D: Dialect>(d: &mut D, leases: &[(JobId, i64)], lease_ms: i64) -> Result<()> {
     d.extend_rows(leases, now_ms() + lease_ms)

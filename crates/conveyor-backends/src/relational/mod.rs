@@ -175,6 +175,10 @@ pub(crate) trait Dialect {
     fn release_unique(&mut self, key: Option<&str>, id: &[u8]) -> Result<()>;
     /// Called once a call's outcomes are applied (see the module's notes on trimming).
     fn outcomes_done(&mut self) -> Result<()>;
+    /// Which of these reservations their tokens still hold, in their order; on PostgreSQL the
+    /// held rows stay locked until the transaction ends (in id order), so no reaper takes them
+    /// meanwhile.
+    fn lock_held(&mut self, leases: &[(JobId, i64)]) -> Result<Vec<bool>>;
     /// Sets the lease end of the reservations still held by their tokens.
     fn extend_rows(&mut self, leases: &[(JobId, i64)], until: i64) -> Result<()>;
     /// Ends the leases of these holders' reservations now; how many.

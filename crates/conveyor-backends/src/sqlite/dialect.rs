@@ -217,6 +217,13 @@ impl Dialect for WriteCtx {
         Ok(())
     }
 
+    fn lock_held(&mut self, leases: &[(JobId, i64)]) -> Result<Vec<bool>> {
+        // One writer: nothing else changes the rows before this transaction commits.
+        let mut st =
+            self.conn.prepare_cached("SELECT 1 FROM jobs WHERE id = ?1 AND state = 1 AND lease_token = ?2").map_err(storage_err)?;
+        leases.iter().map(|(id, token)| st.exists(params![&id.as_bytes()[..], token]).map_err(storage_err)).collect()
+    }
+
     fn extend_rows(&mut self, leases: &[(JobId, i64)], until: i64) -> Result<()> {
         let mut st = self
             .conn

@@ -19,8 +19,8 @@ use async_trait::async_trait;
 use rusqlite::Connection;
 
 use conveyor_core::backend::{
-    in_chunks, BackendError, Cause, DispatchHook, FailedJob, JobFilter, MetricsQuery, Page, Paged, Queue, QueueStats, ReserveRequest,
-    Result, Row, SqlValue, Store, TxFn, WorkerInfo,
+    in_chunks, BackendError, Cause, DispatchHook, FailedJob, JobFilter, ManyTxFn, MetricsQuery, Page, Paged, Queue, QueueStats,
+    ReserveRequest, Result, Row, SqlValue, Store, TxFn, WorkerInfo,
 };
 use conveyor_core::clock::now_ms;
 use conveyor_core::job::{Completion, EnqueueOutcome, Job, JobId, JobInfo, NewJob};
@@ -165,6 +165,10 @@ impl Queue for SqliteBackend {
 
     async fn complete_with(&self, completion: Completion, work: TxFn) -> Result<Box<dyn Any + Send>> {
         self.writer.call(move |w| lifecycle::complete_with(w, completion, work)).await
+    }
+
+    async fn complete_many_with(&self, completions: Vec<Completion>, work: ManyTxFn) -> Result<(Box<dyn Any + Send>, Vec<bool>)> {
+        self.writer.call(move |w| lifecycle::complete_many_with(w, completions, work)).await
     }
 
     async fn extend_leases(&self, leases: Vec<(JobId, i64)>, lease: Duration) -> Result<()> {

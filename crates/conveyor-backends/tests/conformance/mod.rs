@@ -45,6 +45,7 @@ mod limits;
 mod middleware;
 mod runtime;
 mod runtime_shutdown;
+mod setwise;
 mod support;
 mod transactions;
 mod workflows;
@@ -61,6 +62,7 @@ pub use limits::*;
 pub use middleware::*;
 pub use runtime::*;
 pub use runtime_shutdown::*;
+pub use setwise::*;
 pub use transactions::*;
 pub use workflows::*;
 
@@ -122,6 +124,9 @@ macro_rules! conformance_suite {
                 runtime_graceful_shutdown_finishes_running_jobs,
                 runtime_shutdown_grace_over_releases_running_jobs,
                 runtime_complete_with_commits_once,
+                // set-wise completion
+                set_wise_completion_acts_for_held_jobs_only,
+                set_wise_steps_run_workflows_exactly_once,
                 runtime_registers_itself_and_reaps_abandoned_jobs,
                 runtime_heartbeat_keeps_long_jobs_leased,
                 runtime_retry_after_waits_before_the_next_attempt,

@@ -273,6 +273,14 @@ pub trait Tx {
     fn serialize_migrations(&mut self) -> Result<()> {
         Ok(())
     }
+    /// The clause that makes a `SELECT` lock the rows it reads until the transaction ends, in
+    /// the order it returns them (` FOR UPDATE` on PostgreSQL), so that work touching shared
+    /// rows (a product's stock) takes them in one order and never deadlocks; empty where
+    /// transactions are serial already (SQLite's single writer). A `Tx` that wraps another
+    /// forwards it.
+    fn for_update(&self) -> &'static str {
+        ""
+    }
     /// Inserts many rows (see [`insert_many`]). The default sends multi-row statements, one
     /// round trip per chunk; SQLite overrides it with cached statements of a few fixed row
     /// counts, so a batch's rows are bound to statements parsed once per process. A `Tx` that
@@ -295,6 +303,10 @@ pub trait Tx {
 /// A unit of transactional work; an `Err` rolls back everything it did.
 pub type TxFn = Box<dyn FnOnce(&mut dyn Tx) -> Result<Box<dyn Any + Send>> + Send>;
 
+/// Set-wise work for many jobs' completions: it gets, in the completions' order, whether each
+/// job's reservation still holds ([`Queue::complete_many_with`]).
+pub type ManyTxFn = Box<dyn FnOnce(&mut dyn Tx, &[bool]) -> Result<Box<dyn Any + Send>> + Send>;
+
 /// Typed helpers over the object-safe trait.
 #[async_trait]
 pub trait QueueBackendExt: QueueBackend {
@@ -310,6 +322,29 @@ pub trait QueueBackendExt: QueueBackend {
 }
 
 impl<T: QueueBackend + ?Sized> QueueBackendExt for T {}
+
+/// `$from, $from+1, …`: `n` parameter marks, for an `IN (…)` list.
+pub fn placeholders(from: usize, n: usize) -> String {
+    (from..from + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+}
+
+/// How many entries a generated list of `n` gets: the next power of two. Set-wise statements
+/// pad their `IN (…)` and `VALUES` lists to it by repeating the last entry (which means the
+/// same), so sets of any size run a few statement texts, each prepared once per PostgreSQL
+/// connection, instead of a new one (a round trip to prepare, a cache entry) per size.
+pub fn padded(n: usize) -> usize {
+    n.max(1).next_power_of_two()
+}
+
+/// An `IN` list of `values` as parameters from `$from`, padded (see [`padded`]): the marks and
+/// the values to bind.
+pub fn in_list(from: usize, values: impl IntoIterator<Item = SqlValue>) -> (String, Vec<SqlValue>) {
+    let mut values: Vec<SqlValue> = values.into_iter().collect();
+    if let Some(last) = values.last().cloned() {
+        values.resize(padded(values.len()), last);
+    }
+    (placeholders(from, values.len()), values)
+}
 
 /// Most parameters one multi-row statement gets (PostgreSQL allows 65,535, SQLite 32,766).
 const MAX_PARAMS: usize = 30_000;

@@ -55,6 +55,13 @@ pub trait Queue: Send + Sync + 'static {
     /// completion marker written in the store's transaction.
     async fn complete_with(&self, completion: Completion, work: TxFn) -> Result<Box<dyn Any + Send>>;
 
+    /// Runs one set-wise `work` for many jobs and records their completions, in one
+    /// transaction ([`crate::setwise`]). `work` is told which completions' reservations still
+    /// hold (in their order) and must act for those only; their completions commit with it,
+    /// the others change nothing (their jobs belong to another worker now). Returns `work`'s
+    /// result and the same flags. An `Err` rolls everything back.
+    async fn complete_many_with(&self, completions: Vec<Completion>, work: ManyTxFn) -> Result<(Box<dyn Any + Send>, Vec<bool>)>;
+
     /// Extends the leases of jobs still running; jobs whose token no longer matches are skipped.
     async fn extend_leases(&self, leases: Vec<(JobId, i64)>, lease: Duration) -> Result<()>;
 

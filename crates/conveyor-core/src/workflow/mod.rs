@@ -30,6 +30,9 @@ use crate::clock::now_ms;
 use crate::job::{Completion, JobId, NewJob, Outcome};
 use crate::Conveyor;
 
+mod outcome;
+pub use outcome::{decline_in, record_outcome, record_outcomes};
+
 /// What every workflow built from one definition shares.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Plan {
@@ -292,174 +295,6 @@ fn remember(id: &str, plan: Arc<Plan>) {
     map.insert(id.to_string(), plan);
 }
 
-/// A workflow's state as transitions need it.
-struct Instance {
-    status: String,
-    steps: i64,
-    input: Option<String>,
-    plan: Arc<Plan>,
-}
-
-fn load(tx: &mut dyn Tx, wf: &str) -> Result<Option<Instance>> {
-    let rows = tx.query("SELECT status, steps, plan_id, input FROM workflows WHERE id = $1", &[wf.into()])?;
-    let Some(r) = rows.first() else { return Ok(None) };
-    let plan_id = r.text(2).unwrap_or_default().to_string();
-    let cached = plans().lock().unwrap_or_else(|e| e.into_inner()).get(&plan_id).cloned();
-    let plan = match cached {
-        Some(p) => p,
-        None => {
-            let rows = tx.query("SELECT plan FROM workflow_plans WHERE id = $1", &[plan_id.clone().into()])?;
-            let json = rows.first().and_then(|r| r.text(0)).ok_or_else(|| BackendError::NotFound(format!("workflow plan {plan_id}")))?;
-            let (_, plan): (String, Plan) =
-                serde_json::from_str(json).map_err(|e| BackendError::Other(format!("stored workflow plan {plan_id}: {e}")))?;
-            let plan = Arc::new(plan);
-            remember(&plan_id, plan.clone());
-            plan
-        }
-    };
-    Ok(Some(Instance { status: r.text(0).unwrap_or_default().to_string(), steps: r.int(1), input: r.text(3).map(str::to_string), plan }))
-}
-
-/// Enqueues `job` as timeline row `seq` of workflow `wf` and records the row as queued.
-#[allow(clippy::too_many_arguments)]
-fn enqueue_row(tx: &mut dyn Tx, wf: &str, input: Option<&str>, seq: i64, name: &str, role: &str, step: i64, job: &NewJob) -> Result<()> {
-    let job = step_job(wf, input, seq, job);
-    let job_id = job.id.to_string();
-    tx.enqueue(vec![job])?;
-    tx.defer(
-        "INSERT INTO workflow_steps (workflow_id, seq, name, role, step, status, job_id) VALUES ($1, $2, $3, $4, $5, 'queued', $6)",
-        &[wf.into(), seq.into(), name.into(), role.into(), step.into(), job_id.into()],
-    )?;
-    Ok(())
-}
-
-fn next_seq(tx: &mut dyn Tx, wf: &str) -> Result<i64> {
-    Ok(tx
-        .query("SELECT coalesce(max(seq), -1) + 1 FROM workflow_steps WHERE workflow_id = $1", &[wf.into()])?
-        .first()
-        .map_or(0, |r| r.int(0)))
-}
-
-/// Moves a workflow along after one of its jobs' outcomes. Backends call this inside the
-/// transaction that records the outcome.
-pub fn record_outcome(tx: &mut dyn Tx, c: &Completion) -> Result<()> {
-    let Some((wf, seq)) = c.workflow.as_deref().and_then(|w| w.rsplit_once(':')) else { return Ok(()) };
-    let Ok(seq) = seq.parse::<i64>() else { return Ok(()) };
-    let now = now_ms();
-    let (status, error) = match &c.outcome {
-        Outcome::Release { .. } => return Ok(()),
-        Outcome::Retry { error, .. } => ("queued", Some(error.as_str())),
-        Outcome::Completed => ("completed", None),
-        Outcome::Failed { error } => ("failed", Some(error.as_str())),
-    };
-    let started = now - c.runtime_ms as i64;
-    let finished = (status != "queued").then_some(now);
-    let rows = tx.query(
-        "UPDATE workflow_steps SET status = $3, attempts = attempts + 1, error = $4,
-                started_at = coalesce(started_at, $5), finished_at = $6
-         WHERE workflow_id = $1 AND seq = $2 AND status = 'queued'
-         RETURNING role, step, declined",
-        &[wf.into(), seq.into(), status.into(), error.into(), started.into(), finished.into()],
-    )?;
-    let Some(r) = rows.first() else {
-        if matches!(c.outcome, Outcome::Retry { .. }) {
-            // A retried attempt recorded after the step's next attempt already ended (a queue
-            // whose reaper records outcomes after it made the job ready again, under load): it
-            // still counts as an attempt, and changes nothing else.
-            tx.defer("UPDATE workflow_steps SET attempts = attempts + 1 WHERE workflow_id = $1 AND seq = $2", &[wf.into(), seq.into()])?;
-        }
-        return Ok(());
-    };
-    let (role, step) = (r.text(0).unwrap_or_default().to_string(), r.int(1));
-    // A business failure (see [`decline_in`]): the job completed — nothing for the failed
-    // store — but the workflow fails with the reason and compensates.
-    let declined = r.text(2).filter(|_| role == "step" && status == "completed").map(str::to_string);
-    let (status, error) = match &declined {
-        Some(reason) => {
-            tx.defer(
-                "UPDATE workflow_steps SET status = 'declined', error = $3 WHERE workflow_id = $1 AND seq = $2",
-                &[wf.into(), seq.into(), reason.as_str().into()],
-            )?;
-            ("failed", Some(reason.as_str()))
-        }
-        None => (status, error),
-    };
-    if status == "queued" {
-        return Ok(());
-    }
-    let Some(w) = load(tx, wf)? else { return Ok(()) };
-    match (role.as_str(), status) {
-        ("step", "completed") => {
-            if w.status != "running" {
-                return Ok(());
-            }
-            if step + 1 < w.steps {
-                let next = &w.plan.steps[(step + 1) as usize];
-                enqueue_row(tx, wf, w.input.as_deref(), seq + 1, &next.name, "step", step + 1, &next.job)?;
-            } else {
-                tx.defer("UPDATE workflows SET status = 'completed', finished_at = $2 WHERE id = $1", &[wf.into(), now.into()])?;
-            }
-        }
-        ("step", "failed") => {
-            tx.defer(
-                "UPDATE workflows SET status = 'compensating', error = $2 WHERE id = $1 AND status = 'running'",
-                &[wf.into(), error.unwrap_or_default().into()],
-            )?;
-            compensate_next(tx, wf, &w, step, now)?;
-        }
-        ("compensation", "completed") => {
-            tx.defer(
-                "UPDATE workflow_steps SET status = 'compensated' WHERE workflow_id = $1 AND role = 'step' AND step = $2",
-                &[wf.into(), step.into()],
-            )?;
-            compensate_next(tx, wf, &w, step, now)?;
-        }
-        ("rollback", _) => {
-            tx.defer(
-                "UPDATE workflows SET status = 'failed', finished_at = $2 WHERE id = $1 AND status = 'compensating'",
-                &[wf.into(), now.into()],
-            )?;
-        }
-        ("compensation", "failed") => {
-            // A compensation that cannot succeed is recorded; the earlier ones still run.
-            tx.defer(
-                "UPDATE workflows SET error = coalesce(error, '') || $2 WHERE id = $1",
-                &[wf.into(), format!("; compensation of step {step} failed: {}", error.unwrap_or_default()).into()],
-            )?;
-            compensate_next(tx, wf, &w, step, now)?;
-        }
-        _ => {}
-    }
-    Ok(())
-}
-
-/// Enqueues the compensation of the latest completed step before `before`, or ends the
-/// workflow (through its on-failure job, if it has one) when there is none left.
-fn compensate_next(tx: &mut dyn Tx, wf: &str, w: &Instance, before: i64, now: i64) -> Result<()> {
-    let done = tx.query(
-        "SELECT step FROM workflow_steps WHERE workflow_id = $1 AND role = 'step' AND step < $2 AND status = 'completed' ORDER BY step DESC",
-        &[wf.into(), before.into()],
-    )?;
-    let next = done.iter().map(|r| r.int(0)).find(|s| w.plan.steps.get(*s as usize).is_some_and(|p| p.compensation.is_some()));
-    let seq = next_seq(tx, wf)?;
-    if let Some(step) = next {
-        let s = &w.plan.steps[step as usize];
-        // The step itself is marked so a second failure path cannot compensate it twice.
-        tx.defer(
-            "UPDATE workflow_steps SET status = 'compensating' WHERE workflow_id = $1 AND role = 'step' AND step = $2",
-            &[wf.into(), step.into()],
-        )?;
-        let comp = s.compensation.as_ref().expect("filtered on compensation");
-        return enqueue_row(tx, wf, w.input.as_deref(), seq, &format!("compensate {}", s.name), "compensation", step, comp);
-    }
-    match &w.plan.on_failure {
-        Some(r) => enqueue_row(tx, wf, w.input.as_deref(), seq, &r.name, "rollback", seq, &r.job),
-        None => {
-            tx.defer("UPDATE workflows SET status = 'failed', finished_at = $2 WHERE id = $1", &[wf.into(), now.into()])?;
-            Ok(())
-        }
-    }
-}
 
 fn step_info(r: &Row) -> StepInfo {
     StepInfo {
@@ -474,19 +309,6 @@ fn step_info(r: &Row) -> StepInfo {
     }
 }
 
-/// Marks the step that `workflow` (a job's `"<workflow id>:<seq>"`) names as ended in a
-/// business failure: when its job's acknowledgement commits in the same transaction, the step
-/// shows `declined` with `reason` and the workflow fails with it, running its compensations —
-/// without a job in the failed store, which keeps faults only. See `JobContext::decline`.
-pub fn decline_in(tx: &mut dyn Tx, workflow: &str, reason: &str) -> Result<()> {
-    let Some((wf, seq)) = workflow.rsplit_once(':') else { return Err(BackendError::Invalid(format!("not a workflow step: {workflow}"))) };
-    let seq: i64 = seq.parse().map_err(|_| BackendError::Invalid(format!("not a workflow step: {workflow}")))?;
-    tx.defer(
-        "UPDATE workflow_steps SET declined = $3 WHERE workflow_id = $1 AND seq = $2 AND status = 'queued'",
-        &[wf.into(), seq.into(), reason.into()],
-    )?;
-    Ok(())
-}
 
 impl Conveyor {
     /// A workflow's status and timeline (`None`: no such workflow).

@@ -1,0 +1,211 @@
+//! Set-wise completion: many jobs of one step completed by one transaction whose statements act
+//! on them as a set.
+//!
+//! A handler that ends with [`JobContext::complete_in`](crate::JobContext::complete_in) hands
+//! its job's item (an order id, say) to a [`SetWise`]. Items wait while the set's transaction
+//! is running; the next one takes them all (up to its `max`), as a group commit does. The
+//! transaction ([`crate::backend::Queue::complete_many_with`]):
+//!
+//! 1. finds which of the jobs' reservations still hold (on PostgreSQL it locks them);
+//! 2. runs the set's work once over the held items — one `UPDATE … WHERE id IN (…)` for all of
+//!    them instead of one per job — which may decline items (a business failure, as
+//!    [`JobContext::decline`](crate::JobContext::decline));
+//! 3. records every held job's completion with its hooks (batches, workflows).
+//!
+//! So the step's effect still commits exactly once with each job's acknowledgement, but a set
+//! of jobs costs a few statements and one commit. A job whose lease was lost gets
+//! [`BackendError::LeaseLost`] and nothing is done for it. When the set's transaction fails,
+//! its items are tried again one by one, each in a transaction of its own, so one bad item
+//! fails alone instead of failing its neighbours.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+
+use crate::backend::{BackendError, QueueBackend, Result, Tx};
+use crate::job::Completion;
+
+/// What the work made of an item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settled {
+    Completed,
+    /// A business failure with its reason: the job completed, and its workflow (if any)
+    /// fails and compensates.
+    Declined(String),
+}
+
+/// An item as the work sees it.
+pub struct Entry<I> {
+    pub item: I,
+    declined: Option<String>,
+}
+
+impl<I> Entry<I> {
+    /// Declines this item: its job completes, and its workflow (if any) fails with `reason` and
+    /// compensates. What the work writes for it commits too (a declined payment's record); a
+    /// work that declines for want of something writes nothing for it.
+    pub fn decline(&mut self, reason: impl Into<String>) {
+        self.declined = Some(reason.into());
+    }
+
+    pub fn declined(&self) -> bool {
+        self.declined.is_some()
+    }
+}
+
+/// The set-wise work: acts on every entry (all of them held by this worker), in one
+/// transaction. An `Err` rolls the whole set back.
+pub type Work<I> = Arc<dyn Fn(&mut dyn Tx, &mut [Entry<I>]) -> Result<()> + Send + Sync>;
+
+/// One step's set-wise completion (see the module documentation). Build one per handler and
+/// share it between the handler's calls; sets never mix jobs of different backends.
+pub struct SetWise<I> {
+    inner: Arc<Inner<I>>,
+}
+
+impl<I> Clone for SetWise<I> {
+    fn clone(&self) -> Self {
+        SetWise { inner: self.inner.clone() }
+    }
+}
+
+struct Inner<I> {
+    max: usize,
+    work: Work<I>,
+    state: Mutex<State<I>>,
+}
+
+struct State<I> {
+    waiting: Vec<Waiter<I>>,
+    /// Transactions running (at most [`PARALLEL`]).
+    running: usize,
+}
+
+/// Set-wise transactions of one `SetWise` that may run side by side. A second one starts only
+/// when a full set waits: otherwise the jobs wait for the running one, and the next set takes
+/// them all (as a group commit does).
+const PARALLEL: usize = 4;
+
+struct Waiter<I> {
+    backend: Arc<dyn QueueBackend>,
+    completion: Completion,
+    item: I,
+    reply: oneshot::Sender<Result<Settled>>,
+}
+
+impl<I: Clone + Send + 'static> SetWise<I> {
+    /// A set of at most `max` jobs per transaction, acted on by `work`.
+    pub fn new(max: usize, work: impl Fn(&mut dyn Tx, &mut [Entry<I>]) -> Result<()> + Send + Sync + 'static) -> Self {
+        SetWise {
+            inner: Arc::new(Inner { max: max.max(1), work: Arc::new(work), state: Mutex::new(State { waiting: Vec::new(), running: 0 }) }),
+        }
+    }
+
+    /// Adds a job to the next transaction and waits for its outcome.
+    pub(crate) async fn submit(&self, backend: Arc<dyn QueueBackend>, completion: Completion, item: I) -> Result<Settled> {
+        let (reply, answer) = oneshot::channel();
+        let start = {
+            let mut st = self.inner.state.lock().expect("set-wise state poisoned");
+            st.waiting.push(Waiter { backend, completion, item, reply });
+            let start = st.running == 0 || (st.running < PARALLEL && st.waiting.len() >= self.inner.max);
+            if start {
+                st.running += 1;
+            }
+            start
+        };
+        if start {
+            tokio::spawn(self.inner.clone().run());
+        }
+        answer.await.map_err(|_| BackendError::Other("the set-wise transaction ended without an answer".into()))?
+    }
+}
+
+impl<I: Clone + Send + 'static> Inner<I> {
+    /// Runs transactions while jobs wait: each takes the waiting jobs of the first one's
+    /// backend, up to `max`.
+    async fn run(self: Arc<Self>) {
+        loop {
+            let set = {
+                let mut st = self.state.lock().expect("set-wise state poisoned");
+                if st.waiting.is_empty() {
+                    st.running -= 1;
+                    return;
+                }
+                let backend = st.waiting[0].backend.clone();
+                let (mut set, mut rest) = (Vec::new(), Vec::new());
+                for w in st.waiting.drain(..) {
+                    if set.len() < self.max && Arc::ptr_eq(&w.backend, &backend) {
+                        set.push(w);
+                    } else {
+                        rest.push(w);
+                    }
+                }
+                st.waiting = rest;
+                set
+            };
+            let many = set.len() > 1;
+            let set = match self.commit(set).await {
+                Ok(()) => continue,
+                Err((set, e)) if many => {
+                    tracing::info!(error = %e, jobs = set.len(), "a set-wise transaction failed; its jobs are tried one by one");
+                    set
+                }
+                Err((mut set, e)) => {
+                    let _ = set.pop().map(|w| w.reply.send(Err(e)));
+                    continue;
+                }
+            };
+            for w in set {
+                if let Err((mut one, e)) = self.commit(vec![w]).await {
+                    let _ = one.pop().map(|w| w.reply.send(Err(e)));
+                }
+            }
+        }
+    }
+
+    /// One transaction for `set`: answers every waiter, or gives the set back with the error.
+    async fn commit(&self, set: Vec<Waiter<I>>) -> std::result::Result<(), (Vec<Waiter<I>>, BackendError)> {
+        let backend = set[0].backend.clone();
+        let completions: Vec<Completion> = set.iter().map(|w| w.completion.clone()).collect();
+        let items: Vec<(I, Option<String>)> = set.iter().map(|w| (w.item.clone(), w.completion.workflow.clone())).collect();
+        let work = self.work.clone();
+        let out = backend
+            .complete_many_with(
+                completions,
+                Box::new(move |tx, held| {
+                    let (mut entries, mut workflows) = (Vec::new(), Vec::new());
+                    for ((item, workflow), _) in items.into_iter().zip(held).filter(|(_, h)| **h) {
+                        entries.push(Entry { item, declined: None });
+                        workflows.push(workflow);
+                    }
+                    if !entries.is_empty() {
+                        work(tx, &mut entries)?;
+                    }
+                    for (e, wf) in entries.iter().zip(&workflows) {
+                        if let (Some(reason), Some(wf)) = (&e.declined, wf) {
+                            crate::workflow::decline_in(tx, wf, reason)?;
+                        }
+                    }
+                    Ok(Box::new(entries.into_iter().map(|e| e.declined).collect::<Vec<_>>()) as Box<dyn std::any::Any + Send>)
+                }),
+            )
+            .await;
+        let (out, held) = match out {
+            Ok(v) => v,
+            Err(e) => return Err((set, e)),
+        };
+        let mut declined = out.downcast::<Vec<Option<String>>>().expect("the set's work returns its declines").into_iter();
+        for (w, held) in set.into_iter().zip(held) {
+            let answer = if held {
+                Ok(match declined.next().flatten() {
+                    None => Settled::Completed,
+                    Some(reason) => Settled::Declined(reason),
+                })
+            } else {
+                Err(BackendError::LeaseLost(w.completion.id))
+            };
+            let _ = w.reply.send(answer);
+        }
+        Ok(())
+    }
+}
