@@ -70,21 +70,62 @@ impl<I> Clone for SetWise<I> {
 }
 
 struct Inner<I> {
-    max: usize,
     work: Work<I>,
-    state: Mutex<State<I>>,
+    gather: Gather<Waiter<I>>,
 }
 
-struct State<I> {
-    waiting: Vec<Waiter<I>>,
-    /// Transactions running (at most [`PARALLEL`]).
-    running: usize,
+/// Calls gathered for the next transaction of their kind while one runs (a group commit): the
+/// waiting list and its runners, shared by [`SetWise`] and by anything that writes many
+/// callers' rows in one transaction (the payment simulator's ledger, say).
+pub struct Gather<T> {
+    max: usize,
+    state: Mutex<(Vec<T>, usize)>,
 }
 
-/// Set-wise transactions of one `SetWise` that may run side by side. A second one starts only
-/// when a full set waits: otherwise the jobs wait for the running one, and the next set takes
-/// them all (as a group commit does).
+/// Transactions of one `Gather` that may run side by side. A second one starts only when a
+/// full set waits: otherwise the calls wait for the running one, and the next set takes them
+/// all.
 const PARALLEL: usize = 4;
+
+impl<T> Gather<T> {
+    /// Sets of at most `max` calls.
+    pub fn new(max: usize) -> Self {
+        Gather { max: max.max(1), state: Mutex::new((Vec::new(), 0)) }
+    }
+
+    /// Adds a call. True when the caller must start a runner (a task that calls [`Gather::next`]
+    /// until it answers `None`): none runs, or a full set waits.
+    pub fn push(&self, call: T) -> bool {
+        let mut st = self.state.lock().expect("gather state poisoned");
+        st.0.push(call);
+        let start = st.1 == 0 || (st.1 < PARALLEL && st.0.len() >= self.max);
+        if start {
+            st.1 += 1;
+        }
+        start
+    }
+
+    /// A runner's next set: the waiting calls that go `with` the first one, up to `max`, in
+    /// their order; `None` when none wait, and the runner must end.
+    pub fn next(&self, with: impl Fn(&T, &T) -> bool) -> Option<Vec<T>> {
+        let mut st = self.state.lock().expect("gather state poisoned");
+        if st.0.is_empty() {
+            st.1 -= 1;
+            return None;
+        }
+        let waiting = std::mem::take(&mut st.0);
+        let (mut set, mut rest) = (Vec::new(), Vec::new());
+        for call in waiting {
+            if set.is_empty() || (set.len() < self.max && with(&set[0], &call)) {
+                set.push(call);
+            } else {
+                rest.push(call);
+            }
+        }
+        st.0 = rest;
+        Some(set)
+    }
+}
 
 struct Waiter<I> {
     backend: Arc<dyn QueueBackend>,
@@ -96,24 +137,13 @@ struct Waiter<I> {
 impl<I: Clone + Send + 'static> SetWise<I> {
     /// A set of at most `max` jobs per transaction, acted on by `work`.
     pub fn new(max: usize, work: impl Fn(&mut dyn Tx, &mut [Entry<I>]) -> Result<()> + Send + Sync + 'static) -> Self {
-        SetWise {
-            inner: Arc::new(Inner { max: max.max(1), work: Arc::new(work), state: Mutex::new(State { waiting: Vec::new(), running: 0 }) }),
-        }
+        SetWise { inner: Arc::new(Inner { work: Arc::new(work), gather: Gather::new(max) }) }
     }
 
     /// Adds a job to the next transaction and waits for its outcome.
     pub(crate) async fn submit(&self, backend: Arc<dyn QueueBackend>, completion: Completion, item: I) -> Result<Settled> {
         let (reply, answer) = oneshot::channel();
-        let start = {
-            let mut st = self.inner.state.lock().expect("set-wise state poisoned");
-            st.waiting.push(Waiter { backend, completion, item, reply });
-            let start = st.running == 0 || (st.running < PARALLEL && st.waiting.len() >= self.inner.max);
-            if start {
-                st.running += 1;
-            }
-            start
-        };
-        if start {
+        if self.inner.gather.push(Waiter { backend, completion, item, reply }) {
             tokio::spawn(self.inner.clone().run());
         }
         answer.await.map_err(|_| BackendError::Other("the set-wise transaction ended without an answer".into()))?
@@ -125,24 +155,7 @@ impl<I: Clone + Send + 'static> Inner<I> {
     /// backend, up to `max`.
     async fn run(self: Arc<Self>) {
         loop {
-            let set = {
-                let mut st = self.state.lock().expect("set-wise state poisoned");
-                if st.waiting.is_empty() {
-                    st.running -= 1;
-                    return;
-                }
-                let backend = st.waiting[0].backend.clone();
-                let (mut set, mut rest) = (Vec::new(), Vec::new());
-                for w in st.waiting.drain(..) {
-                    if set.len() < self.max && Arc::ptr_eq(&w.backend, &backend) {
-                        set.push(w);
-                    } else {
-                        rest.push(w);
-                    }
-                }
-                st.waiting = rest;
-                set
-            };
+            let Some(set) = self.gather.next(|a, b| Arc::ptr_eq(&a.backend, &b.backend)) else { return };
             let many = set.len() > 1;
             let set = match self.commit(set).await {
                 Ok(()) => continue,

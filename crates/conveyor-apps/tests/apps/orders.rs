@@ -286,6 +286,46 @@ pub(crate) async fn the_simulated_gateway_charges_and_refunds_once_per_key(s: St
     let refunded = g.refund("K1").await.unwrap().expect("the charge is refunded");
     assert_eq!(refunded.reference, first.reference);
     assert_eq!(g.refund("K1").await.unwrap().map(|c| c.reference), Some(first.reference), "refunding again reports the same refund");
+
+    // Calls at once share the ledger's transactions: each key is charged once, every caller
+    // of a key gets that charge, and refunds at once refund it once.
+    let g = std::sync::Arc::new(g);
+    let calls: Vec<_> = (0..200)
+        .map(|i| {
+            let g = g.clone();
+            tokio::spawn(async move { (i % 20, g.charge(&format!("P{}", i % 20), 100 + i % 20).await.unwrap()) })
+        })
+        .collect();
+    let mut by_key: HashMap<i64, Vec<conveyor_apps::orders::payment::Charge>> = HashMap::new();
+    for c in calls {
+        let (k, charge) = c.await.unwrap();
+        by_key.entry(k).or_default().push(charge);
+    }
+    assert_eq!(by_key.len(), 20);
+    for charges in by_key.values() {
+        assert!(charges.iter().all(|c| c == &charges[0] && c.approved), "every caller of a key gets its one charge: {charges:?}");
+    }
+    let ledger = s
+        .backend
+        .query("SELECT count(*), count(DISTINCT reference) FROM payment_gateway_charges WHERE idempotency_key LIKE 'P%'", vec![])
+        .await
+        .unwrap();
+    assert_eq!((ledger[0].int(0), ledger[0].int(1)), (20, 20), "one ledger row per key");
+    let refunds: Vec<_> = (0..40)
+        .map(|i| {
+            let g = g.clone();
+            tokio::spawn(async move { g.refund(&format!("P{}", i % 20)).await.unwrap() })
+        })
+        .collect();
+    for r in refunds {
+        assert!(r.await.unwrap().is_some(), "each refund call reports the refund");
+    }
+    let refunded = s
+        .backend
+        .query("SELECT count(*) FROM payment_gateway_charges WHERE idempotency_key LIKE 'P%' AND status = 'refunded'", vec![])
+        .await
+        .unwrap();
+    assert_eq!(refunded[0].int(0), 20);
 }
 
 /// A file of bad lines: the report lists the first `MAX_REJECTED` by line and counts the rest,

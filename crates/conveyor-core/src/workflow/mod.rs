@@ -295,7 +295,6 @@ fn remember(id: &str, plan: Arc<Plan>) {
     map.insert(id.to_string(), plan);
 }
 
-
 fn step_info(r: &Row) -> StepInfo {
     StepInfo {
         name: r.text(0).unwrap_or_default().to_string(),
@@ -308,7 +307,6 @@ fn step_info(r: &Row) -> StepInfo {
         error: r.text(7).map(str::to_string),
     }
 }
-
 
 impl Conveyor {
     /// A workflow's status and timeline (`None`: no such workflow).

@@ -11,12 +11,6 @@ struct Instance {
     plan: Arc<Plan>,
 }
 
-fn load(tx: &mut dyn Tx, wf: &str) -> Result<Option<Instance>> {
-    let rows = tx.query("SELECT status, steps, plan_id, input FROM workflows WHERE id = $1", &[wf.into()])?;
-    let Some(r) = rows.first() else { return Ok(None) };
-    instance(tx, r.text(0), r.int(1), r.text(2), r.text(3)).map(Some)
-}
-
 /// A workflow as read from its row, with its plan (cached by id; read once per process).
 fn instance(tx: &mut dyn Tx, status: Option<&str>, steps: i64, plan_id: Option<&str>, input: Option<&str>) -> Result<Instance> {
     let plan_id = plan_id.unwrap_or_default().to_string();
@@ -36,24 +30,86 @@ fn instance(tx: &mut dyn Tx, status: Option<&str>, steps: i64, plan_id: Option<&
     Ok(Instance { status: status.unwrap_or_default().to_string(), steps, input: input.map(str::to_string), plan })
 }
 
-/// Enqueues `job` as timeline row `seq` of workflow `wf` and records the row as queued.
-#[allow(clippy::too_many_arguments)]
-fn enqueue_row(tx: &mut dyn Tx, wf: &str, input: Option<&str>, seq: i64, name: &str, role: &str, step: i64, job: &NewJob) -> Result<()> {
-    let job = step_job(wf, input, seq, job);
-    let job_id = job.id.to_string();
-    tx.enqueue(vec![job])?;
-    tx.defer(
-        "INSERT INTO workflow_steps (workflow_id, seq, name, role, step, status, job_id) VALUES ($1, $2, $3, $4, $5, 'queued', $6)",
-        &[wf.into(), seq.into(), name.into(), role.into(), step.into(), job_id.into()],
-    )?;
-    Ok(())
+/// What the transitions of one transaction enqueue and end, sent together once they are all
+/// decided: the jobs with one `enqueue`, their timeline rows with one insert.
+#[derive(Default)]
+struct Effects {
+    jobs: Vec<NewJob>,
+    rows: Vec<Vec<SqlValue>>,
+    /// Workflows whose last step completed.
+    completed: Vec<SqlValue>,
 }
 
-fn next_seq(tx: &mut dyn Tx, wf: &str) -> Result<i64> {
-    Ok(tx
-        .query("SELECT coalesce(max(seq), -1) + 1 FROM workflow_steps WHERE workflow_id = $1", &[wf.into()])?
-        .first()
-        .map_or(0, |r| r.int(0)))
+impl Effects {
+    /// Enqueues `job` as timeline row `seq` of workflow `wf`, its row recorded as queued.
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue_row(&mut self, wf: &str, input: Option<&str>, seq: i64, name: &str, role: &str, step: i64, job: &NewJob) {
+        let job = step_job(wf, input, seq, job);
+        self.rows.push(vec![wf.into(), seq.into(), name.into(), role.into(), step.into(), "queued".into(), job.id.to_string().into()]);
+        self.jobs.push(job);
+    }
+
+    fn send(self, tx: &mut dyn Tx, now: i64) -> Result<()> {
+        if !self.jobs.is_empty() {
+            tx.enqueue(self.jobs)?;
+            insert_many(tx, "INSERT INTO workflow_steps (workflow_id, seq, name, role, step, status, job_id)", &self.rows, "")?;
+        }
+        if !self.completed.is_empty() {
+            let (marks, ids) = crate::backend::in_list(2, self.completed);
+            let mut p = vec![SqlValue::from(now)];
+            p.extend(ids);
+            tx.defer(&format!("UPDATE workflows SET status = 'completed', finished_at = $1 WHERE id IN ({marks})"), &p)?;
+        }
+        Ok(())
+    }
+}
+
+/// What a compensation needs of a workflow's timeline: its completed steps, and the next free
+/// row number.
+#[derive(Default)]
+struct Timeline {
+    completed: Vec<i64>,
+    next_seq: i64,
+}
+
+/// The timelines of `wfs`, read with one statement.
+fn timelines(tx: &mut dyn Tx, wfs: Vec<SqlValue>) -> Result<HashMap<String, Timeline>> {
+    let mut out: HashMap<String, Timeline> = HashMap::new();
+    if wfs.is_empty() {
+        return Ok(out);
+    }
+    let (marks, ids) = crate::backend::in_list(1, wfs);
+    for r in tx.query(&format!("SELECT workflow_id, role, step, status, seq FROM workflow_steps WHERE workflow_id IN ({marks})"), &ids)? {
+        let t = out.entry(r.text(0).unwrap_or_default().to_string()).or_default();
+        if r.text(1) == Some("step") && r.text(3) == Some("completed") {
+            t.completed.push(r.int(2));
+        }
+        t.next_seq = t.next_seq.max(r.int(4) + 1);
+    }
+    Ok(out)
+}
+
+/// The workflows of `wfs` as transitions need them, read with one statement.
+fn instances(tx: &mut dyn Tx, wfs: Vec<SqlValue>) -> Result<HashMap<String, Instance>> {
+    let mut out = HashMap::new();
+    if wfs.is_empty() {
+        return Ok(out);
+    }
+    let (marks, ids) = crate::backend::in_list(1, wfs);
+    for r in tx.query(&format!("SELECT id, status, steps, plan_id, input FROM workflows WHERE id IN ({marks})"), &ids)? {
+        out.insert(r.text(0).unwrap_or_default().to_string(), instance(tx, r.text(1), r.int(2), r.text(3), r.text(4))?);
+    }
+    Ok(out)
+}
+
+/// A timeline row whose outcome was recorded: what moves its workflow on.
+struct Recorded<'a> {
+    c: &'a Completion,
+    wf: String,
+    seq: i64,
+    role: String,
+    step: i64,
+    declined: Option<String>,
 }
 
 /// Moves a workflow along after one of its jobs' outcomes. Backends call this inside the
@@ -86,13 +142,20 @@ pub fn record_outcome(tx: &mut dyn Tx, c: &Completion) -> Result<()> {
         }
         return Ok(());
     };
-    advance(tx, c, wf, seq, r.text(0).unwrap_or_default(), r.int(1), r.text(2))
+    let recorded = Recorded {
+        c,
+        wf: wf.to_string(),
+        seq,
+        role: r.text(0).unwrap_or_default().to_string(),
+        step: r.int(1),
+        declined: r.text(2).map(str::to_string),
+    };
+    advance(tx, vec![recorded], now)
 }
 
 /// [`record_outcome`] for many completions in one transaction: the successes of workflow steps
-/// are recorded with one statement, and the workflows that simply go on to their next step are
-/// read with one and enqueue it together; anything else (a declined step, a compensation, a
-/// rollback, a failure) goes on one by one as in [`record_outcome`].
+/// are recorded with one statement, the workflows and timelines they need are read with one
+/// each, and what they enqueue goes in together. Other outcomes go one by one.
 pub fn record_outcomes(tx: &mut dyn Tx, cs: &[&Completion]) -> Result<()> {
     let mut done: Vec<(&Completion, &str, i64)> = Vec::new();
     for c in cs {
@@ -126,146 +189,114 @@ pub fn record_outcomes(tx: &mut dyn Tx, cs: &[&Completion]) -> Result<()> {
         &params,
     )?;
     let updated: HashMap<(String, i64), &Row> = rows.iter().map(|r| ((r.text(0).unwrap_or_default().to_string(), r.int(1)), r)).collect();
-    // Steps that go on to the next one (or finish the workflow) without a decline.
-    let mut simple: Vec<(&str, i64, i64)> = Vec::new();
-    for (c, wf, seq) in &done {
-        let Some(r) = updated.get(&(wf.to_string(), *seq)) else { continue };
-        if r.text(2) == Some("step") && r.text(4).is_none() {
-            simple.push((wf, *seq, r.int(3)));
-        } else {
-            advance(tx, c, wf, *seq, r.text(2).unwrap_or_default(), r.int(3), r.text(4))?;
-        }
-    }
-    if simple.is_empty() {
-        return Ok(());
-    }
-    let (marks, ids) = crate::backend::in_list(1, simple.iter().map(|(wf, _, _)| SqlValue::from(*wf)));
-    let found = tx.query(&format!("SELECT id, status, steps, plan_id, input FROM workflows WHERE id IN ({marks})"), &ids)?;
-    let mut instances = HashMap::new();
-    for r in &found {
-        instances.insert(r.text(0).unwrap_or_default().to_string(), instance(tx, r.text(1), r.int(2), r.text(3), r.text(4))?);
-    }
-    let (mut jobs, mut step_rows, mut finished) = (Vec::new(), Vec::new(), Vec::new());
-    for (wf, seq, step) in simple {
-        let Some(w) = instances.get(wf) else { continue };
-        if w.status != "running" {
-            continue;
-        }
-        if step + 1 < w.steps {
-            let next = &w.plan.steps[(step + 1) as usize];
-            let job = step_job(wf, w.input.as_deref(), seq + 1, &next.job);
-            step_rows.push(vec![
-                wf.into(),
-                (seq + 1).into(),
-                next.name.as_str().into(),
-                "step".into(),
-                (step + 1).into(),
-                "queued".into(),
-                job.id.to_string().into(),
-            ]);
-            jobs.push(job);
-        } else {
-            finished.push(SqlValue::from(wf));
-        }
-    }
-    if !jobs.is_empty() {
-        tx.enqueue(jobs)?;
-        crate::backend::insert_many(tx, "INSERT INTO workflow_steps (workflow_id, seq, name, role, step, status, job_id)", &step_rows, "")?;
-    }
-    if !finished.is_empty() {
-        let (marks, ids) = crate::backend::in_list(2, finished);
-        let sql = format!("UPDATE workflows SET status = 'completed', finished_at = $1 WHERE id IN ({marks})");
-        let mut p = vec![SqlValue::from(now)];
-        p.extend(ids);
-        tx.defer(&sql, &p)?;
-    }
-    Ok(())
+    let recorded = done
+        .iter()
+        .filter_map(|(c, wf, seq)| {
+            let r = updated.get(&(wf.to_string(), *seq))?;
+            Some(Recorded {
+                c,
+                wf: wf.to_string(),
+                seq: *seq,
+                role: r.text(2).unwrap_or_default().to_string(),
+                step: r.int(3),
+                declined: r.text(4).map(str::to_string),
+            })
+        })
+        .collect();
+    advance(tx, recorded, now)
 }
 
-/// What follows the recorded outcome of a timeline row (its role, step and declined reason).
-fn advance(tx: &mut dyn Tx, c: &Completion, wf: &str, seq: i64, role: &str, step: i64, declined: Option<&str>) -> Result<()> {
-    let now = now_ms();
-    let status = match &c.outcome {
-        Outcome::Completed => "completed",
-        Outcome::Failed { .. } => "failed",
-        Outcome::Retry { .. } | Outcome::Release { .. } => return Ok(()),
-    };
-    let error = match &c.outcome {
-        Outcome::Failed { error } => Some(error.as_str()),
-        _ => None,
-    };
-    let role = role.to_string();
-    // A business failure (see [`decline_in`]): the job completed — nothing for the failed
-    // store — but the workflow fails with the reason and compensates.
-    let declined = declined.filter(|_| role == "step" && status == "completed").map(str::to_string);
-    let (status, error) = match &declined {
-        Some(reason) => {
-            tx.defer(
-                "UPDATE workflow_steps SET status = 'declined', error = $3 WHERE workflow_id = $1 AND seq = $2",
-                &[wf.into(), seq.into(), reason.as_str().into()],
-            )?;
-            ("failed", Some(reason.as_str()))
-        }
-        None => (status, error),
-    };
-    if status == "queued" {
-        return Ok(());
-    }
-    let Some(w) = load(tx, wf)? else { return Ok(()) };
-    match (role.as_str(), status) {
-        ("step", "completed") => {
-            if w.status != "running" {
-                return Ok(());
+/// What follows the recorded outcomes: each workflow's next step, compensation, rollback job
+/// or end. The workflows and the timelines that compensations need are read with one
+/// statement each, and what they enqueue goes in together.
+fn advance(tx: &mut dyn Tx, recorded: Vec<Recorded<'_>>, now: i64) -> Result<()> {
+    // (role, status after the decline) of each, and whether it leads to a compensation.
+    let mut moves = Vec::with_capacity(recorded.len());
+    for r in &recorded {
+        let (status, error) = match &r.c.outcome {
+            Outcome::Completed => ("completed", None),
+            Outcome::Failed { error } => ("failed", Some(error.clone())),
+            Outcome::Retry { .. } | Outcome::Release { .. } => continue,
+        };
+        // A business failure (see [`decline_in`]): the job completed — nothing for the failed
+        // store — but the workflow fails with the reason and compensates.
+        let (status, error) = match r.declined.as_ref().filter(|_| r.role == "step" && status == "completed") {
+            Some(reason) => {
+                tx.defer(
+                    "UPDATE workflow_steps SET status = 'declined', error = $3 WHERE workflow_id = $1 AND seq = $2",
+                    &[r.wf.as_str().into(), r.seq.into(), reason.as_str().into()],
+                )?;
+                ("failed", Some(reason.clone()))
             }
-            if step + 1 < w.steps {
-                let next = &w.plan.steps[(step + 1) as usize];
-                enqueue_row(tx, wf, w.input.as_deref(), seq + 1, &next.name, "step", step + 1, &next.job)?;
-            } else {
-                tx.defer("UPDATE workflows SET status = 'completed', finished_at = $2 WHERE id = $1", &[wf.into(), now.into()])?;
-            }
-        }
-        ("step", "failed") => {
-            tx.defer(
-                "UPDATE workflows SET status = 'compensating', error = $2 WHERE id = $1 AND status = 'running'",
-                &[wf.into(), error.unwrap_or_default().into()],
-            )?;
-            compensate_next(tx, wf, &w, step, now)?;
-        }
-        ("compensation", "completed") => {
-            tx.defer(
-                "UPDATE workflow_steps SET status = 'compensated' WHERE workflow_id = $1 AND role = 'step' AND step = $2",
-                &[wf.into(), step.into()],
-            )?;
-            compensate_next(tx, wf, &w, step, now)?;
-        }
-        ("rollback", _) => {
-            tx.defer(
-                "UPDATE workflows SET status = 'failed', finished_at = $2 WHERE id = $1 AND status = 'compensating'",
-                &[wf.into(), now.into()],
-            )?;
-        }
-        ("compensation", "failed") => {
-            // A compensation that cannot succeed is recorded; the earlier ones still run.
-            tx.defer(
-                "UPDATE workflows SET error = coalesce(error, '') || $2 WHERE id = $1",
-                &[wf.into(), format!("; compensation of step {step} failed: {}", error.unwrap_or_default()).into()],
-            )?;
-            compensate_next(tx, wf, &w, step, now)?;
-        }
-        _ => {}
+            None => (status, error),
+        };
+        moves.push((r, status, error));
     }
-    Ok(())
+    let compensates = |role: &str, status: &str| matches!((role, status), ("step", "failed") | ("compensation", _));
+    let wfs: Vec<SqlValue> = moves.iter().map(|(r, _, _)| SqlValue::from(r.wf.as_str())).collect();
+    let wfs_compensating: Vec<SqlValue> =
+        moves.iter().filter(|(r, s, _)| compensates(&r.role, s)).map(|(r, _, _)| SqlValue::from(r.wf.as_str())).collect();
+    let workflows = instances(tx, wfs)?;
+    let mut timelines = timelines(tx, wfs_compensating)?;
+    let mut fx = Effects::default();
+    for (r, status, error) in moves {
+        let Some(w) = workflows.get(&r.wf) else { continue };
+        let (wf, step) = (r.wf.as_str(), r.step);
+        let error = error.unwrap_or_default();
+        match (r.role.as_str(), status) {
+            ("step", "completed") => {
+                if w.status != "running" {
+                    continue;
+                }
+                if step + 1 < w.steps {
+                    let next = &w.plan.steps[(step + 1) as usize];
+                    fx.enqueue_row(wf, w.input.as_deref(), r.seq + 1, &next.name, "step", step + 1, &next.job);
+                } else {
+                    fx.completed.push(wf.into());
+                }
+            }
+            ("step", "failed") => {
+                tx.defer(
+                    "UPDATE workflows SET status = 'compensating', error = $2 WHERE id = $1 AND status = 'running'",
+                    &[wf.into(), error.into()],
+                )?;
+                compensate_next(tx, wf, w, timelines.entry(r.wf.clone()).or_default(), step, now, &mut fx)?;
+            }
+            ("compensation", "completed") => {
+                tx.defer(
+                    "UPDATE workflow_steps SET status = 'compensated' WHERE workflow_id = $1 AND role = 'step' AND step = $2",
+                    &[wf.into(), step.into()],
+                )?;
+                compensate_next(tx, wf, w, timelines.entry(r.wf.clone()).or_default(), step, now, &mut fx)?;
+            }
+            ("rollback", _) => {
+                tx.defer(
+                    "UPDATE workflows SET status = 'failed', finished_at = $2 WHERE id = $1 AND status = 'compensating'",
+                    &[wf.into(), now.into()],
+                )?;
+            }
+            ("compensation", "failed") => {
+                // A compensation that cannot succeed is recorded; the earlier ones still run.
+                tx.defer(
+                    "UPDATE workflows SET error = coalesce(error, '') || $2 WHERE id = $1",
+                    &[wf.into(), format!("; compensation of step {step} failed: {error}").into()],
+                )?;
+                compensate_next(tx, wf, w, timelines.entry(r.wf.clone()).or_default(), step, now, &mut fx)?;
+            }
+            _ => {}
+        }
+    }
+    fx.send(tx, now)
 }
 
 /// Enqueues the compensation of the latest completed step before `before`, or ends the
 /// workflow (through its on-failure job, if it has one) when there is none left.
-fn compensate_next(tx: &mut dyn Tx, wf: &str, w: &Instance, before: i64, now: i64) -> Result<()> {
-    let done = tx.query(
-        "SELECT step FROM workflow_steps WHERE workflow_id = $1 AND role = 'step' AND step < $2 AND status = 'completed' ORDER BY step DESC",
-        &[wf.into(), before.into()],
-    )?;
-    let next = done.iter().map(|r| r.int(0)).find(|s| w.plan.steps.get(*s as usize).is_some_and(|p| p.compensation.is_some()));
-    let seq = next_seq(tx, wf)?;
+fn compensate_next(tx: &mut dyn Tx, wf: &str, w: &Instance, tl: &mut Timeline, before: i64, now: i64, fx: &mut Effects) -> Result<()> {
+    let mut done: Vec<i64> = tl.completed.iter().copied().filter(|s| *s < before).collect();
+    done.sort_unstable_by(|a, b| b.cmp(a));
+    let next = done.into_iter().find(|s| w.plan.steps.get(*s as usize).is_some_and(|p| p.compensation.is_some()));
+    let seq = tl.next_seq;
+    tl.next_seq += 1;
     if let Some(step) = next {
         let s = &w.plan.steps[step as usize];
         // The step itself is marked so a second failure path cannot compensate it twice.
@@ -273,16 +304,18 @@ fn compensate_next(tx: &mut dyn Tx, wf: &str, w: &Instance, before: i64, now: i6
             "UPDATE workflow_steps SET status = 'compensating' WHERE workflow_id = $1 AND role = 'step' AND step = $2",
             &[wf.into(), step.into()],
         )?;
+        tl.completed.retain(|s| *s != step);
         let comp = s.compensation.as_ref().expect("filtered on compensation");
-        return enqueue_row(tx, wf, w.input.as_deref(), seq, &format!("compensate {}", s.name), "compensation", step, comp);
+        fx.enqueue_row(wf, w.input.as_deref(), seq, &format!("compensate {}", s.name), "compensation", step, comp);
+        return Ok(());
     }
     match &w.plan.on_failure {
-        Some(r) => enqueue_row(tx, wf, w.input.as_deref(), seq, &r.name, "rollback", seq, &r.job),
+        Some(r) => fx.enqueue_row(wf, w.input.as_deref(), seq, &r.name, "rollback", seq, &r.job),
         None => {
             tx.defer("UPDATE workflows SET status = 'failed', finished_at = $2 WHERE id = $1", &[wf.into(), now.into()])?;
-            Ok(())
         }
     }
+    Ok(())
 }
 
 /// Marks the step that `workflow` (a job's `"<workflow id>:<seq>"`) names as ended in a
