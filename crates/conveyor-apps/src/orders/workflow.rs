@@ -193,10 +193,21 @@ fn lock_orders(tx: &mut dyn Tx, ids: &[String], cols: &str) -> Result<Vec<Row>, 
     with_ids(tx, &sql, vec![], ids)
 }
 
-/// What the orders still hold reserved: (SKU, quantity) rows.
-fn reserved_of(tx: &mut dyn Tx, ids: &[String]) -> Result<Vec<(String, i64)>, BackendError> {
+/// Ends what the orders still hold reserved (`to`: `committed` or `released`); returns the
+/// quantities by SKU.
+fn end_reservations(tx: &mut dyn Tx, ids: &[String], to: &str, now: i64) -> Result<BTreeMap<String, i64>, BackendError> {
     let rows = with_ids(tx, "SELECT sku, quantity, status FROM stock_reservations WHERE order_id IN ({ids})", vec![], ids)?;
-    Ok(rows.iter().filter(|r| r.text(2) == Some("reserved")).map(|r| (r.text(0).unwrap_or_default().to_string(), r.int(1))).collect())
+    let mut by_sku = BTreeMap::new();
+    for r in rows.iter().filter(|r| r.text(2) == Some("reserved")) {
+        *by_sku.entry(r.text(0).unwrap_or_default().to_string()).or_insert(0) += r.int(1);
+    }
+    defer_ids(
+        tx,
+        "UPDATE stock_reservations SET status = $1, updated_at = $2 WHERE status = 'reserved' AND order_id IN ({ids})",
+        vec![to.into(), now.into()],
+        ids,
+    )?;
+    Ok(by_sku)
 }
 
 /// Locks the products' rows in SKU order (where transactions run side by side) and returns
@@ -315,13 +326,7 @@ fn finalize_set(tx: &mut dyn Tx, entries: &mut [Entry<String>]) -> Result<(), Ba
         return Ok(());
     }
     let active: Vec<String> = orders.iter().map(|r| r.text(0).unwrap_or_default().to_string()).collect();
-    let held = reserved_of(tx, &active)?;
-    defer_ids(
-        tx,
-        "UPDATE stock_reservations SET status = 'committed', updated_at = $1 WHERE status = 'reserved' AND order_id IN ({ids})",
-        vec![now.into()],
-        &active,
-    )?;
+    let reserved = end_reservations(tx, &active, "committed", now)?;
     defer_ids(tx, "UPDATE orders SET status = 'completed', settled_at = $1 WHERE id IN ({ids})", vec![now.into()], &active)?;
     let items = with_ids(
         tx,
@@ -329,10 +334,6 @@ fn finalize_set(tx: &mut dyn Tx, entries: &mut [Entry<String>]) -> Result<(), Ba
         vec![],
         &active,
     )?;
-    let mut reserved = BTreeMap::new();
-    for (sku, qty) in held {
-        *reserved.entry(sku).or_insert(0) += qty;
-    }
     update_products(tx, "reserved = reserved - {q}", &reserved, now)?;
     let customers: Vec<(String, f64)> = orders.iter().map(|r| (r.int(2).to_string(), r.int(3) as f64)).collect();
     let skus: Vec<(String, f64, f64)> =
@@ -370,13 +371,7 @@ fn rollback_set(tx: &mut dyn Tx, entries: &mut [Entry<Undo>]) -> Result<(), Back
         .filter(|r| matches!(r.text(1), Some("pending" | "processing")))
         .filter_map(|r| r.text(0).map(str::to_string))
         .collect();
-    let held = reserved_of(tx, &ids)?;
-    defer_ids(
-        tx,
-        "UPDATE stock_reservations SET status = 'released', updated_at = $1 WHERE status = 'reserved' AND order_id IN ({ids})",
-        vec![now.into()],
-        &ids,
-    )?;
+    let released = end_reservations(tx, &ids, "released", now)?;
     let mut payments = Vec::new();
     for e in entries.iter() {
         if let Some((amount, reference)) = &e.item.refunded {
@@ -388,10 +383,6 @@ fn rollback_set(tx: &mut dyn Tx, entries: &mut [Entry<Undo>]) -> Result<(), Back
     record_payment_rows(tx, payments)?;
     if !open.is_empty() {
         defer_ids(tx, "UPDATE orders SET status = 'failed', settled_at = $1 WHERE id IN ({ids})", vec![now.into()], &open)?;
-    }
-    let mut released = BTreeMap::new();
-    for (sku, qty) in held {
-        *released.entry(sku).or_insert(0) += qty;
     }
     update_products(tx, "stock = stock + {q}, reserved = reserved - {q}", &released, now)?;
     forget_prefix_in(tx, KPI_CACHE_PREFIX)
