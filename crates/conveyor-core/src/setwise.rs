@@ -125,6 +125,21 @@ impl<T> Gather<T> {
         st.0 = rest;
         Some(set)
     }
+
+    /// Held by a runner while it runs: if the runner panics, it no longer counts as running,
+    /// so the next call starts another instead of waiting for it forever.
+    pub fn runner(&self) -> impl Drop + '_ {
+        struct Runner<'a, T>(&'a Gather<T>);
+        impl<T> Drop for Runner<'_, T> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    let mut st = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+                    st.1 = st.1.saturating_sub(1);
+                }
+            }
+        }
+        Runner(self)
+    }
 }
 
 struct Waiter<I> {
@@ -154,6 +169,7 @@ impl<I: Clone + Send + 'static> Inner<I> {
     /// Runs transactions while jobs wait: each takes the waiting jobs of the first one's
     /// backend, up to `max`.
     async fn run(self: Arc<Self>) {
+        let _runner = self.gather.runner();
         loop {
             let Some(set) = self.gather.next(|a, b| Arc::ptr_eq(&a.backend, &b.backend)) else { return };
             let many = set.len() > 1;
@@ -220,5 +236,41 @@ impl<I: Clone + Send + 'static> Inner<I> {
             let _ = w.reply.send(answer);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_wait_for_the_running_set_and_go_together_into_the_next() {
+        let g = Gather::new(3);
+        assert!(g.push(1), "the first call starts a runner");
+        assert!(!g.push(2), "a call while one runs waits for it");
+        let odd = |a: &i32, b: &i32| a % 2 == b % 2;
+        assert_eq!(g.next(odd), Some(vec![1]), "a set keeps only the calls that go with its first");
+        assert_eq!(g.next(odd), Some(vec![2]));
+        assert!(!g.push(3) && !g.push(5));
+        assert!(g.push(7), "a full set waiting starts a second runner");
+        assert_eq!(g.next(odd), Some(vec![3, 5, 7]), "up to max, in order");
+        assert_eq!(g.next(odd), None, "one runner ends");
+        assert_eq!(g.next(odd), None, "the other too");
+        assert!(g.push(1), "with no runner left, a call starts one");
+    }
+
+    #[test]
+    fn a_runner_that_panics_no_longer_counts_as_running() {
+        let g = std::sync::Arc::new(Gather::new(10));
+        assert!(g.push(1));
+        let g2 = g.clone();
+        let died = std::thread::spawn(move || {
+            let _runner = g2.runner();
+            let _ = g2.next(|_, _| true);
+            panic!("a runner's bug");
+        })
+        .join();
+        assert!(died.is_err());
+        assert!(g.push(2), "the next call starts a runner instead of waiting for the dead one");
     }
 }

@@ -106,6 +106,7 @@ impl Simulator {
 impl Ledger {
     /// Writes the waiting calls, charges and refunds in sets of their own, while calls wait.
     async fn run(self: Arc<Self>) {
+        let _runner = self.calls.runner();
         while let Some(set) = self.calls.next(|a, b| a.charge.is_some() == b.charge.is_some()) {
             let keys: Vec<String> = set.iter().map(|c| c.key.clone()).collect();
             let charges: Vec<Vec<SqlValue>> = set
