@@ -332,10 +332,10 @@ impl Queue for RedisBackend {
                     }
                 }
                 let out = if fresh.contains(&true) { work(tx, &fresh)? } else { Box::new(()) };
-                for (c, f) in cs.iter().zip(&fresh) {
-                    if *f && conveyor_core::hooks::wants(c) {
-                        conveyor_core::hooks::after_outcome(tx, c)?;
-                    }
+                let hooked: Vec<&Completion> =
+                    cs.iter().zip(&fresh).filter(|(c, f)| **f && conveyor_core::hooks::wants(c)).map(|(c, _)| c).collect();
+                if !hooked.is_empty() {
+                    conveyor_core::hooks::after_outcomes(tx, &hooked)?;
                 }
                 Ok(Box::new((out, fresh)) as Box<dyn Any + Send>)
             }))
