@@ -199,9 +199,21 @@ where
         tally(done.await, &mut report, &mut rejections)?;
     }
     parser.await.map_err(|e| ImportError::Read(e.to_string()))?;
+    if report.orders >= ANALYZE_AFTER {
+        // A bulk load leaves the tables' statistics behind until autovacuum comes by, and the
+        // workflow's set-wise reads (`order_id IN (…)`) need them: without them PostgreSQL
+        // estimates most of the table and scans it instead of the primary key. (`orders` and
+        // `workflows` are read by their whole primary key, which is unique: no estimate needed.)
+        for table in ["order_items", "workflow_steps"] {
+            backend.transact(move |tx| tx.execute(&format!("ANALYZE {table}"), &[])).await?;
+        }
+    }
     rejections.report(&mut report);
     Ok(report)
 }
+
+/// Orders an import stores at least before it refreshes the tables' statistics.
+const ANALYZE_AFTER: u64 = 1_000;
 
 /// Batches of orders being written at once.
 const IN_FLIGHT: usize = 2;
