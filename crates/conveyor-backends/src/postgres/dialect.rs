@@ -27,6 +27,17 @@ pub(super) const INTO_FAILED: &str =
                         workflow = excluded.workflow
                      RETURNING queue, unique_key, kind, batch_id, workflow";
 
+/// The row of a reservation `t` (id, token) that still holds, locked: the lateral subquery of
+/// the statements that act on held jobs. Each row is found through the primary key and locked
+/// in the order of `t` (sorted by id, so two transactions never wait on each other
+/// crosswise). A join of `jobs` with the whole list let the planner, misled by a hot table's
+/// stale statistics, scan every reserved job through `jobs_leased` for each call.
+macro_rules! held {
+    () => {
+        "SELECT j.id FROM jobs j WHERE j.id = t.id AND j.state = 1 AND j.lease_token = t.token FOR UPDATE"
+    };
+}
+
 impl Dialect for PgTx<'_> {
     fn count(&mut self, queue: &str, state: usize, delta: i64) {
         match self.counts.get_mut(queue) {
@@ -187,18 +198,26 @@ impl Dialect for PgTx<'_> {
         let tokens: Vec<i64> = cs.iter().map(|c| c.lease_token).collect();
         let done = if self.history == 0 {
             self.rows(
-                "WITH t AS (SELECT * FROM unnest($1::bytea[], $2::bigint[]) AS t(id, token)),
-                 l AS (SELECT j.id FROM jobs j JOIN t ON j.id = t.id AND j.state = 1 AND j.lease_token = t.token ORDER BY j.id FOR UPDATE OF j)
-                 DELETE FROM jobs j USING l WHERE j.id = l.id RETURNING j.id",
+                concat!(
+                    "WITH l AS (SELECT h.id FROM (SELECT * FROM unnest($1::bytea[], $2::bigint[]) AS t(id, token) ORDER BY id) t
+                                CROSS JOIN LATERAL (",
+                    held!(),
+                    ") h)
+                     DELETE FROM jobs j USING l WHERE j.id = l.id RETURNING j.id"
+                ),
                 &[&ids, &tokens],
             )?
         } else {
             let runtimes: Vec<i64> = cs.iter().map(|c| c.runtime_ms as i64).collect();
             let waits: Vec<i64> = cs.iter().map(|c| c.wait_ms as i64).collect();
             let rows = self.rows(
-                "WITH t AS (SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[]) AS t(id, token, runtime_ms, wait_ms)),
-                 l AS (SELECT j.id, t.runtime_ms, t.wait_ms FROM jobs j JOIN t ON j.id = t.id AND j.state = 1 AND j.lease_token = t.token
-                       ORDER BY j.id FOR UPDATE OF j),
+                concat!(
+                    "WITH l AS (SELECT h.id, t.runtime_ms, t.wait_ms
+                                FROM (SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[])
+                                        AS t(id, token, runtime_ms, wait_ms) ORDER BY id) t
+                                CROSS JOIN LATERAL (",
+                    held!(),
+                    ") h),
                  d AS (DELETE FROM jobs j USING l WHERE j.id = l.id
                        RETURNING j.id, j.queue, j.kind, j.payload, j.priority, j.attempts, j.max_attempts, j.tags, j.batch_id,
                                  j.created_at, j.reserved_at, j.worker, l.runtime_ms, l.wait_ms)
@@ -206,7 +225,8 @@ impl Dialect for PgTx<'_> {
                                              created_at, reserved_at, finished_at, runtime_ms, wait_ms, worker)
                  SELECT id, queue, kind, payload, priority, attempts, max_attempts, tags, batch_id,
                         created_at, coalesce(reserved_at, $5), $5, runtime_ms, wait_ms, worker FROM d
-                 RETURNING id",
+                 RETURNING id"
+                ),
                 &[&ids, &tokens, &runtimes, &waits, &now],
             )?;
             self.history_inserts += rows.len();
@@ -255,9 +275,12 @@ impl Dialect for PgTx<'_> {
         let ids: Vec<Vec<u8>> = leases.iter().map(|(id, _)| id.as_bytes().to_vec()).collect();
         let tokens: Vec<i64> = leases.iter().map(|(_, t)| *t).collect();
         let rows = self.rows(
-            "SELECT j.id FROM jobs j JOIN unnest($1::bytea[], $2::bigint[]) AS t(id, token)
-               ON j.id = t.id AND j.state = 1 AND j.lease_token = t.token
-             ORDER BY j.id FOR UPDATE OF j",
+            concat!(
+                "SELECT h.id FROM (SELECT * FROM unnest($1::bytea[], $2::bigint[]) AS t(id, token) ORDER BY id) t
+                 CROSS JOIN LATERAL (",
+                held!(),
+                ") h"
+            ),
             &[&ids, &tokens],
         )?;
         let held: HashSet<Vec<u8>> = rows.iter().map(|r| r.get::<_, Vec<u8>>(0)).collect();
