@@ -7,6 +7,7 @@ pub use crate::money;
 pub mod payment;
 pub mod reports;
 mod schema;
+mod totals;
 pub mod workflow;
 
 use std::sync::Arc;

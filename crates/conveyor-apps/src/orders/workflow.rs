@@ -31,6 +31,7 @@ use conveyor_core::workflow::{Starts, Workflow};
 use conveyor_core::{JobContext, JobError, JobResult, NewJob, Registry};
 
 use super::payment::PaymentGateway;
+use super::totals::Totals;
 use super::{leaderboard, KPI_CACHE_PREFIX, QUEUE};
 
 pub const RESERVE: &str = "orders.reserve_stock";
@@ -102,10 +103,11 @@ pub(crate) fn register(registry: &mut Registry, gateway: Arc<dyn PaymentGateway>
         let set = reserve.clone();
         async move { settle(ctx.complete_in(&set, o.order_id).await) }
     });
-    let (g, record) = (gateway.clone(), SetWise::new(SET, record_payments));
+    let totals = Totals::new();
+    let (g, t, record) = (gateway.clone(), totals.clone(), SetWise::new(SET, record_payments));
     registry.register(PAY, move |o: OrderRef, ctx: JobContext| {
-        let (g, set) = (g.clone(), record.clone());
-        async move { pay(g, o, ctx, set).await }
+        let (g, t, set) = (g.clone(), t.clone(), record.clone());
+        async move { pay(g, t, o, ctx, set).await }
     });
     let finalize = SetWise::new(SET, finalize_set);
     registry.register(FINALIZE, move |o: OrderRef, ctx: JobContext| {
@@ -114,8 +116,8 @@ pub(crate) fn register(registry: &mut Registry, gateway: Arc<dyn PaymentGateway>
     });
     let undo = SetWise::new(SET, rollback_set);
     registry.register(ROLLBACK, move |o: OrderRef, ctx: JobContext| {
-        let (g, set) = (gateway.clone(), undo.clone());
-        async move { rollback(g, o, ctx, set).await }
+        let (g, t, set) = (gateway.clone(), totals.clone(), undo.clone());
+        async move { rollback(g, t, o, ctx, set).await }
     });
 }
 
@@ -269,11 +271,10 @@ fn reserve_set(tx: &mut dyn Tx, entries: &mut [Entry<String>]) -> Result<(), Bac
     update_products(tx, "stock = stock - {q}, reserved = reserved + {q}", &reserved, now)
 }
 
-async fn pay(gateway: Arc<dyn PaymentGateway>, o: OrderRef, ctx: JobContext, set: SetWise<Paid>) -> JobResult {
-    let rows = ctx.backend().query("SELECT total_cents, status FROM orders WHERE id = $1", vec![o.order_id.clone().into()]).await?;
-    let row = rows.first().ok_or_else(|| JobError::abort(format!("no order {}", o.order_id)))?;
-    let total = row.int(0);
-    if row.text(1) != Some("processing") {
+async fn pay(gateway: Arc<dyn PaymentGateway>, totals: Arc<Totals>, o: OrderRef, ctx: JobContext, set: SetWise<Paid>) -> JobResult {
+    let order = totals.get(ctx.backend(), &o.order_id).await?.ok_or_else(|| JobError::abort(format!("no order {}", o.order_id)))?;
+    let total = order.total_cents;
+    if order.status != "processing" {
         // Settled already (a re-run): charging now would take money for nothing.
         return settle(ctx.complete_with(|_| Ok(())).await.map(|()| Settled::Completed));
     }
@@ -351,13 +352,16 @@ fn finalize_set(tx: &mut dyn Tx, entries: &mut [Entry<String>]) -> Result<(), Ba
     forget_prefix_in(tx, KPI_CACHE_PREFIX)
 }
 
-async fn rollback(gateway: Arc<dyn PaymentGateway>, o: OrderRef, ctx: JobContext, set: SetWise<Undo>) -> JobResult {
+async fn rollback(gateway: Arc<dyn PaymentGateway>, totals: Arc<Totals>, o: OrderRef, ctx: JobContext, set: SetWise<Undo>) -> JobResult {
     // Always ask the gateway: a worker may have died after a charge was approved and before
     // its payment row was written, so the store alone cannot say whether money was taken.
     let refunded = gateway.refund(&o.order_id).await.map_err(JobError::retry)?;
-    let total = ctx.backend().query("SELECT total_cents FROM orders WHERE id = $1", vec![o.order_id.clone().into()]).await?;
-    // What was charged is the order's total (ProcessPayment charges exactly that).
-    let refunded = refunded.map(|c| (total.first().map_or(0, |r| r.int(0)), c.reference));
+    // What was charged is the order's total (ProcessPayment charges exactly that); read only
+    // when something was refunded.
+    let refunded = match refunded {
+        Some(c) => Some((totals.get(ctx.backend(), &o.order_id).await?.map_or(0, |t| t.total_cents), c.reference)),
+        None => None,
+    };
     settle(ctx.complete_in(&set, Undo { order_id: o.order_id, refunded }).await)
 }
 
