@@ -169,7 +169,12 @@ pub async fn set_wise_steps_run_workflows_exactly_once(b: Backend) {
         let bn = count_notes(&b, &table, &format!("b:{i}")).await;
         if i % 5 == 0 {
             assert_eq!((a, bn), (0, 0), "a declined workflow {i} wrote nothing");
-            assert!(info.steps.iter().any(|s| s.name == "a" && s.status == "declined"), "{info:?}");
+            // Each declined workflow carries its own reason (the declines of a set are written
+            // together), on its step and on itself, and ended when its rollback ran.
+            let reason = format!("{i} is divisible by 5");
+            assert!(info.steps.iter().any(|s| s.name == "a" && s.status == "declined" && s.error.as_deref() == Some(&reason)), "{info:?}");
+            assert_eq!(info.error.as_deref(), Some(reason.as_str()), "{info:?}");
+            assert!(info.finished_at.is_some(), "{info:?}");
         } else {
             assert_eq!((a, bn), (1, 1), "workflow {i}'s steps wrote once each");
         }
