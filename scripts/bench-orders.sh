@@ -26,6 +26,19 @@ if [ "$KILLS" -gt 0 ] || [ "${SERVE:-0}" = 1 ]; then
 else
   start_worker() { "$BIN" work --concurrency "$WORKERS" --queue orders >/dev/null 2>&1 & worker=$!; }
 fi
+# CPU while it settles (Linux): the machine's busy and idle time, and the local PostgreSQL
+# server's processes (exited backends count through the postmaster's children's time).
+machine() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $5 + $6 }' /proc/stat 2>/dev/null || echo "0 0"; }
+postgres_cpu() {
+  local t=0 p
+  for p in /proc/[0-9]*; do
+    [ "$(cat "$p/comm" 2>/dev/null)" = postgres ] || continue
+    t=$((t + $(awk '{ print $14 + $15 + $16 + $17 }' "$p/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$t"
+}
+read -r busy0 idle0 < <(machine)
+pg0=$(postgres_cpu)
 start=$(date +%s.%N)
 start_worker
 trap 'kill $worker 2>/dev/null; rm -rf "$dir"' EXIT
@@ -50,5 +63,10 @@ while :; do
   sleep 0.2
 done
 end=$(date +%s.%N)
+read -r busy1 idle1 < <(machine)
+pg1=$(postgres_cpu)
 kill -TERM $worker; wait $worker || true
 python3 -c "import sys; s=$end-$start; print(f'settled $ORDERS orders in {s:.2f}s: {$ORDERS/s:.0f} orders/s with $WORKERS workers, $KILLS kills')"
+# Clock ticks (USER_HZ, 100 on Linux) to µs per order.
+python3 -c "b=$busy1-$busy0; i=$idle1-$idle0; pg=$pg1-$pg0; n=$ORDERS
+print(f'cpu while settling: {b*1e4/n:.0f} us per order on the machine ({pg*1e4/n:.0f} in local PostgreSQL processes), {100*i/max(b+i,1):.0f} % idle')"
