@@ -11,8 +11,8 @@ use conveyor_core::clock::now_ms;
 impl AdminDialect for PgTx<'_> {
     fn run_delayed_now(&mut self, id: &[u8], now: i64) -> Result<Option<(String, i32)>> {
         let id = id.to_vec();
-        let rows =
-            self.rows("UPDATE jobs SET state = 0, available_at = $2 WHERE id = $1 AND state = 2 RETURNING queue, priority", &[&id, &now])?;
+        let rows = self
+            .rows("UPDATE jobs SET state = 0, available_at = $2 WHERE id = $1 AND state + 0 = 2 RETURNING queue, priority", &[&id, &now])?;
         Ok(rows.first().map(|r| (r.get(0), r.get::<_, i64>(1) as i32)))
     }
 
@@ -20,11 +20,11 @@ impl AdminDialect for PgTx<'_> {
         let id = id.to_vec();
         let rows = match fail {
             Some(error) => {
-                let sql = format!("WITH d AS (DELETE FROM jobs WHERE id = $1 AND state = 2 RETURNING *) {INTO_FAILED}");
+                let sql = format!("WITH d AS (DELETE FROM jobs WHERE id = $1 AND state + 0 = 2 RETURNING *) {INTO_FAILED}");
                 self.rows(&sql, &[&id, &now, &0i64, &error])?
             }
             None => {
-                self.rows("DELETE FROM jobs WHERE id = $1 AND state = 2 RETURNING queue, unique_key, kind, batch_id, workflow", &[&id])?
+                self.rows("DELETE FROM jobs WHERE id = $1 AND state + 0 = 2 RETURNING queue, unique_key, kind, batch_id, workflow", &[&id])?
             }
         };
         Ok(rows.first().map(|r| Removed { queue: r.get(0), unique_key: r.get(1), kind: r.get(2), batch_id: r.get(3), workflow: r.get(4) }))
@@ -32,7 +32,7 @@ impl AdminDialect for PgTx<'_> {
 
     fn clear_rows(&mut self, queue: &str, limit: i64) -> Result<Vec<Cleared>> {
         let rows = self.rows(
-            "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE queue = $1 AND state IN (0, 2) LIMIT $2 FOR UPDATE SKIP LOCKED)
+            "DELETE FROM jobs WHERE id = ANY(ARRAY(SELECT id FROM jobs WHERE queue = $1 AND state IN (0, 2) LIMIT $2 FOR UPDATE SKIP LOCKED))
              RETURNING state, unique_key, id",
             &[&queue, &limit],
         )?;

@@ -32,10 +32,79 @@ pub(super) const INTO_FAILED: &str =
 /// in the order of `t` (sorted by id, so two transactions never wait on each other
 /// crosswise). A join of `jobs` with the whole list let the planner, misled by a hot table's
 /// stale statistics, scan every reserved job through `jobs_leased` for each call.
+///
+/// `state + 0 = 1`, here and wherever a job is found by its id and state: `jobs` is analyzed
+/// (by autovacuum) at moments when a state has few rows, and with such statistics PostgreSQL
+/// prefers that state's partial index (`jobs_leased`, `jobs_ready`, `jobs_delayed`) to the
+/// primary key and scans all of it for each row. The expression does not imply the partial
+/// indexes' predicates, so the primary key is the only path, whatever the statistics.
+/// For the same reason the jobs a statement picks with `FOR UPDATE SKIP LOCKED` are then
+/// found by `id = ANY(ARRAY(…))`, an index condition on the primary key, and not by
+/// `id IN (…)`, which such statistics made a hash join over a scan of the whole table.
 macro_rules! held {
     () => {
-        "SELECT j.id FROM jobs j WHERE j.id = t.id AND j.state = 1 AND j.lease_token = t.token FOR UPDATE"
+        "SELECT j.id FROM jobs j WHERE j.id = t.id AND j.state + 0 = 1 AND j.lease_token = t.token FOR UPDATE"
     };
+}
+
+/// The held reservations of a list (ids and tokens, `$1` and `$2`), locked in id order.
+pub(super) const LOCK_HELD: &str = concat!(
+    "SELECT h.id FROM (SELECT * FROM unnest($1::bytea[], $2::bigint[]) AS t(id, token) ORDER BY id) t
+     CROSS JOIN LATERAL (",
+    held!(),
+    ") h"
+);
+
+/// Deletes the held reservations of a list (ids and tokens), returning the ids deleted.
+pub(super) const DELETE_HELD: &str = concat!(
+    "WITH l AS (SELECT h.id FROM (SELECT * FROM unnest($1::bytea[], $2::bigint[]) AS t(id, token) ORDER BY id) t
+                CROSS JOIN LATERAL (",
+    held!(),
+    ") h)
+     DELETE FROM jobs j USING l WHERE j.id = l.id RETURNING j.id"
+);
+
+/// [`DELETE_HELD`] that also keeps them in the history (runtimes `$3`, waits `$4`, now `$5`).
+pub(super) const DELETE_HELD_INTO_HISTORY: &str = concat!(
+    "WITH l AS (SELECT h.id, t.runtime_ms, t.wait_ms
+                FROM (SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[])
+                        AS t(id, token, runtime_ms, wait_ms) ORDER BY id) t
+                CROSS JOIN LATERAL (",
+    held!(),
+    ") h),
+     d AS (DELETE FROM jobs j USING l WHERE j.id = l.id
+           RETURNING j.id, j.queue, j.kind, j.payload, j.priority, j.attempts, j.max_attempts, j.tags, j.batch_id,
+                     j.created_at, j.reserved_at, j.worker, l.runtime_ms, l.wait_ms)
+     INSERT INTO completed_jobs (id, queue, kind, payload, priority, attempts, max_attempts, tags, batch_id,
+                                 created_at, reserved_at, finished_at, runtime_ms, wait_ms, worker)
+     SELECT id, queue, kind, payload, priority, attempts, max_attempts, tags, batch_id,
+            created_at, coalesce(reserved_at, $5), $5, runtime_ms, wait_ms, worker FROM d
+     RETURNING id"
+);
+
+/// Makes due delayed jobs (`available_at <= $1`) pending, at most 1,000 at a time.
+pub(super) const PROMOTE: &str = "UPDATE jobs SET state = 0 WHERE id = ANY(ARRAY(
+       SELECT id FROM jobs WHERE state = 2 AND available_at <= $1 ORDER BY available_at LIMIT 1000 FOR UPDATE SKIP LOCKED))
+     RETURNING queue, id, priority";
+
+/// Reserves the pending jobs among `$5` (ids) under the lease `$1`…`$4`, unless their queue is
+/// paused.
+pub(super) fn claim_sql() -> String {
+    format!(
+        "UPDATE jobs SET state = 1, attempts = attempts + 1, reserved_at = $1, lease_until = $2, lease_token = $3, worker = $4
+         WHERE id = ANY($5) AND state + 0 = 0 AND queue NOT IN (SELECT name FROM queues WHERE paused = 1)
+         RETURNING {JOB_COLS}"
+    )
+}
+
+/// Reserves up to `$6` pending jobs of queue `$5`, in priority order, under the lease
+/// `$1`…`$4`; jobs another transaction is taking are skipped.
+pub(super) fn reserve_sql() -> String {
+    format!(
+        "UPDATE jobs SET state = 1, attempts = attempts + 1, reserved_at = $1, lease_until = $2, lease_token = $3, worker = $4
+         WHERE id = ANY(ARRAY(SELECT id FROM jobs WHERE queue = $5 AND state = 0 ORDER BY priority DESC, fair, id LIMIT $6 FOR UPDATE SKIP LOCKED))
+         RETURNING {JOB_COLS}, fair"
+    )
 }
 
 impl Dialect for PgTx<'_> {
@@ -141,12 +210,7 @@ impl Dialect for PgTx<'_> {
     }
 
     fn promote(&mut self, now: i64) -> Result<Vec<(String, Vec<u8>, i32)>> {
-        let rows = self.rows(
-            "UPDATE jobs SET state = 0 WHERE id IN
-               (SELECT id FROM jobs WHERE state = 2 AND available_at <= $1 ORDER BY available_at LIMIT 1000 FOR UPDATE SKIP LOCKED)
-             RETURNING queue, id, priority",
-            &[&now],
-        )?;
+        let rows = self.rows(PROMOTE, &[&now])?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get::<_, i64>(2) as i32)).collect())
     }
 
@@ -156,32 +220,22 @@ impl Dialect for PgTx<'_> {
 
     fn claim_rows(&mut self, ids: &[JobId], lease: &Lease<'_>) -> Result<Vec<Job>> {
         let ids: Vec<Vec<u8>> = ids.iter().map(|id| id.as_bytes().to_vec()).collect();
-        let sql = format!(
-            "UPDATE jobs SET state = 1, attempts = attempts + 1, reserved_at = $1, lease_until = $2, lease_token = $3, worker = $4
-             WHERE id = ANY($5) AND state = 0 AND queue NOT IN (SELECT name FROM queues WHERE paused = 1)
-             RETURNING {JOB_COLS}"
-        );
-        Ok(self.rows(&sql, &[&lease.now, &lease.until, &lease.token, &lease.worker, &ids])?.iter().map(job_from_row).collect())
+        Ok(self.rows(&claim_sql(), &[&lease.now, &lease.until, &lease.token, &lease.worker, &ids])?.iter().map(job_from_row).collect())
     }
 
     fn reserve_rows(&mut self, queue: &str, want: i64, lease: &Lease<'_>) -> Result<Vec<(Job, i64)>> {
-        let sql = format!(
-            "UPDATE jobs SET state = 1, attempts = attempts + 1, reserved_at = $1, lease_until = $2, lease_token = $3, worker = $4
-             WHERE id IN (SELECT id FROM jobs WHERE queue = $5 AND state = 0 ORDER BY priority DESC, fair, id LIMIT $6 FOR UPDATE SKIP LOCKED)
-             RETURNING {JOB_COLS}, fair"
-        );
-        let rows = self.rows(&sql, &[&lease.now, &lease.until, &lease.token, &lease.worker, &queue, &want])?;
+        let rows = self.rows(&reserve_sql(), &[&lease.now, &lease.until, &lease.token, &lease.worker, &queue, &want])?;
         Ok(rows.iter().map(|r| (job_from_row(r), r.get(17))).collect())
     }
 
     fn delete_completed(&mut self, c: &Completion, now: i64) -> Result<bool> {
         let (id, token) = (c.id.as_bytes().to_vec(), c.lease_token);
         if self.history == 0 {
-            return Ok(self.run("DELETE FROM jobs WHERE id = $1 AND state = 1 AND lease_token = $2", &[&id, &token])? == 1);
+            return Ok(self.run("DELETE FROM jobs WHERE id = $1 AND state + 0 = 1 AND lease_token = $2", &[&id, &token])? == 1);
         }
         let (runtime, wait) = (c.runtime_ms as i64, c.wait_ms as i64);
         let n = self.run(
-            "WITH d AS (DELETE FROM jobs WHERE id = $1 AND state = 1 AND lease_token = $2 RETURNING *)
+            "WITH d AS (DELETE FROM jobs WHERE id = $1 AND state + 0 = 1 AND lease_token = $2 RETURNING *)
              INSERT INTO completed_jobs (id, queue, kind, payload, priority, attempts, max_attempts, tags, batch_id,
                                          created_at, reserved_at, finished_at, runtime_ms, wait_ms, worker)
              SELECT id, queue, kind, payload, priority, attempts, max_attempts, tags, batch_id,
@@ -197,38 +251,11 @@ impl Dialect for PgTx<'_> {
         let ids: Vec<Vec<u8>> = cs.iter().map(|c| c.id.as_bytes().to_vec()).collect();
         let tokens: Vec<i64> = cs.iter().map(|c| c.lease_token).collect();
         let done = if self.history == 0 {
-            self.rows(
-                concat!(
-                    "WITH l AS (SELECT h.id FROM (SELECT * FROM unnest($1::bytea[], $2::bigint[]) AS t(id, token) ORDER BY id) t
-                                CROSS JOIN LATERAL (",
-                    held!(),
-                    ") h)
-                     DELETE FROM jobs j USING l WHERE j.id = l.id RETURNING j.id"
-                ),
-                &[&ids, &tokens],
-            )?
+            self.rows(DELETE_HELD, &[&ids, &tokens])?
         } else {
             let runtimes: Vec<i64> = cs.iter().map(|c| c.runtime_ms as i64).collect();
             let waits: Vec<i64> = cs.iter().map(|c| c.wait_ms as i64).collect();
-            let rows = self.rows(
-                concat!(
-                    "WITH l AS (SELECT h.id, t.runtime_ms, t.wait_ms
-                                FROM (SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[])
-                                        AS t(id, token, runtime_ms, wait_ms) ORDER BY id) t
-                                CROSS JOIN LATERAL (",
-                    held!(),
-                    ") h),
-                 d AS (DELETE FROM jobs j USING l WHERE j.id = l.id
-                       RETURNING j.id, j.queue, j.kind, j.payload, j.priority, j.attempts, j.max_attempts, j.tags, j.batch_id,
-                                 j.created_at, j.reserved_at, j.worker, l.runtime_ms, l.wait_ms)
-                 INSERT INTO completed_jobs (id, queue, kind, payload, priority, attempts, max_attempts, tags, batch_id,
-                                             created_at, reserved_at, finished_at, runtime_ms, wait_ms, worker)
-                 SELECT id, queue, kind, payload, priority, attempts, max_attempts, tags, batch_id,
-                        created_at, coalesce(reserved_at, $5), $5, runtime_ms, wait_ms, worker FROM d
-                 RETURNING id"
-                ),
-                &[&ids, &tokens, &runtimes, &waits, &now],
-            )?;
+            let rows = self.rows(DELETE_HELD_INTO_HISTORY, &[&ids, &tokens, &runtimes, &waits, &now])?;
             self.history_inserts += rows.len();
             rows
         };
@@ -238,7 +265,7 @@ impl Dialect for PgTx<'_> {
 
     fn fail_reserved(&mut self, c: &Completion, error: &str, now: i64) -> Result<Option<(String, Option<String>)>> {
         let (id, runtime) = (c.id.as_bytes().to_vec(), c.runtime_ms as i64);
-        let sql = format!("WITH d AS (DELETE FROM jobs WHERE id = $1 AND state = 1 AND lease_token = $5 RETURNING *) {INTO_FAILED}");
+        let sql = format!("WITH d AS (DELETE FROM jobs WHERE id = $1 AND state + 0 = 1 AND lease_token = $5 RETURNING *) {INTO_FAILED}");
         let rows = self.rows(&sql, &[&id, &now, &runtime, &error, &c.lease_token])?;
         Ok(rows.first().map(|r| (r.get(0), r.get(1))))
     }
@@ -248,7 +275,7 @@ impl Dialect for PgTx<'_> {
         let rows = self.rows(
             "UPDATE jobs SET state = $1, available_at = $2, attempts = attempts - $3, last_error = coalesce($4, last_error),
                              lease_until = NULL, lease_token = NULL, worker = NULL
-             WHERE id = $5 AND state = 1 AND lease_token = $6
+             WHERE id = $5 AND state + 0 = 1 AND lease_token = $6
              RETURNING priority",
             &[&(state as i64), &at, &give_back, &error, &id, &token],
         )?;
@@ -274,15 +301,7 @@ impl Dialect for PgTx<'_> {
     fn lock_held(&mut self, leases: &[(JobId, i64)]) -> Result<Vec<bool>> {
         let ids: Vec<Vec<u8>> = leases.iter().map(|(id, _)| id.as_bytes().to_vec()).collect();
         let tokens: Vec<i64> = leases.iter().map(|(_, t)| *t).collect();
-        let rows = self.rows(
-            concat!(
-                "SELECT h.id FROM (SELECT * FROM unnest($1::bytea[], $2::bigint[]) AS t(id, token) ORDER BY id) t
-                 CROSS JOIN LATERAL (",
-                held!(),
-                ") h"
-            ),
-            &[&ids, &tokens],
-        )?;
+        let rows = self.rows(LOCK_HELD, &[&ids, &tokens])?;
         let held: HashSet<Vec<u8>> = rows.iter().map(|r| r.get::<_, Vec<u8>>(0)).collect();
         Ok(ids.iter().map(|id| held.contains(id)).collect())
     }
@@ -292,8 +311,8 @@ impl Dialect for PgTx<'_> {
         let tokens: Vec<i64> = leases.iter().map(|(_, t)| *t).collect();
         self.run(
             "UPDATE jobs j SET lease_until = $1 FROM unnest($2::bytea[], $3::bigint[]) AS t(id, token)
-             WHERE j.id = t.id AND j.state = 1 AND j.lease_token = t.token
-               AND j.id IN (SELECT id FROM jobs WHERE id = ANY($2) ORDER BY id FOR UPDATE SKIP LOCKED)",
+             WHERE j.id = t.id AND j.state + 0 = 1 AND j.lease_token = t.token
+               AND j.id = ANY(ARRAY(SELECT id FROM jobs WHERE id = ANY($2) ORDER BY id FOR UPDATE SKIP LOCKED))",
             &[&until, &ids, &tokens],
         )?;
         Ok(())
@@ -360,4 +379,62 @@ pub(super) fn job_from_row(r: &postgres::Row) -> Job {
         workflow: r.get(16),
     }
     .into_job()
+}
+
+#[cfg(test)]
+mod tests {
+    use postgres::{Client, NoTls};
+
+    use super::*;
+    use crate::postgres::testing::TestDatabase;
+    use crate::postgres::{PgBackend, PgOptions};
+
+    /// The plan PostgreSQL would use for `sql` with these parameters.
+    fn plan(c: &mut Client, sql: &str, params: &[&(dyn postgres::types::ToSql + Sync)]) -> String {
+        let rows = c.query(&format!("EXPLAIN {sql}"), params).expect("EXPLAIN");
+        rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>().join("\n")
+    }
+
+    /// `jobs` is analyzed by autovacuum at any moment: once when no job is reserved, once when
+    /// every job is. Whatever the statistics say, the statements that find jobs by id go
+    /// through the primary key, and none scans the table or a state's whole partial index.
+    #[test]
+    fn jobs_found_by_id_use_the_primary_key_whatever_the_statistics() {
+        let Some(db) = TestDatabase::create() else { return };
+        drop(PgBackend::open(PgOptions::new(db.url.clone())).expect("open PostgreSQL: the schema"));
+        let mut c = Client::connect(&db.url, NoTls).expect("connect");
+        c.batch_execute(
+            "INSERT INTO jobs (id, queue, kind, payload, state, max_attempts, available_at, created_at)
+             SELECT decode(lpad(to_hex(n), 32, '0'), 'hex'), 'q', 'k', '{}', 0, 3, 0, 0 FROM generate_series(1, 20000) n;
+             ANALYZE jobs",
+        )
+        .expect("20,000 pending jobs, analyzed");
+        // The ids the insert made: n as 16 bytes, big-endian.
+        let ids: Vec<Vec<u8>> = (1..=64u128).map(|n| n.to_be_bytes().to_vec()).collect();
+        let tokens: Vec<i64> = vec![7; ids.len()];
+        let (runtimes, now) = (vec![1i64; ids.len()], 1i64);
+        let (until, token, worker, want) = (60_000i64, 7i64, "w", 256i64);
+        let with_no_reserved = [
+            ("LOCK_HELD", plan(&mut c, LOCK_HELD, &[&ids, &tokens])),
+            ("DELETE_HELD", plan(&mut c, DELETE_HELD, &[&ids, &tokens])),
+            ("DELETE_HELD_INTO_HISTORY", plan(&mut c, DELETE_HELD_INTO_HISTORY, &[&ids, &tokens, &runtimes, &runtimes, &now])),
+            ("reserve", plan(&mut c, &reserve_sql(), &[&now, &until, &token, &worker, &"q", &want])),
+            ("PROMOTE", plan(&mut c, PROMOTE, &[&now])),
+        ];
+        c.batch_execute("UPDATE jobs SET state = 1, lease_until = 0, lease_token = 7; ANALYZE jobs").expect("all reserved, analyzed");
+        let with_no_pending = [("claim", plan(&mut c, &claim_sql(), &[&now, &until, &token, &worker, &ids]))];
+        for (name, plan) in with_no_reserved.iter().chain(&with_no_pending) {
+            assert!(!plan.contains("Seq Scan on jobs"), "{name} scans jobs:\n{plan}");
+            for partial in ["jobs_leased", "jobs_ready"] {
+                // The reserve and the promotion pick their jobs through their state's index.
+                if (*name == "reserve" && partial == "jobs_ready") || *name == "PROMOTE" {
+                    continue;
+                }
+                assert!(!plan.contains(partial), "{name} goes through {partial}:\n{plan}");
+            }
+            if *name != "PROMOTE" {
+                assert!(plan.contains("jobs_pkey"), "{name} does not use the primary key:\n{plan}");
+            }
+        }
+    }
 }
