@@ -78,8 +78,10 @@ pub(crate) fn prepare_many<'a>(order_ids: impl Iterator<Item = &'a str>) -> Resu
     Workflow::prepare_many(order_ids.map(instance).collect())
 }
 
-/// Orders settled by one set-wise transaction at most.
-const SET: usize = 256;
+/// Orders settled by one set-wise transaction at most. Large: with many workers (a settle run
+/// at 2,048), sets of 1,024 cost PostgreSQL a fifth less CPU per order than sets of 256, and
+/// the products' rows, which every set locks, are taken by fewer transactions.
+const SET: usize = 1024;
 
 /// A payment to record: the gateway's answer for an order.
 #[derive(Clone)]

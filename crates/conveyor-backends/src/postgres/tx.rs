@@ -25,8 +25,10 @@ pub(crate) const NOTIFY_EVERY_MS: i64 = 20;
 /// Statements queued at most before they are sent anyway (their answers read).
 const QUEUED_MAX: usize = 256;
 
-/// SQL longer than this is not kept in the statement cache.
-pub(crate) const ONE_OFF: usize = 4096;
+/// SQL longer than this is not kept in the statement cache: generated statements that rarely
+/// repeat. A set-wise step's `IN` list of 1,024 parameters (about 6,000 characters) stays
+/// under it, prepared once per connection.
+pub(crate) const ONE_OFF: usize = 16384;
 
 /// Prepared statements of one connection, by SQL text.
 pub(crate) type Statements = HashMap<String, Statement>;
